@@ -1,0 +1,18 @@
+# The two commands of the README's Quick start.
+.PHONY: up test gen envoy-config deploy-check
+
+up:  ## set up and run the mesh on this machine (Ctrl-C stops it)
+	scripts/bootstrap.sh
+	.venv/bin/infermesh up
+
+test:  ## set up and run every test
+	scripts/test.sh
+
+gen:  ## regenerate services/genproto from protos/
+	.venv/bin/python scripts/gen_protos.py
+
+envoy-config:  ## re-render envoy/local.json
+	.venv/bin/python -m services.mesh.envoy_config render --out envoy/local.json
+
+deploy-check:  ## build every kustomize overlay and validate it offline (kubectl, kubernetes-validate, envoy, hadolint)
+	scripts/validate_deploy.sh

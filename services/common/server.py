@@ -1,0 +1,327 @@
+"""The one server bootstrap every service runs.
+
+serve() owns what services share: the grpc.aio server, health (driven by the service's
+own readiness check, never hard-wired to SERVING), reflection, the interceptors (tracing,
+error mapping), and graceful shutdown on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+from services.common.errors import InfermeshError, status_for
+from services.common.logs import configure_logging, get_logger
+from services.common.metrics import Metrics, RpcMetrics, grpc_code_name
+from services.common.settings import ServerSettings
+from services.common.telemetry import TRACE_ID_HEADER, setup_telemetry
+
+log = get_logger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Service(Protocol):
+    """What a service gives serve(); everything else is shared."""
+
+    name: str
+    # Fully qualified gRPC service names it serves (for health and reflection).
+    grpc_services: tuple[str, ...]
+    metrics: Metrics
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): e.g. model loaded, Redis reachable."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _observed(method: str) -> bool:
+    """Requests, not probes: health checks (Envoy's, every second) and reflection are
+    neither logged nor counted."""
+    return not method.startswith(_UNOBSERVED_PREFIXES)
+
+
+_UNOBSERVED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Status codes that mean the server failed (as opposed to the caller's request).
+_SERVER_FAULTS = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS", "UNIMPLEMENTED"})
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors to status codes through one table; hides internal failures.
+
+    Given the service's RpcMetrics it is also where each request is observed, once, in the
+    tracing span the OpenTelemetry interceptor (outside it) opened:
+
+    * RED metrics (services.common.metrics.RpcMetrics): grpc_server_started_total,
+      grpc_server_handled_total{grpc_code}, grpc_server_handling_seconds with the trace id
+      as exemplar when the request is sampled;
+    * one JSON log line per request at info: `rpc` with grpc_method, grpc_code,
+      duration_ms and (added by the log processor) trace_id/span_id; errors add the status
+      message, unhandled exceptions a stack trace; never request payloads;
+    * the trace id returned to the caller as `x-trace-id` response metadata (trailing
+      metadata: free, sent with the status; `initial` also sends it as initial metadata,
+      which Envoy turns into an HTTP response header for REST clients, at the cost of one
+      more write per call, so only the edge-facing gateway turns that on).
+    """
+
+    def __init__(self, rpc: RpcMetrics | None = None, *, trace_id_metadata: str = "trailing") -> None:
+        if trace_id_metadata not in ("none", "trailing", "initial"):
+            raise ValueError(f"trace_id_metadata must be none, trailing or initial, not {trace_id_metadata!r}")
+        self._rpc = rpc
+        self._trace_id_metadata = trace_id_metadata
+        # method -> (handler it wrapped, wrapper): handlers are looked up per call, wrapped once.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        behavior = handler.unary_unary
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except InfermeshError as error:
+                await context.abort(status_for(error), str(error))
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception:
+                log.exception("unhandled error", grpc_method=method)
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, "internal error; the service log has the details"
+                )
+
+        rpc = self._rpc
+        unary_unary = handle
+        if rpc is not None and _observed(method):
+            header = self._trace_id_metadata
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                rpc.start(method)
+                context_ids = current_ids()
+                if context_ids is not None and header != "none":
+                    metadata = ((TRACE_ID_HEADER, context_ids[0]),)
+                    if header == "initial":
+                        await context.send_initial_metadata(metadata)
+                    else:
+                        context.set_trailing_metadata(metadata)
+                try:
+                    return await handle(request, context)
+                finally:
+                    _observe(rpc, method, context, time.perf_counter() - started, context_ids)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def current_ids() -> tuple[str, str, bool] | None:
+    """(trace_id, span_id, sampled) of the current span, or None outside any trace."""
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return format(context.trace_id, "032x"), format(context.span_id, "016x"), context.trace_flags.sampled
+
+
+def _status_name(context: grpc.aio.ServicerContext) -> str:
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 (a context that cannot tell: the call did not end normally)
+        return "UNKNOWN"
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    # Some grpc versions report the numeric code.
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status.name
+    return "UNKNOWN"
+
+
+def _observe(
+    rpc: RpcMetrics,
+    method: str,
+    context: grpc.aio.ServicerContext,
+    seconds: float,
+    ids: tuple[str, str, bool] | None,
+) -> None:
+    code = "CANCELLED" if context.cancelled() else _status_name(context)
+    exemplar = {"trace_id": ids[0], "span_id": ids[1]} if ids is not None and ids[2] else None
+    rpc.observe(method, code, seconds, exemplar)
+    # The same code spelling as the metric's grpc_code label, so logs and metrics agree.
+    fields: dict[str, Any] = {
+        "grpc_method": method,
+        "grpc_code": grpc_code_name(code),
+        "duration_ms": round(seconds * 1000.0, 3),
+    }
+    if code != "OK":
+        details = context.details()
+        if details:
+            fields["grpc_message"] = str(details)[:300]
+    if code in _SERVER_FAULTS:
+        log.error("rpc", **fields)
+    else:
+        log.info("rpc", **fields)
+
+
+def _traced_methods() -> filters.Condition:
+    # Probes and reflection are not requests; tracing them also breaks the health Watch stream.
+    return filters.negate(
+        filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
+    )
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Fail loudly if the port is taken instead of silently sharing it.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+
+
+class HealthPublisher:
+    """Publishes readiness on grpc.health.v1 for "" and every served service name."""
+
+    def __init__(self, servicer: health.aio.HealthServicer, names: Iterable[str]) -> None:
+        self._servicer = servicer
+        self._names = ("", *names)
+        self.ready: bool | None = None
+
+    async def publish(self, ready: bool, reason: str) -> None:
+        if ready == self.ready:
+            return
+        for name in self._names:
+            await self._servicer.set(name, SERVING if ready else NOT_SERVING)
+        if self.ready is not None or not ready:
+            log.info("readiness changed", ready=ready, reason=reason)
+        self.ready = ready
+
+
+async def _watch_readiness(service: Service, publisher: HealthPublisher, interval: float) -> None:
+    while True:
+        try:
+            ready, reason = await service.readiness()
+        except Exception as error:  # a failing check means not ready, never a crash
+            ready, reason = False, f"readiness check failed: {error!r}"
+        await publisher.publish(ready, reason)
+        await asyncio.sleep(interval)
+
+
+async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event | None = None) -> None:
+    """Run `service` until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
+    server = grpc.aio.server(
+        interceptors=[
+            # Outermost: the server span (continuing the caller's traceparent) is current
+            # for everything inside, so metrics exemplars and log lines carry its ids.
+            aio_server_interceptor(filter_=_traced_methods()),
+            ErrorInterceptor(
+                service.metrics.rpc(), trace_id_metadata=settings.trace_id_metadata
+            ),
+        ],
+        options=server_options(settings),
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service.register(server)
+    reflection.enable_server_reflection(
+        (*service.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise SystemExit(f"{service.name}: cannot listen on {address} ({error}); is the port in use?")
+
+    if settings.metrics_port:
+        try:
+            service.metrics.serve_http(settings.host, settings.metrics_port)
+        except OSError as error:
+            raise SystemExit(
+                f"{service.name}: cannot serve metrics on {settings.host}:{settings.metrics_port} ({error})"
+            ) from None
+        log.info("metrics", address=f"http://{settings.host}:{settings.metrics_port}/metrics")
+    publisher = HealthPublisher(health_servicer, service.grpc_services)
+    await publisher.publish(False, "starting")
+    await server.start()
+    log.info("listening", address=address)
+    await service.start()
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(
+        _watch_readiness(service, publisher, settings.readiness_interval_seconds)
+    )
+    try:
+        await stop.wait()
+    finally:
+        started = time.monotonic()
+        log.info("shutting down", grace_seconds=settings.grace_seconds)
+        watcher.cancel()
+        # NOT_SERVING first, so load balancers route elsewhere while in-flight calls finish.
+        await health_servicer.enter_graceful_shutdown()
+        if settings.drain_seconds > 0:
+            await asyncio.sleep(settings.drain_seconds)
+        await server.stop(settings.grace_seconds)
+        await service.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("stopped", seconds=round(time.monotonic() - started, 3))
+
+
+def run(name: str, build: Callable[[], tuple[Service, ServerSettings]]) -> None:
+    """Entry point of every service's __main__: logs, telemetry, serve, flush."""
+    configure_logging(name, os.environ.get("LOG_LEVEL", "INFO"))
+    telemetry = setup_telemetry(name)
+    async def main() -> None:
+        # Built inside the loop: channels and Redis clients bind to the running loop.
+        service, settings = build()
+        await serve(service, settings)
+
+    try:
+        asyncio.run(main())
+    except SystemExit:
+        raise
+    except Exception:
+        log.exception("service failed")
+        sys.exit(1)
+    finally:
+        telemetry.shutdown()

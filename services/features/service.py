@@ -1,0 +1,216 @@
+"""gRPC adapter of the feature store: FeatureService over FeatureStore, plus its upkeep.
+
+Upkeep is one background loop: while Redis answers it follows the views' materialization
+pointers; while the circuit breaker is open it probes Redis back. Readiness comes from
+that state and never waits on Redis: once the catalog has been seen the service stays
+SERVING through an outage, answering from its cache and the views' defaults (degraded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import redis.asyncio as aioredis
+from infermesh.features.v1 import features_pb2, features_pb2_grpc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.logs import get_logger
+from services.common.metrics import Metrics
+from services.common.settings import ServerSettings, load_settings
+from services.features.breaker import CircuitBreaker
+from services.features.cache import LocalCache
+from services.features.layout import DEFAULT_NAMESPACE
+from services.features.registry import load_registry
+from services.features.retrieval import CandidateIndex
+from services.features.store import FeatureStore, StoreMetrics
+from services.mesh.topology import FEATURES, HEALTH_SERVICE_NAMES
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class FeaturesSettings(ServerSettings):
+    port: int = 50200
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = DEFAULT_NAMESPACE
+    max_items: int = 1000
+    # Longest a request waits on Redis; it also never waits past half its own deadline.
+    redis_timeout_seconds: float = 1.0
+    # Feature views (YAML); empty: the built-in registry of the reference workload.
+    registry: str = ""
+    # In-process cache: bytes bound (0 turns it off) and how long an entry is served
+    # before it is re-read from Redis (a stale entry still answers while Redis is down).
+    cache_max_bytes: int = 64 * 1024 * 1024
+    cache_ttl_seconds: float = 30.0
+    # Consecutive Redis failures that open the circuit breaker; probe interval while open.
+    breaker_failures: int = 3
+    breaker_probe_seconds: float = 0.5
+    # How often the views' materialization pointers are re-read.
+    refresh_seconds: float = 1.0
+    # Candidate index written by `infermesh seed` (relative paths: from the working directory).
+    index_path: str = "index/items.npz"
+
+
+class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
+    def __init__(self, service: FeaturesService) -> None:
+        self._service = service
+        self._store = service.store
+
+    async def GetFeatures(
+        self, request: features_pb2.GetFeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> features_pb2.GetFeaturesResponse:
+        timeout = context.time_remaining()
+        if request.views:
+            if request.user_id or request.item_ids:
+                raise InvalidArgument("use either views + entity_ids or user_id + item_ids, not both")
+            got = await self._store.get_views(list(request.views), list(request.entity_ids), timeout)
+            return features_pb2.GetFeaturesResponse(
+                features=features_pb2.DenseMatrix(
+                    data=got.matrix, rows=got.rows, columns=len(got.columns), datatype="FP32"
+                ),
+                columns=got.columns,
+                present=got.present,
+                freshness_seconds=got.freshness_seconds,
+                degraded=got.degraded,
+            )
+        rows = await self._store.get(request.user_id, list(request.item_ids), timeout)
+        return features_pb2.GetFeaturesResponse(
+            model_input=features_pb2.DenseMatrix(
+                data=rows.model_input, rows=rows.rows, columns=rows.columns, datatype="FP32"
+            ),
+            item_categories=rows.item_categories,
+            item_present=rows.item_present,
+            missing_items=rows.missing_items,
+            degraded=rows.degraded,
+        )
+
+    async def RetrieveCandidates(
+        self, request: features_pb2.RetrieveCandidatesRequest, context: grpc.aio.ServicerContext
+    ) -> features_pb2.RetrieveCandidatesResponse:
+        index, spec = self._service.index, self._store.registry.retrieval
+        if index is None or spec is None:
+            raise FailedPrecondition(
+                "no candidate index loaded; build it with `infermesh seed` (or `infermesh features ingest --index`)"
+            )
+        if not 1 <= request.count <= self._service.settings.max_items:
+            raise InvalidArgument(
+                f"count must be between 1 and {self._service.settings.max_items}, got {request.count}"
+            )
+        view = self._store.registry.views[spec.user_view]
+        vector, degraded = await self._store.vector(
+            view, spec.vector_feature, request.user_id, context.time_remaining()
+        )
+        item_ids, scores = index.search(vector, request.count)
+        return features_pb2.RetrieveCandidatesResponse(item_ids=item_ids, scores=scores.tobytes(), degraded=degraded)
+
+
+class FeaturesService:
+    name = FEATURES
+    grpc_services = (HEALTH_SERVICE_NAMES[FEATURES],)
+
+    def __init__(self, settings: FeaturesSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics(self.name)
+        self._redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_seconds,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+            # No client-side retries: the breaker decides when Redis is worth calling again.
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._breaker_open = self.metrics.gauge(
+            f"{self.name}_circuit_open", "1 while the Redis circuit breaker is open"
+        )
+        self.breaker = CircuitBreaker(
+            settings.breaker_failures, settings.breaker_probe_seconds, on_change=self._breaker_changed
+        )
+        cache = LocalCache(settings.cache_max_bytes, settings.cache_ttl_seconds)
+        self.metrics.gauge(f"{self.name}_cache_bytes", "Bytes held by the local cache").set_function(
+            lambda: cache.bytes
+        )
+        self.metrics.gauge(f"{self.name}_cache_entries", "Entries in the local cache").set_function(lambda: len(cache))
+        self.store = FeatureStore(
+            self._redis,
+            settings.namespace,
+            settings.max_items,
+            registry=load_registry(settings.registry or None),
+            cache=cache,
+            breaker=self.breaker,
+            metrics=StoreMetrics.create(self.metrics),
+            redis_timeout=settings.redis_timeout_seconds,
+        )
+        self.index: CandidateIndex | None = None
+        self._upkeep: asyncio.Task[None] | None = None
+
+    def _breaker_changed(self, opened: bool) -> None:
+        self._breaker_open.set(1 if opened else 0)
+        if opened:
+            log.warning("redis circuit open: serving from the local cache and view defaults (degraded)")
+        else:
+            log.info("redis circuit closed: reads go to Redis again")
+
+    def register(self, server: grpc.aio.Server) -> None:
+        features_pb2_grpc.add_FeatureServiceServicer_to_server(FeatureServicer(self), server)
+
+    async def start(self) -> None:
+        self.index = await asyncio.to_thread(self._load_index)
+        with contextlib.suppress(Exception):  # Redis may be down at start: the loop retries
+            await self.store.refresh()
+        self._upkeep = asyncio.create_task(self._keep_up())
+
+    def _load_index(self) -> CandidateIndex | None:
+        path = Path(self.settings.index_path)
+        if self.store.registry.retrieval is None or not path.is_file():
+            log.info("candidate retrieval off: no index", path=str(path))
+            return None
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # one query per request: threads only add contention
+        index = CandidateIndex.load(path)
+        log.info("candidate index loaded", path=str(path), items=index.size, kind=index.spec.get("kind"))
+        return index
+
+    async def _keep_up(self) -> None:
+        tick = min(self.settings.breaker_probe_seconds, self.settings.refresh_seconds) / 2
+        next_refresh = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.breaker.is_open:
+                if self.breaker.probe_due() and await self.store.ping():
+                    self.breaker.record_success()
+                    next_refresh = 0.0
+            elif loop.time() >= next_refresh:
+                next_refresh = loop.time() + self.settings.refresh_seconds
+                with contextlib.suppress(Exception):  # a failed refresh is counted by the breaker
+                    await self.store.refresh()
+            await asyncio.sleep(tick)
+
+    async def readiness(self) -> tuple[bool, str]:
+        if not self.store.catalog_seen:
+            missing = ", ".join(self.store.missing_catalog())
+            state = "redis unreachable" if self.breaker.is_open else "redis reachable"
+            return (
+                False,
+                f"{state}; no catalog for view(s) {missing} under {self.settings.namespace!r}; run `infermesh seed`",
+            )
+        if self.breaker.is_open:
+            return True, "degraded: redis unreachable, serving from the local cache and view defaults"
+        return True, "redis reachable, catalog loaded"
+
+    async def close(self) -> None:
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upkeep
+        await self._redis.aclose()
+
+
+def build() -> tuple[FeaturesService, FeaturesSettings]:
+    settings = load_settings(FeaturesSettings, FEATURES)
+    return FeaturesService(settings), settings

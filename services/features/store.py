@@ -1,0 +1,513 @@
+"""Feature retrieval: any views for any entities from Redis in one round trip, behind a local cache.
+
+Transport-agnostic: the gRPC servicer converts at the edge; this module knows Redis and
+numpy only.
+
+A read goes: local cache (fresh hits answer at once) -> coalescing (a key another request
+is already reading is awaited, not read again) -> one MGET of the remaining keys plus the
+views' pointer keys. If Redis is slow or down (or the circuit breaker is open), stale cache
+entries and then the views' defaults answer instead and the result is flagged degraded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+import redis.exceptions
+from prometheus_client import Counter
+
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.common.metrics import Metrics
+from services.common.telemetry import (
+    ATTR_CACHE_HIT,
+    ATTR_CACHE_HITS,
+    ATTR_CACHE_MISSES,
+    ATTR_DB_NAMESPACE,
+    ATTR_DB_OPERATION,
+    ATTR_DB_SYSTEM,
+    ATTR_FEATURES_KEYS,
+    ATTR_SERVER_ADDRESS,
+    ATTR_SERVER_PORT,
+    SPAN_FEATURES_CACHE_LOOKUP,
+    SPAN_REDIS_MGET,
+    SpanKind,
+    child_span,
+    record_span,
+)
+from services.features.breaker import CircuitBreaker
+from services.features.cache import Entry, LocalCache
+from services.features.layout import entity_key_prefix, meta_key, pointer_key
+from services.features.registry import TIMESTAMP_FIELD, FeatureView, Registry, load_registry
+
+# Results a key's in-flight future can carry besides the value itself.
+_RETRY = object()  # the reader saw the view re-materialized (or was cancelled): read again
+_FAILED = object()  # the reader could not reach Redis: fall back
+# A read re-starts at most this many times when views switch materialization under it.
+_MAX_ATTEMPTS = 3
+# Background reads (pointer refresh, probes) never wait longer than this.
+_BACKGROUND_TIMEOUT = 1.0
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, TimeoutError)
+_TIMESTAMP = struct.Struct("<d")
+
+
+class _RedisDown(Exception):
+    pass
+
+
+class _Restart(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """Model-ready rows for one request, all as little-endian bytes in request order."""
+
+    model_input: bytes  # rows x (user width + item width) float32
+    rows: int
+    item_categories: bytes  # int32 per row
+    item_present: bytes  # uint8 per row
+    missing_items: int
+    columns: int = 0
+    degraded: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class ViewRows:
+    """One view's part of a read, in request order; absent rows hold the view's defaults."""
+
+    view: FeatureView
+    records: np.ndarray  # view.record_dtype [n]
+    present: np.ndarray  # bool [n]
+    age_seconds: np.ndarray  # float32 [n]; inf where absent, NaN where unknown
+    degraded: bool
+
+
+@dataclass(frozen=True)
+class ViewFeatures:
+    matrix: bytes  # float32 [rows, len(columns)] row-major
+    rows: int
+    columns: list[str]
+    present: bytes  # uint8 [rows, views]
+    freshness_seconds: bytes  # float32 [rows, views]
+    degraded: bool
+
+
+@dataclass(frozen=True, eq=False)
+class StoreMetrics:
+    lookups: Counter  # tier=local|redis, result=hit|miss
+    coalesced: Counter
+    fallback_rows: Counter  # source=stale|default
+    degraded: Counter
+    redis_errors: Counter  # kind=timeout|connection|circuit_open
+    round_trips: Counter
+    switches: Counter
+
+    @classmethod
+    def create(cls, metrics: Metrics) -> StoreMetrics:
+        p = metrics.service
+        return cls(
+            lookups=metrics.counter(f"{p}_cache_lookups", "Entity lookups per cache tier", ["tier", "result"]),
+            coalesced=metrics.counter(f"{p}_coalesced_reads", "Entity reads served by another request's Redis read"),
+            fallback_rows=metrics.counter(
+                f"{p}_fallback_rows", "Rows served without Redis: stale cache entries or view defaults", ["source"]
+            ),
+            degraded=metrics.counter(f"{p}_degraded_responses", "Reads answered in degraded mode"),
+            redis_errors=metrics.counter(f"{p}_redis_errors", "Redis reads that failed or were skipped", ["kind"]),
+            round_trips=metrics.counter(f"{p}_redis_round_trips", "Redis round trips made by reads"),
+            switches=metrics.counter(f"{p}_materialization_switches", "View materialization switches observed"),
+        )
+
+
+class Versions:
+    """Which materialization each view serves, and when each one was written."""
+
+    def __init__(self, root: str, views: Sequence[str]) -> None:
+        self.root = root
+        self._prefix = {name: root for name in views}
+        self._pointer = {name: pointer_key(root, name) for name in views}
+        self.materialized_at: dict[str, float] = {}
+
+    def prefix(self, view: str) -> str:
+        return self._prefix[view]
+
+    def pointer(self, view: str) -> str:
+        return self._pointer[view]
+
+    def decode(self, raw: bytes | None) -> str:
+        return raw.decode() if raw else self.root
+
+    def set(self, view: str, prefix: str) -> bool:
+        changed = self._prefix[view] != prefix
+        self._prefix[view] = prefix
+        return changed
+
+    def current(self) -> dict[str, str]:
+        return dict(self._prefix)
+
+
+def _parse_time(raw: bytes | None) -> float | None:
+    """Materialization time from a meta document: `materialized_at` (unix) or `created_at` (ISO)."""
+    try:
+        doc = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    if isinstance(doc.get("materialized_at"), (int, float)):
+        return float(doc["materialized_at"])
+    try:
+        return datetime.fromisoformat(str(doc["created_at"])).timestamp()
+    except (KeyError, ValueError):
+        return None
+
+
+class FeatureStore:
+    """Reads feature views from Redis.
+
+    Without a breaker, a Redis failure raises Unavailable (the plain store the monolith
+    baseline uses); with one, reads degrade to the cache and defaults instead.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        namespace: str,
+        max_items: int,
+        *,
+        registry: Registry | None = None,
+        cache: LocalCache | None = None,
+        breaker: CircuitBreaker | None = None,
+        metrics: StoreMetrics | None = None,
+        redis_timeout: float = 1.0,
+    ) -> None:
+        self._redis = client
+        self.namespace = namespace
+        self._max_items = max_items
+        self.registry = registry if registry is not None else load_registry()
+        self.cache = cache if cache is not None else LocalCache(0, 0.0)  # (an empty cache is falsy)
+        self.breaker = breaker
+        self.metrics = metrics if metrics is not None else StoreMetrics.create(Metrics("features"))
+        self.versions = Versions(namespace, list(self.registry.views))
+        self._redis_timeout = redis_timeout
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self.catalog_seen = False
+
+    # ------------------------------------------------------------------ public reads
+
+    async def get(self, user_id: str, item_ids: list[str], timeout: float | None = None) -> FeatureRows:
+        """Reference form: rows [user vector, item vector] per item for the ranker."""
+        if not user_id:
+            raise InvalidArgument("user_id is required")
+        self._check_count(len(item_ids), "item_ids")
+        reference = self.registry.reference
+        if reference is None:
+            raise FailedPrecondition("the feature registry declares no `reference` views")
+        user_view = self.registry.views[reference.user_view]
+        item_view = self.registry.views[reference.item_view]
+        user, items = await self.read([(user_view, [user_id]), (item_view, item_ids)], timeout)
+        if not user.present[0] and not user.degraded:
+            raise NotFound(f"unknown user {user_id!r}")
+        n = len(item_ids)
+        user_vec = user.records[reference.vector_feature].reshape(-1)
+        item_vecs = items.records[reference.vector_feature].reshape(n, -1)
+        rows = np.empty((n, user_vec.size + item_vecs.shape[1]), dtype="<f4")
+        rows[:, : user_vec.size] = user_vec
+        rows[:, user_vec.size :] = item_vecs
+        return FeatureRows(
+            model_input=rows.tobytes(),
+            rows=n,
+            item_categories=items.records[reference.category_feature].astype("<i4", copy=False).tobytes(),
+            item_present=items.present.astype(np.uint8).tobytes(),
+            missing_items=n - int(items.present.sum()),
+            columns=rows.shape[1],
+            degraded=user.degraded or items.degraded,
+        )
+
+    async def get_views(
+        self, view_names: list[str], entity_ids: list[str], timeout: float | None = None
+    ) -> ViewFeatures:
+        """View form: one float32 matrix of the views' columns, plus presence and freshness."""
+        views = self.registry.resolve(view_names)
+        if not entity_ids:
+            raise InvalidArgument("entity_ids must list at least one entity")
+        self._check_count(len(entity_ids), "entity_ids")
+        if "" in entity_ids:
+            raise InvalidArgument("entity_ids must not contain empty ids")
+        parts = await self.read([(view, entity_ids) for view in views], timeout)
+        n = len(entity_ids)
+        matrix = np.empty((n, sum(v.width for v in views)), dtype="<f4")
+        column = 0
+        for part in parts:
+            matrix[:, column : column + part.view.width] = part.view.to_matrix(part.records)
+            column += part.view.width
+        return ViewFeatures(
+            matrix=matrix.tobytes(),
+            rows=n,
+            columns=[c for v in views for c in v.columns],
+            present=np.stack([p.present for p in parts], axis=1).astype(np.uint8).tobytes(),
+            freshness_seconds=np.stack([p.age_seconds for p in parts], axis=1).astype("<f4").tobytes(),
+            degraded=any(p.degraded for p in parts),
+        )
+
+    async def vector(
+        self, view: FeatureView, feature: str, entity_id: str, timeout: float | None = None
+    ) -> tuple[np.ndarray, bool]:
+        """One entity's vector feature (float32) and whether it was served degraded."""
+        if not entity_id:
+            raise InvalidArgument(f"{view.entity} id is required")
+        (part,) = await self.read([(view, [entity_id])], timeout)
+        if not part.present[0] and not part.degraded:
+            raise NotFound(f"unknown {view.entity} {entity_id!r}")
+        return part.records[feature].reshape(-1).astype(np.float32), part.degraded
+
+    async def read(
+        self, parts: Sequence[tuple[FeatureView, Sequence[str]]], timeout: float | None = None
+    ) -> list[ViewRows]:
+        """Each (view, ids) in request order; at most one Redis round trip of this request's own."""
+        # Never spend more than half the caller's remaining time on Redis: the rest answers degraded.
+        budget = self._redis_timeout if timeout is None else min(self._redis_timeout, 0.5 * timeout)
+        for _ in range(_MAX_ATTEMPTS):
+            try:
+                result = await self._read_once(parts, time.monotonic() + max(budget, 0.0))
+            except _Restart:
+                continue
+            if any(part.degraded for part in result):
+                self.metrics.degraded.inc()
+            return result
+        raise Unavailable("feature views were re-materialized repeatedly during the read; retry")
+
+    # ------------------------------------------------------------------ maintenance
+
+    async def refresh(self) -> None:
+        """Follow the views' pointer keys and learn when each serving materialization was written."""
+        deadline = time.monotonic() + min(self._redis_timeout, _BACKGROUND_TIMEOUT)
+        names = list(self.registry.views)
+        raw = await self._mget([self.versions.pointer(n) for n in names], deadline)
+        for name, value in zip(names, raw):
+            if self.versions.set(name, self.versions.decode(value)):
+                self.metrics.switches.inc()
+        unknown = sorted(set(self.versions.current().values()) - set(self.versions.materialized_at))
+        if unknown:
+            for prefix, doc in zip(unknown, await self._mget([meta_key(p) for p in unknown], deadline)):
+                when = _parse_time(doc)
+                if when is not None:
+                    self.versions.materialized_at[prefix] = when
+        required = self._required_views()
+        self.catalog_seen = self.catalog_seen or all(
+            self.versions.prefix(v) in self.versions.materialized_at for v in required
+        )
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(min(self._redis_timeout, _BACKGROUND_TIMEOUT)):
+                await self._redis.ping()
+        except _REDIS_ERRORS:
+            return False
+        return True
+
+    def missing_catalog(self) -> list[str]:
+        return [v for v in self._required_views() if self.versions.prefix(v) not in self.versions.materialized_at]
+
+    # ------------------------------------------------------------------ internals
+
+    def _required_views(self) -> list[str]:
+        ref = self.registry.reference
+        return [ref.user_view, ref.item_view] if ref else list(self.registry.views)
+
+    def _check_count(self, n: int, what: str) -> None:
+        if n > self._max_items:
+            raise InvalidArgument(f"at most {self._max_items} {what} per request, got {n}")
+
+    def _mget_span_attributes(self, keys: int) -> dict[str, Any]:
+        kwargs = getattr(getattr(self._redis, "connection_pool", None), "connection_kwargs", {})
+        return {
+            ATTR_DB_SYSTEM: "redis",
+            ATTR_DB_OPERATION: "MGET",
+            ATTR_DB_NAMESPACE: str(kwargs.get("db", 0)),
+            ATTR_SERVER_ADDRESS: str(kwargs.get("host", "")),
+            ATTR_SERVER_PORT: int(kwargs.get("port", 0) or 0),
+            ATTR_FEATURES_KEYS: keys,
+        }
+
+    async def _mget(self, keys: list[str], deadline: float) -> list[bytes | None]:
+        if self.breaker is not None and not self.breaker.allow():
+            self.metrics.redis_errors.labels("circuit_open").inc()
+            raise _RedisDown("circuit open")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            self.metrics.redis_errors.labels("timeout").inc()
+            raise _RedisDown("no time left for Redis")
+        self.metrics.round_trips.inc()
+        try:
+            async with asyncio.timeout(remaining):
+                with child_span(SPAN_REDIS_MGET, self._mget_span_attributes(len(keys)), kind=SpanKind.CLIENT):
+                    reply = await self._redis.mget(keys)
+        except _REDIS_ERRORS as error:
+            timed_out = isinstance(error, (TimeoutError, redis.exceptions.TimeoutError))
+            self.metrics.redis_errors.labels("timeout" if timed_out else "connection").inc()
+            if self.breaker is not None:
+                self.breaker.record_failure()
+            raise _RedisDown(f"{type(error).__name__}: {error}") from error
+        if self.breaker is not None:
+            self.breaker.record_success()
+        return reply
+
+    def _expiry(self, view: FeatureView, value: bytes | None) -> float:
+        """Wall-clock time past which the cached value must not be served (the view's TTL)."""
+        if value is None or not view.ttl_seconds:
+            return math.inf
+        written_at = _TIMESTAMP.unpack_from(value, view.record_dtype.fields[TIMESTAMP_FIELD][1])[0]
+        return written_at + view.ttl_seconds
+
+    async def _read_once(self, parts: Sequence[tuple[FeatureView, Sequence[str]]], deadline: float) -> list[ViewRows]:
+        cache, inflight = self.cache, self._inflight
+        loop = asyncio.get_running_loop()
+        prefixes = [self.versions.prefix(view.name) for view, _ in parts]
+        values: list[list[Any]] = [[None] * len(ids) for _, ids in parts]
+        degraded = [False] * len(parts)
+        owned: list[tuple[int, int, str, asyncio.Future[Any]]] = []
+        waiting: list[tuple[int, int, str, asyncio.Future[Any]]] = []
+        stale: dict[str, Entry] = {}
+        now = time.monotonic()
+        lookup_started = time.perf_counter_ns()
+        lookups = 0
+        for p, ((view, ids), prefix) in enumerate(zip(parts, prefixes)):
+            head = entity_key_prefix(prefix, view.key)
+            keys = [head + entity for entity in ids]
+            entries = cache.get_many(keys) if cache.enabled else [None] * len(keys)
+            row = values[p]
+            lookups += len(keys)
+            for j, (key, entry) in enumerate(zip(keys, entries)):
+                if entry is not None:
+                    if entry.fresh_until > now:
+                        row[j] = entry.value
+                        continue
+                    stale[key] = entry
+                future = inflight.get(key)
+                if future is None:
+                    future = inflight[key] = loop.create_future()
+                    owned.append((p, j, key, future))
+                else:
+                    waiting.append((p, j, key, future))
+        misses = len(owned) + len(waiting)
+        if cache.enabled:
+            record_span(
+                SPAN_FEATURES_CACHE_LOOKUP,
+                lookup_started,
+                time.perf_counter_ns(),
+                {ATTR_CACHE_HIT: misses == 0, ATTR_CACHE_HITS: lookups - misses, ATTR_CACHE_MISSES: misses},
+            )
+            self.metrics.lookups.labels("local", "hit").inc(lookups - misses)
+            self.metrics.lookups.labels("local", "miss").inc(misses)
+        if waiting:
+            self.metrics.coalesced.inc(len(waiting))
+
+        def fall_back(p: int, j: int, key: str) -> None:
+            if self.breaker is None:
+                raise Unavailable("feature store unreachable")
+            degraded[p] = True
+            entry = stale.get(key)
+            if entry is not None and entry.expires_at > time.time():
+                values[p][j] = entry.value
+                self.metrics.fallback_rows.labels("stale").inc()
+            else:
+                values[p][j] = None
+                self.metrics.fallback_rows.labels("default").inc()
+
+        if owned:
+            pointers = [self.versions.pointer(view.name) for view, _ in parts]
+            try:
+                reply = await self._mget(pointers + [key for _, _, key, _ in owned], deadline)
+            except _RedisDown as error:
+                for _, _, _, future in owned:
+                    future.set_result(_FAILED)
+                if self.breaker is None:
+                    raise Unavailable(f"feature store unreachable: {error}") from None
+                for p, j, key, _ in owned:
+                    fall_back(p, j, key)
+            else:
+                moved = False
+                for (view, _), prefix, raw in zip(parts, prefixes, reply):
+                    serving = self.versions.decode(raw)
+                    if serving != prefix:
+                        moved = True
+                        if self.versions.set(view.name, serving):
+                            self.metrics.switches.inc()
+                if moved:
+                    # The reply mixes nothing, but it is of a materialization no longer served.
+                    for _, _, _, future in owned:
+                        future.set_result(_RETRY)
+                    raise _Restart
+                found = 0
+                for (p, j, key, future), value in zip(owned, reply[len(parts) :]):
+                    values[p][j] = value
+                    future.set_result(value)
+                    if value is not None:
+                        found += 1
+                        cache.put(key, value, self._expiry(parts[p][0], value))
+                    else:
+                        cache.put(key, None)
+                self.metrics.lookups.labels("redis", "hit").inc(found)
+                self.metrics.lookups.labels("redis", "miss").inc(len(owned) - found)
+            finally:
+                for _, _, key, future in owned:
+                    if not future.done():  # cancelled mid-read: waiters read for themselves
+                        future.set_result(_RETRY)
+                    if inflight.get(key) is future:
+                        del inflight[key]
+
+        if waiting:
+            pending = {future for *_, future in waiting if not future.done()}
+            remaining = deadline - time.monotonic()
+            if pending and remaining > 0:
+                await asyncio.wait(pending, timeout=remaining)
+            for p, j, key, future in waiting:
+                result = future.result() if future.done() else _FAILED
+                if result is _RETRY:
+                    raise _Restart
+                if result is _FAILED:
+                    fall_back(p, j, key)
+                else:
+                    values[p][j] = result
+
+        wall = time.time()
+        return [
+            self._rows(view, prefix, values[p], degraded[p], wall)
+            for p, ((view, _), prefix) in enumerate(zip(parts, prefixes))
+        ]
+
+    def _rows(self, view: FeatureView, prefix: str, values: list[Any], degraded: bool, now: float) -> ViewRows:
+        n = len(values)
+        present = np.fromiter((v is not None for v in values), dtype=bool, count=n)
+        packed = (
+            b"".join(values) if present.all() else b"".join(v if v is not None else view.default_record for v in values)
+        )
+        if len(packed) != n * view.record_dtype.itemsize:
+            raise FailedPrecondition(
+                f"records of view {view.name!r} under {prefix!r} do not match its declared layout "
+                f"({view.record_dtype.itemsize} bytes each); re-ingest the view or fix the registry"
+            )
+        records = np.frombuffer(packed, dtype=view.record_dtype)
+        if view.timestamped:
+            age = now - records[TIMESTAMP_FIELD]
+            if view.ttl_seconds:
+                # Values past the view's TTL are never served, whatever Redis still holds.
+                expired = present & (age > view.ttl_seconds)
+                if expired.any():
+                    records = records.copy()
+                    records[expired] = np.frombuffer(view.default_record, dtype=view.record_dtype)[0]
+                    present = present & ~expired
+        else:
+            age = np.full(n, now - self.versions.materialized_at.get(prefix, math.nan))
+        age = np.where(present, age, np.inf).astype(np.float32)
+        return ViewRows(view=view, records=records, present=present, age_seconds=age, degraded=degraded)

@@ -1,0 +1,62 @@
+"""Ranking: top-k by score with a per-category cap, vectorised (no per-item Python)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class RankInput:
+    scores: np.ndarray  # float32 [n]
+    categories: np.ndarray  # int32 [n]
+    present: np.ndarray  # bool [n]
+
+
+def decode(n: int, scores: bytes, categories: bytes, present: bytes) -> RankInput:
+    """View the wire bytes as arrays, checking each length against the item count."""
+    expected = {"scores": (scores, "<f4"), "item_categories": (categories, "<i4")}
+    arrays = {}
+    for field, (raw, dtype) in expected.items():
+        width = np.dtype(dtype).itemsize
+        if len(raw) != n * width:
+            raise InvalidArgument(
+                f"{field} has {len(raw)} bytes; {n} items need {n * width} ({dtype} each)"
+            )
+        arrays[field] = np.frombuffer(raw, dtype=dtype)
+    if present and len(present) != n:
+        raise InvalidArgument(f"item_present has {len(present)} bytes; {n} items need {n}")
+    mask = np.frombuffer(present, dtype=np.uint8).astype(bool) if present else np.ones(n, dtype=bool)
+    return RankInput(arrays["scores"], arrays["item_categories"], mask)
+
+
+def occurrence_within_group(groups: np.ndarray) -> np.ndarray:
+    """For each position, how many earlier positions hold the same group value."""
+    order = np.argsort(groups, kind="stable")
+    sorted_groups = groups[order]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    run_lengths = np.diff(np.r_[starts, len(groups)])
+    within_sorted = np.arange(len(groups)) - np.repeat(starts, run_lengths)
+    within = np.empty(len(groups), dtype=np.int64)
+    within[order] = within_sorted
+    return within
+
+
+def top_k(ranked: RankInput, k: int, max_per_category: int) -> np.ndarray:
+    """Indices of the chosen items, best first.
+
+    Ties in score break by position in the request, so the same input ranks the same way.
+    NaN scores rank last.
+    """
+    if k <= 0:
+        raise InvalidArgument(f"k must be positive, got {k}")
+    candidates = np.flatnonzero(ranked.present)
+    scores = np.nan_to_num(ranked.scores[candidates].astype(np.float64), nan=-np.inf)
+    # lexsort: last key is primary -> by descending score, then ascending position.
+    order = candidates[np.lexsort((candidates, -scores))]
+    if max_per_category > 0:
+        order = order[occurrence_within_group(ranked.categories[order]) < max_per_category]
+    return order[:k]

@@ -1,0 +1,245 @@
+"""Scoring throughput: items/s through gRPC (ModelInfer on a real scoring server) against
+raw ONNX Runtime on the same model, thread count and batch sizes.
+
+    infermesh models bench [--batch-sizes 1,64,256,1024] [--seconds 3] [--concurrency 4]
+
+Raw: one InferenceSession with the server's per-instance options (intra-op threads),
+called back to back. Through gRPC: a `python -m services.scoring` subprocess (or --target)
+and `concurrency` grpc.aio clients in this process sending pre-built raw FP32 requests.
+The report also gives the server's mean executed batch size over the run (ModelStatistics),
+since its dynamic batcher may merge concurrent requests into larger executions.
+A command, not a test: timings depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+
+from services.mesh.supervisor import free_port
+from services.scoring import modelgen
+from services.scoring.models import session_options
+
+DEFAULT_BATCH_SIZES = (1, 64, 256, 1024)
+INPUT, OUTPUT, WIDTH = "features", "score", 64
+
+
+@dataclass(frozen=True)
+class Row:
+    batch: int
+    raw_items_per_s: float
+    raw_us_per_call: float
+    grpc_items_per_s: float
+    grpc_p50_ms: float
+    grpc_p99_ms: float
+    server_mean_batch: float
+
+    @property
+    def ratio(self) -> float:
+        return self.grpc_items_per_s / self.raw_items_per_s if self.raw_items_per_s else 0.0
+
+
+def latest_model(repository: Path, model: str) -> Path | None:
+    directory = repository / model
+    versions = sorted((int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / "model.onnx").is_file()))
+    return directory / str(versions[-1]) / "model.onnx" if versions else None
+
+
+def bench_repository(model_file: Path | None, model: str, max_batch: int, workdir: Path) -> Path:
+    """A one-model repository for the server under test (the reference MLP if none given)."""
+    root = workdir / "models"
+    data = model_file.read_bytes() if model_file is not None else modelgen.mlp_model(0)
+    modelgen.write_config(root, model, {"max_batch_size": max_batch, "warmup": [{"batch_size": min(256, max_batch)}]})
+    modelgen.write_version(root, model, 1, data)
+    return root
+
+
+def raw_throughput(model: bytes, batch: int, seconds: float, threads: int) -> tuple[float, float]:
+    session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+    rows = np.random.default_rng(0).standard_normal((batch, WIDTH)).astype(np.float32)
+    feed = {INPUT: rows}
+    for _ in range(10):
+        session.run(None, feed)
+    calls, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        session.run(None, feed)
+        calls += 1
+    return calls * batch / elapsed, elapsed / calls * 1e6
+
+
+async def grpc_throughput(
+    target: str, model: str, batch: int, seconds: float, concurrency: int
+) -> tuple[float, float, float, float]:
+    rows = np.random.default_rng(0).standard_normal((batch, WIDTH)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name=INPUT, datatype="FP32", shape=[batch, WIDTH])
+    request.outputs.add(name=OUTPUT)
+    request.raw_input_contents.append(rows.tobytes())
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        latencies: list[float] = []
+        stop_at = 0.0
+
+        async def client(record: bool) -> int:
+            done = 0
+            while time.perf_counter() < stop_at:
+                began = time.perf_counter()
+                await stub.ModelInfer(request, timeout=30)
+                if record:
+                    latencies.append(time.perf_counter() - began)
+                done += 1
+            return done
+
+        stop_at = time.perf_counter() + min(1.0, seconds / 3)  # warm: connections, batcher, caches
+        await asyncio.gather(*(client(False) for _ in range(concurrency)))
+        before = await _counts(stub, model)
+        started = time.perf_counter()
+        stop_at = started + seconds
+        calls = sum(await asyncio.gather(*(client(True) for _ in range(concurrency))))
+        elapsed = time.perf_counter() - started
+        after = await _counts(stub, model)
+    executions = after[1] - before[1]
+    mean_batch = (after[0] - before[0]) / executions if executions else 0.0
+    p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+    return calls * batch / elapsed, float(p50), float(p99), mean_batch
+
+
+async def _counts(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> tuple[int, int]:
+    reply = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10)
+    return (
+        sum(s.inference_count for s in reply.model_stats),
+        sum(s.execution_count for s in reply.model_stats),
+    )
+
+
+def start_server(repository: Path, threads: int, log_level: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "SCORING_PORT": str(port),
+        "SCORING_MODEL_REPOSITORY": str(repository),
+        "SCORING_MODEL_CONTROL_MODE": "none",
+        "SCORING_PROVIDERS": "cpu",
+        "SCORING_INTRA_OP_THREADS": str(threads),
+        "SCORING_MAX_MESSAGE_BYTES": str(64 << 20),
+        "OTEL_TRACES_EXPORTER": "none",
+        "LOG_LEVEL": log_level,
+    }
+    with log.open("wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "services.scoring"], env=env, stdout=sink, stderr=sink)
+    return process, f"127.0.0.1:{port}"
+
+
+def wait_ready(target: str, model: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    give_up = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < give_up:
+            if process.poll() is not None:
+                raise SystemExit(f"scoring server exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+            try:
+                if stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=1).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise SystemExit(f"scoring server at {target} not ready after {timeout}s:\n{log.read_text()[-2000:]}")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, onnxruntime {ort.__version__}"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    lines = [
+        f"{'batch':>6} {'raw items/s':>13} {'raw us/call':>12} {'gRPC items/s':>13} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'exec batch':>10} {'gRPC/raw':>9}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.batch:>6} {r.raw_items_per_s:>13,.0f} {r.raw_us_per_call:>12.1f} {r.grpc_items_per_s:>13,.0f} "
+            f"{r.grpc_p50_ms:>8.2f} {r.grpc_p99_ms:>8.2f} {r.server_mean_batch:>10.1f} {r.ratio:>8.0%}"
+        )
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infermesh models bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repository", type=Path, default=Path(os.environ.get("SCORING_MODEL_REPOSITORY", ".infermesh/models")))
+    p.add_argument("--model", default="ranker", help="model name; its newest version is used (default %(default)s)")
+    p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
+    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per batch size and mode")
+    p.add_argument("--concurrency", type=int, default=4, help="gRPC requests in flight")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (raw and server)")
+    p.add_argument("--target", help="benchmark this running server instead of starting one")
+    p.add_argument("--server-log-level", default="WARNING", help="LOG_LEVEL of the server started (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    sizes = [int(s) for s in args.batch_sizes.split(",") if s]
+    model_file = latest_model(args.repository, args.model)
+    workdir = Path(tempfile.mkdtemp(prefix="scoring-bench-"))
+    process = None
+    try:
+        repository = bench_repository(model_file, args.model, max(sizes), workdir)
+        model_bytes = (repository / args.model / "1" / "model.onnx").read_bytes()
+        target = args.target
+        if target is None:
+            log = workdir / "scoring.log"
+            process, target = start_server(repository, args.threads, args.server_log_level, log)
+            wait_ready(target, args.model, process, log)
+        rows = []
+        for batch in sizes:
+            raw, per_call = raw_throughput(model_bytes, batch, args.seconds, args.threads)
+            through, p50, p99, mean_batch = asyncio.run(
+                grpc_throughput(target, args.model, batch, args.seconds, args.concurrency)
+            )
+            rows.append(Row(batch, raw, per_call, through, p50, p99, mean_batch))
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)
+    source = str(model_file) if model_file else "reference MLP architecture (untrained weights)"
+    if args.json:
+        print(json.dumps({
+            "machine": machine(),
+            "model": source,
+            "threads": args.threads,
+            "concurrency": args.concurrency,
+            "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
+        }, indent=2))
+    else:
+        print(f"machine: {machine()}")
+        print(f"model:   {source}; {args.threads} intra-op thread(s); gRPC concurrency {args.concurrency}")
+        print(format_table(rows))
+    return 0

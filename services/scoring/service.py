@@ -1,0 +1,340 @@
+"""Open Inference Protocol (KServe v2 gRPC) servicer over the model repository.
+
+Wire-compatible with tritonclient.grpc: Triton's statistics and repository extensions, its
+request parameters (priority, timeout in microseconds) and its status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import grpc
+import numpy as np
+from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+
+from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Overloaded
+from services.common.logs import get_logger
+from services.common.metrics import Metrics
+from services.common.settings import ServerSettings, SettingsError, load_settings
+from services.mesh.topology import HEALTH_SERVICE_NAMES, SCORING
+from services.scoring.batcher import InferenceFailed
+from services.scoring.cache import PredictionCache, cache_key
+from services.scoring.config import BatchingPolicy
+from services.scoring.models import PLATFORM, LoadOptions, ModelVersion
+from services.scoring.providers import ALIASES
+from services.scoring.repository import CONTROL_MODES, ModelRepository, RepositoryOptions
+from services.scoring.stats import ScoringMetrics, register_gpu_memory
+from services.scoring.tensors import to_raw
+
+log = get_logger(__name__)
+
+SERVER_NAME = "infermesh"
+EXTENSIONS = ["statistics", "model_repository", "model_repository(unload_dependents)", "parameters", "schedule_policy"]
+# Trailing metadata on ModelMetadata: the execution provider a version runs on, and why.
+PROVIDER_KEY = "infermesh-execution-provider"
+PROVIDER_REASON_KEY = "infermesh-execution-provider-reason"
+
+
+@dataclass(frozen=True)
+class ScoringSettings(ServerSettings):
+    port: int = 50300
+    model_repository: str = ".infermesh/models"
+    # auto: TensorRT -> CUDA -> CPU, as far as this host has them; or tensorrt / cuda / cpu.
+    # A model's config.json execution_providers overrides it.
+    providers: str = "auto"
+    intra_op_threads: int = 1
+    # poll: pick up new versions in the background; explicit: RepositoryModelLoad/Unload only;
+    # none: load once at start.
+    model_control_mode: str = "poll"
+    repository_poll_seconds: float = 2.0
+    # explicit mode: models loaded at start, comma-separated; "*" = all.
+    load_models: str = ""
+    # Redis for models that enable response_cache; empty = no cache anywhere.
+    cache_redis_url: str = ""
+    cache_timeout_seconds: float = 0.1
+    cache_retry_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.providers not in ALIASES:
+            raise SettingsError(f"SCORING_PROVIDERS={self.providers!r}: use one of {sorted(ALIASES)}")
+        if self.model_control_mode not in CONTROL_MODES:
+            raise SettingsError(f"SCORING_MODEL_CONTROL_MODE={self.model_control_mode!r}: use one of {list(CONTROL_MODES)}")
+
+
+def _parameter(parameter: pb.InferParameter) -> object:
+    choice = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, choice) if choice else None
+
+
+def _int_parameter(request: pb.ModelInferRequest, name: str) -> int:
+    if name not in request.parameters:
+        return 0
+    value = _parameter(request.parameters[name])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"request parameter {name!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _schedule(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, policy: BatchingPolicy) -> tuple[float, int]:
+    """(deadline on the loop clock, priority) from the gRPC deadline and Triton's parameters."""
+    now = asyncio.get_running_loop().time()
+    deadline = math.inf
+    remaining = context.time_remaining()
+    if remaining is not None:
+        deadline = now + remaining
+    timeout_us = _int_parameter(request, "timeout") or policy.default_timeout_microseconds
+    if timeout_us:
+        deadline = min(deadline, now + timeout_us / 1e6)
+    return deadline, _int_parameter(request, "priority")
+
+
+def _requested_outputs(model: ModelVersion, request: pb.ModelInferRequest) -> list[str]:
+    """Checked before inference, so a bad output name costs no model execution."""
+    for requested in request.outputs:
+        if "classification" in requested.parameters:
+            raise InvalidArgument(f"output {requested.name!r}: classification is not supported; ask for the tensor")
+        if requested.name not in model.output_specs:
+            raise InvalidArgument(
+                f"model {model.name!r} has no output {requested.name!r}; it has {list(model.output_order)}"
+            )
+    return [o.name for o in request.outputs] or list(model.output_order)
+
+
+def _encode(
+    model: ModelVersion, request: pb.ModelInferRequest, outputs: list[np.ndarray], wanted: list[str]
+) -> pb.ModelInferResponse:
+    produced = dict(zip(model.session_outputs, outputs, strict=True))
+    response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+    for name in wanted:
+        array = produced[name]
+        datatype = model.output_specs[name].datatype
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(to_raw(array, datatype))
+    return response
+
+
+def _failure_reason(error: BaseException) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELED"
+    if isinstance(error, Overloaded):
+        return "REJECTED"
+    if isinstance(error, DeadlineExceeded):
+        return "TIMEOUT"
+    if isinstance(error, InvalidArgument):
+        return "INVALID"
+    if isinstance(error, InferenceFailed):
+        return "BACKEND"
+    return "OTHER"
+
+
+def _ascii(text: str) -> str:
+    """gRPC metadata values must be printable ASCII."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:1000]
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository, cache: PredictionCache | None = None) -> None:
+        self._repository = repository
+        self._cache = cache
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._repository.readiness()[0])
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        try:
+            self._repository.resolve(request.name, request.version)
+        except NotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=metadata.version("infermesh"), extensions=EXTENSIONS)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        versions = self._repository.versions(request.name, request.version)
+        model = versions[-1]
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        # Appended: the server's interceptor may already have set some (the trace id).
+        context.set_trailing_metadata(
+            (
+                *(context.trailing_metadata() or ()),
+                (PROVIDER_KEY, model.provider),
+                (PROVIDER_REASON_KEY, _ascii(model.provider_reason)),
+            )
+        )
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[v.version for v in versions],
+            platform=PLATFORM,
+            inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs],
+            outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs],
+        )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        with self._repository.lease(request.model_name, request.model_version) as model:
+            started = time.perf_counter_ns()
+            try:
+                response = await self._infer(model, request, context)
+            except (Exception, asyncio.CancelledError) as error:
+                model.stats.fail.add(time.perf_counter_ns() - started)
+                if model.metrics is not None:
+                    model.metrics.failure(_failure_reason(error)).inc()
+                raise
+            elapsed = time.perf_counter_ns() - started
+            model.stats.success.add(elapsed)
+            if model.metrics is not None:
+                model.metrics.success.inc()
+                model.metrics.request_us.inc(elapsed / 1000)
+            return response
+
+    async def _infer(
+        self, model: ModelVersion, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        prepared = model.prepare(request)
+        wanted = _requested_outputs(model, request)
+        deadline, priority = _schedule(request, context, model.config.batching)
+        cache = self._cache if model.config.cache.enable else None
+        key = ""
+        if cache is not None:
+            looked_up = time.perf_counter_ns()
+            key = cache_key(model.name, model.version, request)
+            hit = await cache.get(key)
+            lookup_ns = time.perf_counter_ns() - looked_up
+            if hit is not None:
+                model.stats.cache_hit.add(lookup_ns)
+                if model.metrics is not None:
+                    model.metrics.cache_hits.inc()
+                hit.id = request.id
+                return hit
+            model.stats.cache_miss.add(lookup_ns)
+            if model.metrics is not None:
+                model.metrics.cache_misses.inc()
+        outputs = await model.infer(prepared, deadline, priority)
+        response = _encode(model, request, outputs, wanted)
+        if cache is not None:
+            cache.put(key, response, model.config.cache.ttl_seconds)
+        return response
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        response = pb.ModelStatisticsResponse()
+        for model in self._repository.versions(request.name, request.version):
+            s = model.stats
+            response.model_stats.add(
+                name=model.name,
+                version=model.version,
+                last_inference=s.last_inference_ms,
+                inference_count=s.inference_count,
+                execution_count=s.execution_count,
+                inference_stats=s.inference_stats(),
+                batch_stats=s.batch_stats(),
+                memory_usage=_memory_usage(model),
+            )
+        return response
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for row in self._repository.index(ready_only=request.ready):
+            response.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
+        return response
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        override = None
+        for key, parameter in request.parameters.items():
+            if key == "config":
+                override = parameter.string_param
+            elif key.startswith("file:"):
+                raise InvalidArgument("loading model files sent in the request is not supported; put them in the repository")
+        await self._repository.load(request.model_name, override)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _memory_usage(model: ModelVersion) -> list[pb.MemoryUsage]:
+    """Where the version lives: GPU ids or CPU; byte_size is the model file times instances."""
+    if not model.device_ids:
+        return [pb.MemoryUsage(type="CPU", id=0, byte_size=model.byte_size)]
+    share = model.byte_size // len(model.device_ids)
+    return [pb.MemoryUsage(type="GPU", id=device, byte_size=share) for device in model.device_ids]
+
+
+class ScoringService:
+    name = SCORING
+    grpc_services = (HEALTH_SERVICE_NAMES[SCORING],)
+
+    def __init__(self, settings: ScoringSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics(self.name)
+        self.scoring_metrics = ScoringMetrics(self.metrics)
+        startup = tuple(n.strip() for n in settings.load_models.split(",") if n.strip())
+        self.repository = ModelRepository(
+            Path(settings.model_repository),
+            RepositoryOptions(
+                mode=settings.model_control_mode,
+                poll_seconds=settings.repository_poll_seconds,
+                startup_models=startup,
+                load=LoadOptions(settings.providers, settings.intra_op_threads),
+            ),
+            self.scoring_metrics,
+        )
+        self.cache = (
+            PredictionCache(
+                settings.cache_redis_url,
+                settings.cache_timeout_seconds,
+                settings.cache_retry_seconds,
+                self.scoring_metrics,
+            )
+            if settings.cache_redis_url
+            else None
+        )
+        # Set once the models of the initial load are ready (or failed): for embedders and tests.
+        self.started = asyncio.Event()
+        self.gpu_memory_metrics = register_gpu_memory(self.metrics.registry)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.repository, self.cache), server)
+
+    async def start(self) -> None:
+        await self.repository.start()
+        if self.cache is None:
+            wanting = [name for name, model in self.repository.loaded.items() if model.config.cache.enable]
+            if wanting:
+                log.warning("models enable response_cache but SCORING_CACHE_REDIS_URL is empty", models=wanting)
+        self.started.set()
+
+    async def readiness(self) -> tuple[bool, str]:
+        return self.repository.readiness()
+
+    async def close(self) -> None:
+        await self.repository.close()
+        if self.cache is not None:
+            await self.cache.close()
+
+
+def build() -> tuple[ScoringService, ScoringSettings]:
+    settings = load_settings(ScoringSettings, SCORING)
+    return ScoringService(settings), settings
+

@@ -1,0 +1,328 @@
+"""The Kubernetes manifests, as kustomize builds them, agree with the mesh's one table of names.
+
+Each overlay is built with the real `kubectl kustomize`; the resulting objects are checked
+against services.mesh.topology / services.mesh.kubernetes: names, ports, health names, the
+Envoy ConfigMap (byte-for-byte a fresh rendering), graceful termination, hardening,
+resources, autoscaling, disruption budgets and the GPU component. Schema validation and
+`envoy --mode validate` are in scripts/validate_deploy.sh (and the last test below).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.mesh import envoy_config, kubernetes
+from services.mesh.topology import BACKENDS, DEFAULT_EDGE_PORT, HEALTH_SERVICE_NAMES, SERVICES
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+OVERLAYS = sorted(p.name for p in (DEPLOY / "overlays").iterdir() if p.is_dir())
+KUBECTL = shutil.which("kubectl")
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
+# services.common.telemetry flushes spans for up to 5 s after the server stopped.
+TELEMETRY_FLUSH_SECONDS = 5
+
+Obj = dict[str, Any]
+
+
+def _build(overlay: str) -> list[Obj]:
+    if KUBECTL is None:
+        # In CI a missing kubectl is a failure (scripts/bootstrap.sh installs it); elsewhere a skip.
+        message = "kubectl not installed (Debian/Ubuntu: apt-get install kubectl)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    proc = subprocess.run(
+        [KUBECTL, "kustomize", str(DEPLOY / "overlays" / overlay)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def built(request: pytest.FixtureRequest) -> tuple[str, list[Obj]]:
+    return request.param, _build(request.param)
+
+
+@pytest.fixture(scope="module")
+def production() -> list[Obj]:
+    return _build("production")
+
+
+def _get(objs: list[Obj], kind: str, name: str) -> Obj:
+    found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def _container(objs: list[Obj], name: str) -> Obj:
+    spec = _get(objs, "Deployment", name)["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == name]
+    return container
+
+
+def _env(container: Obj) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+def _pod_specs(objs: list[Obj]) -> Iterator[tuple[str, Obj]]:
+    for obj in objs:
+        if obj["kind"] in WORKLOADS:
+            yield f"{obj['kind']}/{obj['metadata']['name']}", obj["spec"]["template"]["spec"]
+
+
+def test_overlays_exist() -> None:
+    assert {"local", "production"} <= set(OVERLAYS)
+
+
+def test_every_component_is_used_by_an_overlay() -> None:
+    """A component no overlay includes would never be built or validated."""
+    used = set()
+    for overlay in OVERLAYS:
+        config = yaml.safe_load((DEPLOY / "overlays" / overlay / "kustomization.yaml").read_text())
+        used |= {Path(c).name for c in config.get("components", [])}
+    assert {p.name for p in (DEPLOY / "components").iterdir() if p.is_dir()} == used
+
+
+# ------------------------------------------------------------------- one name per service
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_objects_share_the_services_name(built: tuple[str, list[Obj]], service: str) -> None:
+    _, objs = built
+    port = kubernetes.service_port(service)
+    deployment = _get(objs, "Deployment", service)
+    assert deployment["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": service}
+    container = _container(objs, service)
+    env = _env(container)
+    assert env["OTEL_SERVICE_NAME"] == service
+    assert env[f"{service.upper()}_PORT"] == str(port)
+    assert env[f"{service.upper()}_HOST"] == "0.0.0.0"
+    assert {"name": "grpc", "containerPort": port} in container["ports"]
+    # Headless: DNS returns every ready pod, which Envoy's STRICT_DNS cluster balances over.
+    svc = _get(objs, "Service", service)
+    assert svc["spec"]["clusterIP"] == "None"
+    assert [p["port"] for p in svc["spec"]["ports"]] == [port]
+    assert svc["spec"]["selector"] == {"app.kubernetes.io/name": service}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_native_grpc_probes_use_the_health_name(built: tuple[str, list[Obj]], service: str) -> None:
+    _, objs = built
+    container = _container(objs, service)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {
+            "port": kubernetes.service_port(service),
+            "service": HEALTH_SERVICE_NAMES[service],
+        }, probe
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_metrics_port_is_exposed_and_annotated(built: tuple[str, list[Obj]], service: str) -> None:
+    _, objs = built
+    container = _container(objs, service)
+    port = int(_env(container)[f"{service.upper()}_METRICS_PORT"])
+    assert {"name": "metrics", "containerPort": port} in container["ports"]
+    annotations = _get(objs, "Deployment", service)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port)
+
+
+def test_gateway_dials_envoys_backend_listeners(built: tuple[str, list[Obj]]) -> None:
+    _, objs = built
+    env = _env(_container(objs, "gateway"))
+    for variable, target in kubernetes.gateway_targets().items():
+        assert env[variable] == target
+    ports = {p["name"]: p["port"] for p in _get(objs, "Service", kubernetes.ENVOY)["spec"]["ports"]}
+    internal = kubernetes.kubernetes_topology().internal_ports
+    assert ports == {"edge": DEFAULT_EDGE_PORT, **{b: internal[b] for b in BACKENDS}}
+
+
+def test_features_reads_the_in_cluster_redis(built: tuple[str, list[Obj]]) -> None:
+    _, objs = built
+    url = _env(_container(objs, "features"))["FEATURES_REDIS_URL"]
+    host, port = re.fullmatch(r"redis://([^:/]+):(\d+)/\d+", url).groups()  # type: ignore[union-attr]
+    svc = _get(objs, "Service", host)
+    assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+
+
+def test_services_export_traces_to_the_collector(built: tuple[str, list[Obj]]) -> None:
+    _, objs = built
+    (env_map,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("infermesh-env")]
+    endpoint = env_map["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    host, port = re.fullmatch(r"http://([^:/]+):(\d+)", endpoint).groups()  # type: ignore[union-attr]
+    assert int(port) in [p["port"] for p in _get(objs, "Service", host)["spec"]["ports"]]
+    collector = yaml.safe_load((DEPLOY / "base/otel-collector/config.yaml").read_text())
+    pipeline = collector["service"]["pipelines"]["traces"]
+    for kind in ("receivers", "processors", "exporters"):
+        assert set(pipeline[kind]) <= set(collector[kind]), kind
+    (exporter,) = pipeline["exporters"]
+    jaeger_host, jaeger_port = collector["exporters"][exporter]["endpoint"].split(":")
+    assert int(jaeger_port) in [p["port"] for p in _get(objs, "Service", jaeger_host)["spec"]["ports"]]
+    for service in SERVICES:
+        deployment = _get(objs, "Deployment", service)
+        refs = [e["configMapRef"]["name"] for e in _container(objs, service)["envFrom"]]
+        assert refs == [env_map["metadata"]["name"]], deployment["metadata"]["name"]
+
+
+# ------------------------------------------------------------------- Envoy ConfigMap
+
+
+def test_envoy_configmap_is_a_fresh_rendering(built: tuple[str, list[Obj]]) -> None:
+    overlay, objs = built
+    volumes = _get(objs, "Deployment", kubernetes.ENVOY)["spec"]["template"]["spec"]["volumes"]
+    (config_volume,) = [v for v in volumes if v["name"] == "config"]
+    configmap = _get(objs, "ConfigMap", config_volume["configMap"]["name"])
+    variant = "tls" if overlay == "production" else "plain"
+    assert configmap["data"]["envoy.json"] == envoy_config.to_json(kubernetes.render_config(variant))
+    args = _container(objs, kubernetes.ENVOY)["args"]
+    assert args[:2] == ["-c", "/etc/envoy/envoy.json"]
+
+
+def test_tls_mounts_the_certificate_where_the_config_reads_it(production: list[Obj]) -> None:
+    spec = _get(production, "Deployment", kubernetes.ENVOY)["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v.get("secret")]
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["mountPath"] == str(kubernetes.TLS_DIR) and mount["readOnly"] is True
+
+
+# ------------------------------------------------------------------- termination
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_termination_grace_covers_prestop_drain_and_grace(
+    built: tuple[str, list[Obj]], service: str
+) -> None:
+    _, objs = built
+    spec = _get(objs, "Deployment", service)["spec"]["template"]["spec"]
+    container = _container(objs, service)
+    env = _env(container)
+    drain = float(env[f"{service.upper()}_DRAIN_SECONDS"])
+    grace = float(env[f"{service.upper()}_GRACE_SECONDS"])
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    needed = pre_stop + drain + grace + TELEMETRY_FLUSH_SECONDS
+    assert spec["terminationGracePeriodSeconds"] >= needed
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_drain_outlasts_envoys_health_checks(built: tuple[str, list[Obj]], service: str) -> None:
+    """While draining, health says NOT_SERVING; Envoy must notice before the server stops."""
+    _, objs = built
+    drain = float(_env(_container(objs, service))[f"{service.upper()}_DRAIN_SECONDS"])
+    clusters = kubernetes.render_config()["static_resources"]["clusters"]
+    (check,) = next(c for c in clusters if c["name"] == service)["health_checks"]
+    seconds = lambda text: float(text.removesuffix("s"))  # noqa: E731
+    detection = seconds(check["interval"]) * check["unhealthy_threshold"] + seconds(check["timeout"])
+    assert drain > detection
+
+
+# ------------------------------------------------------------------- hardening, resources
+
+
+def test_every_pod_is_hardened(built: tuple[str, list[Obj]]) -> None:
+    _, objs = built
+    for where, spec in _pod_specs(objs):
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, where
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert spec["automountServiceAccountToken"] is False, where
+        assert spec["enableServiceLinks"] is False, where
+        for container in spec["containers"] + spec.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, (where, container["name"])
+            assert context["readOnlyRootFilesystem"] is True, (where, container["name"])
+            assert context["capabilities"] == {"drop": ["ALL"]}, (where, container["name"])
+            # Writable scratch space comes from volumes only.
+            mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            assert not mounts & {"/", "/opt", "/opt/infermesh"}, where
+
+
+def test_every_container_has_requests_and_limits(built: tuple[str, list[Obj]]) -> None:
+    _, objs = built
+    for where, spec in _pod_specs(objs):
+        for container in spec["containers"] + spec.get("initContainers", []):
+            resources = container["resources"]
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources[bound]), (where, container["name"], bound)
+
+
+def test_images_are_pinned_or_set_by_the_overlay(built: tuple[str, list[Obj]]) -> None:
+    overlay, objs = built
+    for where, spec in _pod_specs(objs):
+        for container in spec["containers"] + spec.get("initContainers", []):
+            image = container["image"]
+            name, _, tag = image.rpartition(":")
+            assert name and tag and tag != "latest", (where, image)
+            if "/infermesh/" not in f"/{name}":
+                assert re.match(r"\d+\.\d+", tag), f"{where}: third-party image {image} not pinned"
+
+
+def test_namespace_enforces_the_restricted_pod_security_standard(built: tuple[str, list[Obj]]) -> None:
+    _, objs = built
+    (namespace,) = [o for o in objs if o["kind"] == "Namespace"]
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for obj in objs:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == namespace["metadata"]["name"]
+
+
+# ------------------------------------------------------------------- scaling, disruption
+
+
+def test_every_service_and_envoy_autoscale_and_have_a_budget(built: tuple[str, list[Obj]]) -> None:
+    _, objs = built
+    for name in (*SERVICES, kubernetes.ENVOY):
+        deployment = _get(objs, "Deployment", name)
+        assert "replicas" not in deployment["spec"], f"{name}: the HPA owns the replica count"
+        hpa = _get(objs, "HorizontalPodAutoscaler", name)
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+        cpu = [m for m in hpa["spec"]["metrics"] if m["type"] == "Resource"]
+        assert cpu and cpu[0]["resource"]["name"] == "cpu"
+        pdb = _get(objs, "PodDisruptionBudget", name)
+        assert pdb["spec"]["maxUnavailable"] == 1
+        assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_production_scales_scoring_on_queue_depth(production: list[Obj]) -> None:
+    hpa = _get(production, "HorizontalPodAutoscaler", "scoring")
+    pods = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert pods == ["nv_inference_pending_request_count"]
+
+
+def test_production_runs_scoring_on_gpus(production: list[Obj]) -> None:
+    spec = _get(production, "Deployment", "scoring")["spec"]["template"]["spec"]
+    container = _container(production, "scoring")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "/infermesh/scoring-gpu:" in container["image"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert spec["nodeSelector"]
+    # No other workload asks for (or tolerates) GPUs.
+    for where, other in _pod_specs(production):
+        if where != "Deployment/scoring":
+            assert "tolerations" not in other, where
+
+
+def test_scoring_mounts_the_model_repository_read_only(built: tuple[str, list[Obj]]) -> None:
+    _, objs = built
+    container = _container(objs, "scoring")
+    root = _env(container)["SCORING_MODEL_REPOSITORY"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == root]
+    assert mount["readOnly"] is True
+    volumes = _get(objs, "Deployment", "scoring")["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == mount["name"]]
+    _get(objs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+
+
+def test_envoy_kubernetes_configs_pass_envoy_validate() -> None:
+    assert kubernetes.validate_configs() == list(kubernetes.CONFIG_FILES)

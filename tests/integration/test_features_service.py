@@ -1,0 +1,267 @@
+"""The features service as a process (`python -m services.features`) over gRPC, against a
+redis-server of this module's own that the last test stops and starts again.
+
+Covers both GetFeatures forms, RetrieveCandidates, and degradation: with Redis stopped the
+service keeps answering (flagged degraded) from its cache and the views' defaults, health
+stays SERVING, the breaker opens; once Redis is back it answers fresh again within 5 s.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from infermesh.features.v1 import features_pb2, features_pb2_grpc
+
+from services.features.retrieval import CandidateIndex, exact_top
+from services.mesh.supervisor import free_port
+from services.mesh.topology import HEALTH_SERVICE_NAMES
+from services.workload.catalog import Catalog, generate_catalog
+from services.workload.seed import load_into_redis
+
+HEALTH_NAME = HEALTH_SERVICE_NAMES["features"]
+
+
+def start_socket_redis(workdir: Path) -> subprocess.Popen[bytes]:
+    """redis-server on a unix socket (no TCP port to linger in TIME_WAIT across restarts);
+    it saves its dump on SIGTERM and loads it when started again in the same directory."""
+    socket_path = workdir / "redis.sock"
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(workdir),
+            "--save",
+            "3600 1",
+            "--appendonly",
+            "no",
+            "--logfile",
+            str(workdir / "redis.log"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with redis.Redis(unix_socket_path=str(socket_path), socket_timeout=0.5) as client:
+                if client.ping():
+                    return process
+        except (redis.ConnectionError, redis.BusyLoadingError, FileNotFoundError):
+            time.sleep(0.05)
+    process.kill()
+    raise AssertionError("redis-server on a unix socket did not start")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Running:
+    workdir: Path
+    redis: subprocess.Popen[bytes]
+    service: subprocess.Popen[bytes]
+    stub: features_pb2_grpc.FeatureServiceStub
+    health: health_pb2_grpc.HealthStub
+    metrics_port: int
+    catalog: Catalog
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+        return values[0] if values else 0.0
+
+    def serving(self) -> bool:
+        reply = self.health.Check(health_pb2.HealthCheckRequest(service=HEALTH_NAME), timeout=2)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    workdir = tmp_path_factory.mktemp("features-svc")
+    redis_process = start_socket_redis(workdir)
+    url = f"unix://{workdir / 'redis.sock'}?db=0"
+    catalog = generate_catalog(seed=5, n_users=40, n_items=2_000, n_categories=8)
+    with redis.Redis.from_url(url) as client:
+        load_into_redis(client, catalog, progress=False)
+    CandidateIndex.build(catalog.item_vecs, catalog.item_ids).save(workdir / "index" / "items.npz")
+    port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "FEATURES_PORT": str(port),
+        "FEATURES_METRICS_PORT": str(metrics_port),
+        "FEATURES_REDIS_URL": url,
+        "FEATURES_INDEX_PATH": str(workdir / "index" / "items.npz"),
+        "FEATURES_CACHE_TTL_SECONDS": "0.1",  # entries go stale fast, so reads keep reaching Redis
+        "FEATURES_REDIS_TIMEOUT_SECONDS": "0.3",
+        "FEATURES_BREAKER_PROBE_SECONDS": "0.2",
+        "FEATURES_REFRESH_SECONDS": "0.2",
+        "FEATURES_READINESS_INTERVAL_SECONDS": "0.1",
+        "OTEL_TRACES_EXPORTER": "none",
+    }
+    with (workdir / "features.log").open("wb") as log:
+        service = subprocess.Popen(
+            [sys.executable, "-m", "services.features"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    running = Running(
+        workdir,
+        redis_process,
+        service,
+        features_pb2_grpc.FeatureServiceStub(channel),
+        health_pb2_grpc.HealthStub(channel),
+        metrics_port,
+        catalog,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if running.serving():
+                    break
+            except grpc.RpcError:
+                pass
+            assert service.poll() is None, (workdir / "features.log").read_text()
+            assert time.monotonic() < deadline, "features never became SERVING"
+            time.sleep(0.1)
+        yield running
+    finally:
+        channel.close()
+        stop(service)
+        stop(running.redis)
+
+
+def test_view_form_returns_matrix_mask_and_freshness(running: Running) -> None:
+    ids = ["i5", "i1999", "missing", "i0"]
+    reply = running.stub.GetFeatures(features_pb2.GetFeaturesRequest(views=["item"], entity_ids=ids), timeout=5)
+    assert (reply.features.rows, reply.features.columns, reply.features.datatype) == (4, 34, "FP32")
+    assert list(reply.columns[-2:]) == ["item.category", "item.price"]
+    matrix = np.frombuffer(reply.features.data, "<f4").reshape(4, 34)
+    index = [5, 1999, 0]
+    c = running.catalog
+    assert matrix[[0, 1, 3], :32].tobytes() == c.item_vecs[index].tobytes()
+    assert matrix[[0, 1, 3], 32].tolist() == c.item_category[index].astype(np.float32).tolist()
+    assert (matrix[2] == 0).all()
+    assert np.frombuffer(reply.present, np.uint8).tolist() == [1, 1, 0, 1]
+    age = np.frombuffer(reply.freshness_seconds, "<f4")
+    assert np.isinf(age[2]) and (age[[0, 1, 3]] >= 0).all() and not reply.degraded
+
+
+def test_reference_form_is_what_the_gateway_forwards(running: Running) -> None:
+    reply = running.stub.GetFeatures(features_pb2.GetFeaturesRequest(user_id="u3", item_ids=["i7", "i8"]), timeout=5)
+    rows = np.frombuffer(reply.model_input.data, "<f4").reshape(2, 64)
+    assert reply.model_input.columns == 64 and not reply.degraded
+    assert rows[:, :32].tobytes() == np.repeat(running.catalog.user_vecs[3][None], 2, 0).tobytes()
+    assert rows[:, 32:].tobytes() == running.catalog.item_vecs[[7, 8]].tobytes()
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "phrase"),
+    [
+        (
+            features_pb2.GetFeaturesRequest(views=["nope"], entity_ids=["i1"]),
+            grpc.StatusCode.NOT_FOUND,
+            "unknown feature view",
+        ),
+        (
+            features_pb2.GetFeaturesRequest(views=["user", "item"], entity_ids=["i1"]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "mix entity types",
+        ),
+        (
+            features_pb2.GetFeaturesRequest(views=["item"], entity_ids=[]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "entity_ids",
+        ),
+        (
+            features_pb2.GetFeaturesRequest(views=["item"], entity_ids=["i1"], user_id="u1"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "either",
+        ),
+        (features_pb2.GetFeaturesRequest(user_id="u404", item_ids=["i1"]), grpc.StatusCode.NOT_FOUND, "unknown user"),
+    ],
+)
+def test_bad_requests_get_clear_statuses(running: Running, request_, code: grpc.StatusCode, phrase: str) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        running.stub.GetFeatures(request_, timeout=5)
+    assert raised.value.code() == code and phrase in raised.value.details()
+
+
+def test_retrieve_candidates_matches_exact_search_on_a_small_catalog(running: Running) -> None:
+    c = running.catalog
+    reply = running.stub.RetrieveCandidates(features_pb2.RetrieveCandidatesRequest(user_id="u9", count=20), timeout=5)
+    assert [int(i[1:]) for i in reply.item_ids] == exact_top(c.item_vecs, c.user_vecs[9], 20).tolist()
+    assert len(np.frombuffer(reply.scores, "<f4")) == 20 and not reply.degraded
+    for request_, code in (
+        (features_pb2.RetrieveCandidatesRequest(user_id="u9", count=0), grpc.StatusCode.INVALID_ARGUMENT),
+        (features_pb2.RetrieveCandidatesRequest(user_id="u404", count=5), grpc.StatusCode.NOT_FOUND),
+    ):
+        with pytest.raises(grpc.RpcError) as raised:
+            running.stub.RetrieveCandidates(request_, timeout=5)
+        assert raised.value.code() == code
+
+
+def test_redis_outage_answers_degraded_stays_serving_and_recovers(running: Running) -> None:
+    request_ = features_pb2.GetFeaturesRequest(user_id="u1", item_ids=["i1", "i2", "i3"])
+    healthy = running.stub.GetFeatures(request_, timeout=5)
+    assert not healthy.degraded
+
+    stop(running.redis)
+    degraded = []
+    for _ in range(10):
+        started = time.monotonic()
+        reply = running.stub.GetFeatures(request_, timeout=1.0)
+        assert time.monotonic() - started < 1.0
+        degraded.append(reply.degraded)
+        assert reply.model_input.data == healthy.model_input.data  # stale cache entries, same values
+        time.sleep(0.05)
+    assert all(degraded[1:])  # the first may still be a fresh cache hit
+    assert running.serving()
+    assert running.metric("features_circuit_open") == 1
+    assert running.metric("features_degraded_responses_total") >= 9
+    # Entities never cached come back as defaults, flagged, rather than as an error.
+    cold = running.stub.GetFeatures(features_pb2.GetFeaturesRequest(user_id="u2", item_ids=["i99"]), timeout=1.0)
+    assert cold.degraded and cold.missing_items == 1
+
+    running.redis = start_socket_redis(running.workdir)
+    back = time.monotonic()
+    while True:
+        reply = running.stub.GetFeatures(request_, timeout=1.0)
+        if not reply.degraded:
+            break
+        assert time.monotonic() - back < 5.0, "still degraded 5 s after Redis came back"
+        time.sleep(0.05)
+    assert reply.model_input.data == healthy.model_input.data
+    assert running.metric("features_circuit_open") == 0
+    assert running.serving()

@@ -1,0 +1,52 @@
+"""`infermesh models`: the benchmark command runs end to end (numbers are not asserted:
+a benchmark is not a timing test) and quantize publishes a working int8 version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from services.cli.main import main as infermesh
+from services.scoring import modelgen
+
+
+def test_models_bench_reports_grpc_and_raw_throughput(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    modelgen.write_version(tmp_path, "ranker", 1, modelgen.mlp_model(0))
+    code = infermesh(
+        ["models", "bench", "--repository", str(tmp_path), "--seconds", "0.2", "--batch-sizes", "1,16",
+         "--concurrency", "2", "--json"]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and "onnxruntime" in report["machine"]
+    assert [row["batch"] for row in report["rows"]] == [1, 16]
+    for row in report["rows"]:
+        assert row["raw_items_per_s"] > 0 and row["grpc_items_per_s"] > 0 and row["server_mean_batch"] >= 1
+
+
+def test_models_quantize_adds_an_int8_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    modelgen.write_config(tmp_path, "ranker", {"max_batch_size": 256})
+    modelgen.write_version(tmp_path, "ranker", 1, modelgen.mlp_model(0))
+    common = ["models", "quantize", "--repository", str(tmp_path), "--users", "20", "--seconds", "0.1"]
+    assert infermesh([*common, "--dry-run"]) == 0
+    assert not (tmp_path / "ranker" / "2").exists()
+    capsys.readouterr()
+    assert infermesh([*common, "--max-ndcg-drop", "1.0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["new_version"] == 2 and report["int8"]["bytes"] < report["float"]["bytes"]
+    assert 0 <= report["int8"]["ndcg_at_20"] <= 1
+    sidecar = json.loads((tmp_path / "ranker" / "2" / "quantized.json").read_text())
+    assert sidecar["quantized_from"] == 1
+    session = ort.InferenceSession(str(tmp_path / "ranker" / "2" / "model.onnx"), providers=["CPUExecutionProvider"])
+    rows = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    reference = ort.InferenceSession(modelgen.mlp_model(0), providers=["CPUExecutionProvider"])
+    assert np.allclose(session.run(None, {"features": rows})[0], reference.run(None, {"features": rows})[0], atol=0.05)
+
+
+def test_models_without_a_command_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert infermesh(["models", "--help"]) == 0
+    assert "bench" in capsys.readouterr().out
+    assert infermesh(["models", "nope"]) == 2

@@ -1,0 +1,71 @@
+"""`infermesh models import`: scikit-learn and LightGBM models become ONNX versions that the
+real server serves with the original's predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import joblib
+import lightgbm
+import numpy as np
+import pytest
+from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from services.cli.main import main as infermesh
+from services.scoring.testing import running_scoring, server_settings
+
+FEATURES = 8
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rows = np.random.default_rng(0).standard_normal((400, FEATURES)).astype(np.float32)
+    return rows, (rows[:, 0] + 0.5 * rows[:, 1] > 0).astype(int)
+
+
+def infer_request(model: str, rows: np.ndarray, output: str) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="features", datatype="FP32", shape=list(rows.shape))
+    request.outputs.add(name=output)
+    request.raw_input_contents.append(rows.tobytes())
+    return request
+
+
+async def test_imported_models_serve_the_original_predictions(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    rows, labels = data
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(rows, labels)
+    joblib.dump(pipeline, tmp_path / "clf.joblib")
+    booster = lightgbm.train({"objective": "binary", "verbose": -1, "num_leaves": 8}, lightgbm.Dataset(rows, labels), 20)
+    booster.save_model(str(tmp_path / "gbm.txt"))
+    repository = tmp_path / "models"
+    np.save(tmp_path / "sample.npy", rows[:64])
+    for source, name in (("clf.joblib", "clf"), ("gbm.txt", "gbm")):
+        code = infermesh(["models", "import", str(tmp_path / source), "--model", name, "--repository", str(repository),
+                          "--sample", str(tmp_path / "sample.npy")])
+        assert code == 0
+    assert (repository / "gbm" / "1" / "imported.json").is_file()
+
+    probe = rows[100:140]
+    async with running_scoring(server_settings(repository)) as service:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.settings.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            clf = await stub.ModelInfer(infer_request("clf", probe, "probabilities"))
+            gbm = await stub.ModelInfer(infer_request("gbm", probe, "probabilities"))
+            labels_reply = await stub.ModelInfer(infer_request("gbm", probe, "label"))
+    clf_served = np.frombuffer(clf.raw_output_contents[0], np.float32).reshape(-1, 2)
+    gbm_served = np.frombuffer(gbm.raw_output_contents[0], np.float32).reshape(-1, 2)
+    assert np.allclose(clf_served, pipeline.predict_proba(probe), atol=1e-5)
+    assert np.allclose(gbm_served[:, 1], booster.predict(probe), atol=1e-5)
+    assert labels_reply.outputs[0].datatype == "INT64" and list(labels_reply.outputs[0].shape) == [len(probe)]
+
+
+def test_import_refuses_a_file_that_is_not_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.pkl").write_text("not a model")
+    assert infermesh(["models", "import", str(tmp_path / "notes.pkl"), "--model", "x", "--repository", str(tmp_path)]) == 1
+    assert "not a joblib/pickle model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

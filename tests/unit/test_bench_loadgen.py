@@ -1,0 +1,65 @@
+"""Load-generator logic: open loop must not hide a server's stall (coordinated omission)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from services.bench.loadgen import RunResult, closed_loop, merge, open_loop
+from services.bench.plan import plan
+
+
+def stalling_server(stall: float, service_time: float = 0.001):  # noqa: ANN201
+    """A serial server (one request at a time) whose first request takes `stall` seconds."""
+    lock = asyncio.Lock()
+    calls = {"n": 0}
+
+    async def call(_: int) -> None:
+        async with lock:
+            calls["n"] += 1
+            await asyncio.sleep(stall if calls["n"] == 1 else service_time)
+
+    return call
+
+
+async def test_open_loop_charges_queueing_to_requests_that_waited() -> None:
+    result = await open_loop(stalling_server(0.3), rate=200, seconds=0.6, seed=1)
+    slow = int((result.latencies_ms > 100).sum())
+    # ~60 arrivals land during the 0.3 s stall; every one of them waited behind it.
+    assert slow >= 20, result.to_json()
+    assert not result.errors
+
+
+async def test_closed_loop_sees_the_stall_only_once() -> None:
+    result = await closed_loop(stalling_server(0.3), concurrency=1, seconds=0.6)
+    assert int((result.latencies_ms > 100).sum()) == 1
+
+
+async def test_errors_are_counted_by_status() -> None:
+    class Boom(Exception):
+        status_name = "UNAVAILABLE"
+
+    async def call(n: int) -> None:
+        await asyncio.sleep(0)  # like any network call, yield to the other clients
+        if n % 2:
+            raise Boom()
+
+    result = await closed_loop(call, concurrency=2, seconds=0.1)
+    assert result.errors["UNAVAILABLE"] > 0 and result.completed > 0
+
+
+def test_merge_and_percentiles() -> None:
+    a = RunResult("closed", 1.0, None, 2, np.array([1.0, 2.0, 3.0]))
+    b = RunResult("closed", 1.2, None, 2, np.array([4.0]))
+    merged = merge([a, b])
+    assert merged.concurrency == 4 and merged.completed == 4
+    assert merged.percentiles()["max"] == 4.0 and merged.seconds == 1.2
+
+
+def test_plan_replicas_follow_cpu_per_request() -> None:
+    result = plan({"gateway": 1.5, "scoring": 0.5, "redis": 0.1}, target_rps=1000, utilisation=0.5,
+                  cores_per_machine=4, price_per_machine_hour=1.0)
+    assert result["replicas"] == {"gateway": 3, "scoring": 1}
+    assert result["machines"] == 1
+    assert abs(result["cost_per_million_requests"] - 1.0 / 3600 * 1000) < 1e-3

@@ -1,0 +1,215 @@
+"""The local (`infermesh up`) and Kubernetes Envoy configs come from one renderer and agree.
+
+Both are rendered here by services.mesh.envoy_config.render; the Kubernetes one differs
+only where the topology says it must (addresses, discovery, listen host, descriptor path),
+and the committed ConfigMap sources under deploy/ equal a fresh rendering.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.mesh import envoy_config, kubernetes
+from services.mesh.topology import (
+    BACKENDS,
+    DEFAULT_EDGE_PORT,
+    DEFAULT_INTERNAL_PORTS,
+    HEALTH_SERVICE_NAMES,
+    SERVICES,
+)
+
+Json = dict[str, Any]
+HCM = "envoy.filters.network.http_connection_manager"
+TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
+
+
+@pytest.fixture(scope="module")
+def local() -> Json:
+    return envoy_config.render(envoy_config.local_config_topology())
+
+
+@pytest.fixture(scope="module")
+def k8s() -> Json:
+    return kubernetes.render_config("plain")
+
+
+def _listeners(config: Json) -> dict[str, Json]:
+    return {x["name"]: x for x in config["static_resources"]["listeners"]}
+
+
+def _clusters(config: Json) -> dict[str, Json]:
+    return {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+
+def _hcm(listener: Json) -> Json:
+    (chain,) = listener["filter_chains"]
+    (network_filter,) = chain["filters"]
+    assert network_filter["name"] == HCM
+    return network_filter["typed_config"]
+
+
+def _routes(config: Json) -> dict[str, list[tuple[str, str]]]:
+    """listener -> [(path prefix, cluster)] in match order."""
+    out = {}
+    for name, listener in _listeners(config).items():
+        (vhost,) = _hcm(listener)["route_config"]["virtual_hosts"]
+        out[name] = [(r["match"]["prefix"], r["route"]["cluster"]) for r in vhost["routes"]]
+    return out
+
+
+def _health_names(config: Json) -> dict[str, str]:
+    return {
+        name: cluster["health_checks"][0]["grpc_health_check"]["service_name"]
+        for name, cluster in _clusters(config).items()
+    }
+
+
+def _endpoints(cluster: Json) -> list[tuple[str, int]]:
+    return [
+        (
+            lb["endpoint"]["address"]["socket_address"]["address"],
+            lb["endpoint"]["address"]["socket_address"]["port_value"],
+        )
+        for locality in cluster["load_assignment"]["endpoints"]
+        for lb in locality["lb_endpoints"]
+    ]
+
+
+def _ports(config: Json) -> dict[str, int]:
+    return {
+        name: listener["address"]["socket_address"]["port_value"]
+        for name, listener in _listeners(config).items()
+    }
+
+
+# ------------------------------------------------------------------- same services
+
+
+def test_same_clusters_one_per_service(local: Json, k8s: Json) -> None:
+    assert list(_clusters(local)) == list(_clusters(k8s)) == list(SERVICES)
+
+
+def test_same_listeners_and_ports(local: Json, k8s: Json) -> None:
+    expected = {"edge": DEFAULT_EDGE_PORT, **DEFAULT_INTERNAL_PORTS}
+    assert _ports(local) == _ports(k8s) == expected
+    assert set(BACKENDS) <= set(_listeners(k8s))
+
+
+def test_same_routes(local: Json, k8s: Json) -> None:
+    routes = _routes(k8s)
+    assert routes == _routes(local)
+    assert routes["edge"] == [(f"/{HEALTH_SERVICE_NAMES['scoring']}/", "scoring"), ("/", "gateway")]
+    for backend in BACKENDS:
+        assert routes[backend] == [("/", backend)]
+
+
+def test_same_health_names(local: Json, k8s: Json) -> None:
+    assert _health_names(local) == _health_names(k8s) == dict(HEALTH_SERVICE_NAMES)
+
+
+def test_same_http_filters(local: Json, k8s: Json) -> None:
+    def filters(config: Json) -> dict[str, list[str]]:
+        return {
+            name: [f["name"] for f in _hcm(listener)["http_filters"]]
+            for name, listener in _listeners(config).items()
+        }
+
+    assert filters(local) == filters(k8s)
+
+
+def test_identical_apart_from_the_topology(local: Json, k8s: Json) -> None:
+    """Timeouts, retries, health checking, limits, access logs: all shared, byte for byte."""
+
+    def normalized(config: Json) -> Json:
+        config = copy.deepcopy(config)
+        for listener in config["static_resources"]["listeners"]:
+            listener["address"]["socket_address"]["address"] = "LISTEN_HOST"
+            for http_filter in _hcm(listener)["http_filters"]:
+                if http_filter["name"] == TRANSCODER:
+                    http_filter["typed_config"]["proto_descriptor"] = "DESCRIPTOR_SET"
+        for cluster in config["static_resources"]["clusters"]:
+            cluster["type"] = "DISCOVERY"
+            cluster.pop("dns_lookup_family", None)
+            cluster["load_assignment"]["endpoints"] = "ENDPOINTS"
+        return config
+
+    assert normalized(local) == normalized(k8s)
+
+
+# ------------------------------------------------------------------- Kubernetes specifics
+
+
+def test_kubernetes_clusters_resolve_headless_services(k8s: Json) -> None:
+    for name, cluster in _clusters(k8s).items():
+        assert cluster["type"] == "STRICT_DNS"
+        assert cluster["dns_lookup_family"] == "V4_ONLY"
+        # The Service has the cluster's name; its port is the service's gRPC port.
+        assert _endpoints(cluster) == [(name, kubernetes.service_port(name))]
+
+
+def test_kubernetes_listeners_bind_every_interface_admin_stays_local(k8s: Json) -> None:
+    for listener in _listeners(k8s).values():
+        assert listener["address"]["socket_address"]["address"] == "0.0.0.0"
+    assert k8s["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def test_kubernetes_descriptor_set_is_the_images_path(k8s: Json) -> None:
+    (transcoder,) = [
+        f for f in _hcm(_listeners(k8s)["edge"])["http_filters"] if f["name"] == TRANSCODER
+    ]
+    assert transcoder["typed_config"]["proto_descriptor"] == str(kubernetes.DESCRIPTOR_SET)
+    dockerfile = (envoy_config.REPO_ROOT / "deploy" / "Dockerfile").read_text()
+    assert f" {kubernetes.DESCRIPTOR_SET}\n" in dockerfile  # COPY ... <that path>
+
+
+def test_gateway_targets_are_envoys_backend_listeners(k8s: Json) -> None:
+    ports = _ports(k8s)
+    assert kubernetes.gateway_targets() == {
+        f"GATEWAY_{b.upper()}_TARGET": f"{kubernetes.ENVOY}:{ports[b]}" for b in BACKENDS
+    }
+
+
+def test_tls_variant_only_adds_the_edge_tls_context(k8s: Json) -> None:
+    tls = kubernetes.render_config("tls")
+    edge = _listeners(tls)["edge"]
+    (chain,) = edge["filter_chains"]
+    socket = chain.pop("transport_socket")
+    assert tls == k8s  # with the transport socket removed, nothing else differs
+    context = socket["typed_config"]["common_tls_context"]
+    assert context["alpn_protocols"] == ["h2", "http/1.1"]  # gRPC and REST on one port
+    (certificate,) = context["tls_certificates"]
+    assert certificate["certificate_chain"]["filename"] == str(kubernetes.TLS_DIR / "tls.crt")
+    assert certificate["private_key"]["filename"] == str(kubernetes.TLS_DIR / "tls.key")
+
+
+def test_unknown_variant_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown variant"):
+        kubernetes.render_config("mtls")
+
+
+# ------------------------------------------------------------------- committed files
+
+
+def test_committed_configmap_sources_are_fresh() -> None:
+    assert kubernetes.stale_configs() == [], (
+        "run `python -m services.mesh.kubernetes render` and commit deploy/"
+    )
+
+
+def test_committed_files_are_the_canonical_json_of_a_rendering() -> None:
+    for variant, relative in kubernetes.CONFIG_FILES.items():
+        text = (envoy_config.REPO_ROOT / relative).read_text(encoding="utf-8")
+        assert text == envoy_config.to_json(kubernetes.render_config(variant))
+
+
+def test_stale_and_missing_files_are_reported(tmp_path: Path) -> None:
+    kubernetes.write_configs(tmp_path)
+    assert kubernetes.stale_configs(tmp_path) == []
+    plain, tls = (tmp_path / p for p in kubernetes.CONFIG_FILES.values())
+    plain.write_text(plain.read_text().replace('"STRICT_DNS"', '"STATIC"'))
+    tls.unlink()
+    assert kubernetes.stale_configs(tmp_path) == list(kubernetes.CONFIG_FILES.values())

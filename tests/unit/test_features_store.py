@@ -1,0 +1,161 @@
+"""FeatureStore logic against an in-memory Redis stand-in: coalescing, fallback, versions.
+
+The real-Redis behaviour (round trips, TTL, atomic switch) is in
+tests/integration/test_features_store.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import redis.exceptions
+
+from services.common.errors import NotFound, Unavailable
+from services.features.breaker import CircuitBreaker
+from services.features.cache import LocalCache
+from services.features.layout import ITEM_RECORD, USER_RECORD, item_key, pointer_key, user_key
+from services.features.store import FeatureStore
+
+NS = "t"
+
+
+class FakeRedis:
+    """MGET over a dict; can be made to fail or to stall, and counts calls."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.calls = 0
+        self.down = False
+        self.gate: asyncio.Event | None = None
+
+    async def mget(self, keys: list[str]) -> list[bytes | None]:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down:
+            raise redis.exceptions.ConnectionError("connection refused")
+        return [self.data.get(k) for k in keys]
+
+
+def user_bytes(value: float) -> bytes:
+    record = np.zeros(1, dtype=USER_RECORD)
+    record["vec"] = value
+    return record.tobytes()
+
+
+def item_bytes(value: float, category: int) -> bytes:
+    record = np.zeros(1, dtype=ITEM_RECORD)
+    record["vec"], record["category"], record["price"] = value, category, 9.5
+    return record.tobytes()
+
+
+@pytest.fixture
+def fake() -> FakeRedis:
+    r = FakeRedis()
+    r.data[user_key(NS, "u1")] = user_bytes(1.0)
+    for i in range(5):
+        r.data[item_key(NS, f"i{i}")] = item_bytes(float(i), i)
+    return r
+
+
+def store(fake: FakeRedis, *, cache_ttl: float = 30.0, breaker: bool = True) -> FeatureStore:
+    return FeatureStore(
+        fake,  # type: ignore[arg-type]
+        NS,
+        1000,
+        cache=LocalCache(1 << 20, cache_ttl),
+        breaker=CircuitBreaker(2, probe_interval=10.0) if breaker else None,
+        redis_timeout=0.2,
+    )
+
+
+async def test_reference_rows_in_request_order(fake: FakeRedis) -> None:
+    rows = await store(fake).get("u1", ["i3", "nope", "i1"])
+    matrix = np.frombuffer(rows.model_input, dtype="<f4").reshape(3, 64)
+    assert rows.columns == 64 and rows.missing_items == 1 and not rows.degraded
+    assert (matrix[:, :32] == 1.0).all()
+    assert (matrix[0, 32:] == 3.0).all() and (matrix[1, 32:] == 0).all() and (matrix[2, 32:] == 1.0).all()
+    assert np.frombuffer(rows.item_categories, "<i4").tolist() == [3, 0, 1]
+    assert np.frombuffer(rows.item_present, np.uint8).tolist() == [1, 0, 1]
+
+
+async def test_hot_entities_come_from_the_local_cache(fake: FakeRedis) -> None:
+    s = store(fake)
+    await s.get("u1", ["i1", "i2"])
+    await s.get("u1", ["i1", "i2"])
+    assert fake.calls == 1
+    assert s.metrics.lookups.labels("local", "hit")._value.get() == 3
+
+
+async def test_concurrent_requests_for_the_same_entities_share_one_read(fake: FakeRedis) -> None:
+    s = store(fake)
+    fake.gate = asyncio.Event()
+    calls = [asyncio.create_task(s.get("u1", ["i1", "i2", "i3"])) for _ in range(10)]
+    await asyncio.sleep(0.01)
+    fake.gate.set()
+    results = await asyncio.gather(*calls)
+    assert fake.calls == 1
+    assert len({r.model_input for r in results}) == 1
+    assert s.metrics.coalesced._value.get() == 9 * 4
+
+
+async def test_redis_down_serves_stale_entries_then_defaults_flagged_degraded(fake: FakeRedis) -> None:
+    s = store(fake, cache_ttl=0.0)  # every entry is stale at once: each read goes to Redis
+    await s.get("u1", ["i1"])
+    fake.down = True
+    rows = await s.get("u1", ["i1", "i2"])
+    matrix = np.frombuffer(rows.model_input, "<f4").reshape(2, 64)
+    assert rows.degraded
+    assert (matrix[0, 32:] == 1.0).all()  # i1 from the stale cache entry
+    assert np.frombuffer(rows.item_present, np.uint8).tolist() == [1, 0]  # i2: default, not present
+    assert s.metrics.degraded._value.get() == 1
+    assert s.metrics.fallback_rows.labels("stale")._value.get() == 2  # u1 and i1
+
+
+async def test_unknown_user_while_degraded_gets_defaults_not_an_error(fake: FakeRedis) -> None:
+    s = store(fake)
+    fake.down = True
+    rows = await s.get("u404", ["i1"])
+    assert rows.degraded and rows.missing_items == 1
+    fake.down = False
+    with pytest.raises(NotFound, match="unknown user"):
+        await store(fake).get("u404", ["i1"])
+
+
+async def test_open_breaker_skips_redis_entirely(fake: FakeRedis) -> None:
+    s = store(fake, cache_ttl=0.0)
+    fake.down = True
+    await s.get("u1", ["i1"])
+    await s.get("u1", ["i1"])  # second consecutive failure opens the breaker (threshold 2)
+    assert s.breaker is not None and s.breaker.is_open
+    calls = fake.calls
+    rows = await s.get("u1", ["i1"])
+    assert rows.degraded and fake.calls == calls
+
+
+async def test_slow_redis_answers_within_the_budget(fake: FakeRedis) -> None:
+    s = store(fake)
+    fake.gate = asyncio.Event()  # never set: Redis hangs
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    rows = await s.get("u1", ["i1"], timeout=0.1)  # the store may use half of it
+    assert rows.degraded and loop.time() - started < 1.0
+
+
+async def test_without_a_breaker_failures_raise_unavailable(fake: FakeRedis) -> None:
+    fake.down = True
+    with pytest.raises(Unavailable):
+        await store(fake, breaker=False).get("u1", ["i1"])
+
+
+async def test_a_switched_pointer_makes_the_read_start_again_on_the_new_materialization(fake: FakeRedis) -> None:
+    s = store(fake)
+    new = f"{NS}:mat:item:7"
+    fake.data[pointer_key(NS, "item")] = new.encode()
+    fake.data[f"{new}:i:i1"] = item_bytes(42.0, 4)
+    rows = await s.get("u1", ["i1"])
+    matrix = np.frombuffer(rows.model_input, "<f4").reshape(1, 64)
+    assert (matrix[0, 32:] == 42.0).all() and fake.calls == 2
+    assert s.versions.prefix("item") == new and s.metrics.switches._value.get() == 1

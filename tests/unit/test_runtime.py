@@ -1,0 +1,63 @@
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from gateway.pipeline import PipelineConfig, validate
+from services.common.errors import InvalidArgument, NotFound, Overloaded, Unavailable, from_rpc_error, status_for
+from services.common.settings import SettingsError, load_settings
+
+
+@dataclass(frozen=True)
+class Example:
+    port: int = 1
+    ratio: float = 0.5
+    name: str = "a"
+    verbose: bool = False
+
+
+def test_settings_read_prefixed_variables_and_keep_defaults() -> None:
+    got = load_settings(Example, "demo", {"DEMO_PORT": "7", "DEMO_VERBOSE": "yes", "OTHER_NAME": "x"})
+    assert got == Example(port=7, ratio=0.5, name="a", verbose=True)
+
+
+@pytest.mark.parametrize(("var", "value"), [("DEMO_PORT", "eighty"), ("DEMO_VERBOSE", "maybe")])
+def test_bad_settings_name_the_variable(var: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=var):
+        load_settings(Example, "demo", {var: value})
+
+
+def test_error_table() -> None:
+    assert status_for(InvalidArgument("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_for(NotFound("x")) == grpc.StatusCode.NOT_FOUND
+    assert status_for(Overloaded("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FakeRpcError(grpc.aio.AioRpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+def test_downstream_errors_keep_their_meaning_and_name_the_stage() -> None:
+    error = from_rpc_error("features", FakeRpcError(grpc.StatusCode.NOT_FOUND, "unknown user 'u1'"))
+    assert isinstance(error, NotFound) and str(error) == "features: unknown user 'u1'"
+    assert isinstance(from_rpc_error("scoring", FakeRpcError(grpc.StatusCode.INTERNAL, "boom")), Unavailable)
+
+
+@pytest.mark.parametrize(
+    ("user", "candidates", "k", "message"),
+    [
+        ("", ["i1"], 5, "user_id is required"),
+        ("u1", [], 5, "at least one item"),
+        ("u1", ["i1"] * 1001, 5, "at most 1000 candidate_ids"),
+        ("u1", ["i1"], 0, "between 1 and 1000"),
+        ("u1", ["i1"], 1001, "between 1 and 1000"),
+    ],
+)
+def test_recommend_validation(user: str, candidates: list[str], k: int, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        validate(PipelineConfig(), user, candidates, k)
+
+
+def test_k_defaults_when_absent() -> None:
+    assert validate(PipelineConfig(default_k=20), "u1", ["i1"], None) == 20
