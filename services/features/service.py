@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from infermesh.features.v1 import features_pb2, features_pb2_grpc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.logs import get_logger
@@ -32,6 +33,8 @@ from services.features.store import FeatureStore, StoreMetrics
 from services.mesh.topology import FEATURES, HEALTH_SERVICE_NAMES
 
 log = get_logger(__name__)
+# Longest close() waits for the background loop and the Redis client at shutdown.
+_CLOSE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class FeaturesService:
         )
         self.index: CandidateIndex | None = None
         self._upkeep: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def _breaker_changed(self, opened: bool) -> None:
         self._breaker_open.set(1 if opened else 0)
@@ -180,7 +184,7 @@ class FeaturesService:
         tick = min(self.settings.breaker_probe_seconds, self.settings.refresh_seconds) / 2
         next_refresh = 0.0
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping.is_set():
             if self.breaker.is_open:
                 if self.breaker.probe_due() and await self.store.ping():
                     self.breaker.record_success()
@@ -189,7 +193,8 @@ class FeaturesService:
                 next_refresh = loop.time() + self.settings.refresh_seconds
                 with contextlib.suppress(Exception):  # a failed refresh is counted by the breaker
                     await self.store.refresh()
-            await asyncio.sleep(tick)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), tick)
 
     async def readiness(self) -> tuple[bool, str]:
         if not self.store.catalog_seen:
@@ -204,11 +209,19 @@ class FeaturesService:
         return True, "redis reachable, catalog loaded"
 
     async def close(self) -> None:
+        # Stopped by an event, not by cancel(): a cancel that lands while a Redis read's own
+        # asyncio.timeout fires comes out as TimeoutError, which the loop would swallow and
+        # keep running (this hung shutdown in CI). Either way, close() waits a bounded time.
+        self._stopping.set()
         if self._upkeep is not None:
-            self._upkeep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._upkeep
-        await self._redis.aclose()
+            done, _ = await asyncio.wait({self._upkeep}, timeout=_CLOSE_SECONDS)
+            if not done:
+                self._upkeep.cancel()
+                log.warning("background Redis upkeep did not stop in time; cancelled", seconds=_CLOSE_SECONDS)
+        try:
+            await asyncio.wait_for(self._redis.aclose(), _CLOSE_SECONDS)
+        except (TimeoutError, OSError, RedisError) as error:
+            log.warning("closing the Redis client failed", error=str(error))
 
 
 def build() -> tuple[FeaturesService, FeaturesSettings]:
