@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from infermesh.ranking.v1 import ranking_pb2 as infermesh_dot_ranking_dot_v1_dot_ranking__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"infermesh/gateway/v1/gateway.proto\x12\x14infermesh.gateway.v1\x1a\x1cgoogle/api/annotations.proto\"m\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\rcandidate_ids\x18\x02 \x03(\t\x12\x0e\n\x01k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x13retrieve_candidates\x18\x04 \x01(\rB\x04\n\x02_k\"C\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\r\"2\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x14\n\x0cmilliseconds\x18\x02 \x01(\x01\"\xe9\x01\n\x11RecommendResponse\x12\x34\n\x05items\x18\x01 \x03(\x0b\x32%.infermesh.gateway.v1.RecommendedItem\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12\x38\n\rstage_timings\x18\x05 \x03(\x0b\x32!.infermesh.gateway.v1.StageTiming\x12\x15\n\runknown_items\x18\x06 \x01(\r\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x32\x88\x01\n\x0eGatewayService\x12v\n\tRecommend\x12&.infermesh.gateway.v1.RecommendRequest\x1a\'.infermesh.gateway.v1.RecommendResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/recommend:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"infermesh/gateway/v1/gateway.proto\x12\x14infermesh.gateway.v1\x1a\x1cgoogle/api/annotations.proto\x1a\"infermesh/ranking/v1/ranking.proto\"\x8e\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\rcandidate_ids\x18\x02 \x03(\t\x12\x0e\n\x01k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x13retrieve_candidates\x18\x04 \x01(\r\x12\x0f\n\x07\x65xplain\x18\x05 \x01(\x08\x12\x0e\n\x06offset\x18\x06 \x01(\rB\x04\n\x02_k\"C\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\r\"2\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x14\n\x0cmilliseconds\x18\x02 \x01(\x01\"\xed\x02\n\x11RecommendResponse\x12\x34\n\x05items\x18\x01 \x03(\x0b\x32%.infermesh.gateway.v1.RecommendedItem\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12\x38\n\rstage_timings\x18\x05 \x03(\x0b\x32!.infermesh.gateway.v1.StageTiming\x12\x15\n\runknown_items\x18\x06 \x01(\r\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x18\n\x10\x64\x65graded_reasons\x18\x08 \x03(\t\x12\x16\n\x0e\x65xperiment_arm\x18\t \x01(\t\x12;\n\x0c\x65xplanations\x18\n \x03(\x0b\x32%.infermesh.ranking.v1.ItemExplanation\x12\x13\n\x0btotal_items\x18\x0b \x01(\r2\x88\x01\n\x0eGatewayService\x12v\n\tRecommend\x12&.infermesh.gateway.v1.RecommendRequest\x1a\'.infermesh.gateway.v1.RecommendResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/recommend:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GATEWAYSERVICE'].methods_by_name['Recommend']._loaded_options = None
   _globals['_GATEWAYSERVICE'].methods_by_name['Recommend']._serialized_options = b'\202\323\344\223\002\022\"\r/v1/recommend:\001*'
-  _globals['_RECOMMENDREQUEST']._serialized_start=90
-  _globals['_RECOMMENDREQUEST']._serialized_end=199
-  _globals['_RECOMMENDEDITEM']._serialized_start=201
-  _globals['_RECOMMENDEDITEM']._serialized_end=268
-  _globals['_STAGETIMING']._serialized_start=270
-  _globals['_STAGETIMING']._serialized_end=320
-  _globals['_RECOMMENDRESPONSE']._serialized_start=323
-  _globals['_RECOMMENDRESPONSE']._serialized_end=556
-  _globals['_GATEWAYSERVICE']._serialized_start=559
-  _globals['_GATEWAYSERVICE']._serialized_end=695
+  _globals['_RECOMMENDREQUEST']._serialized_start=127
+  _globals['_RECOMMENDREQUEST']._serialized_end=269
+  _globals['_RECOMMENDEDITEM']._serialized_start=271
+  _globals['_RECOMMENDEDITEM']._serialized_end=338
+  _globals['_STAGETIMING']._serialized_start=340
+  _globals['_STAGETIMING']._serialized_end=390
+  _globals['_RECOMMENDRESPONSE']._serialized_start=393
+  _globals['_RECOMMENDRESPONSE']._serialized_end=758
+  _globals['_GATEWAYSERVICE']._serialized_start=761
+  _globals['_GATEWAYSERVICE']._serialized_end=897
 # @@protoc_insertion_point(module_scope)
