@@ -6,6 +6,8 @@ measures, and writes suite.json, suite.md and ramp.png to the output folder.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from services.bench import report
 from services.bench.cli import measure, ramp
 from services.bench.loadgen import Plan
 from services.bench.targets import factory
-from services.mesh.supervisor import DESCRIPTOR_SET, Mesh, free_port, start_redis
+from services.mesh.supervisor import DESCRIPTOR_SET, Mesh, free_port, port_is_free, start_redis
 from services.mesh.topology import BACKENDS, SERVICES, Endpoint, MeshTopology
 from services.workload.seed import model_path, model_repository, seed_all
 
@@ -52,6 +54,29 @@ def running_mesh(data_dir: Path, redis_url: str, replicas: dict[str, int], env: 
         yield mesh
     finally:
         mesh.stop()
+
+
+@contextmanager
+def trace_receiver(work: Path) -> Iterator[str]:
+    """`infermesh traces` in a child process; yields the OTLP endpoint the services export to."""
+    otlp_port, http_port = free_port(), free_port()
+    log = open(work / "traces.log", "wb")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "traces", "--otlp-port", str(otlp_port),
+         "--http-port", str(http_port), "--max-traces", "500"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while port_is_free(otlp_port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the trace receiver did not start; see {work / 'traces.log'}")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{otlp_port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -136,6 +161,20 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
                         "onnxruntime_p50_ms": raw["latency_ms"].get("p50"),
                     }
                 results["scoring_items_per_s"] = items
+
+            # --- tracing: off (above), 1% and 100% sampled, exported to a local OTLP receiver
+            # running in its own process so it takes no CPU from the load generator.
+            with trace_receiver(work) as otlp_endpoint:
+                for label, ratio in (("1%", "0.01"), ("100%", "1.0")):
+                    env = {
+                        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
+                        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                        "OTEL_TRACES_SAMPLER_ARG": ratio,
+                    }
+                    with running_mesh(data_dir, redis_url, DEFAULT_REPLICAS, env) as mesh:
+                        edge = factory("grpc", address=f"127.0.0.1:{mesh.topology.edge_port}")
+                        record(f"mesh tracing {label} c=1", closed(edge, 1, f"tracing {label} c=1"))
+                        record(f"mesh tracing {label} c=32", closed(edge, 32, f"tracing {label} c=32"))
 
             results["ramps"]["monolith"] = ramp(mono, RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "monolith ramp")
 
