@@ -19,7 +19,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis
 from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.features.retrieval import exact_top
@@ -27,6 +26,7 @@ from services.mesh.supervisor import Mesh
 from services.workload.catalog import generate_catalog
 from services.workload.seed import model_repository, seed_all
 from tests.conftest import free_topology
+from tests.processes import start_socket_redis, stop
 
 SMALL = {"n_users": 30, "n_items": 3_000, "n_categories": 10}
 SEED = 5
@@ -35,54 +35,6 @@ K = 10
 MAX_REQUESTS = 20_000
 MAX_SECONDS = 16.0
 CONCURRENCY = 4
-
-
-def start_socket_redis(workdir: Path) -> subprocess.Popen[bytes]:
-    """redis-server on a unix socket that dumps on SIGTERM and reloads on start (same dir)."""
-    socket_path = workdir / "redis.sock"
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            "0",
-            "--unixsocket",
-            str(socket_path),
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(workdir),
-            "--save",
-            "3600 1",
-            "--appendonly",
-            "no",
-            "--logfile",
-            str(workdir / "redis.log"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with redis.Redis(unix_socket_path=str(socket_path), socket_timeout=0.5) as client:
-                if client.ping():
-                    return process
-        except (redis.ConnectionError, redis.BusyLoadingError, FileNotFoundError):
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError("redis-server on a unix socket did not start")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass

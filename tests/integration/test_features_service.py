@@ -29,57 +29,9 @@ from services.mesh.supervisor import free_port
 from services.mesh.topology import HEALTH_SERVICE_NAMES
 from services.workload.catalog import Catalog, generate_catalog
 from services.workload.seed import load_into_redis
+from tests.processes import start_socket_redis, stop
 
 HEALTH_NAME = HEALTH_SERVICE_NAMES["features"]
-
-
-def start_socket_redis(workdir: Path) -> subprocess.Popen[bytes]:
-    """redis-server on a unix socket (no TCP port to linger in TIME_WAIT across restarts);
-    it saves its dump on SIGTERM and loads it when started again in the same directory."""
-    socket_path = workdir / "redis.sock"
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            "0",
-            "--unixsocket",
-            str(socket_path),
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(workdir),
-            "--save",
-            "3600 1",
-            "--appendonly",
-            "no",
-            "--logfile",
-            str(workdir / "redis.log"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with redis.Redis(unix_socket_path=str(socket_path), socket_timeout=0.5) as client:
-                if client.ping():
-                    return process
-        except (redis.ConnectionError, redis.BusyLoadingError, FileNotFoundError):
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError("redis-server on a unix socket did not start")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass

@@ -1,0 +1,46 @@
+"""Helpers for tests that run their own redis-server or service process."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+
+def start_socket_redis(workdir: Path, *, persist: bool = True) -> subprocess.Popen[bytes]:
+    """redis-server on a unix socket in `workdir` (no TCP port to linger in TIME_WAIT across
+    restarts). With `persist` it saves its dump on SIGTERM and loads it when started again
+    in the same directory, so a test can stop Redis and bring the same data back."""
+    socket_path = workdir / "redis.sock"
+    process = subprocess.Popen(
+        ["redis-server", "--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700",
+         "--dir", str(workdir), "--save", "3600 1" if persist else "", "--appendonly", "no",
+         "--logfile", str(workdir / "redis.log")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with redis.Redis(unix_socket_path=str(socket_path), socket_timeout=0.5) as client:
+                if client.ping():
+                    return process
+        except (redis.ConnectionError, redis.BusyLoadingError, FileNotFoundError):
+            time.sleep(0.05)
+    process.kill()
+    raise AssertionError("redis-server on a unix socket did not start")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
