@@ -1,7 +1,22 @@
-"""The reference pipeline: features -> scoring -> ranking under one deadline.
+"""The reference pipeline: [retrieval ->] features -> scoring -> ranking under one deadline.
 
-Feature rows and scores travel as the bytes they arrived in: the gateway never decodes
-them, it only hands them to the next stage.
+Feature rows and scores travel as the bytes they arrived in: the gateway forwards them,
+and views them with numpy only for what it computes itself (the item embeddings ranking's
+diversity stage compares, and the fallbacks).
+
+Deadline: one budget per request (the caller's gRPC deadline, else the default timeout),
+split into per-stage budgets by gateway.budget.
+
+Failure policy (docs/gateway.md has the table):
+
+* retrieval, features: an error is the request's error (there is nothing to rank); features
+  answered from the feature service's cache/defaults: "features_store_unavailable".
+* scoring unavailable, slow, over budget, overloaded, or its version not loaded: fallback
+  scores computed here from the feature rows, "scoring_unavailable".
+* ranking failing: top-k by score with the category cap computed here,
+  "ranking_unavailable"; a ranking stage it skipped: "ranking_<stage>_skipped".
+* INVALID_ARGUMENT / OUT_OF_RANGE from any stage: the error, never a fallback, which would
+  hide a bad request.
 """
 
 from __future__ import annotations
@@ -12,15 +27,37 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
+import numpy as np
 from inference import grpc_predict_v2_pb2 as inference_pb2
 from inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
 from infermesh.features.v1 import features_pb2, features_pb2_grpc
 from infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
+from gateway.budget import Budget, StageBudgets
+from gateway.experiments import Assignment, Experiments
+from gateway.fallback import FALLBACK_MODEL_NAME, fallback_rank, fallback_scores, feature_rows, item_embeddings
+from gateway.metrics import GatewayMetrics
+from gateway.shadow import ShadowRunner
 from services.common.errors import DeadlineExceeded, InvalidArgument, from_rpc_error
-from services.common.telemetry import ATTR_DEADLINE_REMAINING_MS, SPAN_GATEWAY_PREFIX, span
+from services.common.logs import get_logger
+from services.common.telemetry import ATTR_DEADLINE_REMAINING_MS, SPAN_GATEWAY_PREFIX, fallback_span, span
+from services.features.layout import FEATURE_DIM
 
 T = TypeVar("T")
+log = get_logger(__name__)
+
+# Degraded reasons (RecommendResponse.degraded_reasons, gateway_degraded_responses_total).
+FEATURES_DEGRADED = "features_store_unavailable"
+SCORING_UNAVAILABLE = "scoring_unavailable"
+RANKING_UNAVAILABLE = "ranking_unavailable"
+
+# A stage answering these blames the request itself: the caller gets the error.
+CLIENT_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
+
+
+def skipped_reason(stage: str) -> str:
+    """A ranking stage that could not run, as a degraded reason: "ranking_seen_filter_skipped"."""
+    return f"ranking_{stage}_skipped"
 
 
 @dataclass(frozen=True)
@@ -34,6 +71,9 @@ class PipelineConfig:
     max_per_category: int = 5
     # Whole-request budget when the caller sets no deadline (seconds).
     default_timeout: float = 2.0
+    budgets: StageBudgets = field(default_factory=StageBudgets)
+    # Send the item half of the feature rows to ranking (its MMR diversity stage).
+    send_item_embeddings: bool = True
 
 
 @dataclass
@@ -43,8 +83,15 @@ class Recommendation:
     model_version: str
     unknown_items: int
     stage_ms: dict[str, float] = field(default_factory=dict)
-    # Some features came from the feature service's cache or defaults (its Redis was unreachable).
-    degraded: bool = False
+    degraded_reasons: list[str] = field(default_factory=list)
+    experiment: str = ""
+    experiment_arm: str = ""
+    explanations: list[ranking_pb2.ItemExplanation] = field(default_factory=list)
+    total_items: int = 0
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degraded_reasons)
 
 
 @dataclass(frozen=True)
@@ -54,8 +101,21 @@ class Stubs:
     ranking: ranking_pb2_grpc.RankingServiceStub
 
 
+class StageFailed(Exception):
+    """A stage with a fallback failed in a way the fallback may cover."""
+
+    def __init__(self, stage: str, why: str) -> None:
+        super().__init__(f"{stage}: {why}")
+        self.why = why
+
+
 def validate(
-    config: PipelineConfig, user_id: str, candidate_ids: list[str], k: int | None, retrieve: int = 0
+    config: PipelineConfig,
+    user_id: str,
+    candidate_ids: list[str],
+    k: int | None,
+    retrieve: int = 0,
+    offset: int = 0,
 ) -> int:
     if not user_id:
         raise InvalidArgument("user_id is required")
@@ -70,13 +130,25 @@ def validate(
     k = config.default_k if k is None else k
     if not 1 <= k <= config.max_k:
         raise InvalidArgument(f"k must be between 1 and {config.max_k}, got {k}")
+    if not 0 <= offset <= config.max_candidates:
+        raise InvalidArgument(f"offset must be between 0 and {config.max_candidates}, got {offset}")
     return k
 
 
 class Pipeline:
-    def __init__(self, stubs: Stubs, config: PipelineConfig) -> None:
+    def __init__(
+        self,
+        stubs: Stubs,
+        config: PipelineConfig,
+        experiments: Experiments | None = None,
+        metrics: GatewayMetrics | None = None,
+        shadow: ShadowRunner | None = None,
+    ) -> None:
         self._stubs = stubs
         self.config = config
+        self.experiments = experiments or Experiments(None, config.model_name)
+        self._metrics = metrics
+        self.shadow = shadow or ShadowRunner(stubs.scoring, metrics)
 
     async def recommend(
         self,
@@ -85,85 +157,204 @@ class Pipeline:
         k: int | None,
         time_remaining: float | None,
         retrieve: int = 0,
+        *,
+        explain: bool = False,
+        offset: int = 0,
     ) -> Recommendation:
-        k = validate(self.config, user_id, candidate_ids, k, retrieve)
+        started = time.perf_counter()
+        assignment = Assignment("", "", self.config.model_name, "")
+        try:
+            k = validate(self.config, user_id, candidate_ids, k, retrieve, offset)
+            assignment = self.experiments.assign(user_id)
+            result = await self._recommend(
+                assignment, user_id, candidate_ids, k, time_remaining, retrieve, explain, offset
+            )
+        except BaseException:
+            if self._metrics is not None:
+                self._metrics.request(
+                    assignment.experiment, assignment.arm, "error", time.perf_counter() - started
+                )
+            raise
+        if self._metrics is not None:
+            outcome = "degraded" if result.degraded else "ok"
+            self._metrics.request(assignment.experiment, assignment.arm, outcome, time.perf_counter() - started)
+            self._metrics.degraded_reasons(result.degraded_reasons)
+        return result
+
+    async def _recommend(
+        self,
+        assignment: Assignment,
+        user_id: str,
+        candidate_ids: list[str],
+        k: int,
+        time_remaining: float | None,
+        retrieve: int,
+        explain: bool,
+        offset: int,
+    ) -> Recommendation:
+        config = self.config
         # Repeated candidates would be ranked twice; keep the first of each.
         candidates = list(dict.fromkeys(candidate_ids))
-        budget = self.config.default_timeout if time_remaining is None else time_remaining
-        deadline = time.monotonic() + budget
+        total = config.default_timeout if time_remaining is None else time_remaining
+        stages = ("features", "scoring", "ranking") if candidates else ("retrieval", "features", "scoring", "ranking")
+        budget = config.budgets.plan(total, stages)
         timings: dict[str, float] = {}
-        config = self.config
-        retrieval_degraded = False
+        reasons: list[str] = []
+
+        def result(**fields: object) -> Recommendation:
+            return Recommendation(
+                stage_ms=timings,
+                degraded_reasons=reasons,
+                experiment=assignment.experiment,
+                experiment_arm=assignment.arm,
+                **fields,  # type: ignore[arg-type]
+            )
+
         if not candidates:
             # Optional first stage: the feature service finds candidates by ANN over item vectors.
             retrieved = await self._stage(
                 "retrieval",
-                deadline,
+                budget,
                 timings,
                 lambda timeout: self._stubs.features.RetrieveCandidates(
                     features_pb2.RetrieveCandidatesRequest(user_id=user_id, count=retrieve), timeout=timeout
                 ),
             )
-            candidates, retrieval_degraded = list(retrieved.item_ids), retrieved.degraded
+            candidates = list(retrieved.item_ids)
+            if retrieved.degraded:
+                reasons.append(FEATURES_DEGRADED)
             if not candidates:
-                return Recommendation([], config.model_name, "", 0, timings, retrieval_degraded)
+                return result(items=[], model_name=assignment.model, model_version="", unknown_items=0)
 
         features = await self._stage(
             "features",
-            deadline,
+            budget,
             timings,
             lambda timeout: self._stubs.features.GetFeatures(
                 features_pb2.GetFeaturesRequest(user_id=user_id, item_ids=candidates), timeout=timeout
             ),
         )
+        if features.degraded and FEATURES_DEGRADED not in reasons:
+            reasons.append(FEATURES_DEGRADED)
+        if reasons:
+            # Served from the feature service's cache/defaults: make it findable in the trace.
+            with fallback_span("features", "feature store degraded: cached or default features"):
+                pass
         matrix = features.model_input
-        request = inference_pb2.ModelInferRequest(model_name=config.model_name)
+        rows = feature_rows(matrix.data, matrix.rows, matrix.columns)
+
+        # ---- scoring, or the fallback scores
+        request = inference_pb2.ModelInferRequest(model_name=assignment.model, model_version=assignment.version)
         request.inputs.add(name=config.model_input, datatype=matrix.datatype, shape=[matrix.rows, matrix.columns])
         request.outputs.add(name=config.model_output)
         request.raw_input_contents.append(matrix.data)
-        scored = await self._stage(
-            "scoring", deadline, timings, lambda timeout: self._stubs.scoring.ModelInfer(request, timeout=timeout)
+        model_name, model_version = assignment.model, assignment.version
+        try:
+            scored = await self._fallible(
+                "scoring", budget, timings, lambda timeout: self._stubs.scoring.ModelInfer(request, timeout=timeout)
+            )
+            raw_scores = scored.raw_output_contents[0] if scored.raw_output_contents else b""
+            if len(raw_scores) != 4 * len(candidates):
+                raise StageFailed("scoring", f"{len(raw_scores)} bytes of scores for {len(candidates)} items")
+            scores = np.frombuffer(raw_scores, dtype="<f4")
+            model_name, model_version = scored.model_name, scored.model_version
+            shadow = self.experiments.config.shadow
+            if shadow is not None and (shadow.model, shadow.version) != (assignment.model, assignment.version):
+                self.shadow.submit(shadow, request, scores)
+        except StageFailed as failure:
+            reasons.append(SCORING_UNAVAILABLE)
+            fallback_started = time.perf_counter()
+            with fallback_span("scoring", failure.why):
+                scores = fallback_scores(rows, len(candidates))
+                raw_scores = scores.tobytes()
+            timings["scoring_fallback"] = (time.perf_counter() - fallback_started) * 1000.0
+            model_name, model_version = FALLBACK_MODEL_NAME, ""
+            log.warning("scoring fell back", reason=failure.why, model=assignment.model, version=assignment.version)
+
+        # ---- ranking, or top-k by score in the gateway
+        rank_request = ranking_pb2.RankRequest(
+            item_ids=candidates,
+            scores=raw_scores,
+            item_categories=features.item_categories,
+            item_present=features.item_present,
+            k=k,
+            max_per_category=config.max_per_category,
+            user_id=user_id,
+            offset=offset,
+            explain=explain,
         )
-        ranked = await self._stage(
-            "ranking",
-            deadline,
-            timings,
-            lambda timeout: self._stubs.ranking.Rank(
-                ranking_pb2.RankRequest(
-                    item_ids=candidates,
-                    scores=scored.raw_output_contents[0],
-                    item_categories=features.item_categories,
-                    item_present=features.item_present,
-                    k=k,
-                    max_per_category=config.max_per_category,
-                ),
-                timeout=timeout,
-            ),
-        )
-        return Recommendation(
+        if config.send_item_embeddings and rows is not None:
+            rank_request.item_embeddings = item_embeddings(rows)
+            rank_request.embedding_dim = rows.shape[1] - FEATURE_DIM
+        try:
+            ranked = await self._fallible(
+                "ranking", budget, timings, lambda timeout: self._stubs.ranking.Rank(rank_request, timeout=timeout)
+            )
+            reasons.extend(skipped_reason(stage) for stage in ranked.skipped_stages)
+        except StageFailed as failure:
+            reasons.append(RANKING_UNAVAILABLE)
+            fallback_started = time.perf_counter()
+            with fallback_span("ranking", failure.why):
+                ranked = fallback_rank(
+                    candidates,
+                    scores,
+                    features.item_categories,
+                    features.item_present,
+                    k,
+                    offset,
+                    config.max_per_category,
+                )
+            timings["ranking_fallback"] = (time.perf_counter() - fallback_started) * 1000.0
+            log.warning("ranking fell back", reason=failure.why)
+        return result(
             items=list(ranked.items),
-            model_name=scored.model_name,
-            model_version=scored.model_version,
+            model_name=model_name,
+            model_version=model_version,
             unknown_items=features.missing_items,
-            stage_ms=timings,
-            degraded=features.degraded or retrieval_degraded,
+            explanations=list(ranked.explanations),
+            total_items=ranked.total_items,
         )
 
     @staticmethod
     async def _stage(
         name: str,
-        deadline: float,
+        budget: Budget,
         timings: dict[str, float],
         call: Callable[[float], Awaitable[T]],
     ) -> T:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        """A stage without a fallback: its failure is the request's."""
+        timeout = budget.timeout(name)
+        if timeout <= 0:
             raise DeadlineExceeded(f"deadline passed before the {name} stage")
         started = time.perf_counter()
         try:
-            with span(SPAN_GATEWAY_PREFIX + name, {ATTR_DEADLINE_REMAINING_MS: round(remaining * 1000.0, 3)}):
-                return await call(remaining)
+            with span(SPAN_GATEWAY_PREFIX + name, {ATTR_DEADLINE_REMAINING_MS: round(timeout * 1000.0, 3)}):
+                return await call(timeout)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(name, error) from None
+        finally:
+            timings[name] = (time.perf_counter() - started) * 1000.0
+
+    @staticmethod
+    async def _fallible(
+        name: str,
+        budget: Budget,
+        timings: dict[str, float],
+        call: Callable[[float], Awaitable[T]],
+    ) -> T:
+        """A stage with a fallback: StageFailed when the fallback should be served instead,
+        the error itself when the request is at fault."""
+        timeout = budget.timeout(name)
+        if timeout <= 0:
+            timings[name] = 0.0
+            raise StageFailed(name, "no time left in its budget")
+        started = time.perf_counter()
+        try:
+            with span(SPAN_GATEWAY_PREFIX + name, {ATTR_DEADLINE_REMAINING_MS: round(timeout * 1000.0, 3)}):
+                return await call(timeout)
+        except grpc.aio.AioRpcError as error:
+            if error.code() in CLIENT_ERRORS:
+                raise from_rpc_error(name, error) from None
+            raise StageFailed(name, f"{error.code().name}: {error.details() or ''}"[:200]) from None
         finally:
             timings[name] = (time.perf_counter() - started) * 1000.0

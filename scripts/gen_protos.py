@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""Generate the Python stubs and the descriptor set from protos/ into services/genproto/.
+"""Generate the Python stubs, the descriptor set and the OpenAPI document from protos/.
+
+Everything goes into services/genproto/; openapi.json describes the REST API that Envoy's
+transcoder serves (services/mesh/openapi.py), using the transcoder's own JSON options from
+the rendered Envoy config (services/mesh/envoy_config.py).
 
     python scripts/gen_protos.py          # regenerate in place
     python scripts/gen_protos.py --check  # exit 1 if the committed stubs are stale
@@ -22,35 +26,52 @@ THIRD_PARTY = ROOT / "third_party" / "googleapis"
 OUT = ROOT / "services" / "genproto"
 # Envoy's REST<->gRPC transcoder reads service definitions from this file.
 DESCRIPTOR_SET = "infermesh_descriptor.binpb"
+# The REST API's OpenAPI document; the edge serves it at GET /v1/openapi.json.
+OPENAPI = "openapi.json"
 README = """# Generated code: do not edit
 
 Everything here is written by `python scripts/gen_protos.py` from `protos/`.
 Edit the .proto files and regenerate; CI fails when this folder is stale.
-`infermesh_descriptor.binpb` is the descriptor set Envoy's gRPC-JSON transcoder loads.
+`infermesh_descriptor.binpb` is the descriptor set Envoy's gRPC-JSON transcoder loads;
+`openapi.json` is the OpenAPI document of that REST API (served at GET /v1/openapi.json).
 """
 
 
-def generate(out: Path) -> None:
+def _protoc(*args: str) -> None:
     from grpc_tools import protoc  # build-time tool, imported only when generating
 
     # protoc's own well-known types (google/protobuf/*.proto) ship inside grpc_tools.
     well_known = Path(protoc.__file__).parent / "_proto"
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    command = ["protoc", f"-I{PROTOS}", f"-I{THIRD_PARTY}", f"-I{well_known}", *args, *sources]
+    if protoc.main(command) != 0:
+        raise SystemExit("protoc failed")
+
+
+def openapi_document(scratch: Path) -> str:
+    """The OpenAPI document, from a descriptor set with comments (not the one Envoy loads)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from services.mesh import envoy_config, openapi
+
+    described = scratch / "described.binpb"
+    _protoc(f"--descriptor_set_out={described}", "--include_imports", "--include_source_info")
+    # The JSON shape is the transcoder's: read its print options from the config it runs.
+    options, _ = openapi.transcoder_settings(envoy_config.render(envoy_config.local_config_topology()))
+    return openapi.render(described.read_bytes(), options)
+
+
+def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    args = [
-        "protoc",
-        f"-I{PROTOS}",
-        f"-I{THIRD_PARTY}",
-        f"-I{well_known}",
+    _protoc(
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",
         f"--descriptor_set_out={out / DESCRIPTOR_SET}",
         "--include_imports",
-        *sources,
-    ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        (out / OPENAPI).write_text(openapi_document(Path(scratch)), encoding="utf-8")
     # Regular packages (not namespace ones) so packaging tools find them.
     for directory in [p for p in out.rglob("*") if p.is_dir()]:
         if directory.name != "__pycache__":

@@ -86,26 +86,36 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=1000,
         help="each replica serves Prometheus /metrics on its gRPC port + this (default %(default)s)",
     )
+    from services.mesh.envoy_config import add_edge_arguments
+
+    # --edge-rate-limit, --edge-rate-burst, --api-key-file, --tls (all off by default).
+    add_edge_arguments(up)
 
 
 def _print_ready(
-    topology: MeshTopology, log_dir: Path, redis_url: str, extras: Sequence[tuple[str, str]] = ()
+    topology: MeshTopology,
+    log_dir: Path,
+    redis_url: str,
+    extras: Sequence[tuple[str, str]] = (),
+    curl_options: str = "",
+    scheme: str = "http",
 ) -> None:
     edge = topology.edge_port
     replicas = topology.replicas
     counts = ", ".join(f"{name} x{len(eps)}" for name, eps in replicas.items())
     more = "".join(f"\n  {label:<18} {value}" for label, value in extras)
+    host = "localhost" if scheme == "https" else "127.0.0.1"  # the edge certificate's name
     print(
         f"""
 infermesh is up ({counts}).
-  REST + gRPC edge   http://127.0.0.1:{edge}   (POST /v1/recommend, infermesh.gateway.v1.GatewayService,
+  REST + gRPC edge   {scheme}://{host}:{edge}   (POST /v1/recommend, infermesh.gateway.v1.GatewayService,
                                               inference.GRPCInferenceService for Open Inference Protocol clients)
   Envoy admin        http://127.0.0.1:{topology.admin_port}   (Envoy's metrics: /stats/prometheus)
   Redis              {redis_url}
   logs               {log_dir}/{more}
 
 Try it:
-  curl -s localhost:{edge}/v1/recommend -d "{{\\"user_id\\":\\"u42\\",\\"k\\":20,\\"candidate_ids\\":[$(seq -s, -f '\\"i%g\\"' 0 199)]}}"
+  curl -s{curl_options} {scheme}://localhost:{edge}/v1/recommend -d "{{\\"user_id\\":\\"u42\\",\\"k\\":20,\\"candidate_ids\\":[$(seq -s, -f '\\"i%g\\"' 0 199)]}}"
 
 Ctrl-C stops everything.""",
         flush=True,
@@ -142,6 +152,8 @@ def _telemetry_env(args: argparse.Namespace, otlp_endpoint: str | None) -> dict[
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from services.mesh import envoy_config
+    from services.mesh.certs import CertPaths
     from services.mesh.supervisor import DESCRIPTOR_SET, Mesh, MeshError, start_redis
     from services.mesh.topology import local_topology
     from services.workload.seed import SeedError, format_summary, model_repository, seed_all
@@ -183,6 +195,24 @@ def cmd_up(args: argparse.Namespace) -> int:
             telemetry_env = _telemetry_env(args, otlp_endpoint)
         except ValueError as error:
             raise MeshError(str(error)) from None
+        try:
+            edge_policy = envoy_config.edge_policy_from_args(args)
+            tls = CertPaths(args.tls.resolve()) if args.tls is not None else None
+            if tls is not None:
+                tls.check()
+        except ValueError as error:
+            raise MeshError(str(error)) from None
+        curl_options = ""
+        if edge_policy.rate_limit_rps is not None:
+            burst = edge_policy.rate_limit_burst or edge_policy.rate_limit_rps
+            extras.append(("edge rate limit", f"{edge_policy.rate_limit_rps} requests/s (burst {burst}), then 429 / RESOURCE_EXHAUSTED"))
+        if edge_policy.api_keys:
+            clients = ", ".join(k.client for k in edge_policy.api_keys)
+            extras.append(("API keys", f"required at the edge (x-api-key or authorization: Bearer); clients: {clients}"))
+            curl_options += " -H 'x-api-key: <KEY>'"
+        if tls is not None:
+            extras.append(("TLS", f"edge over TLS, mTLS to every replica (CA: {tls.ca_cert})"))
+            curl_options += f" --cacert {tls.ca_cert}"
         topology = local_topology(
             args.replicas,
             descriptor_set=DESCRIPTOR_SET,
@@ -206,6 +236,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             log_dir=log_dir,
             extra_env=telemetry_env,
             metrics_port_offset=args.metrics_port_offset,
+            edge=edge_policy,
+            tls=tls,
         )
         mesh.check_ports()
         print("starting services and Envoy...", flush=True)
@@ -222,7 +254,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             extras.append(
                 ("metrics", "  ".join(f"{name}=:{port}" for name, port in ports) + "   (GET /metrics)")
             )
-        _print_ready(topology, log_dir, redis_url, extras)
+        _print_ready(topology, log_dir, redis_url, extras, curl_options, "https" if tls is not None else "http")
         while not stop_requested:
             dead = [c for c in mesh.children if c.process.poll() is not None]
             if dead:
@@ -254,6 +286,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 DELEGATED: dict[str, tuple[str, str]] = {
     "seed": ("services.workload.seed", "generate the reference catalog and model, load Redis"),
     "envoy": ("services.mesh.envoy_config", "render or check Envoy configs"),
+    "certs": ("services.mesh.certs", "create a local CA and certificates for `up --tls` (edge TLS, mTLS)"),
     "bench": ("services.bench.cli", "load-test the mesh or the monolith baseline and report latency/throughput"),
     "plan": ("services.bench.plan", "replicas and cost for a target rate, from a bench suite result"),
     "models": ("services.scoring.cli", "model repository tools: bench (gRPC vs raw ONNX Runtime), quantize"),

@@ -12,7 +12,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -24,7 +26,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from services.common.errors import InfermeshError, status_for
 from services.common.logs import configure_logging, get_logger
 from services.common.metrics import Metrics, RpcMetrics, grpc_code_name
-from services.common.settings import ServerSettings
+from services.common.settings import ServerSettings, SettingsError, load_settings
 from services.common.telemetry import TRACE_ID_HEADER, setup_telemetry
 
 log = get_logger(__name__)
@@ -216,6 +218,51 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
     ]
 
 
+@dataclass(frozen=True)
+class TlsSettings:
+    """<SERVICE>_TLS_CERT and _TLS_KEY (PEM files): serve TLS instead of plaintext; with
+    <SERVICE>_TLS_CLIENT_CA too, require a client certificate signed by that CA (mTLS:
+    only Envoy, holding the mesh's client certificate, gets through). `infermesh certs`
+    makes them, `infermesh up --tls DIR` sets them."""
+
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+
+    @property
+    def mode(self) -> str:
+        if not self.tls_cert:
+            return "plaintext"
+        return "mtls" if self.tls_client_ca else "tls"
+
+
+def load_tls_settings(service: str, environ: Mapping[str, str] | None = None) -> TlsSettings:
+    tls = load_settings(TlsSettings, service, environ)
+    prefix = service.upper()
+    if bool(tls.tls_cert) != bool(tls.tls_key):
+        raise SettingsError(f"{prefix}_TLS_CERT and {prefix}_TLS_KEY go together: set both or neither")
+    if tls.tls_client_ca and not tls.tls_cert:
+        raise SettingsError(f"{prefix}_TLS_CLIENT_CA needs {prefix}_TLS_CERT and {prefix}_TLS_KEY")
+    return tls
+
+
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
+    """None for plaintext; files are read now, so a bad path fails at start."""
+    if tls.mode == "plaintext":
+        return None
+
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise SettingsError(f"cannot read TLS file {path}: {error.strerror}") from None
+
+    pair = [(read(tls.tls_key), read(tls.tls_cert))]
+    if tls.tls_client_ca:
+        return grpc.ssl_server_credentials(pair, root_certificates=read(tls.tls_client_ca), require_client_auth=True)
+    return grpc.ssl_server_credentials(pair)
+
+
 class HealthPublisher:
     """Publishes readiness on grpc.health.v1 for "" and every served service name."""
 
@@ -265,7 +312,15 @@ async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event 
     )
     address = f"{settings.host}:{settings.port}"
     try:
-        server.add_insecure_port(address)
+        tls = load_tls_settings(service.name)
+        credentials = server_credentials(tls)
+    except SettingsError as error:
+        raise SystemExit(f"{service.name}: {error}") from None
+    try:
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
     except RuntimeError as error:
         raise SystemExit(f"{service.name}: cannot listen on {address} ({error}); is the port in use?")
 
@@ -280,7 +335,7 @@ async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event 
     publisher = HealthPublisher(health_servicer, service.grpc_services)
     await publisher.publish(False, "starting")
     await server.start()
-    log.info("listening", address=address)
+    log.info("listening", address=address, transport=tls.mode)
     await service.start()
 
     stop = stop or asyncio.Event()
@@ -301,7 +356,11 @@ async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event 
         if settings.drain_seconds > 0:
             await asyncio.sleep(settings.drain_seconds)
         await server.stop(settings.grace_seconds)
-        await service.close()
+        # A service whose close() hangs must not keep the process (and a rollout) waiting.
+        try:
+            await asyncio.wait_for(service.close(), settings.grace_seconds)
+        except TimeoutError:
+            log.error("service close() did not finish in time", grace_seconds=settings.grace_seconds)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("stopped", seconds=round(time.monotonic() - started, 3))

@@ -25,7 +25,8 @@ DTYPES: Mapping[str, str] = {"float32": "<f4", "float64": "<f8", "int32": "<i4",
 # Timestamped views end each record with the unix time the row was written.
 TIMESTAMP_FIELD = "_written_at"
 # Words used by the key layout itself (see layout.py), so no view may take them as its key.
-RESERVED_KEYS = frozenset({"meta", "current", "seq", "mat"})
+# "seen" holds ranking's per-user seen-items sets (services/ranking/layout.py).
+RESERVED_KEYS = frozenset({"meta", "current", "seq", "mat", "seen"})
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 

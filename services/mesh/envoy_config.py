@@ -9,6 +9,16 @@ JSON. Layout:
   dials; each forwards to the cluster of the same name.
 * one cluster per service, HTTP/2 upstream, actively health-checked with grpc.health.v1
   under the service's health name; traffic never goes to NOT_SERVING replicas.
+* traffic policy (every route): a route timeout that caps the caller's grpc-timeout, and
+  retries on UNAVAILABLE / reset / connect failure with a per-try timeout for the
+  idempotent RPCs (all of them but the model repository's load/unload); every cluster
+  has a retry budget, circuit breakers and outlier detection that ejects a failing
+  replica within a couple of failed calls.
+* edge policy (an `EdgePolicy`, opt-in): a local rate limit (429 for REST,
+  RESOURCE_EXHAUSTED for gRPC) and API-key authentication (401 before any upstream call).
+* TLS (a `MeshTls`, opt-in, certificates from `infermesh certs`): TLS on the edge listener
+  and mTLS from Envoy to every replica. The gateway reaches the backends' internal
+  listeners in plaintext: they bind to loopback locally (see docs/envoy.md).
 * tracing (when a `Tracing` is given): Envoy's OpenTelemetry tracer on every listener,
   W3C traceparent in and out, a server span per request plus a span per upstream call
   (spawn_upstream_span), sampled at `sampling_percent` for requests that arrive without a
@@ -18,6 +28,7 @@ JSON. Layout:
 CLI (wired as `infermesh envoy render`)::
 
     python -m services.mesh.envoy_config render --replicas scoring=2,features=1 --out x.json
+    python -m services.mesh.envoy_config render --edge-rate-limit 500 --api-key-file keys.txt
     python -m services.mesh.envoy_config check     # envoy/local.json is up to date
 """
 
@@ -40,8 +51,10 @@ from urllib.parse import urlsplit
 from services.mesh.topology import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_EDGE_PORT,
+    FEATURES,
     GATEWAY,
     HEALTH_SERVICE_NAMES,
+    RANKING,
     SCORING,
     SERVICES,
     Endpoint,
@@ -62,6 +75,67 @@ SCORING_ROUTE_PREFIX = f"/{HEALTH_SERVICE_NAMES[SCORING]}/"
 
 ROUTE_TIMEOUT = "10s"
 CONNECT_TIMEOUT = "1s"
+# Per-route limits, by the cluster a route goes to: (route timeout, per-try timeout). The
+# route timeout also caps the caller's grpc-timeout; the per-try timeout lets a hung
+# replica's call be retried on another one while the caller's deadline still allows it.
+ROUTE_TIMEOUTS: Mapping[str, tuple[str, str]] = {
+    GATEWAY: (ROUTE_TIMEOUT, "5s"),
+    FEATURES: ("5s", "2s"),
+    SCORING: ("5s", "2s"),
+    RANKING: ("5s", "2s"),
+}
+# Idempotent calls only: the retried call may already have run on the first replica.
+# Every RPC of the mesh is a read (Recommend, GetFeatures, RetrieveCandidates, ModelInfer,
+# the inference metadata/statistics calls, Rank), so this is the routes' default.
+IDEMPOTENT_RETRY_ON = "unavailable,reset,connect-failure,refused-stream"
+# Conditions where the request cannot have reached the application: safe for any RPC.
+UNSENT_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
+NUM_RETRIES = 2
+# RPCs that change state, per cluster: routed on their own, with no retry that could run
+# them twice, and a timeout that leaves room for loading a model.
+NON_IDEMPOTENT_METHODS: Mapping[str, tuple[str, ...]] = {
+    SCORING: (
+        f"/{HEALTH_SERVICE_NAMES[SCORING]}/RepositoryModelLoad",
+        f"/{HEALTH_SERVICE_NAMES[SCORING]}/RepositoryModelUnload",
+    ),
+}
+NON_IDEMPOTENT_TIMEOUT = "120s"
+# Concurrent retries allowed, as a share of the cluster's active requests (and a floor, so
+# a lightly loaded cluster can still retry every call of a replica that just died).
+RETRY_BUDGET_PERCENT = 25.0
+RETRY_BUDGET_MIN_CONCURRENCY = 16
+# Circuit breakers, per cluster and Envoy process: beyond these, Envoy answers 503 at once
+# (overflow) instead of queueing without bound. max_retries is left out: the budget
+# replaces it.
+CIRCUIT_BREAKERS: Mapping[str, int] = {
+    "max_connections": 1024,
+    "max_pending_requests": 1024,
+    "max_requests": 4096,
+}
+# Outlier detection, tuned for a small mesh. Failures are split by origin:
+# * local (connection refused, reset, per-try timeout: the replica is dead or hung): two
+#   in a row eject it, so a killed replica stops getting traffic within a couple of calls;
+# * from the service (gRPC status): five UNAVAILABLE / DEADLINE_EXCEEDED in a row eject it
+#   (a sick replica); INTERNAL, UNIMPLEMENTED... are about the request, not the replica,
+#   so they are counted (stats) but never eject (a client could otherwise eject replicas).
+# Ejection lasts 5 s, longer each time it happens again; a passing active health check
+# (every second) readmits a replica sooner, so a replica that is merely having a bad
+# moment (or the only one) is not kept out for long.
+OUTLIER_DETECTION: Mapping[str, Any] = {
+    "split_external_local_origin_errors": True,
+    "consecutive_local_origin_failure": 2,
+    "enforcing_consecutive_local_origin_failure": 100,
+    "consecutive_gateway_failure": 5,
+    "enforcing_consecutive_gateway_failure": 100,
+    "consecutive_5xx": 5,
+    "enforcing_consecutive_5xx": 0,
+    "interval": "1s",
+    "base_ejection_time": "5s",
+    "max_ejection_time": "60s",
+    # Half the cluster at most: ejecting every replica would turn a partial outage into a
+    # full one (Envoy always allows the first ejection, even of a cluster's only replica).
+    "max_ejection_percent": 50,
+}
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # gRPC's own default max message size
 HEALTH_CHECK_INTERVAL = "1s"
 HEALTH_CHECK_TIMEOUT = "1s"
@@ -170,14 +244,115 @@ class EnvoyError(RuntimeError):
     """Envoy is missing or rejected a config."""
 
 
+# --------------------------------------------------------------------------- edge policy
+
+API_KEY_HEADER = "x-api-key"
+# Set by Envoy on authenticated requests: which client's key it was (the key itself is
+# removed before the request goes upstream). Only to be trusted with API keys on.
+CLIENT_ID_HEADER = "x-infermesh-client"
+RATE_LIMIT_STAT_PREFIX = "edge_rate_limit"
+_RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+_API_KEY_FILTER = "envoy.filters.http.api_key_auth"
+# Token refills, finest first: a smooth rate rather than one burst per second.
+_FILL_INTERVALS_MS = (50, 100, 200, 250, 500, 1000)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    client: str
+    key: str
+
+
+@dataclass(frozen=True)
+class EdgePolicy:
+    """Opt-in admission control at the edge listener; the default admits everything.
+
+    rate_limit_rps: requests per second the edge admits (one token bucket for the whole
+    Envoy process); beyond it REST gets 429 and gRPC RESOURCE_EXHAUSTED. None: no limit.
+    rate_limit_burst: the bucket's size (default: one second's worth).
+    api_keys: when non-empty, every request but health checks needs one of these keys,
+    in `x-api-key` or `authorization: Bearer <key>`; others get 401 (gRPC UNAUTHENTICATED)
+    from Envoy, without reaching a service.
+    """
+
+    rate_limit_rps: int | None = None
+    rate_limit_burst: int | None = None
+    api_keys: tuple[ApiKey, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.rate_limit_rps is not None and self.rate_limit_rps < 1:
+            raise ValueError(f"edge rate limit must be at least 1 request/s, got {self.rate_limit_rps}")
+        if self.rate_limit_burst is not None and self.rate_limit_burst < 1:
+            raise ValueError(f"edge rate-limit burst must be at least 1, got {self.rate_limit_burst}")
+        clients = [k.client for k in self.api_keys]
+        if len(set(clients)) != len(clients):
+            raise ValueError("API key clients must be unique")
+        for api_key in self.api_keys:
+            if not api_key.client or not api_key.key:
+                raise ValueError("API keys need a client name and a non-empty key")
+
+
+def parse_api_keys(text: str) -> tuple[ApiKey, ...]:
+    """`client:key` per line; blank lines and `#` comments are skipped."""
+    keys = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        client, sep, key = line.partition(":")
+        if not sep or not client.strip() or not key.strip():
+            raise ValueError(f"API key file line {number}: expected CLIENT:KEY")
+        keys.append(ApiKey(client.strip(), key.strip()))
+    if not keys:
+        raise ValueError("the API key file holds no key")
+    return tuple(keys)
+
+
+def load_api_keys(path: Path) -> tuple[ApiKey, ...]:
+    try:
+        return parse_api_keys(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"cannot read API key file {path}: {error.strerror}") from None
+
+
+@dataclass(frozen=True)
+class MeshTls:
+    """Certificates (from `infermesh certs`) for TLS at the edge and mTLS to the services.
+
+    Envoy presents `edge_cert` to clients, and `client_cert` to every replica, whose
+    certificate it checks against `ca` and the service's name (SAN DNS:<service>).
+    """
+
+    ca: Path
+    edge_cert: Path
+    edge_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> MeshTls:
+        from services.mesh.certs import CertPaths
+
+        paths = CertPaths(Path(directory).resolve())
+        paths.check()
+        return cls(paths.ca_cert, paths.edge_cert, paths.edge_key, paths.client_cert, paths.client_key)
+
+
 # --------------------------------------------------------------------------- render
 
 
-def render(topology: MeshTopology, tracing: Tracing | None = None) -> Json:
-    """The complete static bootstrap for `topology`; `tracing` adds the tracer."""
-    listeners = [_edge_listener(topology, tracing)]
+def render(
+    topology: MeshTopology,
+    tracing: Tracing | None = None,
+    edge: EdgePolicy | None = None,
+    tls: MeshTls | None = None,
+) -> Json:
+    """The complete static bootstrap for `topology`; `tracing` adds the tracer, `edge` the
+    edge's rate limit and authentication, `tls` TLS at the edge and mTLS to the services."""
+    edge = edge or EdgePolicy()
+    listeners = [_edge_listener(topology, tracing, edge, tls)]
     listeners += [_internal_listener(topology, name, tracing) for name in topology.internal_ports]
-    clusters = [_cluster(topology, name) for name in SERVICES]
+    clusters = [_cluster(topology, name, tls) for name in SERVICES]
     config: Json = {
         "admin": {"address": _socket_address("127.0.0.1", topology.admin_port)},
         "static_resources": {
@@ -185,10 +360,10 @@ def render(topology: MeshTopology, tracing: Tracing | None = None) -> Json:
             "clusters": clusters,
         },
         "overload_manager": _overload_manager(),
+        "layered_runtime": _runtime(tracing),
     }
     if tracing is not None:
         clusters.append(_collector_cluster(tracing.otlp_endpoint))
-        config["layered_runtime"] = _tracing_runtime(tracing)
     return config
 
 
@@ -210,31 +385,53 @@ def _access_log(traced: bool = False) -> list[Json]:
     ]
 
 
-def _route(prefix: str, cluster: str) -> Json:
+def _retry_policy(retry_on: str, per_try_timeout: str | None = None) -> Json:
+    policy: Json = {
+        "retry_on": retry_on,
+        "num_retries": NUM_RETRIES,
+        # Short back-off: a local replica that refused a connection is not coming back
+        # within milliseconds, the next one is a different replica (previous_hosts).
+        "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": f"{_TYPE}.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+    }
+    if per_try_timeout is not None:
+        policy["per_try_timeout"] = per_try_timeout
+    return policy
+
+
+def _route(match: Json, cluster: str, *, idempotent: bool = True) -> Json:
+    if idempotent:
+        timeout, per_try = ROUTE_TIMEOUTS[cluster]
+        retry = _retry_policy(IDEMPOTENT_RETRY_ON, per_try)
+    else:
+        # A call that changes state must not run twice: only retry what never left Envoy.
+        timeout, retry = NON_IDEMPOTENT_TIMEOUT, _retry_policy(UNSENT_RETRY_ON)
     return {
-        "match": {"prefix": prefix},
+        "match": match,
         "route": {
             "cluster": cluster,
-            "timeout": ROUTE_TIMEOUT,
+            "timeout": timeout,
             # Honour the caller's grpc-timeout (deadline propagation), capped at the
             # route timeout, so one slow stage cannot hold a stream forever.
-            "max_stream_duration": {"grpc_timeout_header_max": ROUTE_TIMEOUT},
-            # Only retries that cannot have reached the application: safe for any RPC.
-            "retry_policy": {
-                "retry_on": "connect-failure,refused-stream,reset-before-request",
-                "num_retries": 2,
-                "retry_host_predicate": [
-                    {
-                        "name": "envoy.retry_host_predicates.previous_hosts",
-                        "typed_config": {
-                            "@type": f"{_TYPE}.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-                        },
-                    }
-                ],
-                "host_selection_retry_max_attempts": 3,
-            },
+            "max_stream_duration": {"grpc_timeout_header_max": timeout},
+            "retry_policy": retry,
         },
     }
+
+
+def _service_routes(cluster: str, prefix: str = "/") -> list[Json]:
+    """Routes to `cluster` for paths under `prefix`: its state-changing RPCs first."""
+    methods = NON_IDEMPOTENT_METHODS.get(cluster, ())
+    routes = [_route({"path": path}, cluster, idempotent=False) for path in methods]
+    return [*routes, _route({"prefix": prefix}, cluster)]
 
 
 def _route_config(name: str, routes: list[Json], trace_id_header: bool = False) -> Json:
@@ -272,18 +469,16 @@ def _tracing(tracing: Tracing) -> Json:
     }
 
 
-def _tracing_runtime(tracing: Tracing) -> Json:
-    # Envoy buffers spans per worker and exports every 5 s (or at 5 spans): a second keeps
-    # a trace whole in the trace view moments after the request.
-    return {
-        "layers": [
-            {
-                "name": "tracing",
-                "static_layer": {"tracing.opentelemetry.flush_interval_ms": tracing.flush_interval_ms},
-            },
-            {"name": "admin", "admin_layer": {}},
-        ]
-    }
+def _runtime(tracing: Tracing | None) -> Json:
+    # The admin layer, last so it wins: operators can change runtime keys without a restart
+    # (e.g. switch the edge rate limit to shadow mode) through the loopback-only admin API.
+    layers: list[Json] = [{"name": "admin", "admin_layer": {}}]
+    if tracing is not None:
+        # Envoy buffers spans per worker and exports every 5 s (or at 5 spans): a second
+        # keeps a trace whole in the trace view moments after the request.
+        static = {"tracing.opentelemetry.flush_interval_ms": tracing.flush_interval_ms}
+        layers.insert(0, {"name": "tracing", "static_layer": static})
+    return {"layers": layers}
 
 
 def _collector_cluster(endpoint: str) -> Json:
@@ -364,6 +559,66 @@ def _buffer() -> Json:
     }
 
 
+def _rate_limit(edge: EdgePolicy) -> Json:
+    rps = edge.rate_limit_rps
+    assert rps is not None
+    interval_ms = next(ms for ms in _FILL_INTERVALS_MS if rps * ms % 1000 == 0)
+    always = {"numerator": 100, "denominator": "HUNDRED"}
+    return {
+        "name": _RATE_LIMIT_FILTER,
+        "typed_config": {
+            "@type": f"{_TYPE}.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": RATE_LIMIT_STAT_PREFIX,
+            # One bucket for the whole Envoy process (all workers, all connections).
+            "token_bucket": {
+                "max_tokens": edge.rate_limit_burst or rps,
+                "tokens_per_fill": rps * interval_ms // 1000,
+                "fill_interval": f"{interval_ms / 1000:g}s",
+            },
+            # Runtime keys: an operator can switch it off or to shadow mode (enabled but
+            # not enforced) through the admin /runtime_modify endpoint without a restart.
+            "filter_enabled": {"runtime_key": "edge_rate_limit.enabled", "default_value": always},
+            "filter_enforced": {"runtime_key": "edge_rate_limit.enforced", "default_value": always},
+            # 429 for REST; a gRPC caller gets RESOURCE_EXHAUSTED instead of the UNAVAILABLE
+            # that HTTP 429 maps to, so clients do not retry into the limit.
+            "rate_limited_as_resource_exhausted": True,
+            # x-ratelimit-limit / -remaining / -reset on every response.
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+        },
+    }
+
+
+def _api_key_auth(edge: EdgePolicy) -> Json:
+    return {
+        "name": _API_KEY_FILTER,
+        "typed_config": {
+            "@type": f"{_TYPE}.filters.http.api_key_auth.v3.ApiKeyAuth",
+            "credentials": [{"key": k.key, "client": k.client} for k in edge.api_keys],
+            # gRPC metadata and HTTP headers alike; "Bearer " is stripped from authorization.
+            "key_sources": [{"header": API_KEY_HEADER}, {"header": "authorization"}],
+            # Services learn who called, never the key.
+            "forwarding": {"header": CLIENT_ID_HEADER, "hide_credentials": True},
+        },
+    }
+
+
+def _edge_filters(edge: EdgePolicy) -> list[str]:
+    names = []
+    if edge.rate_limit_rps is not None:
+        names.append(_RATE_LIMIT_FILTER)
+    if edge.api_keys:
+        names.append(_API_KEY_FILTER)
+    return names
+
+
+def _exempt(route: Json, filters: Sequence[str]) -> Json:
+    """`route` with the given HTTP filters switched off (health checks: see _edge_listener)."""
+    if not filters:
+        return route
+    disabled = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+    return {**route, "typed_per_filter_config": {name: disabled for name in filters}}
+
+
 def _http_connection_manager(
     stat_prefix: str,
     codec_type: str,
@@ -396,30 +651,151 @@ def _traced_routes(listener: str, routes: list[Json]) -> list[Json]:
     named = [{**route, "decorator": decorator} for route in routes]
     # Health checks (the gateway's readiness probes, every second; `infermesh up`'s) are
     # not requests: routed like "/", but Envoy never starts a trace for them.
+    health_match = {"prefix": HEALTH_ROUTE_PREFIX}
+    if named and named[0]["match"] == health_match:  # the edge has its own already
+        return [{**named[0], "tracing": _UNTRACED}, *named[1:]]
     (catch_all,) = [route for route in named if route["match"] == {"prefix": "/"}]
-    health = {**catch_all, "match": {"prefix": HEALTH_ROUTE_PREFIX}, "tracing": _UNTRACED}
+    health = {**catch_all, "match": health_match, "tracing": _UNTRACED}
     return [health, *named]
 
 
-def _listener(name: str, host: str, port: int, hcm: Json) -> Json:
+def _listener(name: str, host: str, port: int, hcm: Json, transport_socket: Json | None = None) -> Json:
+    chain: Json = {"filters": [hcm]}
+    if transport_socket is not None:
+        chain["transport_socket"] = transport_socket
     return {
         "name": name,
         "address": _socket_address(host, port),
-        "filter_chains": [{"filters": [hcm]}],
+        "filter_chains": [chain],
     }
 
 
-def _edge_listener(topology: MeshTopology, tracing: Tracing | None = None) -> Json:
-    routes = [_route(SCORING_ROUTE_PREFIX, SCORING), _route("/", GATEWAY)]
-    filters = [_buffer(), _transcoder(topology.descriptor_set), _router()]
+# The REST API's OpenAPI document, which scripts/gen_protos.py writes next to the descriptor set.
+OPENAPI_PATH = "/v1/openapi.json"
+OPENAPI_FILE = "openapi.json"
+# Envoy caps direct-response bodies at 4 KiB unless the route config says otherwise.
+MAX_OPENAPI_BYTES = 1024 * 1024
+
+
+def _openapi_route(topology: MeshTopology) -> Json:
+    """GET /v1/openapi.json answered by Envoy itself, from the file it read at start-up."""
+    return {
+        "match": {"path": OPENAPI_PATH},
+        "direct_response": {
+            "status": 200,
+            "body": {"filename": str(topology.descriptor_set.parent / OPENAPI_FILE)},
+        },
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+    }
+
+
+def _grpc_only(route: Json) -> Json:
+    grpc = {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
+    return {**route, "match": {**route["match"], "headers": [grpc]}}
+
+
+def _not_found_route() -> Json:
+    # google.rpc.Status shape, like the transcoder's own error bodies (code 5 = NOT_FOUND).
+    body = json.dumps(
+        {"code": 5, "message": f"no such endpoint; the REST API is described at {OPENAPI_PATH}", "details": []}
+    )
+    return {
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+    }
+
+
+def _edge_listener(
+    topology: MeshTopology,
+    tracing: Tracing | None = None,
+    edge: EdgePolicy | None = None,
+    tls: MeshTls | None = None,
+) -> Json:
+    edge = edge or EdgePolicy()
+    policy_filters = _edge_filters(edge)
+    # Health checks first, outside the rate limit and the authentication: `infermesh up`
+    # and load balancers probe the gateway through the edge, and a probe rejected for
+    # want of a key or a token would take the whole edge out of rotation.
+    health = _exempt(_route({"prefix": HEALTH_ROUTE_PREFIX}, GATEWAY), policy_filters)
+    # The API description is public, like the health route.
+    routes = [health, _exempt(_openapi_route(topology), policy_filters)]
+    routes += _service_routes(SCORING, SCORING_ROUTE_PREFIX)
+    # Only gRPC goes upstream (REST has become gRPC in the transcoder by the time routes are
+    # matched); a request for a REST path no google.api.http rule maps gets a JSON 404
+    # here instead of reaching the gateway as malformed gRPC (5xx, or a 200 with grpc-status 13).
+    routes += [_grpc_only(route) for route in _service_routes(GATEWAY)]
+    routes.append(_not_found_route())
+    # Cheapest rejections first: over the limit, then no valid key, before buffering bodies.
+    filters = [_rate_limit(edge)] if edge.rate_limit_rps is not None else []
+    if edge.api_keys:
+        filters.append(_api_key_auth(edge))
+    filters += [_buffer(), _transcoder(topology.descriptor_set), _router()]
     # AUTO: HTTP/1.1 (REST) and prior-knowledge HTTP/2 (gRPC) share the port.
     hcm = _http_connection_manager("edge", "AUTO", routes, filters, tracing, edge=True)
-    return _listener("edge", topology.listen_host, topology.edge_port, hcm)
+    hcm["typed_config"]["route_config"]["max_direct_response_body_size_bytes"] = MAX_OPENAPI_BYTES
+    socket = _downstream_tls(tls) if tls is not None else None
+    return _listener("edge", topology.listen_host, topology.edge_port, hcm, socket)
 
 
 def _internal_listener(topology: MeshTopology, service: str, tracing: Tracing | None = None) -> Json:
-    hcm = _http_connection_manager(service, "HTTP2", [_route("/", service)], [_router()], tracing)
+    hcm = _http_connection_manager(service, "HTTP2", _service_routes(service), [_router()], tracing)
     return _listener(service, topology.listen_host, topology.internal_ports[service], hcm)
+
+
+def _file(path: Path) -> Json:
+    return {"filename": str(path)}
+
+
+def _downstream_tls(tls: MeshTls) -> Json:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{_TYPE}.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                # h2 and http/1.1: gRPC and REST still share the edge port (codec AUTO).
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "tls_certificates": [
+                    {"certificate_chain": _file(tls.edge_cert), "private_key": _file(tls.edge_key)}
+                ],
+            },
+        },
+    }
+
+
+def _upstream_tls(tls: MeshTls, service: str) -> Json:
+    """mTLS to `service`'s replicas: Envoy's client certificate; theirs must name `service`."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{_TYPE}.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": service,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],  # gRPC servers speak HTTP/2 only
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "tls_certificates": [
+                    {"certificate_chain": _file(tls.client_cert), "private_key": _file(tls.client_key)}
+                ],
+                "validation_context": {
+                    "trusted_ca": _file(tls.ca),
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": service}}
+                    ],
+                },
+            },
+        },
+    }
 
 
 def _lb_endpoint(endpoint: Endpoint) -> Json:
@@ -439,7 +815,24 @@ def _health_check(service: str) -> Json:
     }
 
 
-def _cluster(topology: MeshTopology, service: str) -> Json:
+def _circuit_breakers() -> Json:
+    return {
+        "thresholds": [
+            {
+                "priority": "DEFAULT",
+                **CIRCUIT_BREAKERS,
+                "retry_budget": {
+                    "budget_percent": {"value": RETRY_BUDGET_PERCENT},
+                    "min_retry_concurrency": RETRY_BUDGET_MIN_CONCURRENCY,
+                },
+                # circuit_breakers.default.remaining_* gauges: how close a cluster is.
+                "track_remaining": True,
+            }
+        ]
+    }
+
+
+def _cluster(topology: MeshTopology, service: str, tls: MeshTls | None = None) -> Json:
     if topology.discovery not in ("STATIC", "STRICT_DNS"):
         raise ValueError(f"discovery must be STATIC or STRICT_DNS, not {topology.discovery!r}")
     endpoints = topology.replicas[service]
@@ -469,7 +862,11 @@ def _cluster(topology: MeshTopology, service: str) -> Json:
             # a NOT_SERVING replica would keep getting traffic that long.
             "update_merge_window": "0s",
         },
+        "outlier_detection": dict(OUTLIER_DETECTION),
+        "circuit_breakers": _circuit_breakers(),
     }
+    if tls is not None:
+        cluster["transport_socket"] = _upstream_tls(tls, service)
     if topology.discovery == "STRICT_DNS":
         # Kubernetes Services resolve to IPv4 pod addresses.
         cluster["dns_lookup_family"] = "V4_ONLY"
@@ -501,11 +898,17 @@ def to_json(config: Json) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def write(topology: MeshTopology, path: Path, tracing: Tracing | None = None) -> Path:
+def write(
+    topology: MeshTopology,
+    path: Path,
+    tracing: Tracing | None = None,
+    edge: EdgePolicy | None = None,
+    tls: MeshTls | None = None,
+) -> Path:
     """Render `topology` to `path` atomically (readers never see a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = to_json(render(topology, tracing))
+    text = to_json(render(topology, tracing, edge, tls))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -619,6 +1022,49 @@ def parse_replicas(text: str) -> dict[str, int]:
     return counts
 
 
+def add_edge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The edge policy and TLS flags (shared by `envoy render` and `infermesh up`)."""
+    parser.add_argument(
+        "--edge-rate-limit",
+        type=int,
+        default=None,
+        metavar="RPS",
+        help="admit at most RPS requests/s at the edge (429 for REST, RESOURCE_EXHAUSTED for gRPC); "
+        "default: no limit",
+    )
+    parser.add_argument(
+        "--edge-rate-burst",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --edge-rate-limit: requests admitted at once after a quiet spell (default: RPS)",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="require an API key at the edge (x-api-key or authorization: Bearer); FILE has one "
+        "CLIENT:KEY per line; default: no authentication",
+    )
+    parser.add_argument(
+        "--tls",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="TLS at the edge and mTLS from Envoy to the services, with the certificates "
+        "`infermesh certs` wrote to DIR; default: plaintext",
+    )
+
+
+def edge_policy_from_args(args: argparse.Namespace) -> EdgePolicy:
+    """EdgePolicy of the add_edge_arguments flags; ValueError names what is wrong."""
+    if args.edge_rate_burst is not None and args.edge_rate_limit is None:
+        raise ValueError("--edge-rate-burst needs --edge-rate-limit")
+    keys = load_api_keys(args.api_key_file) if args.api_key_file is not None else ()
+    return EdgePolicy(args.edge_rate_limit, args.edge_rate_burst, keys)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Render Envoy configs for the mesh.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -643,6 +1089,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=100.0,
         help="with --otlp-endpoint: share of new traces Envoy samples (default %(default)s)",
     )
+    add_edge_arguments(rend)
     rend.add_argument("--out", type=Path, help="output file (stdout when omitted)")
     rend.add_argument("--validate", action="store_true", help="check it with envoy --mode validate")
     check = commands.add_parser("check", help=f"fail if {LOCAL_CONFIG} is stale")
@@ -658,15 +1105,17 @@ def _render_command(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
     )
     tracing = Tracing(args.otlp_endpoint, args.sampling_percent) if args.otlp_endpoint else None
+    edge = edge_policy_from_args(args)
+    tls = MeshTls.from_dir(args.tls) if args.tls is not None else None
     if args.out is not None:
-        write(topology, args.out, tracing)
+        write(topology, args.out, tracing, edge, tls)
         if args.validate:
             validate(args.out, cwd=Path.cwd())
         return 0
     if args.validate:
         with tempfile.TemporaryDirectory() as tmp:
-            validate(write(topology, Path(tmp) / "envoy.json", tracing), cwd=Path.cwd())
-    sys.stdout.write(to_json(render(topology, tracing)))
+            validate(write(topology, Path(tmp) / "envoy.json", tracing, edge, tls), cwd=Path.cwd())
+    sys.stdout.write(to_json(render(topology, tracing, edge, tls)))
     return 0
 
 

@@ -8,6 +8,11 @@ Telemetry: the OTEL_* variables in `extra_env` (or the supervisor's own environm
 every service; when they name an OTLP endpoint, Envoy gets its OpenTelemetry tracer with
 the same endpoint and the sampling ratio of OTEL_TRACES_SAMPLER(_ARG). Every replica
 serves Prometheus /metrics on its own port (`metrics_ports`, via <SERVICE>_METRICS_PORT).
+
+Edge policy and TLS: `edge` (rate limit, API keys) goes into Envoy's edge listener; with
+`tls` (a directory from `infermesh certs`) Envoy serves TLS at the edge and every replica
+serves mTLS (<SERVICE>_TLS_CERT/_KEY/_CLIENT_CA), Envoy presenting the client certificate.
+The gateway still dials Envoy's internal listeners in plaintext, on loopback.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.mesh import envoy_config
+from services.mesh.certs import CertPaths, client_credentials, service_tls_env
 from services.mesh.topology import (
     FEATURES,
     GATEWAY,
@@ -82,6 +88,13 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+# Below the kernel's ephemeral range, single free ports come from the lower part and
+# whole blocks (`infermesh up --port-base`) from the upper part, so neither crowds out
+# the other (a test session holds dozens of single ports).
+_SINGLE_PORTS = (10000, 19999)
+_BLOCK_PORTS_START = 20000
+
+
 class _PortPicker:
     """Free ports for children that bind later, each handed out once per process.
 
@@ -97,8 +110,7 @@ class _PortPicker:
         self._random = random.Random(os.getpid() ^ time.monotonic_ns())
 
     def __call__(self) -> int:
-        low, _ = _ephemeral_range()
-        first, last = (10000, low - 1) if low > 12000 else (61000, 65535)
+        first, last = _SINGLE_PORTS
         for _ in range(2000):
             port = self._random.randint(first, last)
             if port not in self._given and port_is_free(port):
@@ -106,8 +118,24 @@ class _PortPicker:
                 return port
         raise MeshError(f"no free TCP port found in {first}-{last}")
 
+    def block(self, span: int) -> int:
+        """A base N with N..N+span-1 all free (for `--port-base`), never handed out twice."""
+        low, _ = _ephemeral_range()
+        bases = list(range(_BLOCK_PORTS_START, max(_BLOCK_PORTS_START, low - span), 500))
+        self._random.shuffle(bases)
+        for base in bases:
+            ports = range(base, base + span)
+            if self._given.isdisjoint(ports) and all(port_is_free(p) for p in ports):
+                self._given.update(ports)
+                return base
+        raise MeshError(f"no block of {span} free TCP ports between {_BLOCK_PORTS_START} and {low}")
+
 
 free_port = _PortPicker()
+
+
+def free_port_block(span: int) -> int:
+    return free_port.block(span)
 
 
 @dataclass
@@ -129,8 +157,14 @@ class Mesh:
     # Replica i's /metrics port: its gRPC port + this offset (predictable, for a Prometheus
     # config); None picks free ports. Either way `metrics_ports` says which, by replica name.
     metrics_port_offset: int | None = None
+    # Rate limit and API keys at the edge (default: neither).
+    edge: envoy_config.EdgePolicy = field(default_factory=envoy_config.EdgePolicy)
+    # Certificates from `infermesh certs`: TLS at the edge, mTLS to every replica.
+    tls: CertPaths | None = None
     children: list[Child] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    # Replica name -> (service, endpoint, environment): what respawn() starts it with again.
+    _replicas: dict[str, tuple[str, Endpoint, dict[str, str]]] = field(default_factory=dict, repr=False)
 
     # ---- starting -------------------------------------------------------------------
     def check_ports(self) -> None:
@@ -202,14 +236,20 @@ class Mesh:
             env[f"{prefix}_TRACE_ID_METADATA"] = "trailing"
         if service == FEATURES:
             env["FEATURES_REDIS_URL"] = self.redis_url
+        elif service == RANKING:
+            env["RANKING_REDIS_URL"] = self.redis_url  # the seen-items sets `infermesh seed` writes
         elif service == SCORING:
             env["SCORING_MODEL_REPOSITORY"] = str(self.model_repository)
         elif service == GATEWAY:
             for backend in (FEATURES, SCORING, RANKING):
                 env[f"GATEWAY_{backend.upper()}_TARGET"] = self.topology.internal_endpoint(backend).address
+        if self.tls is not None:
+            env.update(service_tls_env(service, self.tls))
         return env
 
     def start_services(self) -> None:
+        if self.tls is not None:
+            self.tls.check()
         for service, endpoints in self.topology.replicas.items():
             for index, endpoint in enumerate(endpoints):
                 name = f"{service}-{index}"
@@ -219,10 +259,32 @@ class Mesh:
                     self.metrics_ports[name] = int(env[variable])
                 else:
                     env[variable] = str(self.metrics_port(name, endpoint))
+                self._replicas[name] = (service, endpoint, env)
                 self._spawn(service, name, [sys.executable, "-m", MODULES[service]], env)
 
+    def replica(self, name: str) -> Child:
+        """The running (or last started) process of replica `name`, e.g. scoring-1."""
+        for child in reversed(self.children):
+            if child.name == name:
+                return child
+        raise MeshError(f"no replica named {name!r}")
+
+    def respawn(self, name: str) -> Child:
+        """Start replica `name` again, same port and environment (after it died or was killed)."""
+        old = self.replica(name)
+        if old.process.poll() is None:
+            raise MeshError(f"{name} is still running (pid {old.process.pid})")
+        self.children.remove(old)
+        service, _, env = self._replicas[name]
+        return self._spawn(service, name, [sys.executable, "-m", MODULES[service]], env)
+
+    def envoy_tls(self) -> envoy_config.MeshTls | None:
+        return envoy_config.MeshTls.from_dir(self.tls.directory) if self.tls is not None else None
+
     def start_envoy(self) -> None:
-        config = envoy_config.write(self.topology, self.data_dir / "envoy.json", self.tracing())
+        config = envoy_config.write(
+            self.topology, self.data_dir / "envoy.json", self.tracing(), self.edge, self.envoy_tls()
+        )
         self._spawn(
             "envoy",
             "envoy",
@@ -237,8 +299,15 @@ class Mesh:
         self.wait_healthy(timeout, progress)
 
     # ---- health ---------------------------------------------------------------------
+    def channel(self, endpoint: Endpoint) -> grpc.Channel:
+        """A channel to a replica or the edge: with TLS on, trusting the local CA and
+        presenting the client certificate (replicas require one; the edge ignores it)."""
+        if self.tls is None:
+            return grpc.insecure_channel(endpoint.address)
+        return grpc.secure_channel(endpoint.address, client_credentials(self.tls))
+
     def _serving(self, endpoint: Endpoint, service_name: str) -> bool:
-        with grpc.insecure_channel(endpoint.address) as channel:
+        with self.channel(endpoint) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=service_name), timeout=1.0

@@ -1,4 +1,7 @@
-"""Ranking: top-k by score with a per-category cap, vectorised (no per-item Python)."""
+"""Ranking's wire decoding, and top-k by score with a per-category cap, vectorised (no
+per-item Python). The service runs the configurable chain in chain.py; top_k is that
+chain's result for a request with no user id, embeddings or extra stages configured, and
+what the gateway's fallback and the tests compare against."""
 
 from __future__ import annotations
 
@@ -23,14 +26,30 @@ def decode(n: int, scores: bytes, categories: bytes, present: bytes) -> RankInpu
     for field, (raw, dtype) in expected.items():
         width = np.dtype(dtype).itemsize
         if len(raw) != n * width:
-            raise InvalidArgument(
-                f"{field} has {len(raw)} bytes; {n} items need {n * width} ({dtype} each)"
-            )
+            raise InvalidArgument(f"{field} has {len(raw)} bytes; {n} items need {n * width} ({dtype} each)")
         arrays[field] = np.frombuffer(raw, dtype=dtype)
     if present and len(present) != n:
         raise InvalidArgument(f"item_present has {len(present)} bytes; {n} items need {n}")
     mask = np.frombuffer(present, dtype=np.uint8).astype(bool) if present else np.ones(n, dtype=bool)
     return RankInput(arrays["scores"], arrays["item_categories"], mask)
+
+
+def decode_embeddings(n: int, raw: bytes, dim: int) -> np.ndarray | None:
+    """View item_embeddings as float32 [n, dim]; None when absent (MMR then does not run)."""
+    if not raw:
+        return None
+    if dim <= 0:
+        raise InvalidArgument(
+            f"item_embeddings has {len(raw)} bytes but embedding_dim is {dim}; set embedding_dim "
+            "to the number of float32 values per item"
+        )
+    expected = n * dim * 4
+    if len(raw) != expected:
+        raise InvalidArgument(
+            f"item_embeddings has {len(raw)} bytes; {n} items x embedding_dim {dim} need {expected} "
+            "(float32 each, row-major, in item_ids order)"
+        )
+    return np.frombuffer(raw, dtype="<f4").reshape(n, dim)
 
 
 def occurrence_within_group(groups: np.ndarray) -> np.ndarray:

@@ -34,13 +34,16 @@ from services.features.layout import (
     meta_key,
     user_key,
 )
+from services.ranking.layout import seen_key
 from services.workload.catalog import (
     DEFAULT_SEED,
     N_CATEGORIES,
     N_ITEMS,
     N_USERS,
+    SEEN_PER_USER,
     Catalog,
     generate_catalog,
+    seen_items,
 )
 from services.workload.model import (
     DEFAULT_BATCH,
@@ -58,6 +61,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATA_DIR = ".infermesh"
 MSET_CHUNK = 5_000  # keys per MSET: ~0.7 MB per command for items, well under Redis limits
 CHUNKS_PER_FLUSH = 4  # MSETs queued per pipeline round trip
+SEEN_USERS_PER_FLUSH = 1_000  # users' seen sets (one DEL, then SADD each) per pipeline round trip
 MAX_BATCH_SIZE = 4096
 # Bump when training changes in a way that should invalidate models already on disk.
 TRAINER_VERSION = 1
@@ -244,7 +248,28 @@ def _queue_records(
     bar.update(queued)
 
 
-def _meta_document(catalog: Catalog) -> dict[str, Any]:
+def _queue_seen_sets(
+    pipe: redis.client.Pipeline,
+    catalog: Catalog,
+    namespace: str,
+    per_user: int,
+    bar: tqdm,
+) -> None:
+    """Replace every user's seen set (ranking's seen filter), SEEN_USERS_PER_FLUSH users per
+    pipeline round trip."""
+    item_ids = np.asarray(catalog.item_ids, dtype=object)
+    rows = item_ids[seen_items(catalog.seed, catalog.n_users, catalog.n_items, per_user)].tolist()
+    for start in range(0, catalog.n_users, SEEN_USERS_PER_FLUSH):
+        end = min(start + SEEN_USERS_PER_FLUSH, catalog.n_users)
+        keys = [seen_key(namespace, user_id) for user_id in catalog.user_ids[start:end]]
+        pipe.delete(*keys)  # a reload replaces the sets, never merges into old ones
+        for key, members in zip(keys, rows[start:end]):
+            pipe.sadd(key, *members)
+        pipe.execute()
+        bar.update(end - start)
+
+
+def _meta_document(catalog: Catalog, seen_per_user: int = 0) -> dict[str, Any]:
     return {
         "seed": catalog.seed,
         "n_users": catalog.n_users,
@@ -252,6 +277,7 @@ def _meta_document(catalog: Catalog) -> dict[str, Any]:
         "n_categories": catalog.n_categories,
         "feature_dim": FEATURE_DIM,
         "model": MODEL_NAME,
+        "seen_per_user": seen_per_user,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -261,8 +287,14 @@ def load_into_redis(
     catalog: Catalog,
     namespace: str = DEFAULT_NAMESPACE,
     progress: bool = True,
+    *,
+    seen_per_user: int = 0,
 ) -> int:
-    """Write every user and item record, then the meta document; returns keys written (incl. meta)."""
+    """Write every user and item record, then the meta document; returns keys written (incl. meta).
+
+    With `seen_per_user`, also each user's seen-items set (`<namespace>:seen:<user>`, not
+    counted in the return value), before the meta document like the records.
+    """
     # Drop meta first so a reload that dies half-way is not mistaken for a complete catalog.
     client.delete(meta_key(namespace))
     user_keys = [user_key(namespace, uid) for uid in catalog.user_ids]
@@ -272,7 +304,10 @@ def load_into_redis(
         pipe = client.pipeline(transaction=False)
         _queue_records(pipe, user_keys, user_records(catalog), bar)
         _queue_records(pipe, item_keys, item_records(catalog), bar)
-    client.set(meta_key(namespace), json.dumps(_meta_document(catalog)))
+    if seen_per_user > 0:
+        with tqdm(total=catalog.n_users, desc="seen sets", unit="user", disable=not progress) as bar:
+            _queue_seen_sets(client.pipeline(transaction=False), catalog, namespace, seen_per_user, bar)
+    client.set(meta_key(namespace), json.dumps(_meta_document(catalog, seen_per_user)))
     return total + 1
 
 
@@ -295,6 +330,7 @@ def is_seeded(
     n_users: int = N_USERS,
     n_items: int = N_ITEMS,
     n_categories: int = N_CATEGORIES,
+    seen_per_user: int = 0,
 ) -> bool:
     """Meta matches the seed and sizes, and the first and last records are really there."""
     meta = read_meta(client, namespace)
@@ -307,6 +343,9 @@ def is_seeded(
     }
     if meta is None or any(meta.get(k) != v for k, v in expected.items()):
         return False
+    # Metas written before seen sets existed have no field: they hold none.
+    if meta.get("seen_per_user", 0) != seen_per_user:
+        return False
     # Cheap guard against keys evicted or deleted after the meta was written.
     probes = {
         user_key(namespace, "u0"),
@@ -314,6 +353,8 @@ def is_seeded(
         item_key(namespace, "i0"),
         item_key(namespace, f"i{n_items - 1}"),
     }
+    if seen_per_user > 0:
+        probes |= {seen_key(namespace, "u0"), seen_key(namespace, f"u{n_users - 1}")}
     return client.exists(*probes) == len(probes)
 
 
@@ -360,10 +401,12 @@ def seed_all(
     n_items: int = N_ITEMS,
     n_categories: int = N_CATEGORIES,
     train_steps: int = DEFAULT_STEPS,
+    seen_per_user: int = SEEN_PER_USER,
 ) -> dict[str, Any]:
     """Make sure the model file and the Redis namespace both hold the workload for `seed`.
 
-    `force` retrains the model and reloads Redis even when they look current.
+    `force` retrains the model and reloads Redis even when they look current. Redis also
+    gets each user's seen-items set (`seen_per_user` items; 0: none) for ranking.
     """
     started = time.perf_counter()
     data_dir = Path(data_dir)
@@ -387,10 +430,18 @@ def seed_all(
     keys_written = 0
     try:
         seeded = is_seeded(
-            client, namespace, seed, n_users=n_users, n_items=n_items, n_categories=n_categories
+            client,
+            namespace,
+            seed,
+            n_users=n_users,
+            n_items=n_items,
+            n_categories=n_categories,
+            seen_per_user=seen_per_user,
         )
         if force or not seeded:
-            keys_written = load_into_redis(client, catalog, namespace, progress=progress)
+            keys_written = load_into_redis(
+                client, catalog, namespace, progress=progress, seen_per_user=seen_per_user
+            )
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         raise SeedError(f"lost the connection to Redis at {shown} while loading: {exc}") from exc
     finally:
@@ -411,6 +462,7 @@ def seed_all(
         "index_built": index_built,
         "redis_loaded": keys_written > 0,
         "keys_written": keys_written,
+        "seen_sets_written": catalog.n_users if keys_written and seen_per_user > 0 else 0,
         "catalog_seconds": round(catalog_seconds, 3),
         "model_seconds": round(model_seconds, 3),
         "index_seconds": round(index_seconds, 3),
@@ -423,6 +475,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     model_state = "trained" if summary["model_trained"] else "up to date"
     if summary["redis_loaded"]:
         redis_state = f"loaded {summary['keys_written']:,} keys"
+        if summary.get("seen_sets_written"):
+            redis_state += f" and {summary['seen_sets_written']:,} seen-items sets"
     else:
         redis_state = "already seeded"
     return "\n".join(

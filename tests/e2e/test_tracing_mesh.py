@@ -71,6 +71,10 @@ EXPECTED_EDGES: list[tuple[tuple[str, str], tuple[str, str]]] = [
     (("ranking",  RANK),                                ("ranking",  "infermesh.ranking.decode")),
     (("ranking",  RANK),                                ("ranking",  "infermesh.ranking.top_k")),
     (("ranking",  RANK),                                ("ranking",  "infermesh.ranking.respond")),
+    # the chain stages that apply to this request (default RANKING_CHAIN; rules,
+    # calibration and MMR are configured off) run inside top_k
+    (("ranking",  "infermesh.ranking.top_k"),           ("ranking",  "infermesh.ranking.seen_filter")),
+    (("ranking",  "infermesh.ranking.top_k"),           ("ranking",  "infermesh.ranking.category_cap")),
 ]
 # fmt: on
 ROOT = ("envoy", "edge ingress")
@@ -194,7 +198,10 @@ def test_span_kinds_and_attributes(response: Response) -> None:
     assert lookup.attributes["infermesh.cache.hit"] is False  # first sight of this user
 
     stages = [s for s in response.trace.spans if s.name.startswith("infermesh.ranking.")]
-    assert {s.name for s in stages} == {"infermesh.ranking.decode", "infermesh.ranking.top_k", "infermesh.ranking.respond"}
+    assert {s.name for s in stages} == {
+        "infermesh.ranking.decode", "infermesh.ranking.top_k", "infermesh.ranking.respond",
+        "infermesh.ranking.seen_filter", "infermesh.ranking.category_cap",
+    }
     assert not response.trace.has_error
 
 

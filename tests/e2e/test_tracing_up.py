@@ -18,20 +18,12 @@ from pathlib import Path
 import pytest
 
 from services.cli.main import main as infermesh_main
-from services.mesh.supervisor import free_port, port_is_free
+from services.mesh.supervisor import free_port, free_port_block
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.timeout(300)
 
 SERVICES = {"envoy", "gateway", "features", "scoring", "ranking"}
-
-
-def free_port_block(span: int = 1500) -> int:
-    """A base port N with N..N+span free: `--port-base` replicas and their metrics ports."""
-    for base in range(22000, 60000, 2000):
-        if all(port_is_free(p) for p in range(base, base + span)):
-            return base
-    raise AssertionError("no free block of ports")
 
 
 def _start(argv: list[str]) -> subprocess.Popen[str]:
@@ -99,7 +91,7 @@ def test_up_exports_to_the_trace_view(
     _, otlp, http = trace_view
     data_dir = tmp_path / "data"
     shutil.copytree(reference_data / "models", data_dir / "models")  # skip retraining
-    edge, base = free_port(), free_port_block()
+    edge, base = free_port(), free_port_block(1500)  # replicas and their metrics ports
     up = _start(
         [
             "up",

@@ -12,17 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from services.mesh.supervisor import free_port, port_is_free
+from services.mesh.supervisor import free_port, free_port_block
 from tests.conftest import RedisServer
-
-
-def free_port_block(span: int = 500, metrics_offset: int = 1000) -> int:
-    """A base port N with N..N+span free (and the metrics ports, +offset), for `--port-base`."""
-    for base in range(21000, 58000, 2000):
-        ports = [*range(base, base + span), *range(base + metrics_offset, base + metrics_offset + span)]
-        if all(port_is_free(p) for p in ports):
-            return base
-    raise AssertionError("no free block of ports")
 
 
 def descendants(pid: int) -> set[int]:
@@ -63,7 +54,7 @@ def test_up_serves_then_sigterm_leaves_no_process(
             "--redis-url", redis_server.url,
             "--edge-port", str(edge),
             "--admin-port", str(free_port()),
-            "--port-base", str(free_port_block()),
+            "--port-base", str(free_port_block(1500)),  # replicas from N+100, metrics 1000 above
             "--replicas", "scoring=2",
         ],
         stdout=subprocess.PIPE,

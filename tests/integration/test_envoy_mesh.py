@@ -110,6 +110,9 @@ def _stdout_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_validate_reports_envoy_errors(tmp_path: Path) -> None:
+    # The OpenAPI document Envoy also reads from the descriptor set's folder is there;
+    # only the descriptor set is missing.
+    (tmp_path / "openapi.json").write_bytes((DESCRIPTOR.parent / "openapi.json").read_bytes())
     topology = local_topology(descriptor_set=tmp_path / "missing.binpb")
     path = envoy_config.write(topology, tmp_path / "envoy.json")
     with pytest.raises(envoy_config.EnvoyError, match="missing.binpb"):

@@ -134,6 +134,7 @@ def test_meta_and_is_seeded(client: redis.Redis, catalog: Catalog) -> None:
 def test_seed_all_is_idempotent(client: redis.Redis, redis_port: int, tmp_path: Path) -> None:
     url = f"redis://127.0.0.1:{redis_port}/0"
     kwargs = dict(namespace="test:all", seed=11, progress=False, train_steps=20, **SMALL)
+    seen_sets = N_USERS  # one seen-items set per user
 
     first = seed_all(tmp_path, url, **kwargs)
     assert first["model_trained"] and first["redis_loaded"]
@@ -145,14 +146,14 @@ def test_seed_all_is_idempotent(client: redis.Redis, redis_port: int, tmp_path: 
 
     second = seed_all(tmp_path, url, **kwargs)
     assert not second["model_trained"] and not second["redis_loaded"] and second["keys_written"] == 0
-    assert client.dbsize() == N_USERS + N_ITEMS + 1
+    assert client.dbsize() == N_USERS + N_ITEMS + 1 + seen_sets
     assert json.loads(client.get(meta_key("test:all")))["created_at"] == created
 
     forced = seed_all(tmp_path, url, force=True, **kwargs)
     assert forced["model_trained"] and forced["redis_loaded"]
     assert Path(forced["model_path"]).read_bytes() == model_bytes  # deterministic retrain
     assert client.get(item_key("test:all", "i7")) == sample
-    assert client.dbsize() == N_USERS + N_ITEMS + 1
+    assert client.dbsize() == N_USERS + N_ITEMS + 1 + seen_sets
 
 
 def test_unreachable_redis_raises_seed_error(tmp_path: Path) -> None:

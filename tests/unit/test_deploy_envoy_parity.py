@@ -53,11 +53,16 @@ def _hcm(listener: Json) -> Json:
 
 
 def _routes(config: Json) -> dict[str, list[tuple[str, str]]]:
-    """listener -> [(path prefix, cluster)] in match order."""
+    """listener -> [(path prefix, or `=path` for an exact match, cluster)] in match order,
+    for the routes to a cluster (not those Envoy answers itself)."""
     out = {}
     for name, listener in _listeners(config).items():
         (vhost,) = _hcm(listener)["route_config"]["virtual_hosts"]
-        out[name] = [(r["match"]["prefix"], r["route"]["cluster"]) for r in vhost["routes"]]
+        out[name] = [
+            (r["match"].get("prefix") or f"={r['match']['path']}", r["route"]["cluster"])
+            for r in vhost["routes"]
+            if "route" in r
+        ]
     return out
 
 
@@ -102,9 +107,17 @@ def test_same_listeners_and_ports(local: Json, k8s: Json) -> None:
 def test_same_routes(local: Json, k8s: Json) -> None:
     routes = _routes(k8s)
     assert routes == _routes(local)
-    assert routes["edge"] == [(f"/{HEALTH_SERVICE_NAMES['scoring']}/", "scoring"), ("/", "gateway")]
+    scoring = HEALTH_SERVICE_NAMES["scoring"]
+    # State-changing RPCs have routes of their own (never retried once sent).
+    repository = [(f"=/{scoring}/RepositoryModel{verb}", "scoring") for verb in ("Load", "Unload")]
+    assert routes["edge"] == [
+        ("/grpc.health.v1.Health/", "gateway"),
+        *repository,
+        (f"/{scoring}/", "scoring"),
+        ("/", "gateway"),
+    ]
     for backend in BACKENDS:
-        assert routes[backend] == [("/", backend)]
+        assert routes[backend] == [*(repository if backend == "scoring" else []), ("/", backend)]
 
 
 def test_same_health_names(local: Json, k8s: Json) -> None:
@@ -131,6 +144,11 @@ def test_identical_apart_from_the_topology(local: Json, k8s: Json) -> None:
             for http_filter in _hcm(listener)["http_filters"]:
                 if http_filter["name"] == TRANSCODER:
                     http_filter["typed_config"]["proto_descriptor"] = "DESCRIPTOR_SET"
+            for host in _hcm(listener).get("route_config", {}).get("virtual_hosts", []):
+                for route in host["routes"]:
+                    body = route.get("direct_response", {}).get("body", {})
+                    if "filename" in body:  # the OpenAPI document, beside the descriptor set
+                        body["filename"] = "GENERATED_FILE"
         for cluster in config["static_resources"]["clusters"]:
             cluster["type"] = "DISCOVERY"
             cluster.pop("dns_lookup_family", None)

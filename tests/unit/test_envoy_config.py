@@ -135,11 +135,104 @@ def test_edge_listener_routes_and_filters() -> None:
     assert filters[-1] == "envoy.filters.http.router"
     assert "envoy.filters.http.grpc_json_transcoder" in filters
     (vhost,) = hcm["route_config"]["virtual_hosts"]
-    routes = [(r["match"]["prefix"], r["route"]["cluster"]) for r in vhost["routes"]]
-    assert routes == [("/inference.GRPCInferenceService/", "scoring"), ("/", "gateway")]
-    for route in vhost["routes"]:
-        assert route["route"]["timeout"] == "10s"
-        assert route["route"]["max_stream_duration"]["grpc_timeout_header_max"] == "10s"
+    # Routes to clusters (Envoy answers some paths itself, e.g. the OpenAPI document).
+    proxied = [r for r in vhost["routes"] if "route" in r]
+    routes = [(_match(r), r["route"]["cluster"]) for r in proxied]
+    assert routes == [
+        ("/grpc.health.v1.Health/", "gateway"),
+        ("=/inference.GRPCInferenceService/RepositoryModelLoad", "scoring"),
+        ("=/inference.GRPCInferenceService/RepositoryModelUnload", "scoring"),
+        ("/inference.GRPCInferenceService/", "scoring"),
+        ("/", "gateway"),
+    ]
+    for route in proxied:
+        timeout = route["route"]["timeout"]
+        assert route["route"]["max_stream_duration"]["grpc_timeout_header_max"] == timeout
+        assert "typed_per_filter_config" not in route  # nothing to exempt from by default
+    assert proxied[-1]["route"]["timeout"] == "10s"
+    assert proxied[-2]["route"]["timeout"] == "5s"
+
+
+def _match(route: dict[str, Any]) -> str:
+    """A route's match as text: a prefix as is, an exact path as `=path`."""
+    match = route["match"]
+    return match["prefix"] if "prefix" in match else f"={match['path']}"
+
+
+def _all_routes(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for listener in config["static_resources"]["listeners"]:
+        (vhost,) = _hcm(listener)["route_config"]["virtual_hosts"]
+        out += [(listener["name"], route) for route in vhost["routes"]]
+    return out
+
+
+def test_idempotent_routes_retry_unavailable_and_resets_with_per_try_timeouts() -> None:
+    checked = 0
+    for _, route in _all_routes(envoy_config.render(_topology())):
+        if "path" in route["match"] or "route" not in route:
+            continue
+        cluster = route["route"]["cluster"]
+        timeout, per_try = envoy_config.ROUTE_TIMEOUTS[cluster]
+        assert route["route"]["timeout"] == timeout
+        policy = route["route"]["retry_policy"]
+        assert set(policy["retry_on"].split(",")) == {"unavailable", "reset", "connect-failure", "refused-stream"}
+        assert policy["num_retries"] == 2
+        assert policy["per_try_timeout"] == per_try
+        assert _seconds(per_try) < _seconds(timeout)
+        (predicate,) = policy["retry_host_predicate"]
+        assert predicate["name"] == "envoy.retry_host_predicates.previous_hosts"  # another replica
+        checked += 1
+    assert checked == 6  # edge: health, scoring, gateway; one catch-all per internal listener
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s")
+    return float(duration[:-1])
+
+
+def test_state_changing_rpcs_are_never_retried_once_sent() -> None:
+    routes = _all_routes(envoy_config.render(_topology()))
+    exact = [(listener, r) for listener, r in routes if "path" in r["match"] and "route" in r]
+    methods = envoy_config.NON_IDEMPOTENT_METHODS["scoring"]
+    # On the edge and on scoring's internal listener, each before the prefix that would match it.
+    assert sorted((listener, r["match"]["path"]) for listener, r in exact) == sorted(
+        (listener, m) for listener in ("edge", "scoring") for m in methods
+    )
+    for _, route in exact:
+        assert route["route"]["cluster"] == "scoring"
+        assert route["route"]["timeout"] == envoy_config.NON_IDEMPOTENT_TIMEOUT
+        policy = route["route"]["retry_policy"]
+        # Only what cannot have reached the service: no unavailable, no reset after sending.
+        assert policy["retry_on"] == "connect-failure,refused-stream,reset-before-request"
+        assert "per_try_timeout" not in policy
+
+
+def test_clusters_eject_failing_replicas_and_break_circuits() -> None:
+    for cluster in _clusters(envoy_config.render(_topology())).values():
+        outlier = cluster["outlier_detection"]
+        # Dead or hung (connect failure, reset, timeout): out after two calls.
+        assert outlier["split_external_local_origin_errors"] is True
+        assert outlier["consecutive_local_origin_failure"] == 2
+        assert outlier["enforcing_consecutive_local_origin_failure"] == 100
+        # UNAVAILABLE / DEADLINE_EXCEEDED from the service: after five.
+        assert outlier["consecutive_gateway_failure"] == 5
+        assert outlier["enforcing_consecutive_gateway_failure"] == 100
+        # Errors about the request (INTERNAL, UNIMPLEMENTED...) never eject a replica.
+        assert outlier["enforcing_consecutive_5xx"] == 0
+        assert outlier["interval"] == "1s"
+        assert "successful_active_health_check_uneject_host" not in outlier  # default: true
+        assert outlier["max_ejection_percent"] == 50
+        (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+        assert thresholds["priority"] == "DEFAULT"
+        for key in ("max_connections", "max_pending_requests", "max_requests"):
+            assert thresholds[key] >= 1024
+        assert "max_retries" not in thresholds  # the retry budget replaces it
+        assert thresholds["retry_budget"] == {
+            "budget_percent": {"value": 25.0},
+            "min_retry_concurrency": 16,
+        }
+        assert thresholds["track_remaining"] is True
 
 
 def test_transcoder_settings() -> None:
@@ -178,9 +271,9 @@ def test_internal_listener_per_backend() -> None:
         assert hcm["stat_prefix"] == name
         assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.router"]
         (vhost,) = hcm["route_config"]["virtual_hosts"]
-        assert [(r["match"]["prefix"], r["route"]["cluster"]) for r in vhost["routes"]] == [
-            ("/", name)
-        ]
+        routes = [(_match(r), r["route"]["cluster"]) for r in vhost["routes"]]
+        state_changing = [(f"={m}", name) for m in envoy_config.NON_IDEMPOTENT_METHODS.get(name, ())]
+        assert routes == [*state_changing, ("/", name)]
 
 
 def test_every_listener_logs_json_to_stdout() -> None:
@@ -270,7 +363,7 @@ def _traced(endpoint: str = "http://127.0.0.1:4317", percent: float = 100.0) -> 
 def test_no_tracer_without_an_otlp_endpoint() -> None:
     config = envoy_config.render(_topology())
     assert "opentelemetry_collector" not in _clusters(config)
-    assert "layered_runtime" not in config
+    assert config["layered_runtime"] == {"layers": [{"name": "admin", "admin_layer": {}}]}
     for listener in config["static_resources"]["listeners"]:
         hcm = _hcm(listener)
         assert "tracing" not in hcm
@@ -293,11 +386,13 @@ def test_every_listener_traces_with_opentelemetry_and_upstream_spans() -> None:
         (vhost,) = hcm["route_config"]["virtual_hosts"]
         for route in vhost["routes"]:
             assert route["decorator"] == {"operation": f"{listener['name']} ingress", "propagate": False}
-        # Health checks first, routed like "/" but never traced.
+        # Health checks first, routed like "/" but never traced (and only once).
         health, *rest = vhost["routes"]
-        (catch_all,) = [r for r in rest if r["match"] == {"prefix": "/"}]
+        # the route to the gateway (on the edge: gRPC only, see test_edge_routes_only_grpc_upstream)
+        (catch_all,) = [r for r in rest if r["match"].get("prefix") == "/" and "route" in r]
         assert health["match"] == {"prefix": "/grpc.health.v1.Health/"}
         assert health["route"] == catch_all["route"]
+        assert all(r["match"] != health["match"] for r in rest)
         never = {"numerator": 0, "denominator": "HUNDRED"}
         assert health["tracing"] == {"client_sampling": never, "random_sampling": never, "overall_sampling": never}
         assert all("tracing" not in r for r in rest)
@@ -390,3 +485,221 @@ def test_cli_render_with_otlp_endpoint(capsys: pytest.CaptureFixture[str]) -> No
     config = json.loads(capsys.readouterr().out)
     assert "opentelemetry_collector" in _clusters(config)
     assert _hcm(_listeners(config)["edge"])["tracing"]["random_sampling"] == {"value": 1.0}
+
+
+# --------------------------------------------------------------------------- edge policy
+
+RATE_LIMIT = "envoy.filters.http.local_ratelimit"
+API_KEY_AUTH = "envoy.filters.http.api_key_auth"
+
+
+def _edge_filters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    hcm = _hcm(_listeners(config)["edge"])
+    return {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+
+
+def _edge_routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    (vhost,) = _hcm(_listeners(config)["edge"])["route_config"]["virtual_hosts"]
+    return vhost["routes"]
+
+
+def test_no_rate_limit_or_auth_by_default() -> None:
+    filters = _edge_filters(envoy_config.render(_topology()))
+    assert RATE_LIMIT not in filters and API_KEY_AUTH not in filters
+
+
+@pytest.mark.parametrize(
+    ("rps", "tokens", "interval"),
+    [(100, 5, "0.05s"), (10, 1, "0.1s"), (5, 1, "0.2s"), (4, 1, "0.25s"), (2, 1, "0.5s"), (7, 7, "1s"), (1, 1, "1s")],
+)
+def test_edge_rate_limit_token_bucket(rps: int, tokens: int, interval: str) -> None:
+    config = envoy_config.render(_topology(), edge=envoy_config.EdgePolicy(rate_limit_rps=rps))
+    limit = _edge_filters(config)[RATE_LIMIT]
+    assert limit["@type"].endswith("local_ratelimit.v3.LocalRateLimit")
+    bucket = limit["token_bucket"]
+    assert bucket == {"max_tokens": rps, "tokens_per_fill": tokens, "fill_interval": interval}
+    assert tokens / float(interval[:-1]) == pytest.approx(rps)  # the rate is exact
+    assert limit["rate_limited_as_resource_exhausted"] is True
+    for key in ("filter_enabled", "filter_enforced"):
+        assert limit[key]["default_value"] == {"numerator": 100, "denominator": "HUNDRED"}
+
+
+def test_edge_rate_limit_burst() -> None:
+    edge = envoy_config.EdgePolicy(rate_limit_rps=50, rate_limit_burst=200)
+    bucket = _edge_filters(envoy_config.render(_topology(), edge=edge))[RATE_LIMIT]["token_bucket"]
+    assert bucket["max_tokens"] == 200
+
+
+def test_api_key_auth_at_the_edge_only() -> None:
+    keys = (envoy_config.ApiKey("alice", "k1"), envoy_config.ApiKey("bob", "k2"))
+    config = envoy_config.render(_topology(), edge=envoy_config.EdgePolicy(api_keys=keys))
+    auth = _edge_filters(config)[API_KEY_AUTH]
+    assert auth["credentials"] == [{"key": "k1", "client": "alice"}, {"key": "k2", "client": "bob"}]
+    assert auth["key_sources"] == [{"header": "x-api-key"}, {"header": "authorization"}]
+    assert auth["forwarding"] == {"header": "x-infermesh-client", "hide_credentials": True}
+    for name in BACKENDS:  # the gateway's own calls are not authenticated
+        filters = [f["name"] for f in _hcm(_listeners(config)[name])["http_filters"]]
+        assert filters == ["envoy.filters.http.router"]
+
+
+def test_edge_policy_filters_run_first_and_spare_health_checks() -> None:
+    edge = envoy_config.EdgePolicy(rate_limit_rps=10, api_keys=(envoy_config.ApiKey("a", "k"),))
+    config = envoy_config.render(_topology(), edge=edge)
+    names = list(_edge_filters(config))
+    assert names[:2] == [RATE_LIMIT, API_KEY_AUTH]  # before the body is buffered
+    assert names[-1] == "envoy.filters.http.router"
+    health, *others = _edge_routes(config)
+    assert health["match"] == {"prefix": "/grpc.health.v1.Health/"}
+    disabled = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+    assert health["typed_per_filter_config"] == {RATE_LIMIT: disabled, API_KEY_AUTH: disabled}
+    # The API description is public too; every route that reaches a service is guarded.
+    (document,) = [r for r in others if r["match"] == {"path": "/v1/openapi.json"}]
+    assert document["typed_per_filter_config"] == {RATE_LIMIT: disabled, API_KEY_AUTH: disabled}
+    assert all("typed_per_filter_config" not in r for r in others if "route" in r)
+
+
+def test_edge_routes_only_grpc_upstream_and_answers_unmapped_paths_404() -> None:
+    routes = _edge_routes(envoy_config.render(_topology()))
+    gateway = [r for r in routes if r.get("route", {}).get("cluster") == "gateway" and r["match"].get("prefix") == "/"]
+    assert gateway and all(
+        r["match"]["headers"] == [{"name": "content-type", "string_match": {"prefix": "application/grpc"}}]
+        for r in gateway
+    )
+    last = routes[-1]
+    assert last["match"] == {"prefix": "/"} and last["direct_response"]["status"] == 404
+    assert json.loads(last["direct_response"]["body"]["inline_string"])["code"] == 5  # NOT_FOUND
+
+
+def test_traced_edge_keeps_one_exempt_health_route() -> None:
+    edge = envoy_config.EdgePolicy(api_keys=(envoy_config.ApiKey("a", "k"),))
+    tracing = envoy_config.Tracing("http://127.0.0.1:4317")
+    health, *others = _edge_routes(envoy_config.render(_topology(), tracing, edge))
+    assert health["match"] == {"prefix": "/grpc.health.v1.Health/"}
+    assert API_KEY_AUTH in health["typed_per_filter_config"]
+    assert health["tracing"]["random_sampling"] == {"numerator": 0, "denominator": "HUNDRED"}
+    assert all(r["match"] != health["match"] for r in others)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rate_limit_rps": 0}, "at least 1 request/s"),
+        ({"rate_limit_rps": 5, "rate_limit_burst": 0}, "burst"),
+        ({"api_keys": (envoy_config.ApiKey("a", "k"), envoy_config.ApiKey("a", "j"))}, "unique"),
+        ({"api_keys": (envoy_config.ApiKey("a", ""),)}, "non-empty"),
+    ],
+)
+def test_bad_edge_policies_are_rejected(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        envoy_config.EdgePolicy(**kwargs)
+
+
+def test_parse_api_keys() -> None:
+    text = "# clients\nalice: k-1\n\n  bob:k:2  \n"
+    assert envoy_config.parse_api_keys(text) == (
+        envoy_config.ApiKey("alice", "k-1"),
+        envoy_config.ApiKey("bob", "k:2"),  # only the first colon separates
+    )
+    for bad in ("alice", ":k", "alice:", "# only a comment"):
+        with pytest.raises(ValueError):
+            envoy_config.parse_api_keys(bad)
+
+
+def test_config_holding_api_keys_is_private(tmp_path: Path) -> None:
+    edge = envoy_config.EdgePolicy(api_keys=(envoy_config.ApiKey("a", "secret"),))
+    path = envoy_config.write(_topology(), tmp_path / "envoy.json", edge=edge)
+    assert path.stat().st_mode & 0o077 == 0
+
+
+def test_cli_render_with_edge_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("alice:k1\n")
+    argv = ["render", "--edge-rate-limit", "20", "--edge-rate-burst", "40", "--api-key-file", str(keys)]
+    assert envoy_config.main(argv) == 0
+    filters = _edge_filters(json.loads(capsys.readouterr().out))
+    assert filters[RATE_LIMIT]["token_bucket"]["max_tokens"] == 40
+    assert filters[API_KEY_AUTH]["credentials"] == [{"key": "k1", "client": "alice"}]
+    assert envoy_config.main(["render", "--edge-rate-burst", "4"]) == 2
+    assert "--edge-rate-burst needs --edge-rate-limit" in capsys.readouterr().err
+    assert envoy_config.main(["render", "--api-key-file", str(tmp_path / "nope")]) == 2
+    assert "cannot read API key file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _tls(tmp_path: Path) -> envoy_config.MeshTls:
+    d = tmp_path
+    return envoy_config.MeshTls(d / "ca.crt", d / "edge.crt", d / "edge.key", d / "client.crt", d / "client.key")
+
+
+def test_no_tls_by_default() -> None:
+    config = envoy_config.render(_topology())
+    for listener in config["static_resources"]["listeners"]:
+        assert "transport_socket" not in listener["filter_chains"][0]
+    for cluster in _clusters(config).values():
+        assert "transport_socket" not in cluster
+
+
+def test_tls_at_the_edge(tmp_path: Path) -> None:
+    listeners = _listeners(envoy_config.render(_topology(), tls=_tls(tmp_path)))
+    (chain,) = listeners["edge"]["filter_chains"]
+    context = chain["transport_socket"]["typed_config"]
+    assert context["@type"].endswith("tls.v3.DownstreamTlsContext")
+    common = context["common_tls_context"]
+    assert common["alpn_protocols"] == ["h2", "http/1.1"]  # gRPC and REST on one port
+    (certificate,) = common["tls_certificates"]
+    assert certificate == {
+        "certificate_chain": {"filename": str(tmp_path / "edge.crt")},
+        "private_key": {"filename": str(tmp_path / "edge.key")},
+    }
+    for name in BACKENDS:  # the gateway's loopback hop stays plaintext
+        assert "transport_socket" not in listeners[name]["filter_chains"][0]
+
+
+def test_mtls_to_every_service(tmp_path: Path) -> None:
+    for name, cluster in _clusters(envoy_config.render(_topology(), tls=_tls(tmp_path))).items():
+        context = cluster["transport_socket"]["typed_config"]
+        assert context["@type"].endswith("tls.v3.UpstreamTlsContext")
+        assert context["sni"] == name
+        common = context["common_tls_context"]
+        assert common["alpn_protocols"] == ["h2"]
+        (certificate,) = common["tls_certificates"]
+        assert certificate["certificate_chain"] == {"filename": str(tmp_path / "client.crt")}
+        validation = common["validation_context"]
+        assert validation["trusted_ca"] == {"filename": str(tmp_path / "ca.crt")}
+        assert validation["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": name}}]
+
+
+def test_mesh_tls_from_a_certs_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="infermesh certs"):
+        envoy_config.MeshTls.from_dir(tmp_path)
+
+
+# --------------------------------------------------------------------------- CLI wiring
+
+
+def test_up_takes_the_edge_and_tls_flags(tmp_path: Path) -> None:
+    from services.cli import main as cli
+
+    args, rest = cli.build_parser().parse_known_args(["up"])
+    assert rest == []
+    assert (args.edge_rate_limit, args.edge_rate_burst, args.api_key_file, args.tls) == (None, None, None, None)
+    assert envoy_config.edge_policy_from_args(args) == envoy_config.EdgePolicy()
+    keys = tmp_path / "keys"
+    keys.write_text("ci:k\n")
+    argv = ["up", "--edge-rate-limit", "300", "--api-key-file", str(keys), "--tls", str(tmp_path)]
+    args, _ = cli.build_parser().parse_known_args(argv)
+    policy = envoy_config.edge_policy_from_args(args)
+    assert policy.rate_limit_rps == 300 and policy.api_keys == (envoy_config.ApiKey("ci", "k"),)
+    assert args.tls == tmp_path
+
+
+def test_certs_is_an_infermesh_command(tmp_path: Path) -> None:
+    from services.cli import main as cli
+    from services.mesh.certs import CertPaths
+
+    assert cli.DELEGATED["certs"][0] == "services.mesh.certs"
+    assert cli.main(["certs", "--out", str(tmp_path / "c")]) == 0
+    assert CertPaths(tmp_path / "c").missing() == []
+    envoy_config.MeshTls.from_dir(tmp_path / "c")  # complete: no error

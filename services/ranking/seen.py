@@ -1,0 +1,164 @@
+"""The seen-items store: which of a request's candidates the user has already seen.
+
+One round trip per request (key layout: services/ranking/layout.py), by either lookup:
+
+* "members" (default): SMEMBERS, then a C-level membership test of the request's ids. A
+  tiny request; the reply grows with the user's set, so it suits sets their writer keeps
+  bounded (e.g. the last N items seen). About 3x cheaper than "ismember" for the
+  reference workload (20 seen items, 200 candidates): redis-py packs every argument of a
+  command in Python.
+* "ismember": SMISMEMBER with every candidate id: a reply as long as the request, however
+  long the user's history is.
+
+Redis is optional for ranking: a failed or slow read raises StageSkipped, and the chain
+ranks without the filter. After `failures_to_skip` consecutive failures the store stops
+calling Redis for `retry_seconds` (then one request tries again), so an outage costs
+requests no timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from services.common.logs import get_logger
+from services.ranking.layout import seen_key
+
+log = get_logger(__name__)
+
+_REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
+LOOKUPS = ("members", "ismember")
+
+
+class StageSkipped(Exception):
+    """A stage that applies to the request could not run; the chain goes on without it.
+
+    `warn`: worth a warning log line (a real failure, not the breaker short-circuiting).
+    """
+
+    def __init__(self, reason: str, *, warn: bool = True) -> None:
+        super().__init__(reason)
+        self.warn = warn
+
+
+class Breaker:
+    """Consecutive failures open it; while open one call per `retry_seconds` may try."""
+
+    def __init__(
+        self,
+        failures_to_open: int,
+        retry_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if failures_to_open < 1:
+            raise ValueError("failures_to_open must be >= 1")
+        self._threshold = failures_to_open
+        self._retry_seconds = retry_seconds
+        self._clock = clock
+        self._failures = 0
+        self._retry_at = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        return self._failures >= self._threshold
+
+    def allow(self) -> bool:
+        if not self.is_open:
+            return True
+        now = self._clock()
+        if now < self._retry_at:
+            return False
+        # This call is the trial; the others keep skipping until it has answered.
+        self._retry_at = now + self._retry_seconds
+        return True
+
+    def success(self) -> bool:
+        """Record a success; True when it closes an open breaker."""
+        was_open = self.is_open
+        self._failures = 0
+        return was_open
+
+    def failure(self) -> None:
+        self._failures += 1
+        if self._failures >= self._threshold:
+            self._retry_at = self._clock() + self._retry_seconds
+
+
+class SeenStore:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        namespace: str,
+        timeout_seconds: float,
+        breaker: Breaker,
+        lookup: str = "members",
+    ) -> None:
+        if lookup not in LOOKUPS:
+            raise ValueError(f"lookup must be one of {', '.join(LOOKUPS)}, not {lookup!r}")
+        self._client = client
+        self._namespace = namespace
+        self._timeout = timeout_seconds
+        self.breaker = breaker
+        self._by_members = lookup == "members"
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        namespace: str,
+        timeout_seconds: float,
+        failures_to_skip: int = 3,
+        retry_seconds: float = 1.0,
+        lookup: str = "members",
+    ) -> SeenStore:
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            # No client-side retries: a retry would spend the request's budget; the breaker
+            # decides when Redis is worth calling again.
+            retry=Retry(NoBackoff(), 0),
+            # Members as str, decoded by the reply parser, to test against the request's ids.
+            decode_responses=True,
+        )
+        return cls(client, namespace, timeout_seconds, Breaker(failures_to_skip, retry_seconds), lookup)
+
+    async def seen(self, user_id: str, item_ids: Sequence[str], time_remaining: float | None = None) -> np.ndarray:
+        """bool [len(item_ids)]: True where the user has seen the item. Raises StageSkipped."""
+        if not self.breaker.allow():
+            raise StageSkipped("redis unreachable (circuit open)", warn=False)
+        timeout = self._timeout
+        if time_remaining is not None:
+            # Never spend more than half of what the caller has left on an optional filter.
+            timeout = max(0.0, min(timeout, time_remaining / 2))
+        try:
+            key = seen_key(self._namespace, user_id)
+            async with asyncio.timeout(timeout):
+                if self._by_members:
+                    members = await self._client.smembers(key)
+                else:
+                    flags = await self._client.smismember(key, list(item_ids))
+        except (redis.exceptions.ResponseError, UnicodeDecodeError) as error:
+            # Redis answered, the data is bad (e.g. WRONGTYPE): this user's problem, not an
+            # outage, so the breaker does not count it.
+            raise StageSkipped(f"unreadable seen set: {error}") from None
+        except _REDIS_ERRORS as error:
+            self.breaker.failure()
+            detail = str(error) or "no answer in time"
+            raise StageSkipped(f"redis unreachable: {type(error).__name__}: {detail}") from None
+        if self.breaker.success():
+            log.info("redis reachable again: the seen filter runs again")
+        if self._by_members:
+            # map with a bound C method: no Python bytecode per item.
+            return np.fromiter(map(members.__contains__, item_ids), dtype=bool, count=len(item_ids))
+        return np.array(flags, dtype=bool)
+
+    async def close(self) -> None:
+        await self._client.aclose()

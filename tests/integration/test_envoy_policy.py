@@ -1,0 +1,476 @@
+"""Traffic and edge policies in the real Envoy binary, against stub gRPC backends.
+
+Retries (idempotent calls only), per-try timeouts, outlier detection, the edge rate limit,
+API keys and TLS/mTLS: each test starts an Envoy of its own (ports picked by the kernel,
+read back from the admin API) in front of in-process grpc.aio stubs whose behaviour the
+test switches (fail with UNAVAILABLE, hang), and counts what reached them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from services.common.server import TlsSettings, server_credentials
+from services.mesh import certs, envoy_config
+from services.mesh.topology import (
+    BACKENDS,
+    FEATURES,
+    GATEWAY,
+    HEALTH_SERVICE_NAMES,
+    RANKING,
+    SCORING,
+    Endpoint,
+    MeshTopology,
+    local_topology,
+)
+from tests.integration.test_envoy_mesh import (
+    DESCRIPTOR,
+    Envoy,
+    _read_back_ports,
+    admin_get,
+    health_flags,
+    http_call,
+    start_envoy,
+    until,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+RPC_TIMEOUT_S = 8.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+API_KEY = "k-alice-0123456789"
+RECOMMEND_BODY = json.dumps({"user_id": "u1", "candidate_ids": ["i1", "i2"], "k": 1}).encode()
+JSON = {"content-type": "application/json"}
+
+
+# --------------------------------------------------------------------------- stubs
+
+
+@dataclass
+class CountingGateway(gateway_pb2_grpc.GatewayServiceServicer):
+    """Counts Recommend calls and keeps the metadata of the last one."""
+
+    calls: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    async def Recommend(
+        self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.RecommendResponse:
+        self.calls += 1
+        self.metadata = {key: value for key, value in context.invocation_metadata()}
+        return gateway_pb2.RecommendResponse(model_name="stub", model_version="1")
+
+
+@dataclass
+class SwitchableScoring(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
+    """ModelInfer and RepositoryModelLoad: answer, fail with UNAVAILABLE, or hang."""
+
+    replica: int
+    mode: str = "ok"  # ok | unavailable | hang
+    calls: dict[str, int] = field(default_factory=dict)
+
+    async def _act(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.calls[method] = self.calls.get(method, 0) + 1
+        if self.mode == "unavailable":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {self.replica} is failing")
+        if self.mode == "hang":
+            await asyncio.sleep(30)
+
+    async def ModelInfer(
+        self, request: grpc_predict_v2_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> grpc_predict_v2_pb2.ModelInferResponse:
+        await self._act("ModelInfer", context)
+        return grpc_predict_v2_pb2.ModelInferResponse(model_name=f"replica-{self.replica}")
+
+    async def RepositoryModelLoad(
+        self, request: grpc_predict_v2_pb2.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> grpc_predict_v2_pb2.RepositoryModelLoadResponse:
+        await self._act("RepositoryModelLoad", context)
+        return grpc_predict_v2_pb2.RepositoryModelLoadResponse()
+
+
+@dataclass
+class Stub:
+    service: str
+    port: int
+    server: grpc.aio.Server
+
+
+@dataclass
+class Stubs:
+    gateway: CountingGateway
+    scoring: list[SwitchableScoring]
+    servers: list[Stub]
+
+    def topology(self) -> MeshTopology:
+        replicas: dict[str, list[Endpoint]] = {}
+        for stub in self.servers:
+            replicas.setdefault(stub.service, []).append(Endpoint("127.0.0.1", stub.port))
+        return MeshTopology(
+            replicas={name: tuple(endpoints) for name, endpoints in replicas.items()},
+            descriptor_set=DESCRIPTOR,
+            edge_port=0,
+            admin_port=0,
+            internal_ports={name: 0 for name in BACKENDS},
+        )
+
+    def port(self, service: str) -> int:
+        return next(s.port for s in self.servers if s.service == service)
+
+
+async def _serve_stubs(credentials: dict[str, grpc.ServerCredentials] | None = None) -> Stubs:
+    """A gateway, two scoring replicas, features and ranking (health only); plaintext, or
+    TLS with each service's own credentials."""
+    gateway = CountingGateway()
+    scoring = [SwitchableScoring(0), SwitchableScoring(1)]
+    plan: list[tuple[str, Callable[[grpc.aio.Server], None] | None]] = [
+        (GATEWAY, lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(gateway, s)),
+        *[
+            (SCORING, lambda s, r=r: grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(r, s))
+            for r in scoring
+        ],
+        (FEATURES, None),
+        (RANKING, None),
+    ]
+    servers = []
+    for service, add in plan:
+        server = grpc.aio.server()
+        if add is not None:
+            add(server)
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        await servicer.set(HEALTH_SERVICE_NAMES[service], SERVING)
+        if credentials is None:
+            port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            port = server.add_secure_port("127.0.0.1:0", credentials[service])
+        await server.start()
+        servers.append(Stub(service, port, server))
+    return Stubs(gateway, scoring, servers)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    tmp_path: Path,
+    stubs: Stubs,
+    edge: envoy_config.EdgePolicy | None = None,
+    tls: envoy_config.MeshTls | None = None,
+) -> AsyncIterator[Envoy]:
+    """An Envoy of its own in front of `stubs`, up with every replica healthy."""
+    workdir = tmp_path / f"envoy-{time.monotonic_ns()}"
+    workdir.mkdir()
+    config = envoy_config.write(stubs.topology(), workdir / "envoy.json", edge=edge, tls=tls)
+    envoy = start_envoy(config, workdir)
+    try:
+        await until("admin and listeners", envoy, lambda: _read_back_ports(envoy))
+
+        async def all_healthy() -> bool:
+            flags = await health_flags(envoy)
+            return all(flags.get((s.service, s.port)) == "healthy" for s in stubs.servers)
+
+        await until("every replica healthy", envoy, all_healthy)
+        yield envoy
+    finally:
+        envoy.stop()
+
+
+@pytest.fixture
+async def stubs() -> AsyncIterator[Stubs]:
+    served = await _serve_stubs()
+    try:
+        yield served
+    finally:
+        for stub in served.servers:
+            await stub.server.stop(None)
+
+
+async def stats(envoy: Envoy, prefix: str) -> dict[str, int]:
+    """Counters and gauges under `prefix` (e.g. "cluster.scoring.") from admin /stats."""
+    text = await admin_get(envoy, "/stats")
+    out = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(": ")
+        if sep and name.startswith(prefix) and value.strip().isdigit():
+            out[name[len(prefix):]] = int(value)
+    return out
+
+
+async def _infer(address: str, calls: int, method: str = "ModelInfer") -> list[str]:
+    """`calls` sequential calls; the replica that answered, or the status code name."""
+    out = []
+    async with grpc.aio.insecure_channel(address) as chan:
+        stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(chan)
+        for _ in range(calls):
+            try:
+                if method == "ModelInfer":
+                    reply = await stub.ModelInfer(
+                        grpc_predict_v2_pb2.ModelInferRequest(model_name="m"), timeout=RPC_TIMEOUT_S
+                    )
+                    out.append(reply.model_name)
+                else:
+                    await stub.RepositoryModelLoad(
+                        grpc_predict_v2_pb2.RepositoryModelLoadRequest(model_name="m"), timeout=RPC_TIMEOUT_S
+                    )
+                    out.append("loaded")
+            except grpc.aio.AioRpcError as error:
+                out.append(error.code().name)
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_envoy_accepts_every_policy_and_tls(tmp_path: Path) -> None:
+    paths = certs.generate(tmp_path / "certs")
+    tls = envoy_config.MeshTls.from_dir(paths.directory)
+    edge = envoy_config.EdgePolicy(
+        rate_limit_rps=100, rate_limit_burst=300, api_keys=(envoy_config.ApiKey("alice", API_KEY),)
+    )
+    for tracing in (None, envoy_config.Tracing("http://127.0.0.1:4317")):
+        config = envoy_config.write(
+            local_topology({SCORING: 2}, descriptor_set=DESCRIPTOR), tmp_path / "envoy.json", tracing, edge, tls
+        )
+        envoy_config.validate(config)
+
+
+def test_certs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "certs"
+    assert certs.main(["--out", str(out), "--host", "mesh.example", "--host", "10.1.2.3"]) == 0
+    paths = certs.CertPaths(out.resolve())
+    assert paths.missing() == []
+    for key in (paths.ca_key, paths.edge_key, paths.client_key, paths.service_key(SCORING)):
+        assert key.stat().st_mode & 0o077 == 0, key  # private keys: owner only
+    from cryptography import x509
+
+    edge = x509.load_pem_x509_certificate(paths.edge_cert.read_bytes())
+    names = edge.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "mesh.example" in names.get_values_for_type(x509.DNSName)
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} >= {"127.0.0.1", "10.1.2.3"}
+    scoring = x509.load_pem_x509_certificate(paths.service_cert(SCORING).read_bytes())
+    scoring_names = scoring.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert SCORING in scoring_names.get_values_for_type(x509.DNSName)  # what Envoy checks
+    # Idempotent: a second run keeps the CA (certificates already handed out stay valid).
+    before = paths.ca_cert.read_bytes()
+    capsys.readouterr()
+    assert certs.main(["--out", str(out)]) == 0
+    assert "already" in capsys.readouterr().out
+    assert paths.ca_cert.read_bytes() == before
+    assert certs.main(["--out", str(out), "--force"]) == 0
+    assert paths.ca_cert.read_bytes() != before
+
+
+# --------------------------------------------------------------------------- retries
+
+
+async def test_unavailable_replica_is_retried_elsewhere_and_ejected(tmp_path: Path, stubs: Stubs) -> None:
+    failing, _ = stubs.scoring
+    failing.mode = "unavailable"  # health still says SERVING: only outlier detection sees it
+    async with running(tmp_path, stubs) as envoy:
+        answers = await _infer(envoy.address(SCORING), 30)
+        assert set(answers) == {"replica-1"}, answers  # every call succeeded, on the healthy one
+        assert failing.calls["ModelInfer"] >= 1
+        counters = await stats(envoy, "cluster.scoring.")
+        assert counters["upstream_rq_retry"] >= 1
+        assert counters["upstream_rq_retry_success"] >= 1
+        assert counters["outlier_detection.ejections_enforced_total"] >= 1
+        assert counters["outlier_detection.ejections_enforced_consecutive_gateway_failure"] >= 1
+
+
+async def test_state_changing_calls_are_not_retried(tmp_path: Path, stubs: Stubs) -> None:
+    stubs.scoring[0].mode = "unavailable"
+    async with running(tmp_path, stubs) as envoy:
+        answers = await _infer(envoy.address(SCORING), 4, method="RepositoryModelLoad")
+        # Round robin sends some loads to the failing replica: the caller sees its error.
+        assert "UNAVAILABLE" in answers and "loaded" in answers, answers
+        counters = await stats(envoy, "cluster.scoring.")
+        assert counters.get("upstream_rq_retry", 0) == 0
+        assert sum(s.calls.get("RepositoryModelLoad", 0) for s in stubs.scoring) == 4  # each ran once
+
+
+async def test_hung_replica_is_cut_off_by_the_per_try_timeout(tmp_path: Path, stubs: Stubs) -> None:
+    stubs.scoring[0].mode = "hang"
+    per_try = float(envoy_config.ROUTE_TIMEOUTS[SCORING][1].rstrip("s"))
+    async with running(tmp_path, stubs) as envoy:
+        started = time.monotonic()
+        answers = await _infer(envoy.address(SCORING), 2)  # one of the two lands on the hung one
+        elapsed = time.monotonic() - started
+        assert answers == ["replica-1", "replica-1"], answers
+        assert elapsed < per_try + 3.0, elapsed
+        counters = await stats(envoy, "cluster.scoring.")
+        assert counters["upstream_rq_per_try_timeout"] >= 1
+
+
+# --------------------------------------------------------------------------- rate limit
+
+
+async def _recommend_grpc(address: str, metadata: tuple[tuple[str, str], ...] = ()) -> str:
+    async with grpc.aio.insecure_channel(address) as chan:
+        stub = gateway_pb2_grpc.GatewayServiceStub(chan)
+        try:
+            await stub.Recommend(gateway_pb2.RecommendRequest(user_id="u1"), timeout=RPC_TIMEOUT_S, metadata=metadata)
+        except grpc.aio.AioRpcError as error:
+            return error.code().name
+    return "OK"
+
+
+async def _edge_health(address: str, credentials: grpc.ChannelCredentials | None = None) -> int:
+    channel = (
+        grpc.aio.insecure_channel(address)
+        if credentials is None
+        else grpc.aio.secure_channel(address, credentials)
+    )
+    async with channel as chan:
+        reply = await health_pb2_grpc.HealthStub(chan).Check(
+            health_pb2.HealthCheckRequest(service=HEALTH_SERVICE_NAMES[GATEWAY]), timeout=RPC_TIMEOUT_S
+        )
+    return reply.status
+
+
+async def test_edge_rate_limit_answers_429_and_resource_exhausted(tmp_path: Path, stubs: Stubs) -> None:
+    edge = envoy_config.EdgePolicy(rate_limit_rps=2, rate_limit_burst=4)
+    async with running(tmp_path, stubs, edge) as envoy:
+        address = envoy.address("edge")
+        started = time.monotonic()
+        rest = [await http_call(address, "POST", "/v1/recommend", RECOMMEND_BODY, JSON) for _ in range(12)]
+        codes = [status for status, _, _ in rest]
+        admitted = codes.count(200)
+        # The burst, plus what refilled meanwhile (2/s); everything else is 429.
+        assert 4 <= admitted <= 4 + 2 * (time.monotonic() - started) + 1, codes
+        assert set(codes) == {200, 429}, codes
+        _, headers, _ = rest[codes.index(429)]
+        assert headers["x-ratelimit-limit"] == "4" and headers["x-ratelimit-remaining"] == "0"
+        # gRPC callers get RESOURCE_EXHAUSTED (not UNAVAILABLE, which clients would retry).
+        grpc_codes = [await _recommend_grpc(address) for _ in range(8)]
+        assert "RESOURCE_EXHAUSTED" in grpc_codes and set(grpc_codes) <= {"OK", "RESOURCE_EXHAUSTED"}, grpc_codes
+        # Rejected calls never reached the gateway; health checks are not limited.
+        assert stubs.gateway.calls == admitted + grpc_codes.count("OK")
+        assert await _edge_health(address) == SERVING
+        limited = await stats(envoy, f"{envoy_config.RATE_LIMIT_STAT_PREFIX}.")
+        assert limited["http_local_rate_limit.rate_limited"] == codes.count(429) + grpc_codes.count(
+            "RESOURCE_EXHAUSTED"
+        )
+        # Shadow mode without a restart, through the (loopback-only) admin API's runtime.
+        status, _, _ = await http_call(envoy.admin, "POST", "/runtime_modify?edge_rate_limit.enforced=0")
+        assert status == 200
+        shadow = [await http_call(address, "POST", "/v1/recommend", RECOMMEND_BODY, JSON) for _ in range(8)]
+        assert {status for status, _, _ in shadow} == {200}
+
+
+# --------------------------------------------------------------------------- API keys
+
+
+async def test_api_keys_401_without_reaching_the_gateway(tmp_path: Path, stubs: Stubs) -> None:
+    edge = envoy_config.EdgePolicy(api_keys=(envoy_config.ApiKey("alice", API_KEY),))
+    async with running(tmp_path, stubs, edge) as envoy:
+        address = envoy.address("edge")
+        for headers in ({}, {"x-api-key": "wrong"}, {"authorization": "Bearer wrong"}):
+            status, _, _ = await http_call(address, "POST", "/v1/recommend", RECOMMEND_BODY, {**JSON, **headers})
+            assert status == 401, headers
+        assert await _recommend_grpc(address) == "UNAUTHENTICATED"
+        assert await _recommend_grpc(address, (("x-api-key", "wrong"),)) == "UNAUTHENTICATED"
+        # The Open Inference Protocol at the edge is protected too.
+        assert (await _infer(address, 1)) == ["UNAUTHENTICATED"]
+        assert stubs.gateway.calls == 0 and sum(sum(s.calls.values()) for s in stubs.scoring) == 0
+
+        for headers in ({"x-api-key": API_KEY}, {"authorization": f"Bearer {API_KEY}"}):
+            status, _, raw = await http_call(address, "POST", "/v1/recommend", RECOMMEND_BODY, {**JSON, **headers})
+            assert status == 200, raw
+        assert await _recommend_grpc(address, (("x-api-key", API_KEY),)) == "OK"
+        assert stubs.gateway.calls == 3
+        # The gateway learns who called, never the key.
+        assert stubs.gateway.metadata[envoy_config.CLIENT_ID_HEADER] == "alice"
+        assert "x-api-key" not in stubs.gateway.metadata
+        # Health checks need no key (probes through the edge keep working).
+        assert await _edge_health(address) == SERVING
+
+
+# --------------------------------------------------------------------------- TLS / mTLS
+
+
+@pytest.fixture
+async def tls_stubs(tmp_path: Path) -> AsyncIterator[tuple[Stubs, certs.CertPaths]]:
+    paths = certs.generate(tmp_path / "certs")
+    # Each stub serves its own service's certificate (Envoy checks the service name) and
+    # requires a client certificate from the CA, as `infermesh up --tls` runs them.
+    credentials = {
+        service: server_credentials(
+            TlsSettings(str(paths.service_cert(service)), str(paths.service_key(service)), str(paths.ca_cert))
+        )
+        for service in (GATEWAY, SCORING, FEATURES, RANKING)
+    }
+    stubs = await _serve_stubs(credentials)
+    try:
+        yield stubs, paths
+    finally:
+        for stub in stubs.servers:
+            await stub.server.stop(None)
+
+
+def _https_sync(port: int, ca: Path) -> tuple[int, bytes]:
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection("localhost", port, timeout=RPC_TIMEOUT_S, context=context)
+    try:
+        conn.request("POST", "/v1/recommend", body=RECOMMEND_BODY, headers=JSON)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+async def test_tls_edge_and_mtls_to_services(tmp_path: Path, tls_stubs: tuple[Stubs, certs.CertPaths]) -> None:
+    stubs, paths = tls_stubs
+    tls = envoy_config.MeshTls.from_dir(paths.directory)
+    # Envoy's own health checks already went over mTLS: `running` waits for all healthy.
+    async with running(tmp_path, stubs, tls=tls) as envoy:
+        edge_port = envoy.ports["edge"]
+        status, raw = await asyncio.to_thread(_https_sync, edge_port, paths.ca_cert)
+        assert status == 200, raw
+        ca_only = certs.client_credentials(paths, with_client_cert=False)
+        async with grpc.aio.secure_channel(f"localhost:{edge_port}", ca_only) as chan:
+            reply = await gateway_pb2_grpc.GatewayServiceStub(chan).Recommend(
+                gateway_pb2.RecommendRequest(user_id="u1"), timeout=RPC_TIMEOUT_S
+            )
+        assert reply.model_name == "stub"
+        assert stubs.gateway.calls == 2
+        # Plaintext to the TLS edge gets nowhere.
+        assert await _recommend_grpc(envoy.address("edge")) == "UNAVAILABLE"
+
+    # The services themselves: a client certificate from the CA, or no connection.
+    gateway = f"127.0.0.1:{stubs.port(GATEWAY)}"
+    assert await _edge_health(gateway, certs.client_credentials(paths)) == SERVING
+    for credentials in (None, ca_only):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await _edge_health(gateway, credentials)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_service_tls_settings() -> None:
+    from services.common.server import load_tls_settings
+    from services.common.settings import SettingsError
+
+    assert load_tls_settings("scoring", {}).mode == "plaintext"
+    tls = load_tls_settings("scoring", {"SCORING_TLS_CERT": "c", "SCORING_TLS_KEY": "k"})
+    assert tls.mode == "tls"
+    env = certs.service_tls_env("scoring", certs.CertPaths(Path("/x")))
+    assert load_tls_settings("scoring", env).mode == "mtls"
+    assert env["SCORING_TLS_CLIENT_CA"] == "/x/ca.crt"
+    for bad in ({"SCORING_TLS_CERT": "c"}, {"SCORING_TLS_CLIENT_CA": "ca"}):
+        with pytest.raises(SettingsError):
+            load_tls_settings("scoring", bad)
+    with pytest.raises(SettingsError, match="cannot read"):
+        server_credentials(TlsSettings("/nonexistent.crt", "/nonexistent.key"))

@@ -1,0 +1,150 @@
+"""The seen filter against the tests' real redis-server (its own namespace), a Redis that
+is not there, and one that never answers; and the breaker that spares requests timeouts."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from services.mesh.supervisor import free_port
+from services.ranking.chain import Candidates, CategoryCap, Chain, SeenFilter
+from services.ranking.layout import seen_key
+from services.ranking.seen import Breaker, SeenStore, StageSkipped
+from tests.conftest import RedisServer
+
+N = 50
+
+
+@pytest.fixture
+def namespace(redis_server: RedisServer) -> Iterator[str]:
+    ns = f"test:rank-seen:{uuid.uuid4().hex}"
+    yield ns
+    with redis.Redis.from_url(redis_server.url) as client:
+        keys = list(client.scan_iter(match=f"{ns}:*"))
+        if keys:
+            client.delete(*keys)
+
+
+def request(user_id: str = "", explain: bool = False, **kwargs) -> Candidates:
+    rng = np.random.default_rng(9)
+    return Candidates(
+        item_ids=[f"i{i}" for i in range(N)],
+        scores=rng.random(N).astype("f4"),
+        categories=rng.integers(0, 5, N).astype("i4"),
+        present=np.ones(N, bool),
+        user_id=user_id,
+        k=N,
+        explain=explain,
+        **kwargs,
+    )
+
+
+class Skips:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, StageSkipped]] = []
+
+    def __call__(self, stage: str, skip: StageSkipped) -> None:
+        self.seen.append((stage, skip))
+
+
+@pytest.mark.parametrize("lookup", ["members", "ismember"])
+async def test_seen_items_are_filtered(redis_server: RedisServer, namespace: str, lookup: str) -> None:
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.sadd(seen_key(namespace, "u1"), "i3", "i7", "i20", "not-a-candidate")
+    store = SeenStore.from_url(redis_server.url, namespace, timeout_seconds=1.0, lookup=lookup)
+    try:
+        unfiltered = await Chain([]).rank(request("u1"))
+        got = await Chain([SeenFilter(store)]).rank(request("u1", explain=True))
+        expected = [i for i in unfiltered.page.tolist() if i not in (3, 7, 20)]
+        assert got.page.tolist() == expected and got.total == N - 3 and got.skipped == []
+        for item in (3, 7, 20):
+            (effect,) = [e for e in got.explanations[item] if e.stage == "seen_filter"]
+            assert effect.effect == "removed" and effect.rank_after == -1 and effect.detail == "seen by user u1"
+        kept = [e for e in got.explanations[4] if e.stage == "seen_filter"]
+        assert kept[0].effect == "kept"
+        # A user with no set, or no user at all, loses nothing.
+        assert (await Chain([SeenFilter(store)]).rank(request("u2"))).page.tolist() == unfiltered.page.tolist()
+        assert (await Chain([SeenFilter(store)]).rank(request(""))).page.tolist() == unfiltered.page.tolist()
+    finally:
+        await store.close()
+
+
+async def test_a_bad_key_skips_the_filter_for_that_user_only(redis_server: RedisServer, namespace: str) -> None:
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.set(seen_key(namespace, "u1"), "not a set")
+        client.sadd(seen_key(namespace, "u2"), "i3")
+    store = SeenStore.from_url(redis_server.url, namespace, timeout_seconds=1.0, failures_to_skip=1)
+    skips = Skips()
+    chain = Chain([SeenFilter(store)], on_skip=skips)
+    try:
+        for _ in range(3):
+            assert (await chain.rank(request("u1"))).skipped == ["seen_filter"]
+        assert "WRONGTYPE" in str(skips.seen[0][1]) and not store.breaker.is_open
+        got = await chain.rank(request("u2"))
+        assert got.skipped == [] and 3 not in got.page.tolist()
+    finally:
+        await store.close()
+
+
+async def test_redis_down_skips_the_filter_and_the_breaker_stops_calling() -> None:
+    now = [100.0]
+    dead = SeenStore.from_url(f"redis://127.0.0.1:{free_port()}/0", "ns", timeout_seconds=1.0)
+    dead.breaker = Breaker(2, retry_seconds=5.0, clock=lambda: now[0])
+    skips = Skips()
+    chain = Chain([SeenFilter(dead), CategoryCap()], on_skip=skips)
+    plain = await Chain([CategoryCap()]).rank(request("u1", max_per_category=2))
+    try:
+        for _ in range(2):
+            got = await chain.rank(request("u1", max_per_category=2))
+            assert got.skipped == ["seen_filter"] and got.page.tolist() == plain.page.tolist()
+        assert [(stage, skip.warn) for stage, skip in skips.seen] == [("seen_filter", True)] * 2
+        assert "redis unreachable" in str(skips.seen[0][1]) and dead.breaker.is_open
+        # Open: requests skip at once, quietly (no log line per request), without Redis.
+        started = time.perf_counter()
+        got = await chain.rank(request("u1", max_per_category=2))
+        assert got.skipped == ["seen_filter"] and skips.seen[-1][1].warn is False
+        assert time.perf_counter() - started < 0.05
+        # After retry_seconds one request tries Redis again (and fails: warns again).
+        now[0] += 5.0
+        await chain.rank(request("u1", max_per_category=2))
+        assert skips.seen[-1][1].warn is True
+    finally:
+        await dead.close()
+
+
+async def test_a_silent_redis_costs_at_most_half_the_remaining_deadline() -> None:
+    # A socket that accepts connections and never answers: Redis hung, not refused.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        store = SeenStore.from_url(f"redis://127.0.0.1:{port}/0", "ns", timeout_seconds=5.0)
+        try:
+            started = time.perf_counter()
+            got = await Chain([SeenFilter(store)]).rank(request("u1", time_remaining=0.4))
+            elapsed = time.perf_counter() - started
+        finally:
+            await store.close()
+    assert got.skipped == ["seen_filter"] and got.total == N
+    assert 0.15 < elapsed < 1.0, elapsed
+
+
+def test_breaker_lets_one_trial_through_per_interval() -> None:
+    now = [0.0]
+    breaker = Breaker(3, retry_seconds=1.0, clock=lambda: now[0])
+    for _ in range(2):
+        breaker.failure()
+    assert breaker.allow() and not breaker.is_open
+    breaker.failure()
+    assert breaker.is_open and not breaker.allow()
+    now[0] = 1.0
+    assert breaker.allow()  # the trial
+    assert not breaker.allow()  # the others wait for it
+    assert breaker.success() is True and not breaker.is_open and breaker.allow()
+    assert breaker.success() is False
