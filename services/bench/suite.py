@@ -6,6 +6,8 @@ measures, and writes suite.json, suite.md and ramp.png to the output folder.
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,12 +42,18 @@ def _topology(replicas: dict[str, int]) -> MeshTopology:
 
 
 @contextmanager
-def running_mesh(data_dir: Path, redis_url: str, replicas: dict[str, int], env: dict[str, str] | None = None) -> Iterator[Mesh]:
+def running_mesh(
+    data_dir: Path,
+    redis_url: str,
+    replicas: dict[str, int],
+    env: dict[str, str] | None = None,
+    models: Path | None = None,
+) -> Iterator[Mesh]:
     mesh = Mesh(
         topology=_topology(replicas),
         data_dir=data_dir,
         redis_url=redis_url,
-        model_repository=model_repository(data_dir),
+        model_repository=models or model_repository(data_dir),
         log_dir=data_dir / "logs",
         extra_env={"LOG_LEVEL": "WARNING", **(env or {})},
     )
@@ -54,6 +62,27 @@ def running_mesh(data_dir: Path, redis_url: str, replicas: dict[str, int], env: 
         yield mesh
     finally:
         mesh.stop()
+
+
+EXPERIMENT_PRIMARY_ONLY = """name: bench-shadow
+arms:
+  - {name: control, model: ranker, version: "1", percent: 100}
+"""
+EXPERIMENT_SHADOW = """shadow: {model: ranker, version: "2", percent: 100}
+"""
+
+
+def shadow_repository(work: Path, data_dir: Path) -> Path:
+    """A model repository with the reference ranker as versions 1 and 2 (the shadow)."""
+    source = model_repository(data_dir)
+    target = work / "models"
+    shutil.copytree(source, target)
+    model = target / "ranker"
+    shutil.copytree(model / "1", model / "2")
+    config = json.loads((model / "config.json").read_text())
+    config["version_policy"] = {"all": {}}  # serve both, not only the newest
+    (model / "config.json").write_text(json.dumps(config, indent=2))
+    return target
 
 
 @contextmanager
@@ -176,6 +205,21 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
                         record(f"mesh tracing {label} c=1", closed(edge, 1, f"tracing {label} c=1"))
                         record(f"mesh tracing {label} c=32", closed(edge, 32, f"tracing {label} c=32"))
 
+            # --- shadow traffic: one mesh, its experiments file switched from "all traffic to
+            # version 1" to the same plus a shadow copy of every scoring call to version 2.
+            repository = shadow_repository(work, data_dir)
+            experiments = work / "experiments.yaml"
+            experiments.write_text(EXPERIMENT_PRIMARY_ONLY)
+            env = {"GATEWAY_EXPERIMENTS_FILE": str(experiments), "GATEWAY_EXPERIMENTS_RELOAD_SECONDS": "0.5"}
+            with running_mesh(data_dir, redis_url, DEFAULT_REPLICAS, env, models=repository) as mesh:
+                edge = factory("grpc", address=f"127.0.0.1:{mesh.topology.edge_port}")
+                record("mesh shadow off c=1", closed(edge, 1, "shadow off c=1"))
+                experiments.write_text(EXPERIMENT_PRIMARY_ONLY + EXPERIMENT_SHADOW)
+                time.sleep(3)  # the gateway re-reads the file every 0.5 s
+                record("mesh shadow 100% c=1", closed(edge, 1, "shadow on c=1"))
+            off, on = scenarios["mesh shadow off c=1"], scenarios["mesh shadow 100% c=1"]
+            results["shadow_p50_increase"] = round(on["latency_ms"]["p50"] / off["latency_ms"]["p50"] - 1, 4)
+
             results["ramps"]["monolith"] = ramp(mono, RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "monolith ramp")
 
             # --- replicas: one of each vs two of each
@@ -196,6 +240,7 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
         f"mesh/monolith throughput at saturation: {results['mesh_over_monolith_throughput']}",
         *(f"max sustainable open-loop rate ({k}, p99 <= {SLO_P99_MS:g} ms): {v['max_sustainable_rps']:.0f} req/s"
           for k, v in results["ramps"].items()),
+        f"shadow traffic (100% of scoring calls copied) p50 change at c=1: {results['shadow_p50_increase']:+.1%}",
         f"CPU ms per request by process kind: {results['cpu_ms_per_request']}",
     ]
     print("\n".join(summary))

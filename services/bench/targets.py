@@ -78,15 +78,22 @@ async def rest_recommend(url: str, timeout: float = 5.0) -> tuple[Call, Callable
 
 
 async def monolith(redis_url: str, model_path: str, namespace: str) -> tuple[Call, Callable[[], Awaitable[None]]]:
-    """The same pipeline in one process: same Redis reads, same model, same ranking code."""
+    """The same pipeline in one process: same Redis reads, same model, same ranking chain
+    (seen-items filter from the same Redis, category cap), no RPC."""
     import onnxruntime as ort
     import redis.asyncio as aioredis
 
+    from services.features.layout import FEATURE_DIM
     from services.features.store import FeatureStore
-    from services.ranking.rank import decode, top_k
+    from services.ranking.chain import Candidates, Chain
+    from services.ranking.rank import decode
+    from services.ranking.service import RankingSettings, build_seen_store, build_stages
 
     client = aioredis.Redis.from_url(redis_url)
     store = FeatureStore(client, namespace, max_items=1000)
+    ranking = RankingSettings(redis_url=redis_url, namespace=namespace)
+    seen = build_seen_store(ranking)
+    chain = Chain(build_stages(ranking, seen))
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
@@ -98,9 +105,25 @@ async def monolith(redis_url: str, model_path: str, namespace: str) -> tuple[Cal
         matrix = np.frombuffer(rows.model_input, dtype="<f4").reshape(rows.rows, -1)
         scores = session.run(None, {"features": matrix})[0]
         ranked = decode(rows.rows, scores.tobytes(), rows.item_categories, rows.item_present)
-        return top_k(ranked, request["k"], 5)
+        return await chain.rank(
+            Candidates(
+                item_ids=request["candidate_ids"],
+                scores=ranked.scores,
+                categories=ranked.categories,
+                present=ranked.present,
+                embeddings=matrix[:, FEATURE_DIM:],
+                user_id=request["user_id"],
+                max_per_category=5,
+                k=request["k"],
+            )
+        )
 
-    return call, client.aclose
+    async def close() -> None:
+        await client.aclose()
+        if seen is not None:
+            await seen.close()
+
+    return call, close
 
 
 async def scoring_infer(address: str, batch: int, model: str = "ranker") -> tuple[Call, Callable[[], Awaitable[None]]]:
