@@ -59,8 +59,10 @@ def ramp(
         step = result.to_json()
         p99 = step["latency_ms"].get("p99", float("inf"))
         failed = sum(step["errors"].values()) + step["dropped"]
-        # Sustained: p99 within the SLO, no errors, and the server kept up with the offered rate.
-        step["sustained"] = p99 <= slo_p99_ms and failed == 0 and step["rps"] >= 0.95 * rate
+        # Sustained: p99 within the SLO and no errors. Latency counts from each request's
+        # intended send time, so a server that falls behind the offered rate shows it in p99
+        # (comparing completions with rate x seconds would fail on Poisson noise alone).
+        step["sustained"] = p99 <= slo_p99_ms and failed == 0
         steps.append(step)
         if not step["sustained"]:
             break

@@ -136,8 +136,11 @@ async def open_loop(
     call: Call, rate: float, seconds: float, seed: int = 0, tick: Callable[[float], None] | None = None
 ) -> RunResult:
     rng = np.random.default_rng(seed)
-    count = max(1, int(math.ceil(rate * seconds)))
-    # Poisson process: exponential gaps; the schedule is fixed before the first send.
+    # Poisson process: exponential gaps; the schedule is fixed before the first send. Drawn
+    # well past the window (mean + 6 sd) and cut at its end, so the count is truly Poisson
+    # rather than capped at rate x seconds.
+    expected = rate * seconds
+    count = max(1, int(math.ceil(expected + 6 * math.sqrt(expected) + 10)))
     offsets = np.cumsum(rng.exponential(1.0 / rate, count))
     offsets = offsets[offsets < seconds]
     latencies: list[float] = []
@@ -174,7 +177,12 @@ async def open_loop(
             last_tick = time.perf_counter()
             tick(last_tick - start)
     if tasks:
-        await asyncio.wait(tasks, timeout=30)
+        _, unfinished = await asyncio.wait(tasks, timeout=30)
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            # Still waiting 30 s after the last arrival: failed, not silently left out.
+            errors["UNFINISHED_AFTER_30S"] += len(unfinished)
     return RunResult("open", seconds, rate, None, np.asarray(latencies), errors, dropped)
 
 

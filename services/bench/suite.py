@@ -1,7 +1,8 @@
 """`infermesh bench --suite`: every published scenario in one run, on one machine.
 
 Starts its own redis-server and meshes on free ports (never the user's running mesh),
-measures, and writes suite.json, suite.md and ramp.png to the output folder.
+measures, and writes suite.json and ramp.png to the output folder (docs/bench for
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from services.workload.seed import model_path, model_repository, seed_all
 
 DEFAULT_REPLICAS = {"gateway": 1, "features": 1, "scoring": 2, "ranking": 1}
 SLO_P99_MS = 25.0
-RAMP_RATES = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1200, 1400)
+RAMP_RATES = (25, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1200, 1400)
 SCORING_BATCHES = (1, 64, 256, 1024)
 
 
@@ -62,6 +63,33 @@ def running_mesh(
         yield mesh
     finally:
         mesh.stop()
+
+
+ROUNDS = 3  # turns of the side-by-side comparisons (tracing, shadow)
+TRACING = (("off", None), ("1%", "0.01"), ("100%", "1.0"))
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median throughput, with every round's figures attached."""
+    chosen = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+    return {**chosen, "rounds": [{"rps": r["rps"], "p50_ms": r["latency_ms"].get("p50")} for r in runs]}
+
+
+def compare(runs: dict[str, list[dict[str, Any]]], baseline: str) -> dict[str, Any]:
+    """Per variant: median throughput and p50 over the rounds, and their change vs baseline."""
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    summary = {
+        label: {"rps": median([r["rps"] for r in rs]), "p50_ms": median([r["latency_ms"]["p50"] for r in rs])}
+        for label, rs in runs.items()
+    }
+    base = summary[baseline]
+    for figures in summary.values():
+        figures["throughput_change"] = round(figures["rps"] / base["rps"] - 1, 4) if base["rps"] else None
+        figures["p50_change"] = round(figures["p50_ms"] / base["p50_ms"] - 1, 4) if base["p50_ms"] else None
+    return summary
 
 
 EXPERIMENT_PRIMARY_ONLY = """name: bench-shadow
@@ -130,7 +158,8 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
     ramp_seconds = 2.0 if quick else 6.0
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": report.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                               "quick": quick, "seconds_per_measurement": seconds, "scenarios": {}, "ramps": {}}
+                               "quick": quick, "seconds_per_measurement": seconds, "scenarios": {}, "ramps": {},
+                               "tracing": {}}
     scenarios = results["scenarios"]
 
     def record(name: str, result: dict[str, Any]) -> None:
@@ -191,34 +220,47 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
                     }
                 results["scoring_items_per_s"] = items
 
-            # --- tracing: off (above), 1% and 100% sampled, exported to a local OTLP receiver
-            # running in its own process so it takes no CPU from the load generator.
-            with trace_receiver(work) as otlp_endpoint:
-                for label, ratio in (("1%", "0.01"), ("100%", "1.0")):
-                    env = {
+            # --- tracing off / 1% / 100% and shadow traffic off / on: small differences on a
+            # noisy machine, so the variants run side by side and are measured in turns
+            # (ROUNDS rounds), each reported by its median round.
+            rounds = 1 if quick else ROUNDS
+            with trace_receiver(work) as otlp_endpoint, ExitStack() as stack:
+                edges = {}
+                for label, ratio in TRACING:
+                    env = {} if ratio is None else {
                         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
                         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                         "OTEL_TRACES_SAMPLER_ARG": ratio,
                     }
-                    with running_mesh(data_dir, redis_url, DEFAULT_REPLICAS, env) as mesh:
-                        edge = factory("grpc", address=f"127.0.0.1:{mesh.topology.edge_port}")
-                        record(f"mesh tracing {label} c=1", closed(edge, 1, f"tracing {label} c=1"))
-                        record(f"mesh tracing {label} c=32", closed(edge, 32, f"tracing {label} c=32"))
+                    mesh = stack.enter_context(running_mesh(data_dir, redis_url, DEFAULT_REPLICAS, env))
+                    edges[label] = factory("grpc", address=f"127.0.0.1:{mesh.topology.edge_port}")
+                for concurrency in (1, 32):
+                    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in TRACING}
+                    for turn in range(rounds):
+                        for label, _ in TRACING:
+                            name = f"tracing {label} c={concurrency} round {turn + 1}"
+                            runs[label].append(closed(edges[label], concurrency, name))
+                    for label, _ in TRACING:
+                        record(f"mesh tracing {label} c={concurrency}", median_run(runs[label]))
+                    results["tracing"][f"c={concurrency}"] = compare(runs, "off")
 
-            # --- shadow traffic: one mesh, its experiments file switched from "all traffic to
-            # version 1" to the same plus a shadow copy of every scoring call to version 2.
+            # Shadow: one mesh whose experiments file is switched between "all traffic to
+            # version 1" and the same plus a shadow copy of every scoring call to version 2.
             repository = shadow_repository(work, data_dir)
             experiments = work / "experiments.yaml"
             experiments.write_text(EXPERIMENT_PRIMARY_ONLY)
             env = {"GATEWAY_EXPERIMENTS_FILE": str(experiments), "GATEWAY_EXPERIMENTS_RELOAD_SECONDS": "0.5"}
+            shadow_runs: dict[str, list[dict[str, Any]]] = {"off": [], "100%": []}
             with running_mesh(data_dir, redis_url, DEFAULT_REPLICAS, env, models=repository) as mesh:
                 edge = factory("grpc", address=f"127.0.0.1:{mesh.topology.edge_port}")
-                record("mesh shadow off c=1", closed(edge, 1, "shadow off c=1"))
-                experiments.write_text(EXPERIMENT_PRIMARY_ONLY + EXPERIMENT_SHADOW)
-                time.sleep(3)  # the gateway re-reads the file every 0.5 s
-                record("mesh shadow 100% c=1", closed(edge, 1, "shadow on c=1"))
-            off, on = scenarios["mesh shadow off c=1"], scenarios["mesh shadow 100% c=1"]
-            results["shadow_p50_increase"] = round(on["latency_ms"]["p50"] / off["latency_ms"]["p50"] - 1, 4)
+                for turn in range(rounds):
+                    for label, text in (("off", ""), ("100%", EXPERIMENT_SHADOW)):
+                        experiments.write_text(EXPERIMENT_PRIMARY_ONLY + text)
+                        time.sleep(2)  # the gateway re-reads the file every 0.5 s
+                        shadow_runs[label].append(closed(edge, 1, f"shadow {label} c=1 round {turn + 1}"))
+            for label, runs_of_label in shadow_runs.items():
+                record(f"mesh shadow {label} c=1", median_run(runs_of_label))
+            results["shadow"] = compare(shadow_runs, "off")
 
             results["ramps"]["monolith"] = ramp(mono, RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "monolith ramp")
 
@@ -240,7 +282,8 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
         f"mesh/monolith throughput at saturation: {results['mesh_over_monolith_throughput']}",
         *(f"max sustainable open-loop rate ({k}, p99 <= {SLO_P99_MS:g} ms): {v['max_sustainable_rps']:.0f} req/s"
           for k, v in results["ramps"].items()),
-        f"shadow traffic (100% of scoring calls copied) p50 change at c=1: {results['shadow_p50_increase']:+.1%}",
+        f"shadow traffic (100% of scoring calls copied), c=1: {results['shadow']['100%']}",
+        *(f"tracing {c}: {v}" for c, v in results["tracing"].items()),
         f"CPU ms per request by process kind: {results['cpu_ms_per_request']}",
     ]
     print("\n".join(summary))
