@@ -41,6 +41,10 @@ def measure(
         bar.close()
 
 
+# A ramp stops after a step whose p99 is this many times the SLO: the server is saturated.
+OVERLOAD_FACTOR = 10
+
+
 def ramp(
     target: TargetFactory,
     rates: Sequence[float],
@@ -51,9 +55,13 @@ def ramp(
     progress: bool = True,
     label: str = "ramp",
 ) -> dict[str, Any]:
-    """Open loop at each rate in turn; stops after the first rate that breaks the SLO."""
+    """Open loop at each rate in turn. The max sustainable rate is the highest rate at which
+    this and every lower step met the SLO; the ramp goes on past the first miss (the plot
+    shows how latency grows) and stops once a step is far gone: errors, dropped arrivals,
+    or p99 over OVERLOAD_FACTOR x the SLO."""
     steps: list[dict[str, Any]] = []
     sustainable = 0.0
+    missed = False
     for rate in rates:
         result = measure(target, Plan("open", seconds, warmup, rate=rate), processes, f"{label} {rate:.0f}/s", progress)
         step = result.to_json()
@@ -64,9 +72,11 @@ def ramp(
         # (comparing completions with rate x seconds would fail on Poisson noise alone).
         step["sustained"] = p99 <= slo_p99_ms and failed == 0
         steps.append(step)
-        if not step["sustained"]:
+        if step["sustained"] and not missed:
+            sustainable = rate
+        missed = missed or not step["sustained"]
+        if failed or p99 > OVERLOAD_FACTOR * slo_p99_ms:
             break
-        sustainable = rate
     return {"slo_p99_ms": slo_p99_ms, "max_sustainable_rps": sustainable, "steps": steps}
 
 

@@ -155,7 +155,7 @@ def cpu_by_role(mesh: Mesh) -> dict[str, float]:
 
 def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
     seconds, warmup = (2.0, 0.5) if quick else (10.0, 2.0)
-    ramp_seconds = 2.0 if quick else 6.0
+    ramp_seconds = 2.0 if quick else 8.0
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": report.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                                "quick": quick, "seconds_per_measurement": seconds, "scenarios": {}, "ramps": {},

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import numpy as np
 
+from services.bench import cli
 from services.bench.loadgen import RunResult, closed_loop, merge, open_loop
 from services.bench.plan import plan
 
@@ -63,3 +65,32 @@ def test_plan_replicas_follow_cpu_per_request() -> None:
     assert result["replicas"] == {"gateway": 3, "scoring": 1}
     assert result["machines"] == 1
     assert abs(result["cost_per_million_requests"] - 1.0 / 3600 * 1000) < 1e-3
+
+
+def _step(p99_ms: float, errors: int = 0) -> RunResult:
+    latencies = np.full(100, p99_ms / 2)
+    latencies[-2:] = p99_ms  # the top 2% at p99_ms
+    return RunResult("open", 1.0, None, None, latencies, Counter({"UNAVAILABLE": errors}) if errors else Counter())
+
+
+def test_ramp_sustains_only_below_the_first_miss_and_stops_when_far_gone(monkeypatch) -> None:  # noqa: ANN001
+    # p99 per offered rate: 100 ok, 200 ok, 300 misses the 25 ms SLO (a stall), 400 ok
+    # again, 500 is saturated (over 10 x the SLO): the ramp records it and stops.
+    p99_by_rate = {100: 5.0, 200: 10.0, 300: 40.0, 400: 20.0, 500: 400.0, 600: 1.0}
+    seen: list[float] = []
+
+    def fake_measure(target, plan, processes, label, progress):  # noqa: ANN001, ANN202
+        seen.append(plan.rate)
+        return _step(p99_by_rate[int(plan.rate)])
+
+    monkeypatch.setattr(cli, "measure", fake_measure)
+    result = cli.ramp(None, list(p99_by_rate), slo_p99_ms=25.0, seconds=1.0, warmup=0.0, progress=False)
+    assert result["max_sustainable_rps"] == 200  # 400 passed, but after a miss
+    assert seen == [100, 200, 300, 400, 500]
+    assert [s["sustained"] for s in result["steps"]] == [True, True, False, True, False]
+
+
+def test_ramp_stops_at_errors(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(cli, "measure", lambda *a, **k: _step(5.0, errors=3))
+    result = cli.ramp(None, [100, 200], slo_p99_ms=25.0, seconds=1.0, warmup=0.0, progress=False)
+    assert result["max_sustainable_rps"] == 0 and len(result["steps"]) == 1
