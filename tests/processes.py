@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import redis
@@ -44,3 +46,15 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def start_service(module: str, env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`python -m <module>` with exactly `env`, its output in `log_path`."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )

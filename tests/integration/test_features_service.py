@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from services.mesh.supervisor import free_port
 from services.mesh.topology import HEALTH_SERVICE_NAMES
 from services.workload.catalog import Catalog, generate_catalog
 from services.workload.seed import load_into_redis
-from tests.processes import start_socket_redis, stop
+from tests.processes import start_service, start_socket_redis, stop
 
 HEALTH_NAME = HEALTH_SERVICE_NAMES["features"]
 
@@ -78,14 +77,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         "FEATURES_READINESS_INTERVAL_SECONDS": "0.1",
         "OTEL_TRACES_EXPORTER": "none",
     }
-    with (workdir / "features.log").open("wb") as log:
-        service = subprocess.Popen(
-            [sys.executable, "-m", "services.features"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    service = start_service("services.features", env, workdir / "features.log")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     running = Running(
         workdir,

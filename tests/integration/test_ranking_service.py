@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from services.mesh.topology import HEALTH_SERVICE_NAMES
 from services.ranking.rank import RankInput, top_k
 from services.workload.catalog import Catalog, generate_catalog, seen_items
 from services.workload.seed import load_into_redis
-from tests.processes import start_socket_redis, stop
+from tests.processes import start_service, start_socket_redis, stop
 
 NAMESPACE = "test:ranking-svc"
 SEEN_PER_USER = 20
@@ -90,14 +89,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         "RANKING_READINESS_INTERVAL_SECONDS": "0.1",
         "OTEL_TRACES_EXPORTER": "none",
     }
-    with (workdir / "ranking.log").open("wb") as log:
-        service = subprocess.Popen(
-            [sys.executable, "-m", "services.ranking"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    service = start_service("services.ranking", env, workdir / "ranking.log")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     running = Running(
         workdir,
