@@ -5,9 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import grpc
 import redis
 
 
@@ -58,3 +59,20 @@ def start_service(module: str, env: Mapping[str, str], log_path: Path) -> subpro
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+
+
+def wait_until_serving(
+    process: subprocess.Popen[bytes], serving: Callable[[], bool], log_path: Path, timeout: float = 60
+) -> None:
+    """Poll `serving()` (a health check; RpcError counts as not yet) until it says yes,
+    failing with the service's log if the process exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if serving():
+                return
+        except grpc.RpcError:
+            pass
+        assert process.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, f"{log_path.stem} never became SERVING"
+        time.sleep(0.1)

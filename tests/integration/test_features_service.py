@@ -28,7 +28,7 @@ from services.mesh.supervisor import free_port
 from services.mesh.topology import HEALTH_SERVICE_NAMES
 from services.workload.catalog import Catalog, generate_catalog
 from services.workload.seed import load_into_redis
-from tests.processes import start_service, start_socket_redis, stop
+from tests.processes import start_service, start_socket_redis, stop, wait_until_serving
 
 HEALTH_NAME = HEALTH_SERVICE_NAMES["features"]
 
@@ -89,16 +89,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         catalog,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if running.serving():
-                    break
-            except grpc.RpcError:
-                pass
-            assert service.poll() is None, (workdir / "features.log").read_text()
-            assert time.monotonic() < deadline, "features never became SERVING"
-            time.sleep(0.1)
+        wait_until_serving(service, running.serving, workdir / "features.log")
         yield running
     finally:
         channel.close()

@@ -27,7 +27,7 @@ from services.mesh.topology import HEALTH_SERVICE_NAMES
 from services.ranking.rank import RankInput, top_k
 from services.workload.catalog import Catalog, generate_catalog, seen_items
 from services.workload.seed import load_into_redis
-from tests.processes import start_service, start_socket_redis, stop
+from tests.processes import start_service, start_socket_redis, stop, wait_until_serving
 
 NAMESPACE = "test:ranking-svc"
 SEEN_PER_USER = 20
@@ -103,16 +103,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     )
     running.seed()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if running.serving():
-                    break
-            except grpc.RpcError:
-                pass
-            assert service.poll() is None, (workdir / "ranking.log").read_text()
-            assert time.monotonic() < deadline, "ranking never became SERVING"
-            time.sleep(0.1)
+        wait_until_serving(service, running.serving, workdir / "ranking.log")
         yield running
     finally:
         channel.close()
