@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway import experiments
 from services.mesh import envoy_config, kubernetes
 from services.mesh.topology import BACKENDS, DEFAULT_EDGE_PORT, HEALTH_SERVICE_NAMES, SERVICES
 
@@ -197,6 +198,24 @@ def test_tls_mounts_the_certificate_where_the_config_reads_it(production: list[O
 
 
 # ------------------------------------------------------------------- termination
+
+
+def test_production_gateway_reads_the_experiments_configmap(production: list[Obj], tmp_path: Path) -> None:
+    """The experiments file the gateway is told to read is the mounted ConfigMap's key,
+    and what ships in it is a configuration the gateway accepts."""
+    gateway = _container(production, "gateway")
+    path = Path(_env(gateway)["GATEWAY_EXPERIMENTS_FILE"])
+    (mount,) = [m for m in gateway["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert mount["readOnly"] is True
+    spec = _get(production, "Deployment", "gateway")["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    configmap = _get(production, "ConfigMap", volume["configMap"]["name"])
+    shipped = tmp_path / path.name
+    shipped.write_text(configmap["data"][path.name])
+    config = experiments.load(shipped, default_model="ranker")
+    # As shipped it changes nothing: no arms, no shadow (the newest version serves everyone).
+    assert config.arms == () and config.shadow is None
+    assert config.assign("u42", "ranker").model == "ranker"
 
 
 @pytest.mark.parametrize("service", SERVICES)
