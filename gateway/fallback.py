@@ -13,6 +13,7 @@ import numpy as np
 from infermesh.ranking.v1 import ranking_pb2
 
 from services.features.layout import FEATURE_DIM, MODEL_INPUT_DIM
+from services.ranking.rank import capped, initial_order
 
 # model_name of a response whose scores came from fallback_scores, not from a model.
 FALLBACK_MODEL_NAME = "fallback-dot-product"
@@ -41,28 +42,6 @@ def fallback_scores(matrix: np.ndarray | None, rows: int) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-dots.astype(np.float64)))).astype("<f4")
 
 
-def occurrence_within_group(groups: np.ndarray) -> np.ndarray:
-    """For each position, how many earlier positions hold the same group value."""
-    order = np.argsort(groups, kind="stable")
-    sorted_groups = groups[order]
-    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-    run_lengths = np.diff(np.r_[starts, len(groups)])
-    within = np.empty(len(groups), dtype=np.int64)
-    within[order] = np.arange(len(groups)) - np.repeat(starts, run_lengths)
-    return within
-
-
-def rank_order(scores: np.ndarray, categories: np.ndarray, present: np.ndarray, max_per_category: int) -> np.ndarray:
-    """Indices of the whole ranked list: present items by descending score (ties: request
-    order, NaN last), at most max_per_category per category (0: no cap)."""
-    candidates = np.flatnonzero(present)
-    keyed = np.nan_to_num(scores[candidates].astype(np.float64), nan=-np.inf)
-    order = candidates[np.lexsort((candidates, -keyed))]
-    if max_per_category > 0 and len(order):
-        order = order[occurrence_within_group(categories[order]) < max_per_category]
-    return order
-
-
 def fallback_rank(
     item_ids: list[str],
     scores: np.ndarray,
@@ -77,7 +56,7 @@ def fallback_rank(
     n = len(item_ids)
     category_array = np.frombuffer(categories, dtype="<i4") if len(categories) == 4 * n else np.zeros(n, "<i4")
     mask = np.frombuffer(present, dtype=np.uint8).astype(bool) if len(present) == n else np.ones(n, bool)
-    order = rank_order(scores, category_array, mask, max_per_category)
+    order = capped(initial_order(scores, mask), category_array, max_per_category)
     page = order[offset : offset + k]
     return ranking_pb2.RankResponse(
         items=[

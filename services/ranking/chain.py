@@ -30,7 +30,7 @@ import numpy as np
 
 from services.common.errors import InvalidArgument
 from services.common.telemetry import ATTR_ITEMS, SPAN_RANKING_PREFIX, stage_span
-from services.ranking.rank import occurrence_within_group
+from services.ranking.rank import capped, initial_order
 from services.ranking.seen import SeenStore, StageSkipped
 
 SEEN_FILTER = "seen_filter"
@@ -108,14 +108,6 @@ class Ranked:
 # ----------------------------------------------------------------------------- ordering
 
 
-def initial_order(scores: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """Rankable items by score descending, ties by request position, NaN last."""
-    candidates = np.flatnonzero(present)
-    keys = np.nan_to_num(scores[candidates].astype(np.float64), nan=-np.inf)
-    # lexsort: last key is primary -> by descending score, then ascending position.
-    return candidates[np.lexsort((candidates, -keys))]
-
-
 def paginate(order: np.ndarray, offset: int, k: int) -> np.ndarray:
     total = len(order)
     if offset and offset >= total:
@@ -135,7 +127,7 @@ def paginate(order: np.ndarray, offset: int, k: int) -> np.ndarray:
 
 
 class SeenFilter(Stage):
-    """Drops the items in the user's seen set (one SMISMEMBER for the whole request)."""
+    """Drops the items in the user's seen set (one Redis read for the whole request: seen.py)."""
 
     name = SEEN_FILTER
 
@@ -294,7 +286,7 @@ class CategoryCap(Stage):
         return c.max_per_category > 0
 
     async def run(self, c: Candidates, order: np.ndarray) -> Outcome:
-        return Outcome(order[occurrence_within_group(c.categories[order]) < c.max_per_category])
+        return Outcome(capped(order, c.categories, c.max_per_category))
 
     def details(self, c: Candidates, note: Any, items: np.ndarray, removed: np.ndarray) -> list[str]:
         cap = c.max_per_category

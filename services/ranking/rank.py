@@ -64,6 +64,21 @@ def occurrence_within_group(groups: np.ndarray) -> np.ndarray:
     return within
 
 
+def initial_order(scores: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Rankable items by score descending, ties by request position, NaN last."""
+    candidates = np.flatnonzero(present)
+    keys = np.nan_to_num(scores[candidates].astype(np.float64), nan=-np.inf)
+    # lexsort: last key is primary -> by descending score, then ascending position.
+    return candidates[np.lexsort((candidates, -keys))]
+
+
+def capped(order: np.ndarray, categories: np.ndarray, max_per_category: int) -> np.ndarray:
+    """`order` keeping at most max_per_category items of each category (0: no cap)."""
+    if max_per_category <= 0 or not len(order):
+        return order
+    return order[occurrence_within_group(categories[order]) < max_per_category]
+
+
 def top_k(ranked: RankInput, k: int, max_per_category: int) -> np.ndarray:
     """Indices of the chosen items, best first.
 
@@ -72,10 +87,4 @@ def top_k(ranked: RankInput, k: int, max_per_category: int) -> np.ndarray:
     """
     if k <= 0:
         raise InvalidArgument(f"k must be positive, got {k}")
-    candidates = np.flatnonzero(ranked.present)
-    scores = np.nan_to_num(ranked.scores[candidates].astype(np.float64), nan=-np.inf)
-    # lexsort: last key is primary -> by descending score, then ascending position.
-    order = candidates[np.lexsort((candidates, -scores))]
-    if max_per_category > 0:
-        order = order[occurrence_within_group(ranked.categories[order]) < max_per_category]
-    return order[:k]
+    return capped(initial_order(ranked.scores, ranked.present), ranked.categories, max_per_category)[:k]

@@ -1,5 +1,5 @@
 """The gateway's failure policy, pass-through fields, experiments and shadow traffic, with
-stand-in stubs (the real mesh runs in tests/e2e/test_gateway_fallbacks.py)."""
+stand-in stubs (the real mesh runs in tests/e2e/test_gateway_resilience.py)."""
 
 from __future__ import annotations
 
