@@ -1,9 +1,12 @@
-"""A circuit breaker in front of Redis.
+"""A circuit breaker in front of a dependency that may go away (Redis).
 
-After `failure_threshold` consecutive failures it opens: requests stop calling Redis and
-answer at once from the local cache and the views' defaults. While open, the service's
-maintenance loop probes Redis (PING) every `probe_interval` seconds; the first success
-closes it again. Requests themselves never probe, so an outage costs them no timeouts.
+After `failure_threshold` consecutive failures it opens: callers stop calling the
+dependency and answer without it at once, so an outage costs requests no timeouts. While
+open, one probe per `probe_interval` may try it; the first success closes it again.
+
+Two ways to probe: features runs a background loop that claims `probe_due()` and PINGs
+Redis, so requests themselves never probe; ranking has no such loop and lets one request
+per interval through as the trial (`admit()`).
 """
 
 from __future__ import annotations
@@ -39,12 +42,20 @@ class CircuitBreaker:
         """Whether a request may call Redis now."""
         return self._opened_at is None
 
-    def record_success(self) -> None:
+    def admit(self) -> bool:
+        """Whether this call may go to the dependency: closed, or open and this call is the
+        one trial of the current probe interval (claimed)."""
+        return self.allow() or self.probe_due()
+
+    def record_success(self) -> bool:
+        """Record a success; True when it closes an open breaker."""
         self._failures = 0
-        if self._opened_at is not None:
-            self._opened_at = None
-            if self._on_change:
-                self._on_change(False)
+        if self._opened_at is None:
+            return False
+        self._opened_at = None
+        if self._on_change:
+            self._on_change(False)
+        return True
 
     def record_failure(self) -> None:
         self._failures += 1

@@ -185,7 +185,7 @@ def bench_store(redis_url: str, namespace: str, entities: int, seconds: float) -
     """The store alone, in this process: what a request costs before gRPC."""
     import redis.asyncio as aioredis
 
-    from services.features.breaker import CircuitBreaker
+    from services.common.breaker import CircuitBreaker
     from services.features.cache import LocalCache
     from services.features.store import FeatureStore
 

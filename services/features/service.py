@@ -20,11 +20,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from services.common.breaker import CircuitBreaker
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.logs import get_logger
 from services.common.metrics import Metrics
 from services.common.settings import ServerSettings, load_settings
-from services.features.breaker import CircuitBreaker
 from services.features.cache import LocalCache
 from services.features.layout import DEFAULT_NAMESPACE
 from services.features.registry import load_registry

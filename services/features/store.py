@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from prometheus_client import Counter
 
+from services.common.breaker import CircuitBreaker
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.metrics import Metrics
 from services.common.telemetry import (
@@ -44,7 +45,6 @@ from services.common.telemetry import (
     child_span,
     record_span,
 )
-from services.features.breaker import CircuitBreaker
 from services.features.cache import Entry, LocalCache
 from services.features.layout import entity_key_prefix, meta_key, pointer_key
 from services.features.registry import TIMESTAMP_FIELD, FeatureView, Registry, load_registry

@@ -19,8 +19,7 @@ requests no timeouts.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -28,6 +27,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from services.common.breaker import CircuitBreaker
 from services.common.logs import get_logger
 from services.ranking.layout import seen_key
 
@@ -48,56 +48,13 @@ class StageSkipped(Exception):
         self.warn = warn
 
 
-class Breaker:
-    """Consecutive failures open it; while open one call per `retry_seconds` may try."""
-
-    def __init__(
-        self,
-        failures_to_open: int,
-        retry_seconds: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if failures_to_open < 1:
-            raise ValueError("failures_to_open must be >= 1")
-        self._threshold = failures_to_open
-        self._retry_seconds = retry_seconds
-        self._clock = clock
-        self._failures = 0
-        self._retry_at = 0.0
-
-    @property
-    def is_open(self) -> bool:
-        return self._failures >= self._threshold
-
-    def allow(self) -> bool:
-        if not self.is_open:
-            return True
-        now = self._clock()
-        if now < self._retry_at:
-            return False
-        # This call is the trial; the others keep skipping until it has answered.
-        self._retry_at = now + self._retry_seconds
-        return True
-
-    def success(self) -> bool:
-        """Record a success; True when it closes an open breaker."""
-        was_open = self.is_open
-        self._failures = 0
-        return was_open
-
-    def failure(self) -> None:
-        self._failures += 1
-        if self._failures >= self._threshold:
-            self._retry_at = self._clock() + self._retry_seconds
-
-
 class SeenStore:
     def __init__(
         self,
         client: aioredis.Redis,
         namespace: str,
         timeout_seconds: float,
-        breaker: Breaker,
+        breaker: CircuitBreaker,
         lookup: str = "members",
     ) -> None:
         if lookup not in LOOKUPS:
@@ -128,11 +85,11 @@ class SeenStore:
             # Members as str, decoded by the reply parser, to test against the request's ids.
             decode_responses=True,
         )
-        return cls(client, namespace, timeout_seconds, Breaker(failures_to_skip, retry_seconds), lookup)
+        return cls(client, namespace, timeout_seconds, CircuitBreaker(failures_to_skip, retry_seconds), lookup)
 
     async def seen(self, user_id: str, item_ids: Sequence[str], time_remaining: float | None = None) -> np.ndarray:
         """bool [len(item_ids)]: True where the user has seen the item. Raises StageSkipped."""
-        if not self.breaker.allow():
+        if not self.breaker.admit():
             raise StageSkipped("redis unreachable (circuit open)", warn=False)
         timeout = self._timeout
         if time_remaining is not None:
@@ -150,10 +107,10 @@ class SeenStore:
             # outage, so the breaker does not count it.
             raise StageSkipped(f"unreadable seen set: {error}") from None
         except _REDIS_ERRORS as error:
-            self.breaker.failure()
+            self.breaker.record_failure()
             detail = str(error) or "no answer in time"
             raise StageSkipped(f"redis unreachable: {type(error).__name__}: {detail}") from None
-        if self.breaker.success():
+        if self.breaker.record_success():
             log.info("redis reachable again: the seen filter runs again")
         if self._by_members:
             # map with a bound C method: no Python bytecode per item.

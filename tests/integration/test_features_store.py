@@ -19,7 +19,7 @@ import redis
 import redis.asyncio as aioredis
 import yaml
 
-from services.features.breaker import CircuitBreaker
+from services.common.breaker import CircuitBreaker
 from services.features.cache import LocalCache
 from services.features.ingest import ingest
 from services.features.layout import pointer_key

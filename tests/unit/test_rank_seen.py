@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import redis
 
+from services.common.breaker import CircuitBreaker
 from services.mesh.supervisor import free_port
 from services.ranking.chain import Candidates, CategoryCap, Chain, SeenFilter
 from services.ranking.layout import seen_key
-from services.ranking.seen import Breaker, SeenStore, StageSkipped
+from services.ranking.seen import SeenStore, StageSkipped
 from tests.conftest import RedisServer
 
 N = 50
@@ -95,7 +96,7 @@ async def test_a_bad_key_skips_the_filter_for_that_user_only(redis_server: Redis
 async def test_redis_down_skips_the_filter_and_the_breaker_stops_calling() -> None:
     now = [100.0]
     dead = SeenStore.from_url(f"redis://127.0.0.1:{free_port()}/0", "ns", timeout_seconds=1.0)
-    dead.breaker = Breaker(2, retry_seconds=5.0, clock=lambda: now[0])
+    dead.breaker = CircuitBreaker(2, probe_interval=5.0, clock=lambda: now[0])
     skips = Skips()
     chain = Chain([SeenFilter(dead), CategoryCap()], on_skip=skips)
     plain = await Chain([CategoryCap()]).rank(request("u1", max_per_category=2))
@@ -137,14 +138,14 @@ async def test_a_silent_redis_costs_at_most_half_the_remaining_deadline() -> Non
 
 def test_breaker_lets_one_trial_through_per_interval() -> None:
     now = [0.0]
-    breaker = Breaker(3, retry_seconds=1.0, clock=lambda: now[0])
+    breaker = CircuitBreaker(3, probe_interval=1.0, clock=lambda: now[0])
     for _ in range(2):
-        breaker.failure()
-    assert breaker.allow() and not breaker.is_open
-    breaker.failure()
-    assert breaker.is_open and not breaker.allow()
+        breaker.record_failure()
+    assert breaker.admit() and not breaker.is_open
+    breaker.record_failure()
+    assert breaker.is_open and not breaker.admit()
     now[0] = 1.0
-    assert breaker.allow()  # the trial
-    assert not breaker.allow()  # the others wait for it
-    assert breaker.success() is True and not breaker.is_open and breaker.allow()
-    assert breaker.success() is False
+    assert breaker.admit()  # the trial
+    assert not breaker.admit()  # the others wait for it
+    assert breaker.record_success() is True and not breaker.is_open and breaker.admit()
+    assert breaker.record_success() is False
