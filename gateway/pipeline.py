@@ -323,17 +323,12 @@ class Pipeline:
         call: Callable[[float], Awaitable[T]],
     ) -> T:
         """A stage without a fallback: its failure is the request's."""
-        timeout = budget.timeout(name)
-        if timeout <= 0:
-            raise DeadlineExceeded(f"deadline passed before the {name} stage")
-        started = time.perf_counter()
         try:
-            with span(SPAN_GATEWAY_PREFIX + name, {ATTR_DEADLINE_REMAINING_MS: round(timeout * 1000.0, 3)}):
-                return await call(timeout)
+            return await Pipeline._timed(name, budget, timings, call)
+        except StageFailed as failure:
+            raise DeadlineExceeded(f"deadline passed before the {name} stage") from failure
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(name, error) from None
-        finally:
-            timings[name] = (time.perf_counter() - started) * 1000.0
 
     @staticmethod
     async def _fallible(
@@ -344,6 +339,22 @@ class Pipeline:
     ) -> T:
         """A stage with a fallback: StageFailed when the fallback should be served instead,
         the error itself when the request is at fault."""
+        try:
+            return await Pipeline._timed(name, budget, timings, call)
+        except grpc.aio.AioRpcError as error:
+            if error.code() in CLIENT_ERRORS:
+                raise from_rpc_error(name, error) from None
+            raise StageFailed(name, f"{error.code().name}: {error.details() or ''}"[:200]) from None
+
+    @staticmethod
+    async def _timed(
+        name: str,
+        budget: Budget,
+        timings: dict[str, float],
+        call: Callable[[float], Awaitable[T]],
+    ) -> T:
+        """One stage call within its budget, in its span, its time in `timings`; StageFailed
+        when no time is left for it (it is then not called)."""
         timeout = budget.timeout(name)
         if timeout <= 0:
             timings[name] = 0.0
@@ -352,9 +363,5 @@ class Pipeline:
         try:
             with span(SPAN_GATEWAY_PREFIX + name, {ATTR_DEADLINE_REMAINING_MS: round(timeout * 1000.0, 3)}):
                 return await call(timeout)
-        except grpc.aio.AioRpcError as error:
-            if error.code() in CLIENT_ERRORS:
-                raise from_rpc_error(name, error) from None
-            raise StageFailed(name, f"{error.code().name}: {error.details() or ''}"[:200]) from None
         finally:
             timings[name] = (time.perf_counter() - started) * 1000.0

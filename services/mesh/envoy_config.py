@@ -677,6 +677,12 @@ OPENAPI_FILE = "openapi.json"
 MAX_OPENAPI_BYTES = 1024 * 1024
 
 
+_JSON_CONTENT_TYPE = {
+    "header": {"key": "content-type", "value": "application/json"},
+    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+}
+
+
 def _openapi_route(topology: MeshTopology) -> Json:
     """GET /v1/openapi.json answered by Envoy itself, from the file it read at start-up."""
     return {
@@ -685,12 +691,7 @@ def _openapi_route(topology: MeshTopology) -> Json:
             "status": 200,
             "body": {"filename": str(topology.descriptor_set.parent / OPENAPI_FILE)},
         },
-        "response_headers_to_add": [
-            {
-                "header": {"key": "content-type", "value": "application/json"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        ],
+        "response_headers_to_add": [_JSON_CONTENT_TYPE],
     }
 
 
@@ -707,12 +708,7 @@ def _not_found_route() -> Json:
     return {
         "match": {"prefix": "/"},
         "direct_response": {"status": 404, "body": {"inline_string": body}},
-        "response_headers_to_add": [
-            {
-                "header": {"key": "content-type", "value": "application/json"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        ],
+        "response_headers_to_add": [_JSON_CONTENT_TYPE],
     }
 
 
