@@ -56,8 +56,8 @@ def openapi_document(scratch: Path) -> str:
 
     described = scratch / "described.binpb"
     _protoc(f"--descriptor_set_out={described}", "--include_imports", "--include_source_info")
-    # The JSON shape is the transcoder's: read its print options from the config it runs.
-    options, _ = openapi.transcoder_settings(envoy_config.render(envoy_config.local_config_topology()))
+    # The JSON shape is the transcoder's: the print options its config is rendered with.
+    options = openapi.JsonOptions.from_print_options(envoy_config.TRANSCODER_PRINT_OPTIONS)
     return openapi.render(described.read_bytes(), options)
 
 

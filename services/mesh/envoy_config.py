@@ -524,6 +524,14 @@ def _router() -> Json:
     }
 
 
+# How the transcoder prints response JSON; the OpenAPI generator (services/mesh/openapi.py,
+# run by scripts/gen_protos.py) describes responses with the same options.
+TRANSCODER_PRINT_OPTIONS: Mapping[str, bool] = {
+    "always_print_primitive_fields": True,
+    "preserve_proto_field_names": True,
+}
+
+
 def _transcoder(descriptor_set: Path) -> Json:
     return {
         "name": "envoy.filters.http.grpc_json_transcoder",
@@ -531,10 +539,7 @@ def _transcoder(descriptor_set: Path) -> Json:
             "@type": f"{_TYPE}.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
             "proto_descriptor": str(descriptor_set),
             "services": [GATEWAY_GRPC_SERVICE],
-            "print_options": {
-                "always_print_primitive_fields": True,
-                "preserve_proto_field_names": True,
-            },
+            "print_options": dict(TRANSCODER_PRINT_OPTIONS),
             # gRPC errors become an HTTP status plus a google.rpc.Status JSON body.
             "convert_grpc_status": True,
             # Non-transcoded calls (plain gRPC, reflection, scoring) pass through untouched.

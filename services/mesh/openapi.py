@@ -35,15 +35,19 @@ from typing import Any
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
+from services.mesh.envoy_config import OPENAPI_PATH
+
 Json = dict[str, Any]
 FieldProto = descriptor_pb2.FieldDescriptorProto
 
 OPENAPI_VERSION = "3.1.0"
 TITLE = "infermesh REST API"
-# The edge route that serves the document (services/mesh/envoy_config.py).
-DOCUMENT_PATH = "/v1/openapi.json"
+# The edge route that serves the document.
+DOCUMENT_PATH = OPENAPI_PATH
 
 _HTTP_METHODS = ("get", "put", "post", "delete", "patch")
+# Method keys an OpenAPI path item may have: google.api.http's plus custom verbs it knows.
+_OPENAPI_METHODS = (*_HTTP_METHODS, "head", "options", "trace")
 
 # Error responses every transcoded operation can give. A gRPC error from a service becomes
 # the HTTP status Envoy maps its code to, with the google.rpc.Status as a JSON body; Envoy's
@@ -669,7 +673,7 @@ def build(
         path, verb, operation = builder.operation(binding)
         item = paths.setdefault(path, {})
         # OpenAPI has fixed method keys; a custom verb (e.g. HEAD, OPTIONS) maps if known.
-        if verb not in (*_HTTP_METHODS, "head", "options", "trace"):
+        if verb not in _OPENAPI_METHODS:
             raise ValueError(f"{binding.service}.{binding.method}: HTTP method {verb!r} has no OpenAPI key")
         if verb in item:
             raise ValueError(f"{verb.upper()} {path} is bound twice ({binding.service}.{binding.method})")
@@ -705,28 +709,6 @@ def build(
     }
 
 
-TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
-
-
-def transcoder_settings(envoy_bootstrap: Mapping[str, Any]) -> tuple[JsonOptions, list[str]]:
-    """The JSON options and transcoded services of the (first) transcoder in a bootstrap."""
-    for node in _walk(envoy_bootstrap):
-        if node.get("name") == TRANSCODER_FILTER and isinstance(node.get("typed_config"), Mapping):
-            config = node["typed_config"]
-            return JsonOptions.from_print_options(config.get("print_options", {})), list(config.get("services", []))
-    raise ValueError(f"no {TRANSCODER_FILTER} filter in the Envoy config")
-
-
-def _walk(node: Any) -> Iterator[Mapping[str, Any]]:
-    if isinstance(node, Mapping):
-        yield node
-        for value in node.values():
-            yield from _walk(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _walk(value)
-
-
 def to_json(document: Json) -> str:
     """Canonical text: sorted keys, indent 2, trailing newline (stable diffs)."""
     return json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
@@ -740,5 +722,5 @@ def operations(document: Mapping[str, Any]) -> Iterator[tuple[str, str, Json]]:
     """(method, path, operation) for every operation in `document`."""
     for path, item in document.get("paths", {}).items():
         for verb, operation in item.items():
-            if verb in (*_HTTP_METHODS, "head", "options", "trace"):
+            if verb in _OPENAPI_METHODS:
                 yield verb, path, operation
