@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import grpc
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def start_socket_redis(workdir: Path, *, persist: bool = True) -> subprocess.Popen[bytes]:
@@ -61,18 +63,51 @@ def start_service(module: str, env: Mapping[str, str], log_path: Path) -> subpro
         )
 
 
+def wait_until(done: Callable[[], bool], timeout: float, what: str | Callable[[], str], interval: float = 0.05) -> None:
+    """Poll `done()` until it is true; after `timeout` seconds fail, saying `what` (or what
+    it returns, computed only then)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, what() if callable(what) else what
+        time.sleep(interval)
+
+
 def wait_until_serving(
     process: subprocess.Popen[bytes], serving: Callable[[], bool], log_path: Path, timeout: float = 60
 ) -> None:
     """Poll `serving()` (a health check; RpcError counts as not yet) until it says yes,
     failing with the service's log if the process exits or `timeout` passes first."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def ready() -> bool:
         try:
             if serving():
-                return
+                return True
         except grpc.RpcError:
             pass
         assert process.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, f"{log_path.stem} never became SERVING"
-        time.sleep(0.1)
+        return False
+
+    wait_until(ready, timeout, f"{log_path.stem} never became SERVING", interval=0.1)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample a process serves on 127.0.0.1:<port>/metrics, by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels` (0 when none)."""
+    return sum(
+        value
+        for (sample, sample_labels), value in scrape(port).items()
+        if sample == name and labels.items() <= dict(sample_labels).items()
+    )

@@ -19,7 +19,6 @@ import json
 import ssl
 import statistics
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from services.mesh.supervisor import Mesh
 from services.mesh.topology import GATEWAY, HEALTH_SERVICE_NAMES, SCORING
 from services.workload.seed import model_repository, seed_all
 from tests.conftest import RedisServer, free_topology
+from tests.processes import metric
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,7 +44,6 @@ API_KEY = "e2e-key-6f1c0a9d"
 RATE_RPS = 10
 RATE_BURST = 10
 RECOMMEND = {"user_id": "u3", "candidate_ids": [f"i{n}" for n in range(60)], "k": K}
-RECOMMEND_METHOD = "/infermesh.gateway.v1.GatewayService/Recommend"
 
 
 @dataclass
@@ -127,14 +126,7 @@ def _https(port: int, ca: str, headers: dict[str, str]) -> tuple[int, bytes, flo
 
 def _gateway_recommends(mesh: Mesh) -> float:
     """Recommend calls the gateway has started, from its own /metrics."""
-    port = mesh.metrics_ports[f"{GATEWAY}-0"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("grpc_server_started_total{") and 'grpc_method="Recommend"' in line or line.startswith("grpc_server_started_total{") and RECOMMEND_METHOD in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric(mesh.metrics_ports[f"{GATEWAY}-0"], "grpc_server_started_total", grpc_method="Recommend")
 
 
 def _recommend(secure: SecureMesh, metadata: tuple[tuple[str, str], ...]) -> gateway_pb2.RecommendResponse:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,19 +23,18 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference import grpc_predict_v2_pb2 as inference_pb2
 from inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
 from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.experiments import parse
 from gateway.fallback import FALLBACK_MODEL_NAME, fallback_rank, fallback_scores
 from services.mesh.supervisor import Mesh, free_port, start_redis
-from services.mesh.topology import GATEWAY, HEALTH_SERVICE_NAMES, RANKING, SCORING
+from services.mesh.topology import GATEWAY, RANKING, SCORING
 from services.workload.catalog import generate_catalog, model_input
 from services.workload.seed import model_repository, seed_all
 from tests.conftest import free_topology
+from tests.processes import Samples, metric, scrape, stop, wait_until
 
 SMALL = {"n_users": 50, "n_items": 3_000, "n_categories": 10}
 SEED = 11
@@ -50,9 +48,7 @@ CANDIDATES = [f"i{n}" for n in range(0, 3_000, 15)]  # 200 items
 @dataclass
 class OwnMesh:
     mesh: Mesh
-    workdir: Path
     experiments: Path
-    channel: grpc.Channel
     stub: gateway_pb2_grpc.GatewayServiceStub
 
     @property
@@ -63,32 +59,16 @@ class OwnMesh:
         request = gateway_pb2.RecommendRequest(user_id=user, candidate_ids=CANDIDATES, k=K, **fields)
         return self.stub.Recommend(request, timeout=timeout)
 
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        port = self.mesh.metrics_ports[f"{GATEWAY}-0"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
+    def metrics(self) -> Samples:
+        return scrape(self.mesh.metrics_ports[f"{GATEWAY}-0"])
 
     def metric(self, name: str, **labels: str) -> float:
-        return sum(
-            value
-            for (sample, sample_labels), value in self.metrics().items()
-            if sample == name and labels.items() <= dict(sample_labels).items()
-        )
+        return metric(self.mesh.metrics_ports[f"{GATEWAY}-0"], name, **labels)
 
     def configure(self, doc: object, user: str, arm: str) -> None:
         """Write the experiments file and wait until the gateway serves `user` from `arm`."""
         self.experiments.write_text(yaml.safe_dump(doc))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.recommend(user, timeout=5).experiment_arm == arm:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"the gateway did not pick up {doc}")
+        wait_until(lambda: self.recommend(user, timeout=5).experiment_arm == arm, 10, f"the gateway did not pick up {doc}")
 
 
 def write_slow_model(repository: Path) -> None:
@@ -137,7 +117,7 @@ def own_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnMesh]:
     channel = grpc.insecure_channel(f"127.0.0.1:{mesh.topology.edge_port}")
     try:
         mesh.start(timeout=90)
-        yield OwnMesh(mesh, workdir, experiments, channel, gateway_pb2_grpc.GatewayServiceStub(channel))
+        yield OwnMesh(mesh, experiments, gateway_pb2_grpc.GatewayServiceStub(channel))
     finally:
         channel.close()
         mesh.stop()
@@ -245,10 +225,11 @@ def test_shadow_copies_reach_the_candidate_and_responses_come_from_the_primary(o
     shadowed = own_mesh.metric("gateway_shadow_requests_total", version="2", outcome="ok")
     replies = [own_mesh.recommend(f"u{n % 20}") for n in range(20)]
     assert all(r.model_version == "1" and r.experiment_arm == "primary" and not r.degraded for r in replies)
-    deadline = time.monotonic() + 5
-    while own_mesh.metric("gateway_shadow_requests_total", version="2", outcome="ok") - shadowed < 15:
-        assert time.monotonic() < deadline, own_mesh.metrics()
-        time.sleep(0.05)
+    wait_until(
+        lambda: own_mesh.metric("gateway_shadow_requests_total", version="2", outcome="ok") - shadowed >= 15,
+        5,
+        lambda: str(own_mesh.metrics()),
+    )
     # The candidate really computed them, and (a copy of the same model) agreed exactly.
     assert model_successes(own_mesh, "ranker", "2") - before >= 15
     assert own_mesh.metric("gateway_shadow_score_abs_diff_sum", version="2") == 0.0
@@ -259,14 +240,15 @@ def test_shadow_copies_reach_the_candidate_and_responses_come_from_the_primary(o
 def test_a_broken_experiments_file_keeps_the_previous_config(own_mesh: OwnMesh) -> None:
     errors = own_mesh.metric("gateway_experiments_reloads_total", result="error")
     own_mesh.experiments.write_text("name: e2e-shadow\narms: [{name: primary, percent: 60}]\n")
-    deadline = time.monotonic() + 5
-    while own_mesh.metric("gateway_experiments_reloads_total", result="error") == errors:
-        assert time.monotonic() < deadline, "the broken file was not noticed"
-        time.sleep(0.05)
+    wait_until(
+        lambda: own_mesh.metric("gateway_experiments_reloads_total", result="error") != errors,
+        5,
+        "the broken file was not noticed",
+    )
     reply = own_mesh.recommend("u3")
     assert reply.experiment_arm == "primary" and reply.model_version == "1" and not reply.degraded
     # SIGHUP reloads at once too; still broken, still the old config.
-    gateway = next(c for c in own_mesh.mesh.children if c.role == GATEWAY)
+    gateway = own_mesh.mesh.replica(f"{GATEWAY}-0")
     gateway.process.send_signal(signal.SIGHUP)
     time.sleep(0.2)
     assert gateway.process.poll() is None
@@ -307,23 +289,10 @@ def test_a_slow_model_falls_back_within_the_deadline(own_mesh: OwnMesh, fallback
     assert own_mesh.metric("gateway_requests_total", experiment="e2e-slow", arm="slow", outcome="degraded") >= 9
 
 
-def edge_serving(own: OwnMesh) -> bool:
-    with grpc.insecure_channel(own.edge) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=HEALTH_SERVICE_NAMES[GATEWAY]), timeout=2
-        )
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
 def stop_role(own: OwnMesh, role: str) -> None:
     for child in own.mesh.children:
-        if child.role == role and child.process.poll() is None:
-            child.process.terminate()
-            try:
-                child.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
+        if child.role == role:
+            stop(child.process)
 
 
 def test_with_scoring_and_then_ranking_stopped_the_gateway_answers_from_fallbacks(
@@ -339,7 +308,7 @@ def test_with_scoring_and_then_ranking_stopped_the_gateway_answers_from_fallback
         assert {t.stage: t.milliseconds for t in reply.stage_timings}["scoring"] < 300
     # Scoring has a fallback: its outage leaves the gateway ready behind the edge.
     time.sleep(1.5)  # more than one readiness interval
-    assert edge_serving(own_mesh)
+    assert "edge" not in own_mesh.mesh.unhealthy()
 
     stop_role(own_mesh, RANKING)
     full = own_mesh.recommend("u1", explain=True)

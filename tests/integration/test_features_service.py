@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from services.mesh.supervisor import free_port
 from services.mesh.topology import HEALTH_SERVICE_NAMES
 from services.workload.catalog import Catalog, generate_catalog
 from services.workload.seed import load_into_redis
-from tests.processes import start_service, start_socket_redis, stop, wait_until_serving
+from tests.processes import metric, start_service, start_socket_redis, stop, wait_until_serving
 
 HEALTH_NAME = HEALTH_SERVICE_NAMES["features"]
 
@@ -43,11 +42,8 @@ class Running:
     metrics_port: int
     catalog: Catalog
 
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-        values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
-        return values[0] if values else 0.0
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(self.metrics_port, name, **labels)
 
     def serving(self) -> bool:
         reply = self.health.Check(health_pb2.HealthCheckRequest(service=HEALTH_NAME), timeout=2)

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,10 @@ from services.mesh.topology import HEALTH_SERVICE_NAMES
 from services.ranking.rank import RankInput, top_k
 from services.workload.catalog import Catalog, generate_catalog, seen_items
 from services.workload.seed import load_into_redis
-from tests.processes import start_service, start_socket_redis, stop, wait_until_serving
+from tests.processes import metric, start_service, start_socket_redis, stop, wait_until_serving
 
 NAMESPACE = "test:ranking-svc"
 SEEN_PER_USER = 20
-SKIPPED_METRIC = 'ranking_skipped_stages_total{stage="seen_filter"}'
 
 
 @dataclass
@@ -49,12 +47,8 @@ class Running:
         with redis.Redis.from_url(self.redis_url) as client:
             load_into_redis(client, self.catalog, NAMESPACE, progress=False, seen_per_user=SEEN_PER_USER)
 
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-        values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
-        assert values, f"{name} not exported"
-        return values[0]
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(self.metrics_port, name, **labels)
 
     def serving(self) -> bool:
         reply = self.health.Check(health_pb2.HealthCheckRequest(service=HEALTH_SERVICE_NAMES["ranking"]), timeout=2)
@@ -190,14 +184,14 @@ def test_bad_input_is_invalid_argument(running: Running, fields: dict, phrase: s
 
 def test_redis_down_skips_the_seen_filter_and_never_fails(running: Running) -> None:
     c = case(running.catalog, k=10, max_per_category=3)
-    before = running.metric(SKIPPED_METRIC)
+    before = running.metric("ranking_skipped_stages_total", stage="seen_filter")
     stop(running.redis)
     try:
         for _ in range(5):
             reply = running.stub.Rank(c.request, timeout=5)
             assert list(reply.skipped_stages) == ["seen_filter"]
             assert [item.item_id for item in reply.items] == expected_ids(c, 10, 3, filtered=False)
-        assert running.metric(SKIPPED_METRIC) == before + 5
+        assert running.metric("ranking_skipped_stages_total", stage="seen_filter") == before + 5
         time.sleep(0.3)  # a few readiness rounds
         assert running.serving()
         warnings = [line for line in running.log_lines() if line.get("message") == "ranking stage skipped"]
