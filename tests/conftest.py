@@ -7,14 +7,15 @@ port is picked free, so the suite runs beside a developer's own `infermesh up`.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from services.mesh.supervisor import DESCRIPTOR_SET, Mesh, free_port, start_redis
-from services.mesh.topology import BACKENDS, SERVICES, Endpoint, MeshTopology
+from services.mesh.supervisor import Mesh, free_port, free_topology, start_redis
 from services.workload.seed import model_repository, seed_all
 
 
@@ -23,6 +24,10 @@ class RedisServer:
     url: str
     port: int
     process: subprocess.Popen[bytes]
+
+    def url_for(self, db: int) -> str:
+        """A database of a test module's own on this server."""
+        return f"redis://127.0.0.1:{self.port}/{db}"
 
 
 @pytest.fixture(scope="session")
@@ -45,31 +50,46 @@ def reference_data(tmp_path_factory: pytest.TempPathFactory, redis_server: Redis
     return data_dir
 
 
-def free_topology(replicas: dict[str, int]) -> MeshTopology:
-    return MeshTopology(
-        replicas={
-            name: tuple(Endpoint("127.0.0.1", free_port()) for _ in range(replicas.get(name, 1)))
-            for name in SERVICES
-        },
-        descriptor_set=DESCRIPTOR_SET,
-        edge_port=free_port(),
-        admin_port=free_port(),
-        internal_ports={name: free_port() for name in BACKENDS},
+# A catalog a mesh of a test's own seeds in seconds (the reference one takes ~10 s).
+SMALL_CATALOG = {"n_users": 30, "n_items": 3_000, "n_categories": 10}
+
+
+def seed_small(workdir: Path, redis_url: str, seed: int, *, force: bool = False, **catalog: int) -> None:
+    """A small catalog, model and candidate index of the test's own (SMALL_CATALOG unless
+    `catalog` says otherwise) in `workdir` and the Redis at `redis_url`."""
+    seed_all(workdir, redis_url, seed=seed, progress=False, train_steps=50, force=force, **{**SMALL_CATALOG, **catalog})
+
+
+@contextmanager
+def running_mesh(
+    data_dir: Path,
+    redis_url: str,
+    replicas: Mapping[str, int],
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    repository: Path | None = None,
+    **options: Any,
+) -> Iterator[Mesh]:
+    """A mesh on free ports over `data_dir`'s seeded data, no trace export unless
+    `extra_env` says otherwise; started (healthy) on entry, stopped on exit."""
+    mesh = Mesh(
+        topology=free_topology(replicas),
+        data_dir=data_dir,
+        redis_url=redis_url,
+        model_repository=repository or model_repository(data_dir),
+        log_dir=data_dir / "logs",
+        extra_env={"OTEL_TRACES_EXPORTER": "none", **(extra_env or {})},
+        **options,
     )
+    try:
+        mesh.start(timeout=90)
+        yield mesh
+    finally:
+        mesh.stop()
 
 
 @pytest.fixture(scope="session")
 def mesh(reference_data: Path, redis_server: RedisServer) -> Iterator[Mesh]:
     """The whole mesh as `infermesh up` runs it: real Envoy, Redis and ONNX Runtime."""
-    running = Mesh(
-        topology=free_topology({"scoring": 2}),
-        data_dir=reference_data,
-        redis_url=redis_server.url,
-        model_repository=model_repository(reference_data),
-        log_dir=reference_data / "logs",
-    )
-    try:
-        running.start(timeout=90)
+    with running_mesh(reference_data, redis_server.url, {"scoring": 2}) as running:
         yield running
-    finally:
-        running.stop()

@@ -22,24 +22,14 @@ from services.bench import report
 from services.bench.cli import measure, ramp
 from services.bench.loadgen import Plan
 from services.bench.targets import factory
-from services.mesh.supervisor import DESCRIPTOR_SET, Mesh, free_port, port_is_free, start_redis
-from services.mesh.topology import BACKENDS, SERVICES, Endpoint, MeshTopology
+from services.mesh.supervisor import Mesh, free_port, free_topology, port_is_free, start_redis
+from services.mesh.topology import SERVICES
 from services.workload.seed import model_path, model_repository, seed_all
 
 DEFAULT_REPLICAS = {"gateway": 1, "features": 1, "scoring": 2, "ranking": 1}
 SLO_P99_MS = 25.0
 RAMP_RATES = (25, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1200, 1400)
 SCORING_BATCHES = (1, 64, 256, 1024)
-
-
-def _topology(replicas: dict[str, int]) -> MeshTopology:
-    return MeshTopology(
-        replicas={n: tuple(Endpoint("127.0.0.1", free_port()) for _ in range(replicas.get(n, 1))) for n in SERVICES},
-        descriptor_set=DESCRIPTOR_SET,
-        edge_port=free_port(),
-        admin_port=free_port(),
-        internal_ports={n: free_port() for n in BACKENDS},
-    )
 
 
 @contextmanager
@@ -51,7 +41,7 @@ def running_mesh(
     models: Path | None = None,
 ) -> Iterator[Mesh]:
     mesh = Mesh(
-        topology=_topology(replicas),
+        topology=free_topology(replicas),
         data_dir=data_dir,
         redis_url=redis_url,
         model_repository=models or model_repository(data_dir),

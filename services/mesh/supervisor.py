@@ -35,11 +35,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.mesh import envoy_config
 from services.mesh.certs import CertPaths, client_credentials, service_tls_env
 from services.mesh.topology import (
+    BACKENDS,
     FEATURES,
     GATEWAY,
     HEALTH_SERVICE_NAMES,
     RANKING,
     SCORING,
+    SERVICES,
     Endpoint,
     MeshTopology,
 )
@@ -136,6 +138,21 @@ free_port = _PortPicker()
 
 def free_port_block(span: int) -> int:
     return free_port.block(span)
+
+
+def free_topology(replicas: Mapping[str, int]) -> MeshTopology:
+    """A topology on free ports (edge, admin, internal listeners, every replica): for meshes
+    started beside another, e.g. by the tests and by `infermesh bench --suite`."""
+    return MeshTopology(
+        replicas={
+            name: tuple(Endpoint("127.0.0.1", free_port()) for _ in range(replicas.get(name, 1)))
+            for name in SERVICES
+        },
+        descriptor_set=DESCRIPTOR_SET,
+        edge_port=free_port(),
+        admin_port=free_port(),
+        internal_ports={name: free_port() for name in BACKENDS},
+    )
 
 
 @dataclass

@@ -30,13 +30,11 @@ from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.mesh import certs, envoy_config
 from services.mesh.supervisor import Mesh
 from services.mesh.topology import GATEWAY, HEALTH_SERVICE_NAMES, SCORING
-from services.workload.seed import model_repository, seed_all
-from tests.conftest import RedisServer, free_topology
+from tests.conftest import RedisServer, running_mesh, seed_small
 from tests.processes import metric
 
 pytestmark = pytest.mark.timeout(300)
 
-SMALL = {"n_users": 30, "n_items": 3_000, "n_categories": 10}
 SEED = 12
 REDIS_DB = 12  # a database of its own on the session's test Redis
 K = 5
@@ -63,29 +61,18 @@ class SecureMesh:
 @pytest.fixture(scope="module")
 def secure_mesh(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[SecureMesh]:
     workdir = tmp_path_factory.mktemp("edge-security")
-    url = f"redis://127.0.0.1:{redis_server.port}/{REDIS_DB}"
-    seed_all(workdir, url, seed=SEED, progress=False, train_steps=50, force=True, **SMALL)
+    url = redis_server.url_for(REDIS_DB)
+    seed_small(workdir, url, SEED, force=True)
     assert certs.main(["--out", str(workdir / "certs")]) == 0
     key_file = workdir / "api-keys"
     key_file.write_text(f"# client:key\ne2e:{API_KEY}\n")
     edge = envoy_config.EdgePolicy(
         rate_limit_rps=RATE_RPS, rate_limit_burst=RATE_BURST, api_keys=envoy_config.load_api_keys(key_file)
     )
-    mesh = Mesh(
-        topology=free_topology({SCORING: 1}),
-        data_dir=workdir,
-        redis_url=url,
-        model_repository=model_repository(workdir),
-        log_dir=workdir / "logs",
-        extra_env={"OTEL_TRACES_EXPORTER": "none"},
-        edge=edge,
-        tls=certs.CertPaths(workdir / "certs"),
-    )
-    try:
-        mesh.start(timeout=90)  # its readiness probes go over mTLS, and through the TLS edge
-        yield SecureMesh(mesh, mesh.tls)  # type: ignore[arg-type]
-    finally:
-        mesh.stop()
+    paths = certs.CertPaths(workdir / "certs")
+    # Its readiness probes go over mTLS, and through the TLS edge.
+    with running_mesh(workdir, url, {SCORING: 1}, edge=edge, tls=paths) as mesh:
+        yield SecureMesh(mesh, paths)
 
 
 class Https:

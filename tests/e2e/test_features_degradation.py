@@ -24,11 +24,9 @@ from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.features.retrieval import exact_top
 from services.mesh.supervisor import Mesh
 from services.workload.catalog import generate_catalog
-from services.workload.seed import model_repository, seed_all
-from tests.conftest import free_topology
+from tests.conftest import SMALL_CATALOG, running_mesh, seed_small
 from tests.processes import start_socket_redis, stop
 
-SMALL = {"n_users": 30, "n_items": 3_000, "n_categories": 10}
 SEED = 5
 K = 10
 # Load-test bounds: loopback only, at most this many requests and seconds.
@@ -54,31 +52,23 @@ def own_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnMesh]:
     redis_process = start_socket_redis(workdir)
     url = f"unix://{workdir / 'redis.sock'}?db=0"
     # A small catalog, model and candidate index of our own: seconds, not the full seed.
-    seed_all(workdir, url, seed=SEED, progress=False, train_steps=50, **SMALL)
-    mesh = Mesh(
-        topology=free_topology({"scoring": 1}),
-        data_dir=workdir,
-        redis_url=url,
-        model_repository=model_repository(workdir),
-        log_dir=workdir / "logs",
-        extra_env={
-            "FEATURES_CACHE_TTL_SECONDS": "0.2",  # entries go stale fast: requests keep reaching Redis
-            "FEATURES_REDIS_TIMEOUT_SECONDS": "0.3",
-            "FEATURES_BREAKER_PROBE_SECONDS": "0.25",
-            "OTEL_TRACES_EXPORTER": "none",
-        },
-    )
-    running = OwnMesh(mesh, workdir, redis_process)
+    seed_small(workdir, url, SEED)
+    extra_env = {
+        "FEATURES_CACHE_TTL_SECONDS": "0.2",  # entries go stale fast: requests keep reaching Redis
+        "FEATURES_REDIS_TIMEOUT_SECONDS": "0.3",
+        "FEATURES_BREAKER_PROBE_SECONDS": "0.25",
+    }
+    running: OwnMesh | None = None
     try:
-        mesh.start(timeout=90)
-        yield running
+        with running_mesh(workdir, url, {"scoring": 1}, extra_env=extra_env) as mesh:
+            running = OwnMesh(mesh, workdir, redis_process)
+            yield running
     finally:
-        mesh.stop()
-        stop(running.redis)
+        stop(running.redis if running is not None else redis_process)  # a test restarts Redis
 
 
 def test_recommend_retrieves_candidates_when_none_are_given(own_mesh: OwnMesh) -> None:
-    catalog = generate_catalog(seed=SEED, **SMALL)
+    catalog = generate_catalog(seed=SEED, **SMALL_CATALOG)
     with grpc.insecure_channel(own_mesh.edge) as channel:
         reply = gateway_pb2_grpc.GatewayServiceStub(channel).Recommend(
             gateway_pb2.RecommendRequest(user_id="u3", retrieve_candidates=100, k=K), timeout=10

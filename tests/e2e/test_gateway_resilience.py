@@ -29,15 +29,16 @@ from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.experiments import parse
 from gateway.fallback import FALLBACK_MODEL_NAME, fallback_rank, fallback_scores
-from services.mesh.supervisor import Mesh, free_port, start_redis
+from services.mesh.supervisor import Mesh
 from services.mesh.topology import GATEWAY, RANKING, SCORING
 from services.workload.catalog import generate_catalog, model_input
-from services.workload.seed import model_repository, seed_all
-from tests.conftest import free_topology
+from services.workload.seed import model_repository
+from tests.conftest import RedisServer, running_mesh, seed_small
 from tests.processes import Samples, metric, scrape, stop, wait_until
 
 SMALL = {"n_users": 50, "n_items": 3_000, "n_categories": 10}
 SEED = 11
+REDIS_DB = 13  # a database of its own on the session's test Redis
 K = 10
 MAX_PER_CATEGORY = 5
 DEADLINE = 1.0  # seconds, the callers' gRPC deadline and the gateway's default for REST
@@ -86,12 +87,10 @@ def write_slow_model(repository: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def own_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnMesh]:
+def own_mesh(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[OwnMesh]:
     workdir = tmp_path_factory.mktemp("gateway-e2e")
-    redis_port = free_port()
-    redis = start_redis(workdir, redis_port, workdir / "logs", persist=False)
-    url = f"redis://127.0.0.1:{redis_port}/0"
-    seed_all(workdir, url, seed=SEED, progress=False, train_steps=50, **SMALL)
+    url = redis_server.url_for(REDIS_DB)
+    seed_small(workdir, url, SEED, force=True, **SMALL)
     repository = model_repository(workdir)
     # Version 2 of the ranker is a copy of version 1: both serve, and they agree.
     shutil.copytree(repository / "ranker" / "1", repository / "ranker" / "2")
@@ -101,28 +100,14 @@ def own_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnMesh]:
     write_slow_model(repository)
     experiments = workdir / "experiments.yaml"
     experiments.write_text("{}\n")
-    mesh = Mesh(
-        topology=free_topology({}),
-        data_dir=workdir,
-        redis_url=url,
-        model_repository=repository,
-        log_dir=workdir / "logs",
-        extra_env={
-            "GATEWAY_EXPERIMENTS_FILE": str(experiments),
-            "GATEWAY_EXPERIMENTS_RELOAD_SECONDS": "0.1",
-            "GATEWAY_TIMEOUT_SECONDS": str(DEADLINE),
-            "OTEL_TRACES_EXPORTER": "none",
-        },
-    )
-    channel = grpc.insecure_channel(f"127.0.0.1:{mesh.topology.edge_port}")
-    try:
-        mesh.start(timeout=90)
-        yield OwnMesh(mesh, experiments, gateway_pb2_grpc.GatewayServiceStub(channel))
-    finally:
-        channel.close()
-        mesh.stop()
-        redis.terminate()
-        redis.wait(timeout=10)
+    extra_env = {
+        "GATEWAY_EXPERIMENTS_FILE": str(experiments),
+        "GATEWAY_EXPERIMENTS_RELOAD_SECONDS": "0.1",
+        "GATEWAY_TIMEOUT_SECONDS": str(DEADLINE),
+    }
+    with running_mesh(workdir, url, {}, extra_env=extra_env, repository=repository) as mesh:
+        with grpc.insecure_channel(f"127.0.0.1:{mesh.topology.edge_port}") as channel:
+            yield OwnMesh(mesh, experiments, gateway_pb2_grpc.GatewayServiceStub(channel))
 
 
 @dataclass(frozen=True)

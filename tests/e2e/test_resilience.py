@@ -30,12 +30,10 @@ from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.mesh.supervisor import Mesh
 from services.mesh.topology import SCORING
-from services.workload.seed import model_repository, seed_all
-from tests.conftest import RedisServer, free_topology
+from tests.conftest import SMALL_CATALOG, RedisServer, running_mesh, seed_small
 
 pytestmark = pytest.mark.timeout(300)
 
-SMALL = {"n_users": 30, "n_items": 3_000, "n_categories": 10}
 SEED = 11
 REDIS_DB = 11  # a database of its own on the session's test Redis
 K = 10
@@ -52,21 +50,10 @@ VICTIM = "scoring-1"
 @pytest.fixture(scope="module")
 def resilient_mesh(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Mesh]:
     workdir = tmp_path_factory.mktemp("resilience")
-    url = f"redis://127.0.0.1:{redis_server.port}/{REDIS_DB}"
-    seed_all(workdir, url, seed=SEED, progress=False, train_steps=50, force=True, **SMALL)
-    mesh = Mesh(
-        topology=free_topology({SCORING: 2}),
-        data_dir=workdir,
-        redis_url=url,
-        model_repository=model_repository(workdir),
-        log_dir=workdir / "logs",
-        extra_env={"OTEL_TRACES_EXPORTER": "none"},
-    )
-    try:
-        mesh.start(timeout=90)
+    url = redis_server.url_for(REDIS_DB)
+    seed_small(workdir, url, SEED, force=True)
+    with running_mesh(workdir, url, {SCORING: 2}) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 # --------------------------------------------------------------------------- Envoy admin
@@ -116,7 +103,7 @@ def _requests() -> list[gateway_pb2.RecommendRequest]:
         gateway_pb2.RecommendRequest(
             user_id=f"u{u}", candidate_ids=[f"i{(u * 131 + n * 17) % 3_000}" for n in range(100)], k=K
         )
-        for u in range(SMALL["n_users"])
+        for u in range(SMALL_CATALOG["n_users"])
     ]
 
 
