@@ -177,9 +177,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         otlp_endpoint = args.otlp_endpoint
         extras: list[tuple[str, str]] = []
         if args.trace_view:
-            from services.observability.cli import LocalTracing
-
             from services.mesh.supervisor import free_port
+            from services.observability.cli import LocalTracing
 
             try:
                 local_tracing = LocalTracing.start(
@@ -197,9 +196,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise MeshError(str(error)) from None
         try:
             edge_policy = envoy_config.edge_policy_from_args(args)
-            tls = CertPaths(args.tls.resolve()) if args.tls is not None else None
-            if tls is not None:
-                tls.check()
+            tls = CertPaths.checked(args.tls) if args.tls is not None else None
         except ValueError as error:
             raise MeshError(str(error)) from None
         curl_options = ""

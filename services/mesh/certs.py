@@ -87,6 +87,13 @@ class CertPaths:
     def missing(self) -> list[Path]:
         return [path for path in self.all() if not path.is_file()]
 
+    @classmethod
+    def checked(cls, directory: Path) -> CertPaths:
+        """The certificates in `directory` (made absolute); ValueError if any is missing."""
+        paths = cls(Path(directory).resolve())
+        paths.check()
+        return paths
+
     def check(self) -> None:
         """ValueError naming what is missing (and how to make it)."""
         missing = self.missing()

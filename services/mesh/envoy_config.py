@@ -16,7 +16,7 @@ JSON. Layout:
   replica within a couple of failed calls.
 * edge policy (an `EdgePolicy`, opt-in): a local rate limit (429 for REST,
   RESOURCE_EXHAUSTED for gRPC) and API-key authentication (401 before any upstream call).
-* TLS (a `MeshTls`, opt-in, certificates from `infermesh certs`): TLS on the edge listener
+* TLS (a `CertPaths`, opt-in, certificates from `infermesh certs`): TLS on the edge listener
   and mTLS from Envoy to every replica. The gateway reaches the backends' internal
   listeners in plaintext: they bind to loopback locally (see docs/envoy.md).
 * tracing (when a `Tracing` is given): Envoy's OpenTelemetry tracer on every listener,
@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from services.mesh.certs import CertPaths
 from services.mesh.topology import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_EDGE_PORT,
@@ -315,29 +316,6 @@ def load_api_keys(path: Path) -> tuple[ApiKey, ...]:
         raise ValueError(f"cannot read API key file {path}: {error.strerror}") from None
 
 
-@dataclass(frozen=True)
-class MeshTls:
-    """Certificates (from `infermesh certs`) for TLS at the edge and mTLS to the services.
-
-    Envoy presents `edge_cert` to clients, and `client_cert` to every replica, whose
-    certificate it checks against `ca` and the service's name (SAN DNS:<service>).
-    """
-
-    ca: Path
-    edge_cert: Path
-    edge_key: Path
-    client_cert: Path
-    client_key: Path
-
-    @classmethod
-    def from_dir(cls, directory: Path) -> MeshTls:
-        from services.mesh.certs import CertPaths
-
-        paths = CertPaths(Path(directory).resolve())
-        paths.check()
-        return cls(paths.ca_cert, paths.edge_cert, paths.edge_key, paths.client_cert, paths.client_key)
-
-
 # --------------------------------------------------------------------------- render
 
 
@@ -345,7 +323,7 @@ def render(
     topology: MeshTopology,
     tracing: Tracing | None = None,
     edge: EdgePolicy | None = None,
-    tls: MeshTls | None = None,
+    tls: CertPaths | None = None,
 ) -> Json:
     """The complete static bootstrap for `topology`; `tracing` adds the tracer, `edge` the
     edge's rate limit and authentication, `tls` TLS at the edge and mTLS to the services."""
@@ -721,7 +699,7 @@ def _edge_listener(
     topology: MeshTopology,
     tracing: Tracing | None = None,
     edge: EdgePolicy | None = None,
-    tls: MeshTls | None = None,
+    tls: CertPaths | None = None,
 ) -> Json:
     edge = edge or EdgePolicy()
     policy_filters = _edge_filters(edge)
@@ -758,7 +736,7 @@ def _file(path: Path) -> Json:
     return {"filename": str(path)}
 
 
-def _downstream_tls(tls: MeshTls) -> Json:
+def _downstream_tls(tls: CertPaths) -> Json:
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -775,7 +753,7 @@ def _downstream_tls(tls: MeshTls) -> Json:
     }
 
 
-def _upstream_tls(tls: MeshTls, service: str) -> Json:
+def _upstream_tls(tls: CertPaths, service: str) -> Json:
     """mTLS to `service`'s replicas: Envoy's client certificate; theirs must name `service`."""
     return {
         "name": "envoy.transport_sockets.tls",
@@ -789,7 +767,7 @@ def _upstream_tls(tls: MeshTls, service: str) -> Json:
                     {"certificate_chain": _file(tls.client_cert), "private_key": _file(tls.client_key)}
                 ],
                 "validation_context": {
-                    "trusted_ca": _file(tls.ca),
+                    "trusted_ca": _file(tls.ca_cert),
                     "match_typed_subject_alt_names": [
                         {"san_type": "DNS", "matcher": {"exact": service}}
                     ],
@@ -833,7 +811,7 @@ def _circuit_breakers() -> Json:
     }
 
 
-def _cluster(topology: MeshTopology, service: str, tls: MeshTls | None = None) -> Json:
+def _cluster(topology: MeshTopology, service: str, tls: CertPaths | None = None) -> Json:
     if topology.discovery not in ("STATIC", "STRICT_DNS"):
         raise ValueError(f"discovery must be STATIC or STRICT_DNS, not {topology.discovery!r}")
     endpoints = topology.replicas[service]
@@ -904,7 +882,7 @@ def write(
     path: Path,
     tracing: Tracing | None = None,
     edge: EdgePolicy | None = None,
-    tls: MeshTls | None = None,
+    tls: CertPaths | None = None,
 ) -> Path:
     """Render `topology` to `path` atomically (readers never see a half-written file)."""
     path = Path(path)
@@ -1107,7 +1085,7 @@ def _render_command(args: argparse.Namespace) -> int:
     )
     tracing = Tracing(args.otlp_endpoint, args.sampling_percent) if args.otlp_endpoint else None
     edge = edge_policy_from_args(args)
-    tls = MeshTls.from_dir(args.tls) if args.tls is not None else None
+    tls = CertPaths.checked(args.tls) if args.tls is not None else None
     if args.out is not None:
         write(topology, args.out, tracing, edge, tls)
         if args.validate:

@@ -295,12 +295,9 @@ class Mesh:
         service, _, env = self._replicas[name]
         return self._spawn(service, name, [sys.executable, "-m", MODULES[service]], env)
 
-    def envoy_tls(self) -> envoy_config.MeshTls | None:
-        return envoy_config.MeshTls.from_dir(self.tls.directory) if self.tls is not None else None
-
     def start_envoy(self) -> None:
         config = envoy_config.write(
-            self.topology, self.data_dir / "envoy.json", self.tracing(), self.edge, self.envoy_tls()
+            self.topology, self.data_dir / "envoy.json", self.tracing(), self.edge, self.tls
         )
         self._spawn(
             "envoy",

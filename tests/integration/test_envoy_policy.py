@@ -168,7 +168,7 @@ async def running(
     tmp_path: Path,
     stubs: Stubs,
     edge: envoy_config.EdgePolicy | None = None,
-    tls: envoy_config.MeshTls | None = None,
+    tls: certs.CertPaths | None = None,
 ) -> AsyncIterator[Envoy]:
     """An Envoy of its own in front of `stubs`, up with every replica healthy."""
     workdir = tmp_path / f"envoy-{time.monotonic_ns()}"
@@ -236,7 +236,7 @@ async def _infer(address: str, calls: int, method: str = "ModelInfer") -> list[s
 
 def test_envoy_accepts_every_policy_and_tls(tmp_path: Path) -> None:
     paths = certs.generate(tmp_path / "certs")
-    tls = envoy_config.MeshTls.from_dir(paths.directory)
+    tls = certs.CertPaths.checked(paths.directory)
     edge = envoy_config.EdgePolicy(
         rate_limit_rps=100, rate_limit_burst=300, api_keys=(envoy_config.ApiKey("alice", API_KEY),)
     )
@@ -434,7 +434,7 @@ def _https_sync(port: int, ca: Path) -> tuple[int, bytes]:
 
 async def test_tls_edge_and_mtls_to_services(tmp_path: Path, tls_stubs: tuple[Stubs, certs.CertPaths]) -> None:
     stubs, paths = tls_stubs
-    tls = envoy_config.MeshTls.from_dir(paths.directory)
+    tls = certs.CertPaths.checked(paths.directory)
     # Envoy's own health checks already went over mTLS: `running` waits for all healthy.
     async with running(tmp_path, stubs, tls=tls) as envoy:
         edge_port = envoy.ports["edge"]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from services.mesh import envoy_config
+from services.mesh.certs import CertPaths
 from services.mesh.topology import (
     BACKENDS,
     HEALTH_SERVICE_NAMES,
@@ -628,9 +629,8 @@ def test_cli_render_with_edge_policy(tmp_path: Path, capsys: pytest.CaptureFixtu
 # --------------------------------------------------------------------------- TLS
 
 
-def _tls(tmp_path: Path) -> envoy_config.MeshTls:
-    d = tmp_path
-    return envoy_config.MeshTls(d / "ca.crt", d / "edge.crt", d / "edge.key", d / "client.crt", d / "client.key")
+def _tls(tmp_path: Path) -> CertPaths:
+    return CertPaths(tmp_path)
 
 
 def test_no_tls_by_default() -> None:
@@ -673,7 +673,7 @@ def test_mtls_to_every_service(tmp_path: Path) -> None:
 
 def test_mesh_tls_from_a_certs_directory(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="infermesh certs"):
-        envoy_config.MeshTls.from_dir(tmp_path)
+        CertPaths.checked(tmp_path)
 
 
 # --------------------------------------------------------------------------- CLI wiring
@@ -697,9 +697,8 @@ def test_up_takes_the_edge_and_tls_flags(tmp_path: Path) -> None:
 
 def test_certs_is_an_infermesh_command(tmp_path: Path) -> None:
     from services.cli import main as cli
-    from services.mesh.certs import CertPaths
 
     assert cli.DELEGATED["certs"][0] == "services.mesh.certs"
     assert cli.main(["certs", "--out", str(tmp_path / "c")]) == 0
     assert CertPaths(tmp_path / "c").missing() == []
-    envoy_config.MeshTls.from_dir(tmp_path / "c")  # complete: no error
+    CertPaths.checked(tmp_path / "c")  # complete: no error
