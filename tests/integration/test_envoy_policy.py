@@ -20,32 +20,28 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.server import TlsSettings, server_credentials
 from services.mesh import certs, envoy_config
 from services.mesh.topology import (
-    BACKENDS,
     FEATURES,
     GATEWAY,
     HEALTH_SERVICE_NAMES,
     RANKING,
     SCORING,
-    Endpoint,
-    MeshTopology,
     local_topology,
 )
-from tests.integration.test_envoy_mesh import (
+from tests.integration.envoy_harness import (
     DESCRIPTOR,
+    Backend,
     Envoy,
-    _read_back_ports,
     admin_get,
-    health_flags,
     http_call,
-    start_envoy,
-    until,
+    running_envoy,
+    start_backend,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -104,29 +100,13 @@ class SwitchableScoring(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 @dataclass
-class Stub:
-    service: str
-    port: int
-    server: grpc.aio.Server
-
-
-@dataclass
 class Stubs:
     gateway: CountingGateway
     scoring: list[SwitchableScoring]
-    servers: list[Stub]
+    servers: list[Backend]
 
-    def topology(self) -> MeshTopology:
-        replicas: dict[str, list[Endpoint]] = {}
-        for stub in self.servers:
-            replicas.setdefault(stub.service, []).append(Endpoint("127.0.0.1", stub.port))
-        return MeshTopology(
-            replicas={name: tuple(endpoints) for name, endpoints in replicas.items()},
-            descriptor_set=DESCRIPTOR,
-            edge_port=0,
-            admin_port=0,
-            internal_ports={name: 0 for name in BACKENDS},
-        )
+    def replicas(self) -> list[tuple[str, int]]:
+        return [(server.service, server.port) for server in self.servers]
 
     def port(self, service: str) -> int:
         return next(s.port for s in self.servers if s.service == service)
@@ -146,20 +126,10 @@ async def _serve_stubs(credentials: dict[str, grpc.ServerCredentials] | None = N
         (FEATURES, None),
         (RANKING, None),
     ]
-    servers = []
-    for service, add in plan:
-        server = grpc.aio.server()
-        if add is not None:
-            add(server)
-        servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        await servicer.set(HEALTH_SERVICE_NAMES[service], SERVING)
-        if credentials is None:
-            port = server.add_insecure_port("127.0.0.1:0")
-        else:
-            port = server.add_secure_port("127.0.0.1:0", credentials[service])
-        await server.start()
-        servers.append(Stub(service, port, server))
+    servers = [
+        await start_backend(service, add, None if credentials is None else credentials[service])
+        for service, add in plan
+    ]
     return Stubs(gateway, scoring, servers)
 
 
@@ -173,19 +143,8 @@ async def running(
     """An Envoy of its own in front of `stubs`, up with every replica healthy."""
     workdir = tmp_path / f"envoy-{time.monotonic_ns()}"
     workdir.mkdir()
-    config = envoy_config.write(stubs.topology(), workdir / "envoy.json", edge=edge, tls=tls)
-    envoy = start_envoy(config, workdir)
-    try:
-        await until("admin and listeners", envoy, lambda: _read_back_ports(envoy))
-
-        async def all_healthy() -> bool:
-            flags = await health_flags(envoy)
-            return all(flags.get((s.service, s.port)) == "healthy" for s in stubs.servers)
-
-        await until("every replica healthy", envoy, all_healthy)
+    async with running_envoy(workdir, stubs.replicas(), edge, tls) as envoy:
         yield envoy
-    finally:
-        envoy.stop()
 
 
 @pytest.fixture
