@@ -7,6 +7,7 @@ port is picked free, so the suite runs beside a developer's own `infermesh up`.
 from __future__ import annotations
 
 import subprocess
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from services.mesh.supervisor import Mesh, free_port, free_topology, start_redis
 from services.workload.seed import model_repository, seed_all
@@ -40,6 +42,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_namespace(redis_server: RedisServer) -> Iterator[str]:
+    """A key prefix of this test's own on the session's Redis; its keys go afterwards."""
+    namespace = f"test:{uuid.uuid4().hex}"
+    yield namespace
+    with redis.Redis.from_url(redis_server.url) as client:
+        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+        if keys:
+            client.delete(*keys)
 
 
 @pytest.fixture(scope="session")

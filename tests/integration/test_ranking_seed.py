@@ -4,7 +4,6 @@ a namespace of this module's own: contents, replacement on reload, and is_seeded
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -21,13 +20,9 @@ SMALL = {"n_users": 60, "n_items": 500, "n_categories": 6}
 
 
 @pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[tuple[redis.Redis, str]]:
-    namespace = f"test:ranking-seed:{uuid.uuid4().hex}"
+def client(redis_server: RedisServer, redis_namespace: str) -> Iterator[tuple[redis.Redis, str]]:
     with redis.Redis.from_url(redis_server.url) as c:
-        yield c, namespace
-        keys = list(c.scan_iter(match=f"{namespace}:*", count=1000))
-        if keys:
-            c.delete(*keys)
+        yield c, redis_namespace
 
 
 def test_seen_items_are_deterministic_distinct_and_seed_dependent() -> None:

@@ -7,10 +7,6 @@ persistence off, and kills it afterwards.
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -19,62 +15,24 @@ import pytest
 import redis
 
 from services.features.layout import ITEM_RECORD, USER_RECORD, item_key, meta_key, user_key
+from services.mesh.supervisor import free_port, start_redis
 from services.workload.catalog import Catalog, generate_catalog
 from services.workload.seed import SeedError, is_seeded, load_into_redis, seed_all
+from tests.processes import stop
 
 N_USERS, N_ITEMS, N_CATEGORIES = 300, 2_000, 10
 SMALL = {"n_users": N_USERS, "n_items": N_ITEMS, "n_categories": N_CATEGORIES}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    # The port can be taken between probing and binding; retry a few times.
-    for _ in range(5):
-        port = _free_port()
-        proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if client.ping():
-                    client.close()
-                    return proc, port
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        client.close()
-        _stop(proc)
-    pytest.fail("could not start a redis-server")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not installed")
-    proc, port = _start_redis(tmp_path_factory.mktemp("redis"))
+    workdir = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    process = start_redis(workdir, port, workdir / "logs", persist=False)
     try:
         yield port
     finally:
-        _stop(proc)
+        stop(process)
 
 
 @pytest.fixture
@@ -157,7 +115,7 @@ def test_seed_all_is_idempotent(client: redis.Redis, redis_port: int, tmp_path: 
 
 
 def test_unreachable_redis_raises_seed_error(tmp_path: Path) -> None:
-    url = f"redis://127.0.0.1:{_free_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     with pytest.raises(SeedError, match="redis-server") as info:
         seed_all(tmp_path, url, progress=False, **SMALL)
     assert url in str(info.value)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import socket
 import time
-import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,13 +21,8 @@ N = 50
 
 
 @pytest.fixture
-def namespace(redis_server: RedisServer) -> Iterator[str]:
-    ns = f"test:rank-seen:{uuid.uuid4().hex}"
-    yield ns
-    with redis.Redis.from_url(redis_server.url) as client:
-        keys = list(client.scan_iter(match=f"{ns}:*"))
-        if keys:
-            client.delete(*keys)
+def namespace(redis_namespace: str) -> str:
+    return redis_namespace
 
 
 def request(user_id: str = "", explain: bool = False, **kwargs) -> Candidates:
