@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from services.mesh import envoy_config
-from services.mesh.envoy_config import REPO_ROOT, Json, render, to_json
+from services.mesh.envoy_config import REPO_ROOT, Json, Tracing, render, to_json
 from services.mesh.topology import (
     BACKENDS,
     DEFAULT_REPLICA_BASE_PORTS,
@@ -106,11 +106,17 @@ def with_edge_tls(config: Json, cert_dir: Path = TLS_DIR) -> Json:
     return config
 
 
+# Envoy traces too, exporting to the base's OpenTelemetry Collector Service; it samples new
+# traces at the services' rate (OTEL_TRACES_SAMPLER_ARG=0.05 in base/kustomization.yaml),
+# and the services follow its decision (parentbased_traceidratio).
+TRACING = Tracing(otlp_endpoint="http://otel-collector:4317", sampling_percent=5.0)
+
+
 def render_config(
     variant: str = "plain", *, descriptor_set: Path = DESCRIPTOR_SET, tls_dir: Path = TLS_DIR
 ) -> Json:
     """The Kubernetes Envoy bootstrap: `plain`, or `tls` (TLS on the edge listener)."""
-    config = render(kubernetes_topology(descriptor_set))
+    config = render(kubernetes_topology(descriptor_set), tracing=TRACING)
     if variant == "tls":
         return with_edge_tls(config, tls_dir)
     if variant != "plain":

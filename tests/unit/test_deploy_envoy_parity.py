@@ -29,7 +29,8 @@ TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 
 @pytest.fixture(scope="module")
 def local() -> Json:
-    return envoy_config.render(envoy_config.local_config_topology())
+    # `infermesh up --otlp-endpoint` adds the tracer the Kubernetes config always has.
+    return envoy_config.render(envoy_config.local_config_topology(), tracing=kubernetes.TRACING)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def _listeners(config: Json) -> dict[str, Json]:
 
 
 def _clusters(config: Json) -> dict[str, Json]:
-    return {c["name"]: c for c in config["static_resources"]["clusters"]}
+    """The services' clusters (not the trace collector's)."""
+    return {c["name"]: c for c in config["static_resources"]["clusters"] if c["name"] != envoy_config.COLLECTOR_CLUSTER}
 
 
 def _hcm(listener: Json) -> Json:
@@ -117,7 +119,9 @@ def test_same_routes(local: Json, k8s: Json) -> None:
         ("/", "gateway"),
     ]
     for backend in BACKENDS:
-        assert routes[backend] == [*(repository if backend == "scoring" else []), ("/", backend)]
+        # With a tracer every listener has a health route of its own (never traced).
+        health = ("/grpc.health.v1.Health/", backend)
+        assert routes[backend] == [health, *(repository if backend == "scoring" else []), ("/", backend)]
 
 
 def test_same_health_names(local: Json, k8s: Json) -> None:
@@ -167,6 +171,20 @@ def test_kubernetes_clusters_resolve_headless_services(k8s: Json) -> None:
         assert cluster["dns_lookup_family"] == "V4_ONLY"
         # The Service has the cluster's name; its port is the service's gRPC port.
         assert _endpoints(cluster) == [(name, kubernetes.service_port(name))]
+
+
+def test_kubernetes_envoy_traces_to_the_collector_service(k8s: Json) -> None:
+    (collector,) = [c for c in k8s["static_resources"]["clusters"] if c["name"] == envoy_config.COLLECTOR_CLUSTER]
+    assert collector["dns_lookup_family"] == "V4_PREFERRED"
+    assert collector["type"] == "STRICT_DNS"
+    assert _endpoints(collector) == [("otel-collector", 4317)]
+    services = (envoy_config.REPO_ROOT / "deploy" / "base" / "otel-collector.yaml").read_text()
+    assert "name: otel-collector" in services and "4317" in services
+    kustomization = (envoy_config.REPO_ROOT / "deploy" / "base" / "kustomization.yaml").read_text()
+    # Envoy starts most traces: it samples at the rate the services are configured with.
+    assert f"OTEL_TRACES_SAMPLER_ARG={kubernetes.TRACING.sampling_percent / 100:g}" in kustomization
+    for listener in _listeners(k8s).values():
+        assert _hcm(listener)["tracing"]["provider"]["name"] == "envoy.tracers.opentelemetry"
 
 
 def test_kubernetes_listeners_bind_every_interface_admin_stays_local(k8s: Json) -> None:
