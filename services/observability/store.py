@@ -249,47 +249,87 @@ class Trace:
 class TraceStore:
     """The newest `max_traces` traces, by trace id."""
 
-    def __init__(self, max_traces: int = 2000, max_spans_per_trace: int = 2000) -> None:
+    def __init__(
+        self, max_traces: int = 2000, max_spans_per_trace: int = 2000, max_pending_spans: int = 50_000
+    ) -> None:
         self.max_traces = max_traces
         self.max_spans_per_trace = max_spans_per_trace
+        # Export requests are kept as parsed protobuf and turned into SpanRecords only when
+        # someone reads the store (or this many spans are waiting): a receiver that nobody
+        # is looking at costs the exporting machine next to nothing beyond the parse.
+        self.max_pending_spans = max_pending_spans
+        self._pending: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self._pending_spans = 0
         self._traces: OrderedDict[str, Trace] = OrderedDict()
         self._changed = threading.Condition()
-        self.spans_received = 0
-        self.spans_dropped = 0
+        self._spans_received = 0
+        self._spans_dropped = 0
+
+    @property
+    def spans_received(self) -> int:
+        with self._changed:
+            self._drain()
+            return self._spans_received
+
+    @property
+    def spans_dropped(self) -> int:
+        with self._changed:
+            self._drain()
+            return self._spans_dropped
 
     def add(self, spans: Iterable[SpanRecord]) -> int:
-        added = 0
-        now = time.time()
         with self._changed:
-            for span in spans:
-                trace = self._traces.get(span.trace_id)
-                if trace is None:
-                    trace = self._traces[span.trace_id] = Trace(span.trace_id)
-                else:
-                    self._traces.move_to_end(span.trace_id)
-                if len(trace.spans) >= self.max_spans_per_trace:
-                    self.spans_dropped += 1
-                    continue
-                trace.spans.append(span)
-                trace.received_at = now
-                added += 1
-            while len(self._traces) > self.max_traces:
-                self._traces.popitem(last=False)
-            self.spans_received += added
+            added = self._add(spans)
             self._changed.notify_all()
         return added
 
-    def add_request(self, request: trace_service_pb2.ExportTraceServiceRequest) -> int:
-        return self.add(spans_from_request(request))
+    def _add(self, spans: Iterable[SpanRecord]) -> int:
+        """Under the lock: file spans under their traces, evicting the oldest traces."""
+        added = 0
+        now = time.time()
+        for span in spans:
+            trace = self._traces.get(span.trace_id)
+            if trace is None:
+                trace = self._traces[span.trace_id] = Trace(span.trace_id)
+            else:
+                self._traces.move_to_end(span.trace_id)
+            if len(trace.spans) >= self.max_spans_per_trace:
+                self._spans_dropped += 1
+                continue
+            trace.spans.append(span)
+            trace.received_at = now
+            added += 1
+        while len(self._traces) > self.max_traces:
+            self._traces.popitem(last=False)
+        self._spans_received += added
+        return added
+
+    def add_request(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
+        """Keep one OTLP export; its spans are decoded when the store is next read."""
+        count = sum(len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans)
+        with self._changed:
+            self._pending.append(request)
+            self._pending_spans += count
+            if self._pending_spans > self.max_pending_spans:
+                self._drain()
+            self._changed.notify_all()
+
+    def _drain(self) -> None:
+        """Under the lock: decode what arrived since the last read."""
+        pending, self._pending, self._pending_spans = self._pending, [], 0
+        for request in pending:
+            self._add(spans_from_request(request))
 
     def get(self, trace_id: str) -> Trace | None:
         with self._changed:
+            self._drain()
             trace = self._traces.get(trace_id.lower())
             return Trace(trace.trace_id, list(trace.spans), trace.received_at) if trace else None
 
     def traces(self) -> list[Trace]:
         """Snapshots, most recently updated first."""
         with self._changed:
+            self._drain()
             return [Trace(t.trace_id, list(t.spans), t.received_at) for t in reversed(self._traces.values())]
 
     def recent(self, limit: int = 50, service: str | None = None) -> list[Trace]:
@@ -314,6 +354,7 @@ class TraceStore:
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
+                self._drain()
                 trace = self._traces.get(trace_id)
                 snapshot = Trace(trace.trace_id, list(trace.spans), trace.received_at) if trace else None
                 if snapshot is not None and ready(snapshot):
@@ -325,4 +366,5 @@ class TraceStore:
 
     def clear(self) -> None:
         with self._changed:
+            self._pending, self._pending_spans = [], 0
             self._traces.clear()

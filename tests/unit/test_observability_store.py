@@ -204,3 +204,26 @@ def test_trace_view_escapes_span_names() -> None:
         assert "<script>alert" not in page and "&lt;script&gt;" in page
         _, _, page = _get(view.url + "/")
         assert "<script>alert" not in page
+
+
+def test_exports_are_decoded_when_read_or_when_too_many_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.observability import store as store_module
+
+    decoded: list[int] = []
+    real = store_module.spans_from_request
+
+    def counting(request: trace_service_pb2.ExportTraceServiceRequest) -> list:
+        decoded.append(1)
+        return real(request)
+
+    monkeypatch.setattr(store_module, "spans_from_request", counting)
+    store = TraceStore(max_pending_spans=3)
+    trace_id = b"\x05" * 16
+    store.add_request(_request(trace_id, [(b"\x01" * 8, b"", "a", 1, 2), (b"\x02" * 8, b"\x01" * 8, "b", 1, 2)]))
+    assert decoded == []  # nobody has looked yet: nothing decoded
+    assert store.spans_received == 2 and len(decoded) == 1
+    store.add_request(_request(trace_id, [(b"\x03" * 8, b"\x01" * 8, "c", 1, 2)] * 2))
+    store.add_request(_request(trace_id, [(b"\x04" * 8, b"\x01" * 8, "d", 1, 2)] * 2))
+    assert len(decoded) == 3  # 4 spans waiting > max_pending_spans: decoded on arrival
+    trace = store.get(trace_id.hex())
+    assert trace is not None and len(trace.spans) == 6
