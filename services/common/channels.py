@@ -10,7 +10,8 @@ import json
 from typing import Any
 
 import grpc
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
+
+from services.common.rpc_tracing import ClientTracingInterceptor
 
 # Retry only what is safe: UNAVAILABLE means the call did not reach a server's handler.
 DEFAULT_SERVICE_CONFIG: dict[str, Any] = {
@@ -44,5 +45,5 @@ def open_channel(target: str, *, traced: bool = True) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(
         target,
         options=channel_options(),
-        interceptors=aio_client_interceptors(filter_=filters.negate(filters.health_check())) if traced else None,
+        interceptors=[ClientTracingInterceptor()] if traced else None,
     )

@@ -1,8 +1,8 @@
 """The one server bootstrap every service runs.
 
 serve() owns what services share: the grpc.aio server, health (driven by the service's
-own readiness check, never hard-wired to SERVING), reflection, the interceptors (tracing,
-error mapping), and graceful shutdown on SIGTERM/SIGINT.
+own readiness check, never hard-wired to SERVING), reflection, one interceptor (tracing,
+error mapping, metrics, request logs), and graceful shutdown on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from services.common.errors import InfermeshError, status_for
 from services.common.logs import configure_logging, get_logger
 from services.common.metrics import Metrics, RpcMetrics, grpc_code_name
+from services.common.rpc_tracing import end_server_span, start_server_span
 from services.common.settings import ServerSettings, SettingsError, load_settings
 from services.common.telemetry import TRACE_ID_HEADER, setup_telemetry
 
@@ -66,13 +66,14 @@ _UNOBSERVED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 _SERVER_FAULTS = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS", "UNIMPLEMENTED"})
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to status codes through one table; hides internal failures.
+class RequestInterceptor(grpc.aio.ServerInterceptor):
+    """The one server interceptor: where each request (not probes) is traced, its errors
+    mapped and it is observed, once.
 
-    Given the service's RpcMetrics it is also where each request is observed, once, in the
-    tracing span the OpenTelemetry interceptor (outside it) opened:
-
-    * RED metrics (services.common.metrics.RpcMetrics): grpc_server_started_total,
+    * the request's SERVER span (services.common.rpc_tracing), continuing the caller's
+      trace context, current for everything inside, so exemplars and log lines carry it;
+    * domain errors mapped to status codes through one table; internal failures hidden;
+    * given the service's RpcMetrics, RED metrics (services.common.metrics.RpcMetrics): grpc_server_started_total,
       grpc_server_handled_total{grpc_code}, grpc_server_handling_seconds with the trace id
       as exemplar when the request is sampled;
     * one JSON log line per request at info: `rpc` with grpc_method, grpc_code,
@@ -126,23 +127,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         rpc = self._rpc
         unary_unary = handle
-        if rpc is not None and _observed(method):
+        if _observed(method):
             header = self._trace_id_metadata
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()
-                rpc.start(method)
-                context_ids = current_ids()
-                if context_ids is not None and header != "none":
-                    metadata = ((TRACE_ID_HEADER, context_ids[0]),)
-                    if header == "initial":
-                        await context.send_initial_metadata(metadata)
-                    else:
-                        context.set_trailing_metadata(metadata)
+                span, token = start_server_span(method, context.invocation_metadata())
+                code = "UNKNOWN"
                 try:
-                    return await handle(request, context)
+                    if rpc is not None:
+                        rpc.start(method)
+                    context_ids = current_ids()
+                    if context_ids is not None and header != "none":
+                        metadata = ((TRACE_ID_HEADER, context_ids[0]),)
+                        if header == "initial":
+                            await context.send_initial_metadata(metadata)
+                        else:
+                            context.set_trailing_metadata(metadata)
+                    try:
+                        return await handle(request, context)
+                    finally:
+                        code = "CANCELLED" if context.cancelled() else _status_name(context)
+                        if rpc is not None:
+                            _observe(rpc, method, context, code, time.perf_counter() - started, context_ids)
                 finally:
-                    _observe(rpc, method, context, time.perf_counter() - started, context_ids)
+                    details = context.details() if code != "OK" else None
+                    end_server_span(span, token, code, details, context.peer() if span.is_recording() else None)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary,
@@ -179,10 +189,10 @@ def _observe(
     rpc: RpcMetrics,
     method: str,
     context: grpc.aio.ServicerContext,
+    code: str,
     seconds: float,
     ids: tuple[str, str, bool] | None,
 ) -> None:
-    code = "CANCELLED" if context.cancelled() else _status_name(context)
     exemplar = {"trace_id": ids[0], "span_id": ids[1]} if ids is not None and ids[2] else None
     rpc.observe(method, code, seconds, exemplar)
     # The same code spelling as the metric's grpc_code label, so logs and metrics agree.
@@ -199,13 +209,6 @@ def _observe(
         log.error("rpc", **fields)
     else:
         log.info("rpc", **fields)
-
-
-def _traced_methods() -> filters.Condition:
-    # Probes and reflection are not requests; tracing them also breaks the health Watch stream.
-    return filters.negate(
-        filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
-    )
 
 
 def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
@@ -296,10 +299,7 @@ async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event 
     """Run `service` until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
     server = grpc.aio.server(
         interceptors=[
-            # Outermost: the server span (continuing the caller's traceparent) is current
-            # for everything inside, so metrics exemplars and log lines carry its ids.
-            aio_server_interceptor(filter_=_traced_methods()),
-            ErrorInterceptor(
+            RequestInterceptor(
                 service.metrics.rpc(), trace_id_metadata=settings.trace_id_metadata
             ),
         ],

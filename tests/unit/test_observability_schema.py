@@ -15,7 +15,7 @@ from services.common.metrics import Metrics
 from services.observability.drift import DriftMonitor, DriftReference
 
 SCHEMA = Path(__file__).resolve().parents[2] / "telemetry" / "schema.yaml"
-STANDARD_PREFIXES = ("db.", "server.", "rpc.", "net.", "http.", "grpc.", "component", "upstream_")
+STANDARD_PREFIXES = ("db.", "server.", "rpc.", "network.", "http.", "grpc.", "component", "upstream_")
 
 
 @pytest.fixture(scope="module")

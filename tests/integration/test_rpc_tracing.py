@@ -1,0 +1,103 @@
+"""The gRPC server and client spans (services.common.rpc_tracing), end to end in one process
+talking to itself over a real socket, exported over OTLP to the real receiver.
+
+Each case runs in a fresh interpreter: the tracer provider is process-global."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.rpc_tracing import _peer_address, rpc_attributes
+from services.observability.receiver import OtlpReceiver
+from services.observability.store import TraceStore
+from tests.unit.test_observability_telemetry import _run
+
+CALLS = """
+import asyncio, json
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from services.common.channels import open_channel
+from services.common.errors import NotFound
+from services.common.server import RequestInterceptor
+from services.common.telemetry import setup_telemetry
+
+telemetry = setup_telemetry("probe")
+
+async def ok(request, context):
+    return request
+
+async def missing(request, context):
+    raise NotFound("no user u1")
+
+async def crash(request, context):
+    raise RuntimeError("bug")
+
+async def main():
+    server = grpc.aio.server(interceptors=[RequestInterceptor()])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.v1.Echo", {
+        name: grpc.unary_unary_rpc_method_handler(behavior) for name, behavior in
+        (("Ok", ok), ("Missing", missing), ("Crash", crash))})])
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = open_channel(f"127.0.0.1:{port}")
+    codes = {}
+    with trace.get_tracer("probe").start_as_current_span("caller") as caller:
+        for name in ("Ok", "Missing", "Crash"):
+            try:
+                await channel.unary_unary(f"/t.v1.Echo/{name}")(b"x", timeout=5)
+                codes[name] = "OK"
+            except grpc.aio.AioRpcError as error:
+                codes[name] = error.code().name
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    await channel.close()
+    await server.stop(None)
+    return format(caller.get_span_context().trace_id, "032x"), codes
+
+trace_id, codes = asyncio.run(main())
+telemetry.shutdown()
+print(json.dumps({"trace_id": trace_id, "codes": codes}))
+"""
+
+
+def test_client_and_server_spans_form_one_trace_with_grpc_statuses() -> None:
+    with OtlpReceiver(TraceStore()) as receiver:
+        result = _run(CALLS, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint)
+        assert result["codes"] == {"Ok": "OK", "Missing": "NOT_FOUND", "Crash": "INTERNAL"}
+        trace = receiver.store.wait_for(result["trace_id"], lambda t: len(t.spans) >= 7, timeout=10)
+        assert trace is not None
+        # caller + a client and a server span per call; the health check is not traced
+        assert len(trace.spans) == 7, [s.name for s in trace.spans]
+        by_id = trace.by_id()
+        for name, code, client_error, server_error in (
+            ("Ok", 0, False, False),
+            ("Missing", 5, True, False),  # the caller's mistake: not a server error
+            ("Crash", 13, True, True),
+        ):
+            method = f"/t.v1.Echo/{name}"
+            (client,) = [s for s in trace.spans if s.name == method and s.kind == "CLIENT"]
+            (server,) = [s for s in trace.spans if s.name == method and s.kind == "SERVER"]
+            assert by_id[client.parent_span_id].name == "caller"
+            assert server.parent_span_id == client.span_id  # the context crossed the wire
+            expected = {"rpc.system": "grpc", "rpc.service": "t.v1.Echo", "rpc.method": name,
+                        "rpc.grpc.status_code": code}
+            assert client.attributes == expected
+            assert server.attributes == {**expected, "network.peer.address": "127.0.0.1"}
+            assert (client.status == "ERROR") is client_error
+            assert (server.status == "ERROR") is server_error
+            assert client.start_ns <= server.start_ns and server.end_ns <= client.end_ns
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [("ipv4:127.0.0.1:5000", "127.0.0.1"), ("ipv6:[::1]:5000", "::1"), ("unix:/tmp/s.sock", "/tmp/s.sock")],
+)
+def test_peer_address(peer: str, address: str) -> None:
+    assert _peer_address(peer) == address
+
+
+def test_rpc_attributes_split_the_full_method_name() -> None:
+    assert rpc_attributes("/inference.GRPCInferenceService/ModelInfer") == {
+        "rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer",
+    }
