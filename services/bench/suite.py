@@ -8,6 +8,7 @@ docs/benchmarks.md).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,9 @@ TRACING = (("off", None), ("1%", "0.01"), ("100%", "1.0"))
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median throughput, with every round's figures attached."""
     chosen = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
-    return {**chosen, "rounds": [{"rps": r["rps"], "p50_ms": r["latency_ms"].get("p50")} for r in runs]}
+    rounds = [{"rps": r["rps"], "p50_ms": r["latency_ms"].get("p50"), **({"cpu_ms_per_request": r["cpu_ms_per_request"]}
+               if "cpu_ms_per_request" in r else {})} for r in runs]
+    return {**chosen, "rounds": rounds}
 
 
 def compare(runs: dict[str, list[dict[str, Any]]], baseline: str) -> dict[str, Any]:
@@ -75,6 +79,9 @@ def compare(runs: dict[str, list[dict[str, Any]]], baseline: str) -> dict[str, A
         label: {"rps": median([r["rps"] for r in rs]), "p50_ms": median([r["latency_ms"]["p50"] for r in rs])}
         for label, rs in runs.items()
     }
+    for label, rs in runs.items():
+        if all("cpu_ms_per_request" in r for r in rs):
+            summary[label]["cpu_ms_per_request"] = round(median([sum(r["cpu_ms_per_request"].values()) for r in rs]), 3)
     base = summary[baseline]
     for figures in summary.values():
         figures["throughput_change"] = round(figures["rps"] / base["rps"] - 1, 4) if base["rps"] else None
@@ -103,9 +110,15 @@ def shadow_repository(work: Path, data_dir: Path) -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class TraceReceiver:
+    endpoint: str  # what OTEL_EXPORTER_OTLP_ENDPOINT says
+    pid: int
+
+
 @contextmanager
-def trace_receiver(work: Path) -> Iterator[str]:
-    """`infermesh traces` in a child process; yields the OTLP endpoint the services export to."""
+def trace_receiver(work: Path) -> Iterator[TraceReceiver]:
+    """`infermesh traces` in a child process, the OTLP endpoint the services export to."""
     otlp_port, http_port = free_port(), free_port()
     log = open(work / "traces.log", "wb")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
@@ -119,25 +132,28 @@ def trace_receiver(work: Path) -> Iterator[str]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the trace receiver did not start; see {work / 'traces.log'}")
             time.sleep(0.1)
-        yield f"http://127.0.0.1:{otlp_port}"
+        yield TraceReceiver(f"http://127.0.0.1:{otlp_port}", process.pid)
     finally:
         process.terminate()
         process.wait(timeout=10)
         log.close()
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    import os
-
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    return {role: round((after[role] - before.get(role, 0.0)) * 1000 / max(1, requests), 3) for role in after}
 
 
 def cpu_by_role(mesh: Mesh) -> dict[str, float]:
     totals: dict[str, float] = {}
     for child in mesh.children:
         try:
-            totals[child.role] = totals.get(child.role, 0.0) + _cpu_seconds(child.process.pid)
+            totals[child.role] = totals.get(child.role, 0.0) + cpu_seconds(child.process.pid)
         except (OSError, IndexError, ValueError):
             pass
     return totals
@@ -188,10 +204,7 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
                 saturated = closed(grpc_edge, 32, "edge c=32")
                 after = cpu_by_role(mesh)
                 record("mesh gRPC via Envoy c=32", saturated)
-                requests = max(1, saturated["ok"])
-                results["cpu_ms_per_request"] = {
-                    role: round((after.get(role, 0) - before.get(role, 0)) * 1000 / requests, 4) for role in after
-                }
+                results["cpu_ms_per_request"] = cpu_ms_per_request(before, after, saturated["ok"])
                 results["replicas"] = DEFAULT_REPLICAS
                 record("mesh gRPC direct to gateway c=32", closed(factory("grpc", address=gateway), 32, "direct c=32"))
                 results["ramps"]["mesh via Envoy"] = ramp(grpc_edge, RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "mesh ramp")
@@ -214,22 +227,28 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
             # noisy machine, so the variants run side by side and are measured in turns
             # (ROUNDS rounds), each reported by its median round.
             rounds = 1 if quick else ROUNDS
-            with trace_receiver(work) as otlp_endpoint, ExitStack() as stack:
-                edges = {}
+            with trace_receiver(work) as receiver, ExitStack() as stack:
+                edges, meshes = {}, {}
                 for label, ratio in TRACING:
                     env = {} if ratio is None else {
-                        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
+                        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
                         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                         "OTEL_TRACES_SAMPLER_ARG": ratio,
                     }
-                    mesh = stack.enter_context(running_mesh(data_dir, redis_url, DEFAULT_REPLICAS, env))
+                    mesh = meshes[label] = stack.enter_context(running_mesh(data_dir, redis_url, DEFAULT_REPLICAS, env))
                     edges[label] = factory("grpc", address=f"127.0.0.1:{mesh.topology.edge_port}")
                 for concurrency in (1, 32):
                     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in TRACING}
                     for turn in range(rounds):
                         for label, _ in TRACING:
                             name = f"tracing {label} c={concurrency} round {turn + 1}"
-                            runs[label].append(closed(edges[label], concurrency, name))
+                            # CPU per request by process kind, the trace receiver's included:
+                            # where tracing's cost goes, from the same run.
+                            before = {**cpu_by_role(meshes[label]), "trace receiver": cpu_seconds(receiver.pid)}
+                            run = closed(edges[label], concurrency, name)
+                            after = {**cpu_by_role(meshes[label]), "trace receiver": cpu_seconds(receiver.pid)}
+                            run["cpu_ms_per_request"] = cpu_ms_per_request(before, after, run["ok"])
+                            runs[label].append(run)
                     for label, _ in TRACING:
                         record(f"mesh tracing {label} c={concurrency}", median_run(runs[label]))
                     results["tracing"][f"c={concurrency}"] = compare(runs, "off")

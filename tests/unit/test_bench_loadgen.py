@@ -94,3 +94,21 @@ def test_ramp_stops_at_errors(monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(cli, "measure", lambda *a, **k: _step(5.0, errors=3))
     result = cli.ramp(None, [100, 200], slo_p99_ms=25.0, seconds=1.0, warmup=0.0, progress=False)
     assert result["max_sustainable_rps"] == 0 and len(result["steps"]) == 1
+
+
+def test_suite_compares_variants_by_their_median_round() -> None:
+    from services.bench.suite import compare, cpu_ms_per_request, median_run
+
+    def run(rps: float, p50: float, cpu: float) -> dict:
+        return {"rps": rps, "latency_ms": {"p50": p50}, "cpu_ms_per_request": {"gateway": cpu, "envoy": 1.0}}
+
+    runs = {"off": [run(100, 10, 2.0), run(120, 9, 1.0), run(90, 12, 3.0)],
+            "100%": [run(80, 12, 3.0), run(85, 11, 2.5), run(70, 14, 4.0)]}
+    summary = compare(runs, "off")
+    assert summary["off"]["rps"] == 100 and summary["off"]["cpu_ms_per_request"] == 3.0
+    assert summary["100%"]["rps"] == 80 and summary["100%"]["throughput_change"] == -0.2
+    assert summary["100%"]["cpu_ms_per_request"] == 4.0
+    chosen = median_run(runs["100%"])
+    assert chosen["rps"] == 80 and [r["rps"] for r in chosen["rounds"]] == [80, 85, 70]
+    assert chosen["rounds"][0]["cpu_ms_per_request"] == {"gateway": 3.0, "envoy": 1.0}
+    assert cpu_ms_per_request({"gateway": 1.0}, {"gateway": 1.5, "envoy": 0.2}, 100) == {"gateway": 5.0, "envoy": 2.0}
