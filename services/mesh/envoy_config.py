@@ -87,7 +87,7 @@ ROUTE_TIMEOUTS: Mapping[str, tuple[str, str]] = {
 }
 # Idempotent calls only: the retried call may already have run on the first replica.
 # Every RPC of the mesh is a read (Recommend, GetFeatures, RetrieveCandidates, ModelInfer,
-# the inference metadata/statistics calls, Rank), so this is the routes' default.
+# the inference metadata/config/statistics calls, Rank), so this is the routes' default.
 IDEMPOTENT_RETRY_ON = "unavailable,reset,connect-failure,refused-stream"
 # Conditions where the request cannot have reached the application: safe for any RPC.
 UNSENT_RETRY_ON = "connect-failure,refused-stream,reset-before-request"

@@ -34,6 +34,10 @@ from services.scoring.tensors import DATATYPES
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.onnx"
+# <model>/<version>/provenance.json: where that version came from (overrides config.json's).
+PROVENANCE_FILE = "provenance.json"
+# What every version should be able to say about itself; any other string keys are kept too.
+PROVENANCE_KEYS = ("owner", "training_data_digest", "source_revision")
 # A bounded queue by default: overload answers RESOURCE_EXHAUSTED instead of growing memory.
 DEFAULT_MAX_QUEUE_SIZE = 1024
 PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
@@ -106,6 +110,8 @@ class ModelConfig:
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     warmup: tuple[WarmupSpec, ...] = (WarmupSpec(),)
     cache: CachePolicy = field(default_factory=CachePolicy)
+    # Defaults for every version's provenance (PROVENANCE_KEYS and more), strings only.
+    provenance: Mapping[str, str] = field(default_factory=dict)
 
 
 _TOP_KEYS = {
@@ -125,6 +131,7 @@ _TOP_KEYS = {
     "version_policy",
     "warmup",
     "response_cache",
+    "provenance",
 }
 
 
@@ -289,7 +296,37 @@ def parse_config(name: str, doc: Mapping[str, Any]) -> ModelConfig:
         version_policy=_version_policy(doc.get("version_policy")),
         warmup=warmup,
         cache=_cache(doc.get("response_cache")),
+        provenance=parse_provenance(doc.get("provenance", {}), "provenance"),
     )
+
+
+def parse_provenance(doc: Any, where: str) -> dict[str, str]:
+    """A flat object of strings (numbers are written as text; nested values as JSON)."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{where} must be an object of strings, got {type(doc).__name__}")
+    found = {}
+    for key, value in doc.items():
+        if value is None:
+            continue
+        if isinstance(value, str):
+            found[str(key)] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[str(key)] = str(value)
+        else:
+            found[str(key)] = json.dumps(value, sort_keys=True)
+    return found
+
+
+def read_provenance(version_dir: Path, defaults: Mapping[str, str]) -> dict[str, str]:
+    """A version's provenance: config.json's `provenance`, then its own provenance.json."""
+    path = version_dir / PROVENANCE_FILE
+    if not path.is_file():
+        return dict(defaults)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path} is not readable JSON: {error}") from None
+    return {**defaults, **parse_provenance(doc, str(path))}
 
 
 def read_config(model_dir: Path, override: str | None = None) -> ModelConfig:

@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.scoring import modelgen
-from services.scoring.config import CONFIG_FILE, MODEL_FILE
+from services.scoring.config import CONFIG_FILE, MODEL_FILE, PROVENANCE_FILE
 
 INPUT = "features"
 OPSETS = {"": 17, "ai.onnx.ml": 3}
@@ -162,7 +162,7 @@ def publish(repository: Path, name: str, onnx_model: bytes, batched: bool, prove
         # Batching needs every output to be batch-major; otherwise each request runs alone.
         modelgen.write_config(repository, name, {"max_batch_size": DEFAULT_MAX_BATCH_SIZE if batched else 0})
     path = modelgen.write_version(repository, name, version, onnx_model)
-    (path.parent / "imported.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    (path.parent / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     return version, path
 
 
@@ -174,6 +174,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=Path, help=".npy float rows for the parity check (default: 512 standard normal rows)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |onnx - original| (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="convert and check; write nothing")
+    p.add_argument("--owner", help="provenance: who owns the model (team or person)")
+    p.add_argument("--training-data-digest", help="provenance: digest of the data it was trained on")
+    p.add_argument("--source-revision", help="provenance: revision of the code that trained it")
     return p
 
 
@@ -203,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print("  dry run: nothing written")
         return 0
+    given = {"owner": args.owner, "training_data_digest": args.training_data_digest, "source_revision": args.source_revision}
     provenance = {
+        **{key: value for key, value in given.items() if value},
         "source_file": str(args.file),
         "source_sha256": hashlib.sha256(args.file.read_bytes()).hexdigest(),
         "source_type": f"{type(model).__module__}.{type(model).__name__}",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from services.common.errors import InvalidArgument
 from services.common.logs import get_logger
 from services.common.telemetry import ATTR_EXECUTION_PROVIDER, ATTR_MODEL_NAME, ATTR_MODEL_VERSION
 from services.scoring.batcher import DynamicBatcher, Instance
-from services.scoring.config import MODEL_FILE, ConfigError, ModelConfig, TensorSpec, WarmupSpec
+from services.scoring.config import MODEL_FILE, ConfigError, ModelConfig, TensorSpec, WarmupSpec, read_provenance
 from services.scoring.providers import (
     GPU_PROVIDERS,
     create_session,
@@ -48,6 +49,16 @@ class ModelLoadError(Exception):
 class LoadOptions:
     providers: str = "auto"
     intra_op_threads: int = 1
+
+
+def memory_estimate(model_file_bytes: int, instances: int) -> int:
+    """What a version is reckoned to hold in memory: its model file once per instance.
+
+    The one estimate for ModelStatistics memory_usage (ModelVersion.byte_size) and the
+    repository's memory budget, known before a load from the file's size. It leaves out
+    ONNX Runtime's arenas and the batch buffers, which depend on traffic rather than the model.
+    """
+    return model_file_bytes * instances
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,7 @@ class ModelVersion:
         io_binding: bool,
         device_ids: tuple[int, ...],
         byte_size: int,
+        provenance: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -143,6 +155,8 @@ class ModelVersion:
         self.io_binding = io_binding
         self.device_ids = device_ids
         self.byte_size = byte_size
+        # Owner, training data digest, source revision...: config.json + provenance.json.
+        self.provenance = dict(provenance if provenance is not None else config.provenance)
         self.stats = Statistics()
         self.state = LOADING
         self.batching = config.batching.max_batch_size > 0
@@ -152,6 +166,9 @@ class ModelVersion:
         self._input_specs = {spec.name: (index, spec) for index, spec in enumerate(inputs)}
         self._leases = 0
         self._idle: asyncio.Event | None = None
+        # time.monotonic() of the last request that leased it (or of its activation): the
+        # repository's memory budget unloads the least recently used models first.
+        self.last_used = time.monotonic()
 
     @property
     def on_gpu(self) -> bool:
@@ -187,9 +204,15 @@ class ModelVersion:
             if len(self.inputs) == 1
             else None
         )
+        self.last_used = time.monotonic()
         self.state = READY
 
     # ------------------------------------------------------------------ leases
+
+    @property
+    def in_flight(self) -> int:
+        """Requests that chose this version and are not answered yet."""
+        return self._leases
 
     def acquire(self) -> None:
         self._leases += 1
@@ -295,6 +318,10 @@ def build_version(
         data = path.read_bytes()  # read once: instances share it and a later replace is harmless
     except OSError as error:
         raise ModelLoadError(f"cannot read {path}: {error}") from None
+    try:
+        provenance = read_provenance(path.parent, config.provenance)
+    except ConfigError as error:
+        raise ModelLoadError(str(error)) from None
     requested = config.execution_providers or (options.providers,)
     plan = plan_providers(requested, ort.get_available_providers(), tensorrt_libraries_present())
     threads = config.intra_op_threads or options.intra_op_threads
@@ -336,7 +363,8 @@ def build_version(
         provider_reason=choices[0][0].reason,
         io_binding=any(getattr(i.runner, "io_binding", False) for i in instances),
         device_ids=tuple(sorted({d for _, d in choices})) if provider in GPU_PROVIDERS else (),
-        byte_size=len(data) * len(instances),
+        byte_size=memory_estimate(len(data), len(instances)),
+        provenance=provenance,
     )
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.scoring import modelgen
-from services.scoring.config import MODEL_FILE
+from services.scoring.config import MODEL_FILE, PROVENANCE_FILE, read_provenance
 from services.scoring.models import session_options
 from services.workload.catalog import DEFAULT_SEED, affinity, generate_catalog, model_input, ndcg_at_k
 
@@ -133,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sidecar = {"quantized_from": source_version, "method": "onnxruntime dynamic int8 (QInt8 weights)",
                    "float": asdict(before), "int8": asdict(after)}
         (written.parent / "quantized.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        # The int8 version comes from the same data and code as its float source.
+        inherited = read_provenance(source.parent, {})
+        provenance = {**inherited, "quantized_from": str(source_version), "quantization": sidecar["method"]}
+        (written.parent / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     report = {
         "model": args.model, "from_version": source_version, "new_version": new_version if written else None,
         "float": asdict(before), "int8": asdict(after), "ndcg_drop": drop, "accepted": accepted,

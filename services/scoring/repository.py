@@ -12,13 +12,27 @@ version leaves the routing table at once but is freed only when its last lease i
 (its queue drained). A version that fails to load (corrupt file, failed warmup, config at
 odds with the model) is reported in RepositoryIndex and the log, the versions already
 serving keep serving, and it is not retried until its file or config changes.
+
+Memory budget (SCORING_MODEL_MEMORY_BUDGET_BYTES; 0 = none): a version is reckoned to hold
+its model file once per instance (models.memory_estimate, as ModelStatistics reports). A
+load that would take the serving versions over the budget first unloads whole other models,
+least recently used first (a request leasing a version uses it; so does loading it), never
+the model being loaded, one with requests in flight or one being loaded itself. If that
+cannot make room, or the version alone exceeds the budget, the version fails to load like
+any broken one (reported, older versions keep serving) and nothing is unloaded. An evicted
+model stays unloaded, in every mode, until RepositoryModelLoad loads it again (which also
+retries versions refused for the budget): nothing loads it behind the operator's back, so
+traffic can never make two models push each other out in turn. In mode none nothing could
+load it again, so nothing is evicted there. The budget bounds the serving versions; one being
+swapped out or unloaded holds its memory until its in-flight requests are answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
+import time
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,15 +49,21 @@ from services.scoring.models import (
     ModelLoadError,
     ModelVersion,
     build_version,
+    memory_estimate,
 )
 from services.scoring.stats import ScoringMetrics
 
 log = get_logger(__name__)
+_monotonic = time.monotonic  # per request, on the inference path
 
 POLL, EXPLICIT, NONE = "poll", "explicit", "none"
 CONTROL_MODES = (POLL, EXPLICIT, NONE)
 
 Fingerprint = tuple[object, ...]
+
+EVICTED = "unloaded: memory budget (LRU)"
+# Named in refusals, so an operator knows what to raise.
+BUDGET_VARIABLE = "SCORING_MODEL_MEMORY_BUDGET_BYTES"
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,8 @@ class RepositoryOptions:
     poll_seconds: float = 2.0
     startup_models: tuple[str, ...] = ()  # explicit mode; ("*",) = every model
     load: LoadOptions = field(default_factory=LoadOptions)
+    # Bytes of loaded model versions (SCORING_MODEL_MEMORY_BUDGET_BYTES); 0 = no budget.
+    memory_budget_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +88,32 @@ class IndexEntry:
 class Failure:
     fingerprint: Fingerprint
     reason: str
+    budget: bool = False  # refused for the memory budget: RepositoryModelLoad retries it
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A loaded model as the memory budget sees it."""
+
+    name: str
+    last_used: float  # time.monotonic() of its most recent use
+    byte_size: int
+    evictable: bool  # idle (no request in flight) and not being loaded
+
+
+def plan_evictions(candidates: Sequence[Candidate], in_use: int, needed: int, budget: int) -> list[Candidate] | None:
+    """The least recently used evictable models to unload so that `needed` more bytes fit.
+
+    `in_use` counts every candidate's bytes (and any others that stay). [] when it fits as is;
+    None when even unloading every evictable candidate would not make room (then unload none).
+    """
+    chosen: list[Candidate] = []
+    for candidate in sorted((c for c in candidates if c.evictable), key=lambda c: (c.last_used, c.name)):
+        if in_use + needed <= budget:
+            break
+        chosen.append(candidate)
+        in_use -= candidate.byte_size
+    return chosen if in_use + needed <= budget else None
 
 
 @dataclass
@@ -80,6 +128,7 @@ class ModelEntry:
     config_error: str = ""
     config_override: str | None = None
     unloaded: bool = False  # explicitly unloaded (or never loaded in explicit mode)
+    evicted: str = ""  # why the memory budget unloaded it; it stays unloaded until a load request
     attempted: bool = False
     # Counts for server readiness: every model in poll/none mode; in explicit mode the
     # startup models and those loaded since (a failed load request is the caller's error).
@@ -120,6 +169,16 @@ class ModelRepository:
         if self.options.mode not in CONTROL_MODES:
             raise ValueError(f"model control mode {self.options.mode!r}: use one of {CONTROL_MODES}")
         self._metrics = metrics
+        self.memory_budget = self.options.memory_budget_bytes
+        if self.memory_budget < 0:
+            raise ValueError(f"memory budget {self.memory_budget}: use a number of bytes, 0 = no budget")
+        # Checking the budget, evicting and loading happen under it, one load at a time.
+        self._budget_lock = asyncio.Lock()
+        # Every version holding memory (serving, or retiring until it has drained).
+        self._resident: dict[int, ModelVersion] = {}
+        if metrics is not None:
+            metrics.model_memory_budget.set(self.memory_budget)
+            metrics.model_memory.set(0)
         self._entries: dict[str, ModelEntry] = {}
         # One load at a time: loading is CPU-heavy and serving must keep its cores.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
@@ -206,10 +265,16 @@ class ModelRepository:
         if not name or name.startswith(".") or "/" in name or not (self.root / name).is_dir():
             raise NotFound(f"no model {name!r} in the repository {self.root}")
         entry = self._entry(name)
+        evicted = entry.evicted
         entry.unloaded = False
+        entry.evicted = ""
         # An override lasts until the next load request, as in Triton; polls keep it.
         entry.config_override = config_override
-        await self._sync(entry)
+        await self._sync(entry, retry_budget=True)
+        if evicted and not entry.serving:
+            # Still out (the error below says why): a failed reload leaves the model as the
+            # budget left it, unloaded and not holding up readiness, rather than "required".
+            entry.unloaded, entry.evicted, entry.required = True, evicted, False
         if entry.serving:
             entry.required = True
         if entry.config_error:
@@ -233,6 +298,7 @@ class ModelRepository:
     async def _unload_entry(self, entry: ModelEntry) -> None:
         async with entry.lock:
             entry.unloaded = True
+            entry.evicted = ""
             entry.required = False
             versions = list(entry.serving.values())
             entry.serving.clear()
@@ -259,10 +325,10 @@ class ModelRepository:
         entry.config_error = ""
         return config, _digest(text)
 
-    async def _sync(self, entry: ModelEntry) -> None:
+    async def _sync(self, entry: ModelEntry, retry_budget: bool = False) -> None:
         async with entry.lock:
-            if entry.unloaded and self.options.mode == EXPLICIT:
-                return
+            if entry.unloaded and (self.options.mode == EXPLICIT or entry.evicted):
+                return  # evicted: in every mode, only a load request brings it back
             entry.unloaded = False
             entry.attempted = True
             if self.options.mode != EXPLICIT:
@@ -274,6 +340,9 @@ class ModelRepository:
             on_disk = {v: (stamp, config_digest) for v, stamp in _versions_on_disk(entry.directory).items()}
             for gone in set(entry.failures) - set(on_disk):
                 del entry.failures[gone]
+            if retry_budget:
+                for refused in [v for v, f in entry.failures.items() if f.budget]:
+                    del entry.failures[refused]
             wanted = await self._load_wanted(entry, config, on_disk)
             for number in [v for v in entry.serving if v not in wanted]:
                 self._retire(entry, entry.serving.pop(number))
@@ -302,33 +371,35 @@ class ModelRepository:
             if not stale:
                 return wanted
             for number in sorted(stale, reverse=True):
-                await self._load_version(entry, config, number, on_disk[number])
+                await self._load_version(entry, config, number, on_disk[number], wanted)
 
-    async def _load_version(self, entry: ModelEntry, config: ModelConfig, number: int, fingerprint: Fingerprint) -> None:
+    async def _load_version(
+        self, entry: ModelEntry, config: ModelConfig, number: int, fingerprint: Fingerprint, wanted: Collection[int]
+    ) -> None:
         loop = asyncio.get_running_loop()
         log.info("loading model version", model=entry.name, version=number)
-        try:
-            version = await loop.run_in_executor(
-                self._loader, build_version, entry.directory, number, config, self.options.load, fingerprint
-            )
-        except Exception as error:  # whatever the cause, a broken version is reported, not retried
-            reason = str(error) if isinstance(error, ModelLoadError) else f"{type(error).__name__}: {error}"
-            entry.failures[number] = Failure(fingerprint, reason)
-            log.error(
-                "model version failed to load; versions already loaded keep serving",
-                model=entry.name,
-                version=number,
-                error=reason,
-                serving=sorted(entry.serving),
-            )
-            return
-        version.activate(self._metrics)
-        entry.failures.pop(number, None)
-        previous = entry.serving.get(number)
-        entry.serving[number] = version
-        entry.publish()
-        if previous is not None:
-            self._retire(entry, previous)
+        async with self._budget_lock:
+            refused = await self._make_room(entry, config, number, wanted)
+            if refused:
+                self._failed(entry, number, fingerprint, refused, budget=True)
+                return
+            try:
+                version = await loop.run_in_executor(
+                    self._loader, build_version, entry.directory, number, config, self.options.load, fingerprint
+                )
+            except Exception as error:  # whatever the cause, a broken version is reported, not retried
+                reason = str(error) if isinstance(error, ModelLoadError) else f"{type(error).__name__}: {error}"
+                self._failed(entry, number, fingerprint, reason)
+                return
+            version.activate(self._metrics)
+            entry.failures.pop(number, None)
+            previous = entry.serving.get(number)
+            entry.serving[number] = version
+            entry.publish()
+            self._resident[id(version)] = version
+            self._publish_memory()
+            if previous is not None:
+                self._retire(entry, previous)
         log.info(
             "model version ready",
             model=entry.name,
@@ -340,6 +411,99 @@ class ModelRepository:
             max_batch_size=config.batching.max_batch_size,
         )
 
+    def _failed(self, entry: ModelEntry, number: int, fingerprint: Fingerprint, reason: str, budget: bool = False) -> None:
+        entry.failures[number] = Failure(fingerprint, reason, budget)
+        log.error(
+            "model version failed to load; versions already loaded keep serving",
+            model=entry.name,
+            version=number,
+            error=reason,
+            serving=sorted(entry.serving),
+        )
+
+    # ------------------------------------------------------------------ memory budget
+
+    async def _make_room(self, entry: ModelEntry, config: ModelConfig, number: int, wanted: Collection[int]) -> str:
+        """Evict least recently used models so the version fits; the refusal reason if it cannot.
+
+        Counts what will serve once this load is done: other models' serving versions and this
+        model's that its version policy keeps (not the one this load replaces).
+        """
+        budget = self.memory_budget
+        if not budget:
+            return ""
+        try:
+            file_bytes = (entry.directory / str(number) / MODEL_FILE).stat().st_size
+        except OSError:
+            return ""  # the load itself reports the unreadable file
+        needed = memory_estimate(file_bytes, config.instance_count)
+        if needed > budget:
+            return (
+                f"memory budget: this version needs about {needed} bytes ({file_bytes}-byte model file x "
+                f"{config.instance_count} instance(s)), more than the whole budget of {budget} bytes ({BUDGET_VARIABLE})"
+            )
+        staying = sum(v.byte_size for n, v in entry.serving.items() if n in wanted and n != number)
+        others = {e.name: e for e in self._entries.values() if e is not entry and e.serving}
+        candidates = [
+            Candidate(
+                name=e.name,
+                last_used=max(v.last_used for v in e.serving.values()),
+                byte_size=sum(v.byte_size for v in e.serving.values()),
+                # A locked entry is being loaded or unloaded by someone else right now.
+                evictable=not e.lock.locked() and not any(v.in_flight for v in e.serving.values()),
+            )
+            for e in others.values()
+        ]
+        in_use = staying + sum(c.byte_size for c in candidates)
+        if self.options.mode == NONE:  # nothing could load an evicted model again
+            candidates = []
+        plan = plan_evictions(candidates, in_use, needed, budget)
+        if plan is None:
+            busy = sorted(c.name for c in candidates if not c.evictable)
+            return (
+                f"memory budget: this version needs about {needed} bytes; {in_use} of {budget} bytes ({BUDGET_VARIABLE}) "
+                f"are in use and unloading idle models cannot free enough"
+                + (f" (busy: {', '.join(busy)})" if busy else "")
+                + (" (model control mode 'none' unloads nothing)" if self.options.mode == NONE else "")
+            )
+        if not plan:
+            return ""
+        # No await since the candidates were taken: none has gained a request or a lock since.
+        now = time.monotonic()
+        reason = f"{EVICTED}, for {entry.name!r} version {number}; RepositoryModelLoad loads it again"
+        retiring = []
+        for candidate in plan:
+            victim = others[candidate.name]
+            versions = list(victim.serving.values())
+            victim.serving.clear()
+            victim.publish()
+            victim.unloaded = True
+            victim.evicted = reason
+            victim.required = False  # an evicted model does not hold up server readiness
+            log.warning(
+                "model unloaded: memory budget (LRU)",
+                model=victim.name,
+                versions=[v.version for v in versions],
+                bytes=candidate.byte_size,
+                idle_seconds=round(now - candidate.last_used, 3),
+                for_model=entry.name,
+                for_version=number,
+                needed_bytes=needed,
+                in_use_bytes=in_use,
+                budget_bytes=budget,
+            )
+            for version in versions:
+                if self._metrics is not None:
+                    self._metrics.evictions.labels(victim.name, version.version).inc()
+                retiring.append(self._retire(victim, version))
+        # Idle, so freed at once; waiting means the memory is back before the new version loads.
+        await asyncio.gather(*retiring)
+        return ""
+
+    def _publish_memory(self) -> None:
+        if self._metrics is not None:
+            self._metrics.model_memory.set(sum(v.byte_size for v in self._resident.values()))
+
     def _retire(self, entry: ModelEntry, version: ModelVersion) -> asyncio.Task[None]:
         """Out of routing now (the caller removed it); freed once its in-flight requests finish."""
         entry.retiring[id(version)] = version
@@ -349,6 +513,8 @@ class ModelRepository:
                 await version.retire()
             finally:
                 entry.retiring.pop(id(version), None)
+                self._resident.pop(id(version), None)
+                self._publish_memory()
 
         task = asyncio.create_task(retire(), name=f"retire {entry.name} v{version.version}")
         self._background.add(task)
@@ -378,16 +544,27 @@ class ModelRepository:
         if entry is None:
             loaded = ", ".join(sorted(n for n, e in self._entries.items() if e.latest)) or "none"
             return f"; loaded: {loaded}"
+        return f" ({self._missing_reason(entry)})"
+
+    @staticmethod
+    def _missing_reason(entry: ModelEntry) -> str:
+        if entry.evicted:
+            return entry.evicted
         if entry.config_error:
-            return f" ({entry.config_error})"
+            return entry.config_error
         if entry.failures:
-            return " (" + "; ".join(f"version {v}: {f.reason}" for v, f in sorted(entry.failures.items())) + ")"
-        return " (unloaded)" if entry.unloaded else " (no <version>/model.onnx)"
+            return "; ".join(f"version {v}: {f.reason}" for v, f in sorted(entry.failures.items()))
+        return "unloaded" if entry.unloaded else "no <version>/model.onnx"
 
     @contextmanager
     def lease(self, name: str, version: str = "") -> Iterator[ModelVersion]:
-        """The version to serve a request, kept alive until the request is answered."""
+        """The version to serve a request, kept alive until the request is answered.
+
+        Leasing is what counts as using a model for the memory budget's LRU order; readiness,
+        metadata and statistics calls resolve without leasing, so probes keep nothing loaded.
+        """
         model = self.resolve(name, version)
+        model.last_used = _monotonic()
         model.acquire()
         try:
             yield model
@@ -425,11 +602,13 @@ class ModelRepository:
                 if number not in entry.serving:
                     rows.append(IndexEntry(name, str(number), UNAVAILABLE, failure.reason))
                     listed = True
-            if entry.config_error:
+            if entry.config_error and not entry.evicted:
                 rows.append(IndexEntry(name, "", UNAVAILABLE, entry.config_error))
+            elif entry.evicted and not entry.serving:
+                rows.append(IndexEntry(name, "", UNAVAILABLE, entry.evicted))
             elif not listed:
                 state = UNAVAILABLE if entry.attempted or entry.unloaded else ""
-                rows.append(IndexEntry(name, "", state, self._why_missing(entry).strip(" ()") if state else ""))
+                rows.append(IndexEntry(name, "", state, self._missing_reason(entry) if state else ""))
         return rows
 
     def readiness(self) -> tuple[bool, str]:

@@ -1,7 +1,8 @@
 """Open Inference Protocol (KServe v2 gRPC) servicer over the model repository.
 
-Wire-compatible with tritonclient.grpc: Triton's statistics and repository extensions, its
-request parameters (priority, timeout in microseconds) and its status codes.
+Wire-compatible with tritonclient.grpc: Triton's model configuration, statistics and
+repository extensions, its request parameters (priority, timeout in microseconds) and its
+status codes.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +20,7 @@ import grpc
 import numpy as np
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from inference import model_config_pb2 as mc
 
 from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Overloaded
 from services.common.logs import get_logger
@@ -25,20 +29,34 @@ from services.common.settings import ServerSettings, SettingsError, load_setting
 from services.mesh.topology import HEALTH_SERVICE_NAMES, SCORING
 from services.scoring.batcher import InferenceFailed
 from services.scoring.cache import PredictionCache, cache_key
-from services.scoring.config import BatchingPolicy
+from services.scoring.config import MODEL_FILE, BatchingPolicy, TensorSpec, VersionPolicy
 from services.scoring.models import PLATFORM, LoadOptions, ModelVersion
 from services.scoring.providers import ALIASES
 from services.scoring.repository import CONTROL_MODES, ModelRepository, RepositoryOptions
 from services.scoring.stats import ScoringMetrics, register_gpu_memory
-from services.scoring.tensors import to_raw
+from services.scoring.tensors import BYTES, DTYPES, to_raw
 
 log = get_logger(__name__)
 
 SERVER_NAME = "infermesh"
-EXTENSIONS = ["statistics", "model_repository", "model_repository(unload_dependents)", "parameters", "schedule_policy"]
+EXTENSIONS = [
+    "model_configuration",
+    "statistics",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "parameters",
+    "schedule_policy",
+]
 # Trailing metadata on ModelMetadata: the execution provider a version runs on, and why.
 PROVIDER_KEY = "infermesh-execution-provider"
 PROVIDER_REASON_KEY = "infermesh-execution-provider-reason"
+# ModelConfig: Triton's backend name for ONNX Runtime models (the platform is PLATFORM).
+BACKEND = "onnxruntime"
+# OIP datatype -> Triton's DataType enum; Triton calls BYTES TYPE_STRING.
+TRITON_DATA_TYPES: Mapping[str, int] = {
+    **{datatype: mc.DataType.Value(f"TYPE_{datatype}") for datatype in DTYPES},
+    BYTES: mc.TYPE_STRING,
+}
 
 
 @dataclass(frozen=True)
@@ -59,8 +77,15 @@ class ScoringSettings(ServerSettings):
     cache_redis_url: str = ""
     cache_timeout_seconds: float = 0.1
     cache_retry_seconds: float = 5.0
+    # Bytes of loaded model versions (each: its model file once per instance); past it, the
+    # least recently used other models are unloaded to make room. 0 = no budget.
+    model_memory_budget_bytes: int = 0
 
     def __post_init__(self) -> None:
+        if self.model_memory_budget_bytes < 0:
+            raise SettingsError(
+                f"SCORING_MODEL_MEMORY_BUDGET_BYTES={self.model_memory_budget_bytes}: use a number of bytes, 0 = no budget"
+            )
         if self.providers not in ALIASES:
             raise SettingsError(f"SCORING_PROVIDERS={self.providers!r}: use one of {sorted(ALIASES)}")
         if self.model_control_mode not in CONTROL_MODES:
@@ -181,7 +206,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             platform=PLATFORM,
             inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs],
             outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs],
+            provenance=model.provenance,
         )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        # The version is resolved as ModelMetadata does: the newest ready one unless named.
+        model = self._repository.versions(request.name, request.version)[-1]
+        return pb.ModelConfigResponse(config=triton_model_config(model))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         with self._repository.lease(request.model_name, request.model_version) as model:
@@ -273,6 +304,98 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
+def triton_model_config(model: ModelVersion) -> mc.ModelConfig:
+    """A served version's configuration in Triton's model_config.proto layout.
+
+    From the version's parsed config.json and what the model file filled in (tensor names,
+    types, shapes). As in Triton, dims leave out the batch dimension when max_batch_size > 0
+    (config.json's shapes include it).
+    """
+    config = model.config
+    return mc.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend=BACKEND,
+        version_policy=_version_policy(config.version_policy),
+        max_batch_size=config.batching.max_batch_size,
+        input=[
+            mc.ModelInput(name=s.name, data_type=_data_type(s), dims=_dims(s.shape, model.batching)) for s in model.inputs
+        ],
+        output=[
+            mc.ModelOutput(name=s.name, data_type=_data_type(s), dims=_dims(s.shape, model.batching)) for s in model.outputs
+        ],
+        instance_group=_instance_groups(model),
+        default_model_filename=MODEL_FILE,
+        dynamic_batching=_dynamic_batching(config.batching) if model.batching else None,
+        parameters={key: mc.ModelParameter(string_value=value) for key, value in model.provenance.items()},
+        model_warmup=_warmups(model),
+        response_cache=mc.ModelResponseCache(enable=True) if config.cache.enable else None,
+    )
+
+
+def _data_type(spec: TensorSpec) -> int:
+    return TRITON_DATA_TYPES.get(spec.datatype, mc.TYPE_INVALID)
+
+
+def _dims(shape: Sequence[int], batching: bool) -> list[int]:
+    return list(shape[1:] if batching else shape)
+
+
+def _version_policy(policy: VersionPolicy) -> mc.ModelVersionPolicy:
+    if policy.kind == "all":
+        return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
+    if policy.kind == "specific":
+        return mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=policy.versions))
+    return mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=policy.num_versions))
+
+
+def _dynamic_batching(policy: BatchingPolicy) -> mc.ModelDynamicBatching:
+    return mc.ModelDynamicBatching(
+        preferred_batch_size=policy.preferred_batch_sizes,
+        max_queue_delay_microseconds=policy.max_queue_delay_microseconds,
+        priority_levels=policy.priority_levels,
+        default_priority_level=policy.default_priority_level,
+        default_queue_policy=mc.ModelQueuePolicy(
+            default_timeout_microseconds=policy.default_timeout_microseconds, max_queue_size=policy.max_queue_size
+        ),
+    )
+
+
+def _instance_groups(model: ModelVersion) -> list[mc.ModelInstanceGroup]:
+    """Where the version's instances run. Triton's count is per listed GPU, so GPUs with the
+    same number of instances share a group."""
+    config = model.config
+    if not model.on_gpu:
+        return [mc.ModelInstanceGroup(name=f"{model.name}_0", kind=mc.ModelInstanceGroup.KIND_CPU, count=config.instance_count)]
+    # Instance i runs on gpus[i % len(gpus)], or on device 0 (models.build_version).
+    per_device = Counter(config.gpus[i % len(config.gpus)] if config.gpus else 0 for i in range(config.instance_count))
+    devices_by_count: dict[int, list[int]] = {}
+    for device, count in sorted(per_device.items()):
+        devices_by_count.setdefault(count, []).append(device)
+    return [
+        mc.ModelInstanceGroup(name=f"{model.name}_{number}", kind=mc.ModelInstanceGroup.KIND_GPU, count=count, gpus=devices)
+        for number, (count, devices) in enumerate(sorted(devices_by_count.items(), reverse=True))
+    ]
+
+
+def _warmups(model: ModelVersion) -> list[mc.ModelWarmup]:
+    """The warmup requests as models._warmup_inputs builds them: -1 dimensions run as 1, and
+    the batch size fills a variable first dimension (without batching too, where Triton's
+    batch_size is 1 and the dims are the whole shape)."""
+    warmups = []
+    for number, spec in enumerate(model.config.warmup):
+        data = {"random_data": True} if spec.data == "random" else {"zero_data": True}
+        inputs = {}
+        for tensor in model.inputs:
+            shape = [d if d >= 0 else 1 for d in tensor.shape]
+            if shape and tensor.shape[0] == -1:
+                shape[0] = spec.batch_size
+            inputs[tensor.name] = mc.ModelWarmup.Input(data_type=_data_type(tensor), dims=_dims(shape, model.batching), **data)
+        batch_size = spec.batch_size if model.batching else 1
+        warmups.append(mc.ModelWarmup(name=f"warmup_{number}", batch_size=batch_size, inputs=inputs))
+    return warmups
+
+
 def _memory_usage(model: ModelVersion) -> list[pb.MemoryUsage]:
     """Where the version lives: GPU ids or CPU; byte_size is the model file times instances."""
     if not model.device_ids:
@@ -297,6 +420,7 @@ class ScoringService:
                 poll_seconds=settings.repository_poll_seconds,
                 startup_models=startup,
                 load=LoadOptions(settings.providers, settings.intra_op_threads),
+                memory_budget_bytes=settings.model_memory_budget_bytes,
             ),
             self.scoring_metrics,
         )

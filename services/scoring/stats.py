@@ -133,6 +133,17 @@ class ScoringMetrics:
             "scoring_model_info", "Loaded model versions and the execution provider they run on",
             (*labels, "provider", "io_binding"),
         )
+        # The memory budget (SCORING_MODEL_MEMORY_BUDGET_BYTES), by models.memory_estimate.
+        self.model_memory = metrics.gauge(
+            "scoring_model_memory_bytes",
+            "Estimated memory of loaded model versions (model file x instances), draining ones included",
+        )
+        self.model_memory_budget = metrics.gauge(
+            "scoring_model_memory_budget_bytes", "SCORING_MODEL_MEMORY_BUDGET_BYTES; 0 = no budget"
+        )
+        self.evictions = metrics.counter(
+            "scoring_model_evictions", "Model versions unloaded to fit the memory budget (least recently used first)", labels
+        )
 
     def bind(self, model: str, version: str) -> VersionMetrics:
         return VersionMetrics(self, model, version)

@@ -35,6 +35,7 @@ from services.features.layout import (
     user_key,
 )
 from services.ranking.layout import seen_key
+from services.scoring.config import PROVENANCE_FILE
 from services.workload.catalog import (
     DEFAULT_SEED,
     N_CATEGORIES,
@@ -117,6 +118,17 @@ def _training_spec(catalog: Catalog, steps: int) -> dict[str, Any]:
     }
 
 
+def _provenance(spec: dict[str, Any]) -> dict[str, str]:
+    """The reference model's provenance (served by ModelMetadata / ModelConfig). Its training
+    data is generated from the spec alone, so the spec's digest identifies the data."""
+    return {
+        "owner": "infermesh reference workload",
+        "training_data_digest": "sha256:" + hashlib.sha256(_json_bytes(spec)).hexdigest(),
+        "training_data": "synthetic catalogue and interactions generated from the training spec",
+        "source_revision": f"services/workload/model.py trainer {TRAINER_VERSION}",
+    }
+
+
 def _model_is_current(data_dir: Path, spec: dict[str, Any]) -> bool:
     path, sidecar = model_path(data_dir), _sidecar_path(data_dir)
     if not path.is_file() or not sidecar.is_file():
@@ -153,6 +165,10 @@ def _ensure_model(
     config = _config_path(data_dir)
     if not config.is_file() or config.read_bytes() != config_bytes:
         atomic_write_bytes(config, config_bytes)
+    provenance_bytes = _json_bytes(_provenance(spec))
+    provenance = path.parent / PROVENANCE_FILE
+    if not provenance.is_file() or provenance.read_bytes() != provenance_bytes:
+        atomic_write_bytes(provenance, provenance_bytes)
     # Reference histograms for the scoring service's drift monitor, beside the model.
     ensure_drift_reference(path, catalog)
     return path, trained

@@ -26,17 +26,31 @@ SUITE = Path(__file__).with_name("scoring_tritonclient") / "suite.py"
 ROOT = Path(__file__).resolve().parents[2]
 
 SYNC_CHECKS = {
-    "health", "server_metadata", "model_metadata", "fp32_raw", "int64_raw", "typed_contents", "other_datatypes",
-    "request_parameters", "wrong_shape", "wrong_datatype", "wrong_byte_length", "unknown_model_and_version",
-    "load_and_unload", "statistics", "async_infer_callback",
+    "health", "server_metadata", "model_metadata", "model_config", "fp32_raw", "int64_raw", "typed_contents",
+    "other_datatypes", "request_parameters", "wrong_shape", "wrong_datatype", "wrong_byte_length",
+    "unknown_model_and_version", "load_and_unload", "statistics", "async_infer_callback",
 }
-AIO_CHECKS = {"aio_health_and_metadata", "aio_concurrent_fp32_and_int64", "aio_errors", "aio_load_unload_and_statistics"}
+AIO_CHECKS = {
+    "aio_health_and_metadata", "aio_model_config", "aio_concurrent_fp32_and_int64", "aio_errors",
+    "aio_load_unload_and_statistics",
+}
+# Tensors stated in config.json (shapes with the batch dimension), for ModelConfig to echo.
+RANKER_TENSORS = {
+    "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 64]}],
+    "outputs": [{"name": "score", "datatype": "FP32", "shape": [-1, 1]}],
+}
+ADD_TENSORS = {
+    "inputs": [{"name": "a", "datatype": "INT64", "shape": [-1, 4]}, {"name": "b", "datatype": "INT64", "shape": [-1, 4]}],
+    "outputs": [{"name": "sum", "datatype": "INT64", "shape": [-1, 4]}, {"name": "diff", "datatype": "INT64", "shape": [-1, 4]}],
+}
 
 
 def build_repository(root: Path) -> Path:
-    modelgen.write_config(root, "ranker", {"max_batch_size": 1024, "dynamic_batching": {"max_queue_delay_microseconds": 1000}})
+    modelgen.write_config(
+        root, "ranker", {"max_batch_size": 1024, "dynamic_batching": {"max_queue_delay_microseconds": 1000}, **RANKER_TENSORS}
+    )
     modelgen.write_version(root, "ranker", 1, modelgen.mlp_model(1))
-    modelgen.write_config(root, "add", {"max_batch_size": 64})
+    modelgen.write_config(root, "add", {"max_batch_size": 64, **ADD_TENSORS})
     modelgen.write_version(root, "add", 1, modelgen.int64_add_model())
     modelgen.write_config(root, "typed", {"max_batch_size": 16})
     modelgen.write_version(root, "typed", 1, modelgen.typed_model())

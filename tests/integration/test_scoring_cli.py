@@ -30,6 +30,7 @@ def test_models_bench_reports_grpc_and_raw_throughput(tmp_path: Path, capsys: py
 def test_models_quantize_adds_an_int8_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     modelgen.write_config(tmp_path, "ranker", {"max_batch_size": 256})
     modelgen.write_version(tmp_path, "ranker", 1, modelgen.mlp_model(0))
+    (tmp_path / "ranker" / "1" / "provenance.json").write_text(json.dumps({"owner": "ranking-team", "source_revision": "9f1c"}))
     common = ["models", "quantize", "--repository", str(tmp_path), "--users", "20", "--seconds", "0.1"]
     assert infermesh([*common, "--dry-run"]) == 0
     assert not (tmp_path / "ranker" / "2").exists()
@@ -40,6 +41,9 @@ def test_models_quantize_adds_an_int8_version(tmp_path: Path, capsys: pytest.Cap
     assert 0 <= report["int8"]["ndcg_at_20"] <= 1
     sidecar = json.loads((tmp_path / "ranker" / "2" / "quantized.json").read_text())
     assert sidecar["quantized_from"] == 1
+    provenance = json.loads((tmp_path / "ranker" / "2" / "provenance.json").read_text())
+    assert provenance["owner"] == "ranking-team" and provenance["source_revision"] == "9f1c"  # inherited
+    assert provenance["quantized_from"] == "1"
     session = ort.InferenceSession(str(tmp_path / "ranker" / "2" / "model.onnx"), providers=["CPUExecutionProvider"])
     rows = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     reference = ort.InferenceSession(modelgen.mlp_model(0), providers=["CPUExecutionProvider"])

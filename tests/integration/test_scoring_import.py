@@ -3,6 +3,7 @@ real server serves with the original's predictions."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import grpc
@@ -46,9 +47,9 @@ async def test_imported_models_serve_the_original_predictions(tmp_path: Path, da
     np.save(tmp_path / "sample.npy", rows[:64])
     for source, name in (("clf.joblib", "clf"), ("gbm.txt", "gbm")):
         code = infermesh(["models", "import", str(tmp_path / source), "--model", name, "--repository", str(repository),
-                          "--sample", str(tmp_path / "sample.npy")])
+                          "--sample", str(tmp_path / "sample.npy"), "--owner", "ranking-team",
+                          "--training-data-digest", "sha256:feed", "--source-revision", "9f1c2e"])
         assert code == 0
-    assert (repository / "gbm" / "1" / "imported.json").is_file()
 
     probe = rows[100:140]
     async with running_scoring(server_settings(repository)) as service:
@@ -57,6 +58,15 @@ async def test_imported_models_serve_the_original_predictions(tmp_path: Path, da
             clf = await stub.ModelInfer(infer_request("clf", probe, "probabilities"))
             gbm = await stub.ModelInfer(infer_request("gbm", probe, "probabilities"))
             labels_reply = await stub.ModelInfer(infer_request("gbm", probe, "label"))
+            metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name="gbm"))
+            config = await stub.ModelConfig(pb.ModelConfigRequest(name="gbm"))
+    # Provenance: what the import was told and what it found, in ModelMetadata and ModelConfig.
+    provenance = dict(metadata.provenance)
+    assert {k: provenance[k] for k in ("owner", "training_data_digest", "source_revision")} == {
+        "owner": "ranking-team", "training_data_digest": "sha256:feed", "source_revision": "9f1c2e"}
+    assert provenance["source_file"] == str(tmp_path / "gbm.txt") and provenance["converter"]
+    assert provenance["source_sha256"] == hashlib.sha256((tmp_path / "gbm.txt").read_bytes()).hexdigest()
+    assert {k: v.string_value for k, v in config.config.parameters.items()} == provenance
     clf_served = np.frombuffer(clf.raw_output_contents[0], np.float32).reshape(-1, 2)
     gbm_served = np.frombuffer(gbm.raw_output_contents[0], np.float32).reshape(-1, 2)
     assert np.allclose(clf_served, pipeline.predict_proba(probe), atol=1e-5)

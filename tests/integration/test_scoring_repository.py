@@ -1,5 +1,6 @@
 """Model versions on disk through the real server: hot swaps under load, broken versions,
-version policies, explicit load/unload. Real ONNX Runtime, real gRPC, real files."""
+version policies, explicit load/unload, the memory budget. Real ONNX Runtime, real gRPC,
+real files."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ import pytest
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from onnx import TensorProto, helper
+from prometheus_client import generate_latest
 
 from services.scoring import modelgen
+from services.scoring.repository import BUDGET_VARIABLE, EVICTED
+from services.scoring.service import ScoringService
 from services.scoring.testing import running_scoring, server_settings
-from services.workload.model import IR_VERSION, OPSET
+from services.workload.model import IR_VERSION, OPSET, MlpWeights, build_onnx
 
 WAIT_SECONDS = 60.0
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -252,6 +256,198 @@ async def test_poll_mode_refuses_unload_and_follows_removed_directories(tmp_path
         assert (await stub.ModelReady(pb.ModelReadyRequest(name="ranker"))).ready
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert listed == {"ranker"}
+
+
+# ---------------------------------------------------------------------- memory budget
+
+MODEL_BYTES = len(modelgen.mlp_model(1))  # every seed's file has the same size
+TWO_AND_A_HALF = MODEL_BYTES * 5 // 2  # room for two models of one instance, not three
+
+
+def large_model() -> bytes:
+    """Same inputs and outputs as the ranker, about four times its file."""
+    rng = np.random.default_rng(7)
+    weights = MlpWeights(
+        w1=rng.standard_normal((64, 1024)).astype(np.float32) * 0.1, b1=np.zeros(1024, np.float32),
+        w2=rng.standard_normal((1024, 128)).astype(np.float32) * 0.03, b2=np.zeros(128, np.float32),
+        w3=rng.standard_normal((128, 1)).astype(np.float32) * 0.1, b3=np.zeros(1, np.float32),
+    )
+    return build_onnx(weights).SerializeToString()
+
+
+def write_models(repository: Path, names: str, **config: Any) -> None:
+    for seed, name in enumerate(names.split(","), start=1):
+        modelgen.write_config(repository, name, {"max_batch_size": 8, **config})
+        modelgen.write_version(repository, name, 1, modelgen.mlp_model(seed))
+
+
+@asynccontextmanager
+async def budgeted(
+    repository: Path, budget: int, **settings: Any
+) -> AsyncIterator[tuple[ScoringService, pb_grpc.GRPCInferenceServiceStub]]:
+    """A server with SCORING_MODEL_MEMORY_BUDGET_BYTES = `budget`."""
+    async with running_scoring(server_settings(repository, model_memory_budget_bytes=budget, **settings)) as service:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.settings.port}") as channel:
+            yield service, pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+async def states(stub: pb_grpc.GRPCInferenceServiceStub) -> dict[str, dict[str, tuple[str, str]]]:
+    reply = await stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5)
+    found: dict[str, dict[str, tuple[str, str]]] = {}
+    for model in reply.models:
+        found.setdefault(model.name, {})[model.version] = (model.state, model.reason)
+    return found
+
+
+def exposition(service: ScoringService) -> str:
+    return generate_latest(service.metrics.registry).decode()
+
+
+def evictions(text: str) -> dict[str, float]:
+    """{model: evictions} from scoring_model_evictions_total."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("scoring_model_evictions_total{"):
+            labels, value = line.rsplit(" ", 1)
+            found[labels.split('model="')[1].split('"')[0]] = float(value)
+    return found
+
+
+async def test_memory_budget_unloads_the_least_recently_used_model(tmp_path: Path) -> None:
+    write_models(tmp_path, "a,b,c")
+    rows = np.ones((2, 64), np.float32)
+    async with budgeted(tmp_path, TWO_AND_A_HALF, model_control_mode="explicit", load_models="a,b") as (
+        service,
+        stub,
+    ):
+        before = await states(stub)
+        await stub.ModelInfer(infer_request(rows, model="a"))  # a is now more recent than b
+        # Probes resolve without leasing: they do not make b recent.
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name="b"))).ready
+        await stub.ModelMetadata(pb.ModelMetadataRequest(name="b"))
+        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="c"))
+        after_c = await states(stub)
+        with pytest.raises(grpc.aio.AioRpcError) as evicted:
+            await stub.ModelInfer(infer_request(rows, model="b"))
+        ready_after_c = await _server_ready(stub)
+        metrics_after_c = exposition(service)
+
+        await stub.ModelInfer(infer_request(rows, model="c"))
+        served_a = await stub.ModelInfer(infer_request(rows, model="a"))  # now c is the least recent
+        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="b"))  # b comes back on request
+        served_b = await stub.ModelInfer(infer_request(rows, model="b"))
+        after_b = await states(stub)
+        metrics_after_b = exposition(service)
+    assert {name: set(versions) for name, versions in before.items()} == {"a": {"1"}, "b": {"1"}, "c": {""}}
+    assert after_c["a"]["1"][0] == after_c["c"]["1"][0] == "READY"
+    state, reason = after_c["b"][""]
+    assert state == "UNAVAILABLE" and reason.startswith(EVICTED) and "for 'c' version 1" in reason, reason
+    assert evicted.value.code() == NOT_FOUND and EVICTED in evicted.value.details()
+    assert ready_after_c  # an evicted model does not hold up readiness
+    assert evictions(metrics_after_c) == {"b": 1.0}
+    assert f"scoring_model_memory_bytes {float(2 * MODEL_BYTES)}" in metrics_after_c
+    assert f"scoring_model_memory_budget_bytes {float(TWO_AND_A_HALF)}" in metrics_after_c
+
+    assert np.array_equal(scores(served_a), reference(1).run(None, {"features": rows})[0])
+    assert np.array_equal(scores(served_b), reference(2).run(None, {"features": rows})[0])
+    assert after_b["a"]["1"][0] == after_b["b"]["1"][0] == "READY"
+    assert after_b["c"][""][0] == "UNAVAILABLE" and after_b["c"][""][1].startswith(EVICTED)
+    assert evictions(metrics_after_b) == {"b": 1.0, "c": 1.0}
+    assert f"scoring_model_memory_bytes {float(2 * MODEL_BYTES)}" in metrics_after_b
+
+
+async def test_memory_budget_never_evicts_a_model_with_requests_in_flight(
+    tmp_path: Path
+) -> None:
+    # a holds a lone row in its queue for 5 s, hoping for more: a request in flight.
+    write_models(tmp_path, "a", dynamic_batching={"max_queue_delay_microseconds": 5_000_000})
+    write_models(tmp_path, "b")
+    modelgen.write_version(tmp_path, "c", 1, modelgen.mlp_model(3))
+    rows = np.ones((1, 64), np.float32)
+    async with budgeted(tmp_path, TWO_AND_A_HALF, model_control_mode="explicit", load_models="a,b") as (
+        service,
+        stub,
+    ):
+        slow = asyncio.ensure_future(stub.ModelInfer(infer_request(rows, model="a"), timeout=30))
+        await eventually(lambda: _ready(service.repository.resolve("a").in_flight == 1), "a request in flight on a")
+        await stub.ModelInfer(infer_request(rows, model="b"))  # b is more recent, but a is busy
+        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="c"))
+        still_in_flight = service.repository.resolve("a").in_flight
+        after = await states(stub)
+        answered = await slow
+    assert still_in_flight == 1, "the request on a was answered before c loaded: the test proves nothing"
+    assert after["a"]["1"][0] == after["c"]["1"][0] == "READY"
+    assert after["b"][""][0] == "UNAVAILABLE" and after["b"][""][1].startswith(EVICTED)
+    assert answered.model_name == "a" and np.array_equal(scores(answered), reference(1).run(None, {"features": rows})[0])
+
+
+async def test_a_version_larger_than_the_budget_fails_to_load_and_evicts_nothing(
+    tmp_path: Path
+) -> None:
+    write_models(tmp_path, "a,b")
+    # Three instances of the ranker: more than the whole budget on its own.
+    write_models(tmp_path, "wide", instance_count=3)
+    rows = np.ones((1, 64), np.float32)
+    async with budgeted(tmp_path, TWO_AND_A_HALF, model_control_mode="explicit", load_models="a,b") as (
+        service,
+        stub,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="wide"))
+        after = await states(stub)
+        served = await stub.ModelInfer(infer_request(rows, model="a"))
+        text = exposition(service)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than the whole budget" in refused.value.details() and BUDGET_VARIABLE in refused.value.details()
+    state, reason = after["wide"]["1"]
+    assert state == "UNAVAILABLE" and f"about {3 * MODEL_BYTES} bytes" in reason and "3 instance(s)" in reason, reason
+    assert after["a"]["1"][0] == after["b"]["1"][0] == "READY"
+    assert served.model_version == "1"
+    assert evictions(text) == {}
+
+
+async def test_memory_budget_in_poll_mode(tmp_path: Path) -> None:
+    write_models(tmp_path, "a,b,c")
+    rows = np.ones((1, 64), np.float32)
+    async with budgeted(tmp_path, TWO_AND_A_HALF) as (service, stub):
+        # At start a, b and c load in name order; c pushed out a, loaded first and unused since.
+        started = await states(stub)
+        ready = await _server_ready(stub)
+        await asyncio.sleep(0.5)  # five polls: the evicted model stays unloaded, nothing thrashes
+        polled = await states(stub)
+        # A too-large new version of b is refused; b's version 1 keeps serving, c stays.
+        modelgen.write_version(tmp_path, "b", 2, large_model())
+        await eventually(lambda: _ready("2" in polled_b(service)), "b version 2 refused")
+        after_large = await states(stub)
+        served_b = await stub.ModelInfer(infer_request(rows, model="b"))  # b is now more recent than c
+        # A reload that cannot fit leaves a evicted, and the server ready.
+        wide = pb.ModelRepositoryParameter(string_param='{"max_batch_size": 8, "instance_count": 3}')
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="a", parameters={"config": wide}))
+        refused_states = await states(stub)
+        ready_after_refusal = await _server_ready(stub)
+        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="a"))  # allowed in poll mode
+        await asyncio.sleep(0.3)
+        reloaded = await states(stub)
+        text = exposition(service)
+    assert ready
+    assert started == polled
+    assert started["a"][""][0] == "UNAVAILABLE" and started["a"][""][1].startswith(EVICTED)
+    assert started["b"]["1"][0] == started["c"]["1"][0] == "READY"
+    assert after_large["b"]["1"][0] == "READY" and after_large["c"]["1"][0] == "READY"
+    assert after_large["b"]["2"][0] == "UNAVAILABLE" and "more than the whole budget" in after_large["b"]["2"][1]
+    assert served_b.model_version == "1"
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than the whole budget" in refused.value.details()
+    assert ready_after_refusal
+    assert refused_states["a"]["1"][0] == "UNAVAILABLE" and "memory budget" in refused_states["a"]["1"][1]
+    assert refused_states["a"][""][0] == "UNAVAILABLE" and refused_states["a"][""][1].startswith(EVICTED)
+    assert reloaded["a"]["1"][0] == reloaded["b"]["1"][0] == "READY"
+    assert reloaded["c"][""][0] == "UNAVAILABLE" and reloaded["c"][""][1].startswith(EVICTED)
+    assert evictions(text) == {"a": 1.0, "c": 1.0}
+
+
+def polled_b(service: ScoringService) -> dict[str, str]:
+    return {row.version: row.state for row in service.repository.index() if row.name == "b" and row.state == "UNAVAILABLE"}
 
 
 async def _ready(value: bool) -> bool:

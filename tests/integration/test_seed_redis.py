@@ -99,6 +99,10 @@ def test_seed_all_is_idempotent(client: redis.Redis, redis_port: int, tmp_path: 
     assert first["keys_written"] == N_USERS + N_ITEMS + 1
     assert Path(first["model_path"]).is_file()
     model_bytes = Path(first["model_path"]).read_bytes()
+    # The model carries its provenance, which the scoring server returns in ModelMetadata.
+    provenance = json.loads((Path(first["model_path"]).parent / "provenance.json").read_text())
+    assert provenance["owner"] and provenance["source_revision"]
+    assert provenance["training_data_digest"].startswith("sha256:")
     created = json.loads(client.get(meta_key("test:all")))["created_at"]
     sample = client.get(item_key("test:all", "i7"))
 
@@ -112,6 +116,10 @@ def test_seed_all_is_idempotent(client: redis.Redis, redis_port: int, tmp_path: 
     assert Path(forced["model_path"]).read_bytes() == model_bytes  # deterministic retrain
     assert client.get(item_key("test:all", "i7")) == sample
     assert client.dbsize() == N_USERS + N_ITEMS + 1 + seen_sets
+
+    other_seed = seed_all(tmp_path / "other", url, **{**kwargs, "seed": 12, "namespace": "test:other"})
+    other = json.loads((Path(other_seed["model_path"]).parent / "provenance.json").read_text())
+    assert other["training_data_digest"] != provenance["training_data_digest"]  # other data, other digest
 
 
 def test_unreachable_redis_raises_seed_error(tmp_path: Path) -> None:

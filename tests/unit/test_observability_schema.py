@@ -13,6 +13,7 @@ import yaml
 from services.common import telemetry
 from services.common.metrics import Metrics
 from services.observability.drift import DriftMonitor, DriftReference
+from services.scoring.stats import ScoringMetrics
 
 SCHEMA = Path(__file__).resolve().parents[2] / "telemetry" / "schema.yaml"
 STANDARD_PREFIXES = ("db.", "server.", "rpc.", "network.", "http.", "grpc.", "component", "upstream_")
@@ -100,9 +101,12 @@ def test_registered_metrics_are_the_listed_ones(schema: dict[str, Any]) -> None:
     metrics.rpc()
     reference = DriftReference.build(np.random.default_rng(0).normal(size=(100, 3)), np.linspace(0, 1, 100))
     DriftMonitor(reference, metrics=metrics, model="m", version="1")
+    scoring = ScoringMetrics(metrics)
     ours = {name for name in _families(metrics) if name.startswith(("scoring_", "grpc_"))}
     assert ours == _listed(schema, "scoring")
     listed = {m["name"]: m for m in schema["metrics"]}
+    for instrument, name in ((scoring.model_info, "scoring_model_info"), (scoring.evictions, "scoring_model_evictions_total")):
+        assert list(instrument._labelnames) == listed[name]["labels"], name
     rpc = metrics.rpc()
     for instrument, name in ((rpc.started, "grpc_server_started_total"), (rpc.handled, "grpc_server_handled_total"),
                              (rpc.handling, "grpc_server_handling_seconds")):

@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 ROWS = np.random.default_rng(1).standard_normal((200, 64)).astype(np.float32)
@@ -56,6 +56,31 @@ def expect_error(status: str, phrase: str, error: BaseException | None) -> None:
     check(phrase in (error.message() or ""), f"{phrase!r} not in {error.message()!r}")
 
 
+def check_model_config(repository: Path, model: str, as_json: dict[str, Any], reply: Any) -> None:
+    """get_model_config's answer, as JSON and as protobuf, against the model's config.json.
+
+    As in Triton, dims leave out the batch dimension when max_batch_size > 0 (config.json's
+    shapes include it), and data types are the TYPE_* enum.
+    """
+    doc = json.loads((repository / model / "config.json").read_text())
+    max_batch_size = doc.get("max_batch_size", 0)
+
+    def stated(key: str) -> list[tuple[str, str, list[int]]]:
+        return [
+            (t["name"], f"TYPE_{t['datatype']}", t["shape"][1:] if max_batch_size else t["shape"]) for t in doc[key]
+        ]
+
+    config, proto = as_json["config"], reply.config
+    check(config["name"] == model and config.get("max_batch_size", 0) == max_batch_size, str(config))
+    check(proto.name == model and proto.max_batch_size == max_batch_size, str(proto))
+    check(config["platform"] == "onnxruntime_onnx" and config["backend"] == "onnxruntime", str(config))
+    for key, field in (("inputs", "input"), ("outputs", "output")):
+        in_json = [(t["name"], t["data_type"], [int(d) for d in t.get("dims", [])]) for t in config[field]]
+        check(in_json == stated(key), f"as_json {field} {in_json} != config.json {stated(key)}")
+        in_proto = [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in getattr(proto, field)]
+        check(in_proto == stated(key), f"protobuf {field} {in_proto} != config.json {stated(key)}")
+
+
 # ---------------------------------------------------------------------------- sync
 
 
@@ -77,7 +102,7 @@ def sync_checks(url: str, repository: Path) -> dict[str, Callable[[], None]]:
     def server_metadata() -> None:
         meta = client.get_server_metadata(as_json=True)
         check(meta["name"] == "infermesh", str(meta))
-        check({"statistics", "model_repository"} <= set(meta["extensions"]), str(meta))
+        check({"model_configuration", "statistics", "model_repository"} <= set(meta["extensions"]), str(meta))
 
     def model_metadata() -> None:
         meta = client.get_model_metadata("ranker", as_json=True)
@@ -86,6 +111,18 @@ def sync_checks(url: str, repository: Path) -> dict[str, Callable[[], None]]:
         check(meta["outputs"] == [{"name": "score", "datatype": "FP32", "shape": ["-1", "1"]}], str(meta))
         typed = client.get_model_metadata("typed", "1")
         check([i.datatype for i in typed.inputs] == ["INT32", "FP16", "BOOL", "BYTES"], str(typed))
+
+    def model_config() -> None:
+        for model in ("ranker", "add"):
+            check_model_config(repository, model, client.get_model_config(model, as_json=True), client.get_model_config(model, "1"))
+        ranker = client.get_model_config("ranker").config
+        check(ranker.dynamic_batching.max_queue_delay_microseconds == 1000, str(ranker.dynamic_batching))
+        check(ranker.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU, str(ranker.instance_group))
+        typed = client.get_model_config("typed", as_json=True)["config"]
+        datatypes = [i["data_type"] for i in typed["input"]]
+        check(datatypes == ["TYPE_INT32", "TYPE_FP16", "TYPE_BOOL", "TYPE_STRING"], str(typed["input"]))
+        expect_error("NOT_FOUND", "unknown model 'nope'", raises(lambda: client.get_model_config("nope")))
+        expect_error("NOT_FOUND", "no ready version '9'", raises(lambda: client.get_model_config("ranker", "9")))
 
     def fp32_raw() -> None:
         result = client.infer(
@@ -224,6 +261,14 @@ def aio_checks(url: str, repository: Path) -> dict[str, Callable[[], Awaitable[N
             check(await client.is_server_live() and await client.is_server_ready(), "not live/ready")
             meta = await client.get_model_metadata("add", as_json=True)
             check([i["datatype"] for i in meta["inputs"]] == ["INT64", "INT64"], str(meta))
+
+        await with_client(body)
+
+    async def aio_model_config() -> None:
+        async def body(client: triton_aio.InferenceServerClient) -> None:
+            as_json = await client.get_model_config("add", as_json=True)
+            check_model_config(repository, "add", as_json, await client.get_model_config("add", "1"))
+            expect_error("NOT_FOUND", "unknown model 'nope'", await raises(lambda: client.get_model_config("nope")))
 
         await with_client(body)
 
