@@ -305,6 +305,11 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
+def instance_device(config: ModelConfig, index: int) -> int:
+    """The GPU instance `index` runs on when on a GPU: round robin over `gpus`, else device 0."""
+    return config.gpus[index % len(config.gpus)] if config.gpus else 0
+
+
 def build_version(
     model_dir: Path,
     version: int,
@@ -329,7 +334,7 @@ def build_version(
     choices = []
     try:
         for index in range(config.instance_count):
-            device_id = config.gpus[index % len(config.gpus)] if config.gpus else 0
+            device_id = instance_device(config, index)
             try:
                 choice = create_session(data, plan, session_options(threads), device_id)
             except Exception as error:

@@ -30,7 +30,7 @@ from services.mesh.topology import HEALTH_SERVICE_NAMES, SCORING
 from services.scoring.batcher import InferenceFailed
 from services.scoring.cache import PredictionCache, cache_key
 from services.scoring.config import MODEL_FILE, BatchingPolicy, TensorSpec, VersionPolicy
-from services.scoring.models import PLATFORM, LoadOptions, ModelVersion
+from services.scoring.models import PLATFORM, LoadOptions, ModelVersion, instance_device
 from services.scoring.providers import ALIASES
 from services.scoring.repository import CONTROL_MODES, ModelRepository, RepositoryOptions
 from services.scoring.stats import ScoringMetrics, register_gpu_memory
@@ -367,8 +367,7 @@ def _instance_groups(model: ModelVersion) -> list[mc.ModelInstanceGroup]:
     config = model.config
     if not model.on_gpu:
         return [mc.ModelInstanceGroup(name=f"{model.name}_0", kind=mc.ModelInstanceGroup.KIND_CPU, count=config.instance_count)]
-    # Instance i runs on gpus[i % len(gpus)], or on device 0 (models.build_version).
-    per_device = Counter(config.gpus[i % len(config.gpus)] if config.gpus else 0 for i in range(config.instance_count))
+    per_device = Counter(instance_device(config, i) for i in range(config.instance_count))
     devices_by_count: dict[int, list[int]] = {}
     for device, count in sorted(per_device.items()):
         devices_by_count.setdefault(count, []).append(device)
