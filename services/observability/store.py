@@ -250,15 +250,17 @@ class TraceStore:
     """The newest `max_traces` traces, by trace id."""
 
     def __init__(
-        self, max_traces: int = 2000, max_spans_per_trace: int = 2000, max_pending_spans: int = 50_000
+        self, max_traces: int = 2000, max_spans_per_trace: int = 2000, max_pending_spans: int | None = None
     ) -> None:
         self.max_traces = max_traces
         self.max_spans_per_trace = max_spans_per_trace
         # Export requests are kept as parsed protobuf and turned into SpanRecords only when
-        # someone reads the store (or this many spans are waiting): a receiver that nobody
-        # is looking at costs the exporting machine next to nothing beyond the parse.
-        self.max_pending_spans = max_pending_spans
-        self._pending: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        # someone reads the store: a receiver nobody is looking at costs the exporting
+        # machine little more than the parse. Past max_pending_spans (default: room for
+        # about twice max_traces traces of 25 spans) the oldest waiting exports are dropped
+        # undecoded, as the oldest traces would be evicted anyway.
+        self.max_pending_spans = max_pending_spans if max_pending_spans is not None else max(10_000, 50 * max_traces)
+        self._pending: list[tuple[trace_service_pb2.ExportTraceServiceRequest, int]] = []  # (export, spans)
         self._pending_spans = 0
         self._traces: OrderedDict[str, Trace] = OrderedDict()
         self._changed = threading.Condition()
@@ -308,16 +310,18 @@ class TraceStore:
         """Keep one OTLP export; its spans are decoded when the store is next read."""
         count = sum(len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans)
         with self._changed:
-            self._pending.append(request)
+            self._pending.append((request, count))
             self._pending_spans += count
-            if self._pending_spans > self.max_pending_spans:
-                self._drain()
+            while self._pending_spans > self.max_pending_spans and len(self._pending) > 1:
+                _, dropped = self._pending.pop(0)
+                self._pending_spans -= dropped
+                self._spans_dropped += dropped
             self._changed.notify_all()
 
     def _drain(self) -> None:
         """Under the lock: decode what arrived since the last read."""
         pending, self._pending, self._pending_spans = self._pending, [], 0
-        for request in pending:
+        for request, _ in pending:
             self._add(spans_from_request(request))
 
     def get(self, trace_id: str) -> Trace | None:

@@ -206,7 +206,7 @@ def test_trace_view_escapes_span_names() -> None:
         assert "<script>alert" not in page
 
 
-def test_exports_are_decoded_when_read_or_when_too_many_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exports_are_decoded_when_read_and_the_oldest_dropped_when_too_many_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     from services.observability import store as store_module
 
     decoded: list[int] = []
@@ -218,12 +218,16 @@ def test_exports_are_decoded_when_read_or_when_too_many_wait(monkeypatch: pytest
 
     monkeypatch.setattr(store_module, "spans_from_request", counting)
     store = TraceStore(max_pending_spans=3)
-    trace_id = b"\x05" * 16
-    store.add_request(_request(trace_id, [(b"\x01" * 8, b"", "a", 1, 2), (b"\x02" * 8, b"\x01" * 8, "b", 1, 2)]))
+    first, second, third = b"\x05" * 16, b"\x06" * 16, b"\x07" * 16
+    store.add_request(_request(first, [(b"\x01" * 8, b"", "a", 1, 2), (b"\x02" * 8, b"\x01" * 8, "b", 1, 2)]))
     assert decoded == []  # nobody has looked yet: nothing decoded
     assert store.spans_received == 2 and len(decoded) == 1
-    store.add_request(_request(trace_id, [(b"\x03" * 8, b"\x01" * 8, "c", 1, 2)] * 2))
-    store.add_request(_request(trace_id, [(b"\x04" * 8, b"\x01" * 8, "d", 1, 2)] * 2))
-    assert len(decoded) == 3  # 4 spans waiting > max_pending_spans: decoded on arrival
-    trace = store.get(trace_id.hex())
-    assert trace is not None and len(trace.spans) == 6
+    store.add_request(_request(second, [(b"\x03" * 8, b"", "c", 1, 2)] * 2))
+    store.add_request(_request(third, [(b"\x04" * 8, b"", "d", 1, 2)] * 2))
+    # 4 spans waiting > 3: the oldest waiting export is dropped undecoded
+    assert len(decoded) == 1 and store.spans_dropped == 2
+    assert store.get(second.hex()) is None
+    trace = store.get(third.hex())
+    assert trace is not None and len(trace.spans) == 2 and len(decoded) == 2
+    assert store.get(first.hex()) is not None  # decoded before: kept
+    assert TraceStore(max_traces=1000).max_pending_spans == 50_000
