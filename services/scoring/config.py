@@ -150,7 +150,9 @@ def _mapping(value: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
     return value
 
 
-def _tensors(value: Any, where: str) -> tuple[TensorSpec, ...]:
+def _tensors(value: Any, where: str, batched: bool) -> tuple[TensorSpec, ...]:
+    """`shape` is the whole shape; Triton's `dims` leave out the batch dimension when the model
+    batches (max_batch_size > 0), so a config copied from Triton means the same here."""
     if not isinstance(value, list):
         raise ConfigError(f"{where} must be a list of tensors")
     specs = []
@@ -160,9 +162,14 @@ def _tensors(value: Any, where: str) -> tuple[TensorSpec, ...]:
         datatype = {"STRING": "BYTES"}.get(datatype, datatype)
         if datatype not in DATATYPES:
             raise ConfigError(f"{where}[{index}].datatype {datatype!r} is not one of {sorted(DATATYPES)}")
-        shape = item.get("shape", item.get("dims"))
+        if "shape" in item and "dims" in item:
+            raise ConfigError(f"{where}[{index}] has both shape and dims; give one (dims: without the batch dimension)")
+        key = "shape" if "shape" in item else "dims"
+        shape = item.get(key)
         if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < -1 for d in shape):
-            raise ConfigError(f"{where}[{index}].shape must be a list of integers (-1 = any), got {shape!r}")
+            raise ConfigError(f"{where}[{index}].{key} must be a list of integers (-1 = any), got {shape!r}")
+        if key == "dims" and batched:
+            shape = [-1, *shape]
         if not isinstance(item.get("name"), str) or not item["name"]:
             raise ConfigError(f"{where}[{index}] needs a name")
         specs.append(TensorSpec(item["name"], datatype, tuple(shape)))
@@ -286,8 +293,8 @@ def parse_config(name: str, doc: Mapping[str, Any]) -> ModelConfig:
         raise ConfigError(f"warmup batch sizes {too_big} exceed max_batch_size {max_batch_size}")
     return ModelConfig(
         name=name,
-        inputs=_tensors(doc.get("inputs", doc.get("input", [])), "inputs"),
-        outputs=_tensors(doc.get("outputs", doc.get("output", [])), "outputs"),
+        inputs=_tensors(doc.get("inputs", doc.get("input", [])), "inputs", max_batch_size > 0),
+        outputs=_tensors(doc.get("outputs", doc.get("output", [])), "outputs", max_batch_size > 0),
         batching=_batching(doc, max_batch_size),
         instance_count=count,
         gpus=gpus,

@@ -23,7 +23,7 @@ def test_full_config() -> None:
             "name": "ranker",
             "max_batch_size": 1024,
             "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 64]}],
-            "outputs": [{"name": "score", "data_type": "TYPE_FP32", "dims": [-1, 1]}],
+            "outputs": [{"name": "score", "data_type": "TYPE_FP32", "dims": [1]}],  # Triton style
             "dynamic_batching": {
                 "max_queue_delay_microseconds": 500,
                 "preferred_batch_size": [256, 64],
@@ -93,3 +93,19 @@ def test_version_policies(policy: dict, available: list[int], chosen: list[int])
 def test_mistakes_are_rejected_with_the_key_named(doc: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
         parse_config("m", doc)
+
+
+def test_triton_dims_leave_out_the_batch_dimension() -> None:
+    # A config copied from Triton: dims without the batch dimension when max_batch_size > 0.
+    triton = {"max_batch_size": 64, "input": [{"name": "features", "data_type": "TYPE_FP32", "dims": [64]}],
+              "output": [{"name": "score", "data_type": "TYPE_FP32", "dims": [1]}]}
+    config = parse_config("ranker", triton)
+    assert [(s.name, s.datatype, s.shape) for s in (*config.inputs, *config.outputs)] == [
+        ("features", "FP32", (-1, 64)), ("score", "FP32", (-1, 1))]
+    unbatched = parse_config("ranker", {**triton, "max_batch_size": 0})
+    assert unbatched.inputs[0].shape == (64,)
+    # Our own `shape` is the whole shape either way.
+    assert parse_config("ranker", {"max_batch_size": 64, "inputs": [
+        {"name": "features", "datatype": "FP32", "shape": [-1, 64]}]}).inputs[0].shape == (-1, 64)
+    with pytest.raises(ConfigError, match="both shape and dims"):
+        parse_config("ranker", {"inputs": [{"name": "f", "datatype": "FP32", "shape": [-1, 64], "dims": [64]}]})
