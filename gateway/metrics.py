@@ -1,9 +1,10 @@
 """The gateway's own Prometheus instruments (beside the shared grpc_server_* ones).
 
 * `gateway_degraded_responses_total{reason}`: Recommend responses answered with a fallback,
-  once per reason a response carries (deploy/base/prometheus/metrics.yaml; its alert).
-* `gateway_requests_total{experiment,arm,outcome}`: Recommend by experiment arm; outcome
-  ok | degraded | error. `gateway_request_seconds{experiment,arm}`: their latency.
+  once per reason a response carries: which stage fell back.
+* `gateway_requests_total{experiment,arm,outcome}`: Recommend by experiment arm, once per
+  request; outcome ok | degraded | error (the InfermeshDegradedResponses alert's ratio;
+  deploy/base/prometheus/metrics.yaml). `gateway_request_seconds{experiment,arm}`: their latency.
 * `gateway_shadow_requests_total{model,version,outcome}`: shadow scoring calls; outcome
   ok | error | timeout | mismatch | dropped (over max_in_flight). Their latency in
   `gateway_shadow_seconds`, their disagreement with the primary in
