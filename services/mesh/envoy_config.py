@@ -701,6 +701,50 @@ def _not_found_route() -> Json:
     }
 
 
+# Envoy's own replies to REST clients (not a service's): HTTP status -> the gRPC code whose
+# google.rpc.Status JSON body they get, like every error a service returns through the
+# transcoder. 404 (an unmapped path) is already JSON (_not_found_route).
+LOCAL_REPLY_CODES: Mapping[int, int] = {
+    400: 3,  # INVALID_ARGUMENT: the body is not JSON, or a field has the wrong type
+    401: 16,  # UNAUTHENTICATED: no or a wrong API key
+    413: 8,  # RESOURCE_EXHAUSTED: body over the edge's limit
+    429: 8,  # RESOURCE_EXHAUSTED: over the edge's rate limit
+    500: 13,  # INTERNAL
+    502: 14,  # UNAVAILABLE: could not connect to a gateway replica
+    503: 14,  # UNAVAILABLE: no healthy gateway replica
+    504: 4,  # DEADLINE_EXCEEDED: the gateway did not answer within the route timeout
+}
+
+
+def _json_local_replies() -> Json:
+    """Envoy's own error replies as JSON google.rpc.Status for REST requests; gRPC requests
+    keep Envoy's conversion to grpc-status / grpc-message."""
+    # REST: content-type is not gRPC's, or the transcoder has already rewritten the request
+    # to gRPC (it keeps the REST path in x-envoy-original-path) and then refused its body.
+    not_grpc = {
+        "or_filter": {
+            "filters": [
+                {"header_filter": {"header": {
+                    "name": "content-type", "string_match": {"prefix": "application/grpc"}, "invert_match": True}}},
+                {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True}}},
+            ]
+        }
+    }
+    mappers = []
+    for status, code in LOCAL_REPLY_CODES.items():
+        is_status = {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": status, "runtime_key": f"edge_local_reply.{status}"}}}}
+        mappers.append(
+            {
+                "filter": {"and_filter": {"filters": [is_status, not_grpc]}},
+                "body_format_override": {
+                    "json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "details": []},
+                    "content_type": "application/json",
+                },
+            }
+        )
+    return {"mappers": mappers}
+
+
 def _edge_listener(
     topology: MeshTopology,
     tracing: Tracing | None = None,
@@ -729,6 +773,7 @@ def _edge_listener(
     # AUTO: HTTP/1.1 (REST) and prior-knowledge HTTP/2 (gRPC) share the port.
     hcm = _http_connection_manager("edge", "AUTO", routes, filters, tracing, edge=True)
     hcm["typed_config"]["route_config"]["max_direct_response_body_size_bytes"] = MAX_OPENAPI_BYTES
+    hcm["typed_config"]["local_reply_config"] = _json_local_replies()
     socket = _downstream_tls(tls) if tls is not None else None
     return _listener("edge", topology.listen_host, topology.edge_port, hcm, socket)
 

@@ -49,24 +49,26 @@ _HTTP_METHODS = ("get", "put", "post", "delete", "patch")
 # Method keys an OpenAPI path item may have: google.api.http's plus custom verbs it knows.
 _OPENAPI_METHODS = (*_HTTP_METHODS, "head", "options", "trace")
 
-# Error responses every transcoded operation can give. A gRPC error from a service becomes
-# the HTTP status Envoy maps its code to, with the google.rpc.Status as a JSON body; Envoy's
+# Error responses every transcoded operation can give, all with a google.rpc.Status JSON
+# body: a gRPC error from a service becomes the HTTP status Envoy maps its code to; Envoy's
 # own replies (a body the transcoder cannot parse, a request over the size limit, no healthy
-# upstream, a route timeout, the edge rate limit, auth) are text/plain.
+# upstream, a route timeout, the edge rate limit, auth) get the same body through the edge's
+# local_reply_config (envoy_config.LOCAL_REPLY_CODES).
 ERROR_STATUSES: Mapping[str, str] = {
     "400": "Invalid request: INVALID_ARGUMENT, FAILED_PRECONDITION or OUT_OF_RANGE from the "
-    "service (JSON), or a body the transcoder cannot parse into the request message (text).",
+    "service, or a body the transcoder cannot parse into the request message.",
     "401": "UNAUTHENTICATED, or the edge rejected the request's credentials (when auth is on).",
     "403": "PERMISSION_DENIED.",
     "404": "NOT_FOUND: an unknown entity (user, model, ...).",
     "409": "ABORTED or ALREADY_EXISTS.",
-    "413": "The request body is over the edge's size limit (text).",
-    "429": "RESOURCE_EXHAUSTED (overload), or the edge's rate limit (text).",
+    "413": "The request body is over the edge's size limit.",
+    "429": "RESOURCE_EXHAUSTED (overload), or the edge's rate limit.",
     "499": "CANCELLED: the request was cancelled.",
     "500": "INTERNAL, UNKNOWN or DATA_LOSS.",
     "501": "UNIMPLEMENTED.",
-    "503": "UNAVAILABLE from a service (JSON), or no healthy upstream at the edge (text).",
-    "504": "DEADLINE_EXCEEDED from a service (JSON), or the edge's route timeout (text).",
+    "502": "The edge could not reach a gateway replica.",
+    "503": "UNAVAILABLE from a service, or no healthy upstream at the edge.",
+    "504": "DEADLINE_EXCEEDED from a service, or the edge's route timeout.",
 }
 STATUS_SCHEMA = "google.rpc.Status"
 # Set by the edge on every response while Envoy's tracer is on (services/mesh/envoy_config.py).
@@ -650,7 +652,6 @@ def _error_components() -> tuple[Json, Json]:
             "description": text,
             "content": {
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{STATUS_SCHEMA}"}},
-                "text/plain": {"schema": {"type": "string"}},
             },
         }
         for code, text in ERROR_STATUSES.items()

@@ -311,8 +311,11 @@ async def test_edge_rate_limit_answers_429_and_resource_exhausted(tmp_path: Path
         # The burst, plus what refilled meanwhile (2/s); everything else is 429.
         assert 4 <= admitted <= 4 + 2 * (time.monotonic() - started) + 1, codes
         assert set(codes) == {200, 429}, codes
-        _, headers, _ = rest[codes.index(429)]
+        _, headers, body = rest[codes.index(429)]
         assert headers["x-ratelimit-limit"] == "4" and headers["x-ratelimit-remaining"] == "0"
+        # Like a service's errors: a google.rpc.Status JSON body (RESOURCE_EXHAUSTED = 8).
+        assert headers["content-type"] == "application/json", headers
+        assert json.loads(body) == {"code": 8, "message": "local_rate_limited", "details": []}
         # gRPC callers get RESOURCE_EXHAUSTED (not UNAVAILABLE, which clients would retry).
         grpc_codes = [await _recommend_grpc(address) for _ in range(8)]
         assert "RESOURCE_EXHAUSTED" in grpc_codes and set(grpc_codes) <= {"OK", "RESOURCE_EXHAUSTED"}, grpc_codes
@@ -330,6 +333,28 @@ async def test_edge_rate_limit_answers_429_and_resource_exhausted(tmp_path: Path
         assert {status for status, _, _ in shadow} == {200}
 
 
+async def test_envoys_own_rest_errors_are_json_grpc_ones_stay_grpc(tmp_path: Path, stubs: Stubs) -> None:
+    async with running(tmp_path, stubs, envoy_config.EdgePolicy()) as envoy:
+        address = envoy.address("edge")
+        cases = {
+            400: (b'{"user_id": "u1", "k": "many"}', 3),  # the transcoder cannot parse it
+            413: (b'{"user_id": "' + b"x" * (envoy_config.MAX_REQUEST_BYTES + 1) + b'"}', 8),
+        }
+        for expected, (body, code) in cases.items():
+            status, headers, raw = await http_call(address, "POST", "/v1/recommend", body, JSON)
+            assert status == expected, raw[:200]
+            assert headers["content-type"] == "application/json", headers
+            reply = json.loads(raw)
+            assert reply["code"] == code and reply["message"] and reply["details"] == [], reply
+        assert stubs.gateway.calls == 0
+        # A gRPC caller's error from Envoy keeps a plain grpc-message, not the JSON body.
+        async with grpc.aio.insecure_channel(address) as chan:
+            call = chan.unary_unary("/infermesh.gateway.v1.GatewayService/Recommend")
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await call(b"x" * (envoy_config.MAX_REQUEST_BYTES + 1), timeout=RPC_TIMEOUT_S)
+            assert not (failure.value.details() or "").startswith("{"), failure.value.details()
+
+
 # --------------------------------------------------------------------------- API keys
 
 
@@ -338,8 +363,11 @@ async def test_api_keys_401_without_reaching_the_gateway(tmp_path: Path, stubs: 
     async with running(tmp_path, stubs, edge) as envoy:
         address = envoy.address("edge")
         for headers in ({}, {"x-api-key": "wrong"}, {"authorization": "Bearer wrong"}):
-            status, _, _ = await http_call(address, "POST", "/v1/recommend", RECOMMEND_BODY, {**JSON, **headers})
+            status, reply_headers, body = await http_call(address, "POST", "/v1/recommend", RECOMMEND_BODY, {**JSON, **headers})
             assert status == 401, headers
+            assert reply_headers["content-type"] == "application/json"
+            reply = json.loads(body)
+            assert reply["code"] == 16 and reply["details"] == [] and isinstance(reply["message"], str)
         assert await _recommend_grpc(address) == "UNAUTHENTICATED"
         assert await _recommend_grpc(address, (("x-api-key", "wrong"),)) == "UNAUTHENTICATED"
         # The Open Inference Protocol at the edge is protected too.

@@ -85,7 +85,7 @@ def test_errors_map_to_http_statuses_with_a_status_body(document: dict[str, Any]
         assert responses[status] == {"$ref": f"#/components/responses/Error{status}"}
         content = document["components"]["responses"][f"Error{status}"]["content"]
         assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/google.rpc.Status"}
-        assert "text/plain" in content  # Envoy's own replies
+        assert set(content) == {"application/json"}  # Envoy's own replies too (local_reply_config)
     status = document["components"]["schemas"]["google.rpc.Status"]
     assert set(status["properties"]) == {"code", "message", "details"}
 
