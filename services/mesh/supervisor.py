@@ -74,7 +74,11 @@ def _die_with_parent(argv: list[str]) -> list[str]:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on the port now. SO_REUSEADDR, as Envoy, gRPC and
+    redis-server set it: connections of a mesh just stopped linger in TIME_WAIT for a
+    minute, and would otherwise make `infermesh up` refuse ports nothing listens on."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
