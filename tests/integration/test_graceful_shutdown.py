@@ -3,6 +3,7 @@ call already in flight still completes, and the process exits cleanly."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -93,6 +94,9 @@ def test_in_flight_call_completes_while_health_reports_not_serving(
             reply = result["reply"]
             assert reply.model_input.rows == 3 and len(reply.model_input.data) == 3 * 64 * 4
         assert process.wait(timeout=20) == 0
+        # All of it on uvloop, the default event loop (INFERMESH_EVENT_LOOP).
+        lines = [json.loads(line) for line in (tmp_path / "features.log").read_text().splitlines() if line.startswith("{")]
+        assert [line["event_loop"] for line in lines if line.get("message") == "listening"] == ["uvloop"]
     finally:
         admin.execute_command("CLIENT", "UNPAUSE")
         admin.close()

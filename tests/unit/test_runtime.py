@@ -61,3 +61,17 @@ def test_recommend_validation(user: str, candidates: list[str], k: int, message:
 
 def test_k_defaults_when_absent() -> None:
     assert validate(PipelineConfig(default_k=20), "u1", ["i1"], None) == 20
+
+
+def test_event_loop_choice() -> None:
+    import asyncio
+
+    import uvloop
+
+    from services.common.server import event_loop_runner
+
+    assert event_loop_runner({}) is uvloop.run  # the default where installed
+    assert event_loop_runner({"INFERMESH_EVENT_LOOP": "uvloop"}) is uvloop.run
+    assert event_loop_runner({"INFERMESH_EVENT_LOOP": "asyncio"}) is asyncio.run
+    with pytest.raises(SystemExit, match="INFERMESH_EVENT_LOOP='trio': use one of uvloop, asyncio"):
+        event_loop_runner({"INFERMESH_EVENT_LOOP": "trio"})
