@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.common.event_loop import event_loop_runner
+
 # One request: raises on failure; the exception's `status_name` (or its type) is the error label.
 Call = Callable[[int], Awaitable[object]]
 # Builds a Call inside the worker's own event loop (channels bind to their loop).
@@ -212,7 +214,7 @@ async def run_plan(factory: TargetFactory, plan: Plan, tick: Callable[[float], N
 
 def _worker(factory: TargetFactory, plan: Plan, queue: mp.Queue) -> None:  # type: ignore[type-arg]
     try:
-        queue.put(asyncio.run(run_plan(factory, plan)))
+        queue.put(event_loop_runner()(run_plan(factory, plan)))
     except BaseException as error:  # report, never hang the parent
         queue.put(error)
 
@@ -220,7 +222,7 @@ def _worker(factory: TargetFactory, plan: Plan, queue: mp.Queue) -> None:  # typ
 def run_processes(factory: TargetFactory, plan: Plan, processes: int, tick: Callable[[float], None] | None = None) -> RunResult:
     """Split one plan across processes when one client process cannot keep up."""
     if processes <= 1:
-        return asyncio.run(run_plan(factory, plan, tick))
+        return event_loop_runner()(run_plan(factory, plan, tick))
     context = mp.get_context("spawn")
     queue = context.Queue()
     shares = [

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from services.common.errors import InfermeshError, status_for
+from services.common.event_loop import event_loop_runner
 from services.common.logs import configure_logging, get_logger
 from services.common.metrics import Metrics, RpcMetrics, grpc_code_name
 from services.common.rpc_tracing import end_server_span, start_server_span
@@ -371,30 +372,6 @@ async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("stopped", seconds=round(time.monotonic() - started, 3))
-
-
-EVENT_LOOPS = ("uvloop", "asyncio")
-
-
-def event_loop_runner(environ: Mapping[str, str] | None = None) -> Callable[[Coroutine[Any, Any, None]], None]:
-    """INFERMESH_EVENT_LOOP: `uvloop` (the default where it is installed) or `asyncio`.
-
-    uvloop measured 4-6% less CPU per Recommend across the mesh at c=32 on the development
-    VM (3 rounds in turns, docs/benchmarks.md); grpc.aio runs on either.
-    """
-    environ = os.environ if environ is None else environ
-    choice = environ.get("INFERMESH_EVENT_LOOP", "").strip().lower()
-    if choice not in ("", *EVENT_LOOPS):
-        raise SystemExit(f"INFERMESH_EVENT_LOOP={choice!r}: use one of {', '.join(EVENT_LOOPS)}")
-    if choice in ("", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise SystemExit("INFERMESH_EVENT_LOOP=uvloop but uvloop is not installed") from None
-        else:
-            return uvloop.run
-    return asyncio.run
 
 
 def run(name: str, build: Callable[[], tuple[Service, ServerSettings]]) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from services.common.event_loop import event_loop_runner
 from services.features.layout import DEFAULT_NAMESPACE
 from services.workload.catalog import N_ITEMS, N_USERS, generate_catalog
 
@@ -174,7 +175,7 @@ def bench_grpc(
         server = _start_server(redis_url, namespace, cache_bytes, port, workdir / "features-bench.log")
         try:
             _wait_serving(f"127.0.0.1:{port}")
-            results += asyncio.run(_grpc_case(f"127.0.0.1:{port}", case, reqs, concurrencies, seconds, warm))
+            results += event_loop_runner()(_grpc_case(f"127.0.0.1:{port}", case, reqs, concurrencies, seconds, warm))
         finally:
             server.terminate()
             server.wait(timeout=15)
@@ -210,7 +211,7 @@ def bench_store(redis_url: str, namespace: str, entities: int, seconds: float) -
         await client.aclose()
         return out
 
-    return asyncio.run(run())
+    return event_loop_runner()(run())
 
 
 # ------------------------------------------------------------------------------ retrieval

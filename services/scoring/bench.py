@@ -33,6 +33,7 @@ import onnxruntime as ort
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
+from services.common.event_loop import event_loop_runner
 from services.mesh.supervisor import free_port
 from services.scoring import modelgen
 from services.scoring.models import session_options
@@ -220,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         for batch in sizes:
             raw, per_call = raw_throughput(model_bytes, batch, args.seconds, args.threads)
-            through, p50, p99, mean_batch = asyncio.run(
+            through, p50, p99, mean_batch = event_loop_runner()(
                 grpc_throughput(target, args.model, batch, args.seconds, args.concurrency)
             )
             rows.append(Row(batch, raw, per_call, through, p50, p99, mean_batch))

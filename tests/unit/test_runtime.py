@@ -68,7 +68,7 @@ def test_event_loop_choice() -> None:
 
     import uvloop
 
-    from services.common.server import event_loop_runner
+    from services.common.event_loop import event_loop_runner
 
     assert event_loop_runner({}) is uvloop.run  # the default where installed
     assert event_loop_runner({"INFERMESH_EVENT_LOOP": "uvloop"}) is uvloop.run
