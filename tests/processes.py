@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+
+from services.mesh.supervisor import free_port
+from services.mesh.topology import HEALTH_SERVICE_NAMES
 
 
 def start_socket_redis(workdir: Path, *, persist: bool = True) -> subprocess.Popen[bytes]:
@@ -111,3 +120,61 @@ def metric(port: int, name: str, **labels: str) -> float:
         for (sample, sample_labels), value in scrape(port).items()
         if sample == name and labels.items() <= dict(sample_labels).items()
     )
+
+
+@dataclass
+class ServiceProcess:
+    """A service's `python -m` process on free ports, with a channel, health and metrics."""
+
+    process: subprocess.Popen[bytes]
+    channel: grpc.Channel
+    health_name: str
+    metrics_port: int
+    log_path: Path
+
+    def serving(self) -> bool:
+        reply = health_pb2_grpc.HealthStub(self.channel).Check(
+            health_pb2.HealthCheckRequest(service=self.health_name), timeout=2
+        )
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(self.metrics_port, name, **labels)
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """Its JSON log lines (anything else it printed is skipped)."""
+        lines = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return lines
+
+
+@contextmanager
+def running_service(service: str, env: Mapping[str, str], log_path: Path) -> Iterator[ServiceProcess]:
+    """`python -m services.<service>` with `env` (its <SERVICE>_* settings), on a free port
+    with metrics and quick readiness, SERVING before it is yielded; stopped afterwards."""
+    prefix = service.upper()
+    port, metrics_port = free_port(), free_port()
+    process = start_service(
+        f"services.{service}",
+        {
+            **os.environ,
+            f"{prefix}_PORT": str(port),
+            f"{prefix}_METRICS_PORT": str(metrics_port),
+            f"{prefix}_READINESS_INTERVAL_SECONDS": "0.1",
+            "OTEL_TRACES_EXPORTER": "none",
+            **env,
+        },
+        log_path,
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    running = ServiceProcess(process, channel, HEALTH_SERVICE_NAMES[service], metrics_port, log_path)
+    try:
+        wait_until_serving(process, running.serving, log_path)
+        yield running
+    finally:
+        channel.close()
+        stop(process)

@@ -8,7 +8,6 @@ stays SERVING, the breaker opens; once Redis is back it answers fresh again with
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,35 +18,27 @@ import grpc
 import numpy as np
 import pytest
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from infermesh.features.v1 import features_pb2, features_pb2_grpc
 
 from services.features.retrieval import CandidateIndex, exact_top
-from services.mesh.supervisor import free_port
-from services.mesh.topology import HEALTH_SERVICE_NAMES
 from services.workload.catalog import Catalog, generate_catalog
 from services.workload.seed import load_into_redis
-from tests.processes import metric, start_service, start_socket_redis, stop, wait_until_serving
-
-HEALTH_NAME = HEALTH_SERVICE_NAMES["features"]
+from tests.processes import ServiceProcess, running_service, start_socket_redis, stop
 
 
 @dataclass
 class Running:
     workdir: Path
     redis: subprocess.Popen[bytes]
-    service: subprocess.Popen[bytes]
+    service: ServiceProcess
     stub: features_pb2_grpc.FeatureServiceStub
-    health: health_pb2_grpc.HealthStub
-    metrics_port: int
     catalog: Catalog
 
     def metric(self, name: str, **labels: str) -> float:
-        return metric(self.metrics_port, name, **labels)
+        return self.service.metric(name, **labels)
 
     def serving(self) -> bool:
-        reply = self.health.Check(health_pb2.HealthCheckRequest(service=HEALTH_NAME), timeout=2)
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return self.service.serving()
 
 
 @pytest.fixture(scope="module")
@@ -59,38 +50,21 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     with redis.Redis.from_url(url) as client:
         load_into_redis(client, catalog, progress=False)
     CandidateIndex.build(catalog.item_vecs, catalog.item_ids).save(workdir / "index" / "items.npz")
-    port, metrics_port = free_port(), free_port()
     env = {
-        **os.environ,
-        "FEATURES_PORT": str(port),
-        "FEATURES_METRICS_PORT": str(metrics_port),
         "FEATURES_REDIS_URL": url,
         "FEATURES_INDEX_PATH": str(workdir / "index" / "items.npz"),
         "FEATURES_CACHE_TTL_SECONDS": "0.1",  # entries go stale fast, so reads keep reaching Redis
         "FEATURES_REDIS_TIMEOUT_SECONDS": "0.3",
         "FEATURES_BREAKER_PROBE_SECONDS": "0.2",
         "FEATURES_REFRESH_SECONDS": "0.2",
-        "FEATURES_READINESS_INTERVAL_SECONDS": "0.1",
-        "OTEL_TRACES_EXPORTER": "none",
     }
-    service = start_service("services.features", env, workdir / "features.log")
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    running = Running(
-        workdir,
-        redis_process,
-        service,
-        features_pb2_grpc.FeatureServiceStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-        metrics_port,
-        catalog,
-    )
+    running: Running | None = None
     try:
-        wait_until_serving(service, running.serving, workdir / "features.log")
-        yield running
+        with running_service("features", env, workdir / "features.log") as service:
+            running = Running(workdir, redis_process, service, features_pb2_grpc.FeatureServiceStub(service.channel), catalog)
+            yield running
     finally:
-        channel.close()
-        stop(service)
-        stop(running.redis)
+        stop(running.redis if running is not None else redis_process)  # the last test restarts Redis
 
 
 def test_view_form_returns_matrix_mask_and_freshness(running: Running) -> None:

@@ -6,8 +6,6 @@ seen filter, reported in skipped_stages, counted, logged, and health stays SERVI
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,15 +16,12 @@ import grpc
 import numpy as np
 import pytest
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
-from services.mesh.supervisor import free_port
-from services.mesh.topology import HEALTH_SERVICE_NAMES
 from services.ranking.rank import RankInput, top_k
 from services.workload.catalog import Catalog, generate_catalog, seen_items
 from services.workload.seed import load_into_redis
-from tests.processes import metric, start_service, start_socket_redis, stop, wait_until_serving
+from tests.processes import ServiceProcess, running_service, start_socket_redis, stop
 
 NAMESPACE = "test:ranking-svc"
 SEEN_PER_USER = 20
@@ -37,10 +32,8 @@ class Running:
     workdir: Path
     redis: subprocess.Popen[bytes]
     redis_url: str
-    service: subprocess.Popen[bytes]
+    service: ServiceProcess
     stub: ranking_pb2_grpc.RankingServiceStub
-    health: health_pb2_grpc.HealthStub
-    metrics_port: int
     catalog: Catalog
 
     def seed(self) -> None:
@@ -48,20 +41,13 @@ class Running:
             load_into_redis(client, self.catalog, NAMESPACE, progress=False, seen_per_user=SEEN_PER_USER)
 
     def metric(self, name: str, **labels: str) -> float:
-        return metric(self.metrics_port, name, **labels)
+        return self.service.metric(name, **labels)
 
     def serving(self) -> bool:
-        reply = self.health.Check(health_pb2.HealthCheckRequest(service=HEALTH_SERVICE_NAMES["ranking"]), timeout=2)
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return self.service.serving()
 
     def log_lines(self) -> list[dict]:
-        lines = []
-        for line in (self.workdir / "ranking.log").read_text().splitlines():
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        return lines
+        return self.service.log_lines()
 
 
 @pytest.fixture(scope="module")
@@ -70,39 +56,23 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     redis_process = start_socket_redis(workdir, persist=False)
     url = f"unix://{workdir / 'redis.sock'}?db=0"
     catalog = generate_catalog(seed=5, n_users=40, n_items=2_000, n_categories=8)
-    port, metrics_port = free_port(), free_port()
     env = {
-        **os.environ,
-        "RANKING_PORT": str(port),
-        "RANKING_METRICS_PORT": str(metrics_port),
         "RANKING_REDIS_URL": url,
         "RANKING_NAMESPACE": NAMESPACE,
         "RANKING_REDIS_TIMEOUT_SECONDS": "0.3",
         "RANKING_REDIS_FAILURES_TO_SKIP": "2",
         "RANKING_REDIS_RETRY_SECONDS": "0.2",
-        "RANKING_READINESS_INTERVAL_SECONDS": "0.1",
-        "OTEL_TRACES_EXPORTER": "none",
     }
-    service = start_service("services.ranking", env, workdir / "ranking.log")
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    running = Running(
-        workdir,
-        redis_process,
-        url,
-        service,
-        ranking_pb2_grpc.RankingServiceStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-        metrics_port,
-        catalog,
-    )
-    running.seed()
+    running: Running | None = None
     try:
-        wait_until_serving(service, running.serving, workdir / "ranking.log")
-        yield running
+        with running_service("ranking", env, workdir / "ranking.log") as service:
+            running = Running(
+                workdir, redis_process, url, service, ranking_pb2_grpc.RankingServiceStub(service.channel), catalog
+            )
+            running.seed()
+            yield running
     finally:
-        channel.close()
-        stop(service)
-        stop(running.redis)
+        stop(running.redis if running is not None else redis_process)  # the last test restarts Redis
 
 
 USER = 3
