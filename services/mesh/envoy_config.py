@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import grpc
+
 from services.mesh.certs import CertPaths
 from services.mesh.topology import (
     DEFAULT_ADMIN_PORT,
@@ -704,15 +706,15 @@ def _not_found_route() -> Json:
 # Envoy's own replies to REST clients (not a service's): HTTP status -> the gRPC code whose
 # google.rpc.Status JSON body they get, like every error a service returns through the
 # transcoder. 404 (an unmapped path) is already JSON (_not_found_route).
-LOCAL_REPLY_CODES: Mapping[int, int] = {
-    400: 3,  # INVALID_ARGUMENT: the body is not JSON, or a field has the wrong type
-    401: 16,  # UNAUTHENTICATED: no or a wrong API key
-    413: 8,  # RESOURCE_EXHAUSTED: body over the edge's limit
-    429: 8,  # RESOURCE_EXHAUSTED: over the edge's rate limit
-    500: 13,  # INTERNAL
-    502: 14,  # UNAVAILABLE: could not connect to a gateway replica
-    503: 14,  # UNAVAILABLE: no healthy gateway replica
-    504: 4,  # DEADLINE_EXCEEDED: the gateway did not answer within the route timeout
+LOCAL_REPLY_CODES: Mapping[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,  # the body is not JSON, or a field has the wrong type
+    401: grpc.StatusCode.UNAUTHENTICATED,  # no or a wrong API key
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,  # body over the edge's limit
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,  # over the edge's rate limit
+    500: grpc.StatusCode.INTERNAL,
+    502: grpc.StatusCode.UNAVAILABLE,  # could not connect to a gateway replica
+    503: grpc.StatusCode.UNAVAILABLE,  # no healthy gateway replica
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,  # the gateway did not answer within the route timeout
 }
 
 
@@ -732,12 +734,13 @@ def _json_local_replies() -> Json:
     }
     mappers = []
     for status, code in LOCAL_REPLY_CODES.items():
-        is_status = {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": status, "runtime_key": f"edge_local_reply.{status}"}}}}
+        value = {"default_value": status, "runtime_key": f"edge_local_reply.{status}"}
+        is_status = {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
         mappers.append(
             {
                 "filter": {"and_filter": {"filters": [is_status, not_grpc]}},
                 "body_format_override": {
-                    "json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "details": []},
+                    "json_format": {"code": code.value[0], "message": "%LOCAL_REPLY_BODY%", "details": []},
                     "content_type": "application/json",
                 },
             }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,7 +260,7 @@ class TraceStore:
         # about twice max_traces traces of 25 spans) the oldest waiting exports are dropped
         # undecoded, as the oldest traces would be evicted anyway.
         self.max_pending_spans = max_pending_spans if max_pending_spans is not None else max(10_000, 50 * max_traces)
-        self._pending: list[tuple[trace_service_pb2.ExportTraceServiceRequest, int]] = []  # (export, spans)
+        self._pending: deque[tuple[trace_service_pb2.ExportTraceServiceRequest, int]] = deque()  # (export, spans)
         self._pending_spans = 0
         self._traces: OrderedDict[str, Trace] = OrderedDict()
         self._changed = threading.Condition()
@@ -313,14 +313,14 @@ class TraceStore:
             self._pending.append((request, count))
             self._pending_spans += count
             while self._pending_spans > self.max_pending_spans and len(self._pending) > 1:
-                _, dropped = self._pending.pop(0)
+                _, dropped = self._pending.popleft()
                 self._pending_spans -= dropped
                 self._spans_dropped += dropped
             self._changed.notify_all()
 
     def _drain(self) -> None:
         """Under the lock: decode what arrived since the last read."""
-        pending, self._pending, self._pending_spans = self._pending, [], 0
+        pending, self._pending, self._pending_spans = self._pending, deque(), 0
         for request, _ in pending:
             self._add(spans_from_request(request))
 
@@ -370,5 +370,5 @@ class TraceStore:
 
     def clear(self) -> None:
         with self._changed:
-            self._pending, self._pending_spans = [], 0
+            self._pending, self._pending_spans = deque(), 0
             self._traces.clear()

@@ -36,8 +36,6 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.onnx"
 # <model>/<version>/provenance.json: where that version came from (overrides config.json's).
 PROVENANCE_FILE = "provenance.json"
-# What every version should be able to say about itself; any other string keys are kept too.
-PROVENANCE_KEYS = ("owner", "training_data_digest", "source_revision")
 # A bounded queue by default: overload answers RESOURCE_EXHAUSTED instead of growing memory.
 DEFAULT_MAX_QUEUE_SIZE = 1024
 PROVIDER_NAMES = ("auto", "tensorrt", "cuda", "cpu")
@@ -110,7 +108,8 @@ class ModelConfig:
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     warmup: tuple[WarmupSpec, ...] = (WarmupSpec(),)
     cache: CachePolicy = field(default_factory=CachePolicy)
-    # Defaults for every version's provenance (PROVENANCE_KEYS and more), strings only.
+    # Defaults for every version's provenance (owner, training_data_digest, source_revision,
+    # any other string keys), strings only.
     provenance: Mapping[str, str] = field(default_factory=dict)
 
 

@@ -102,13 +102,20 @@ def _merge(kind: str, model: Sequence[TensorSpec], config: Sequence[TensorSpec],
     return tuple(merged)
 
 
+def warmup_shape(tensor: TensorSpec, batch_size: int) -> list[int]:
+    """A warmup request's shape for `tensor`: variable dimensions run as 1, and the batch size
+    fills a variable first dimension (ModelConfig reports the same)."""
+    shape = [d if d >= 0 else 1 for d in tensor.shape]
+    if shape and tensor.shape[0] == -1:
+        shape[0] = batch_size
+    return shape
+
+
 def _warmup_inputs(inputs: Sequence[TensorSpec], spec: WarmupSpec, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays = {}
     for tensor in inputs:
-        shape = [d if d >= 0 else 1 for d in tensor.shape]
-        if shape and tensor.shape[0] == -1:
-            shape[0] = spec.batch_size
+        shape = warmup_shape(tensor, spec.batch_size)
         if tensor.datatype == BYTES:
             arrays[tensor.name] = np.full(shape, "", dtype=object)
         elif spec.data == "random":

@@ -54,7 +54,6 @@ from services.scoring.models import (
 from services.scoring.stats import ScoringMetrics
 
 log = get_logger(__name__)
-_monotonic = time.monotonic  # per request, on the inference path
 
 POLL, EXPLICIT, NONE = "poll", "explicit", "none"
 CONTROL_MODES = (POLL, EXPLICIT, NONE)
@@ -174,8 +173,6 @@ class ModelRepository:
             raise ValueError(f"memory budget {self.memory_budget}: use a number of bytes, 0 = no budget")
         # Checking the budget, evicting and loading happen under it, one load at a time.
         self._budget_lock = asyncio.Lock()
-        # Every version holding memory (serving, or retiring until it has drained).
-        self._resident: dict[int, ModelVersion] = {}
         if metrics is not None:
             metrics.model_memory_budget.set(self.memory_budget)
             metrics.model_memory.set(0)
@@ -396,10 +393,9 @@ class ModelRepository:
             previous = entry.serving.get(number)
             entry.serving[number] = version
             entry.publish()
-            self._resident[id(version)] = version
-            self._publish_memory()
             if previous is not None:
                 self._retire(entry, previous)
+            self._publish_memory()
         log.info(
             "model version ready",
             model=entry.name,
@@ -502,7 +498,9 @@ class ModelRepository:
 
     def _publish_memory(self) -> None:
         if self._metrics is not None:
-            self._metrics.model_memory.set(sum(v.byte_size for v in self._resident.values()))
+            # Every version holding memory: serving, or retiring until it has drained.
+            held = (v for e in self._entries.values() for v in (*e.serving.values(), *e.retiring.values()))
+            self._metrics.model_memory.set(sum(v.byte_size for v in held))
 
     def _retire(self, entry: ModelEntry, version: ModelVersion) -> asyncio.Task[None]:
         """Out of routing now (the caller removed it); freed once its in-flight requests finish."""
@@ -513,7 +511,6 @@ class ModelRepository:
                 await version.retire()
             finally:
                 entry.retiring.pop(id(version), None)
-                self._resident.pop(id(version), None)
                 self._publish_memory()
 
         task = asyncio.create_task(retire(), name=f"retire {entry.name} v{version.version}")
@@ -564,7 +561,7 @@ class ModelRepository:
         metadata and statistics calls resolve without leasing, so probes keep nothing loaded.
         """
         model = self.resolve(name, version)
-        model.last_used = _monotonic()
+        model.last_used = time.monotonic()
         model.acquire()
         try:
             yield model

@@ -30,7 +30,7 @@ from services.mesh.topology import HEALTH_SERVICE_NAMES, SCORING
 from services.scoring.batcher import InferenceFailed
 from services.scoring.cache import PredictionCache, cache_key
 from services.scoring.config import MODEL_FILE, BatchingPolicy, TensorSpec, VersionPolicy
-from services.scoring.models import PLATFORM, LoadOptions, ModelVersion, instance_device
+from services.scoring.models import PLATFORM, LoadOptions, ModelVersion, instance_device, warmup_shape
 from services.scoring.providers import ALIASES
 from services.scoring.repository import CONTROL_MODES, ModelRepository, RepositoryOptions
 from services.scoring.stats import ScoringMetrics, register_gpu_memory
@@ -378,17 +378,14 @@ def _instance_groups(model: ModelVersion) -> list[mc.ModelInstanceGroup]:
 
 
 def _warmups(model: ModelVersion) -> list[mc.ModelWarmup]:
-    """The warmup requests as models._warmup_inputs builds them: -1 dimensions run as 1, and
-    the batch size fills a variable first dimension (without batching too, where Triton's
-    batch_size is 1 and the dims are the whole shape)."""
+    """The warmup requests the version ran at load (models.warmup_shape); without batching
+    Triton's batch_size is 1 and the dims are the whole shape."""
     warmups = []
     for number, spec in enumerate(model.config.warmup):
         data = {"random_data": True} if spec.data == "random" else {"zero_data": True}
         inputs = {}
         for tensor in model.inputs:
-            shape = [d if d >= 0 else 1 for d in tensor.shape]
-            if shape and tensor.shape[0] == -1:
-                shape[0] = spec.batch_size
+            shape = warmup_shape(tensor, spec.batch_size)
             inputs[tensor.name] = mc.ModelWarmup.Input(data_type=_data_type(tensor), dims=_dims(shape, model.batching), **data)
         batch_size = spec.batch_size if model.batching else 1
         warmups.append(mc.ModelWarmup(name=f"warmup_{number}", batch_size=batch_size, inputs=inputs))

@@ -129,6 +129,12 @@ def _provenance(spec: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def _write_if_changed(path: Path, data: bytes) -> None:
+    # Unchanged files keep their mtime: a polling scoring server sees nothing to reload.
+    if not path.is_file() or path.read_bytes() != data:
+        atomic_write_bytes(path, data)
+
+
 def _model_is_current(data_dir: Path, spec: dict[str, Any]) -> bool:
     path, sidecar = model_path(data_dir), _sidecar_path(data_dir)
     if not path.is_file() or not sidecar.is_file():
@@ -161,14 +167,8 @@ def _ensure_model(
         sidecar = {"spec": spec, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
         atomic_write_bytes(_sidecar_path(data_dir), _json_bytes(sidecar))
         trained = True
-    config_bytes = _json_bytes(model_config())
-    config = _config_path(data_dir)
-    if not config.is_file() or config.read_bytes() != config_bytes:
-        atomic_write_bytes(config, config_bytes)
-    provenance_bytes = _json_bytes(_provenance(spec))
-    provenance = path.parent / PROVENANCE_FILE
-    if not provenance.is_file() or provenance.read_bytes() != provenance_bytes:
-        atomic_write_bytes(provenance, provenance_bytes)
+    _write_if_changed(_config_path(data_dir), _json_bytes(model_config()))
+    _write_if_changed(path.parent / PROVENANCE_FILE, _json_bytes(_provenance(spec)))
     # Reference histograms for the scoring service's drift monitor, beside the model.
     ensure_drift_reference(path, catalog)
     return path, trained
