@@ -119,9 +119,9 @@ def setup_telemetry(service: str) -> Telemetry:
         sampler = ParentBased(ALWAYS_OFF)
     provider = TracerProvider(sampler=sampler, resource=build_resource(service))
     if exporting:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from services.common.otlp_encoding import FastOTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(FastOTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     tracer.cache_clear()
     return Telemetry(provider=provider, exporting=exporting)

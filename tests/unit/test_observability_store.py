@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from services.common.otlp_encoding import FastOTLPSpanExporter
 from services.observability.receiver import OtlpReceiver
 from services.observability.store import TraceStore, spans_from_request
 from services.observability.traceview import TraceView
@@ -30,16 +31,16 @@ def receiver() -> Iterator[OtlpReceiver]:
         yield running
 
 
-def _provider(endpoint: str, service: str) -> TracerProvider:
+def _provider(endpoint: str, service: str, exporter: type[OTLPSpanExporter] = OTLPSpanExporter) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter(endpoint=endpoint, insecure=True)))
     return provider
 
 
-def _emit_request_trace(receiver: OtlpReceiver) -> str:
+def _emit_request_trace(receiver: OtlpReceiver, exporter: type[OTLPSpanExporter] = OTLPSpanExporter) -> str:
     """gateway (server) -> features (server, via a propagated context) -> MGET; ranking error."""
-    gateway = _provider(receiver.endpoint, "gateway")
-    features = _provider(receiver.endpoint, "features")
+    gateway = _provider(receiver.endpoint, "gateway", exporter)
+    features = _provider(receiver.endpoint, "features", exporter)
     try:
         tracer = gateway.get_tracer("test")
         with tracer.start_as_current_span("Recommend", kind=SpanKind.SERVER) as root:
@@ -59,8 +60,10 @@ def _emit_request_trace(receiver: OtlpReceiver) -> str:
         features.shutdown()
 
 
-def test_receiver_stores_what_the_sdk_exports(receiver: OtlpReceiver) -> None:
-    trace_id = _emit_request_trace(receiver)
+# The SDK's own exporter, and the one the services use (same exporter, own encoder).
+@pytest.mark.parametrize("exporter", [OTLPSpanExporter, FastOTLPSpanExporter])
+def test_receiver_stores_what_the_sdk_exports(receiver: OtlpReceiver, exporter: type[OTLPSpanExporter]) -> None:
+    trace_id = _emit_request_trace(receiver, exporter)
     trace = receiver.store.wait_for(trace_id, lambda t: len(t.spans) == 5, timeout=10)
     assert trace is not None and len(trace.spans) == 5
     assert trace.title == "gateway: Recommend \u2192 features: GetFeatures"
