@@ -40,7 +40,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.shadow import ShadowRunner
 from services.common.errors import DeadlineExceeded, InvalidArgument, from_rpc_error
 from services.common.logs import get_logger
-from services.common.telemetry import ATTR_DEADLINE_REMAINING_MS, SPAN_GATEWAY_PREFIX, fallback_span, span
+from services.common.telemetry import fallback_span
 from services.features.layout import FEATURE_DIM
 
 T = TypeVar("T")
@@ -353,15 +353,15 @@ class Pipeline:
         timings: dict[str, float],
         call: Callable[[float], Awaitable[T]],
     ) -> T:
-        """One stage call within its budget, in its span, its time in `timings`; StageFailed
-        when no time is left for it (it is then not called)."""
+        """One stage call within its budget, its time in `timings`; StageFailed when no time is
+        left for it (it is then not called). Its trace span is the call's CLIENT span (it
+        carries the budget), not a stage span around it: that would only repeat it."""
         timeout = budget.timeout(name)
         if timeout <= 0:
             timings[name] = 0.0
             raise StageFailed(name, "no time left in its budget")
         started = time.perf_counter()
         try:
-            with span(SPAN_GATEWAY_PREFIX + name, {ATTR_DEADLINE_REMAINING_MS: round(timeout * 1000.0, 3)}):
-                return await call(timeout)
+            return await call(timeout)
         finally:
             timings[name] = (time.perf_counter() - started) * 1000.0

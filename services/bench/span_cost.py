@@ -65,7 +65,7 @@ def _cpu_us_per_span(exporter: SpanExporter, requests: int) -> float:
         server = tracer.start_span("/infermesh.ranking.v1.RankingService/Rank", context=parent,
                                    kind=trace.SpanKind.SERVER, attributes=_RPC)
         token = otel_context.attach(trace.set_span_in_context(server, parent))
-        for stage in ("decode", "top_k", "seen_filter", "category_cap", "respond"):
+        for stage in ("top_k", "seen_filter", "rules", "calibration", "category_cap"):
             with tracer.start_as_current_span(f"infermesh.ranking.{stage}", attributes={"infermesh.items": 200}):
                 pass
         propagate.inject({})

@@ -21,7 +21,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from services.common.telemetry import tracer
+from services.common.telemetry import ATTR_DEADLINE_REMAINING_MS, tracer
 
 ATTR_RPC_SYSTEM = "rpc.system"
 ATTR_RPC_SERVICE = "rpc.service"
@@ -85,14 +85,18 @@ class ClientTracingInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     """A CLIENT span per unary call (health checks excepted), its context sent along.
 
     The span covers the whole call, retries included, and is not made current: nothing
-    runs inside it in this process.
+    runs inside it in this process. It carries the call's timeout as
+    infermesh.deadline.remaining_ms (the budget the caller gave it).
     """
 
     async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         if method.startswith("/grpc.health.v1."):
             return await continuation(details, request)
-        span = tracer().start_span(method, kind=SpanKind.CLIENT, attributes=rpc_attributes(method))
+        attributes = rpc_attributes(method)
+        if details.timeout is not None:
+            attributes = {**attributes, ATTR_DEADLINE_REMAINING_MS: round(details.timeout * 1000.0, 3)}
+        span = tracer().start_span(method, kind=SpanKind.CLIENT, attributes=attributes)
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())

@@ -42,8 +42,7 @@ SPAN_REDIS_MGET = "MGET"  # OpenTelemetry db convention: the operation name
 SPAN_FEATURES_CACHE_LOOKUP = "infermesh.features.cache_lookup"
 SPAN_SCORING_QUEUE = "infermesh.scoring.queue"
 SPAN_SCORING_INFERENCE = "infermesh.scoring.inference"
-SPAN_RANKING_PREFIX = "infermesh.ranking."  # + stage: decode, top_k, respond
-SPAN_GATEWAY_PREFIX = "infermesh.gateway."  # + stage: features, scoring, ranking
+SPAN_RANKING_PREFIX = "infermesh.ranking."  # + top_k (the chain), + each chain stage
 SPAN_GATEWAY_FALLBACK = "infermesh.gateway.fallback"
 
 # Standard attributes (OpenTelemetry semantic conventions).

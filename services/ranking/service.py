@@ -21,6 +21,7 @@ from services.common.telemetry import (
     ATTR_ITEMS,
     ATTR_K,
     SPAN_RANKING_PREFIX,
+    set_attributes,
     stage_span,
 )
 from services.mesh.topology import HEALTH_SERVICE_NAMES, RANKING
@@ -207,9 +208,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         n = len(request.item_ids)
         if n > self._settings.max_items:
             raise InvalidArgument(f"at most {self._settings.max_items} items per request, got {n}")
-        with stage_span(SPAN_RANKING_PREFIX, "decode", {ATTR_ITEMS: n}):
-            ranked = decode(n, request.scores, request.item_categories, request.item_present)
-            embeddings = decode_embeddings(n, request.item_embeddings, request.embedding_dim)
+        set_attributes({ATTR_ITEMS: n})  # on the Rank server span
+        ranked = decode(n, request.scores, request.item_categories, request.item_present)
+        embeddings = decode_embeddings(n, request.item_embeddings, request.embedding_dim)
         candidates = Candidates(
             item_ids=request.item_ids,
             scores=ranked.scores,
@@ -226,28 +227,27 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         # The whole chain and the page cut: the stages' spans are its children.
         with stage_span(SPAN_RANKING_PREFIX, "top_k", {ATTR_K: request.k}):
             result = await self._chain.rank(candidates)
-        with stage_span(SPAN_RANKING_PREFIX, "respond", {ATTR_ITEMS: len(result.page)}):
-            ids = request.item_ids
-            page = result.page.tolist()
-            scores = result.scores[result.page].tolist()
-            categories = ranked.categories[result.page].tolist()
-            response = ranking_pb2.RankResponse(
-                items=[
-                    ranking_pb2.RankedItem(item_id=ids[i], score=s, category=c)
-                    for i, s, c in zip(page, scores, categories, strict=True)
-                ],
-                total_items=result.total,
-                skipped_stages=result.skipped,
-            )
-            if result.explanations is not None:
-                response.explanations.extend(
-                    ranking_pb2.ItemExplanation(
-                        item_id=item_id,
-                        effects=[ranking_pb2.StageEffect(**e._asdict()) for e in effects],
-                    )
-                    for item_id, effects in zip(ids, result.explanations, strict=True)
+        ids = request.item_ids
+        page = result.page.tolist()
+        scores = result.scores[result.page].tolist()
+        categories = ranked.categories[result.page].tolist()
+        response = ranking_pb2.RankResponse(
+            items=[
+                ranking_pb2.RankedItem(item_id=ids[i], score=s, category=c)
+                for i, s, c in zip(page, scores, categories, strict=True)
+            ],
+            total_items=result.total,
+            skipped_stages=result.skipped,
+        )
+        if result.explanations is not None:
+            response.explanations.extend(
+                ranking_pb2.ItemExplanation(
+                    item_id=item_id,
+                    effects=[ranking_pb2.StageEffect(**e._asdict()) for e in effects],
                 )
-            return response
+                for item_id, effects in zip(ids, result.explanations, strict=True)
+            )
+        return response
 
 
 class RankingService:

@@ -215,11 +215,12 @@ def test_one_log_line_per_request(probe: Probe, calls: dict) -> None:
 def test_spans_continue_the_callers_trace_and_flush_on_sigterm(probe: Probe, calls: dict) -> None:
     probe.process.send_signal(signal.SIGTERM)
     assert probe.process.wait(timeout=30) == 0, probe.log_path.read_text()
-    trace = probe.receiver.store.wait_for(TRACE_OK, lambda t: len(t.spans) >= 4, timeout=10)
+    trace = probe.receiver.store.wait_for(TRACE_OK, lambda t: len(t.spans) >= 2, timeout=10)
     assert trace is not None, "no spans: the shutdown flush did not export"
     (server,) = [s for s in trace.spans if s.kind == "SERVER"]
     assert server.name == RANK and server.service == "ranking" and server.parent_span_id == CALLER_SPAN
     stages = sorted(s.name for s in trace.spans if s.parent_span_id == server.span_id)
-    assert stages == ["infermesh.ranking.decode", "infermesh.ranking.respond", "infermesh.ranking.top_k"]
+    assert stages == ["infermesh.ranking.top_k"]
+    assert server.attributes["infermesh.items"] > 0  # the request's item count, on the server span
     crashed = probe.receiver.store.get(TRACE_CRASH)
     assert crashed is not None and any(s.status == "ERROR" for s in crashed.spans)

@@ -82,7 +82,7 @@ def test_client_and_server_spans_form_one_trace_with_grpc_statuses() -> None:
             assert server.parent_span_id == client.span_id  # the context crossed the wire
             expected = {"rpc.system": "grpc", "rpc.service": "t.v1.Echo", "rpc.method": name,
                         "rpc.grpc.status_code": code}
-            assert client.attributes == expected
+            assert client.attributes == {**expected, "infermesh.deadline.remaining_ms": 5000.0}  # timeout=5
             assert server.attributes == {**expected, "network.peer.address": "127.0.0.1"}
             assert (client.status == "ERROR") is client_error
             assert (server.status == "ERROR") is server_error

@@ -69,7 +69,6 @@ def test_agreed_span_names_are_exact() -> None:
     assert telemetry.SPAN_SCORING_QUEUE == "infermesh.scoring.queue"
     assert telemetry.SPAN_SCORING_INFERENCE == "infermesh.scoring.inference"
     assert telemetry.SPAN_RANKING_PREFIX == "infermesh.ranking."
-    assert telemetry.SPAN_GATEWAY_PREFIX == "infermesh.gateway."
     assert telemetry.SPAN_GATEWAY_FALLBACK == "infermesh.gateway.fallback"
     assert telemetry.ATTR_DB_SYSTEM == "db.system.name"
     assert telemetry.ATTR_DB_OPERATION == "db.operation.name"
