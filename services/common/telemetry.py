@@ -19,16 +19,17 @@ import functools
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 TRACER_NAME = "infermesh"
@@ -135,7 +136,48 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
-@contextmanager
+class _CurrentSpan:
+    """`with`: a span started, made current for the body, ended after it. An exception
+    (not a BaseException such as cancellation) is recorded on the span and sets its status
+    to ERROR, then propagates, as the SDK's start_as_current_span does; a plain class
+    rather than that helper's three nested generator context managers (~4 us less per span)."""
+
+    __slots__ = ("_name", "_attributes", "_kind", "_span", "_token")
+
+    def __init__(self, name: str, attributes: Attributes | None, kind: SpanKind) -> None:
+        self._name, self._attributes, self._kind = name, attributes, kind
+
+    def __enter__(self) -> Span:
+        self._span = tracer().start_span(self._name, kind=self._kind, attributes=self._attributes)
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        current = self._span
+        try:
+            if isinstance(error, Exception) and current.is_recording():
+                current.record_exception(error)
+                current.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            current.end()
+        finally:
+            otel_context.detach(self._token)
+
+
+class _NoSpan:
+    """`with` outside any trace: nothing started (child_span's case)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Span:
+        return trace.INVALID_SPAN
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_SPAN = _NoSpan()
+
+
 def span(
     name: str,
     attributes: Attributes | None = None,
@@ -143,32 +185,27 @@ def span(
     *,
     kind: SpanKind = SpanKind.INTERNAL,
     **more: AttributeValue,
-) -> Iterator[Span]:
+) -> AbstractContextManager[Span]:
     """A child span of the current one, current for the body of the `with`.
 
     Dotted attribute names go in the mapping (`span("MGET", {"db.system.name": "redis"})`);
     plain ones may be keywords. Exceptions are recorded on the span and re-raised.
     """
-    merged = {**attributes, **more} if more else attributes
-    with tracer().start_as_current_span(name, kind=kind, attributes=merged) as current:
-        yield current
+    return _CurrentSpan(name, {**attributes, **more} if more else attributes, kind)
 
 
-@contextmanager
 def child_span(
     name: str,
     attributes: Attributes | None = None,
     /,
     *,
     kind: SpanKind = SpanKind.INTERNAL,
-) -> Iterator[Span]:
+) -> AbstractContextManager[Span]:
     """Like span(), but only inside a trace: work done outside any request (background
     refreshes, probes) starts no trace of its own."""
     if not trace.get_current_span().get_span_context().is_valid:
-        yield trace.INVALID_SPAN
-        return
-    with tracer().start_as_current_span(name, kind=kind, attributes=attributes) as current:
-        yield current
+        return _NO_SPAN
+    return _CurrentSpan(name, attributes, kind)
 
 
 def stage_span(prefix: str, stage: str, attributes: Attributes | None = None) -> AbstractContextManager[Span]:

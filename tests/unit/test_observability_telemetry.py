@@ -72,7 +72,7 @@ def test_service_name_from_otel_service_name() -> None:
 
 
 HELPERS = """
-import json, time
+import asyncio, json, time
 from services.common.telemetry import (
     child_span, current_span_id, current_trace_id, record_span, set_attributes, setup_telemetry, span, stage_span,
     SPAN_RANKING_PREFIX,
@@ -82,6 +82,7 @@ with child_span("outside") as outside:  # no trace around it: nothing is started
     orphan = outside.get_span_context().is_valid
 with span("request", {"infermesh.k": 5}) as root:
     trace_id = current_trace_id()
+    root_span_id = current_span_id()
     started = time.perf_counter_ns()
     time.sleep(0.01)
     record_span("infermesh.scoring.queue", started, time.perf_counter_ns(), {"infermesh.batch.id": 7})
@@ -94,19 +95,26 @@ with span("request", {"infermesh.k": 5}) as root:
             raise ValueError("boom")
     except ValueError:
         pass
+    try:
+        with span("cancelled"):  # a BaseException, not an error: no ERROR status
+            raise asyncio.CancelledError()
+    except asyncio.CancelledError:
+        pass
+    restored = current_span_id() == root_span_id
 telemetry.shutdown()
-print(json.dumps({"trace_id": trace_id, "orphan": orphan}))
+print(json.dumps({"trace_id": trace_id, "orphan": orphan, "restored": restored}))
 """
 
 
 def test_span_helpers_build_one_tree() -> None:
     with OtlpReceiver(TraceStore()) as receiver:
         result = _run(HELPERS, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint)
-        trace = receiver.store.wait_for(result["trace_id"], lambda t: len(t.spans) == 5, timeout=10)
+        trace = receiver.store.wait_for(result["trace_id"], lambda t: len(t.spans) == 6, timeout=10)
         assert result["orphan"] is False
-        assert trace is not None and len(trace.spans) == 5
+        assert result["restored"] is True  # each span's context undone after its `with`
+        assert trace is not None and len(trace.spans) == 6
         assert sorted(child for _, (_, child) in trace.edges()) == [
-            "MGET", "failing", "infermesh.ranking.top_k", "infermesh.scoring.queue",
+            "MGET", "cancelled", "failing", "infermesh.ranking.top_k", "infermesh.scoring.queue",
         ]
         spans = {s.name: s for s in trace.spans}
         queue = spans["infermesh.scoring.queue"]
@@ -114,6 +122,7 @@ def test_span_helpers_build_one_tree() -> None:
         assert queue.duration_ms >= 10.0  # the interval measured with perf_counter
         assert spans["request"].start_ns <= queue.start_ns and queue.end_ns <= spans["request"].end_ns
         assert spans["infermesh.ranking.top_k"].attributes == {"infermesh.items": 20}
-        assert spans["failing"].status == "ERROR"
+        assert spans["failing"].status == "ERROR" and spans["failing"].status_message == "ValueError: boom"
+        assert spans["cancelled"].status != "ERROR" and not spans["cancelled"].events
         assert [e.name for e in spans["failing"].events] == ["exception"]
         assert len(receiver.store.traces()) == 1  # child_span outside a trace exported nothing
