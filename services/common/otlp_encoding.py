@@ -45,6 +45,8 @@ _DOUBLE = struct.Struct("<d").pack
 # Encoded attributes kept for reuse; past this many distinct ones new ones are not kept, so
 # high-cardinality values cannot grow it without bound.
 _ATTRIBUTE_CACHE_LIMIT = 4096
+# Only scalars are kept: equal tuples may hold values of different types ((True,) == (1,)).
+_CACHED_TYPES = frozenset({str, bool, int, float})
 
 
 def _varint(value: int) -> bytes:
@@ -106,7 +108,7 @@ class _Attributes:
     """Encodes attribute maps, reusing the bytes of (key, value) pairs seen before."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, type, Any], bytes] = {}
+        self._cache: dict[tuple[str, type, str | bool | int | float], bytes] = {}
 
     def encode(self, tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         """Every attribute as a repeated KeyValue field with this tag."""
@@ -116,11 +118,9 @@ class _Attributes:
         cache = self._cache
         for key, value in attributes.items():
             # The type is part of the key: True == 1 == 1.0 must not share bytes.
-            try:
-                cache_key = (key, type(value), value)
-                encoded = cache.get(cache_key)
-            except TypeError:  # an unhashable value (a list): encode it, keep nothing
-                cache_key, encoded = None, None
+            kind = type(value)
+            cache_key = (key, kind, value) if kind in _CACHED_TYPES else None
+            encoded = cache.get(cache_key) if cache_key is not None else None
             if encoded is None:
                 try:
                     encoded = _varint_prefixed(_key_value(key, value))

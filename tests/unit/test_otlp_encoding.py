@@ -82,7 +82,7 @@ def test_equal_values_of_different_types_are_not_confused() -> None:
     # Python and must still be written as bool, int and double.
     provider, memory = _recorder()
     tracer = provider.get_tracer("t")
-    for value in (True, 1, 1.0, "1", False, 0, 0.0):
+    for value in (True, 1, 1.0, "1", False, 0, 0.0, (True,), (1,), (1.0,)):
         with tracer.start_as_current_span("s", attributes={"x": value}):
             pass
     encoder = SpanEncoder()
@@ -91,7 +91,11 @@ def test_equal_values_of_different_types_are_not_confused() -> None:
     again = ExportTraceServiceRequest.FromString(encoder.encode(spans))  # from the cache
     assert first == again == encode_spans(spans)
     values = [span.attributes[0].value.WhichOneof("value") for span in first.resource_spans[0].scope_spans[0].spans]
-    assert values == ["bool_value", "int_value", "double_value", "string_value", "bool_value", "int_value", "double_value"]
+    assert values == ["bool_value", "int_value", "double_value", "string_value", "bool_value", "int_value", "double_value",
+                      "array_value", "array_value", "array_value"]
+    arrays = [span.attributes[0].value.array_value.values[0].WhichOneof("value")
+              for span in first.resource_spans[0].scope_spans[0].spans[-3:]]
+    assert arrays == ["bool_value", "int_value", "double_value"]
 
 
 def test_dropped_counts_and_two_resources() -> None:
