@@ -142,14 +142,19 @@ class ServiceProcess:
         return metric(self.metrics_port, name, **labels)
 
     def log_lines(self) -> list[dict[str, Any]]:
-        """Its JSON log lines (anything else it printed is skipped)."""
-        lines = []
-        for line in self.log_path.read_text().splitlines():
+        return json_log_lines(self.log_path)
+
+
+def json_log_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a process's log (anything else it printed is skipped)."""
+    lines = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
             try:
                 lines.append(json.loads(line))
             except json.JSONDecodeError:
                 pass
-        return lines
+    return lines
 
 
 @contextmanager

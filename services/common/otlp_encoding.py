@@ -61,9 +61,13 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def _varint_prefixed(payload: bytes) -> bytes:
+    return _varint(len(payload)) + payload
+
+
 def _field(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field: tag, length, payload."""
-    return tag + _varint(len(payload)) + payload
+    return tag + _varint_prefixed(payload)
 
 
 def _string(tag: bytes, value: str | None) -> bytes:
@@ -73,6 +77,10 @@ def _string(tag: bytes, value: str | None) -> bytes:
 
 def _uint(tag: bytes, value: int | None) -> bytes:
     return tag + _varint(value) if value else b""
+
+
+def _fixed64(tag: bytes, value: int | None) -> bytes:
+    return tag + _FIXED64(value) if value else b""
 
 
 # --------------------------------------------------------------------------- attributes
@@ -132,10 +140,6 @@ class _Attributes:
             parts.append(tag)
             parts.append(encoded)
         return b"".join(parts)
-
-
-def _varint_prefixed(payload: bytes) -> bytes:
-    return _varint(len(payload)) + payload
 
 
 # --------------------------------------------------------------------------- spans
@@ -251,10 +255,6 @@ class SpanEncoder:
             parts.append(_field(b"\x7a", _string(b"\x12", status.description) + _uint(b"\x18", status.status_code.value)))
         parts += (b"\x85\x01", _FIXED32(_flags(parent)))
         return b"".join(parts)
-
-
-def _fixed64(tag: bytes, value: int | None) -> bytes:
-    return tag + _FIXED64(value) if value else b""
 
 
 class FastOTLPSpanExporter(OTLPSpanExporter):

@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from opentelemetry import context as otel_context
@@ -163,19 +163,8 @@ class _CurrentSpan:
             otel_context.detach(self._token)
 
 
-class _NoSpan:
-    """`with` outside any trace: nothing started (child_span's case)."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> Span:
-        return trace.INVALID_SPAN
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_SPAN = _NoSpan()
+# child_span outside any trace: nothing started.
+_NO_SPAN: AbstractContextManager[Span] = nullcontext(trace.INVALID_SPAN)
 
 
 def span(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import pickle
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.scoring import modelgen
-from services.scoring.config import CONFIG_FILE, MODEL_FILE, PROVENANCE_FILE
+from services.scoring.config import CONFIG_FILE, MODEL_FILE
 
 INPUT = "features"
 OPSETS = {"": 17, "ai.onnx.ml": 3}
@@ -162,7 +161,7 @@ def publish(repository: Path, name: str, onnx_model: bytes, batched: bool, prove
         # Batching needs every output to be batch-major; otherwise each request runs alone.
         modelgen.write_config(repository, name, {"max_batch_size": DEFAULT_MAX_BATCH_SIZE if batched else 0})
     path = modelgen.write_version(repository, name, version, onnx_model)
-    (path.parent / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    modelgen.write_provenance(path.parent, provenance)
     return version, path
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from services.scoring.config import CONFIG_FILE, MODEL_FILE
-from services.workload.model import IR_VERSION, OPSET, MlpWeights, build_onnx
+from services.scoring.config import CONFIG_FILE, MODEL_FILE, PROVENANCE_FILE
+from services.workload.model import IR_VERSION, OPSET, MlpWeights, atomic_write_bytes, build_onnx, write_if_changed
 
 _F32 = np.float32
 
@@ -99,7 +100,13 @@ CORRUPT_MODEL = b"this is not an ONNX model, it is a file someone copied by mist
 def write_config(repository: Path, name: str, config: dict[str, Any]) -> None:
     directory = Path(repository) / name
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+
+
+def write_provenance(version_dir: Path, provenance: Mapping[str, Any]) -> None:
+    """<version>/provenance.json, as config.read_provenance reads it (the one writer: seed,
+    models import, models quantize); unchanged content is not rewritten."""
+    write_if_changed(version_dir / PROVENANCE_FILE, (json.dumps(provenance, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_version(repository: Path, name: str, version: int, model: bytes) -> Path:
@@ -119,15 +126,3 @@ def write_version(repository: Path, name: str, version: int, model: bytes) -> Pa
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target / MODEL_FILE
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.scoring import modelgen
-from services.scoring.config import MODEL_FILE, PROVENANCE_FILE, read_provenance
+from services.scoring.config import MODEL_FILE, read_provenance
 from services.scoring.models import session_options
 from services.workload.catalog import DEFAULT_SEED, affinity, generate_catalog, model_input, ndcg_at_k
 
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The int8 version comes from the same data and code as its float source.
         inherited = read_provenance(source.parent, {})
         provenance = {**inherited, "quantized_from": str(source_version), "quantization": sidecar["method"]}
-        (written.parent / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        modelgen.write_provenance(written.parent, provenance)
     report = {
         "model": args.model, "from_version": source_version, "new_version": new_version if written else None,
         "float": asdict(before), "int8": asdict(after), "ndcg_drop": drop, "accepted": accepted,

@@ -294,15 +294,20 @@ class ModelRepository:
 
     async def _unload_entry(self, entry: ModelEntry) -> None:
         async with entry.lock:
-            entry.unloaded = True
-            entry.evicted = ""
-            entry.required = False
-            versions = list(entry.serving.values())
-            entry.serving.clear()
-            entry.publish()
+            versions = self._take_out(entry)
         # Answered once in-flight requests are done and the sessions are freed, as in Triton.
         await asyncio.gather(*(self._retire(entry, version) for version in versions))
         log.info("model unloaded", model=entry.name, versions=[v.version for v in versions])
+
+    @staticmethod
+    def _take_out(entry: ModelEntry, evicted: str = "") -> list[ModelVersion]:
+        """Out of routing and marked unloaded (not holding up readiness); returns the versions
+        that served, for the caller to retire. `evicted`: why the memory budget took it out."""
+        entry.unloaded, entry.evicted, entry.required = True, evicted, False
+        versions = list(entry.serving.values())
+        entry.serving.clear()
+        entry.publish()
+        return versions
 
     # ------------------------------------------------------------------ syncing with disk
 
@@ -470,12 +475,7 @@ class ModelRepository:
         retiring = []
         for candidate in plan:
             victim = others[candidate.name]
-            versions = list(victim.serving.values())
-            victim.serving.clear()
-            victim.publish()
-            victim.unloaded = True
-            victim.evicted = reason
-            victim.required = False  # an evicted model does not hold up server readiness
+            versions = self._take_out(victim, evicted=reason)
             log.warning(
                 "model unloaded: memory budget (LRU)",
                 model=victim.name,

@@ -189,6 +189,13 @@ def export_onnx(weights: MlpWeights, path: Path) -> None:
     atomic_write_bytes(Path(path), build_onnx(weights).SerializeToString(deterministic=True))
 
 
+def write_if_changed(path: Path, data: bytes) -> None:
+    """atomic_write_bytes unless the file already holds `data`: unchanged files keep their
+    mtime, so a polling scoring server sees nothing to reload."""
+    if not path.is_file() or path.read_bytes() != data:
+        atomic_write_bytes(path, data)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Temp file in the same directory + os.replace, so readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from services.features.layout import (
     user_key,
 )
 from services.ranking.layout import seen_key
-from services.scoring.config import PROVENANCE_FILE
+from services.scoring.modelgen import write_provenance
 from services.workload.catalog import (
     DEFAULT_SEED,
     N_CATEGORIES,
@@ -56,6 +56,7 @@ from services.workload.model import (
     atomic_write_bytes,
     export_onnx,
     train_mlp,
+    write_if_changed,
 )
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -129,12 +130,6 @@ def _provenance(spec: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _write_if_changed(path: Path, data: bytes) -> None:
-    # Unchanged files keep their mtime: a polling scoring server sees nothing to reload.
-    if not path.is_file() or path.read_bytes() != data:
-        atomic_write_bytes(path, data)
-
-
 def _model_is_current(data_dir: Path, spec: dict[str, Any]) -> bool:
     path, sidecar = model_path(data_dir), _sidecar_path(data_dir)
     if not path.is_file() or not sidecar.is_file():
@@ -167,8 +162,8 @@ def _ensure_model(
         sidecar = {"spec": spec, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
         atomic_write_bytes(_sidecar_path(data_dir), _json_bytes(sidecar))
         trained = True
-    _write_if_changed(_config_path(data_dir), _json_bytes(model_config()))
-    _write_if_changed(path.parent / PROVENANCE_FILE, _json_bytes(_provenance(spec)))
+    write_if_changed(_config_path(data_dir), _json_bytes(model_config()))
+    write_provenance(path.parent, _provenance(spec))
     # Reference histograms for the scoring service's drift monitor, beside the model.
     ensure_drift_reference(path, catalog)
     return path, trained

@@ -32,6 +32,7 @@ from services.observability.store import Trace, TraceStore
 from services.observability.traceview import SERVICE_COLOURS, TraceView
 from services.workload.seed import model_repository
 from tests.conftest import RedisServer, free_topology
+from tests.processes import json_log_lines
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -216,17 +217,6 @@ def test_trace_id_in_response_header_and_metadata(traced: Traced, response: Resp
         assert header == json.loads(reply.read())["trace_id"] and len(header) == 32
 
 
-def _json_lines(path: Path) -> list[dict]:
-    lines = []
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return lines
-
-
 def test_logs_name_the_same_trace(traced: Traced, response: Response) -> None:
     trace_id = response.reply.trace_id
     log_dir = traced.mesh.log_dir
@@ -234,7 +224,7 @@ def test_logs_name_the_same_trace(traced: Traced, response: Response) -> None:
     for service, method in (("gateway", RECOMMEND), ("features", GET_FEATURES), ("scoring", MODEL_INFER), ("ranking", RANK)):
         lines = [
             line
-            for line in _json_lines(log_dir / f"{service}-0.log")
+            for line in json_log_lines(log_dir / f"{service}-0.log")
             if line.get("message") == "rpc" and line.get("trace_id") == trace_id
         ]
         assert len(lines) == 1, (service, lines)
@@ -244,7 +234,7 @@ def test_logs_name_the_same_trace(traced: Traced, response: Response) -> None:
         assert line["duration_ms"] > 0
     deadline = time.monotonic() + 10  # Envoy flushes its access log every second
     while True:
-        access = [line for line in _json_lines(log_dir / "envoy.log") if line.get("trace_id") == trace_id]
+        access = [line for line in json_log_lines(log_dir / "envoy.log") if line.get("trace_id") == trace_id]
         if len(access) >= 4 or time.monotonic() > deadline:
             break
         time.sleep(0.25)
