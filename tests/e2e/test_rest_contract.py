@@ -50,6 +50,7 @@ KNOWN_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "user_id": st.one_of(st.integers(0, 9_999).map(lambda n: f"u{n}"), st.just("u10000")),
     "candidate_ids": st.lists(
         st.one_of(st.integers(0, 99_999).map(lambda n: f"i{n}"), st.sampled_from(["i100000", "x", ""])),
+        min_size=1,
         max_size=60,
     ),
     "k": st.integers(-1, 1_001),
@@ -71,15 +72,23 @@ def test_edge_serves_the_committed_document(base_url: str) -> None:
     assert served == json.loads(DOCUMENT.read_text(encoding="utf-8"))
 
 
-def _realistic(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+def _realistic(strategy: st.SearchStrategy[Any], properties: set[str]) -> st.SearchStrategy[Any]:
     def mix(pair: tuple[Any, dict[str, Any]]) -> Any:
         case, known = pair
         if isinstance(case.body, dict):
-            case.body = {**case.body, **known}
+            # Only the declared fields: an undeclared one (the schema allows them) is a
+            # rejection the positive and negative modes already probe, and would keep
+            # every realistic case from reaching the pipeline as often as not.
+            case.body = {**{k: v for k, v in case.body.items() if k in properties}, **known}
         return case
 
-    # Each known field is mixed in or not, independently.
-    known = st.fixed_dictionaries({}, optional=KNOWN_VALUES)
+    # A known user and candidates always (without them nothing reaches the pipeline);
+    # each other known field mixed in or not, independently.
+    required = {"user_id", "candidate_ids"} & properties
+    known = st.fixed_dictionaries(
+        {k: v for k, v in KNOWN_VALUES.items() if k in required},
+        optional={k: v for k, v in KNOWN_VALUES.items() if k not in required},
+    )
     return st.tuples(strategy, known).map(mix)
 
 
@@ -90,7 +99,7 @@ def _modes(operation: Any) -> dict[str, st.SearchStrategy[Any]]:
         "negative": operation.as_strategy(generation_mode=schemathesis.GenerationMode.NEGATIVE),
     }
     if properties & set(KNOWN_VALUES):
-        modes["realistic"] = _realistic(modes["positive"])
+        modes["realistic"] = _realistic(modes["positive"], properties)
     return modes
 
 
