@@ -47,6 +47,10 @@ STATUS_FOR_ERROR: dict[type[InfermeshError], grpc.StatusCode] = {
 }
 
 
+# What a caller is told of a failure that is not a domain error (the details go to the log).
+INTERNAL_ERROR_MESSAGE = "internal error; the service log has the details"
+
+
 def status_for(error: InfermeshError) -> grpc.StatusCode:
     for kind in type(error).__mro__:
         if kind in STATUS_FOR_ERROR:

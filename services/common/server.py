@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
-from services.common.errors import InfermeshError, status_for
+from services.common.errors import INTERNAL_ERROR_MESSAGE, InfermeshError, status_for
 from services.common.event_loop import event_loop_runner
 from services.common.logs import configure_logging, get_logger
 from services.common.metrics import Metrics, RpcMetrics, grpc_code_name
@@ -100,13 +100,13 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None or (handler.unary_unary is None and handler.stream_stream is None):
             return handler
         method = handler_call_details.method
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(handler, method)
+        wrapped = self._wrap(handler, method) if handler.unary_unary is not None else self._wrap_stream(handler, method)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
@@ -116,50 +116,106 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 return await behavior(request, context)
-            except InfermeshError as error:
-                await context.abort(status_for(error), str(error))
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
-            except Exception:
-                log.exception("unhandled error", grpc_method=method)
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, "internal error; the service log has the details"
-                )
+            except Exception as error:
+                await _abort_for(error, context, method)
 
-        rpc = self._rpc
         unary_unary = handle
         if _observed(method):
-            header = self._trace_id_metadata
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                span, token = start_server_span(method, context.invocation_metadata())
-                code = "UNKNOWN"
+                call = await _ObservedCall.begin(self, method, context)
                 try:
-                    if rpc is not None:
-                        rpc.start(method)
-                    context_ids = current_ids()
-                    if context_ids is not None and header != "none":
-                        metadata = ((TRACE_ID_HEADER, context_ids[0]),)
-                        if header == "initial":
-                            await context.send_initial_metadata(metadata)
-                        else:
-                            context.set_trailing_metadata(metadata)
-                    try:
-                        return await handle(request, context)
-                    finally:
-                        code = "CANCELLED" if context.cancelled() else _status_name(context)
-                        if rpc is not None:
-                            _observe(rpc, method, context, code, time.perf_counter() - started, context_ids)
+                    return await handle(request, context)
                 finally:
-                    details = context.details() if code != "OK" else None
-                    end_server_span(span, token, code, details, context.peer() if span.is_recording() else None)
+                    call.end(context)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    def _wrap_stream(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """A bidirectional stream (an async generator servicer) is observed as one call:
+        one span, one log line, one metrics sample from its start to its end; errors that
+        end the stream are mapped like a unary call's."""
+        behavior = handler.stream_stream
+
+        async def handle(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for response in behavior(requests, context):
+                    yield response
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as error:
+                await _abort_for(error, context, method)
+
+        stream_stream = handle
+        if _observed(method):
+
+            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                call = await _ObservedCall.begin(self, method, context)
+                try:
+                    async for response in handle(requests, context):
+                        yield response
+                finally:
+                    call.end(context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
+    """Domain errors through the one status table; anything else is hidden as INTERNAL."""
+    if isinstance(error, InfermeshError):
+        await context.abort(status_for(error), str(error))
+    log.exception("unhandled error", grpc_method=method)
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
+
+
+class _ObservedCall:
+    """One observed call's span (current until end), metrics and log line."""
+
+    __slots__ = ("_method", "_rpc", "_started", "_span", "_token", "_ids")
+
+    @classmethod
+    async def begin(cls, interceptor: RequestInterceptor, method: str, context: grpc.aio.ServicerContext) -> _ObservedCall:
+        call = cls()
+        call._method, call._rpc = method, interceptor._rpc
+        call._started = time.perf_counter()
+        call._span, call._token = start_server_span(method, context.invocation_metadata())
+        call._ids = None
+        try:
+            if call._rpc is not None:
+                call._rpc.start(method)
+            call._ids = current_ids()
+            header = interceptor._trace_id_metadata
+            if call._ids is not None and header != "none":
+                metadata = ((TRACE_ID_HEADER, call._ids[0]),)
+                if header == "initial":
+                    await context.send_initial_metadata(metadata)
+                else:
+                    context.set_trailing_metadata(metadata)
+        except BaseException:
+            end_server_span(call._span, call._token, "UNKNOWN", None, None)
+            raise
+        return call
+
+    def end(self, context: grpc.aio.ServicerContext) -> None:
+        code = "UNKNOWN"
+        try:
+            code = "CANCELLED" if context.cancelled() else _status_name(context)
+            if self._rpc is not None:
+                _observe(self._rpc, self._method, context, code, time.perf_counter() - self._started, self._ids)
+        finally:
+            details = context.details() if code != "OK" else None
+            span = self._span
+            end_server_span(span, self._token, code, details, context.peer() if span.is_recording() else None)
 
 
 def current_ids() -> tuple[str, str, bool] | None:

@@ -103,6 +103,13 @@ NON_IDEMPOTENT_METHODS: Mapping[str, tuple[str, ...]] = {
     ),
 }
 NON_IDEMPOTENT_TIMEOUT = "120s"
+# Long-lived bidirectional streams, per cluster: routed on their own with no route or
+# per-try timeout (a stream lasts as long as its client keeps it open; the caller's
+# grpc-timeout still applies, uncapped, and so does the listener's idle timeout) and no
+# retry that could replay requests already answered.
+STREAMING_METHODS: Mapping[str, tuple[str, ...]] = {
+    SCORING: (f"/{HEALTH_SERVICE_NAMES[SCORING]}/ModelStreamInfer",),
+}
 # Concurrent retries allowed, as a share of the cluster's active requests (and a floor, so
 # a lightly loaded cluster can still retry every call of a replica that just died).
 RETRY_BUDGET_PERCENT = 25.0
@@ -257,6 +264,7 @@ CLIENT_ID_HEADER = "x-infermesh-client"
 RATE_LIMIT_STAT_PREFIX = "edge_rate_limit"
 _RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
 _API_KEY_FILTER = "envoy.filters.http.api_key_auth"
+_BUFFER_FILTER = "envoy.filters.http.buffer"
 # Token refills, finest first: a smooth rate rather than one burst per second.
 _FILL_INTERVALS_MS = (50, 100, 200, 250, 500, 1000)
 
@@ -408,10 +416,26 @@ def _route(match: Json, cluster: str, *, idempotent: bool = True) -> Json:
     }
 
 
-def _service_routes(cluster: str, prefix: str = "/") -> list[Json]:
-    """Routes to `cluster` for paths under `prefix`: its state-changing RPCs first."""
-    methods = NON_IDEMPOTENT_METHODS.get(cluster, ())
-    routes = [_route({"path": path}, cluster, idempotent=False) for path in methods]
+def _streaming_route(path: str, cluster: str) -> Json:
+    return {
+        "match": {"path": path},
+        "route": {
+            "cluster": cluster,
+            "timeout": "0s",  # none: the stream's own lifetime
+            "max_stream_duration": {"grpc_timeout_header_max": "0s"},  # the caller's deadline, uncapped
+            "retry_policy": _retry_policy(UNSENT_RETRY_ON),
+        },
+    }
+
+
+def _service_routes(cluster: str, prefix: str = "/", unbuffered_streams: bool = False) -> list[Json]:
+    """Routes to `cluster` for paths under `prefix`: its state-changing RPCs and streams
+    first. On a listener that buffers requests (the edge), `unbuffered_streams` switches
+    the buffer off for streams, which would otherwise wait for the client's last message."""
+    routes = [_route({"path": path}, cluster, idempotent=False) for path in NON_IDEMPOTENT_METHODS.get(cluster, ())]
+    for path in STREAMING_METHODS.get(cluster, ()):
+        route = _streaming_route(path, cluster)
+        routes.append(_exempt(route, [_BUFFER_FILTER]) if unbuffered_streams else route)
     return [*routes, _route({"prefix": prefix}, cluster)]
 
 
@@ -539,10 +563,10 @@ def _transcoder(descriptor_set: Path) -> Json:
 
 
 def _buffer() -> Json:
-    # Every edge RPC is unary, so buffering the request costs nothing and gives one
-    # request-size limit (413) for REST and gRPC alike.
+    # Every edge RPC but the streams (whose routes switch it off) is unary, so buffering
+    # the request costs nothing and gives one request-size limit (413) for REST and gRPC alike.
     return {
-        "name": "envoy.filters.http.buffer",
+        "name": _BUFFER_FILTER,
         "typed_config": {
             "@type": f"{_TYPE}.filters.http.buffer.v3.Buffer",
             "max_request_bytes": MAX_REQUEST_BYTES,
@@ -762,7 +786,7 @@ def _edge_listener(
     health = _exempt(_route({"prefix": HEALTH_ROUTE_PREFIX}, GATEWAY), policy_filters)
     # The API description is public, like the health route.
     routes = [health, _exempt(_openapi_route(topology), policy_filters)]
-    routes += _service_routes(SCORING, SCORING_ROUTE_PREFIX)
+    routes += _service_routes(SCORING, SCORING_ROUTE_PREFIX, unbuffered_streams=True)
     # Only gRPC goes upstream (REST has become gRPC in the transcoder by the time routes are
     # matched); a request for a REST path no google.api.http rule maps gets a JSON 404
     # here instead of reaching the gateway as malformed gRPC (5xx, or a 200 with grpc-status 13).

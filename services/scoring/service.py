@@ -11,7 +11,7 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +22,14 @@ from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from inference import model_config_pb2 as mc
 
-from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Overloaded
+from services.common.errors import (
+    INTERNAL_ERROR_MESSAGE,
+    DeadlineExceeded,
+    InfermeshError,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+)
 from services.common.logs import get_logger
 from services.common.metrics import Metrics
 from services.common.settings import ServerSettings, SettingsError, load_settings
@@ -47,6 +54,9 @@ EXTENSIONS = [
     "parameters",
     "schedule_policy",
 ]
+# Requests of one ModelStreamInfer stream in flight at once (reading pauses beyond).
+STREAM_IN_FLIGHT = 256
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 # Trailing metadata on ModelMetadata: the execution provider a version runs on, and why.
 PROVIDER_KEY = "infermesh-execution-provider"
 PROVIDER_REASON_KEY = "infermesh-execution-provider-reason"
@@ -230,6 +240,53 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model.metrics.success.inc()
                 model.metrics.request_us.inc(elapsed / 1000)
             return response
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's streaming extension. Each request is scheduled as it arrives (so the
+        batcher merges a stream's requests like concurrent calls) and answered when its
+        inference is done, in completion order; one that fails is answered with
+        error_message (its id and model in infer_response) and the stream goes on. At most
+        STREAM_IN_FLIGHT requests of a stream are read and not yet answered on the wire:
+        beyond that the server stops reading and HTTP/2 flow control holds the client back
+        (also one that sends without reading its answers)."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            answers.put_nowait(await self._stream_answer(request, context))
+
+        async def read() -> None:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    async for request in requests:
+                        await slots.acquire()
+                        group.create_task(answer(request))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+                slots.release()
+            await reader  # the stream ended by an error reading it: raise that
+        finally:
+            reader.cancel()
+
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStreamInferResponse:
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request, context))
+        except InfermeshError as error:
+            message = str(error)
+        except Exception:
+            log.exception("unhandled error", grpc_method=STREAM_METHOD, model=request.model_name)
+            message = INTERNAL_ERROR_MESSAGE
+        failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
     async def _infer(
         self, model: ModelVersion, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext

@@ -29,10 +29,11 @@ SYNC_CHECKS = {
     "health", "server_metadata", "model_metadata", "model_config", "fp32_raw", "int64_raw", "typed_contents",
     "other_datatypes", "request_parameters", "wrong_shape", "wrong_datatype", "wrong_byte_length",
     "unknown_model_and_version", "load_and_unload", "statistics", "async_infer_callback",
+    "stream_infer",
 }
 AIO_CHECKS = {
     "aio_health_and_metadata", "aio_model_config", "aio_concurrent_fp32_and_int64", "aio_errors",
-    "aio_load_unload_and_statistics",
+    "aio_load_unload_and_statistics", "aio_stream_infer",
 }
 # Tensors stated in config.json (shapes with the batch dimension), for ModelConfig to echo.
 RANKER_TENSORS = {

@@ -8,6 +8,7 @@ Envoy and drives REST and gRPC through it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -145,6 +146,13 @@ class LiveScoring(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: grpc_predict_v2_pb2.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> grpc_predict_v2_pb2.ServerLiveResponse:
         return grpc_predict_v2_pb2.ServerLiveResponse(live=True)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[grpc_predict_v2_pb2.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[grpc_predict_v2_pb2.ModelStreamInferResponse]:
+        async for request in requests:
+            answer = grpc_predict_v2_pb2.ModelInferResponse(id=request.id, model_name=request.model_name)
+            yield grpc_predict_v2_pb2.ModelStreamInferResponse(infer_response=answer)
 
 
 @dataclass
@@ -291,6 +299,28 @@ async def test_inference_protocol_via_edge_reaches_scoring(mesh: Mesh) -> None:
         request = grpc_predict_v2_pb2.ServerLiveRequest()
         response = await stub.ServerLive(request, timeout=RPC_TIMEOUT_S)
     assert response.live
+
+
+async def test_a_stream_outlives_the_per_try_timeout(mesh: Mesh) -> None:
+    # Unary routes give a try 2 s (envoy_config.ROUTE_TIMEOUTS); a stream's route has no
+    # timeout of its own, so one kept open longer is still answered, on the edge and on
+    # scoring's internal listener.
+    per_try = float(envoy_config.ROUTE_TIMEOUTS[SCORING][1].rstrip("s"))
+
+    async def paced(listener: str) -> list[str]:
+        async with channel(mesh.envoy.address(listener)) as chan:
+            call = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(chan).ModelStreamInfer(timeout=per_try + 20)
+            answers = []
+            for number in range(3):
+                await call.write(grpc_predict_v2_pb2.ModelInferRequest(model_name="ranker", id=f"{listener}-{number}"))
+                answers.append((await call.read()).infer_response.id)
+                await asyncio.sleep(per_try / 2 + 0.1)
+            await call.done_writing()
+            assert await call.code() == grpc.StatusCode.OK
+        return answers
+
+    edge, internal = await asyncio.gather(paced("edge"), paced(SCORING))
+    assert edge == [f"edge-{n}" for n in range(3)] and internal == [f"{SCORING}-{n}" for n in range(3)]
 
 
 async def _features_replicas(mesh: Mesh, calls: int) -> list[str]:

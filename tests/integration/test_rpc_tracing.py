@@ -16,7 +16,7 @@ CALLS = """
 import asyncio, json
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from services.common.channels import open_channel
 from services.common.errors import NotFound
 from services.common.server import RequestInterceptor
@@ -33,11 +33,23 @@ async def missing(request, context):
 async def crash(request, context):
     raise RuntimeError("bug")
 
+async def stream(requests, context):
+    async for request in requests:
+        with trace.get_tracer("probe").start_as_current_span("per-message"):
+            yield request
+
+async def stream_missing(requests, context):
+    async for request in requests:
+        raise NotFound("no stream s1")
+        yield request
+
 async def main():
     server = grpc.aio.server(interceptors=[RequestInterceptor()])
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.v1.Echo", {
         name: grpc.unary_unary_rpc_method_handler(behavior) for name, behavior in
-        (("Ok", ok), ("Missing", missing), ("Crash", crash))})])
+        (("Ok", ok), ("Missing", missing), ("Crash", crash))} | {
+        name: grpc.stream_stream_rpc_method_handler(behavior) for name, behavior in
+        (("Stream", stream), ("StreamMissing", stream_missing))})])
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -48,6 +60,14 @@ async def main():
             try:
                 await channel.unary_unary(f"/t.v1.Echo/{name}")(b"x", timeout=5)
                 codes[name] = "OK"
+            except grpc.aio.AioRpcError as error:
+                codes[name] = error.code().name
+        carrier = {}
+        propagate.inject(carrier)  # streams get no client span: the caller's context goes along
+        for name in ("Stream", "StreamMissing"):
+            call = channel.stream_stream(f"/t.v1.Echo/{name}")(iter([b"a", b"b"]), metadata=tuple(carrier.items()), timeout=5)
+            try:
+                codes[name] = [answer async for answer in call] and "OK"
             except grpc.aio.AioRpcError as error:
                 codes[name] = error.code().name
         await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -64,11 +84,14 @@ print(json.dumps({"trace_id": trace_id, "codes": codes}))
 def test_client_and_server_spans_form_one_trace_with_grpc_statuses() -> None:
     with OtlpReceiver(TraceStore()) as receiver:
         result = _run(CALLS, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint)
-        assert result["codes"] == {"Ok": "OK", "Missing": "NOT_FOUND", "Crash": "INTERNAL"}
-        trace = receiver.store.wait_for(result["trace_id"], lambda t: len(t.spans) >= 7, timeout=10)
+        assert result["codes"] == {
+            "Ok": "OK", "Missing": "NOT_FOUND", "Crash": "INTERNAL", "Stream": "OK", "StreamMissing": "NOT_FOUND",
+        }
+        trace = receiver.store.wait_for(result["trace_id"], lambda t: len(t.spans) >= 11, timeout=10)
         assert trace is not None
-        # caller + a client and a server span per call; the health check is not traced
-        assert len(trace.spans) == 7, [s.name for s in trace.spans]
+        # caller + a client and a server span per unary call, a server span per stream and
+        # one per message the Stream handler answered; the health check is not traced
+        assert len(trace.spans) == 11, [s.name for s in trace.spans]
         by_id = trace.by_id()
         for name, code, client_error, server_error in (
             ("Ok", 0, False, False),
@@ -87,6 +110,14 @@ def test_client_and_server_spans_form_one_trace_with_grpc_statuses() -> None:
             assert (client.status == "ERROR") is client_error
             assert (server.status == "ERROR") is server_error
             assert client.start_ns <= server.start_ns and server.end_ns <= client.end_ns
+        # A stream is one SERVER span from open to close, current inside the handler.
+        for name, code in (("Stream", 0), ("StreamMissing", 5)):
+            (server,) = [s for s in trace.spans if s.name == f"/t.v1.Echo/{name}"]
+            assert server.kind == "SERVER" and by_id[server.parent_span_id].name == "caller"
+            assert server.attributes["rpc.grpc.status_code"] == code and server.status != "ERROR"
+        (stream,) = [s for s in trace.spans if s.name == "/t.v1.Echo/Stream"]
+        messages = [s for s in trace.spans if s.name == "per-message"]
+        assert len(messages) == 2 and {m.parent_span_id for m in messages} == {stream.span_id}
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from prometheus_client import generate_latest
 
 from services.scoring import modelgen
+from services.scoring import service as service_module
 from services.scoring.service import ScoringService
 from services.scoring.testing import running_scoring, server_settings
 from services.workload.model import IR_VERSION, OPSET
@@ -218,3 +219,104 @@ async def test_too_many_rows_for_max_batch_size(stub: pb_grpc.GRPCInferenceServi
         await stub.ModelInfer(request_for("mixed", np.ones((257, 64), np.float32)), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "exceeds max_batch_size 256" in raised.value.details()
+
+
+async def stream_answers(
+    stub: pb_grpc.GRPCInferenceServiceStub, requests: list[pb.ModelInferRequest]
+) -> dict[str, pb.ModelStreamInferResponse]:
+    """Every request sent on one ModelStreamInfer stream at once; the answers by request id."""
+
+    async def send() -> AsyncIterator[pb.ModelInferRequest]:
+        for request in requests:
+            yield request
+
+    return {answer.infer_response.id: answer async for answer in stub.ModelStreamInfer(send(), timeout=60)}
+
+
+async def test_a_stream_of_single_rows_is_batched_and_exact(
+    stub: pb_grpc.GRPCInferenceServiceStub, repository: Path
+) -> None:
+    rows = np.random.default_rng(17).standard_normal((96, 64)).astype(np.float32)
+    requests = []
+    for number, row in enumerate(rows):
+        request = request_for("mixed", row[None, :])
+        request.id = f"r{number}"
+        requests.append(request)
+    before = await statistics(stub, "mixed")
+    answers = await stream_answers(stub, requests)
+    after = await statistics(stub, "mixed")
+
+    session = local_session(repository, "mixed")
+    assert sorted(answers) == sorted(r.id for r in requests)
+    for number, row in enumerate(rows):
+        answer = answers[f"r{number}"]
+        assert answer.error_message == ""
+        assert np.array_equal(scores(answer.infer_response), session.run(None, {"features": row[None, :]})[0])
+    assert after.inference_count - before.inference_count == len(rows)
+    assert after.execution_count - before.execution_count < len(rows)  # the stream's requests shared executions
+    assert after.inference_stats.success.count - before.inference_stats.success.count == len(rows)
+
+
+async def test_a_failed_request_on_a_stream_is_answered_and_the_stream_goes_on(
+    stub: pb_grpc.GRPCInferenceServiceStub, repository: Path
+) -> None:
+    good = request_for("mixed", np.ones((2, 64), np.float32))
+    good.id = "good"
+    unknown = request_for("nope", np.ones((2, 64), np.float32))
+    unknown.id = "unknown"
+    wrong = request_for("mixed", np.ones((2, 64), np.float32))
+    wrong.id = "wrong"
+    reshaped(wrong)
+    later = request_for("mixed", np.full((3, 64), 0.5, np.float32))
+    later.id = "later"
+    answers = await stream_answers(stub, [good, unknown, wrong, later])
+    assert answers["unknown"].error_message.startswith("unknown model 'nope'")
+    assert answers["unknown"].infer_response.model_name == "nope"
+    assert "the model expects [-1, 64]" in answers["wrong"].error_message
+    session = local_session(repository, "mixed")
+    for request in (good, later):
+        answer = answers[request.id]
+        assert answer.error_message == "" and answer.infer_response.model_version == "1"
+        rows = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(list(request.inputs[0].shape))
+        assert np.array_equal(scores(answer.infer_response), session.run(None, {"features": rows})[0])
+
+
+async def test_an_unexpected_failure_on_a_stream_is_hidden_and_the_stream_goes_on(
+    stub: pb_grpc.GRPCInferenceServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encode = service_module._encode
+
+    def failing_encode(model: object, request: pb.ModelInferRequest, *rest: object) -> pb.ModelInferResponse:
+        if request.id == "boom":
+            raise RuntimeError("a bug with private details")
+        return encode(model, request, *rest)
+
+    monkeypatch.setattr(service_module, "_encode", failing_encode)
+    requests = []
+    for name in ("before", "boom", "after"):
+        request = request_for("mixed", np.ones((1, 64), np.float32))
+        request.id = name
+        requests.append(request)
+    answers = await stream_answers(stub, requests)
+    assert answers["boom"].error_message == "internal error; the service log has the details"
+    assert answers["before"].error_message == answers["after"].error_message == ""
+    assert scores(answers["after"].infer_response).shape == (1, 1)
+
+
+async def test_a_stream_holds_the_client_back_instead_of_overflowing_the_queue(
+    stub: pb_grpc.GRPCInferenceServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "heavy" queues one request at most: 8 concurrent unary calls get RESOURCE_EXHAUSTED
+    # (test above). With two of a stream's requests in flight (one computing, one queued)
+    # the server reads the rest only as answers go out, so every one is served.
+    monkeypatch.setattr("services.scoring.service.STREAM_IN_FLIGHT", 2)
+    rows = np.ones((256, 1024), np.float32)
+    requests = []
+    for number in range(6):
+        request = request_for("heavy", rows, name="x")
+        request.id = str(number)
+        requests.append(request)
+    answers = await stream_answers(stub, requests)
+    assert sorted(answers) == [str(n) for n in range(6)]
+    assert [a.error_message for a in answers.values()] == [""] * 6
+    assert all(np.array_equal(scores(a.infer_response), rows) for a in answers.values())

@@ -110,18 +110,19 @@ def test_same_routes(local: Json, k8s: Json) -> None:
     routes = _routes(k8s)
     assert routes == _routes(local)
     scoring = HEALTH_SERVICE_NAMES["scoring"]
-    # State-changing RPCs have routes of their own (never retried once sent).
-    repository = [(f"=/{scoring}/RepositoryModel{verb}", "scoring") for verb in ("Load", "Unload")]
+    # State-changing RPCs and streams have routes of their own (never retried once sent).
+    own_routes = [(f"=/{scoring}/RepositoryModel{verb}", "scoring") for verb in ("Load", "Unload")]
+    own_routes.append((f"=/{scoring}/ModelStreamInfer", "scoring"))
     assert routes["edge"] == [
         ("/grpc.health.v1.Health/", "gateway"),
-        *repository,
+        *own_routes,
         (f"/{scoring}/", "scoring"),
         ("/", "gateway"),
     ]
     for backend in BACKENDS:
         # With a tracer every listener has a health route of its own (never traced).
         health = ("/grpc.health.v1.Health/", backend)
-        assert routes[backend] == [health, *(repository if backend == "scoring" else []), ("/", backend)]
+        assert routes[backend] == [health, *(own_routes if backend == "scoring" else []), ("/", backend)]
 
 
 def test_same_health_names(local: Json, k8s: Json) -> None:

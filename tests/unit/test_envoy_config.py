@@ -143,11 +143,17 @@ def test_edge_listener_routes_and_filters() -> None:
         ("/grpc.health.v1.Health/", "gateway"),
         ("=/inference.GRPCInferenceService/RepositoryModelLoad", "scoring"),
         ("=/inference.GRPCInferenceService/RepositoryModelUnload", "scoring"),
+        ("=/inference.GRPCInferenceService/ModelStreamInfer", "scoring"),
         ("/inference.GRPCInferenceService/", "scoring"),
         ("/", "gateway"),
     ]
+    unbuffered = {"envoy.filters.http.buffer": {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
     for route in proxied:
         timeout = route["route"]["timeout"]
+        if route["match"].get("path") == "/inference.GRPCInferenceService/ModelStreamInfer":
+            # A stream's messages go up as they come: a buffered one would wait for its end.
+            assert timeout == "0s" and route["typed_per_filter_config"] == unbuffered
+            continue
         assert route["route"]["max_stream_duration"]["grpc_timeout_header_max"] == timeout
         assert "typed_per_filter_config" not in route  # nothing to exempt from by default
     assert proxied[-1]["route"]["timeout"] == "10s"
@@ -194,8 +200,8 @@ def _seconds(duration: str) -> float:
 
 def test_state_changing_rpcs_are_never_retried_once_sent() -> None:
     routes = _all_routes(envoy_config.render(_topology()))
-    exact = [(listener, r) for listener, r in routes if "path" in r["match"] and "route" in r]
     methods = envoy_config.NON_IDEMPOTENT_METHODS["scoring"]
+    exact = [(listener, r) for listener, r in routes if r.get("match", {}).get("path") in methods and "route" in r]
     # On the edge and on scoring's internal listener, each before the prefix that would match it.
     assert sorted((listener, r["match"]["path"]) for listener, r in exact) == sorted(
         (listener, m) for listener in ("edge", "scoring") for m in methods
@@ -205,6 +211,20 @@ def test_state_changing_rpcs_are_never_retried_once_sent() -> None:
         assert route["route"]["timeout"] == envoy_config.NON_IDEMPOTENT_TIMEOUT
         policy = route["route"]["retry_policy"]
         # Only what cannot have reached the service: no unavailable, no reset after sending.
+        assert policy["retry_on"] == "connect-failure,refused-stream,reset-before-request"
+        assert "per_try_timeout" not in policy
+
+
+def test_streams_have_no_timeout_but_the_callers_and_are_never_replayed() -> None:
+    routes = _all_routes(envoy_config.render(_topology()))
+    (method,) = envoy_config.STREAMING_METHODS["scoring"]
+    streams = [(listener, r) for listener, r in routes if r.get("match", {}).get("path") == method]
+    # On the edge and on scoring's internal listener; a 2 s per-try timeout would cut them.
+    assert sorted(listener for listener, _ in streams) == ["edge", "scoring"]
+    for _, route in streams:
+        assert route["route"]["cluster"] == "scoring" and route["route"]["timeout"] == "0s"
+        assert route["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+        policy = route["route"]["retry_policy"]
         assert policy["retry_on"] == "connect-failure,refused-stream,reset-before-request"
         assert "per_try_timeout" not in policy
 
@@ -273,8 +293,8 @@ def test_internal_listener_per_backend() -> None:
         assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.router"]
         (vhost,) = hcm["route_config"]["virtual_hosts"]
         routes = [(_match(r), r["route"]["cluster"]) for r in vhost["routes"]]
-        state_changing = [(f"={m}", name) for m in envoy_config.NON_IDEMPOTENT_METHODS.get(name, ())]
-        assert routes == [*state_changing, ("/", name)]
+        exact = [*envoy_config.NON_IDEMPOTENT_METHODS.get(name, ()), *envoy_config.STREAMING_METHODS.get(name, ())]
+        assert routes == [*((f"={m}", name) for m in exact), ("/", name)]
 
 
 def test_every_listener_logs_json_to_stdout() -> None:
@@ -560,7 +580,9 @@ def test_edge_policy_filters_run_first_and_spare_health_checks() -> None:
     # The API description is public too; every route that reaches a service is guarded.
     (document,) = [r for r in others if r["match"] == {"path": "/v1/openapi.json"}]
     assert document["typed_per_filter_config"] == {RATE_LIMIT: disabled, API_KEY_AUTH: disabled}
-    assert all("typed_per_filter_config" not in r for r in others if "route" in r)
+    # (the stream route only switches the buffer off)
+    guarded = [r.get("typed_per_filter_config", {}) for r in others if "route" in r]
+    assert all(not {RATE_LIMIT, API_KEY_AUTH} & set(per_filter) for per_filter in guarded)
 
 
 def test_edge_routes_only_grpc_upstream_and_answers_unmapped_paths_404() -> None:

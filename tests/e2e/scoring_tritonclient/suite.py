@@ -235,6 +235,37 @@ def sync_checks(url: str, repository: Path) -> dict[str, Callable[[], None]]:
         result, error = done[0]
         check(error is None and result.as_numpy("score").shape == (5, 1), f"callback: {error}")
 
+    def stream_infer() -> None:
+        # Triton's ModelStreamInfer: 32 single-row requests in flight on one stream (so the
+        # batcher may merge them), answered by id; failures arrive as errors on the stream,
+        # which goes on serving the requests after them.
+        answers: dict[str, tuple[Any, Any]] = {}
+        client.start_stream(callback=lambda result, error: answers.setdefault(
+            result.get_response().id if result is not None else f"error-{len(answers)}", (result, error)))
+        try:
+            for i in range(32):
+                client.async_stream_infer("ranker", [tensor("features", ROWS[i : i + 1], "FP32")], request_id=f"row-{i}")
+            client.async_stream_infer("nope", [tensor("features", ROWS[:1], "FP32")], request_id="unknown")
+            short = tensor("features", ROWS[:2], "FP32")
+            short.set_shape([4, 64])
+            client.async_stream_infer("ranker", [short], request_id="short")
+            client.async_stream_infer("ranker", [tensor("features", ROWS[32:40], "FP32")], request_id="after")
+            for _ in range(400):
+                if len(answers) >= 35:
+                    break
+                time.sleep(0.05)
+        finally:
+            client.stop_stream()
+        check(len(answers) == 35, f"{len(answers)} answers of 35: {sorted(answers)}")
+        local = reference(repository, "ranker", "1", {"features": ROWS[:40]})[0]
+        for i in range(32):
+            result, error = answers[f"row-{i}"]
+            check(error is None and np.allclose(result.as_numpy("score"), local[i : i + 1], rtol=0, atol=1e-6), f"row {i}")
+        result, error = answers["after"]
+        check(error is None and np.allclose(result.as_numpy("score"), local[32:40], rtol=0, atol=1e-6), "after the errors")
+        messages = sorted(str(error.message()) for key, (result, error) in answers.items() if key.startswith("error-"))
+        check(len(messages) == 2 and "needs 1024" in messages[0] and "unknown model 'nope'" in messages[1], str(messages))
+
     return {name: fn for name, fn in locals().items() if callable(fn) and name not in ("raises",)}
 
 
@@ -303,6 +334,29 @@ def aio_checks(url: str, repository: Path) -> dict[str, Callable[[], Awaitable[N
             check(int(stats["model_stats"][0]["inference_count"]) == 2, str(stats))
             await client.unload_model("spare")
             check(not await client.is_model_ready("spare"), "spare still ready")
+
+        await with_client(body)
+
+    async def aio_stream_infer() -> None:
+        async def body(client: triton_aio.InferenceServerClient) -> None:
+            async def requests() -> Any:
+                for i in range(16):
+                    yield {"model_name": "ranker", "inputs": [tensor("features", ROWS[i : i + 1], "FP32")], "request_id": str(i)}
+                yield {"model_name": "ranker", "inputs": [tensor("features", ROWS[:1], "FP32")], "model_version": "9"}
+
+            served: dict[str, np.ndarray] = {}
+            errors = []
+            async for result, error in client.stream_infer(requests()):
+                if error is not None:
+                    errors.append(str(error.message()))
+                else:
+                    served[result.get_response().id] = result.as_numpy("score")
+                if len(served) + len(errors) == 17:
+                    break
+            local = reference(repository, "ranker", "1", {"features": ROWS[:16]})[0]
+            check(sorted(served) == sorted(map(str, range(16))), str(sorted(served)))
+            check(all(np.allclose(served[str(i)], local[i : i + 1], rtol=0, atol=1e-6) for i in range(16)), "stream scores")
+            check(len(errors) == 1 and "no ready version '9'" in errors[0], str(errors))
 
         await with_client(body)
 
