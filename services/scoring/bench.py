@@ -86,41 +86,86 @@ def raw_throughput(model: bytes, batch: int, seconds: float, threads: int) -> tu
 
 
 async def grpc_throughput(
-    target: str, model: str, batch: int, seconds: float, concurrency: int
+    target: str, model: str, batch: int, seconds: float, concurrency: int, streaming: bool = False
 ) -> tuple[float, float, float, float]:
+    """(items/s, p50 ms, p99 ms, server's mean executed batch) of ModelInfer calls with
+    `concurrency` in flight, or, streaming, of ModelStreamInfer: `concurrency` requests in
+    flight on one stream."""
     rows = np.random.default_rng(0).standard_normal((batch, WIDTH)).astype(np.float32)
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name=INPUT, datatype="FP32", shape=[batch, WIDTH])
     request.outputs.add(name=OUTPUT)
     request.raw_input_contents.append(rows.tobytes())
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    run = _stream_calls if streaming else _unary_calls
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        latencies: list[float] = []
-        stop_at = 0.0
-
-        async def client(record: bool) -> int:
-            done = 0
-            while time.perf_counter() < stop_at:
-                began = time.perf_counter()
-                await stub.ModelInfer(request, timeout=30)
-                if record:
-                    latencies.append(time.perf_counter() - began)
-                done += 1
-            return done
-
-        stop_at = time.perf_counter() + min(1.0, seconds / 3)  # warm: connections, batcher, caches
-        await asyncio.gather(*(client(False) for _ in range(concurrency)))
+        await run(stub, request, concurrency, min(1.0, seconds / 3), [])  # warm: connections, batcher, caches
         before = await _counts(stub, model)
+        latencies: list[float] = []
         started = time.perf_counter()
-        stop_at = started + seconds
-        calls = sum(await asyncio.gather(*(client(True) for _ in range(concurrency))))
+        calls = await run(stub, request, concurrency, seconds, latencies)
         elapsed = time.perf_counter() - started
         after = await _counts(stub, model)
     executions = after[1] - before[1]
     mean_batch = (after[0] - before[0]) / executions if executions else 0.0
     p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
     return calls * batch / elapsed, float(p50), float(p99), mean_batch
+
+
+async def _unary_calls(
+    stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, concurrency: int, seconds: float,
+    latencies: list[float],
+) -> int:
+    stop_at = time.perf_counter() + seconds
+
+    async def client() -> int:
+        done = 0
+        while time.perf_counter() < stop_at:
+            began = time.perf_counter()
+            await stub.ModelInfer(request, timeout=30)
+            latencies.append(time.perf_counter() - began)
+            done += 1
+        return done
+
+    return sum(await asyncio.gather(*(client() for _ in range(concurrency))))
+
+
+async def _stream_calls(
+    stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, concurrency: int, seconds: float,
+    latencies: list[float],
+) -> int:
+    """One stream; a new request goes out as each answer comes back (ids carry send times)."""
+    stop_at = time.perf_counter() + seconds
+    sent: dict[str, float] = {}
+    slots = asyncio.Semaphore(concurrency)
+    call = stub.ModelStreamInfer(timeout=seconds + 30)
+
+    async def send() -> None:
+        number = 0
+        while time.perf_counter() < stop_at:
+            await slots.acquire()
+            request.id = str(number)
+            sent[request.id] = time.perf_counter()
+            await call.write(request)
+            number += 1
+        await call.done_writing()
+
+    sender = asyncio.create_task(send())
+    done = 0
+    try:
+        async for answer in call:
+            if answer.error_message:
+                raise SystemExit(f"stream request failed: {answer.error_message}")
+            latencies.append(time.perf_counter() - sent.pop(answer.infer_response.id))
+            done += 1
+            slots.release()
+        await sender
+    finally:
+        if not sender.done():
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+    return done
 
 
 async def _counts(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> tuple[int, int]:
@@ -197,6 +242,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per batch size and mode")
     p.add_argument("--concurrency", type=int, default=4, help="gRPC requests in flight")
+    p.add_argument("--streaming", action="store_true", help="send over one ModelStreamInfer stream instead of ModelInfer calls")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (raw and server)")
     p.add_argument("--target", help="benchmark this running server instead of starting one")
     p.add_argument("--server-log-level", default="WARNING", help="LOG_LEVEL of the server started (default %(default)s)")
@@ -222,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for batch in sizes:
             raw, per_call = raw_throughput(model_bytes, batch, args.seconds, args.threads)
             through, p50, p99, mean_batch = event_loop_runner()(
-                grpc_throughput(target, args.model, batch, args.seconds, args.concurrency)
+                grpc_throughput(target, args.model, batch, args.seconds, args.concurrency, args.streaming)
             )
             rows.append(Row(batch, raw, per_call, through, p50, p99, mean_batch))
     finally:
@@ -237,10 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model": source,
             "threads": args.threads,
             "concurrency": args.concurrency,
+            "streaming": args.streaming,
             "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
         }, indent=2))
     else:
         print(f"machine: {machine()}")
-        print(f"model:   {source}; {args.threads} intra-op thread(s); gRPC concurrency {args.concurrency}")
+        sending = f"{args.concurrency} in flight on one ModelStreamInfer stream" if args.streaming else f"gRPC concurrency {args.concurrency}"
+        print(f"model:   {source}; {args.threads} intra-op thread(s); {sending}")
         print(format_table(rows))
     return 0
