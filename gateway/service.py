@@ -27,7 +27,7 @@ from services.mesh.topology import FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, RANK
 
 @dataclass(frozen=True)
 class GatewaySettings(ServerSettings):
-    port: int = 50100
+    port: int = 30100
     # Each backend is reached through its Envoy listener, which load-balances the replicas.
     features_target: str = "127.0.0.1:9101"
     scoring_target: str = "127.0.0.1:9102"

@@ -54,7 +54,7 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         type=int,
         default=None,
         help="move the internal ports: Envoy listeners at N+1..N+3, replicas of each service from N+100, N+200, ... "
-        "(default: listeners 9101-9103, replicas from 50100)",
+        "(default: listeners 9101-9103, replicas from 30100)",
     )
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every service to be healthy")
     tracing = up.add_mutually_exclusive_group()

@@ -39,7 +39,7 @@ _CLOSE_SECONDS = 3.0
 
 @dataclass(frozen=True)
 class FeaturesSettings(ServerSettings):
-    port: int = 50200
+    port: int = 30200
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: str = DEFAULT_NAMESPACE
     max_items: int = 1000

@@ -27,12 +27,14 @@ DEFAULT_EDGE_PORT = 8080
 DEFAULT_ADMIN_PORT = 9901
 # Envoy listener the gateway dials for each backend service.
 DEFAULT_INTERNAL_PORTS: Mapping[str, int] = {FEATURES: 9101, SCORING: 9102, RANKING: 9103}
-# First port of each service's replicas: replica i listens on base + i.
+# First port of each service's replicas on one machine: replica i listens on base + i, its
+# metrics 1000 above (`--metrics-port-offset`). Below Linux's ephemeral range (32768-60999),
+# where no outgoing connection can be holding one of them when `infermesh up` starts.
 DEFAULT_REPLICA_BASE_PORTS: Mapping[str, int] = {
-    GATEWAY: 50100,
-    FEATURES: 50200,
-    SCORING: 50300,
-    RANKING: 50400,
+    GATEWAY: 30100,
+    FEATURES: 30200,
+    SCORING: 30300,
+    RANKING: 30400,
 }
 DEFAULT_REPLICAS: Mapping[str, int] = {GATEWAY: 1, FEATURES: 1, SCORING: 2, RANKING: 1}
 

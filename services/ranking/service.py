@@ -54,7 +54,7 @@ DEFAULT_CHAIN = "seen_filter,rules,calibration,category_cap,mmr"
 
 @dataclass(frozen=True)
 class RankingSettings(ServerSettings):
-    port: int = 50400
+    port: int = 30400
     max_items: int = 10_000
     # The stages, comma-separated, in the order they run; leave one out to turn it off.
     chain: str = DEFAULT_CHAIN

@@ -71,7 +71,7 @@ TRITON_DATA_TYPES: Mapping[str, int] = {
 
 @dataclass(frozen=True)
 class ScoringSettings(ServerSettings):
-    port: int = 50300
+    port: int = 30300
     model_repository: str = ".infermesh/models"
     # auto: TensorRT -> CUDA -> CPU, as far as this host has them; or tensorrt / cuda / cpu.
     # A model's config.json execution_providers overrides it.
