@@ -121,6 +121,9 @@ def validate(
         raise InvalidArgument("user_id is required")
     if not candidate_ids and not retrieve:
         raise InvalidArgument("candidate_ids must list at least one item (or set retrieve_candidates)")
+    if "" in candidate_ids:
+        # An empty id names no item: a caller's bug (e.g. a blank CSV cell), not an unknown item.
+        raise InvalidArgument(f"candidate_ids[{candidate_ids.index('')}] is empty; every candidate needs an item id")
     if len(candidate_ids) > config.max_candidates:
         raise InvalidArgument(
             f"at most {config.max_candidates} candidate_ids per request, got {len(candidate_ids)}"

@@ -111,6 +111,7 @@ def test_unknown_items_are_reported_not_ranked(gateway_stub: gateway_pb2_grpc.Ga
         ({"user_id": "u1", "candidate_ids": ["i1"], "k": 1001}, 400, grpc.StatusCode.INVALID_ARGUMENT, "k must be"),
         ({"user_id": "u1", "candidate_ids": [], "k": 5}, 400, grpc.StatusCode.INVALID_ARGUMENT, "candidate_ids"),
         ({"user_id": "", "candidate_ids": ["i1"], "k": 5}, 400, grpc.StatusCode.INVALID_ARGUMENT, "user_id"),
+        ({"user_id": "u1", "candidate_ids": ["i1", ""], "k": 5}, 400, grpc.StatusCode.INVALID_ARGUMENT, "is empty"),
     ],
 )
 def test_bad_requests_get_clear_errors(

@@ -311,6 +311,13 @@ async def test_feature_failures_stay_errors() -> None:
     assert metrics.requests.labels("none", "none", "error")._value.get() == 1
 
 
+async def test_an_empty_candidate_id_is_invalid() -> None:
+    # Rejected before any stage runs: a features call would fail with UNAVAILABLE instead.
+    features = FakeFeatures(error=rpc_error(grpc.StatusCode.UNAVAILABLE, "must not be called"))
+    with pytest.raises(InvalidArgument, match=r"candidate_ids\[2\] is empty"):
+        await make(features=features).recommend("u1", ["i1", "i2", ""], 10, 1.0)
+
+
 async def test_offset_is_validated() -> None:
     with pytest.raises(InvalidArgument, match="offset"):
         await make().recommend("u1", CANDIDATES, 10, 1.0, offset=5_000)
