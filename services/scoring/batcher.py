@@ -12,8 +12,14 @@ instances never hold requests another could run). A worker:
    own thread (ONNX Runtime releases the GIL, the event loop keeps serving), and hands each
    request a row slice of the outputs (views, no copy).
 
+While a batch runs, the worker already forms the next one and hands it to the instance's
+thread, where it waits its turn (BATCHES_IN_FLIGHT): the model then starts it as soon as
+the current one returns, instead of idling until the busy event loop gets round to the
+worker again.
+
 Requests whose deadline passed, or whose caller went away, while they were queued are
-dropped before the batch is built: they are never computed.
+never computed: they are dropped when the batch is built, and again in the instance's
+thread just before it runs.
 """
 
 from __future__ import annotations
@@ -45,6 +51,13 @@ from services.scoring.stats import Statistics, VersionMetrics
 log = get_logger(__name__)
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+# Batches handed to one instance's thread at a time: the running one and the next. On the
+# 2-core VM (one stream, 32 requests of 256 rows in flight, 1 instance) through gRPC went
+# from ~50% of raw ONNX Runtime's items/s with 1 to ~62% with 2; 3 was no better
+# (docs/benchmarks.md, "Scoring"). The price: a request of a higher priority that arrives
+# meanwhile waits for both.
+BATCHES_IN_FLIGHT = 2
 
 
 class InferenceFailed(InfermeshError):
@@ -261,18 +274,35 @@ class DynamicBatcher:
     # ------------------------------------------------------------------ executing
 
     async def _work(self, instance: Instance) -> None:
-        while True:
-            batch = await self._next_batch()
-            if batch is None:
-                return
-            try:
-                await self._execute(instance, batch)
-            except Exception as error:  # never let one batch kill the worker
-                log.exception("batch failed", model=self.name, instance=instance.label)
-                message = str(error) if isinstance(error, InfermeshError) else "batch failed; see the server log"
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(InferenceFailed(f"{self.name}: {message}"))
+        slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
+        running: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            slots.release()
+
+        try:
+            while True:
+                await slots.acquire()
+                batch = await self._next_batch()
+                if batch is None:
+                    return
+                task = asyncio.create_task(self._run(instance, batch))
+                running.add(task)
+                task.add_done_callback(finished)
+        finally:
+            # Closing: what was handed to the instance is answered before it is closed.
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _run(self, instance: Instance, batch: list[Pending]) -> None:
+        try:
+            await self._execute(instance, batch)
+        except Exception as error:  # never let one batch kill the worker
+            log.exception("batch failed", model=self.name, instance=instance.label)
+            message = str(error) if isinstance(error, InfermeshError) else "batch failed; see the server log"
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(InferenceFailed(f"{self.name}: {message}"))
 
     def _live(self, batch: list[Pending], now: float) -> list[Pending]:
         live = []
@@ -291,13 +321,26 @@ class DynamicBatcher:
         if not live:
             return
         started = time.perf_counter_ns()
-        for pending in live:
-            self.stats.queue.add(started - pending.enqueued_ns)
         inputs = live[0].inputs if len(live) == 1 else _concatenate(live)
-        rows = sum(p.rows for p in live)
         built = time.perf_counter_ns()
+        # Deadlines are in loop time; the instance's thread reads the same clock through this.
+        offset = loop.time() - time.monotonic()
+
+        def run() -> tuple[int, list[Pending], list[np.ndarray]]:
+            # In the instance's thread, where the batch may have waited for the one before it:
+            # requests that expired or were cancelled meanwhile are left out here, not computed.
+            ran = time.perf_counter_ns()
+            now = time.monotonic() + offset
+            ready = [p for p in live if not p.future.done() and p.deadline > now]
+            if len(ready) == len(live):
+                return ran, live, instance.runner(inputs)
+            if not ready:
+                return ran, ready, []
+            return ran, ready, instance.runner(ready[0].inputs if len(ready) == 1 else _concatenate(ready))
+
+        rows = sum(p.rows for p in live)
         try:
-            outputs = await loop.run_in_executor(instance.executor, instance.runner, inputs)
+            ran, ready, outputs = await loop.run_in_executor(instance.executor, run)
         except Exception as error:
             log.error("model execution failed", model=self.name, instance=instance.label, rows=rows, error=str(error))
             for pending in live:
@@ -305,19 +348,31 @@ class DynamicBatcher:
                     pending.future.set_exception(InferenceFailed(f"{self.name}: model execution failed: {error}"))
             return
         computed = time.perf_counter_ns()
+        if len(ready) != len(live):
+            for pending in live:
+                if pending not in ready and not pending.future.done():
+                    self._expire(pending)
+            if not ready:
+                return
+            rows = sum(p.rows for p in ready)
+        # Waiting for the instance is queueing: statistics and spans read as if the batch had
+        # been built just before it ran.
+        started, built = ran - (built - started), ran
+        for pending in ready:
+            self.stats.queue.add(started - pending.enqueued_ns)
         batch_id = next(self._batch_ids)
-        for pending in live:
-            pending.batch_id, pending.batch_rows, pending.batch_requests = batch_id, rows, len(live)
+        for pending in ready:
+            pending.batch_id, pending.batch_rows, pending.batch_requests = batch_id, rows, len(ready)
             pending.started_ns, pending.built_ns, pending.computed_ns = started, built, computed
-        _split(live, outputs, rows)
+        _split(ready, outputs, rows)
         finished = time.perf_counter_ns()
-        self.stats.record_batch(len(live), rows, built - started, computed - built, finished - computed)
+        self.stats.record_batch(len(ready), rows, built - started, computed - built, finished - computed)
         if self.metrics is not None:
             self.metrics.exec_count.inc()
             self.metrics.count.inc(rows)
             self.metrics.batch_size.observe(rows)
-            self.metrics.queue_us.inc(sum(started - p.enqueued_ns for p in live) / 1000)
-            self.metrics.compute_us.inc((computed - built) * len(live) / 1000)
+            self.metrics.queue_us.inc(sum(started - p.enqueued_ns for p in ready) / 1000)
+            self.metrics.compute_us.inc((computed - built) * len(ready) / 1000)
 
 
 def _concatenate(batch: list[Pending]) -> dict[str, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -131,6 +132,43 @@ async def test_a_request_whose_deadline_passed_in_the_queue_is_not_computed() ->
     await batcher.close()
     computed = np.concatenate(model.calls)
     assert 777.0 not in computed and stats.inference_count == 2
+
+
+async def test_the_next_batch_waits_in_the_instance_while_one_runs() -> None:
+    """The worker hands the next batch to the instance's thread while the current one runs,
+    so the model starts it as soon as the first returns, without waiting for the event loop."""
+    model = Model()
+    model.gate.clear()
+    batcher, stats = await started(BatchingPolicy(max_batch_size=8), model)
+    first = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 1, KEY))
+    await held(model)
+    second = asyncio.create_task(batcher.submit({"x": rows(2, 10)}, 2, KEY))
+    await asyncio.sleep(0.05)  # the second batch is formed and handed over meanwhile
+    model.gate.set()
+    time.sleep(0.5)  # the event loop is blocked: only the instance's thread can go on
+    assert len(model.calls) == 2
+    assert np.array_equal((await first)[0], rows(1, 0) * 2)
+    assert np.array_equal((await second)[0], rows(2, 10) * 2)
+    await batcher.close()
+    assert stats.execution_count == 2 and stats.inference_count == 3
+
+
+async def test_a_request_cancelled_while_its_batch_waits_for_the_instance_is_not_computed() -> None:
+    model = Model()
+    model.gate.clear()
+    batcher, _ = await started(BatchingPolicy(max_batch_size=8), model)
+    running = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 1, KEY))
+    await held(model)
+    gone = asyncio.create_task(batcher.submit({"x": rows(1, 555)}, 1, KEY))
+    kept = asyncio.create_task(batcher.submit({"x": rows(1, 7)}, 1, KEY))
+    await asyncio.sleep(0.05)  # both are in the batch handed to the instance by now
+    gone.cancel()
+    model.gate.set()
+    await running
+    assert np.array_equal((await kept)[0], rows(1, 7) * 2)
+    await batcher.close()
+    computed = np.concatenate(model.calls)
+    assert 555.0 not in computed and 7.0 in computed
 
 
 async def test_a_cancelled_request_is_not_computed() -> None:
