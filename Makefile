@@ -1,5 +1,5 @@
 # The two commands of the README's Quick start.
-.PHONY: up test gen envoy-config deploy-check
+.PHONY: up test gen envoy-config deploy-check gpu-check
 
 up:  ## set up and run the mesh on this machine (Ctrl-C stops it)
 	scripts/bootstrap.sh
@@ -16,3 +16,6 @@ envoy-config:  ## re-render envoy/local.json
 
 deploy-check:  ## build every kustomize overlay and validate it offline (kubectl, kubernetes-validate, envoy, hadolint)
 	scripts/validate_deploy.sh
+
+gpu-check:  ## on a host with an NVIDIA GPU: the GPU tests and the scoring benchmark on CUDA, into gpu-check/
+	scripts/gpu_check.sh

@@ -37,6 +37,8 @@ from services.common.event_loop import event_loop_runner
 from services.mesh.supervisor import free_port
 from services.scoring import modelgen
 from services.scoring.models import session_options
+from services.scoring.providers import CUDA, IoBindingRunner, SessionRunner, create_session, plan_providers, runner_for
+from services.scoring.service import PROVIDER_KEY, PROVIDER_REASON_KEY
 
 DEFAULT_BATCH_SIZES = (1, 64, 256, 1024)
 INPUT, OUTPUT, WIDTH = "features", "score", 64
@@ -72,15 +74,24 @@ def bench_repository(model_file: Path | None, model: str, max_batch: int, workdi
     return root
 
 
-def raw_throughput(model: bytes, batch: int, seconds: float, threads: int) -> tuple[float, float]:
-    session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+def raw_runner(model: bytes, threads: int, provider: str) -> SessionRunner | IoBindingRunner:
+    """What one scoring instance runs, without the server: the same session options and, on
+    CUDA, the same IO-binding runner (inputs copied to the GPU once, outputs read once)."""
+    choice = create_session(model, plan_providers([provider], ort.get_available_providers(), False), session_options(threads))
+    if provider != "cpu" and choice.provider != CUDA:
+        raise SystemExit(f"raw ONNX Runtime could not run on CUDA: {choice.reason}")
+    return runner_for(choice, 0)
+
+
+def raw_throughput(model: bytes, batch: int, seconds: float, threads: int, provider: str = "cpu") -> tuple[float, float]:
+    run = raw_runner(model, threads, provider)
     rows = np.random.default_rng(0).standard_normal((batch, WIDTH)).astype(np.float32)
     feed = {INPUT: rows}
     for _ in range(10):
-        session.run(None, feed)
+        run(feed)
     calls, started = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds:
-        session.run(None, feed)
+        run(feed)
         calls += 1
     return calls * batch / elapsed, elapsed / calls * 1e6
 
@@ -176,14 +187,16 @@ async def _counts(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> tuple[i
     )
 
 
-def start_server(repository: Path, threads: int, log_level: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    repository: Path, threads: int, log_level: str, log: Path, provider: str = "cpu"
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
         "SCORING_PORT": str(port),
         "SCORING_MODEL_REPOSITORY": str(repository),
         "SCORING_MODEL_CONTROL_MODE": "none",
-        "SCORING_PROVIDERS": "cpu",
+        "SCORING_PROVIDERS": provider,
         "SCORING_INTRA_OP_THREADS": str(threads),
         "SCORING_MAX_MESSAGE_BYTES": str(64 << 20),
         "OTEL_TRACES_EXPORTER": "none",
@@ -208,6 +221,28 @@ def wait_ready(target: str, model: str, process: subprocess.Popen[bytes], log: P
                 pass
             time.sleep(0.1)
     raise SystemExit(f"scoring server at {target} not ready after {timeout}s:\n{log.read_text()[-2000:]}")
+
+
+async def serving_provider(target: str, model: str) -> tuple[str, str]:
+    """(execution provider, why) of the model the server runs, from ModelMetadata."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=10)
+        await call
+        trailing = dict(await call.trailing_metadata() or ())
+    return str(trailing.get(PROVIDER_KEY, "unknown")), str(trailing.get(PROVIDER_REASON_KEY, ""))
+
+
+def gpu_name() -> str:
+    try:
+        import pynvml  # nvidia-ml-py, in the gpu extra
+    except ImportError:
+        return "GPU"
+    try:
+        pynvml.nvmlInit()
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # noqa: BLE001 (a name is only for the report)
+        return "GPU"
 
 
 def machine() -> str:
@@ -244,6 +279,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=4, help="gRPC requests in flight")
     p.add_argument("--streaming", action="store_true", help="send over one ModelStreamInfer stream instead of ModelInfer calls")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (raw and server)")
+    p.add_argument(
+        "--provider", choices=("cpu", "cuda"), default="cpu",
+        help="execution provider of raw ONNX Runtime and of the server (cuda: GPU 0, IO binding; default %(default)s)",
+    )
     p.add_argument("--target", help="benchmark this running server instead of starting one")
     p.add_argument("--server-log-level", default="WARNING", help="LOG_LEVEL of the server started (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -253,6 +292,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     sizes = [int(s) for s in args.batch_sizes.split(",") if s]
+    if args.provider == "cuda" and CUDA not in ort.get_available_providers():
+        raise SystemExit(
+            f"--provider cuda needs onnxruntime-gpu on a host with an NVIDIA GPU (`pip install -e '.[gpu]'`); "
+            f"this onnxruntime {ort.__version__} has {', '.join(ort.get_available_providers())}"
+        )
     model_file = latest_model(args.repository, args.model)
     workdir = Path(tempfile.mkdtemp(prefix="scoring-bench-"))
     process = None
@@ -262,11 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = args.target
         if target is None:
             log = workdir / "scoring.log"
-            process, target = start_server(repository, args.threads, args.server_log_level, log)
+            process, target = start_server(repository, args.threads, args.server_log_level, log, args.provider)
             wait_ready(target, args.model, process, log)
+        served_on, why = event_loop_runner()(serving_provider(target, args.model))
+        if args.provider == "cuda" and served_on != CUDA:
+            raise SystemExit(f"the scoring server runs {args.model} on {served_on}, not CUDA: {why}")
         rows = []
         for batch in sizes:
-            raw, per_call = raw_throughput(model_bytes, batch, args.seconds, args.threads)
+            raw, per_call = raw_throughput(model_bytes, batch, args.seconds, args.threads, args.provider)
             through, p50, p99, mean_batch = event_loop_runner()(
                 grpc_throughput(target, args.model, batch, args.seconds, args.concurrency, args.streaming)
             )
@@ -280,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps({
             "machine": machine(),
+            "provider": served_on,
             "model": source,
             "threads": args.threads,
             "concurrency": args.concurrency,
@@ -287,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
         }, indent=2))
     else:
-        print(f"machine: {machine()}")
+        print(f"machine: {machine()}" + (f"; {gpu_name()}" if args.provider == "cuda" else ""))
+        print(f"server:  {served_on} ({why})")
         sending = f"{args.concurrency} in flight on one ModelStreamInfer stream" if args.streaming else f"gRPC concurrency {args.concurrency}"
         print(f"model:   {source}; {args.threads} intra-op thread(s); {sending}")
         print(format_table(rows))

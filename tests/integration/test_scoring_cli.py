@@ -12,6 +12,7 @@ import pytest
 
 from services.cli.main import main as infermesh
 from services.scoring import modelgen
+from services.scoring.providers import CUDA
 
 
 def test_models_bench_reports_grpc_and_raw_throughput(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -21,10 +22,25 @@ def test_models_bench_reports_grpc_and_raw_throughput(tmp_path: Path, capsys: py
          "--concurrency", "2", "--json"]
     )
     report = json.loads(capsys.readouterr().out)
-    assert code == 0 and "onnxruntime" in report["machine"]
+    assert code == 0 and "onnxruntime" in report["machine"] and report["provider"] == "CPUExecutionProvider"
     assert [row["batch"] for row in report["rows"]] == [1, 16]
     for row in report["rows"]:
         assert row["raw_items_per_s"] > 0 and row["grpc_items_per_s"] > 0 and row["server_mean_batch"] >= 1
+
+
+def test_models_bench_on_cuda_runs_there_or_says_what_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    modelgen.write_version(tmp_path, "ranker", 1, modelgen.mlp_model(0))
+    args = ["models", "bench", "--repository", str(tmp_path), "--seconds", "0.2", "--batch-sizes", "16",
+            "--concurrency", "2", "--provider", "cuda", "--json"]
+    if CUDA not in ort.get_available_providers():  # a CPU-only host: a clear refusal, no CPU figures
+        with pytest.raises(SystemExit, match="needs onnxruntime-gpu"):
+            infermesh(args)
+        return
+    assert infermesh(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["provider"] == CUDA and report["rows"][0]["grpc_items_per_s"] > 0
 
 
 def test_models_quantize_adds_an_int8_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
