@@ -149,7 +149,7 @@ async def _calls(target: str, payload: bytes, concurrency: int, seconds: float, 
         return sum(await asyncio.gather(*(caller() for _ in range(concurrency))))
 
 
-async def _ready(target: str, timeout: float = 60.0) -> None:
+async def _ready(target: str, log: Path, timeout: float = 30.0) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         call = channel.unary_unary(METHOD, request_serializer=_same, response_deserializer=_same)
         give_up = time.monotonic() + timeout
@@ -157,16 +157,18 @@ async def _ready(target: str, timeout: float = 60.0) -> None:
             try:
                 await call(b"", timeout=1, wait_for_ready=True)
                 return
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as error:
                 if time.monotonic() > give_up:
-                    raise
+                    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                    raise SystemExit(f"{target} did not answer within {timeout:g} s ({error.code().name}); {log.name}:\n{tail}") from None
 
 
 def measure(
-    path: str, target: str, payload: bytes, concurrency: int, seconds: float, server_pid: int, envoy_pid: int | None
+    path: str, target: str, payload: bytes, concurrency: int, seconds: float, server_pid: int, envoy_pid: int | None,
+    log: Path,
 ) -> Result:
     run = event_loop_runner()
-    run(_ready(target))
+    run(_ready(target, log))
     run(_calls(target, payload, concurrency, min(1.0, seconds / 3), None))  # warm: connections, allocator
     latencies: list[float] = []
     before = (_own_cpu_seconds(), cpu_seconds(server_pid), cpu_seconds(envoy_pid) if envoy_pid else None)
@@ -255,7 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = _start([sys.executable, "-m", "services.bench.rpc_floor", "--serve", str(server_port)], workdir / "server.log")
         children.append(server)
         for level in levels:
-            results.append(measure("direct", f"127.0.0.1:{server_port}", payload, level, args.seconds, server.pid, None))
+            results.append(
+                measure("direct", f"127.0.0.1:{server_port}", payload, level, args.seconds, server.pid, None, workdir / "server.log")
+            )
         if not args.no_envoy:
             envoy_port = free_port()
             config = workdir / "envoy.json"
@@ -263,7 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             envoy = _start(envoy_command(config, log_level="warn"), workdir / "envoy.log")
             children.append(envoy)
             for level in levels:
-                results.append(measure("envoy", f"127.0.0.1:{envoy_port}", payload, level, args.seconds, server.pid, envoy.pid))
+                results.append(
+                    measure("envoy", f"127.0.0.1:{envoy_port}", payload, level, args.seconds, server.pid, envoy.pid, workdir / "envoy.log")
+                )
     finally:
         for child in reversed(children):
             child.terminate()

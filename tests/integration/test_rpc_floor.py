@@ -3,11 +3,13 @@ real Envoy (numbers are not asserted: a benchmark is not a timing test)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from services.bench import rpc_floor
+from services.mesh.supervisor import free_port
 
 
 def test_rpc_floor_measures_direct_and_envoy_calls(capsys: pytest.CaptureFixture[str]) -> None:
@@ -32,3 +34,10 @@ def test_rpc_floor_rejects_bad_arguments() -> None:
         rpc_floor.main(["--concurrency", "one"])
     with pytest.raises(SystemExit, match=">= 1"):
         rpc_floor.main(["--concurrency", "0"])
+
+
+def test_a_target_that_never_answers_stops_with_its_log(tmp_path) -> None:
+    log = tmp_path / "envoy.log"
+    log.write_text("[critical] cannot bind 127.0.0.1: address in use\n")
+    with pytest.raises(SystemExit, match="did not answer within 1 s(.|\n)*address in use"):
+        asyncio.run(rpc_floor._ready(f"127.0.0.1:{free_port()}", log, timeout=1))
