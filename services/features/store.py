@@ -209,6 +209,8 @@ class FeatureStore:
         if not user_id:
             raise InvalidArgument("user_id is required")
         self._check_count(len(item_ids), "item_ids")
+        if "" in item_ids:
+            raise InvalidArgument(f"item_ids[{item_ids.index('')}] is empty; every item needs an id")
         reference = self.registry.reference
         if reference is None:
             raise FailedPrecondition("the feature registry declares no `reference` views")

@@ -13,7 +13,7 @@ import pytest
 import redis.exceptions
 
 from services.common.breaker import CircuitBreaker
-from services.common.errors import NotFound, Unavailable
+from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.features.cache import LocalCache
 from services.features.layout import ITEM_RECORD, USER_RECORD, item_key, pointer_key, user_key
 from services.features.store import FeatureStore
@@ -79,6 +79,12 @@ async def test_reference_rows_in_request_order(fake: FakeRedis) -> None:
     assert (matrix[0, 32:] == 3.0).all() and (matrix[1, 32:] == 0).all() and (matrix[2, 32:] == 1.0).all()
     assert np.frombuffer(rows.item_categories, "<i4").tolist() == [3, 0, 1]
     assert np.frombuffer(rows.item_present, np.uint8).tolist() == [1, 0, 1]
+
+
+async def test_an_empty_item_id_is_invalid_not_unknown(fake: FakeRedis) -> None:
+    with pytest.raises(InvalidArgument, match=r"item_ids\[1\] is empty"):
+        await store(fake).get("u1", ["i3", ""])
+    assert fake.calls == 0
 
 
 async def test_hot_entities_come_from_the_local_cache(fake: FakeRedis) -> None:
