@@ -34,13 +34,12 @@ import numpy as np
 
 from services.bench import report
 from services.common.event_loop import event_loop_runner
-from services.mesh.envoy_config import envoy_command
+from services.mesh.envoy_config import envoy_command, plain_proxy
 from services.mesh.supervisor import free_port
 
 METHOD = "/infermesh.bench.Echo/Echo"
 # One Recommend = the load generator's call to the edge + the gateway's 3 backend calls.
 CALLS_PER_RECOMMEND = 4
-_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _same(message: bytes) -> bytes:
@@ -61,57 +60,12 @@ async def serve(port: int) -> None:
     await server.wait_for_termination()
 
 
-def envoy_config(listen_port: int, upstream_port: int) -> dict:
-    """One HTTP/2 listener routed to one HTTP/2 upstream: the least an Envoy hop does."""
-    http2 = {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}},
-        }
-    }
-    manager = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "echo",
-        "codec_type": "HTTP2",
-        "route_config": {
-            "virtual_hosts": [{"name": "echo", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "echo"}}]}]
-        },
-        "http_filters": [
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-        ],
-    }
-    return {
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "echo",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "echo",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": http2,
-                    "load_assignment": {
-                        "cluster_name": "echo",
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}}}]}],
-                    },
-                }
-            ],
-        }
-    }
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU of a process so far (Linux /proc); None where that cannot be read."""
+def _cpu_seconds(pid: int) -> float | None:
+    """report.cpu_seconds, or None where /proc cannot be read (the CPU columns say n/a)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return report.cpu_seconds(pid)
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_SECOND
 
 
 def _own_cpu_seconds() -> float:
@@ -171,11 +125,11 @@ def measure(
     run(_ready(target, log))
     run(_calls(target, payload, concurrency, min(1.0, seconds / 3), None))  # warm: connections, allocator
     latencies: list[float] = []
-    before = (_own_cpu_seconds(), cpu_seconds(server_pid), cpu_seconds(envoy_pid) if envoy_pid else None)
+    before = (_own_cpu_seconds(), _cpu_seconds(server_pid), _cpu_seconds(envoy_pid) if envoy_pid else None)
     started = time.perf_counter()
     calls = run(_calls(target, payload, concurrency, seconds, latencies))
     elapsed = time.perf_counter() - started
-    after = (_own_cpu_seconds(), cpu_seconds(server_pid), cpu_seconds(envoy_pid) if envoy_pid else None)
+    after = (_own_cpu_seconds(), _cpu_seconds(server_pid), _cpu_seconds(envoy_pid) if envoy_pid else None)
 
     def per_call(index: int) -> float | None:
         if before[index] is None or after[index] is None:
@@ -263,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_envoy:
             envoy_port = free_port()
             config = workdir / "envoy.json"
-            config.write_text(json.dumps(envoy_config(envoy_port, server_port)))
+            config.write_text(json.dumps(plain_proxy(envoy_port, server_port)))
             envoy = _start(envoy_command(config, log_level="warn"), workdir / "envoy.log")
             children.append(envoy)
             for level in levels:

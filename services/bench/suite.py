@@ -8,7 +8,6 @@ docs/benchmarks.md).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from services.bench import report
+from services.bench.report import cpu_seconds
 from services.bench.cli import measure, ramp
 from services.bench.loadgen import Plan
 from services.bench.targets import factory
@@ -137,12 +137,6 @@ def trace_receiver(work: Path) -> Iterator[TraceReceiver]:
         process.terminate()
         process.wait(timeout=10)
         log.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:

@@ -855,6 +855,48 @@ def _upstream_tls(tls: CertPaths, service: str) -> Json:
     }
 
 
+def _http2_upstream() -> Json:
+    """Upstream protocol options of a gRPC cluster: HTTP/2 to every endpoint."""
+    return {
+        _HTTP_OPTIONS_KEY: {
+            "@type": f"type.googleapis.com/{_HTTP_OPTIONS_KEY}",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+
+def plain_proxy(listen_port: int, upstream_port: int, host: str = "127.0.0.1") -> Json:
+    """The least an Envoy hop of the mesh does: one HTTP/2 listener routed to one HTTP/2
+    upstream with the router filter alone (no retries, health checks, access log or tracing).
+    `python -m services.bench.rpc_floor` measures a hop's floor through it."""
+    name = "plain"
+    manager = {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": _HCM_TYPE,
+            "stat_prefix": name,
+            "codec_type": "HTTP2",
+            "route_config": {
+                "virtual_hosts": [
+                    {"name": name, "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}]}
+                ]
+            },
+            "http_filters": [_router()],
+        },
+    }
+    cluster = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": CONNECT_TIMEOUT,
+        "typed_extension_protocol_options": _http2_upstream(),
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [_lb_endpoint(Endpoint(host, upstream_port))]}],
+        },
+    }
+    return {"static_resources": {"listeners": [_listener(name, host, listen_port, manager)], "clusters": [cluster]}}
+
+
 def _lb_endpoint(endpoint: Endpoint) -> Json:
     return {"endpoint": {"address": _socket_address(endpoint.host, endpoint.port)}}
 
@@ -904,12 +946,7 @@ def _cluster(topology: MeshTopology, service: str, tls: CertPaths | None = None)
             "cluster_name": service,
             "endpoints": [{"lb_endpoints": [_lb_endpoint(e) for e in endpoints]}],
         },
-        "typed_extension_protocol_options": {
-            _HTTP_OPTIONS_KEY: {
-                "@type": f"type.googleapis.com/{_HTTP_OPTIONS_KEY}",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
+        "typed_extension_protocol_options": _http2_upstream(),
         "health_checks": [_health_check(service)],
         "common_lb_config": {
             # 0: with every replica unhealthy, fail fast (503) rather than spray traffic

@@ -304,22 +304,9 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(InferenceFailed(f"{self.name}: {message}"))
 
-    def _live(self, batch: list[Pending], now: float) -> list[Pending]:
-        live = []
-        for pending in batch:
-            if pending.future.done():
-                continue
-            if pending.deadline <= now:
-                self._expire(pending)
-                continue
-            live.append(pending)
-        return live
-
-    async def _execute(self, instance: Instance, batch: list[Pending]) -> None:
+    async def _execute(self, instance: Instance, live: list[Pending]) -> None:
+        """Run one batch formed by _next_batch (whose requests were live when it was formed)."""
         loop = asyncio.get_running_loop()
-        live = self._live(batch, loop.time())
-        if not live:
-            return
         started = time.perf_counter_ns()
         inputs = live[0].inputs if len(live) == 1 else _concatenate(live)
         built = time.perf_counter_ns()

@@ -39,6 +39,7 @@ from services.scoring import modelgen
 from services.scoring.models import session_options
 from services.scoring.providers import CUDA, IoBindingRunner, SessionRunner, create_session, plan_providers, runner_for
 from services.scoring.service import PROVIDER_KEY, PROVIDER_REASON_KEY
+from services.scoring.stats import load_nvml
 
 DEFAULT_BATCH_SIZES = (1, 64, 256, 1024)
 INPUT, OUTPUT, WIDTH = "features", "score", 64
@@ -233,16 +234,14 @@ async def serving_provider(target: str, model: str) -> tuple[str, str]:
 
 
 def gpu_name() -> str:
-    try:
-        import pynvml  # nvidia-ml-py, in the gpu extra
-    except ImportError:
+    nvml = load_nvml()
+    if nvml is None:
         return "GPU"
     try:
-        pynvml.nvmlInit()
-        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-        return name.decode() if isinstance(name, bytes) else str(name)
+        name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(0))
     except Exception:  # noqa: BLE001 (a name is only for the report)
         return "GPU"
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def machine() -> str:

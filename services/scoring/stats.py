@@ -205,12 +205,20 @@ class GpuMemoryCollector:
         yield total
 
 
-def register_gpu_memory(registry: CollectorRegistry) -> bool:
-    """Add the GPU memory gauges when NVML is there (the `gpu` extra); False elsewhere."""
+def load_nvml() -> Any | None:
+    """NVML (pynvml, from nvidia-ml-py in the `gpu` extra), initialised; None without it."""
     try:
         nvml = importlib.import_module("pynvml")
         nvml.nvmlInit()
-    except Exception:  # no package, no driver, no GPU: nothing to report
+    except Exception:  # no package, no driver, no GPU
+        return None
+    return nvml
+
+
+def register_gpu_memory(registry: CollectorRegistry) -> bool:
+    """Add the GPU memory gauges when NVML is there (the `gpu` extra); False elsewhere."""
+    nvml = load_nvml()
+    if nvml is None:
         return False
     registry.register(GpuMemoryCollector(nvml))
     return True
