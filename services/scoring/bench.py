@@ -7,7 +7,10 @@ Raw: one InferenceSession with the server's per-instance options (intra-op threa
 called back to back. Through gRPC: a `python -m services.scoring` subprocess (or --target)
 and `concurrency` grpc.aio clients in this process sending pre-built raw FP32 requests.
 The report also gives the server's mean executed batch size over the run (ModelStatistics),
-since its dynamic batcher may merge concurrent requests into larger executions.
+since its dynamic batcher may merge concurrent requests into larger executions, and the CPU
+time per request of the client (this process) and of the server it started, over the
+measured seconds. With --overhead the server runs a 64 -> 1 linear model with the same
+input and output instead: what serving alone costs, per request, on this machine.
 A command, not a test: timings depend on the machine and on what else runs on it.
 """
 
@@ -33,6 +36,7 @@ import onnxruntime as ort
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
+from services.bench.report import cpu_seconds
 from services.common.event_loop import event_loop_runner
 from services.mesh.supervisor import free_port
 from services.scoring import modelgen
@@ -54,6 +58,10 @@ class Row:
     grpc_p50_ms: float
     grpc_p99_ms: float
     server_mean_batch: float
+    # CPU time per gRPC request over the measured seconds; the server's only where this
+    # command started it (None with --target).
+    client_cpu_us: float = 0.0
+    server_cpu_us: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -66,10 +74,12 @@ def latest_model(repository: Path, model: str) -> Path | None:
     return directory / str(versions[-1]) / "model.onnx" if versions else None
 
 
-def bench_repository(model_file: Path | None, model: str, max_batch: int, workdir: Path) -> Path:
-    """A one-model repository for the server under test (the reference MLP if none given)."""
+def bench_repository(model_file: Path | None, model: str, max_batch: int, workdir: Path, data: bytes | None = None) -> Path:
+    """A one-model repository for the server under test: `data`, else the model file, else
+    the reference MLP."""
     root = workdir / "models"
-    data = model_file.read_bytes() if model_file is not None else modelgen.mlp_model(0)
+    if data is None:
+        data = model_file.read_bytes() if model_file is not None else modelgen.mlp_model(0)
     modelgen.write_config(root, model, {"max_batch_size": max_batch, "warmup": [{"batch_size": min(256, max_batch)}]})
     modelgen.write_version(root, model, 1, data)
     return root
@@ -97,12 +107,22 @@ def raw_throughput(model: bytes, batch: int, seconds: float, threads: int, provi
     return calls * batch / elapsed, elapsed / calls * 1e6
 
 
+@dataclass(frozen=True)
+class Through:
+    items_per_s: float
+    p50_ms: float
+    p99_ms: float
+    mean_batch: float
+    client_cpu_us: float
+    server_cpu_us: float | None
+
+
 async def grpc_throughput(
-    target: str, model: str, batch: int, seconds: float, concurrency: int, streaming: bool = False
-) -> tuple[float, float, float, float]:
-    """(items/s, p50 ms, p99 ms, server's mean executed batch) of ModelInfer calls with
-    `concurrency` in flight, or, streaming, of ModelStreamInfer: `concurrency` requests in
-    flight on one stream."""
+    target: str, model: str, batch: int, seconds: float, concurrency: int, streaming: bool = False,
+    server_pid: int | None = None,
+) -> Through:
+    """ModelInfer calls with `concurrency` in flight, or, streaming, ModelStreamInfer with
+    `concurrency` requests in flight on one stream; with the server's pid, its CPU time too."""
     rows = np.random.default_rng(0).standard_normal((batch, WIDTH)).astype(np.float32)
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name=INPUT, datatype="FP32", shape=[batch, WIDTH])
@@ -115,14 +135,23 @@ async def grpc_throughput(
         await run(stub, request, concurrency, min(1.0, seconds / 3), [])  # warm: connections, batcher, caches
         before = await _counts(stub, model)
         latencies: list[float] = []
+        server_before = cpu_seconds(server_pid) if server_pid is not None else 0.0
+        client_before = time.process_time()
         started = time.perf_counter()
         calls = await run(stub, request, concurrency, seconds, latencies)
         elapsed = time.perf_counter() - started
+        client_cpu = time.process_time() - client_before
+        server_cpu = cpu_seconds(server_pid) - server_before if server_pid is not None else None
         after = await _counts(stub, model)
     executions = after[1] - before[1]
     mean_batch = (after[0] - before[0]) / executions if executions else 0.0
+    if not calls:
+        raise SystemExit(f"no request of {batch} rows was answered in {seconds} s")
     p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
-    return calls * batch / elapsed, float(p50), float(p99), mean_batch
+    return Through(
+        calls * batch / elapsed, float(p50), float(p99), mean_batch,
+        client_cpu / calls * 1e6, server_cpu / calls * 1e6 if server_cpu is not None else None,
+    )
 
 
 async def _unary_calls(
@@ -259,12 +288,14 @@ def machine() -> str:
 def format_table(rows: Sequence[Row]) -> str:
     lines = [
         f"{'batch':>6} {'raw items/s':>13} {'raw us/call':>12} {'gRPC items/s':>13} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'exec batch':>10} {'gRPC/raw':>9}"
+        f"{'exec batch':>10} {'gRPC/raw':>9} {'CPU us/req client':>17} {'server':>7}"
     ]
     for r in rows:
+        server = f"{r.server_cpu_us:>7.0f}" if r.server_cpu_us is not None else f"{'-':>7}"
         lines.append(
             f"{r.batch:>6} {r.raw_items_per_s:>13,.0f} {r.raw_us_per_call:>12.1f} {r.grpc_items_per_s:>13,.0f} "
-            f"{r.grpc_p50_ms:>8.2f} {r.grpc_p99_ms:>8.2f} {r.server_mean_batch:>10.1f} {r.ratio:>8.0%}"
+            f"{r.grpc_p50_ms:>8.2f} {r.grpc_p99_ms:>8.2f} {r.server_mean_batch:>10.1f} {r.ratio:>8.0%} "
+            f"{r.client_cpu_us:>17.0f} {server}"
         )
     return "\n".join(lines)
 
@@ -282,6 +313,11 @@ def parser() -> argparse.ArgumentParser:
         "--provider", choices=("cpu", "cuda"), default="cpu",
         help="execution provider of raw ONNX Runtime and of the server (cuda: GPU 0, IO binding; default %(default)s)",
     )
+    p.add_argument(
+        "--overhead", action="store_true",
+        help="serve a 64 -> 1 linear model with the reference model's input and output instead "
+        "(almost no compute): what serving itself costs per request",
+    )
     p.add_argument("--target", help="benchmark this running server instead of starting one")
     p.add_argument("--server-log-level", default="WARNING", help="LOG_LEVEL of the server started (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -296,11 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--provider cuda needs onnxruntime-gpu on a host with an NVIDIA GPU (`pip install -e '.[gpu]'`); "
             f"this onnxruntime {ort.__version__} has {', '.join(ort.get_available_providers())}"
         )
-    model_file = latest_model(args.repository, args.model)
+    if args.overhead and args.target:
+        raise SystemExit("--overhead starts its own server with the linear model; leave out --target")
+    model_file = None if args.overhead else latest_model(args.repository, args.model)
     workdir = Path(tempfile.mkdtemp(prefix="scoring-bench-"))
     process = None
     try:
-        repository = bench_repository(model_file, args.model, max(sizes), workdir)
+        repository = bench_repository(
+            model_file, args.model, max(sizes), workdir, modelgen.linear_model(0) if args.overhead else None
+        )
         model_bytes = (repository / args.model / "1" / "model.onnx").read_bytes()
         target = args.target
         if target is None:
@@ -313,16 +353,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         for batch in sizes:
             raw, per_call = raw_throughput(model_bytes, batch, args.seconds, args.threads, args.provider)
-            through, p50, p99, mean_batch = event_loop_runner()(
-                grpc_throughput(target, args.model, batch, args.seconds, args.concurrency, args.streaming)
+            through = event_loop_runner()(
+                grpc_throughput(
+                    target, args.model, batch, args.seconds, args.concurrency, args.streaming,
+                    process.pid if process is not None else None,
+                )
             )
-            rows.append(Row(batch, raw, per_call, through, p50, p99, mean_batch))
+            rows.append(Row(
+                batch, raw, per_call, through.items_per_s, through.p50_ms, through.p99_ms, through.mean_batch,
+                through.client_cpu_us, through.server_cpu_us,
+            ))
     finally:
         if process is not None:
             process.terminate()
             process.wait(timeout=30)
         shutil.rmtree(workdir, ignore_errors=True)
-    source = str(model_file) if model_file else "reference MLP architecture (untrained weights)"
+    if args.overhead:
+        source = "64 -> 1 linear model (--overhead: serving cost, almost no compute)"
+    else:
+        source = str(model_file) if model_file else "reference MLP architecture (untrained weights)"
     if args.json:
         print(json.dumps({
             "machine": machine(),

@@ -43,6 +43,19 @@ def mlp_model(seed: int = 0) -> bytes:
     return build_onnx(mlp_weights(seed)).SerializeToString()
 
 
+def linear_model(seed: int = 0) -> bytes:
+    """The reference ranker's input and output (`features` FP32 [-1, 64] -> `score` [-1, 1])
+    through one 64 -> 1 layer: ~1/770 of the MLP's multiply-adds, so a server running it
+    costs what serving costs (`models bench --overhead`)."""
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [64, 1], mlp_weights(seed).w3[:64].ravel())
+    return _model(
+        [helper.make_node("Constant", [], ["w"], value=weights), helper.make_node("MatMul", ["features", "w"], ["score"])],
+        [_value("features", TensorProto.FLOAT, ["batch", 64])],
+        [_value("score", TensorProto.FLOAT, ["batch", 1])],
+        "linear",
+    )
+
+
 def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], name: str) -> bytes:
     graph = helper.make_graph(nodes, name, inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)

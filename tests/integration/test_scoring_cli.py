@@ -26,6 +26,31 @@ def test_models_bench_reports_grpc_and_raw_throughput(tmp_path: Path, capsys: py
     assert [row["batch"] for row in report["rows"]] == [1, 16]
     for row in report["rows"]:
         assert row["raw_items_per_s"] > 0 and row["grpc_items_per_s"] > 0 and row["server_mean_batch"] >= 1
+        assert row["client_cpu_us"] > 0 and row["server_cpu_us"] > 0  # the server this command started
+
+
+def test_models_bench_overhead_serves_the_linear_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # No model in the repository: --overhead does not need one.
+    args = ["models", "bench", "--repository", str(tmp_path), "--seconds", "0.2", "--batch-sizes", "16",
+            "--concurrency", "2", "--streaming", "--overhead", "--json"]
+    assert infermesh(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"].startswith("64 -> 1 linear model") and report["streaming"] is True
+    row = report["rows"][0]
+    assert row["grpc_items_per_s"] > 0 and row["server_cpu_us"] > 0
+    with pytest.raises(SystemExit, match="leave out --target"):
+        infermesh([*args, "--target", "127.0.0.1:1"])
+
+
+def test_linear_model_takes_the_reference_input_and_gives_its_output() -> None:
+    linear = ort.InferenceSession(modelgen.linear_model(0), providers=["CPUExecutionProvider"])
+    mlp = ort.InferenceSession(modelgen.mlp_model(0), providers=["CPUExecutionProvider"])
+    rows = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    assert [(i.name, i.type) for i in linear.get_inputs()] == [(i.name, i.type) for i in mlp.get_inputs()]
+    out = linear.run(None, {"features": rows})[0]
+    assert out.shape == mlp.run(None, {"features": rows})[0].shape == (5, 1)
+    weights = np.frombuffer(modelgen.mlp_weights(0).w3[:64].tobytes(), np.float32).reshape(64, 1)
+    assert np.allclose(out, rows @ weights, atol=1e-5)
 
 
 def test_models_bench_on_cuda_runs_there_or_says_what_is_missing(
