@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -66,11 +65,6 @@ def _cpu_seconds(pid: int) -> float | None:
         return report.cpu_seconds(pid)
     except OSError:
         return None
-
-
-def _own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 @dataclass(frozen=True)
@@ -125,11 +119,11 @@ def measure(
     run(_ready(target, log))
     run(_calls(target, payload, concurrency, min(1.0, seconds / 3), None))  # warm: connections, allocator
     latencies: list[float] = []
-    before = (_own_cpu_seconds(), _cpu_seconds(server_pid), _cpu_seconds(envoy_pid) if envoy_pid else None)
+    before = (time.process_time(), _cpu_seconds(server_pid), _cpu_seconds(envoy_pid) if envoy_pid else None)
     started = time.perf_counter()
     calls = run(_calls(target, payload, concurrency, seconds, latencies))
     elapsed = time.perf_counter() - started
-    after = (_own_cpu_seconds(), _cpu_seconds(server_pid), _cpu_seconds(envoy_pid) if envoy_pid else None)
+    after = (time.process_time(), _cpu_seconds(server_pid), _cpu_seconds(envoy_pid) if envoy_pid else None)
 
     def per_call(index: int) -> float | None:
         if before[index] is None or after[index] is None:

@@ -642,6 +642,7 @@ def _http_connection_manager(
     tracing: Tracing | None = None,
     *,
     edge: bool = False,
+    access_log: bool = True,
 ) -> Json:
     if tracing is not None:
         routes = _traced_routes(stat_prefix, routes)
@@ -649,10 +650,11 @@ def _http_connection_manager(
         "@type": _HCM_TYPE,
         "stat_prefix": stat_prefix,
         "codec_type": codec_type,
-        "access_log": _access_log(traced=tracing is not None),
         "route_config": _route_config(stat_prefix, routes, trace_id_header=edge and tracing is not None),
         "http_filters": http_filters,
     }
+    if access_log:
+        hcm["access_log"] = _access_log(traced=tracing is not None)
     if tracing is not None:
         hcm["tracing"] = _tracing(tracing)
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
@@ -870,20 +872,8 @@ def plain_proxy(listen_port: int, upstream_port: int, host: str = "127.0.0.1") -
     upstream with the router filter alone (no retries, health checks, access log or tracing).
     `python -m services.bench.rpc_floor` measures a hop's floor through it."""
     name = "plain"
-    manager = {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": _HCM_TYPE,
-            "stat_prefix": name,
-            "codec_type": "HTTP2",
-            "route_config": {
-                "virtual_hosts": [
-                    {"name": name, "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}]}
-                ]
-            },
-            "http_filters": [_router()],
-        },
-    }
+    route = {"match": {"prefix": "/"}, "route": {"cluster": name}}
+    manager = _http_connection_manager(name, "HTTP2", [route], [_router()], access_log=False)
     cluster = {
         "name": name,
         "type": "STATIC",

@@ -50,18 +50,26 @@ INPUT, OUTPUT, WIDTH = "features", "score", 64
 
 
 @dataclass(frozen=True)
-class Row:
-    batch: int
-    raw_items_per_s: float
-    raw_us_per_call: float
+class Through:
+    """One through-gRPC run of grpc_throughput."""
+
     grpc_items_per_s: float
     grpc_p50_ms: float
     grpc_p99_ms: float
     server_mean_batch: float
     # CPU time per gRPC request over the measured seconds; the server's only where this
     # command started it (None with --target).
-    client_cpu_us: float = 0.0
-    server_cpu_us: float | None = None
+    client_cpu_us: float
+    server_cpu_us: float | None
+
+
+@dataclass(frozen=True)
+class Row(Through):
+    """A batch size's report line: its gRPC run and raw ONNX Runtime on the same batch."""
+
+    batch: int
+    raw_items_per_s: float
+    raw_us_per_call: float
 
     @property
     def ratio(self) -> float:
@@ -105,16 +113,6 @@ def raw_throughput(model: bytes, batch: int, seconds: float, threads: int, provi
         run(feed)
         calls += 1
     return calls * batch / elapsed, elapsed / calls * 1e6
-
-
-@dataclass(frozen=True)
-class Through:
-    items_per_s: float
-    p50_ms: float
-    p99_ms: float
-    mean_batch: float
-    client_cpu_us: float
-    server_cpu_us: float | None
 
 
 async def grpc_throughput(
@@ -359,10 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     process.pid if process is not None else None,
                 )
             )
-            rows.append(Row(
-                batch, raw, per_call, through.items_per_s, through.p50_ms, through.p99_ms, through.mean_batch,
-                through.client_cpu_us, through.server_cpu_us,
-            ))
+            rows.append(Row(**vars(through), batch=batch, raw_items_per_s=raw, raw_us_per_call=per_call))
     finally:
         if process is not None:
             process.terminate()

@@ -53,6 +53,19 @@ async def held(model: Model) -> None:
     await asyncio.get_running_loop().run_in_executor(None, model.entered.wait, 10)
 
 
+async def busy(
+    policy: BatchingPolicy,
+) -> tuple[Model, DynamicBatcher, Statistics, asyncio.Task[list[np.ndarray]]]:
+    """A batcher whose one instance is held executing its first request (rows(1, 0)), so
+    whatever is submitted next waits in the queue until `model.gate.set()`."""
+    model = Model()
+    model.gate.clear()
+    batcher, stats = await started(policy, model)
+    running = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 1, KEY))
+    await held(model)
+    return model, batcher, stats, running
+
+
 async def test_requests_are_concatenated_and_split_back_exactly() -> None:
     model = Model()
     sizes = [1, 3, 2, 5, 1, 4]
@@ -72,11 +85,7 @@ async def test_requests_are_concatenated_and_split_back_exactly() -> None:
 
 
 async def test_batches_never_exceed_max_batch_size() -> None:
-    model = Model()
-    model.gate.clear()
-    batcher, stats = await started(BatchingPolicy(max_batch_size=4), model)
-    first = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 1, KEY))
-    await held(model)
+    model, batcher, stats, first = await busy(BatchingPolicy(max_batch_size=4))
     rest = [asyncio.create_task(batcher.submit({"x": rows(1, i)}, 1, KEY)) for i in range(1, 11)]
     await asyncio.sleep(0)
     model.gate.set()
@@ -99,11 +108,7 @@ async def test_preferred_size_dispatches_without_waiting_for_the_delay() -> None
 
 
 async def test_a_full_queue_answers_overloaded() -> None:
-    model = Model()
-    model.gate.clear()
-    batcher, _ = await started(BatchingPolicy(max_batch_size=1, max_queue_size=2), model)
-    running = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 1, KEY))
-    await held(model)
+    model, batcher, _, running = await busy(BatchingPolicy(max_batch_size=1, max_queue_size=2))
     queued = [asyncio.create_task(batcher.submit({"x": rows(1, i)}, 1, KEY)) for i in (1, 2)]
     await asyncio.sleep(0)
     with pytest.raises(Overloaded, match="queue is full"):
@@ -115,12 +120,8 @@ async def test_a_full_queue_answers_overloaded() -> None:
 
 
 async def test_a_request_whose_deadline_passed_in_the_queue_is_not_computed() -> None:
-    model = Model()
-    model.gate.clear()
-    batcher, stats = await started(BatchingPolicy(max_batch_size=8), model)
+    model, batcher, stats, running = await busy(BatchingPolicy(max_batch_size=8))
     loop = asyncio.get_running_loop()
-    running = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 1, KEY))
-    await held(model)
     doomed = asyncio.create_task(batcher.submit({"x": rows(1, 777)}, 1, KEY, deadline=loop.time() + 0.02))
     patient = asyncio.create_task(batcher.submit({"x": rows(1, 5)}, 1, KEY, deadline=math.inf))
     await asyncio.sleep(0.05)  # the doomed request's deadline passes while the model is busy
@@ -137,11 +138,7 @@ async def test_a_request_whose_deadline_passed_in_the_queue_is_not_computed() ->
 async def test_the_next_batch_waits_in_the_instance_while_one_runs() -> None:
     """The worker hands the next batch to the instance's thread while the current one runs,
     so the model starts it as soon as the first returns, without waiting for the event loop."""
-    model = Model()
-    model.gate.clear()
-    batcher, stats = await started(BatchingPolicy(max_batch_size=8), model)
-    first = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 1, KEY))
-    await held(model)
+    model, batcher, stats, first = await busy(BatchingPolicy(max_batch_size=8))
     second = asyncio.create_task(batcher.submit({"x": rows(2, 10)}, 2, KEY))
     await asyncio.sleep(0.05)  # the second batch is formed and handed over meanwhile
     model.gate.set()
@@ -157,11 +154,7 @@ async def test_the_next_batch_waits_in_the_instance_while_one_runs() -> None:
     "settle", [0.0, 0.05], ids=["cancelled while queued", "cancelled while its batch waits in the instance"]
 )
 async def test_a_cancelled_request_is_not_computed(settle: float) -> None:
-    model = Model()
-    model.gate.clear()
-    batcher, _ = await started(BatchingPolicy(max_batch_size=8), model)
-    running = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 1, KEY))
-    await held(model)
+    model, batcher, _, running = await busy(BatchingPolicy(max_batch_size=8))
     gone = asyncio.create_task(batcher.submit({"x": rows(1, 555)}, 1, KEY))
     kept = asyncio.create_task(batcher.submit({"x": rows(1, 7)}, 1, KEY))
     # 0: the next batch is not formed yet; 0.05 s: it is, and waits in the instance's thread.
@@ -176,11 +169,7 @@ async def test_a_cancelled_request_is_not_computed(settle: float) -> None:
 
 
 async def test_higher_priority_requests_go_first() -> None:
-    model = Model()
-    model.gate.clear()
-    batcher, _ = await started(BatchingPolicy(max_batch_size=1, priority_levels=3, default_priority_level=2), model)
-    running = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 1, KEY))
-    await held(model)
+    model, batcher, _, running = await busy(BatchingPolicy(max_batch_size=1, priority_levels=3, default_priority_level=2))
     low = asyncio.create_task(batcher.submit({"x": rows(1, 30)}, 1, KEY, priority=3))
     default = asyncio.create_task(batcher.submit({"x": rows(1, 20)}, 1, KEY))
     high = asyncio.create_task(batcher.submit({"x": rows(1, 10)}, 1, KEY, priority=1))
@@ -194,11 +183,7 @@ async def test_higher_priority_requests_go_first() -> None:
 
 
 async def test_without_priority_levels_priorities_are_ignored() -> None:
-    model = Model()
-    model.gate.clear()
-    batcher, _ = await started(BatchingPolicy(max_batch_size=1), model)
-    running = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 1, KEY))
-    await held(model)
+    model, batcher, _, running = await busy(BatchingPolicy(max_batch_size=1))
     first = asyncio.create_task(batcher.submit({"x": rows(1, 10)}, 1, KEY, priority=9))
     second = asyncio.create_task(batcher.submit({"x": rows(1, 20)}, 1, KEY, priority=1))
     await asyncio.sleep(0)
@@ -209,11 +194,7 @@ async def test_without_priority_levels_priorities_are_ignored() -> None:
 
 
 async def test_requests_with_other_shapes_do_not_share_a_batch() -> None:
-    model = Model()
-    model.gate.clear()
-    batcher, _ = await started(BatchingPolicy(max_batch_size=16), model)
-    running = asyncio.create_task(batcher.submit({"x": rows(1, 0)}, 1, KEY))
-    await held(model)
+    model, batcher, _, running = await busy(BatchingPolicy(max_batch_size=16))
     narrow = np.ones((2, 2), np.float32)
     tasks = [
         asyncio.create_task(batcher.submit({"x": rows(2, 1)}, 2, KEY)),
