@@ -1,6 +1,6 @@
 from gateway.service import build
-from services.common.server import run
-from services.mesh.topology import GATEWAY
+from services.runtime.server import run
+from services.runtime.topology import GATEWAY
 
 if __name__ == "__main__":
     run(GATEWAY, build)

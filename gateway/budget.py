@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.common.settings import SettingsError
+from services.runtime.settings import SettingsError
 
 STAGES = ("retrieval", "features", "scoring", "ranking")
 

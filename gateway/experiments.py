@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from services.common.logs import get_logger
+from services.runtime.logs import get_logger
 
 log = get_logger(__name__)
 

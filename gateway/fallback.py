@@ -10,7 +10,7 @@ model. sigmoid(dot / sqrt(dim)) keeps the scores in (0, 1) like the model's.
 from __future__ import annotations
 
 import numpy as np
-from infermesh.ranking.v1 import ranking_pb2
+from services.genproto.infermesh.ranking.v1 import ranking_pb2
 
 from services.features.layout import FEATURE_DIM, MODEL_INPUT_DIM
 from services.ranking.rank import capped, initial_order

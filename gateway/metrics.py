@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.metrics import Metrics
+from services.runtime.metrics import Metrics
 
 NO_ARM = "none"
 DIFF_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)

@@ -28,19 +28,19 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
-from inference import grpc_predict_v2_pb2 as inference_pb2
-from inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
-from infermesh.features.v1 import features_pb2, features_pb2_grpc
-from infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
+from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
+from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from gateway.budget import Budget, StageBudgets
 from gateway.experiments import Assignment, Experiments
 from gateway.fallback import FALLBACK_MODEL_NAME, fallback_rank, fallback_scores, feature_rows, item_embeddings
 from gateway.metrics import GatewayMetrics
 from gateway.shadow import ShadowRunner
-from services.common.errors import DeadlineExceeded, InvalidArgument, from_rpc_error
-from services.common.logs import get_logger
-from services.common.telemetry import fallback_span
+from services.runtime.errors import DeadlineExceeded, InvalidArgument, from_rpc_error
+from services.runtime.logs import get_logger
+from services.runtime.telemetry import fallback_span
 from services.features.layout import FEATURE_DIM
 
 T = TypeVar("T")

@@ -8,21 +8,21 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
-from infermesh.features.v1 import features_pb2_grpc
-from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from infermesh.ranking.v1 import ranking_pb2_grpc
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
+from services.genproto.infermesh.features.v1 import features_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.genproto.infermesh.ranking.v1 import ranking_pb2_grpc
 
 from gateway.budget import StageBudgets
 from gateway.experiments import Experiments
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline, PipelineConfig, Stubs
 from gateway.shadow import ShadowRunner
-from services.common.channels import open_channel
-from services.common.metrics import Metrics
-from services.common.settings import ServerSettings, load_settings
-from services.common.telemetry import current_trace_id
-from services.mesh.topology import FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, RANKING, SCORING
+from services.runtime.channels import open_channel
+from services.runtime.metrics import Metrics
+from services.runtime.settings import ServerSettings, load_settings
+from services.runtime.telemetry import current_trace_id
+from services.runtime.topology import FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, RANKING, SCORING
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class GatewaySettings(ServerSettings):
     # Shadow calls in flight at once when the file does not say (shadow.max_in_flight).
     shadow_max_in_flight: int = 8
     # The edge-facing service returns x-trace-id as initial metadata, which Envoy's
-    # transcoder passes to REST clients as a header (see services/common/server.py).
+    # transcoder passes to REST clients as a header (see services/runtime/server.py).
     trace_id_metadata: str = "initial"
 
     def budgets(self) -> StageBudgets:

@@ -15,12 +15,12 @@ import time
 
 import grpc
 import numpy as np
-from inference import grpc_predict_v2_pb2 as inference_pb2
-from inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
+from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
 
 from gateway.experiments import Shadow
 from gateway.metrics import GatewayMetrics
-from services.common.logs import get_logger
+from services.runtime.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -2,8 +2,8 @@
 """Generate the Python stubs, the descriptor set and the OpenAPI document from protos/.
 
 Everything goes into services/genproto/; openapi.json describes the REST API that Envoy's
-transcoder serves (services/mesh/openapi.py), using the transcoder's own JSON options from
-the rendered Envoy config (services/mesh/envoy_config.py).
+transcoder serves (infermesh/openapi.py), using the transcoder's own JSON options from
+the rendered Envoy config (infermesh/envoy/config.py).
 
     python scripts/gen_protos.py          # regenerate in place
     python scripts/gen_protos.py --check  # exit 1 if the committed stubs are stale
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -52,13 +53,28 @@ def openapi_document(scratch: Path) -> str:
     """The OpenAPI document, from a descriptor set with comments (not the one Envoy loads)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from services.mesh import envoy_config, openapi
-
+    from infermesh.envoy import config as envoy_config
+    from infermesh import openapi
     described = scratch / "described.binpb"
     _protoc(f"--descriptor_set_out={described}", "--include_imports", "--include_source_info")
     # The JSON shape is the transcoder's: the print options its config is rendered with.
     options = openapi.JsonOptions.from_print_options(envoy_config.TRANSCODER_PRINT_OPTIONS)
     return openapi.render(described.read_bytes(), options)
+
+
+# protoc writes imports from the proto package root (`from infermesh.gateway.v1 import ...`,
+# `from inference import ...`). The stubs live under services.genproto instead, so that
+# `import infermesh` is the project and no top-level `inference` module clashes with other
+# installs; these imports are rooted there.
+_STUB_IMPORT = re.compile(r"^(from|import) (infermesh|inference)\b", re.M)
+
+
+def root_imports(out: Path) -> None:
+    for path in [*out.rglob("*.py"), *out.rglob("*.pyi")]:
+        text = path.read_text(encoding="utf-8")
+        rooted = _STUB_IMPORT.sub(r"\1 services.genproto.\2", text)
+        if rooted != text:
+            path.write_text(rooted, encoding="utf-8")
 
 
 def generate(out: Path) -> None:
@@ -72,7 +88,9 @@ def generate(out: Path) -> None:
     )
     with tempfile.TemporaryDirectory() as scratch:
         (out / OPENAPI).write_text(openapi_document(Path(scratch)), encoding="utf-8")
+    root_imports(out)
     # Regular packages (not namespace ones) so packaging tools find them.
+    (out / "__init__.py").touch()
     for directory in [p for p in out.rglob("*") if p.is_dir()]:
         if directory.name != "__pycache__":
             (directory / "__init__.py").touch()

@@ -47,7 +47,7 @@ modelgen.write_version(Path(sys.argv[1]), "ranker", 1, modelgen.mlp_model(0))
 EOF
 for provider in cuda cpu; do
   echo "==> models bench --provider $provider"
-  "$python" -m services.cli.main models bench --repository "$repo" --provider "$provider" \
+  "$python" -m infermesh.cli models bench --repository "$repo" --provider "$provider" \
     --batch-sizes 1,256,4096,65536 --seconds "$seconds" --concurrency 8 2>&1 | tee "$out/models-bench-$provider.txt"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done

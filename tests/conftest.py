@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import redis
 
-from services.mesh.supervisor import Mesh, free_port, free_topology, start_redis
-from services.workload.seed import model_repository, seed_all
+from infermesh.up.supervisor import Mesh, free_port, free_topology, start_redis
+from infermesh.workload.seed import model_repository, seed_all
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.mesh.supervisor import free_port
-from services.mesh.topology import HEALTH_SERVICE_NAMES
+from infermesh.up.supervisor import free_port
+from services.runtime.topology import HEALTH_SERVICE_NAMES
 
 
 def start_socket_redis(workdir: Path, *, persist: bool = True) -> subprocess.Popen[bytes]:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from services.runtime.redis_keys import DEFAULT_NAMESPACE  # noqa: F401  (the root of every key below)
+
 FEATURE_DIM = 32
 # user: 32 float32; item: 32 float32 + category (int32) + price (float32) = 136 bytes
 USER_RECORD = np.dtype([("vec", "<f4", (FEATURE_DIM,))])
 ITEM_RECORD = np.dtype([("vec", "<f4", (FEATURE_DIM,)), ("category", "<i4"), ("price", "<f4")])
 MODEL_INPUT_DIM = 2 * FEATURE_DIM  # the scoring model sees [user_vec, item_vec] per row
-
-DEFAULT_NAMESPACE = "infermesh:v1"
 
 
 def user_key(namespace: str, user_id: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from services.common.errors import InvalidArgument, NotFound
+from services.runtime.errors import InvalidArgument, NotFound
 
 # dtype names accepted in the registry -> little-endian numpy dtypes as stored in Redis.
 DTYPES: Mapping[str, str] = {"float32": "<f4", "float64": "<f8", "int32": "<i4", "int64": "<i8"}

@@ -15,22 +15,22 @@ from pathlib import Path
 
 import grpc
 import redis.asyncio as aioredis
-from infermesh.features.v1 import features_pb2, features_pb2_grpc
+from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from services.common.breaker import CircuitBreaker
-from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.logs import get_logger
-from services.common.metrics import Metrics
-from services.common.settings import ServerSettings, load_settings
+from services.runtime.breaker import CircuitBreaker
+from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.logs import get_logger
+from services.runtime.metrics import Metrics
+from services.runtime.settings import ServerSettings, load_settings
 from services.features.cache import LocalCache
 from services.features.layout import DEFAULT_NAMESPACE
 from services.features.registry import load_registry
 from services.features.retrieval import CandidateIndex
 from services.features.store import FeatureStore, StoreMetrics
-from services.mesh.topology import FEATURES, HEALTH_SERVICE_NAMES
+from services.runtime.topology import FEATURES, HEALTH_SERVICE_NAMES
 
 log = get_logger(__name__)
 # Longest close() waits for the background loop and the Redis client at shutdown.

@@ -26,10 +26,10 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from prometheus_client import Counter
 
-from services.common.breaker import CircuitBreaker
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from services.common.metrics import Metrics
-from services.common.telemetry import (
+from services.runtime.breaker import CircuitBreaker
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.runtime.metrics import Metrics
+from services.runtime.telemetry import (
     ATTR_CACHE_HIT,
     ATTR_CACHE_HITS,
     ATTR_CACHE_MISSES,

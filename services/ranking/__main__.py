@@ -1,5 +1,5 @@
-from services.common.server import run
-from services.mesh.topology import RANKING
+from services.runtime.server import run
+from services.runtime.topology import RANKING
 from services.ranking.service import build
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from services.common.errors import InvalidArgument
-from services.common.telemetry import ATTR_ITEMS, SPAN_RANKING_PREFIX, stage_span
+from services.runtime.errors import InvalidArgument
+from services.runtime.telemetry import ATTR_ITEMS, SPAN_RANKING_PREFIX, stage_span
 from services.ranking.rank import capped, initial_order
 from services.ranking.seen import SeenStore, StageSkipped
 

@@ -7,7 +7,7 @@ seen filter reads it in one round trip per request (SMEMBERS or SMISMEMBER, see 
 
 from __future__ import annotations
 
-from services.features.layout import DEFAULT_NAMESPACE
+from services.runtime.redis_keys import DEFAULT_NAMESPACE
 
 __all__ = ["DEFAULT_NAMESPACE", "seen_key"]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from services.common.breaker import CircuitBreaker
-from services.common.logs import get_logger
+from services.runtime.breaker import CircuitBreaker
+from services.runtime.logs import get_logger
 from services.ranking.layout import seen_key
 
 log = get_logger(__name__)

@@ -11,20 +11,20 @@ import math
 from dataclasses import dataclass
 
 import grpc
-from infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
-from services.common.errors import InvalidArgument
-from services.common.logs import get_logger
-from services.common.metrics import Metrics
-from services.common.settings import ServerSettings, SettingsError, load_settings
-from services.common.telemetry import (
+from services.runtime.errors import InvalidArgument
+from services.runtime.logs import get_logger
+from services.runtime.metrics import Metrics
+from services.runtime.settings import ServerSettings, SettingsError, load_settings
+from services.runtime.telemetry import (
     ATTR_ITEMS,
     ATTR_K,
     SPAN_RANKING_PREFIX,
     set_attributes,
     stage_span,
 )
-from services.mesh.topology import HEALTH_SERVICE_NAMES, RANKING
+from services.runtime.topology import HEALTH_SERVICE_NAMES, RANKING
 from services.ranking.chain import (
     CALIBRATION,
     CATEGORY_CAP,

@@ -1,5 +1,5 @@
-from services.common.server import run
-from services.mesh.topology import SCORING
+from services.runtime.server import run
+from services.runtime.topology import SCORING
 from services.scoring.service import build
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.common.errors import DeadlineExceeded, InfermeshError, InvalidArgument, Overloaded, Unavailable
-from services.common.logs import get_logger
-from services.common.telemetry import (
+from services.runtime.errors import DeadlineExceeded, InfermeshError, InvalidArgument, Overloaded, Unavailable
+from services.runtime.logs import get_logger
+from services.runtime.telemetry import (
     ATTR_BATCH_ID,
     ATTR_BATCH_REQUESTS,
     ATTR_BATCH_SIZE,

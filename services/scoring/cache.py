@@ -15,10 +15,10 @@ import hashlib
 import time
 
 import redis.asyncio as redis
-from inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from redis.exceptions import RedisError
 
-from services.common.logs import get_logger
+from services.runtime.logs import get_logger
 from services.scoring.stats import ScoringMetrics
 
 log = get_logger(__name__)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
 
-from services.observability.drift import DriftMonitor
-from services.common.errors import InvalidArgument
-from services.common.logs import get_logger
-from services.common.telemetry import ATTR_EXECUTION_PROVIDER, ATTR_MODEL_NAME, ATTR_MODEL_VERSION
+from services.scoring.drift import DriftMonitor
+from services.runtime.errors import InvalidArgument
+from services.runtime.logs import get_logger
+from services.runtime.telemetry import ATTR_EXECUTION_PROVIDER, ATTR_MODEL_NAME, ATTR_MODEL_VERSION
 from services.scoring.batcher import DynamicBatcher, Instance
 from services.scoring.config import MODEL_FILE, ConfigError, ModelConfig, TensorSpec, WarmupSpec, read_provenance
 from services.scoring.providers import (

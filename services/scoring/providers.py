@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from services.common.logs import get_logger
+from services.runtime.logs import get_logger
 
 log = get_logger(__name__)
 

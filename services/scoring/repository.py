@@ -38,8 +38,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.logs import get_logger
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.runtime.logs import get_logger
 from services.scoring.config import CONFIG_FILE, MODEL_FILE, ConfigError, ModelConfig, read_config
 from services.scoring.models import (
     READY,

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from inference import grpc_predict_v2_pb2 as pb
-from inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from inference import model_config_pb2 as mc
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.genproto.inference import model_config_pb2 as mc
 
-from services.common.errors import (
+from services.runtime.errors import (
     INTERNAL_ERROR_MESSAGE,
     DeadlineExceeded,
     InfermeshError,
@@ -30,10 +30,10 @@ from services.common.errors import (
     NotFound,
     Overloaded,
 )
-from services.common.logs import get_logger
-from services.common.metrics import Metrics
-from services.common.settings import ServerSettings, SettingsError, load_settings
-from services.mesh.topology import HEALTH_SERVICE_NAMES, SCORING
+from services.runtime.logs import get_logger
+from services.runtime.metrics import Metrics
+from services.runtime.settings import ServerSettings, SettingsError, load_settings
+from services.runtime.topology import HEALTH_SERVICE_NAMES, SCORING
 from services.scoring.batcher import InferenceFailed
 from services.scoring.cache import PredictionCache, cache_key
 from services.scoring.config import MODEL_FILE, BatchingPolicy, TensorSpec, VersionPolicy

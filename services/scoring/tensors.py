@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from services.common.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument
 
 # OIP datatype -> little-endian numpy dtype (BYTES handled separately).
 DTYPES: dict[str, np.dtype] = {

@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.mesh.supervisor import Mesh
+from infermesh.up.supervisor import Mesh
 
 
 def test_bench_two_seconds_writes_json(mesh: Mesh, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     completed = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "bench", "--target", "grpc",
+        [sys.executable, "-m", "infermesh.cli", "bench", "--target", "grpc",
          "--address", f"127.0.0.1:{mesh.topology.edge_port}", "--concurrency", "2",
          "--duration", "2", "--warmup", "0.2", "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=60,

@@ -7,8 +7,8 @@ import socket
 import grpc
 import pytest
 
-from services.client import AsyncMeshClient, ClientError, MeshClient
-from services.mesh.supervisor import Mesh, free_port
+from infermesh.client import AsyncMeshClient, ClientError, MeshClient
+from infermesh.up.supervisor import Mesh, free_port
 
 CANDIDATES = [f"i{n}" for n in range(200)]
 

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.mesh import certs, envoy_config
-from services.mesh.supervisor import Mesh
-from services.mesh.topology import GATEWAY, HEALTH_SERVICE_NAMES, SCORING
+from infermesh import certs
+
+from infermesh.envoy import config as envoy_config
+from infermesh.up.supervisor import Mesh
+from services.runtime.topology import GATEWAY, HEALTH_SERVICE_NAMES, SCORING
 from tests.conftest import RedisServer, running_mesh, seed_small
 from tests.processes import metric
 

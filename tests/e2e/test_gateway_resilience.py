@@ -23,16 +23,16 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from inference import grpc_predict_v2_pb2 as inference_pb2
-from inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
-from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.experiments import parse
 from gateway.fallback import FALLBACK_MODEL_NAME, fallback_rank, fallback_scores
-from services.mesh.supervisor import Mesh
-from services.mesh.topology import GATEWAY, RANKING, SCORING
-from services.workload.catalog import generate_catalog, model_input
-from services.workload.seed import model_repository
+from infermesh.up.supervisor import Mesh
+from services.runtime.topology import GATEWAY, RANKING, SCORING
+from infermesh.workload.catalog import generate_catalog, model_input
+from infermesh.workload.seed import model_repository
 from tests.conftest import RedisServer, running_mesh, seed_small
 from tests.processes import Samples, metric, scrape, stop, wait_until
 

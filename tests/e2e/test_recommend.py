@@ -14,12 +14,12 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.mesh.supervisor import Mesh
+from infermesh.up.supervisor import Mesh
 from services.ranking.rank import RankInput, top_k
-from services.workload.catalog import generate_catalog, model_input
-from services.workload.seed import model_path
+from infermesh.workload.catalog import generate_catalog, model_input
+from infermesh.workload.seed import model_path
 
 CANDIDATES = [f"i{n}" for n in range(0, 20_000, 100)]  # 200 items across the catalog
 MAX_PER_CATEGORY = 5

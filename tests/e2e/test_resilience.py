@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.genproto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.mesh.supervisor import Mesh
-from services.mesh.topology import SCORING
+from infermesh.up.supervisor import Mesh
+from services.runtime.topology import SCORING
 from tests.conftest import SMALL_CATALOG, RedisServer, running_mesh, seed_small
 
 pytestmark = pytest.mark.timeout(300)

@@ -24,9 +24,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from services.mesh import openapi
-from services.mesh.openapi import DOCUMENT_PATH
-from services.mesh.supervisor import Mesh
+from infermesh import openapi
+from infermesh.openapi import DOCUMENT_PATH
+from infermesh.up.supervisor import Mesh
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "services" / "genproto" / "openapi.json"
 # Bounded and reproducible: a few dozen cases per operation and mode, one fixed seed.

@@ -13,14 +13,14 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from inference import grpc_predict_v2_pb2 as pb
-from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from prometheus_client import generate_latest
 
-from services.scoring import modelgen
+from infermesh.workload import modelgen
 from services.scoring.providers import CUDA, TENSORRT, tensorrt_libraries_present
 from services.scoring.service import PROVIDER_KEY, PROVIDER_REASON_KEY, ScoringService
-from services.scoring.testing import running_scoring, server_settings
+from tests.scoring_server import running_scoring, server_settings
 
 pytestmark = [
     pytest.mark.gpu,

@@ -19,9 +19,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.mesh.supervisor import free_port
-from services.scoring import modelgen
-
+from infermesh.up.supervisor import free_port
+from infermesh.workload import modelgen
 SUITE = Path(__file__).with_name("scoring_tritonclient") / "suite.py"
 ROOT = Path(__file__).resolve().parents[2]
 

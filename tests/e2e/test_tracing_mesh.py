@@ -1,6 +1,6 @@
 """One Recommend through the real mesh, traced end to end.
 
-A real OTLP/gRPC receiver (services.observability, on opentelemetry-proto's TraceService)
+A real OTLP/gRPC receiver (infermesh.traces, on opentelemetry-proto's TraceService)
 gets the spans of every process: Envoy's OpenTelemetry tracer and the four services. The
 test asserts the one trace's parent/child edges against the table below, the batch-queue
 and inference spans, the span count, and that the response's trace id, the x-trace-id
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.mesh.supervisor import Mesh
-from services.observability.receiver import OtlpReceiver
-from services.observability.store import Trace, TraceStore
-from services.observability.traceview import SERVICE_COLOURS, TraceView
-from services.workload.seed import model_repository
+from infermesh.up.supervisor import Mesh
+from infermesh.traces.receiver import OtlpReceiver
+from infermesh.traces.store import Trace, TraceStore
+from infermesh.traces.traceview import SERVICE_COLOURS, TraceView
+from infermesh.workload.seed import model_repository
 from tests.conftest import RedisServer, free_topology
 from tests.processes import json_log_lines
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.main import main as infermesh_main
-from services.mesh.supervisor import free_port, free_port_block
+from infermesh.cli import main as infermesh_main
+from infermesh.up.supervisor import free_port, free_port_block
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.timeout(300)
@@ -28,7 +28,7 @@ SERVICES = {"envoy", "gateway", "features", "scoring", "ranking"}
 
 def _start(argv: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", *argv],
+        [sys.executable, "-m", "infermesh.cli", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -147,7 +147,7 @@ def test_up_rejects_both_tracing_flags(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_telemetry_env_for_up() -> None:
-    from services.cli.main import _telemetry_env, build_parser
+    from infermesh.cli import _telemetry_env, build_parser
 
     args = build_parser().parse_args(["up", "--trace-view", "--trace-sampling", "0.01"])
     env = _telemetry_env(args, "http://127.0.0.1:14317")

@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from services.mesh.supervisor import free_port, free_port_block
+from infermesh.up.supervisor import free_port, free_port_block
 from tests.conftest import RedisServer
 
 
@@ -49,7 +49,7 @@ def test_up_serves_then_sigterm_leaves_no_process(
     edge = free_port()
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "services.cli.main", "up",
+            sys.executable, "-m", "infermesh.cli", "up",
             "--data-dir", str(data_dir),
             "--redis-url", redis_server.url,
             "--edge-port", str(edge),

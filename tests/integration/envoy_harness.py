@@ -22,9 +22,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.mesh import envoy_config
-from services.mesh.certs import CertPaths
-from services.mesh.topology import BACKENDS, HEALTH_SERVICE_NAMES, Endpoint, MeshTopology
+from infermesh.envoy import config as envoy_config
+from infermesh.certs import CertPaths
+from services.runtime.topology import BACKENDS, HEALTH_SERVICE_NAMES, Endpoint, MeshTopology
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DESCRIPTOR = REPO_ROOT / envoy_config.DEFAULT_DESCRIPTOR_SET

@@ -1,7 +1,7 @@
 """The Kubernetes manifests, as kustomize builds them, agree with the mesh's one table of names.
 
 Each overlay is built with the real `kubectl kustomize`; the resulting objects are checked
-against services.mesh.topology / services.mesh.kubernetes: names, ports, health names, the
+against services.runtime.topology / infermesh.kubernetes: names, ports, health names, the
 Envoy ConfigMap (byte-for-byte a fresh rendering), graceful termination, hardening,
 resources, autoscaling, disruption budgets and the GPU component. Schema validation and
 `envoy --mode validate` are in scripts/validate_deploy.sh (and the last test below).
@@ -21,15 +21,16 @@ import pytest
 import yaml
 
 from gateway import experiments
-from services.mesh import envoy_config, kubernetes
-from services.mesh.topology import BACKENDS, DEFAULT_EDGE_PORT, HEALTH_SERVICE_NAMES, SERVICES
+from infermesh.envoy import config as envoy_config
+from infermesh import kubernetes
+from services.runtime.topology import BACKENDS, DEFAULT_EDGE_PORT, HEALTH_SERVICE_NAMES, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = sorted(p.name for p in (DEPLOY / "overlays").iterdir() if p.is_dir())
 KUBECTL = shutil.which("kubectl")
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
-# services.common.telemetry flushes spans for up to 5 s after the server stopped.
+# services.runtime.telemetry flushes spans for up to 5 s after the server stopped.
 TELEMETRY_FLUSH_SECONDS = 5
 
 Obj = dict[str, Any]

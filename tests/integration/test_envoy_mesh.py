@@ -19,12 +19,12 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-from inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from infermesh.features.v1 import features_pb2, features_pb2_grpc
-from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.genproto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.mesh import envoy_config
-from services.mesh.topology import (
+from infermesh.envoy import config as envoy_config
+from services.runtime.topology import (
     FEATURES,
     GATEWAY,
     RANKING,

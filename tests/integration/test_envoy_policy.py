@@ -21,12 +21,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.genproto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.common.server import TlsSettings, server_credentials
-from services.mesh import certs, envoy_config
-from services.mesh.topology import (
+from services.runtime.server import TlsSettings, server_credentials
+from infermesh import certs
+from infermesh.envoy import config as envoy_config
+from services.runtime.topology import (
     FEATURES,
     GATEWAY,
     HEALTH_SERVICE_NAMES,
@@ -447,8 +448,8 @@ async def test_tls_edge_and_mtls_to_services(tmp_path: Path, tls_stubs: tuple[St
 
 
 def test_service_tls_settings() -> None:
-    from services.common.server import load_tls_settings
-    from services.common.settings import SettingsError
+    from services.runtime.server import load_tls_settings
+    from services.runtime.settings import SettingsError
 
     assert load_tls_settings("scoring", {}).mode == "plaintext"
     tls = load_tls_settings("scoring", {"SCORING_TLS_CERT": "c", "SCORING_TLS_KEY": "k"})

@@ -17,13 +17,13 @@ import pytest
 import redis
 import yaml
 
-from services.cli.main import main as infermesh
-from services.features import ingest as ingest_module
-from services.features.ingest import IngestError, ingest
+from infermesh.cli import main as infermesh
+from infermesh.features import ingest as ingest_module
+from infermesh.features.ingest import IngestError, ingest
 from services.features.layout import pointer_key
 from services.features.registry import load_registry, parse_registry
 from services.features.retrieval import CandidateIndex
-from services.mesh.supervisor import free_port, start_redis
+from infermesh.up.supervisor import free_port, start_redis
 
 REGISTRY_TEXT = """
 entities:

@@ -18,11 +18,11 @@ import grpc
 import numpy as np
 import pytest
 import redis
-from infermesh.features.v1 import features_pb2, features_pb2_grpc
+from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 
 from services.features.retrieval import CandidateIndex, exact_top
-from services.workload.catalog import Catalog, generate_catalog
-from services.workload.seed import load_into_redis
+from infermesh.workload.catalog import Catalog, generate_catalog
+from infermesh.workload.seed import load_into_redis
 from tests.processes import ServiceProcess, running_service, start_socket_redis, stop
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from infermesh.features.v1 import features_pb2, features_pb2_grpc
+from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 
-from services.mesh.supervisor import free_port
-from services.mesh.topology import HEALTH_SERVICE_NAMES
+from infermesh.up.supervisor import free_port
+from services.runtime.topology import HEALTH_SERVICE_NAMES
 from tests.conftest import RedisServer
 
 FEATURES_HEALTH = HEALTH_SERVICE_NAMES["features"]

@@ -21,11 +21,11 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
-from services.mesh.supervisor import free_port
-from services.observability.receiver import OtlpReceiver
-from services.observability.store import TraceStore
+from infermesh.up.supervisor import free_port
+from infermesh.traces.receiver import OtlpReceiver
+from infermesh.traces.store import TraceStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,10 +36,10 @@ ITEM_IDS = ["secret-item-0", "secret-item-1", "secret-item-2"]
 # The ranking service, except that k=999 makes its handler crash (an unhandled exception).
 PROBE = textwrap.dedent(
     """
-    from infermesh.ranking.v1 import ranking_pb2_grpc
+    from services.genproto.infermesh.ranking.v1 import ranking_pb2_grpc
 
-    from services.common.server import run
-    from services.common.settings import load_settings
+    from services.runtime.server import run
+    from services.runtime.settings import load_settings
     from services.ranking.service import RankingService, RankingServicer, RankingSettings
 
 

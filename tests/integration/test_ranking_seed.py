@@ -12,8 +12,8 @@ import redis
 
 from services.features.layout import meta_key
 from services.ranking.layout import seen_key
-from services.workload.catalog import generate_catalog, seen_items
-from services.workload.seed import is_seeded, load_into_redis
+from infermesh.workload.catalog import generate_catalog, seen_items
+from infermesh.workload.seed import is_seeded, load_into_redis
 from tests.conftest import RedisServer
 
 SMALL = {"n_users": 60, "n_items": 500, "n_categories": 6}

@@ -16,11 +16,11 @@ import grpc
 import numpy as np
 import pytest
 import redis
-from infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from services.ranking.rank import RankInput, top_k
-from services.workload.catalog import Catalog, generate_catalog, seen_items
-from services.workload.seed import load_into_redis
+from infermesh.workload.catalog import Catalog, generate_catalog, seen_items
+from infermesh.workload.seed import load_into_redis
 from tests.processes import ServiceProcess, running_service, start_socket_redis, stop
 
 NAMESPACE = "test:ranking-svc"

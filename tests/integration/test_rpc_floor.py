@@ -1,4 +1,4 @@
-"""`python -m services.bench.rpc_floor` runs end to end against a real server subprocess and a
+"""`python -m infermesh.bench.rpc_floor` runs end to end against a real server subprocess and a
 real Envoy (numbers are not asserted: a benchmark is not a timing test)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from services.bench import rpc_floor
-from services.mesh.supervisor import free_port
+from infermesh.bench import rpc_floor
+from infermesh.up.supervisor import free_port
 
 
 def test_rpc_floor_measures_direct_and_envoy_calls(capsys: pytest.CaptureFixture[str]) -> None:

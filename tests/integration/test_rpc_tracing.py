@@ -1,4 +1,4 @@
-"""The gRPC server and client spans (services.common.rpc_tracing), end to end in one process
+"""The gRPC server and client spans (services.runtime.rpc_tracing), end to end in one process
 talking to itself over a real socket, exported over OTLP to the real receiver.
 
 Each case runs in a fresh interpreter: the tracer provider is process-global."""
@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.rpc_tracing import _peer_address, rpc_attributes
-from services.observability.receiver import OtlpReceiver
-from services.observability.store import TraceStore
+from services.runtime.rpc_tracing import _peer_address, rpc_attributes
+from infermesh.traces.receiver import OtlpReceiver
+from infermesh.traces.store import TraceStore
 from tests.unit.test_observability_telemetry import _run
 
 CALLS = """
@@ -17,10 +17,10 @@ import asyncio, json
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import propagate, trace
-from services.common.channels import open_channel
-from services.common.errors import NotFound
-from services.common.server import RequestInterceptor
-from services.common.telemetry import setup_telemetry
+from services.runtime.channels import open_channel
+from services.runtime.errors import NotFound
+from services.runtime.server import RequestInterceptor
+from services.runtime.telemetry import setup_telemetry
 
 telemetry = setup_telemetry("probe")
 

@@ -11,16 +11,16 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from inference import grpc_predict_v2_pb2 as pb
-from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from onnx import TensorProto, helper, numpy_helper
 from prometheus_client import generate_latest
 
-from services.scoring import modelgen
+from infermesh.workload import modelgen
 from services.scoring import service as service_module
 from services.scoring.service import ScoringService
-from services.scoring.testing import running_scoring, server_settings
-from services.workload.model import IR_VERSION, OPSET
+from tests.scoring_server import running_scoring, server_settings
+from infermesh.workload.model import IR_VERSION, OPSET
 
 CLIENTS = 64
 REQUESTS_PER_CLIENT = 12

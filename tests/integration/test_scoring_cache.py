@@ -12,14 +12,14 @@ from typing import Any
 import grpc
 import numpy as np
 import redis
-from inference import grpc_predict_v2_pb2 as pb
-from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from prometheus_client import generate_latest
 
-from services.mesh.supervisor import free_port, start_redis
-from services.scoring import modelgen
+from infermesh.up.supervisor import free_port, start_redis
+from infermesh.workload import modelgen
 from services.scoring.service import ScoringService
-from services.scoring.testing import running_scoring, server_settings
+from tests.scoring_server import running_scoring, server_settings
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], what: str) -> None:

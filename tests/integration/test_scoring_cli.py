@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from services.cli.main import main as infermesh
-from services.scoring import modelgen
+from infermesh.cli import main as infermesh
+from infermesh.workload import modelgen
 from services.scoring.providers import CUDA
 
 

@@ -11,14 +11,14 @@ import joblib
 import lightgbm
 import numpy as np
 import pytest
-from inference import grpc_predict_v2_pb2 as pb
-from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from services.cli.main import main as infermesh
-from services.scoring.testing import running_scoring, server_settings
+from infermesh.cli import main as infermesh
+from tests.scoring_server import running_scoring, server_settings
 
 FEATURES = 8
 

@@ -16,16 +16,16 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from inference import grpc_predict_v2_pb2 as pb
-from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from onnx import TensorProto, helper
 from prometheus_client import generate_latest
 
-from services.scoring import modelgen
+from infermesh.workload import modelgen
 from services.scoring.repository import BUDGET_VARIABLE, EVICTED
 from services.scoring.service import ScoringService
-from services.scoring.testing import running_scoring, server_settings
-from services.workload.model import IR_VERSION, OPSET, MlpWeights, build_onnx
+from tests.scoring_server import running_scoring, server_settings
+from infermesh.workload.model import IR_VERSION, OPSET, MlpWeights, build_onnx
 
 WAIT_SECONDS = 60.0
 NOT_FOUND = grpc.StatusCode.NOT_FOUND

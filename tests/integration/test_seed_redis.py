@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from services.features.layout import ITEM_RECORD, USER_RECORD, item_key, meta_key, user_key
-from services.mesh.supervisor import free_port, start_redis
-from services.workload.catalog import Catalog, generate_catalog
-from services.workload.seed import SeedError, is_seeded, load_into_redis, seed_all
+from infermesh.up.supervisor import free_port, start_redis
+from infermesh.workload.catalog import Catalog, generate_catalog
+from infermesh.workload.seed import SeedError, is_seeded, load_into_redis, seed_all
 from tests.processes import stop
 
 N_USERS, N_ITEMS, N_CATEGORIES = 300, 2_000, 10

@@ -7,9 +7,9 @@ from collections import Counter
 
 import numpy as np
 
-from services.bench import cli
-from services.bench.loadgen import RunResult, closed_loop, merge, open_loop
-from services.bench.plan import plan
+from infermesh.bench import runs
+from infermesh.bench.loadgen import RunResult, closed_loop, merge, open_loop
+from infermesh.bench.plan import plan
 
 
 def stalling_server(stall: float, service_time: float = 0.001):  # noqa: ANN201
@@ -83,21 +83,21 @@ def test_ramp_sustains_only_below_the_first_miss_and_stops_when_far_gone(monkeyp
         seen.append(plan.rate)
         return _step(p99_by_rate[int(plan.rate)])
 
-    monkeypatch.setattr(cli, "measure", fake_measure)
-    result = cli.ramp(None, list(p99_by_rate), slo_p99_ms=25.0, seconds=1.0, warmup=0.0, progress=False)
+    monkeypatch.setattr(runs, "measure", fake_measure)
+    result = runs.ramp(None, list(p99_by_rate), slo_p99_ms=25.0, seconds=1.0, warmup=0.0, progress=False)
     assert result["max_sustainable_rps"] == 200  # 400 passed, but after a miss
     assert seen == [100, 200, 300, 400, 500]
     assert [s["sustained"] for s in result["steps"]] == [True, True, False, True, False]
 
 
 def test_ramp_stops_at_errors(monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setattr(cli, "measure", lambda *a, **k: _step(5.0, errors=3))
-    result = cli.ramp(None, [100, 200], slo_p99_ms=25.0, seconds=1.0, warmup=0.0, progress=False)
+    monkeypatch.setattr(runs, "measure", lambda *a, **k: _step(5.0, errors=3))
+    result = runs.ramp(None, [100, 200], slo_p99_ms=25.0, seconds=1.0, warmup=0.0, progress=False)
     assert result["max_sustainable_rps"] == 0 and len(result["steps"]) == 1
 
 
 def test_suite_compares_variants_by_their_median_round() -> None:
-    from services.bench.suite import compare, cpu_ms_per_request, median_run
+    from infermesh.bench.suite import compare, cpu_ms_per_request, median_run
 
     def run(rps: float, p50: float, cpu: float) -> dict:
         return {"rps": rps, "latency_ms": {"p50": p50}, "cpu_ms_per_request": {"gateway": cpu, "envoy": 1.0}}

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.mesh.topology import HEALTH_SERVICE_NAMES, SERVICES
+from services.runtime.topology import HEALTH_SERVICE_NAMES, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "base" / "prometheus"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from services.mesh import kubernetes
-from services.mesh.supervisor import MODULES
-from services.mesh.topology import BACKENDS, DEFAULT_EDGE_PORT, SERVICES
+from infermesh import kubernetes
+from infermesh.up.supervisor import MODULES
+from services.runtime.topology import BACKENDS, DEFAULT_EDGE_PORT, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"

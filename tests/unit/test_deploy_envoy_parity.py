@@ -1,6 +1,6 @@
 """The local (`infermesh up`) and Kubernetes Envoy configs come from one renderer and agree.
 
-Both are rendered here by services.mesh.envoy_config.render; the Kubernetes one differs
+Both are rendered here by infermesh.envoy.config.render; the Kubernetes one differs
 only where the topology says it must (addresses, discovery, listen host, descriptor path),
 and the committed ConfigMap sources under deploy/ equal a fresh rendering.
 """
@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from services.mesh import envoy_config, kubernetes
-from services.mesh.topology import (
+from infermesh.envoy import config as envoy_config
+
+from infermesh import kubernetes
+from services.runtime.topology import (
     BACKENDS,
     DEFAULT_EDGE_PORT,
     DEFAULT_INTERNAL_PORTS,
@@ -233,7 +235,7 @@ def test_unknown_variant_is_rejected() -> None:
 
 def test_committed_configmap_sources_are_fresh() -> None:
     assert kubernetes.stale_configs() == [], (
-        "run `python -m services.mesh.kubernetes render` and commit deploy/"
+        "run `python -m infermesh.kubernetes render` and commit deploy/"
     )
 
 

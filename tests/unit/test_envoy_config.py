@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from services.mesh import envoy_config
-from services.mesh.certs import CertPaths
-from services.mesh.topology import (
+from infermesh.envoy import config as envoy_config
+from infermesh.certs import CertPaths
+from services.runtime.topology import (
     BACKENDS,
     HEALTH_SERVICE_NAMES,
     SERVICES,
@@ -342,7 +342,7 @@ def test_cli_rejects_bad_replicas(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_committed_local_config_is_fresh() -> None:
     assert envoy_config.local_config_is_fresh(), (
-        "envoy/local.json is stale: run `python -m services.mesh.envoy_config render "
+        "envoy/local.json is stale: run `python -m infermesh.envoy.config render "
         "--out envoy/local.json` from the repo root"
     )
     assert envoy_config.main(["check"]) == 0
@@ -706,8 +706,7 @@ def test_mesh_tls_from_a_certs_directory(tmp_path: Path) -> None:
 
 
 def test_up_takes_the_edge_and_tls_flags(tmp_path: Path) -> None:
-    from services.cli import main as cli
-
+    from infermesh import cli
     args, rest = cli.build_parser().parse_known_args(["up"])
     assert rest == []
     assert (args.edge_rate_limit, args.edge_rate_burst, args.api_key_file, args.tls) == (None, None, None, None)
@@ -722,9 +721,8 @@ def test_up_takes_the_edge_and_tls_flags(tmp_path: Path) -> None:
 
 
 def test_certs_is_an_infermesh_command(tmp_path: Path) -> None:
-    from services.cli import main as cli
-
-    assert cli.DELEGATED["certs"][0] == "services.mesh.certs"
+    from infermesh import cli
+    assert cli.DELEGATED["certs"][0] == "infermesh.certs"
     assert cli.main(["certs", "--out", str(tmp_path / "c")]) == 0
     assert CertPaths(tmp_path / "c").missing() == []
     CertPaths.checked(tmp_path / "c")  # complete: no error

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from services.common.breaker import CircuitBreaker
+from services.runtime.breaker import CircuitBreaker
 from services.features.cache import ENTRY_OVERHEAD_BYTES, LocalCache
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from services.common.errors import InvalidArgument, NotFound
+from services.runtime.errors import InvalidArgument, NotFound
 from services.features.layout import ITEM_RECORD, USER_RECORD
 from services.features.registry import TIMESTAMP_FIELD, RegistryError, load_registry, parse_registry
 
@@ -114,7 +114,7 @@ def test_unreadable_registry_names_the_file(tmp_path) -> None:
 
 
 def test_views_yaml_of_the_built_in_registry_round_trips(tmp_path, capsys) -> None:
-    from services.features.cli import main
+    from infermesh.features.cli import main
 
     assert main(["views", "--yaml"]) == 0
     path = tmp_path / "views.yaml"

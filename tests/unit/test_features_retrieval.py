@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.features.retrieval import CandidateIndex, exact_top, read_spec, recall_at
-from services.workload.catalog import generate_catalog
+from infermesh.workload.catalog import generate_catalog
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import redis.exceptions
 
-from services.common.breaker import CircuitBreaker
-from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.runtime.breaker import CircuitBreaker
+from services.runtime.errors import InvalidArgument, NotFound, Unavailable
 from services.features.cache import LocalCache
 from services.features.layout import ITEM_RECORD, USER_RECORD, item_key, pointer_key, user_key
 from services.features.store import FeatureStore

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.budget import StageBudgets
 from gateway.service import GatewaySettings
-from services.common.settings import SettingsError, load_settings
+from services.runtime.settings import SettingsError, load_settings
 
 
 def test_stage_budgets_and_reserve_add_up_to_the_deadline() -> None:

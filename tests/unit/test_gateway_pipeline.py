@@ -9,9 +9,9 @@ import time
 import grpc
 import numpy as np
 import pytest
-from inference import grpc_predict_v2_pb2 as inference_pb2
-from infermesh.features.v1 import features_pb2
-from infermesh.ranking.v1 import ranking_pb2
+from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
+from services.genproto.infermesh.features.v1 import features_pb2
+from services.genproto.infermesh.ranking.v1 import ranking_pb2
 
 from gateway.experiments import Experiments, parse
 from gateway.fallback import (
@@ -24,10 +24,10 @@ from gateway.fallback import (
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline, PipelineConfig, Stubs
 from gateway.shadow import ShadowRunner, compare
-from services.common.errors import InvalidArgument, NotFound
-from services.common.metrics import Metrics
+from services.runtime.errors import InvalidArgument, NotFound
+from services.runtime.metrics import Metrics
 from services.features.layout import FEATURE_DIM
-from services.workload.catalog import affinity, generate_catalog, model_input, ndcg_at_k
+from infermesh.workload.catalog import affinity, generate_catalog, model_input, ndcg_at_k
 
 N = 40
 

@@ -13,8 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from services.common.metrics import Metrics
-from services.observability.drift import (
+from services.runtime.metrics import Metrics
+from services.scoring.drift import (
     REFERENCE_NAME,
     DriftMonitor,
     DriftReference,

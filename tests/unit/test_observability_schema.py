@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from services.common import telemetry
-from services.common.metrics import Metrics
-from services.observability.drift import DriftMonitor, DriftReference
+from services.runtime import telemetry
+from services.runtime.metrics import Metrics
+from services.scoring.drift import DriftMonitor, DriftReference
 from services.scoring.stats import ScoringMetrics
 
 SCHEMA = Path(__file__).resolve().parents[2] / "telemetry" / "schema.yaml"
@@ -127,7 +127,7 @@ def test_rpc_metrics_match_the_deployment_contract() -> None:
 
 
 def test_grpc_code_names() -> None:
-    from services.common.metrics import grpc_code_name
+    from services.runtime.metrics import grpc_code_name
 
     assert [grpc_code_name(c) for c in ("OK", "CANCELLED", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "INTERNAL")] == [
         "OK", "Canceled", "InvalidArgument", "DeadlineExceeded", "Internal",

@@ -19,10 +19,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.common.otlp_encoding import FastOTLPSpanExporter
-from services.observability.receiver import OtlpReceiver
-from services.observability.store import TraceStore, spans_from_request
-from services.observability.traceview import TraceView
+from services.runtime.otlp_encoding import FastOTLPSpanExporter
+from infermesh.traces.receiver import OtlpReceiver
+from infermesh.traces.store import TraceStore, spans_from_request
+from infermesh.traces.traceview import TraceView
 
 
 @pytest.fixture()
@@ -210,7 +210,7 @@ def test_trace_view_escapes_span_names() -> None:
 
 
 def test_exports_are_decoded_when_read_and_the_oldest_dropped_when_too_many_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.observability import store as store_module
+    from infermesh.traces import store as store_module
 
     decoded: list[int] = []
     real = store_module.spans_from_request

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from services.observability.receiver import OtlpReceiver
-from services.observability.store import TraceStore
+from infermesh.traces.receiver import OtlpReceiver
+from infermesh.traces.store import TraceStore
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OTEL_VARIABLES = [name for name in os.environ if name.startswith("OTEL_")]
@@ -35,7 +35,7 @@ def _run(code: str, **env: str) -> dict:
 
 SAMPLER = """
 import json
-from services.common.telemetry import setup_telemetry
+from services.runtime.telemetry import setup_telemetry
 telemetry = setup_telemetry("probe")
 print(json.dumps({"sampler": telemetry.provider.sampler.get_description(), "exporting": telemetry.exporting,
                   "service": telemetry.provider.resource.attributes["service.name"]}))
@@ -73,7 +73,7 @@ def test_service_name_from_otel_service_name() -> None:
 
 HELPERS = """
 import asyncio, json, time
-from services.common.telemetry import (
+from services.runtime.telemetry import (
     child_span, current_span_id, current_trace_id, record_span, set_attributes, setup_telemetry, span, stage_span,
     SPAN_RANKING_PREFIX,
 )

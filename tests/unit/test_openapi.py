@@ -1,4 +1,4 @@
-"""The OpenAPI document of the REST API (services/mesh/openapi.py, services/genproto/openapi.json).
+"""The OpenAPI document of the REST API (infermesh/openapi.py, services/genproto/openapi.json).
 
 The committed document is checked against the committed descriptor set and the Envoy edge
 that serves it; a synthetic proto exercises the proto3 JSON mapping rules the real protos
@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from services.mesh import envoy_config, openapi
-from services.mesh.topology import local_topology
+from infermesh.envoy import config as envoy_config
+
+from infermesh import openapi
+from services.runtime.topology import local_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 GENPROTO = ROOT / "services" / "genproto"

@@ -1,4 +1,4 @@
-"""services.common.otlp_encoding writes what the OpenTelemetry exporter's own encoder
+"""services.runtime.otlp_encoding writes what the OpenTelemetry exporter's own encoder
 writes: both outputs are parsed as ExportTraceServiceRequest and compared, field by field,
 for spans that use every part of the format."""
 
@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TraceState
 
-from services.common.otlp_encoding import SpanEncoder
+from services.runtime.otlp_encoding import SpanEncoder
 
 
 def _recorder(limits: SpanLimits | None = None, **resource: object) -> tuple[TracerProvider, InMemorySpanExporter]:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from services.common.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument
 from services.ranking.rank import RankInput, decode, occurrence_within_group, top_k
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.common.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument
 from services.ranking.chain import (
     Calibration,
     Candidates,

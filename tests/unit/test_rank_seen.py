@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import redis
 
-from services.common.breaker import CircuitBreaker
-from services.mesh.supervisor import free_port
+from services.runtime.breaker import CircuitBreaker
+from infermesh.up.supervisor import free_port
 from services.ranking.chain import Candidates, CategoryCap, Chain, SeenFilter
 from services.ranking.layout import seen_key
 from services.ranking.seen import SeenStore, StageSkipped

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from infermesh.ranking.v1 import ranking_pb2
+from services.genproto.infermesh.ranking.v1 import ranking_pb2
 
-from services.common.errors import InvalidArgument
-from services.common.settings import SettingsError, load_settings
+from services.runtime.errors import InvalidArgument
+from services.runtime.settings import SettingsError, load_settings
 from services.ranking.chain import Calibration, CategoryCap, Mmr, Rules, SeenFilter
 from services.ranking.rank import RankInput, top_k
 from services.ranking.service import (

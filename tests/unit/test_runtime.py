@@ -4,8 +4,8 @@ import grpc
 import pytest
 
 from gateway.pipeline import PipelineConfig, validate
-from services.common.errors import InvalidArgument, NotFound, Overloaded, Unavailable, from_rpc_error, status_for
-from services.common.settings import SettingsError, load_settings
+from services.runtime.errors import InvalidArgument, NotFound, Overloaded, Unavailable, from_rpc_error, status_for
+from services.runtime.settings import SettingsError, load_settings
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def test_event_loop_choice() -> None:
 
     import uvloop
 
-    from services.common.event_loop import event_loop_runner
+    from services.runtime.event_loop import event_loop_runner
 
     assert event_loop_runner({}) is uvloop.run  # the default where installed
     assert event_loop_runner({"INFERMESH_EVENT_LOOP": "uvloop"}) is uvloop.run

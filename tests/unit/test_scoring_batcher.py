@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from services.common.errors import DeadlineExceeded, InvalidArgument, Overloaded
+from services.runtime.errors import DeadlineExceeded, InvalidArgument, Overloaded
 from services.scoring.batcher import DynamicBatcher, InferenceFailed, Instance
 from services.scoring.config import BatchingPolicy
 from services.scoring.stats import Statistics

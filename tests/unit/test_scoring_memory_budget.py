@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from services.common.settings import SettingsError
+from services.runtime.settings import SettingsError
 from services.scoring.models import memory_estimate
-from services.common.settings import load_settings
-from services.mesh.topology import SCORING
+from services.runtime.settings import load_settings
+from services.runtime.topology import SCORING
 from services.scoring.repository import BUDGET_VARIABLE, Candidate, ModelRepository, RepositoryOptions, plan_evictions
 from services.scoring.service import ScoringSettings
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
-from inference import model_config_pb2 as mc
+from services.genproto.inference import model_config_pb2 as mc
 
 from services.scoring.config import PROVENANCE_FILE, ConfigError, TensorSpec, parse_config, read_provenance
 from services.scoring.models import ModelVersion

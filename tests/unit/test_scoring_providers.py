@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from services.scoring import modelgen
+from infermesh.workload import modelgen
 from services.scoring.providers import (
     CPU,
     CUDA,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 
-from services.mesh.supervisor import free_port, port_is_free
+from infermesh.up.supervisor import free_port, port_is_free
 
 
 def _listener(port: int) -> socket.socket:

@@ -2,9 +2,9 @@ import re
 
 import numpy as np
 import pytest
-from inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
 
-from services.common.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument
 from services.scoring.tensors import from_contents, from_raw
 
 

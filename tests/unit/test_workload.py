@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 
 from services.features.layout import FEATURE_DIM, ITEM_RECORD, MODEL_INPUT_DIM, USER_RECORD
-from services.workload import seed as seed_mod
-from services.workload.catalog import Catalog, affinity, generate_catalog, model_input, ndcg_at_k
-from services.workload.model import (
+from infermesh.workload import seed as seed_mod
+from infermesh.workload.catalog import Catalog, affinity, generate_catalog, model_input, ndcg_at_k
+from infermesh.workload.model import (
     INPUT_NAME,
     OUTPUT_NAME,
     MlpWeights,

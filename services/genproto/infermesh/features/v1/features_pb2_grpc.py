@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from infermesh.features.v1 import features_pb2 as infermesh_dot_features_dot_v1_dot_features__pb2
+from services.genproto.infermesh.features.v1 import features_pb2 as infermesh_dot_features_dot_v1_dot_features__pb2
 
 GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__

@@ -1,5 +1,5 @@
 from google.api import annotations_pb2 as _annotations_pb2
-from infermesh.ranking.v1 import ranking_pb2 as _ranking_pb2
+from services.genproto.infermesh.ranking.v1 import ranking_pb2 as _ranking_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from infermesh.gateway.v1 import gateway_pb2 as infermesh_dot_gateway_dot_v1_dot_gateway__pb2
+from services.genproto.infermesh.gateway.v1 import gateway_pb2 as infermesh_dot_gateway_dot_v1_dot_gateway__pb2
 
 GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from infermesh.ranking.v1 import ranking_pb2 as infermesh_dot_ranking_dot_v1_dot_ranking__pb2
+from services.genproto.infermesh.ranking.v1 import ranking_pb2 as infermesh_dot_ranking_dot_v1_dot_ranking__pb2
 
 GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__

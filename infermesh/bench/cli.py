@@ -1,0 +1,104 @@
+"""`infermesh bench`: load-test any edge (or the monolith baseline) and report honestly.
+
+Examples:
+  infermesh bench --target grpc --address 127.0.0.1:8080 --mode closed --concurrency 32
+  infermesh bench --target rest --url http://127.0.0.1:8080/v1/recommend --mode open --rate 500
+  infermesh bench --target grpc --mode ramp --rates 200,400,600,800,1000 --slo-p99-ms 25
+  infermesh bench --suite --out-dir bench-results      # every scenario of docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from infermesh.bench import report
+from infermesh.bench.loadgen import Plan, TargetFactory
+from infermesh.bench.runs import measure, ramp
+from infermesh.bench.targets import factory
+
+
+def _target_from_args(args: argparse.Namespace) -> TargetFactory:
+    if args.target == "grpc":
+        return factory("grpc", address=args.address)
+    if args.target == "rest":
+        return factory("rest", url=args.url)
+    if args.target == "monolith":
+        from infermesh.workload.seed import model_path
+
+        return factory(
+            "monolith",
+            redis_url=args.redis_url,
+            model_path=str(model_path(args.data_dir)),
+            namespace=args.namespace,
+        )
+    if args.target == "scoring":
+        return factory("scoring", address=args.address, batch=args.batch)
+    from infermesh.workload.seed import model_path
+
+    return factory("onnxruntime", model_path=str(model_path(args.data_dir)), batch=args.batch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infermesh bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", action="store_true", help="run every scenario (starts its own Redis and meshes)")
+    p.add_argument("--target", choices=["grpc", "rest", "monolith", "scoring", "onnxruntime"], default="grpc")
+    p.add_argument("--address", default="127.0.0.1:8080", help="gRPC edge (or scoring) address")
+    p.add_argument("--url", default="http://127.0.0.1:8080/v1/recommend", help="REST endpoint")
+    p.add_argument("--mode", choices=["closed", "open", "ramp"], default="closed")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--rate", type=float, default=200.0, help="open loop: requests/s")
+    p.add_argument("--rates", default="100,200,400,600,800,1000,1200", help="ramp: comma-separated rates")
+    p.add_argument("--slo-p99-ms", type=float, default=25.0)
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds (warm-up excluded)")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--processes", type=int, default=1, help="client processes (when one cannot keep up)")
+    p.add_argument("--batch", type=int, default=256, help="scoring / onnxruntime targets: rows per call")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6390/0"))
+    p.add_argument("--namespace", default="infermesh:v1")
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("INFERMESH_DATA_DIR", ".infermesh")))
+    p.add_argument("--out", type=Path, help="write the result as JSON here")
+    p.add_argument("--plot", type=Path, help="ramp: write a PNG of latency percentiles vs offered rate")
+    p.add_argument("--out-dir", type=Path, default=Path("bench-results"), help="suite: where results go")
+    p.add_argument("--quick", action="store_true", help="suite: short steps (a smoke run, not for publishing)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.suite:
+        from infermesh.bench.suite import run_suite
+
+        return run_suite(args.out_dir, quick=args.quick, progress=progress)
+    target = _target_from_args(args)
+    document: dict[str, Any] = {"machine": report.machine(), "target": args.target, "argv": sys.argv[1:]}
+    if args.mode == "ramp":
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+        outcome = ramp(target, rates, args.slo_p99_ms, args.duration, args.warmup, args.processes, progress)
+        document["ramp"] = outcome
+        print(report.TABLE_HEAD)
+        for step in outcome["steps"]:
+            print(report.latency_row(args.target, step))
+        print(f"max sustainable open-loop rate with p99 <= {args.slo_p99_ms:g} ms: {outcome['max_sustainable_rps']:.0f} req/s")
+        if args.plot:
+            report.plot_ramps(args.plot, {args.target: outcome["steps"]}, args.slo_p99_ms)
+    else:
+        plan = Plan(args.mode, args.duration, args.warmup, concurrency=args.concurrency, rate=args.rate)
+        result = measure(target, plan, args.processes, args.target, progress).to_json()
+        if args.target in ("scoring", "onnxruntime"):
+            result["items_per_s"] = round(result["rps"] * args.batch, 1)
+        document["result"] = result
+        print(report.TABLE_HEAD)
+        print(report.latency_row(args.target, result))
+        if result["errors"]:
+            print("errors:", result["errors"])
+    if args.out:
+        report.write_json(args.out, document)
+        print(f"wrote {args.out}")
+    return 0

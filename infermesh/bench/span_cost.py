@@ -1,0 +1,106 @@
+"""What one recorded span costs a service, in CPU: `python -m infermesh.bench.span_cost`.
+
+Records request-shaped traces in a quiet loop (a SERVER span continuing a remote parent,
+five children with attributes, the outgoing context injected, as a service does per
+request) and reports the CPU per span of:
+
+* recording alone (the spans are dropped when exported),
+* recording + the exporter package's OTLP encoder,
+* recording + ours (services.runtime.otlp_encoding),
+
+with the BatchSpanProcessor's own thread counted (process CPU time). No network: the
+encoded bytes are what the OTLP exporter would send. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+from infermesh.bench import report
+from services.runtime.otlp_encoding import SpanEncoder
+
+SPANS_PER_REQUEST = 6
+_PARENT = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+_RPC = {"rpc.system": "grpc", "rpc.service": "infermesh.ranking.v1.RankingService", "rpc.method": "Rank"}
+
+
+class _Encoding(SpanExporter):
+    def __init__(self, encode: Callable[[Sequence[ReadableSpan]], object]) -> None:
+        self._encode = encode
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self._encode(spans)
+        return SpanExportResult.SUCCESS
+
+
+def _variants() -> dict[str, SpanExporter]:
+    ours = SpanEncoder()
+    return {
+        "record only": _Encoding(lambda spans: None),
+        "record + exporter package's encoder": _Encoding(lambda spans: encode_spans(spans).SerializeToString()),
+        "record + otlp_encoding": _Encoding(ours.encode),
+    }
+
+
+def _cpu_us_per_span(exporter: SpanExporter, requests: int) -> float:
+    provider = TracerProvider(sampler=ALWAYS_ON, resource=Resource.create({"service.name": "ranking"}))
+    # A queue that holds every span of the run: none dropped, all encoded.
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=requests * SPANS_PER_REQUEST + 1,
+                                                   schedule_delay_millis=500))
+    tracer = provider.get_tracer("infermesh")
+
+    def one_request() -> None:
+        parent = propagate.extract(_PARENT)
+        server = tracer.start_span("/infermesh.ranking.v1.RankingService/Rank", context=parent,
+                                   kind=trace.SpanKind.SERVER, attributes=_RPC)
+        token = otel_context.attach(trace.set_span_in_context(server, parent))
+        for stage in ("top_k", "seen_filter", "rules", "calibration", "category_cap"):
+            with tracer.start_as_current_span(f"infermesh.ranking.{stage}", attributes={"infermesh.items": 200}):
+                pass
+        propagate.inject({})
+        server.set_attribute("rpc.grpc.status_code", 0)
+        server.end()
+        otel_context.detach(token)
+
+    for _ in range(min(1000, requests)):  # warm-up
+        one_request()
+    provider.force_flush()
+    start = time.process_time()
+    for _ in range(requests):
+        one_request()
+    provider.force_flush()
+    spent = time.process_time() - start
+    provider.shutdown()
+    return spent / (requests * SPANS_PER_REQUEST) * 1e6
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infermesh.bench.span_cost", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3, help="each variant this many times, in turns; median reported")
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.rounds < 1:
+        parser.error("--requests and --rounds must be at least 1")
+    rounds: dict[str, list[float]] = {name: [] for name in _variants()}
+    for _ in range(args.rounds):
+        for name, exporter in _variants().items():
+            rounds[name].append(_cpu_us_per_span(exporter, args.requests))
+    result = {name: {"median_us_per_span": round(sorted(values)[len(values) // 2], 1),
+                     "rounds": [round(v, 1) for v in values]} for name, values in rounds.items()}
+    print(json.dumps({"machine": report.machine(), "requests": args.requests, "cpu_per_span": result}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,316 @@
+"""`infermesh`: run the mesh on one machine, seed the reference data, render Envoy configs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.runtime.topology import MeshTopology
+
+DEFAULT_REDIS_PORT = 6390
+
+
+def _replicas(text: str) -> dict[str, int]:
+    from infermesh.envoy.config import parse_replicas
+
+    try:
+        return parse_replicas(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    up = commands.add_parser(
+        "up",
+        help="start Redis, seed the demo data if absent, start every service and Envoy",
+        description="Run the whole mesh on this machine until Ctrl-C / SIGTERM.",
+    )
+    up.add_argument("--replicas", type=_replicas, default={}, help="e.g. scoring=2,features=2 (default scoring=2, others 1)")
+    up.add_argument("--edge-port", type=int, default=8080, help="REST + gRPC edge port (default %(default)s)")
+    up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port, on 127.0.0.1 (default %(default)s)")
+    up.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("INFERMESH_DATA_DIR", ".infermesh")),
+        help="models, Redis dump, rendered Envoy config and logs (default $INFERMESH_DATA_DIR or ./.infermesh)",
+    )
+    up.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL"),
+        help="use this Redis instead of starting one (default $REDIS_URL; unset: start redis-server)",
+    )
+    up.add_argument("--redis-port", type=int, default=DEFAULT_REDIS_PORT, help="port of the Redis `up` starts (default %(default)s)")
+    up.add_argument(
+        "--port-base",
+        type=int,
+        default=None,
+        help="move the internal ports: Envoy listeners at N+1..N+3, replicas of each service from N+100, N+200, ... "
+        "(default: listeners 9101-9103, replicas from 30100)",
+    )
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every service to be healthy")
+    tracing = up.add_mutually_exclusive_group()
+    tracing.add_argument(
+        "--otlp-endpoint",
+        default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        help="export every service's and Envoy's spans over OTLP/gRPC to this collector, e.g. "
+        "http://127.0.0.1:4317 (default $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export)",
+    )
+    tracing.add_argument(
+        "--trace-view",
+        action="store_true",
+        help="no collector at hand: receive the spans in this process and show them in a local web UI",
+    )
+    up.add_argument(
+        "--trace-view-port", type=int, default=16686, help="port of the --trace-view web UI (default %(default)s)"
+    )
+    up.add_argument(
+        "--trace-sampling",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="sample this share of requests, 0..1 (sets OTEL_TRACES_SAMPLER=parentbased_traceidratio; "
+        "default: $OTEL_TRACES_SAMPLER, else every request)",
+    )
+    up.add_argument(
+        "--metrics-port-offset",
+        type=int,
+        default=1000,
+        help="each replica serves Prometheus /metrics on its gRPC port + this (default %(default)s)",
+    )
+    from infermesh.envoy.config import add_edge_arguments
+
+    # --edge-rate-limit, --edge-rate-burst, --api-key-file, --tls (all off by default).
+    add_edge_arguments(up)
+
+
+def _print_ready(
+    topology: MeshTopology,
+    log_dir: Path,
+    redis_url: str,
+    extras: Sequence[tuple[str, str]] = (),
+    curl_options: str = "",
+    scheme: str = "http",
+) -> None:
+    edge = topology.edge_port
+    replicas = topology.replicas
+    counts = ", ".join(f"{name} x{len(eps)}" for name, eps in replicas.items())
+    more = "".join(f"\n  {label:<18} {value}" for label, value in extras)
+    host = "localhost" if scheme == "https" else "127.0.0.1"  # the edge certificate's name
+    print(
+        f"""
+infermesh is up ({counts}).
+  REST + gRPC edge   {scheme}://{host}:{edge}   (POST /v1/recommend, infermesh.gateway.v1.GatewayService,
+                                              inference.GRPCInferenceService for Open Inference Protocol clients)
+  Envoy admin        http://127.0.0.1:{topology.admin_port}   (Envoy's metrics: /stats/prometheus)
+  Redis              {redis_url}
+  logs               {log_dir}/{more}
+
+Try it:
+  curl -s{curl_options} {scheme}://localhost:{edge}/v1/recommend -d "{{\\"user_id\\":\\"u42\\",\\"k\\":20,\\"candidate_ids\\":[$(seq -s, -f '\\"i%g\\"' 0 199)]}}"
+
+Ctrl-C stops everything.""",
+        flush=True,
+    )
+
+
+def _moved_ports(base: int | None) -> dict[str, dict[str, int]]:
+    from services.runtime.topology import BACKENDS, SERVICES
+
+    if base is None:
+        return {}
+    return {
+        "internal_ports": {name: base + 1 + i for i, name in enumerate(BACKENDS)},
+        "replica_base_ports": {name: base + 100 * (1 + i) for i, name in enumerate(SERVICES)},
+    }
+
+
+def _telemetry_env(args: argparse.Namespace, otlp_endpoint: str | None) -> dict[str, str]:
+    """OTEL_* for every service (Envoy's tracer follows them, see infermesh.up.supervisor)."""
+    env: dict[str, str] = {}
+    if otlp_endpoint:
+        # Both: the traces-specific one (if the shell has it) must not win over the flag.
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_endpoint
+        env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = otlp_endpoint
+    if args.trace_sampling is not None:
+        if not 0.0 <= args.trace_sampling <= 1.0:
+            raise ValueError(f"--trace-sampling must be within 0..1, got {args.trace_sampling}")
+        env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        env["OTEL_TRACES_SAMPLER_ARG"] = repr(args.trace_sampling)
+    if args.trace_view:
+        # Spans reach the local view within half a second instead of the SDK's 5 s.
+        env.setdefault("OTEL_BSP_SCHEDULE_DELAY", os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "500"))
+    return env
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from infermesh.envoy import config as envoy_config
+    from infermesh.certs import CertPaths
+    from infermesh.up.supervisor import DESCRIPTOR_SET, Mesh, MeshError, start_redis
+    from services.runtime.topology import local_topology
+    from infermesh.workload.seed import SeedError, format_summary, model_repository, seed_all
+
+    data_dir = args.data_dir.resolve()
+    log_dir = data_dir / "logs"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stop_requested = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    redis_process = None
+    mesh = None
+    local_tracing = None
+    try:
+        otlp_endpoint = args.otlp_endpoint
+        extras: list[tuple[str, str]] = []
+        if args.trace_view:
+            from infermesh.up.supervisor import free_port
+            from infermesh.traces.cli import LocalTracing
+
+            try:
+                local_tracing = LocalTracing.start(
+                    otlp_port=free_port(), http_port=args.trace_view_port, receiver_now=False
+                )
+            except OSError as error:
+                raise MeshError(f"trace view: {error}; choose another --trace-view-port") from None
+            otlp_endpoint = local_tracing.otlp_endpoint
+            extras.append(("trace view", f"{local_tracing.view.url}   (OTLP in at {otlp_endpoint})"))
+        elif otlp_endpoint:
+            extras.append(("traces (OTLP)", f"{otlp_endpoint}   (every service and Envoy)"))
+        try:
+            telemetry_env = _telemetry_env(args, otlp_endpoint)
+        except ValueError as error:
+            raise MeshError(str(error)) from None
+        try:
+            edge_policy = envoy_config.edge_policy_from_args(args)
+            tls = CertPaths.checked(args.tls) if args.tls is not None else None
+        except ValueError as error:
+            raise MeshError(str(error)) from None
+        curl_options = ""
+        if edge_policy.rate_limit_rps is not None:
+            burst = edge_policy.rate_limit_burst or edge_policy.rate_limit_rps
+            extras.append(("edge rate limit", f"{edge_policy.rate_limit_rps} requests/s (burst {burst}), then 429 / RESOURCE_EXHAUSTED"))
+        if edge_policy.api_keys:
+            clients = ", ".join(k.client for k in edge_policy.api_keys)
+            extras.append(("API keys", f"required at the edge (x-api-key or authorization: Bearer); clients: {clients}"))
+            curl_options += " -H 'x-api-key: <KEY>'"
+        if tls is not None:
+            extras.append(("TLS", f"edge over TLS, mTLS to every replica (CA: {tls.ca_cert})"))
+            curl_options += f" --cacert {tls.ca_cert}"
+        topology = local_topology(
+            args.replicas,
+            descriptor_set=DESCRIPTOR_SET,
+            edge_port=args.edge_port,
+            admin_port=args.admin_port,
+            **_moved_ports(args.port_base),
+        )
+        redis_url = args.redis_url
+        if redis_url is None:
+            print(f"starting redis-server on 127.0.0.1:{args.redis_port} (data in {data_dir / 'redis'})", flush=True)
+            redis_process = start_redis(data_dir, args.redis_port, log_dir)
+            redis_url = f"redis://127.0.0.1:{args.redis_port}/0"
+        print("checking the demo data (catalog in Redis, ranker model)...", flush=True)
+        summary = seed_all(data_dir, redis_url, progress=sys.stderr.isatty())
+        print(textwrap.indent(format_summary(summary), "  "), flush=True)
+        mesh = Mesh(
+            topology=topology,
+            data_dir=data_dir,
+            redis_url=redis_url,
+            model_repository=model_repository(data_dir),
+            log_dir=log_dir,
+            extra_env=telemetry_env,
+            metrics_port_offset=args.metrics_port_offset,
+            edge=edge_policy,
+            tls=tls,
+        )
+        mesh.check_ports()
+        print("starting services and Envoy...", flush=True)
+        mesh.start_services()
+        mesh.start_envoy()
+        if local_tracing is not None:
+            try:
+                local_tracing.start_receiver()  # after the forks (see LocalTracing.start)
+            except OSError as error:
+                raise MeshError(f"trace view: {error}") from None
+        mesh.wait_healthy(args.timeout, progress=True)
+        if mesh.metrics_ports:
+            ports = sorted(mesh.metrics_ports.items(), key=lambda item: item[1])
+            extras.append(
+                ("metrics", "  ".join(f"{name}=:{port}" for name, port in ports) + "   (GET /metrics)")
+            )
+        _print_ready(topology, log_dir, redis_url, extras, curl_options, "https" if tls is not None else "http")
+        while not stop_requested:
+            dead = [c for c in mesh.children if c.process.poll() is not None]
+            if dead:
+                for child in dead:
+                    print(f"{child.name} exited with {child.process.returncode}; last lines of {child.log_path}:")
+                    print(mesh.log_tail(child))
+                print("stopping the mesh", flush=True)
+                return 1
+            time.sleep(0.5)
+        print("\nstopping (SIGTERM to Envoy, then gateway, then backends)...", flush=True)
+        return 0
+    except (MeshError, SeedError) as error:
+        print(f"infermesh up: {error}", file=sys.stderr)
+        return 1
+    finally:
+        # Ignore further Ctrl-C while stopping, so the ordered shutdown completes.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if mesh is not None:
+            mesh.stop()
+        if local_tracing is not None:
+            local_tracing.stop()
+        if redis_process is not None and redis_process.poll() is None:
+            redis_process.terminate()  # redis-server saves its dump on SIGTERM
+            redis_process.wait(timeout=30)
+        print("stopped.", flush=True)
+
+
+# Subcommands owned by other packages: name -> (module, help). Each module has main(argv) -> int.
+DELEGATED: dict[str, tuple[str, str]] = {
+    "seed": ("infermesh.workload.seed", "generate the reference catalog and model, load Redis"),
+    "envoy": ("infermesh.envoy.config", "render or check Envoy configs"),
+    "certs": ("infermesh.certs", "create a local CA and certificates for `up --tls` (edge TLS, mTLS)"),
+    "bench": ("infermesh.bench.cli", "load-test the mesh or the monolith baseline and report latency/throughput"),
+    "plan": ("infermesh.bench.plan", "replicas and cost for a target rate, from a bench suite result"),
+    "models": ("infermesh.models.cli", "model repository tools: bench (gRPC vs raw ONNX Runtime), quantize"),
+    "traces": ("infermesh.traces.cli", "receive OTLP traces and show them in a local web UI"),
+    "features": ("infermesh.features.cli", "feature views: ingest CSV/Parquet files, list views, benchmark"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infermesh", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _up_parser(commands)
+    for name, (_, summary) in DELEGATED.items():
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command in DELEGATED:
+        module = importlib.import_module(DELEGATED[args.command][0])
+        return int(module.main(rest) or 0)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return cmd_up(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Typed clients over the generated stubs.
+
+Defaults a caller should not have to think about: a deadline on every call, retries on
+UNAVAILABLE (the call never reached a handler, so retrying is safe) through the gRPC
+service config, and round-robin over several edge addresses with failover: a dead edge
+is skipped by the load-balancing policy and a call that hit it is retried on another.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+DEFAULT_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class RecommendedItem:
+    item_id: str
+    score: float
+    category: int
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    items: tuple[RecommendedItem, ...]
+    model_name: str
+    model_version: str
+    trace_id: str
+    stage_ms: dict[str, float]
+    unknown_items: int
+
+
+class ClientError(Exception):
+    """A failed call: `code` is the gRPC status, `message` what the mesh said."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def service_config(max_attempts: int = 3) -> dict[str, Any]:
+    return {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": "infermesh.gateway.v1.GatewayService"}],
+                "retryPolicy": {
+                    "maxAttempts": max_attempts,
+                    "initialBackoff": "0.02s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+
+
+def target_for(addresses: Sequence[str]) -> str:
+    """One gRPC target naming every edge, so the channel balances and fails over among them."""
+    if not addresses:
+        raise ValueError("give at least one edge address, e.g. 127.0.0.1:8080")
+    if len(addresses) == 1:
+        return addresses[0]
+    return "ipv4:" + ",".join(addresses)
+
+
+def channel_options(max_attempts: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.service_config", json.dumps(service_config(max_attempts))),
+        ("grpc.enable_retries", 1),
+        # Re-resolve quickly after an edge goes away so round-robin sees it come back.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+def _request(user_id: str, candidate_ids: Sequence[str], k: int | None) -> gateway_pb2.RecommendRequest:
+    request = gateway_pb2.RecommendRequest(user_id=user_id, candidate_ids=list(candidate_ids))
+    if k is not None:
+        request.k = k
+    return request
+
+
+def _result(reply: gateway_pb2.RecommendResponse) -> Recommendation:
+    return Recommendation(
+        items=tuple(RecommendedItem(i.item_id, i.score, i.category) for i in reply.items),
+        model_name=reply.model_name,
+        model_version=reply.model_version,
+        trace_id=reply.trace_id,
+        stage_ms={t.stage: t.milliseconds for t in reply.stage_timings},
+        unknown_items=reply.unknown_items,
+    )
+
+
+class MeshClient:
+    """Blocking client; one channel for the client's lifetime."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str] = ("127.0.0.1:8080",),
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        max_attempts: int = 3,
+    ) -> None:
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target_for(addresses), options=channel_options(max_attempts))
+        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+
+    def recommend(
+        self, user_id: str, candidate_ids: Sequence[str], k: int | None = None, *, timeout: float | None = None
+    ) -> Recommendation:
+        try:
+            reply = self._stub.Recommend(_request(user_id, candidate_ids, k), timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            raise ClientError(error.code(), error.details() or "") from None
+        return _result(reply)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> MeshClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncMeshClient:
+    """asyncio client; create it inside the running event loop."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str] = ("127.0.0.1:8080",),
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        max_attempts: int = 3,
+    ) -> None:
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target_for(addresses), options=channel_options(max_attempts))
+        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+
+    async def recommend(
+        self, user_id: str, candidate_ids: Sequence[str], k: int | None = None, *, timeout: float | None = None
+    ) -> Recommendation:
+        try:
+            reply = await self._stub.Recommend(_request(user_id, candidate_ids, k), timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as error:
+            raise ClientError(error.code(), error.details() or "") from None
+        return _result(reply)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncMeshClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

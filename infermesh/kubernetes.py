@@ -1,0 +1,212 @@
+"""The mesh on Kubernetes: the topology deploy/ runs, and the Envoy config its ConfigMap holds.
+
+The Envoy config comes from the one renderer `infermesh up` uses
+(infermesh.envoy.config.render); only the topology differs:
+
+* one endpoint per service: its headless Service `<name>:<port>` (same name as the Envoy
+  cluster, the Deployment and OTEL_SERVICE_NAME), resolved with STRICT_DNS, so every ready
+  pod becomes an upstream host and Envoy's gRPC health checks still gate traffic;
+* listeners on 0.0.0.0, so the gateway pods reach the backends' listeners at `envoy:<port>`;
+* the transcoder's descriptor set at the path the images hold it (deploy/Dockerfile).
+
+The rendered files are committed, never hand-edited, and fed to kustomize's
+configMapGenerator:
+
+* deploy/base/envoy/envoy.json        plaintext edge (base)
+* deploy/components/tls/envoy.json    the same config with TLS on the edge listener
+
+CLI::
+
+    python -m infermesh.kubernetes render     # rewrite both files
+    python -m infermesh.kubernetes check      # exit 1 if either is stale
+    python -m infermesh.kubernetes validate   # envoy --mode validate on both
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from infermesh.envoy import config as envoy_config
+from infermesh.envoy.config import REPO_ROOT, Json, Tracing, render, to_json
+from services.runtime.topology import (
+    BACKENDS,
+    DEFAULT_REPLICA_BASE_PORTS,
+    SERVICES,
+    Endpoint,
+    MeshTopology,
+)
+
+# Deployment and Service of the Envoy front proxy (edge + the backends' listeners).
+ENVOY = "envoy"
+# Where deploy/Dockerfile puts the descriptor set in every image.
+DESCRIPTOR_SET = Path("/etc/infermesh/infermesh_descriptor.binpb")
+# Where deploy/components/tls mounts the `edge-tls` Secret (kubernetes.io/tls) into Envoy.
+TLS_DIR = Path("/etc/envoy-tls")
+# Committed renderings, repo-relative: plain (base) and with TLS on the edge (tls component).
+CONFIG_FILES: Mapping[str, Path] = {
+    "plain": Path("deploy/base/envoy/envoy.json"),
+    "tls": Path("deploy/components/tls/envoy.json"),
+}
+LOCAL_DESCRIPTOR_SET = REPO_ROOT / envoy_config.DEFAULT_DESCRIPTOR_SET
+
+
+def service_port(service: str) -> int:
+    """The gRPC port of `service`'s pods and headless Service (its first local replica's)."""
+    return DEFAULT_REPLICA_BASE_PORTS[service]
+
+
+def kubernetes_topology(descriptor_set: Path = DESCRIPTOR_SET) -> MeshTopology:
+    """One STRICT_DNS endpoint per service: the headless Service of the same name."""
+    return MeshTopology(
+        replicas={name: (Endpoint(name, service_port(name)),) for name in SERVICES},
+        descriptor_set=descriptor_set,
+        listen_host="0.0.0.0",
+        discovery="STRICT_DNS",
+    )
+
+
+def gateway_targets() -> dict[str, str]:
+    """The gateway's GATEWAY_<BACKEND>_TARGET variables: the Envoy Service's listener ports."""
+    ports = kubernetes_topology().internal_ports
+    return {f"GATEWAY_{name.upper()}_TARGET": f"{ENVOY}:{ports[name]}" for name in BACKENDS}
+
+
+def with_edge_tls(config: Json, cert_dir: Path = TLS_DIR) -> Json:
+    """`config` with TLS (tls.crt/tls.key in `cert_dir`) on the edge listener, nothing else changed.
+
+    ALPN offers h2 and http/1.1, so gRPC and REST still share the edge port (codec AUTO).
+    """
+    config = copy.deepcopy(config)
+    (edge,) = [x for x in config["static_resources"]["listeners"] if x["name"] == "edge"]
+    for chain in edge["filter_chains"]:
+        chain["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                "DownstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"filename": str(cert_dir / "tls.crt")},
+                            "private_key": {"filename": str(cert_dir / "tls.key")},
+                        }
+                    ],
+                },
+            },
+        }
+    return config
+
+
+# Envoy traces too, exporting to the base's OpenTelemetry Collector Service; it samples new
+# traces at the services' rate (OTEL_TRACES_SAMPLER_ARG=0.05 in base/kustomization.yaml),
+# and the services follow its decision (parentbased_traceidratio).
+TRACING = Tracing(otlp_endpoint="http://otel-collector:4317", sampling_percent=5.0)
+
+
+def render_config(
+    variant: str = "plain", *, descriptor_set: Path = DESCRIPTOR_SET, tls_dir: Path = TLS_DIR
+) -> Json:
+    """The Kubernetes Envoy bootstrap: `plain`, or `tls` (TLS on the edge listener)."""
+    config = render(kubernetes_topology(descriptor_set), tracing=TRACING)
+    if variant == "tls":
+        return with_edge_tls(config, tls_dir)
+    if variant != "plain":
+        raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(CONFIG_FILES)}")
+    return config
+
+
+def stale_configs(repo_root: Path = REPO_ROOT) -> list[Path]:
+    """The committed renderings that differ from a fresh rendering (missing counts as stale)."""
+    stale = []
+    for variant, relative in CONFIG_FILES.items():
+        path = repo_root / relative
+        if not path.is_file() or path.read_text(encoding="utf-8") != to_json(render_config(variant)):
+            stale.append(relative)
+    return stale
+
+
+def write_configs(repo_root: Path = REPO_ROOT) -> list[Path]:
+    written = []
+    for variant, relative in CONFIG_FILES.items():
+        path = repo_root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(to_json(render_config(variant)), encoding="utf-8")
+        written.append(relative)
+    return written
+
+
+def _self_signed_certificate(directory: Path) -> None:
+    """A throwaway tls.crt/tls.key for `envoy --mode validate` (Envoy loads the files)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise envoy_config.EnvoyError("openssl is needed to make a throwaway certificate for validation")
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "1", "-subj", "/CN=infermesh-validate",
+            "-keyout", str(directory / "tls.key"), "-out", str(directory / "tls.crt"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def validate_configs() -> list[str]:
+    """Run `envoy --mode validate` on every variant; raise EnvoyError on the first rejection.
+
+    In-cluster paths do not exist here, so each variant is rendered with the repo's
+    descriptor set and a throwaway certificate instead: everything else is byte-for-byte
+    the committed config (see tests/unit/test_deploy_envoy_parity.py).
+    """
+    validated = []
+    with tempfile.TemporaryDirectory(prefix="infermesh-k8s-envoy-") as tmp:
+        tmp_dir = Path(tmp)
+        _self_signed_certificate(tmp_dir)
+        for variant in CONFIG_FILES:
+            path = tmp_dir / f"envoy-{variant}.json"
+            config = render_config(variant, descriptor_set=LOCAL_DESCRIPTOR_SET, tls_dir=tmp_dir)
+            path.write_text(to_json(config), encoding="utf-8")
+            envoy_config.validate(path, cwd=tmp_dir)
+            validated.append(variant)
+    return validated
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m infermesh.kubernetes",
+        description="Render, check and validate the Kubernetes Envoy configs under deploy/.",
+    )
+    parser.add_argument("command", choices=("render", "check", "validate"))
+    args = parser.parse_args(argv)
+    if args.command == "render":
+        for path in write_configs():
+            print(f"wrote {path}")
+        return 0
+    if args.command == "check":
+        stale = stale_configs()
+        for path in stale:
+            print(
+                f"{path} is stale: run `python -m infermesh.kubernetes render` from the repo root",
+                file=sys.stderr,
+            )
+        return 1 if stale else 0
+    try:
+        for variant in validate_configs():
+            print(f"envoy --mode validate: Kubernetes config ({variant}) OK")
+    except (envoy_config.EnvoyError, subprocess.CalledProcessError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,441 @@
+"""Runs a whole mesh on one machine: Redis (optional), every service replica, and Envoy.
+
+Used by `infermesh up` and by the end-to-end tests, so what the tests start is what a
+user starts. Children die with the supervisor (PR_SET_PDEATHSIG) and are stopped in
+order on shutdown: Envoy first (no new traffic), then the gateway, then the backends.
+
+Telemetry: the OTEL_* variables in `extra_env` (or the supervisor's own environment) reach
+every service; when they name an OTLP endpoint, Envoy gets its OpenTelemetry tracer with
+the same endpoint and the sampling ratio of OTEL_TRACES_SAMPLER(_ARG). Every replica
+serves Prometheus /metrics on its own port (`metrics_ports`, via <SERVICE>_METRICS_PORT).
+
+Edge policy and TLS: `edge` (rate limit, API keys) goes into Envoy's edge listener; with
+`tls` (a directory from `infermesh certs`) Envoy serves TLS at the edge and every replica
+serves mTLS (<SERVICE>_TLS_CERT/_KEY/_CLIENT_CA), Envoy presenting the client certificate.
+The gateway still dials Envoy's internal listeners in plaintext, on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from infermesh.envoy import config as envoy_config
+from infermesh.certs import CertPaths, client_credentials, service_tls_env
+from services.runtime.topology import (
+    BACKENDS,
+    FEATURES,
+    GATEWAY,
+    HEALTH_SERVICE_NAMES,
+    RANKING,
+    SCORING,
+    SERVICES,
+    Endpoint,
+    MeshTopology,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DESCRIPTOR_SET = ROOT / "services" / "genproto" / "infermesh_descriptor.binpb"
+MODULES: Mapping[str, str] = {
+    GATEWAY: "gateway",
+    FEATURES: "services.features",
+    SCORING: "services.scoring",
+    RANKING: "services.ranking",
+}
+# Stop order: traffic sources first, so nothing calls a service that is already gone.
+STOP_ORDER = ("envoy", GATEWAY, RANKING, SCORING, FEATURES, "redis")
+
+
+class MeshError(RuntimeError):
+    pass
+
+
+def _die_with_parent(argv: list[str]) -> list[str]:
+    """Wrap argv so the kernel sends the child SIGTERM if the supervisor dies, even by SIGKILL.
+
+    setpriv sets PR_SET_PDEATHSIG and execs the command. A preexec_fn would do the same
+    in Python between fork and exec, but then gRPC's fork handlers run in the child of a
+    process that has gRPC threads (the tests' OTLP receiver, say), and the child can abort.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on the port now. SO_REUSEADDR, as Envoy, gRPC and
+    redis-server set it: connections of a mesh just stopped linger in TIME_WAIT for a
+    minute, and would otherwise make `infermesh up` refuse ports nothing listens on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+# Below the kernel's ephemeral range, single free ports come from the lower part and
+# whole blocks (`infermesh up --port-base`) from the upper part, so neither crowds out
+# the other (a test session holds dozens of single ports).
+_SINGLE_PORTS = (10000, 19999)
+_BLOCK_PORTS_START = 20000
+
+
+class _PortPicker:
+    """Free ports for children that bind later, each handed out once per process.
+
+    Asking the kernel for port 0 returns an *ephemeral* port: in the time between our
+    probe and the child's bind, any outgoing connection on the machine may take it as
+    its local port (this broke CI: "scoring: cannot serve metrics ... Address already in
+    use"). So ports come from below the ephemeral range, chosen at random (two test
+    sessions on one machine rarely pick alike) and never twice.
+    """
+
+    def __init__(self) -> None:
+        self._given: set[int] = set()
+        self._random = random.Random(os.getpid() ^ time.monotonic_ns())
+
+    def __call__(self) -> int:
+        first, last = _SINGLE_PORTS
+        for _ in range(2000):
+            port = self._random.randint(first, last)
+            if port not in self._given and port_is_free(port):
+                self._given.add(port)
+                return port
+        raise MeshError(f"no free TCP port found in {first}-{last}")
+
+    def block(self, span: int) -> int:
+        """A base N with N..N+span-1 all free (for `--port-base`), never handed out twice."""
+        low, _ = _ephemeral_range()
+        bases = list(range(_BLOCK_PORTS_START, max(_BLOCK_PORTS_START, low - span), 500))
+        self._random.shuffle(bases)
+        for base in bases:
+            ports = range(base, base + span)
+            if self._given.isdisjoint(ports) and all(port_is_free(p) for p in ports):
+                self._given.update(ports)
+                return base
+        raise MeshError(f"no block of {span} free TCP ports between {_BLOCK_PORTS_START} and {low}")
+
+
+free_port = _PortPicker()
+
+
+def free_port_block(span: int) -> int:
+    return free_port.block(span)
+
+
+def free_topology(replicas: Mapping[str, int]) -> MeshTopology:
+    """A topology on free ports (edge, admin, internal listeners, every replica): for meshes
+    started beside another, e.g. by the tests and by `infermesh bench --suite`."""
+    return MeshTopology(
+        replicas={
+            name: tuple(Endpoint("127.0.0.1", free_port()) for _ in range(replicas.get(name, 1)))
+            for name in SERVICES
+        },
+        descriptor_set=DESCRIPTOR_SET,
+        edge_port=free_port(),
+        admin_port=free_port(),
+        internal_ports={name: free_port() for name in BACKENDS},
+    )
+
+
+@dataclass
+class Child:
+    role: str  # service name, "envoy" or "redis"
+    name: str  # e.g. scoring-1
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class Mesh:
+    topology: MeshTopology
+    data_dir: Path
+    redis_url: str
+    model_repository: Path
+    log_dir: Path
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    # Replica i's /metrics port: its gRPC port + this offset (predictable, for a Prometheus
+    # config); None picks free ports. Either way `metrics_ports` says which, by replica name.
+    metrics_port_offset: int | None = None
+    # Rate limit and API keys at the edge (default: neither).
+    edge: envoy_config.EdgePolicy = field(default_factory=envoy_config.EdgePolicy)
+    # Certificates from `infermesh certs`: TLS at the edge, mTLS to every replica.
+    tls: CertPaths | None = None
+    children: list[Child] = field(default_factory=list)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    # Replica name -> (service, endpoint, environment): what respawn() starts it with again.
+    _replicas: dict[str, tuple[str, Endpoint, dict[str, str]]] = field(default_factory=dict, repr=False)
+
+    # ---- starting -------------------------------------------------------------------
+    def check_ports(self) -> None:
+        taken = [
+            f"{what} port {port}"
+            for what, port in self._ports()
+            if not port_is_free(port)
+        ]
+        if taken:
+            raise MeshError(
+                "ports already in use: " + ", ".join(taken)
+                + ". Is another mesh running? Stop it, or choose other ports (see `infermesh up --help`)."
+            )
+
+    def _ports(self) -> list[tuple[str, int]]:
+        ports = [("edge", self.topology.edge_port), ("envoy admin", self.topology.admin_port)]
+        ports += [(f"envoy {name}", port) for name, port in self.topology.internal_ports.items()]
+        for name, endpoints in self.topology.replicas.items():
+            ports += [(name, e.port) for e in endpoints]
+            if self.metrics_port_offset is not None:
+                ports += [(f"{name} metrics", e.port + self.metrics_port_offset) for e in endpoints]
+        return ports
+
+    # ---- telemetry ------------------------------------------------------------------
+    def telemetry_env(self) -> dict[str, str]:
+        """The environment the services see, for the OTEL_* decisions made here."""
+        return {**os.environ, **self.extra_env}
+
+    def tracing(self) -> envoy_config.Tracing | None:
+        """Envoy's tracer: on when the services export to an OTLP endpoint."""
+        return envoy_config.tracing_from_env(self.telemetry_env())
+
+    def metrics_port(self, replica: str, endpoint: Endpoint) -> int:
+        port = self.metrics_ports.get(replica)
+        if port is None:
+            offset = self.metrics_port_offset
+            port = self.metrics_ports[replica] = endpoint.port + offset if offset is not None else free_port()
+        return port
+
+    def _spawn(self, role: str, name: str, argv: list[str], env: Mapping[str, str]) -> Child:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 (the child owns it from here)
+        process = subprocess.Popen(
+            _die_with_parent(argv),
+            env={**os.environ, **env},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.data_dir,
+            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
+        )
+        log_file.close()
+        child = Child(role, name, process, log_path)
+        self.children.append(child)
+        return child
+
+    def service_env(self, service: str, endpoint: Endpoint) -> dict[str, str]:
+        prefix = service.upper()
+        env = {
+            f"{prefix}_HOST": endpoint.host,
+            f"{prefix}_PORT": str(endpoint.port),
+            "OTEL_SERVICE_NAME": service,
+            **self.extra_env,
+        }
+        if service == GATEWAY and f"{prefix}_TRACE_ID_METADATA" not in env and self.tracing() is not None:
+            # Envoy's edge already returns x-trace-id as a response header: the gateway
+            # need not spend a write on sending it as initial metadata too.
+            env[f"{prefix}_TRACE_ID_METADATA"] = "trailing"
+        if service == FEATURES:
+            env["FEATURES_REDIS_URL"] = self.redis_url
+        elif service == RANKING:
+            env["RANKING_REDIS_URL"] = self.redis_url  # the seen-items sets `infermesh seed` writes
+        elif service == SCORING:
+            env["SCORING_MODEL_REPOSITORY"] = str(self.model_repository)
+        elif service == GATEWAY:
+            for backend in (FEATURES, SCORING, RANKING):
+                env[f"GATEWAY_{backend.upper()}_TARGET"] = self.topology.internal_endpoint(backend).address
+        if self.tls is not None:
+            env.update(service_tls_env(service, self.tls))
+        return env
+
+    def start_services(self) -> None:
+        if self.tls is not None:
+            self.tls.check()
+        for service, endpoints in self.topology.replicas.items():
+            for index, endpoint in enumerate(endpoints):
+                name = f"{service}-{index}"
+                env = self.service_env(service, endpoint)
+                variable = f"{service.upper()}_METRICS_PORT"
+                if variable in env:  # the caller's choice (0 turns /metrics off)
+                    self.metrics_ports[name] = int(env[variable])
+                else:
+                    env[variable] = str(self.metrics_port(name, endpoint))
+                self._replicas[name] = (service, endpoint, env)
+                self._spawn(service, name, [sys.executable, "-m", MODULES[service]], env)
+
+    def replica(self, name: str) -> Child:
+        """The running (or last started) process of replica `name`, e.g. scoring-1."""
+        for child in reversed(self.children):
+            if child.name == name:
+                return child
+        raise MeshError(f"no replica named {name!r}")
+
+    def respawn(self, name: str) -> Child:
+        """Start replica `name` again, same port and environment (after it died or was killed)."""
+        old = self.replica(name)
+        if old.process.poll() is None:
+            raise MeshError(f"{name} is still running (pid {old.process.pid})")
+        self.children.remove(old)
+        service, _, env = self._replicas[name]
+        return self._spawn(service, name, [sys.executable, "-m", MODULES[service]], env)
+
+    def start_envoy(self) -> None:
+        config = envoy_config.write(
+            self.topology, self.data_dir / "envoy.json", self.tracing(), self.edge, self.tls
+        )
+        self._spawn(
+            "envoy",
+            "envoy",
+            envoy_config.envoy_command(config, log_level="warn"),
+            {},
+        )
+
+    def start(self, timeout: float = 60.0, progress: bool = False) -> None:
+        self.check_ports()
+        self.start_services()
+        self.start_envoy()
+        self.wait_healthy(timeout, progress)
+
+    # ---- health ---------------------------------------------------------------------
+    def channel(self, endpoint: Endpoint) -> grpc.Channel:
+        """A channel to a replica or the edge: with TLS on, trusting the local CA and
+        presenting the client certificate (replicas require one; the edge ignores it)."""
+        if self.tls is None:
+            return grpc.insecure_channel(endpoint.address)
+        return grpc.secure_channel(endpoint.address, client_credentials(self.tls))
+
+    def _serving(self, endpoint: Endpoint, service_name: str) -> bool:
+        with self.channel(endpoint) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service_name), timeout=1.0
+                )
+            except grpc.RpcError:
+                return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def unhealthy(self) -> list[str]:
+        """Names of the replicas (and the edge) not yet SERVING."""
+        waiting = [
+            f"{service}-{index}"
+            for service, endpoints in self.topology.replicas.items()
+            for index, endpoint in enumerate(endpoints)
+            if not self._serving(endpoint, HEALTH_SERVICE_NAMES[service])
+        ]
+        # Through the edge: Envoy up, its gateway cluster healthy, the gateway's backends too.
+        edge = Endpoint("127.0.0.1", self.topology.edge_port)
+        if not self._serving(edge, HEALTH_SERVICE_NAMES[GATEWAY]):
+            waiting.append("edge")
+        return waiting
+
+    def wait_healthy(self, timeout: float, progress: bool = False) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            dead = [c for c in self.children if c.process.poll() is not None]
+            if dead:
+                raise MeshError(
+                    "; ".join(f"{c.name} exited with {c.process.returncode} (log: {c.log_path})" for c in dead)
+                    + "\n" + self.log_tail(dead[0])
+                )
+            waiting = self.unhealthy()
+            if not waiting:
+                return
+            if progress and ", ".join(waiting) != last:
+                last = ", ".join(waiting)
+                print(f"  waiting for: {last}", flush=True)
+            if time.monotonic() > deadline:
+                raise MeshError(f"not healthy after {timeout:.0f}s: {', '.join(waiting)}; logs in {self.log_dir}")
+            time.sleep(0.25)
+
+    @staticmethod
+    def log_tail(child: Child, lines: int = 15) -> str:
+        try:
+            text = child.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(f"  {child.name}| {line}" for line in text[-lines:])
+
+    # ---- stopping -------------------------------------------------------------------
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM in STOP_ORDER, waiting for each group; SIGKILL what outlives the grace."""
+        for role in STOP_ORDER:
+            group = [c for c in self.children if c.role == role and c.process.poll() is None]
+            for child in group:
+                child.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for child in group:
+                try:
+                    child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
+        self.children.clear()
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_redis(data_dir: Path, port: int, log_dir: Path, persist: bool = True) -> subprocess.Popen[bytes]:
+    """A redis-server of our own; `persist` keeps the seeded catalog across restarts."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise MeshError(
+            "redis-server is not installed. Install it (Debian/Ubuntu: `sudo apt-get install redis-server`, "
+            "macOS: `brew install redis`) or point at a running Redis with REDIS_URL=redis://host:port/0."
+        )
+    if not port_is_free(port):
+        raise MeshError(f"port {port} for Redis is in use; choose another with --redis-port or set REDIS_URL")
+    redis_dir = data_dir / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        binary,
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", str(redis_dir),
+        "--save", "60 1" if persist else "",
+        "--appendonly", "no",
+        "--logfile", str(log_dir / "redis.log"),
+    ]
+    process = subprocess.Popen(
+        _die_with_parent(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise MeshError(f"redis-server exited with {process.returncode}; see {log_dir / 'redis.log'}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return process
+        except OSError:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    raise MeshError(f"redis-server did not answer on port {port} within 10s")

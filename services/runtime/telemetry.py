@@ -1,0 +1,251 @@
+"""OpenTelemetry set up from the standard OTEL_* variables, plus the span helpers services use.
+
+Tracing exports over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT (or
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set and OTEL_TRACES_EXPORTER is not "none".
+Otherwise nothing is recorded unless OTEL_TRACES_SAMPLER says so, but every request still
+gets a trace id (in its log lines and its response). Sampling follows OTEL_TRACES_SAMPLER /
+OTEL_TRACES_SAMPLER_ARG via the SDK (default `parentbased_always_on`: a request that
+arrives through Envoy follows Envoy's decision).
+Batching of the export follows OTEL_BSP_* (schedule delay, queue and batch sizes).
+
+Every custom span and attribute name used in the mesh is a constant below and is listed in
+telemetry/schema.yaml (a unit test keeps the two in step). Services open spans with
+`span(name, {attribute: value})`; nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import time
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+
+TRACER_NAME = "infermesh"
+# Response metadata (gRPC initial metadata; Envoy's transcoder passes it on as an HTTP
+# response header) carrying the request's W3C trace id.
+TRACE_ID_HEADER = "x-trace-id"
+
+# --------------------------------------------------------------------------- names
+# Span names (see telemetry/schema.yaml for who emits each and its attributes).
+SPAN_REDIS_MGET = "MGET"  # OpenTelemetry db convention: the operation name
+SPAN_FEATURES_CACHE_LOOKUP = "infermesh.features.cache_lookup"
+SPAN_SCORING_QUEUE = "infermesh.scoring.queue"
+SPAN_SCORING_INFERENCE = "infermesh.scoring.inference"
+SPAN_RANKING_PREFIX = "infermesh.ranking."  # + top_k (the chain), + each chain stage
+SPAN_GATEWAY_FALLBACK = "infermesh.gateway.fallback"
+
+# Standard attributes (OpenTelemetry semantic conventions).
+ATTR_DB_SYSTEM = "db.system.name"
+ATTR_DB_OPERATION = "db.operation.name"
+ATTR_DB_NAMESPACE = "db.namespace"
+ATTR_SERVER_ADDRESS = "server.address"
+ATTR_SERVER_PORT = "server.port"
+# Custom attributes, all namespaced infermesh.*.
+ATTR_FEATURES_KEYS = "infermesh.features.keys"
+ATTR_CACHE_HIT = "infermesh.cache.hit"
+ATTR_CACHE_HITS = "infermesh.cache.hits"
+ATTR_CACHE_MISSES = "infermesh.cache.misses"
+ATTR_BATCH_SIZE = "infermesh.batch.size"
+ATTR_BATCH_ID = "infermesh.batch.id"
+ATTR_BATCH_REQUESTS = "infermesh.batch.requests"
+ATTR_MODEL_NAME = "infermesh.model.name"
+ATTR_MODEL_VERSION = "infermesh.model.version"
+ATTR_EXECUTION_PROVIDER = "infermesh.execution_provider"
+ATTR_ITEMS = "infermesh.items"
+ATTR_K = "infermesh.k"
+ATTR_STAGE = "infermesh.stage"
+ATTR_FALLBACK_REASON = "infermesh.fallback.reason"
+ATTR_DEADLINE_REMAINING_MS = "infermesh.deadline.remaining_ms"
+
+Attributes = Mapping[str, AttributeValue]
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Telemetry:
+    provider: TracerProvider
+    exporting: bool
+
+    def shutdown(self) -> None:
+        """Flush what is buffered; called on graceful shutdown."""
+        self.provider.force_flush(timeout_millis=5_000)
+        self.provider.shutdown()
+
+
+def _wants_export() -> bool:
+    exporters = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    return exporters != "none" and bool(endpoint)
+
+
+def build_resource(service: str) -> Resource:
+    """service.name from OTEL_SERVICE_NAME (default: the service), plus instance identity.
+
+    OTEL_RESOURCE_ATTRIBUTES is merged in by Resource.create (e.g. k8s.pod.name).
+    """
+    return Resource.create(
+        {
+            "service.name": os.environ.get("OTEL_SERVICE_NAME") or service,
+            "service.namespace": "infermesh",
+            "service.instance.id": f"{socket.gethostname()}:{os.getpid()}",
+        }
+    )
+
+
+def setup_telemetry(service: str) -> Telemetry:
+    """Install the process's tracer provider; called once by run(), never at import."""
+    os.environ.setdefault("OTEL_SERVICE_NAME", service)
+    exporting = _wants_export()
+    sampler = None  # the SDK reads OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG
+    if not exporting and not os.environ.get("OTEL_TRACES_SAMPLER"):
+        # Nobody receives spans: record none. Every request still gets a trace id (for
+        # its log lines and the response), and a caller's sampled traceparent is honoured.
+        sampler = ParentBased(ALWAYS_OFF)
+    provider = TracerProvider(sampler=sampler, resource=build_resource(service))
+    if exporting:
+        from services.runtime.otlp_encoding import FastOTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(FastOTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    tracer.cache_clear()
+    return Telemetry(provider=provider, exporting=exporting)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def tracer() -> trace.Tracer:
+    """The mesh's tracer (a proxy until setup_telemetry installs the provider)."""
+    return trace.get_tracer(TRACER_NAME)
+
+
+class _CurrentSpan:
+    """`with`: a span started, made current for the body, ended after it. An exception
+    (not a BaseException such as cancellation) is recorded on the span and sets its status
+    to ERROR, then propagates, as the SDK's start_as_current_span does; a plain class
+    rather than that helper's three nested generator context managers (~4 us less per span)."""
+
+    __slots__ = ("_name", "_attributes", "_kind", "_span", "_token")
+
+    def __init__(self, name: str, attributes: Attributes | None, kind: SpanKind) -> None:
+        self._name, self._attributes, self._kind = name, attributes, kind
+
+    def __enter__(self) -> Span:
+        self._span = tracer().start_span(self._name, kind=self._kind, attributes=self._attributes)
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        current = self._span
+        try:
+            if isinstance(error, Exception) and current.is_recording():
+                current.record_exception(error)
+                current.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            current.end()
+        finally:
+            otel_context.detach(self._token)
+
+
+# child_span outside any trace: nothing started.
+_NO_SPAN: AbstractContextManager[Span] = nullcontext(trace.INVALID_SPAN)
+
+
+def span(
+    name: str,
+    attributes: Attributes | None = None,
+    /,
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+    **more: AttributeValue,
+) -> AbstractContextManager[Span]:
+    """A child span of the current one, current for the body of the `with`.
+
+    Dotted attribute names go in the mapping (`span("MGET", {"db.system.name": "redis"})`);
+    plain ones may be keywords. Exceptions are recorded on the span and re-raised.
+    """
+    return _CurrentSpan(name, {**attributes, **more} if more else attributes, kind)
+
+
+def child_span(
+    name: str,
+    attributes: Attributes | None = None,
+    /,
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+) -> AbstractContextManager[Span]:
+    """Like span(), but only inside a trace: work done outside any request (background
+    refreshes, probes) starts no trace of its own."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return _NO_SPAN
+    return _CurrentSpan(name, attributes, kind)
+
+
+def stage_span(prefix: str, stage: str, attributes: Attributes | None = None) -> AbstractContextManager[Span]:
+    """`span(prefix + stage)`, e.g. stage_span(SPAN_RANKING_PREFIX, "top_k")."""
+    return span(prefix + stage, attributes)
+
+
+def fallback_span(stage: str, reason: str) -> AbstractContextManager[Span]:
+    """Wrap the code that serves a fallback: span infermesh.gateway.fallback."""
+    return span(SPAN_GATEWAY_FALLBACK, {ATTR_STAGE: stage, ATTR_FALLBACK_REASON: reason})
+
+
+def record_span(
+    name: str,
+    start_perf_ns: int,
+    end_perf_ns: int,
+    attributes: Attributes | None = None,
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+) -> None:
+    """A finished child of the current span for an interval measured with
+    time.perf_counter_ns() elsewhere, e.g. the time a request waited in a batcher's queue,
+    which another task measured. Costs nothing when the current span is not sampled."""
+    parent = trace.get_current_span()
+    if not parent.is_recording():
+        return
+    offset = time.time_ns() - time.perf_counter_ns()
+    child = tracer().start_span(name, kind=kind, attributes=attributes, start_time=start_perf_ns + offset)
+    child.end(end_time=end_perf_ns + offset)
+
+
+def set_attributes(attributes: Attributes) -> None:
+    """Add attributes to the current span (a no-op when it is not recording)."""
+    current = trace.get_current_span()
+    if current.is_recording():
+        current.set_attributes(attributes)
+
+
+def current_trace_id() -> str:
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else ""
+
+
+def current_span_id() -> str:
+    context = trace.get_current_span().get_span_context()
+    return format(context.span_id, "016x") if context.is_valid else ""
+
+
+def current_ids_if_sampled() -> tuple[str, str] | None:
+    """(trace_id, span_id) of the current span when it is sampled; for metric exemplars."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid and context.trace_flags.sampled:
+        return format(context.trace_id, "032x"), format(context.span_id, "016x")
+    return None
