@@ -12,7 +12,7 @@ gen:  ## regenerate services/genproto from protos/
 	.venv/bin/python scripts/gen_protos.py
 
 envoy-config:  ## re-render envoy/local.json
-	.venv/bin/python -m infermesh.envoy.config render --out envoy/local.json
+	.venv/bin/python -m infermesh.envoy render --out envoy/local.json
 
 deploy-check:  ## build every kustomize overlay and validate it offline (kubectl, kubernetes-validate, envoy, hadolint)
 	scripts/validate_deploy.sh

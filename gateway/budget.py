@@ -14,26 +14,25 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
-from services.runtime.settings import SettingsError
+import pydantic
+from pydantic import Field
 
 STAGES = ("retrieval", "features", "scoring", "ranking")
 
+# Declared once, for StageBudgets and for the GATEWAY_*_BUDGET settings that fill it.
+BudgetWeight = Annotated[float, Field(gt=0)]
+ReserveShare = Annotated[float, Field(ge=0, lt=1)]
 
-@dataclass(frozen=True)
+
+@pydantic.dataclasses.dataclass(frozen=True)
 class StageBudgets:
-    retrieval: float = 0.15
-    features: float = 0.25
-    scoring: float = 0.35
-    ranking: float = 0.15
-    reserve: float = 0.10
-
-    def __post_init__(self) -> None:
-        for stage in STAGES:
-            if not getattr(self, stage) > 0:
-                raise SettingsError(f"GATEWAY_{stage.upper()}_BUDGET must be > 0, got {getattr(self, stage)}")
-        if not 0 <= self.reserve < 1:
-            raise SettingsError(f"GATEWAY_FALLBACK_RESERVE must be within [0, 1), got {self.reserve}")
+    retrieval: BudgetWeight = 0.15
+    features: BudgetWeight = 0.25
+    scoring: BudgetWeight = 0.35
+    ranking: BudgetWeight = 0.15
+    reserve: ReserveShare = 0.10
 
     def plan(self, total: float, stages: Sequence[str]) -> Budget:
         """Seconds per stage for a request of `total` seconds running `stages`."""

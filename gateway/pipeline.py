@@ -35,13 +35,19 @@ from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from gateway.budget import Budget, StageBudgets
 from gateway.experiments import Assignment, Experiments
-from gateway.fallback import FALLBACK_MODEL_NAME, fallback_rank, fallback_scores, feature_rows, item_embeddings
+from gateway.fallback import (
+    FALLBACK_MODEL_NAME,
+    FeatureMatrix,
+    fallback_rank,
+    fallback_scores,
+    feature_matrix,
+    item_embeddings,
+)
 from gateway.metrics import GatewayMetrics
 from gateway.shadow import ShadowRunner
 from services.runtime.errors import DeadlineExceeded, InvalidArgument, from_rpc_error
 from services.runtime.logs import get_logger
 from services.runtime.telemetry import fallback_span
-from services.features.layout import FEATURE_DIM
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -92,6 +98,44 @@ class Recommendation:
     @property
     def degraded(self) -> bool:
         return bool(self.degraded_reasons)
+
+
+@dataclass
+class RequestState:
+    """One request on its way through the stages: what each step reads, and the timings and
+    degraded reasons they add."""
+
+    assignment: Assignment
+    user_id: str
+    k: int
+    offset: int
+    explain: bool
+    budget: Budget
+    timings: dict[str, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def degrade(self, reason: str) -> None:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+
+    def result(self, **fields: object) -> Recommendation:
+        return Recommendation(
+            stage_ms=self.timings,
+            degraded_reasons=self.reasons,
+            experiment=self.assignment.experiment,
+            experiment_arm=self.assignment.arm,
+            **fields,  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class Scores:
+    """float32 [items] and who computed them: the model, or the fallback."""
+
+    scores: np.ndarray
+    raw: bytes  # the same scores as the bytes scoring sent, forwarded to ranking as they are
+    model_name: str
+    model_version: str
 
 
 @dataclass(frozen=True)
@@ -195,128 +239,176 @@ class Pipeline:
         explain: bool,
         offset: int,
     ) -> Recommendation:
-        config = self.config
         # Repeated candidates would be ranked twice; keep the first of each.
         candidates = list(dict.fromkeys(candidate_ids))
-        total = config.default_timeout if time_remaining is None else time_remaining
+        total = self.config.default_timeout if time_remaining is None else time_remaining
         stages = ("features", "scoring", "ranking") if candidates else ("retrieval", "features", "scoring", "ranking")
-        budget = config.budgets.plan(total, stages)
-        timings: dict[str, float] = {}
-        reasons: list[str] = []
-
-        def result(**fields: object) -> Recommendation:
-            return Recommendation(
-                stage_ms=timings,
-                degraded_reasons=reasons,
-                experiment=assignment.experiment,
-                experiment_arm=assignment.arm,
-                **fields,  # type: ignore[arg-type]
-            )
-
+        state = RequestState(assignment, user_id, k, offset, explain, self.config.budgets.plan(total, stages))
         if not candidates:
-            # Optional first stage: the feature service finds candidates by ANN over item vectors.
-            retrieved = await self._stage(
-                "retrieval",
-                budget,
-                timings,
-                lambda timeout: self._stubs.features.RetrieveCandidates(
-                    features_pb2.RetrieveCandidatesRequest(user_id=user_id, count=retrieve), timeout=timeout
-                ),
-            )
-            candidates = list(retrieved.item_ids)
-            if retrieved.degraded:
-                reasons.append(FEATURES_DEGRADED)
+            candidates = await self._retrieve(state, retrieve)
             if not candidates:
-                return result(items=[], model_name=assignment.model, model_version="", unknown_items=0)
+                return state.result(items=[], model_name=assignment.model, model_version="", unknown_items=0)
+        features = await self._features(state, candidates)
+        matrix = feature_matrix(features)
+        scored = await self._score(state, features.model_input, matrix, len(candidates))
+        ranked = await self._rank(state, candidates, features, matrix, scored)
+        return state.result(
+            items=list(ranked.items),
+            model_name=scored.model_name,
+            model_version=scored.model_version,
+            unknown_items=features.missing_items,
+            explanations=list(ranked.explanations),
+            total_items=ranked.total_items,
+        )
 
-        features = await self._stage(
-            "features",
-            budget,
-            timings,
-            lambda timeout: self._stubs.features.GetFeatures(
-                features_pb2.GetFeaturesRequest(user_id=user_id, item_ids=candidates), timeout=timeout
+    async def _retrieve(self, state: RequestState, count: int) -> list[str]:
+        """Optional first stage: the feature service finds candidates by ANN over item vectors."""
+        retrieved = await self._stage(
+            "retrieval",
+            state.budget,
+            state.timings,
+            lambda timeout: self._stubs.features.RetrieveCandidates(
+                features_pb2.RetrieveCandidatesRequest(user_id=state.user_id, count=count), timeout=timeout
             ),
         )
-        if features.degraded and FEATURES_DEGRADED not in reasons:
-            reasons.append(FEATURES_DEGRADED)
-        if reasons:
+        if retrieved.degraded:
+            state.degrade(FEATURES_DEGRADED)
+        return list(retrieved.item_ids)
+
+    async def _features(self, state: RequestState, candidates: list[str]) -> features_pb2.GetFeaturesResponse:
+        features = await self._stage(
+            "features",
+            state.budget,
+            state.timings,
+            lambda timeout: self._stubs.features.GetFeatures(
+                features_pb2.GetFeaturesRequest(user_id=state.user_id, item_ids=candidates), timeout=timeout
+            ),
+        )
+        if features.degraded:
+            state.degrade(FEATURES_DEGRADED)
+        if FEATURES_DEGRADED in state.reasons:
             # Served from the feature service's cache/defaults: make it findable in the trace.
             with fallback_span("features", "feature store degraded: cached or default features"):
                 pass
-        matrix = features.model_input
-        rows = feature_rows(matrix.data, matrix.rows, matrix.columns)
+        return features
 
-        # ---- scoring, or the fallback scores
-        request = inference_pb2.ModelInferRequest(model_name=assignment.model, model_version=assignment.version)
-        request.inputs.add(name=config.model_input, datatype=matrix.datatype, shape=[matrix.rows, matrix.columns])
-        request.outputs.add(name=config.model_output)
-        request.raw_input_contents.append(matrix.data)
-        model_name, model_version = assignment.model, assignment.version
+    async def _score(
+        self, state: RequestState, rows: features_pb2.DenseMatrix, matrix: FeatureMatrix | None, count: int
+    ) -> Scores:
+        """The model's scores for the rows, or the fallback scores when scoring fails."""
+        assignment = state.assignment
+        infer_request = self._infer_request(assignment, rows)
         try:
             scored = await self._fallible(
-                "scoring", budget, timings, lambda timeout: self._stubs.scoring.ModelInfer(request, timeout=timeout)
+                "scoring",
+                state.budget,
+                state.timings,
+                lambda timeout: self._stubs.scoring.ModelInfer(infer_request, timeout=timeout),
             )
             raw_scores = scored.raw_output_contents[0] if scored.raw_output_contents else b""
-            if len(raw_scores) != 4 * len(candidates):
-                raise StageFailed("scoring", f"{len(raw_scores)} bytes of scores for {len(candidates)} items")
-            scores = np.frombuffer(raw_scores, dtype="<f4")
-            model_name, model_version = scored.model_name, scored.model_version
-            shadow = self.experiments.config.shadow
-            if shadow is not None and (shadow.model, shadow.version) != (assignment.model, assignment.version):
-                self.shadow.submit(shadow, request, scores)
+            if len(raw_scores) != 4 * count:
+                raise StageFailed("scoring", f"{len(raw_scores)} bytes of scores for {count} items")
         except StageFailed as failure:
-            reasons.append(SCORING_UNAVAILABLE)
-            fallback_started = time.perf_counter()
-            with fallback_span("scoring", failure.why):
-                scores = fallback_scores(rows, len(candidates))
-                raw_scores = scores.tobytes()
-            timings["scoring_fallback"] = (time.perf_counter() - fallback_started) * 1000.0
-            model_name, model_version = FALLBACK_MODEL_NAME, ""
-            log.warning("scoring fell back", reason=failure.why, model=assignment.model, version=assignment.version)
+            return self._fallback_scores(state, matrix, count, failure)
+        scores = np.frombuffer(raw_scores, dtype="<f4")
+        shadow = self.experiments.config.shadow
+        if shadow is not None and (shadow.model, shadow.version) != (assignment.model, assignment.version):
+            self.shadow.submit(shadow, infer_request, scores)
+        return Scores(scores, raw_scores, scored.model_name, scored.model_version)
 
-        # ---- ranking, or top-k by score in the gateway
+    def _infer_request(
+        self, assignment: Assignment, rows: features_pb2.DenseMatrix
+    ) -> inference_pb2.ModelInferRequest:
+        """The feature rows as the model's input, forwarded as the bytes they arrived in."""
+        infer = inference_pb2.ModelInferRequest(model_name=assignment.model, model_version=assignment.version)
+        infer.inputs.add(name=self.config.model_input, datatype=rows.datatype, shape=[rows.rows, rows.columns])
+        infer.outputs.add(name=self.config.model_output)
+        infer.raw_input_contents.append(rows.data)
+        return infer
+
+    @staticmethod
+    def _fallback_scores(
+        state: RequestState, matrix: FeatureMatrix | None, count: int, failure: StageFailed
+    ) -> Scores:
+        state.degrade(SCORING_UNAVAILABLE)
+        started = time.perf_counter()
+        with fallback_span("scoring", failure.why):
+            scores = fallback_scores(matrix, count)
+        state.timings["scoring_fallback"] = (time.perf_counter() - started) * 1000.0
+        assignment = state.assignment
+        log.warning("scoring fell back", reason=failure.why, model=assignment.model, version=assignment.version)
+        return Scores(scores, scores.tobytes(), FALLBACK_MODEL_NAME, "")
+
+    async def _rank(
+        self,
+        state: RequestState,
+        candidates: list[str],
+        features: features_pb2.GetFeaturesResponse,
+        matrix: FeatureMatrix | None,
+        scored: Scores,
+    ) -> ranking_pb2.RankResponse:
+        """Ranking's list, or top-k by score in the gateway when ranking fails."""
+        rank_request = self._rank_request(state, candidates, features, matrix, scored.raw)
+        try:
+            ranked = await self._fallible(
+                "ranking",
+                state.budget,
+                state.timings,
+                lambda timeout: self._stubs.ranking.Rank(rank_request, timeout=timeout),
+            )
+        except StageFailed as failure:
+            return self._fallback_rank(state, candidates, features, scored.scores, failure)
+        for stage in ranked.skipped_stages:
+            state.reasons.append(skipped_reason(stage))
+        return ranked
+
+    def _rank_request(
+        self,
+        state: RequestState,
+        candidates: list[str],
+        features: features_pb2.GetFeaturesResponse,
+        matrix: FeatureMatrix | None,
+        raw_scores: bytes,
+    ) -> ranking_pb2.RankRequest:
         rank_request = ranking_pb2.RankRequest(
             item_ids=candidates,
             scores=raw_scores,
             item_categories=features.item_categories,
             item_present=features.item_present,
-            k=k,
-            max_per_category=config.max_per_category,
-            user_id=user_id,
-            offset=offset,
-            explain=explain,
+            k=state.k,
+            max_per_category=self.config.max_per_category,
+            user_id=state.user_id,
+            offset=state.offset,
+            explain=state.explain,
         )
-        if config.send_item_embeddings and rows is not None:
-            rank_request.item_embeddings = item_embeddings(rows)
-            rank_request.embedding_dim = rows.shape[1] - FEATURE_DIM
-        try:
-            ranked = await self._fallible(
-                "ranking", budget, timings, lambda timeout: self._stubs.ranking.Rank(rank_request, timeout=timeout)
+        if self.config.send_item_embeddings and matrix is not None:
+            rank_request.item_embeddings = item_embeddings(matrix)
+            rank_request.embedding_dim = matrix.item_columns
+        return rank_request
+
+    def _fallback_rank(
+        self,
+        state: RequestState,
+        candidates: list[str],
+        features: features_pb2.GetFeaturesResponse,
+        scores: np.ndarray,
+        failure: StageFailed,
+    ) -> ranking_pb2.RankResponse:
+        state.degrade(RANKING_UNAVAILABLE)
+        started = time.perf_counter()
+        with fallback_span("ranking", failure.why):
+            ranked = fallback_rank(
+                candidates,
+                scores,
+                features.item_categories,
+                features.item_present,
+                state.k,
+                state.offset,
+                self.config.max_per_category,
             )
-            reasons.extend(skipped_reason(stage) for stage in ranked.skipped_stages)
-        except StageFailed as failure:
-            reasons.append(RANKING_UNAVAILABLE)
-            fallback_started = time.perf_counter()
-            with fallback_span("ranking", failure.why):
-                ranked = fallback_rank(
-                    candidates,
-                    scores,
-                    features.item_categories,
-                    features.item_present,
-                    k,
-                    offset,
-                    config.max_per_category,
-                )
-            timings["ranking_fallback"] = (time.perf_counter() - fallback_started) * 1000.0
-            log.warning("ranking fell back", reason=failure.why)
-        return result(
-            items=list(ranked.items),
-            model_name=model_name,
-            model_version=model_version,
-            unknown_items=features.missing_items,
-            explanations=list(ranked.explanations),
-            total_items=ranked.total_items,
-        )
+        state.timings["ranking_fallback"] = (time.perf_counter() - started) * 1000.0
+        log.warning("ranking fell back", reason=failure.why)
+        return ranked
 
     @staticmethod
     async def _stage(

@@ -4,57 +4,103 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
 from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
 from services.genproto.infermesh.features.v1 import features_pb2_grpc
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.genproto.infermesh.ranking.v1 import ranking_pb2_grpc
 
-from gateway.budget import StageBudgets
+from gateway.budget import BudgetWeight, ReserveShare, StageBudgets
 from gateway.experiments import Experiments
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline, PipelineConfig, Stubs
 from gateway.shadow import ShadowRunner
 from services.runtime.channels import open_channel
 from services.runtime.metrics import Metrics
-from services.runtime.settings import ServerSettings, load_settings
+from services.runtime.settings import ServerSettings, TraceIdMetadata, listen_port, load_settings
 from services.runtime.telemetry import current_trace_id
 from services.runtime.topology import FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, RANKING, SCORING
 
+DEFAULT_BUDGETS = StageBudgets()
 
-@dataclass(frozen=True)
+
 class GatewaySettings(ServerSettings):
-    port: int = 30100
+    """The gateway: the Recommend pipeline over features, scoring and ranking."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{GATEWAY.upper()}_")
+
+    port: int = listen_port(30100)
     # Each backend is reached through its Envoy listener, which load-balances the replicas.
-    features_target: str = "127.0.0.1:9101"
-    scoring_target: str = "127.0.0.1:9102"
-    ranking_target: str = "127.0.0.1:9103"
-    model_name: str = "ranker"
-    default_k: int = 20
-    max_k: int = 1000
-    max_candidates: int = 1000
-    max_per_category: int = 5
-    timeout_seconds: float = 2.0
-    # Per-stage shares of the request's deadline (weights, normalised over the stages a
-    # request runs) and the share kept back for fallbacks and the response: gateway/budget.py.
-    retrieval_budget: float = 0.15
-    features_budget: float = 0.25
-    scoring_budget: float = 0.35
-    ranking_budget: float = 0.15
-    fallback_reserve: float = 0.10
-    # Send the item half of the feature rows to ranking, for its diversity (MMR) stage.
-    send_item_embeddings: bool = True
-    # Experiments (A/B arms, canary, shadow): one YAML/JSON file, see gateway/experiments.py.
-    experiments_file: str = ""
-    experiments_reload_seconds: float = 2.0
-    # Shadow calls in flight at once when the file does not say (shadow.max_in_flight).
-    shadow_max_in_flight: int = 8
-    # The edge-facing service returns x-trace-id as initial metadata, which Envoy's
-    # transcoder passes to REST clients as a header (see services/runtime/server.py).
-    trace_id_metadata: str = "initial"
+    features_target: str = Field(
+        "127.0.0.1:9101", min_length=1, description="host:port of the features service (its Envoy listener)."
+    )
+    scoring_target: str = Field(
+        "127.0.0.1:9102", min_length=1, description="host:port of the scoring service (its Envoy listener)."
+    )
+    ranking_target: str = Field(
+        "127.0.0.1:9103", min_length=1, description="host:port of the ranking service (its Envoy listener)."
+    )
+    model_name: str = Field(
+        "ranker", min_length=1, description="Model scored when no experiment arm names another."
+    )
+    default_k: int = Field(20, ge=1, description="Items returned when a request sets no k.")
+    max_k: int = Field(1000, ge=1, description="Largest k a request may ask for.")
+    max_candidates: int = Field(
+        1000, ge=1, description="Most candidate_ids a request may bring, and most it may ask retrieval for."
+    )
+    max_per_category: int = Field(
+        5, ge=0, description="At most this many items of one category in a response (ranking's category_cap); 0: no cap."
+    )
+    timeout_seconds: float = Field(
+        2.0, gt=0, description="Whole-request budget when the caller sets no gRPC deadline (REST requests)."
+    )
+    # Weights normalised over the stages a request runs, and the share of the whole
+    # deadline kept back for fallbacks and the response: gateway/budget.py.
+    retrieval_budget: BudgetWeight = Field(
+        DEFAULT_BUDGETS.retrieval,
+        description="Weight of candidate retrieval in the deadline (only when a request brings no candidates).",
+    )
+    features_budget: BudgetWeight = Field(DEFAULT_BUDGETS.features, description="Weight of GetFeatures in the deadline.")
+    scoring_budget: BudgetWeight = Field(DEFAULT_BUDGETS.scoring, description="Weight of ModelInfer in the deadline.")
+    ranking_budget: BudgetWeight = Field(DEFAULT_BUDGETS.ranking, description="Weight of Rank in the deadline.")
+    fallback_reserve: ReserveShare = Field(
+        DEFAULT_BUDGETS.reserve,
+        description="Share of the whole deadline kept back for the fallbacks and writing the response.",
+    )
+    send_item_embeddings: bool = Field(
+        True, description="Send the item half of the feature rows to ranking, for its diversity (MMR) stage."
+    )
+    experiments_file: str = Field(
+        "", description="YAML/JSON file of A/B arms, canary and shadow (docs/gateway.md); empty: no experiments."
+    )
+    experiments_reload_seconds: float = Field(
+        2.0, gt=0, description="How often the experiments file is checked for changes (SIGHUP reloads at once)."
+    )
+    shadow_max_in_flight: int = Field(
+        8,
+        ge=1,
+        description="Shadow calls in flight at once when the experiments file does not say; beyond it copies are dropped.",
+    )
+    trace_id_metadata: TraceIdMetadata = Field(
+        "initial",
+        description=(
+            "How each response returns its trace id (x-trace-id): initial metadata, which Envoy's "
+            "transcoder passes to REST clients as a header, trailing metadata, or none."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _default_k_is_allowed(self) -> GatewaySettings:
+        if self.default_k > self.max_k:
+            raise ValueError(
+                f"{self.variable('default_k')}={self.default_k} is above {self.variable('max_k')}={self.max_k}: "
+                "requests without k would all be refused"
+            )
+        return self
 
     def budgets(self) -> StageBudgets:
         return StageBudgets(
@@ -196,5 +242,5 @@ class GatewayService:
 
 
 def build() -> tuple[GatewayService, GatewaySettings]:
-    settings = load_settings(GatewaySettings, GATEWAY)
+    settings = load_settings(GatewaySettings)
     return GatewayService(settings), settings

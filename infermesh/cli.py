@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from infermesh import __version__
+
 if TYPE_CHECKING:
     from services.runtime.topology import MeshTopology
 
@@ -20,7 +22,7 @@ DEFAULT_REDIS_PORT = 6390
 
 
 def _replicas(text: str) -> dict[str, int]:
-    from infermesh.envoy.config import parse_replicas
+    from infermesh.envoy.cli import parse_replicas
 
     try:
         return parse_replicas(text)
@@ -86,7 +88,7 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=1000,
         help="each replica serves Prometheus /metrics on its gRPC port + this (default %(default)s)",
     )
-    from infermesh.envoy.config import add_edge_arguments
+    from infermesh.envoy.cli import add_edge_arguments
 
     # --edge-rate-limit, --edge-rate-burst, --api-key-file, --tls (all off by default).
     add_edge_arguments(up)
@@ -152,7 +154,7 @@ def _telemetry_env(args: argparse.Namespace, otlp_endpoint: str | None) -> dict[
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from infermesh.envoy import config as envoy_config
+    from infermesh.envoy.cli import edge_policy_from_args
     from infermesh.certs import CertPaths
     from infermesh.up.supervisor import DESCRIPTOR_SET, Mesh, MeshError, start_redis
     from services.runtime.topology import local_topology
@@ -195,7 +197,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise MeshError(str(error)) from None
         try:
-            edge_policy = envoy_config.edge_policy_from_args(args)
+            edge_policy = edge_policy_from_args(args)
             tls = CertPaths.checked(args.tls) if args.tls is not None else None
         except ValueError as error:
             raise MeshError(str(error)) from None
@@ -282,7 +284,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 # Subcommands owned by other packages: name -> (module, help). Each module has main(argv) -> int.
 DELEGATED: dict[str, tuple[str, str]] = {
     "seed": ("infermesh.workload.seed", "generate the reference catalog and model, load Redis"),
-    "envoy": ("infermesh.envoy.config", "render or check Envoy configs"),
+    "envoy": ("infermesh.envoy.cli", "render or check Envoy configs"),
     "certs": ("infermesh.certs", "create a local CA and certificates for `up --tls` (edge TLS, mTLS)"),
     "bench": ("infermesh.bench.cli", "load-test the mesh or the monolith baseline and report latency/throughput"),
     "plan": ("infermesh.bench.plan", "replicas and cost for a target rate, from a bench suite result"),
@@ -294,6 +296,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infermesh", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _up_parser(commands)
     for name, (_, summary) in DELEGATED.items():

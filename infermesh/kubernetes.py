@@ -1,7 +1,7 @@
 """The mesh on Kubernetes: the topology deploy/ runs, and the Envoy config its ConfigMap holds.
 
 The Envoy config comes from the one renderer `infermesh up` uses
-(infermesh.envoy.config.render); only the topology differs:
+(infermesh.envoy.render); only the topology differs:
 
 * one endpoint per service: its headless Service `<name>:<port>` (same name as the Envoy
   cluster, the Deployment and OTEL_SERVICE_NAME), resolved with STRICT_DNS, so every ready
@@ -33,8 +33,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from infermesh.envoy import config as envoy_config
-from infermesh.envoy.config import REPO_ROOT, Json, Tracing, render, to_json
+from infermesh import envoy
+from infermesh.envoy import REPO_ROOT, Json, Tracing, render, to_json
 from services.runtime.topology import (
     BACKENDS,
     DEFAULT_REPLICA_BASE_PORTS,
@@ -54,7 +54,7 @@ CONFIG_FILES: Mapping[str, Path] = {
     "plain": Path("deploy/base/envoy/envoy.json"),
     "tls": Path("deploy/components/tls/envoy.json"),
 }
-LOCAL_DESCRIPTOR_SET = REPO_ROOT / envoy_config.DEFAULT_DESCRIPTOR_SET
+LOCAL_DESCRIPTOR_SET = REPO_ROOT / envoy.DEFAULT_DESCRIPTOR_SET
 
 
 def service_port(service: str) -> int:
@@ -148,7 +148,7 @@ def _self_signed_certificate(directory: Path) -> None:
     """A throwaway tls.crt/tls.key for `envoy --mode validate` (Envoy loads the files)."""
     openssl = shutil.which("openssl")
     if openssl is None:
-        raise envoy_config.EnvoyError("openssl is needed to make a throwaway certificate for validation")
+        raise envoy.EnvoyError("openssl is needed to make a throwaway certificate for validation")
     subprocess.run(
         [
             openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -175,7 +175,7 @@ def validate_configs() -> list[str]:
             path = tmp_dir / f"envoy-{variant}.json"
             config = render_config(variant, descriptor_set=LOCAL_DESCRIPTOR_SET, tls_dir=tmp_dir)
             path.write_text(to_json(config), encoding="utf-8")
-            envoy_config.validate(path, cwd=tmp_dir)
+            envoy.validate(path, cwd=tmp_dir)
             validated.append(variant)
     return validated
 
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for variant in validate_configs():
             print(f"envoy --mode validate: Kubernetes config ({variant}) OK")
-    except (envoy_config.EnvoyError, subprocess.CalledProcessError) as error:
+    except (envoy.EnvoyError, subprocess.CalledProcessError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

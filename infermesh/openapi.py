@@ -35,7 +35,7 @@ from typing import Any
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
-from infermesh.envoy.config import OPENAPI_PATH
+from infermesh.envoy.routes import OPENAPI_PATH
 
 Json = dict[str, Any]
 FieldProto = descriptor_pb2.FieldDescriptorProto
@@ -53,7 +53,7 @@ _OPENAPI_METHODS = (*_HTTP_METHODS, "head", "options", "trace")
 # body: a gRPC error from a service becomes the HTTP status Envoy maps its code to; Envoy's
 # own replies (a body the transcoder cannot parse, a request over the size limit, no healthy
 # upstream, a route timeout, the edge rate limit, auth) get the same body through the edge's
-# local_reply_config (envoy_config.LOCAL_REPLY_CODES).
+# local_reply_config (infermesh.envoy.listeners.LOCAL_REPLY_CODES).
 ERROR_STATUSES: Mapping[str, str] = {
     "400": "Invalid request: INVALID_ARGUMENT, FAILED_PRECONDITION or OUT_OF_RANGE from the "
     "service, or a body the transcoder cannot parse into the request message.",
@@ -71,7 +71,7 @@ ERROR_STATUSES: Mapping[str, str] = {
     "504": "DEADLINE_EXCEEDED from a service, or the edge's route timeout.",
 }
 STATUS_SCHEMA = "google.rpc.Status"
-# Set by the edge on every response while Envoy's tracer is on (infermesh/envoy/config.py).
+# Set by the edge on every response while Envoy's tracer is on (infermesh/envoy/tracing.py).
 _OK_HEADERS: Mapping[str, Json] = {
     "x-trace-id": {
         "description": "W3C trace id of the request (32 hex characters), when the mesh exports traces.",

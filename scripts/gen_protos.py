@@ -3,7 +3,7 @@
 
 Everything goes into services/genproto/; openapi.json describes the REST API that Envoy's
 transcoder serves (infermesh/openapi.py), using the transcoder's own JSON options from
-the rendered Envoy config (infermesh/envoy/config.py).
+the rendered Envoy config (infermesh/envoy/http_filters.py).
 
     python scripts/gen_protos.py          # regenerate in place
     python scripts/gen_protos.py --check  # exit 1 if the committed stubs are stale
@@ -53,12 +53,12 @@ def openapi_document(scratch: Path) -> str:
     """The OpenAPI document, from a descriptor set with comments (not the one Envoy loads)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from infermesh.envoy import config as envoy_config
+    from infermesh import envoy
     from infermesh import openapi
     described = scratch / "described.binpb"
     _protoc(f"--descriptor_set_out={described}", "--include_imports", "--include_source_info")
     # The JSON shape is the transcoder's: the print options its config is rendered with.
-    options = openapi.JsonOptions.from_print_options(envoy_config.TRANSCODER_PRINT_OPTIONS)
+    options = openapi.JsonOptions.from_print_options(envoy.TRANSCODER_PRINT_OPTIONS)
     return openapi.render(described.read_bytes(), options)
 
 

@@ -13,7 +13,7 @@ step "generated stubs are fresh (scripts/gen_protos.py --check)"
 step "architecture rules (lint-imports: layers, no serving->tools imports, no cycles)"
 .venv/bin/lint-imports
 step "envoy/local.json is fresh"
-.venv/bin/python -m infermesh.envoy.config check && echo "envoy/local.json is up to date"
+.venv/bin/python -m infermesh.envoy check && echo "envoy/local.json is up to date"
 step "deploy/: overlays, Kubernetes 1.32 schemas, Envoy configs, hadolint"
 scripts/validate_deploy.sh
 step "pytest"

@@ -7,7 +7,6 @@ ONNX Runtime; stopped through serve()'s own stop event.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,15 +19,15 @@ from services.scoring.service import ScoringService, ScoringSettings
 
 def server_settings(repository: Path, **overrides: Any) -> ScoringSettings:
     """Settings for a server on a free port, quick to notice readiness and to stop."""
-    base = ScoringSettings(
-        port=free_port(),
-        model_repository=str(repository),
-        providers="cpu",
-        readiness_interval_seconds=0.05,
-        grace_seconds=5.0,
-        repository_poll_seconds=0.1,
-    )
-    return dataclasses.replace(base, **overrides)
+    base: dict[str, Any] = {
+        "port": free_port(),
+        "model_repository": str(repository),
+        "providers": "cpu",
+        "readiness_interval_seconds": 0.05,
+        "grace_seconds": 5.0,
+        "repository_poll_seconds": 0.1,
+    }
+    return ScoringSettings(**(base | overrides))
 
 
 @asynccontextmanager

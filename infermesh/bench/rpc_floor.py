@@ -33,7 +33,7 @@ import numpy as np
 
 from infermesh.bench import report
 from services.runtime.event_loop import event_loop_runner
-from infermesh.envoy.config import envoy_command, plain_proxy
+from infermesh.envoy import envoy_command, plain_proxy
 from infermesh.up.supervisor import free_port
 
 METHOD = "/infermesh.bench.Echo/Echo"

@@ -40,7 +40,7 @@ from infermesh.bench.report import cpu_seconds
 from services.runtime.event_loop import event_loop_runner
 from infermesh.up.supervisor import free_port
 from infermesh.workload import modelgen
-from services.scoring.models import session_options
+from services.scoring.loading import session_options
 from services.scoring.providers import CUDA, IoBindingRunner, SessionRunner, create_session, plan_providers, runner_for
 from services.scoring.service import PROVIDER_KEY, PROVIDER_REASON_KEY
 from services.scoring.stats import load_nvml

@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from infermesh.workload import modelgen
 from services.scoring.config import MODEL_FILE, read_provenance
-from services.scoring.models import session_options
+from services.scoring.loading import session_options
 from infermesh.workload.catalog import DEFAULT_SEED, affinity, generate_catalog, model_input, ndcg_at_k
 
 CANDIDATES = 200

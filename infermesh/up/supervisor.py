@@ -27,12 +27,13 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from infermesh.envoy import config as envoy_config
+from infermesh import envoy
 from infermesh.certs import CertPaths, client_credentials, service_tls_env
 from services.runtime.topology import (
     BACKENDS,
@@ -46,8 +47,13 @@ from services.runtime.topology import (
     MeshTopology,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-DESCRIPTOR_SET = ROOT / "services" / "genproto" / "infermesh_descriptor.binpb"
+# Envoy's transcoder reads the descriptor set and serves the OpenAPI document beside it
+# (GET /v1/openapi.json). Both ship as package data of services.genproto (pyproject.toml),
+# so they are found the same way in a wheel's site-packages as in a checkout.
+GENPROTO_PACKAGE = "services.genproto"
+DESCRIPTOR_SET_FILE = "infermesh_descriptor.binpb"
+OPENAPI_FILE = "openapi.json"
+DESCRIPTOR_SET = Path(str(resources.files(GENPROTO_PACKAGE) / DESCRIPTOR_SET_FILE))
 MODULES: Mapping[str, str] = {
     GATEWAY: "gateway",
     FEATURES: "services.features",
@@ -60,6 +66,16 @@ STOP_ORDER = ("envoy", GATEWAY, RANKING, SCORING, FEATURES, "redis")
 
 class MeshError(RuntimeError):
     pass
+
+
+def check_transcoder_files(descriptor_set: Path) -> None:
+    """Envoy exits at start-up on a missing file it was configured with; say which, and why."""
+    for path in (descriptor_set, descriptor_set.parent / OPENAPI_FILE):
+        if not path.is_file():
+            raise MeshError(
+                f"{path} is missing: Envoy needs it (the {GENPROTO_PACKAGE} package data). "
+                "Reinstall infermesh, or in a checkout run scripts/gen_protos.py."
+            )
 
 
 def _die_with_parent(argv: list[str]) -> list[str]:
@@ -179,7 +195,7 @@ class Mesh:
     # config); None picks free ports. Either way `metrics_ports` says which, by replica name.
     metrics_port_offset: int | None = None
     # Rate limit and API keys at the edge (default: neither).
-    edge: envoy_config.EdgePolicy = field(default_factory=envoy_config.EdgePolicy)
+    edge: envoy.EdgePolicy = field(default_factory=envoy.EdgePolicy)
     # Certificates from `infermesh certs`: TLS at the edge, mTLS to every replica.
     tls: CertPaths | None = None
     children: list[Child] = field(default_factory=list)
@@ -214,9 +230,9 @@ class Mesh:
         """The environment the services see, for the OTEL_* decisions made here."""
         return {**os.environ, **self.extra_env}
 
-    def tracing(self) -> envoy_config.Tracing | None:
+    def tracing(self) -> envoy.Tracing | None:
         """Envoy's tracer: on when the services export to an OTLP endpoint."""
-        return envoy_config.tracing_from_env(self.telemetry_env())
+        return envoy.tracing_from_env(self.telemetry_env())
 
     def metrics_port(self, replica: str, endpoint: Endpoint) -> int:
         port = self.metrics_ports.get(replica)
@@ -269,6 +285,7 @@ class Mesh:
         return env
 
     def start_services(self) -> None:
+        check_transcoder_files(self.topology.descriptor_set)  # before any child: Envoy comes last
         if self.tls is not None:
             self.tls.check()
         for service, endpoints in self.topology.replicas.items():
@@ -300,13 +317,13 @@ class Mesh:
         return self._spawn(service, name, [sys.executable, "-m", MODULES[service]], env)
 
     def start_envoy(self) -> None:
-        config = envoy_config.write(
+        config = envoy.write(
             self.topology, self.data_dir / "envoy.json", self.tracing(), self.edge, self.tls
         )
         self._spawn(
             "envoy",
             "envoy",
-            envoy_config.envoy_command(config, log_level="warn"),
+            envoy.envoy_command(config, log_level="warn"),
             {},
         )
 

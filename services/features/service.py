@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import redis.asyncio as aioredis
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -24,7 +25,7 @@ from services.runtime.breaker import CircuitBreaker
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
-from services.runtime.settings import ServerSettings, load_settings
+from services.runtime.settings import ServerSettings, listen_port, load_settings
 from services.features.cache import LocalCache
 from services.features.layout import DEFAULT_NAMESPACE
 from services.features.registry import load_registry
@@ -37,27 +38,50 @@ log = get_logger(__name__)
 _CLOSE_SECONDS = 3.0
 
 
-@dataclass(frozen=True)
 class FeaturesSettings(ServerSettings):
-    port: int = 30200
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    namespace: str = DEFAULT_NAMESPACE
-    max_items: int = 1000
-    # Longest a request waits on Redis; it also never waits past half its own deadline.
-    redis_timeout_seconds: float = 1.0
-    # Feature views (YAML); empty: the built-in registry of the reference workload.
-    registry: str = ""
-    # In-process cache: bytes bound (0 turns it off) and how long an entry is served
-    # before it is re-read from Redis (a stale entry still answers while Redis is down).
-    cache_max_bytes: int = 64 * 1024 * 1024
-    cache_ttl_seconds: float = 30.0
-    # Consecutive Redis failures that open the circuit breaker; probe interval while open.
-    breaker_failures: int = 3
-    breaker_probe_seconds: float = 0.5
-    # How often the views' materialization pointers are re-read.
-    refresh_seconds: float = 1.0
-    # Candidate index written by `infermesh seed` (relative paths: from the working directory).
-    index_path: str = "index/items.npz"
+    """Features: the feature store over Redis, and candidate retrieval."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{FEATURES.upper()}_")
+
+    port: int = listen_port(30200)
+    redis_url: str = Field("redis://127.0.0.1:6379/0", min_length=1, description="Redis holding the feature views.")
+    namespace: str = Field(DEFAULT_NAMESPACE, min_length=1, description="Key prefix of the feature data in Redis.")
+    max_items: int = Field(
+        1000,
+        ge=1,
+        description="Most items (or entities) one GetFeatures request, or candidates one retrieval, may ask for.",
+    )
+    redis_timeout_seconds: float = Field(
+        1.0, gt=0, description="Longest a request waits on Redis; never past half its own deadline."
+    )
+    registry: str = Field(
+        "", description="YAML file of feature views; empty: the built-in registry of the reference workload."
+    )
+    cache_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Bytes the in-process cache of Redis values may hold; 0 turns it off."
+    )
+    cache_ttl_seconds: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "How long a cached entry is served before it is re-read from Redis; a stale entry still "
+            "answers while Redis is down."
+        ),
+    )
+    breaker_failures: int = Field(
+        3,
+        ge=1,
+        description="Consecutive Redis failures that open the circuit breaker (answers degrade to cache and defaults).",
+    )
+    breaker_probe_seconds: float = Field(0.5, gt=0, description="While the breaker is open, how often Redis is probed.")
+    refresh_seconds: float = Field(1.0, gt=0, description="How often the views' materialization pointers are re-read.")
+    index_path: str = Field(
+        "index/items.npz",
+        description=(
+            "Candidate index written by `infermesh seed` (relative: from the working directory); "
+            "absent: no retrieval."
+        ),
+    )
 
 
 class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
@@ -91,6 +115,7 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
             item_present=rows.item_present,
             missing_items=rows.missing_items,
             degraded=rows.degraded,
+            user_columns=rows.user_columns,
         )
 
     async def RetrieveCandidates(
@@ -225,5 +250,5 @@ class FeaturesService:
 
 
 def build() -> tuple[FeaturesService, FeaturesSettings]:
-    settings = load_settings(FeaturesSettings, FEATURES)
+    settings = load_settings(FeaturesSettings)
     return FeaturesService(settings), settings

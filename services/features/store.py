@@ -17,7 +17,7 @@ import math
 import struct
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -68,6 +68,27 @@ class _Restart(Exception):
     pass
 
 
+# (part, row, key, the key's in-flight Redis read): one row a read still has to fill.
+_Claim = tuple[int, int, str, asyncio.Future[Any]]
+
+
+@dataclass(eq=False)
+class _Read:
+    """One attempt at a read: what each part's rows hold so far, and the keys left to read."""
+
+    parts: Sequence[tuple[FeatureView, Sequence[str]]]
+    prefixes: list[str]  # the materialization each part's keys were built for
+    values: list[list[Any]] = field(init=False)  # per part, per row: the record's bytes or None
+    degraded: list[bool] = field(init=False)
+    owned: list[_Claim] = field(default_factory=list)  # this read fetches them, for every waiter
+    waiting: list[_Claim] = field(default_factory=list)  # another request is fetching them
+    stale: dict[str, Entry] = field(default_factory=dict)  # expired cache entries, to fall back on
+
+    def __post_init__(self) -> None:
+        self.values = [[None] * len(ids) for _, ids in self.parts]
+        self.degraded = [False] * len(self.parts)
+
+
 @dataclass(frozen=True)
 class FeatureRows:
     """Model-ready rows for one request, all as little-endian bytes in request order."""
@@ -79,6 +100,8 @@ class FeatureRows:
     missing_items: int
     columns: int = 0
     degraded: bool = False
+    # The leading columns of each row that hold the user's features; the rest are the item's.
+    user_columns: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -233,6 +256,7 @@ class FeatureStore:
             missing_items=n - int(items.present.sum()),
             columns=rows.shape[1],
             degraded=user.degraded or items.degraded,
+            user_columns=user_vec.size,
         )
 
     async def get_views(
@@ -372,121 +396,145 @@ class FeatureStore:
         return written_at + view.ttl_seconds
 
     async def _read_once(self, parts: Sequence[tuple[FeatureView, Sequence[str]]], deadline: float) -> list[ViewRows]:
+        """One attempt: the local cache, then one MGET of this read's own misses and the views'
+        pointers, then the keys other requests were already reading. _Restart when a view
+        switched materialization under it."""
+        read = self._claim_keys(parts)
+        if read.owned:
+            await self._fetch_owned(read, deadline)
+        if read.waiting:
+            await self._await_others(read, deadline)
+        wall = time.time()
+        return [
+            self._rows(view, prefix, read.values[p], read.degraded[p], wall)
+            for p, ((view, _), prefix) in enumerate(zip(parts, read.prefixes))
+        ]
+
+    def _claim_keys(self, parts: Sequence[tuple[FeatureView, Sequence[str]]]) -> _Read:
+        """Fresh local cache entries answer at once; every other key is claimed for this read
+        to fetch (owned), or awaited from the request already fetching it (waiting)."""
         cache, inflight = self.cache, self._inflight
         loop = asyncio.get_running_loop()
-        prefixes = [self.versions.prefix(view.name) for view, _ in parts]
-        values: list[list[Any]] = [[None] * len(ids) for _, ids in parts]
-        degraded = [False] * len(parts)
-        owned: list[tuple[int, int, str, asyncio.Future[Any]]] = []
-        waiting: list[tuple[int, int, str, asyncio.Future[Any]]] = []
-        stale: dict[str, Entry] = {}
+        read = _Read(parts, [self.versions.prefix(view.name) for view, _ in parts])
         now = time.monotonic()
         lookup_started = time.perf_counter_ns()
         lookups = 0
-        for p, ((view, ids), prefix) in enumerate(zip(parts, prefixes)):
+        for p, ((view, ids), prefix) in enumerate(zip(parts, read.prefixes)):
             head = entity_key_prefix(prefix, view.key)
             keys = [head + entity for entity in ids]
             entries = cache.get_many(keys) if cache.enabled else [None] * len(keys)
-            row = values[p]
+            row = read.values[p]
             lookups += len(keys)
             for j, (key, entry) in enumerate(zip(keys, entries)):
                 if entry is not None:
                     if entry.fresh_until > now:
                         row[j] = entry.value
                         continue
-                    stale[key] = entry
+                    read.stale[key] = entry
                 future = inflight.get(key)
                 if future is None:
                     future = inflight[key] = loop.create_future()
-                    owned.append((p, j, key, future))
+                    read.owned.append((p, j, key, future))
                 else:
-                    waiting.append((p, j, key, future))
-        misses = len(owned) + len(waiting)
-        if cache.enabled:
+                    read.waiting.append((p, j, key, future))
+        self._count_lookups(read, lookups, lookup_started)
+        return read
+
+    def _count_lookups(self, read: _Read, lookups: int, started_ns: int) -> None:
+        misses = len(read.owned) + len(read.waiting)
+        if self.cache.enabled:
             record_span(
                 SPAN_FEATURES_CACHE_LOOKUP,
-                lookup_started,
+                started_ns,
                 time.perf_counter_ns(),
                 {ATTR_CACHE_HIT: misses == 0, ATTR_CACHE_HITS: lookups - misses, ATTR_CACHE_MISSES: misses},
             )
             self.metrics.lookups.labels("local", "hit").inc(lookups - misses)
             self.metrics.lookups.labels("local", "miss").inc(misses)
-        if waiting:
-            self.metrics.coalesced.inc(len(waiting))
+        if read.waiting:
+            self.metrics.coalesced.inc(len(read.waiting))
 
-        def fall_back(p: int, j: int, key: str) -> None:
+    async def _fetch_owned(self, read: _Read, deadline: float) -> None:
+        """The one Redis round trip: the views' pointers and this read's own keys; whatever
+        happens, every request waiting on those keys is answered."""
+        pointers = [self.versions.pointer(view.name) for view, _ in read.parts]
+        try:
+            reply = await self._mget(pointers + [key for _, _, key, _ in read.owned], deadline)
+        except _RedisDown as error:
+            for *_, future in read.owned:
+                future.set_result(_FAILED)
             if self.breaker is None:
-                raise Unavailable("feature store unreachable")
-            degraded[p] = True
-            entry = stale.get(key)
-            if entry is not None and entry.expires_at > time.time():
-                values[p][j] = entry.value
-                self.metrics.fallback_rows.labels("stale").inc()
+                raise Unavailable(f"feature store unreachable: {error}") from None
+            for p, j, key, _ in read.owned:
+                self._fall_back(read, p, j, key)
+        else:
+            self._check_pointers(read, reply[: len(pointers)])
+            self._keep_fetched(read, reply[len(pointers) :])
+        finally:
+            for _, _, key, future in read.owned:
+                if not future.done():  # cancelled mid-read: waiters read for themselves
+                    future.set_result(_RETRY)
+                if self._inflight.get(key) is future:
+                    del self._inflight[key]
+
+    def _check_pointers(self, read: _Read, pointers: list[bytes | None]) -> None:
+        """_Restart (waiters too) if a view now serves another materialization than the keys
+        were built for: the reply mixes nothing, but it is of one no longer served."""
+        moved = False
+        for (view, _), prefix, raw in zip(read.parts, read.prefixes, pointers):
+            serving = self.versions.decode(raw)
+            if serving != prefix:
+                moved = True
+                if self.versions.set(view.name, serving):
+                    self.metrics.switches.inc()
+        if moved:
+            for *_, future in read.owned:
+                future.set_result(_RETRY)
+            raise _Restart
+
+    def _keep_fetched(self, read: _Read, fetched: list[bytes | None]) -> None:
+        """The fetched values: into the read's rows, to the waiters, into the local cache."""
+        found = 0
+        for (p, j, key, future), value in zip(read.owned, fetched):
+            read.values[p][j] = value
+            future.set_result(value)
+            if value is not None:
+                found += 1
+                self.cache.put(key, value, self._expiry(read.parts[p][0], value))
             else:
-                values[p][j] = None
-                self.metrics.fallback_rows.labels("default").inc()
+                self.cache.put(key, None)
+        self.metrics.lookups.labels("redis", "hit").inc(found)
+        self.metrics.lookups.labels("redis", "miss").inc(len(read.owned) - found)
 
-        if owned:
-            pointers = [self.versions.pointer(view.name) for view, _ in parts]
-            try:
-                reply = await self._mget(pointers + [key for _, _, key, _ in owned], deadline)
-            except _RedisDown as error:
-                for _, _, _, future in owned:
-                    future.set_result(_FAILED)
-                if self.breaker is None:
-                    raise Unavailable(f"feature store unreachable: {error}") from None
-                for p, j, key, _ in owned:
-                    fall_back(p, j, key)
+    async def _await_others(self, read: _Read, deadline: float) -> None:
+        """The keys other requests were reading: their values, or a fall-back where that read
+        failed or outlasts this read's deadline; _Restart where it saw a view switch."""
+        pending = {future for *_, future in read.waiting if not future.done()}
+        remaining = deadline - time.monotonic()
+        if pending and remaining > 0:
+            await asyncio.wait(pending, timeout=remaining)
+        for p, j, key, future in read.waiting:
+            result = future.result() if future.done() else _FAILED
+            if result is _RETRY:
+                raise _Restart
+            if result is _FAILED:
+                self._fall_back(read, p, j, key)
             else:
-                moved = False
-                for (view, _), prefix, raw in zip(parts, prefixes, reply):
-                    serving = self.versions.decode(raw)
-                    if serving != prefix:
-                        moved = True
-                        if self.versions.set(view.name, serving):
-                            self.metrics.switches.inc()
-                if moved:
-                    # The reply mixes nothing, but it is of a materialization no longer served.
-                    for _, _, _, future in owned:
-                        future.set_result(_RETRY)
-                    raise _Restart
-                found = 0
-                for (p, j, key, future), value in zip(owned, reply[len(parts) :]):
-                    values[p][j] = value
-                    future.set_result(value)
-                    if value is not None:
-                        found += 1
-                        cache.put(key, value, self._expiry(parts[p][0], value))
-                    else:
-                        cache.put(key, None)
-                self.metrics.lookups.labels("redis", "hit").inc(found)
-                self.metrics.lookups.labels("redis", "miss").inc(len(owned) - found)
-            finally:
-                for _, _, key, future in owned:
-                    if not future.done():  # cancelled mid-read: waiters read for themselves
-                        future.set_result(_RETRY)
-                    if inflight.get(key) is future:
-                        del inflight[key]
+                read.values[p][j] = result
 
-        if waiting:
-            pending = {future for *_, future in waiting if not future.done()}
-            remaining = deadline - time.monotonic()
-            if pending and remaining > 0:
-                await asyncio.wait(pending, timeout=remaining)
-            for p, j, key, future in waiting:
-                result = future.result() if future.done() else _FAILED
-                if result is _RETRY:
-                    raise _Restart
-                if result is _FAILED:
-                    fall_back(p, j, key)
-                else:
-                    values[p][j] = result
-
-        wall = time.time()
-        return [
-            self._rows(view, prefix, values[p], degraded[p], wall)
-            for p, ((view, _), prefix) in enumerate(zip(parts, prefixes))
-        ]
+    def _fall_back(self, read: _Read, p: int, j: int, key: str) -> None:
+        """A row Redis did not answer: a stale cache entry within the view's TTL, else the
+        view's default (None here); the part is degraded. Without a breaker: Unavailable."""
+        if self.breaker is None:
+            raise Unavailable("feature store unreachable")
+        read.degraded[p] = True
+        entry = read.stale.get(key)
+        if entry is not None and entry.expires_at > time.time():
+            read.values[p][j] = entry.value
+            self.metrics.fallback_rows.labels("stale").inc()
+        else:
+            read.values[p][j] = None
+            self.metrics.fallback_rows.labels("default").inc()
 
     def _rows(self, view: FeatureView, prefix: str, values: list[Any], degraded: bool, now: float) -> ViewRows:
         n = len(values)

@@ -312,24 +312,9 @@ def mmr_select(embeddings: np.ndarray, scores: np.ndarray, lam: float, count: in
     closeness = np.full(count, np.nan)
     if count == 0:
         return picks, closeness
-    vectors = np.asarray(embeddings, dtype=np.float32)
-    if not np.isfinite(vectors).all():
-        vectors = np.nan_to_num(vectors, nan=0.0, posinf=0.0, neginf=0.0)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    unit = vectors / np.where(norms > 0, norms, 1.0)  # zero vectors: similar to nothing
-    similarity = (unit @ unit.T).astype(np.float64)
-    s = np.asarray(scores, dtype=np.float64)
-    finite = np.isfinite(s)
-    if finite.all():
-        lo, hi = s.min(), s.max()
-        relevance = (s - lo) / (hi - lo) if hi > lo else np.ones(n)
-    else:
-        relevance = np.where(s == np.inf, 1.0, 0.0)  # NaN / -inf: least relevant
-        if finite.any():
-            lo, hi = s[finite].min(), s[finite].max()
-            relevance[finite] = (s[finite] - lo) / (hi - lo) if hi > lo else 1.0
+    similarity = _cosine_similarity(embeddings)
     # A picked row's gain becomes -inf, so it never wins again (no mask per step).
-    gain = lam * relevance
+    gain = lam * _relevance(scores)
     weight = 1.0 - lam
     first = int(gain.argmax())
     picks[0] = first
@@ -344,6 +329,30 @@ def mmr_select(embeddings: np.ndarray, scores: np.ndarray, lam: float, count: in
         gain[chosen] = -np.inf
         np.maximum(nearest, similarity[chosen], out=nearest)
     return picks, closeness
+
+
+def _cosine_similarity(embeddings: np.ndarray) -> np.ndarray:
+    """[N, N] cosine similarity of the rows (float64); non-finite values count as 0."""
+    vectors = np.asarray(embeddings, dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        vectors = np.nan_to_num(vectors, nan=0.0, posinf=0.0, neginf=0.0)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = vectors / np.where(norms > 0, norms, 1.0)  # zero vectors: similar to nothing
+    return (unit @ unit.T).astype(np.float64)
+
+
+def _relevance(scores: np.ndarray) -> np.ndarray:
+    """Scores min-max scaled to [0, 1] over the finite ones; +inf is 1, NaN and -inf are 0."""
+    s = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(s)
+    if finite.all():
+        lo, hi = s.min(), s.max()
+        return (s - lo) / (hi - lo) if hi > lo else np.ones(len(s))
+    relevance = np.where(s == np.inf, 1.0, 0.0)  # NaN / -inf: least relevant
+    if finite.any():
+        lo, hi = s[finite].min(), s[finite].max()
+        relevance[finite] = (s[finite] - lo) / (hi - lo) if hi > lo else 1.0
+    return relevance
 
 
 class Mmr(Stage):

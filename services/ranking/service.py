@@ -8,15 +8,17 @@ warning logged and ranking_skipped_stages_total{stage} counted.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Literal
 
 import grpc
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from services.runtime.errors import InvalidArgument
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
-from services.runtime.settings import ServerSettings, SettingsError, load_settings
+from services.runtime.settings import ServerSettings, listen_port, load_settings
 from services.runtime.telemetry import (
     ATTR_ITEMS,
     ATTR_K,
@@ -52,50 +54,128 @@ log = get_logger(__name__)
 DEFAULT_CHAIN = "seen_filter,rules,calibration,category_cap,mmr"
 
 
-@dataclass(frozen=True)
 class RankingSettings(ServerSettings):
-    port: int = 30400
-    max_items: int = 10_000
-    # The stages, comma-separated, in the order they run; leave one out to turn it off.
-    chain: str = DEFAULT_CHAIN
-    # seen_filter: the Redis holding the `<namespace>:seen:<user_id>` sets.
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    namespace: str = DEFAULT_NAMESPACE
-    # Longest the filter waits on Redis; never more than half the caller's remaining deadline.
-    redis_timeout_seconds: float = 0.1
-    # After this many consecutive Redis failures requests skip the filter without calling
-    # Redis; one request tries again every redis_retry_seconds.
-    redis_failures_to_skip: int = 3
-    redis_retry_seconds: float = 1.0
-    # members (SMEMBERS: cheapest while seen sets are kept small) | ismember (SMISMEMBER:
-    # reply bounded by the request, for long histories). See services/ranking/seen.py.
-    seen_lookup: str = "members"
-    # rules: comma-separated category ids never returned, and bounds on the score as it is
-    # at the rules' place in the chain (infinite: no bound).
-    rules_deny_categories: str = ""
-    rules_min_score: float = -math.inf
-    rules_max_score: float = math.inf
-    # calibration: none | platt (sigmoid(a * logit(score) + b); temperature T is a = 1/T,
-    # b = 0) | piecewise (linear through calibration_points "x:y,x:y,...", x increasing,
-    # y non-decreasing). calibration_score: what the scores are, probability | logit.
-    calibration: str = "none"
-    calibration_a: float = 1.0
-    calibration_b: float = 0.0
-    calibration_score: str = "probability"
-    calibration_points: str = ""
-    # mmr: lambda 1 is pure relevance (the stage does not run); lower trades relevance for
-    # diversity among the first mmr_top_n items. It runs only on requests with embeddings.
-    mmr_lambda: float = 1.0
-    mmr_top_n: int = 100
+    """Ranking: the chain of stages between scores and the page returned."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{RANKING.upper()}_")
+
+    port: int = listen_port(30400)
+    max_items: int = Field(10_000, ge=1, description="Most items one Rank request may carry.")
+    chain: str = Field(
+        DEFAULT_CHAIN,
+        description=(
+            f"The stages, comma-separated, in the order they run; leave one out to turn it off. "
+            f"Known: {', '.join(STAGE_NAMES)}."
+        ),
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis holding the `<namespace>:seen:<user_id>` sets of seen_filter; empty: no seen_filter.",
+    )
+    namespace: str = Field(DEFAULT_NAMESPACE, min_length=1, description="Key prefix of the seen sets in Redis.")
+    redis_timeout_seconds: float = Field(
+        0.1, gt=0, description="Longest seen_filter waits on Redis; never more than half the caller's remaining deadline."
+    )
+    redis_failures_to_skip: int = Field(
+        3,
+        ge=1,
+        description="After this many consecutive Redis failures, requests skip seen_filter without calling Redis.",
+    )
+    redis_retry_seconds: float = Field(
+        1.0, gt=0, description="While seen_filter is skipped, one request tries Redis again this often."
+    )
+    seen_lookup: Literal[LOOKUPS] = Field(
+        "members",
+        description=(
+            "members (SMEMBERS: cheapest while seen sets are small) or ismember (SMISMEMBER: a reply "
+            "bounded by the request, for long histories)."
+        ),
+    )
+    rules_deny_categories: str = Field(
+        "", description="rules: comma-separated category ids never returned, e.g. 3,17."
+    )
+    rules_min_score: float = Field(
+        -math.inf,
+        description="rules: items scoring below this, as scored at the rules' place in the chain, are dropped; -inf: none.",
+    )
+    rules_max_score: float = Field(
+        math.inf,
+        description="rules: items scoring above this, as scored at the rules' place in the chain, are dropped; inf: none.",
+    )
+    calibration: Literal["none", "platt", "piecewise"] = Field(
+        "none",
+        description=(
+            "calibration: none; platt (sigmoid(a * logit(score) + b); a temperature T is a = 1/T, b = 0); "
+            "piecewise (linear through calibration_points)."
+        ),
+    )
+    calibration_a: float = Field(1.0, gt=0, description="platt: the slope a (> 0, so the order is kept).")
+    calibration_b: float = Field(0.0, description="platt: the offset b.")
+    calibration_score: Literal["probability", "logit"] = Field(
+        "probability", description="platt: what the incoming scores are, probabilities or logits."
+    )
+    calibration_points: str = Field(
+        "",
+        description="piecewise: x:y points, e.g. 0:0,0.5:0.2,1:1; x increasing, y non-decreasing, at least two.",
+    )
+    mmr_lambda: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description=(
+            "mmr: 1 is pure relevance (the stage does not run); lower trades relevance for diversity among "
+            "the first mmr_top_n items. Runs only on requests with embeddings."
+        ),
+    )
+    mmr_top_n: int = Field(100, ge=1, description="mmr: how many of the top items are re-ordered for diversity.")
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _calibration_any_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("chain")
+    @classmethod
+    def _known_stages(cls, spec: str) -> str:
+        _stage_names(spec)
+        return spec
+
+    @field_validator("rules_deny_categories")
+    @classmethod
+    def _category_ids(cls, spec: str) -> str:
+        _deny_list(spec)
+        return spec
+
+    @field_validator("calibration_points")
+    @classmethod
+    def _xy_pairs(cls, spec: str) -> str:
+        _points(spec)
+        return spec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RankingSettings:
+        variable = self.variable
+        if SEEN_FILTER in _stage_names(self.chain) and not self.redis_url:
+            raise ValueError(
+                f"{variable('redis_url')} is empty but {variable('chain')} has seen_filter: set one or drop the other"
+            )
+        if self.rules_min_score > self.rules_max_score:
+            raise ValueError(f"{variable('rules_min_score')} is above {variable('rules_max_score')}: no item could pass")
+        if self.calibration == "piecewise":
+            try:
+                piecewise_linear(*_points(self.calibration_points))
+            except ValueError as error:
+                raise ValueError(f"{variable('calibration_points')}={self.calibration_points!r}: {error}") from None
+        return self
 
 
 def _stage_names(spec: str) -> list[str]:
     names = [part.strip() for part in spec.split(",") if part.strip()]
     unknown = [name for name in names if name not in STAGE_NAMES]
     if unknown:
-        raise SettingsError(f"RANKING_CHAIN: unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGE_NAMES)}")
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGE_NAMES)}")
     if len(set(names)) != len(names):
-        raise SettingsError(f"RANKING_CHAIN={spec!r}: a stage appears twice")
+        raise ValueError("a stage appears twice")
     return names
 
 
@@ -103,9 +183,7 @@ def _deny_list(spec: str) -> list[int]:
     try:
         return [int(part) for part in spec.split(",") if part.strip()]
     except ValueError:
-        raise SettingsError(
-            f"RANKING_RULES_DENY_CATEGORIES={spec!r}: expected comma-separated category ids, e.g. 3,17"
-        ) from None
+        raise ValueError("expected comma-separated category ids, e.g. 3,17") from None
 
 
 def _points(spec: str) -> tuple[list[float], list[float]]:
@@ -117,75 +195,43 @@ def _points(spec: str) -> tuple[list[float], list[float]]:
                 xs.append(float(x))
                 ys.append(float(y))
     except ValueError:
-        raise SettingsError(f"RANKING_CALIBRATION_POINTS={spec!r}: expected x:y pairs, e.g. 0:0,0.5:0.2,1:1") from None
+        raise ValueError("expected x:y pairs, e.g. 0:0,0.5:0.2,1:1") from None
     return xs, ys
 
 
 def _calibration(settings: RankingSettings) -> Calibration:
-    method = settings.calibration.strip().lower()
-    try:
-        if method == "none":
-            return Calibration(None, "none")
-        if method == "platt":
-            if settings.calibration_score not in ("probability", "logit"):
-                raise ValueError(
-                    f"RANKING_CALIBRATION_SCORE must be probability or logit, not {settings.calibration_score!r}"
-                )
-            function = platt(
-                settings.calibration_a,
-                settings.calibration_b,
-                settings.calibration_score,
-            )
-            return Calibration(
-                function,
-                f"platt a={settings.calibration_a:g} b={settings.calibration_b:g}",
-            )
-        if method == "piecewise":
-            return Calibration(piecewise_linear(*_points(settings.calibration_points)), "piecewise")
-    except ValueError as error:
-        raise SettingsError(f"RANKING_CALIBRATION={method}: {error}") from None
-    raise SettingsError(f"RANKING_CALIBRATION={settings.calibration!r}: expected none, platt or piecewise")
+    if settings.calibration == "platt":
+        function = platt(settings.calibration_a, settings.calibration_b, settings.calibration_score)
+        return Calibration(function, f"platt a={settings.calibration_a:g} b={settings.calibration_b:g}")
+    if settings.calibration == "piecewise":
+        return Calibration(piecewise_linear(*_points(settings.calibration_points)), "piecewise")
+    return Calibration(None, "none")
 
 
 def build_stages(settings: RankingSettings, store: SeenStore | None) -> list[Stage]:
-    """The configured stages; every setting is checked here, at start, never per request."""
+    """The configured stages; RankingSettings checked every setting when it was built."""
     stages: list[Stage] = []
     for name in _stage_names(settings.chain):
         if name == SEEN_FILTER:
             if store is None:
-                raise SettingsError(
-                    "RANKING_REDIS_URL is empty but RANKING_CHAIN has seen_filter: set one or drop the other"
-                )
+                raise ValueError("seen_filter is in the chain but no seen store was given")
             stages.append(SeenFilter(store))
         elif name == RULES:
-            if settings.rules_min_score > settings.rules_max_score:
-                raise SettingsError("RANKING_RULES_MIN_SCORE is above RANKING_RULES_MAX_SCORE: no item could pass")
             stages.append(
-                Rules(
-                    _deny_list(settings.rules_deny_categories),
-                    settings.rules_min_score,
-                    settings.rules_max_score,
-                )
+                Rules(_deny_list(settings.rules_deny_categories), settings.rules_min_score, settings.rules_max_score)
             )
         elif name == CALIBRATION:
             stages.append(_calibration(settings))
         elif name == CATEGORY_CAP:
             stages.append(CategoryCap())
         elif name == MMR:
-            try:
-                stages.append(Mmr(settings.mmr_lambda, settings.mmr_top_n))
-            except ValueError as error:
-                raise SettingsError(f"RANKING_MMR_LAMBDA / RANKING_MMR_TOP_N: {error}") from None
+            stages.append(Mmr(settings.mmr_lambda, settings.mmr_top_n))
     return stages
 
 
 def build_seen_store(settings: RankingSettings) -> SeenStore | None:
     if not settings.redis_url or SEEN_FILTER not in _stage_names(settings.chain):
         return None
-    if settings.redis_failures_to_skip < 1:
-        raise SettingsError(f"RANKING_REDIS_FAILURES_TO_SKIP must be >= 1, got {settings.redis_failures_to_skip}")
-    if settings.seen_lookup not in LOOKUPS:
-        raise SettingsError(f"RANKING_SEEN_LOOKUP={settings.seen_lookup!r}: expected {' or '.join(LOOKUPS)}")
     return SeenStore.from_url(
         settings.redis_url,
         settings.namespace,
@@ -291,5 +337,5 @@ class RankingService:
 
 
 def build() -> tuple[RankingService, RankingSettings]:
-    settings = load_settings(RankingSettings, RANKING)
+    settings = load_settings(RankingSettings)
     return RankingService(settings), settings

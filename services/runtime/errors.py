@@ -1,7 +1,13 @@
-"""Domain errors and the one table that maps them to gRPC status codes.
+"""Domain errors and the one table that maps them to gRPC status codes, both ways.
 
-Service code raises these; the error interceptor turns them into statuses, so no servicer
-calls context.abort with a code of its own choosing.
+Service code raises these; the error interceptor (services/runtime/server.py) turns them
+into statuses, so no servicer calls context.abort with a code of its own choosing. A caller
+of another service reads the table backwards (from_rpc_error), so a downstream status keeps
+its meaning through the gateway: OUT_OF_RANGE stays a client error, never UNAVAILABLE,
+which Envoy and the clients would retry.
+
+Every status the services and the gateway raise or act on is in the table;
+tests/unit/test_errors.py walks their sources to keep it so.
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ class InfermeshError(Exception):
 
 class InvalidArgument(InfermeshError):
     pass
+
+
+class OutOfRange(InfermeshError):
+    """A value of the right type past the end of what exists (e.g. a page beyond the list)."""
 
 
 class NotFound(InfermeshError):
@@ -37,13 +47,24 @@ class FailedPrecondition(InfermeshError):
     pass
 
 
+class Internal(InfermeshError):
+    """The service failed in a way no retry or other request fixes (a bug, a broken model)."""
+
+
+# The one table. One status per error and one error per status, so it reads both ways.
 STATUS_FOR_ERROR: dict[type[InfermeshError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Internal: grpc.StatusCode.INTERNAL,
+}
+# A downstream call's status, seen by a caller: which domain error it becomes.
+ERROR_FOR_STATUS: dict[grpc.StatusCode, type[InfermeshError]] = {
+    status: error for error, status in STATUS_FOR_ERROR.items()
 }
 
 
@@ -58,17 +79,8 @@ def status_for(error: InfermeshError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-# A downstream call's status, seen by a caller: which domain error it becomes.
-ERROR_FOR_STATUS: dict[grpc.StatusCode, type[InfermeshError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-}
-
-
 def from_rpc_error(stage: str, error: grpc.aio.AioRpcError) -> InfermeshError:
-    """Re-raise a downstream failure as ours, naming the stage that failed."""
+    """Re-raise a downstream failure as ours, naming the stage that failed. A status no
+    service of ours raises (UNKNOWN, CANCELLED, UNIMPLEMENTED...) reads as Unavailable."""
     kind = ERROR_FOR_STATUS.get(error.code(), Unavailable)
     return kind(f"{stage}: {error.details() or error.code().name}")

@@ -8,13 +8,13 @@ error mapping, metrics, request logs), and graceful shutdown on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,13 +22,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from services.runtime.errors import INTERNAL_ERROR_MESSAGE, InfermeshError, status_for
 from services.runtime.event_loop import event_loop_runner
 from services.runtime.logs import configure_logging, get_logger
 from services.runtime.metrics import Metrics, RpcMetrics, grpc_code_name
 from services.runtime.rpc_tracing import end_server_span, start_server_span
-from services.runtime.settings import ServerSettings, SettingsError, load_settings
+from services.runtime.settings import ServerSettings, ServiceSettings, SettingsError, load_settings
 from services.runtime.telemetry import TRACE_ID_HEADER, setup_telemetry
 
 log = get_logger(__name__)
@@ -279,16 +281,29 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
     ]
 
 
-@dataclass(frozen=True)
-class TlsSettings:
-    """<SERVICE>_TLS_CERT and _TLS_KEY (PEM files): serve TLS instead of plaintext; with
-    <SERVICE>_TLS_CLIENT_CA too, require a client certificate signed by that CA (mTLS:
+class TlsSettings(ServiceSettings):
+    """`<SERVICE>_TLS_CERT` and `_TLS_KEY` (PEM files): serve TLS instead of plaintext; with
+    `<SERVICE>_TLS_CLIENT_CA` too, require a client certificate signed by that CA (mTLS:
     only Envoy, holding the mesh's client certificate, gets through). `infermesh certs`
     makes them, `infermesh up --tls DIR` sets them."""
 
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
+    # Each service reads these with its own prefix: tls_settings_class(service).
+    model_config = SettingsConfigDict(env_prefix="<SERVICE>_")
+
+    tls_cert: str = Field("", description="PEM certificate (chain) the server presents; empty: plaintext.")
+    tls_key: str = Field("", description="PEM private key of that certificate; set with the certificate.")
+    tls_client_ca: str = Field(
+        "", description="PEM CA bundle: clients must present a certificate it signed (mTLS); empty: none asked."
+    )
+
+    @model_validator(mode="after")
+    def _files_go_together(self) -> TlsSettings:
+        cert, key, client_ca = (self.variable(name) for name in ("tls_cert", "tls_key", "tls_client_ca"))
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError(f"{cert} and {key} go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError(f"{client_ca} needs {cert} and {key}")
+        return self
 
     @property
     def mode(self) -> str:
@@ -297,14 +312,15 @@ class TlsSettings:
         return "mtls" if self.tls_client_ca else "tls"
 
 
+@functools.cache
+def tls_settings_class(service: str) -> type[TlsSettings]:
+    """TlsSettings read with `service`'s prefix (SCORING_TLS_CERT, ...)."""
+    config = SettingsConfigDict(env_prefix=f"{service.upper()}_")
+    return type(f"{service.title()}TlsSettings", (TlsSettings,), {"model_config": config})
+
+
 def load_tls_settings(service: str, environ: Mapping[str, str] | None = None) -> TlsSettings:
-    tls = load_settings(TlsSettings, service, environ)
-    prefix = service.upper()
-    if bool(tls.tls_cert) != bool(tls.tls_key):
-        raise SettingsError(f"{prefix}_TLS_CERT and {prefix}_TLS_KEY go together: set both or neither")
-    if tls.tls_client_ca and not tls.tls_cert:
-        raise SettingsError(f"{prefix}_TLS_CLIENT_CA needs {prefix}_TLS_CERT and {prefix}_TLS_KEY")
-    return tls
+    return load_settings(tls_settings_class(service), environ)
 
 
 def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
@@ -443,6 +459,8 @@ def run(name: str, build: Callable[[], tuple[Service, ServerSettings]]) -> None:
         event_loop_runner()(main())
     except SystemExit:
         raise
+    except SettingsError as error:  # a bad variable: its message is the whole story
+        raise SystemExit(f"{name}: {error}") from None
     except Exception:
         log.exception("service failed")
         sys.exit(1)

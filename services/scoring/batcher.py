@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.runtime.errors import DeadlineExceeded, InfermeshError, InvalidArgument, Overloaded, Unavailable
+from services.runtime.errors import DeadlineExceeded, InfermeshError, Internal, InvalidArgument, Overloaded, Unavailable
 from services.runtime.logs import get_logger
 from services.runtime.telemetry import (
     ATTR_BATCH_ID,
@@ -60,8 +60,8 @@ Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 BATCHES_IN_FLIGHT = 2
 
 
-class InferenceFailed(InfermeshError):
-    """The model raised while executing; not in the status table, so it reads as INTERNAL."""
+class InferenceFailed(Internal):
+    """The model raised while executing: INTERNAL, through the status table's Internal."""
 
 
 @dataclass
@@ -312,27 +312,10 @@ class DynamicBatcher:
         built = time.perf_counter_ns()
         # Deadlines are in loop time; the instance's thread reads the same clock through this.
         offset = loop.time() - time.monotonic()
-
-        def run() -> tuple[int, list[Pending], list[np.ndarray]]:
-            # In the instance's thread, where the batch may have waited for the one before it:
-            # requests that expired or were cancelled meanwhile are left out here, not computed.
-            ran = time.perf_counter_ns()
-            now = time.monotonic() + offset
-            ready = [p for p in live if not p.future.done() and p.deadline > now]
-            if len(ready) == len(live):
-                return ran, live, instance.runner(inputs)
-            if not ready:
-                return ran, ready, []
-            return ran, ready, instance.runner(ready[0].inputs if len(ready) == 1 else _concatenate(ready))
-
-        rows = sum(p.rows for p in live)
         try:
-            ran, ready, outputs = await loop.run_in_executor(instance.executor, run)
+            ran, ready, outputs = await loop.run_in_executor(instance.executor, _run_live, instance, live, inputs, offset)
         except Exception as error:
-            log.error("model execution failed", model=self.name, instance=instance.label, rows=rows, error=str(error))
-            for pending in live:
-                if not pending.future.done():
-                    pending.future.set_exception(InferenceFailed(f"{self.name}: model execution failed: {error}"))
+            self._fail(instance, live, error)
             return
         computed = time.perf_counter_ns()
         if len(ready) != len(live):
@@ -341,10 +324,20 @@ class DynamicBatcher:
                     self._expire(pending)
             if not ready:
                 return
-            rows = sum(p.rows for p in ready)
         # Waiting for the instance is queueing: statistics and spans read as if the batch had
         # been built just before it ran.
-        started, built = ran - (built - started), ran
+        self._answer(ready, outputs, started=ran - (built - started), built=ran, computed=computed)
+
+    def _fail(self, instance: Instance, batch: list[Pending], error: Exception) -> None:
+        rows = sum(p.rows for p in batch)
+        log.error("model execution failed", model=self.name, instance=instance.label, rows=rows, error=str(error))
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(InferenceFailed(f"{self.name}: model execution failed: {error}"))
+
+    def _answer(self, ready: list[Pending], outputs: list[np.ndarray], started: int, built: int, computed: int) -> None:
+        """Hand each request its rows of the outputs; record the batch for statistics and traces."""
+        rows = sum(p.rows for p in ready)
         for pending in ready:
             self.stats.queue.add(started - pending.enqueued_ns)
         batch_id = next(self._batch_ids)
@@ -360,6 +353,25 @@ class DynamicBatcher:
             self.metrics.batch_size.observe(rows)
             self.metrics.queue_us.inc(sum(started - p.enqueued_ns for p in ready) / 1000)
             self.metrics.compute_us.inc((computed - built) * len(ready) / 1000)
+
+
+def _run_live(
+    instance: Instance, live: list[Pending], inputs: dict[str, np.ndarray], loop_offset: float
+) -> tuple[int, list[Pending], list[np.ndarray]]:
+    """(when it ran, the requests it ran, their outputs), in the instance's thread.
+
+    There the batch may have waited for the one before it: requests that expired or were
+    cancelled meanwhile are left out here, not computed. `loop_offset` turns time.monotonic()
+    into the event loop's clock, which deadlines are in.
+    """
+    ran = time.perf_counter_ns()
+    now = time.monotonic() + loop_offset
+    ready = [p for p in live if not p.future.done() and p.deadline > now]
+    if len(ready) == len(live):
+        return ran, live, instance.runner(inputs)
+    if not ready:
+        return ran, ready, []
+    return ran, ready, instance.runner(ready[0].inputs if len(ready) == 1 else _concatenate(ready))
 
 
 def _concatenate(batch: list[Pending]) -> dict[str, np.ndarray]:

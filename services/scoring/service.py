@@ -12,12 +12,14 @@ import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 import grpc
 import numpy as np
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.genproto.inference import model_config_pb2 as mc
@@ -32,16 +34,18 @@ from services.runtime.errors import (
 )
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
-from services.runtime.settings import ServerSettings, SettingsError, load_settings
+from services.runtime.settings import ServerSettings, listen_port, load_settings
 from services.runtime.topology import HEALTH_SERVICE_NAMES, SCORING
 from services.scoring.batcher import InferenceFailed
 from services.scoring.cache import PredictionCache, cache_key
 from services.scoring.config import MODEL_FILE, BatchingPolicy, TensorSpec, VersionPolicy
-from services.scoring.models import PLATFORM, LoadOptions, ModelVersion, instance_device, warmup_shape
+from services.scoring.loading import LoadOptions, instance_device
+from services.scoring.models import PLATFORM, ModelVersion
 from services.scoring.providers import ALIASES
 from services.scoring.repository import CONTROL_MODES, ModelRepository, RepositoryOptions
 from services.scoring.stats import ScoringMetrics, register_gpu_memory
 from services.scoring.tensors import BYTES, DTYPES, to_raw
+from services.scoring.warmup import warmup_shape
 
 log = get_logger(__name__)
 
@@ -69,37 +73,58 @@ TRITON_DATA_TYPES: Mapping[str, int] = {
 }
 
 
-@dataclass(frozen=True)
 class ScoringSettings(ServerSettings):
-    port: int = 30300
-    model_repository: str = ".infermesh/models"
-    # auto: TensorRT -> CUDA -> CPU, as far as this host has them; or tensorrt / cuda / cpu.
-    # A model's config.json execution_providers overrides it.
-    providers: str = "auto"
-    intra_op_threads: int = 1
-    # poll: pick up new versions in the background; explicit: RepositoryModelLoad/Unload only;
-    # none: load once at start.
-    model_control_mode: str = "poll"
-    repository_poll_seconds: float = 2.0
-    # explicit mode: models loaded at start, comma-separated; "*" = all.
-    load_models: str = ""
-    # Redis for models that enable response_cache; empty = no cache anywhere.
-    cache_redis_url: str = ""
-    cache_timeout_seconds: float = 0.1
-    cache_retry_seconds: float = 5.0
-    # Bytes of loaded model versions (each: its model file once per instance); past it, the
-    # least recently used other models are unloaded to make room. 0 = no budget.
-    model_memory_budget_bytes: int = 0
+    """Scoring: the Open Inference Protocol server over the ONNX model repository."""
 
-    def __post_init__(self) -> None:
-        if self.model_memory_budget_bytes < 0:
-            raise SettingsError(
-                f"SCORING_MODEL_MEMORY_BUDGET_BYTES={self.model_memory_budget_bytes}: use a number of bytes, 0 = no budget"
-            )
-        if self.providers not in ALIASES:
-            raise SettingsError(f"SCORING_PROVIDERS={self.providers!r}: use one of {sorted(ALIASES)}")
-        if self.model_control_mode not in CONTROL_MODES:
-            raise SettingsError(f"SCORING_MODEL_CONTROL_MODE={self.model_control_mode!r}: use one of {list(CONTROL_MODES)}")
+    model_config = SettingsConfigDict(env_prefix=f"{SCORING.upper()}_")
+
+    port: int = listen_port(30300)
+    model_repository: str = Field(
+        ".infermesh/models",
+        min_length=1,
+        description="The model repository: `<model>/config.json` and `<model>/<version>/model.onnx`.",
+    )
+    providers: Literal[tuple(ALIASES)] = Field(
+        "auto",
+        description=(
+            "Execution providers: auto (TensorRT, then CUDA, then CPU, as far as this host has them), "
+            "tensorrt, cuda or cpu. A model's config.json execution_providers overrides it."
+        ),
+    )
+    intra_op_threads: int = Field(
+        1,
+        ge=0,
+        description=(
+            "ONNX Runtime threads per inference session, unless a model's config sets its own; "
+            "0: ONNX Runtime's default."
+        ),
+    )
+    model_control_mode: Literal[CONTROL_MODES] = Field(
+        "poll",
+        description=(
+            "poll: load everything at start, then pick up new or changed versions in the background; "
+            "explicit: load_models at start, then only RepositoryModelLoad/Unload; none: load everything once."
+        ),
+    )
+    repository_poll_seconds: float = Field(2.0, gt=0, description="poll mode: how often the repository is re-read.")
+    load_models: str = Field(
+        "", description='explicit mode: models loaded at start, comma-separated; "*": all of them.'
+    )
+    cache_redis_url: str = Field(
+        "", description="Redis for the models that enable response_cache; empty: no response cache anywhere."
+    )
+    cache_timeout_seconds: float = Field(0.1, gt=0, description="Longest a response-cache read or write waits on Redis.")
+    cache_retry_seconds: float = Field(
+        5.0, ge=0, description="After a Redis failure the response cache is off this long, then tried again."
+    )
+    model_memory_budget_bytes: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Bytes of loaded model versions (each: its model file once per instance); past it, the least "
+            "recently used other models are unloaded to make room. 0: no budget."
+        ),
+    )
 
 
 def _parameter(parameter: pb.InferParameter) -> object:
@@ -435,7 +460,7 @@ def _instance_groups(model: ModelVersion) -> list[mc.ModelInstanceGroup]:
 
 
 def _warmups(model: ModelVersion) -> list[mc.ModelWarmup]:
-    """The warmup requests the version ran at load (models.warmup_shape); without batching
+    """The warmup requests the version ran at load (warmup.warmup_shape); without batching
     Triton's batch_size is 1 and the dims are the whole shape."""
     warmups = []
     for number, spec in enumerate(model.config.warmup):
@@ -512,6 +537,6 @@ class ScoringService:
 
 
 def build() -> tuple[ScoringService, ScoringSettings]:
-    settings = load_settings(ScoringSettings, SCORING)
+    settings = load_settings(ScoringSettings)
     return ScoringService(settings), settings
 

@@ -29,7 +29,7 @@ from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from infermesh import certs
 
-from infermesh.envoy import config as envoy_config
+from infermesh import envoy
 from infermesh.up.supervisor import Mesh
 from services.runtime.topology import GATEWAY, HEALTH_SERVICE_NAMES, SCORING
 from tests.conftest import RedisServer, running_mesh, seed_small
@@ -68,8 +68,8 @@ def secure_mesh(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisSer
     assert certs.main(["--out", str(workdir / "certs")]) == 0
     key_file = workdir / "api-keys"
     key_file.write_text(f"# client:key\ne2e:{API_KEY}\n")
-    edge = envoy_config.EdgePolicy(
-        rate_limit_rps=RATE_RPS, rate_limit_burst=RATE_BURST, api_keys=envoy_config.load_api_keys(key_file)
+    edge = envoy.EdgePolicy(
+        rate_limit_rps=RATE_RPS, rate_limit_burst=RATE_BURST, api_keys=envoy.load_api_keys(key_file)
     )
     paths = certs.CertPaths(workdir / "certs")
     # Its readiness probes go over mTLS, and through the TLS edge.

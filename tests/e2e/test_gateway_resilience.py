@@ -28,7 +28,7 @@ from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.experiments import parse
-from gateway.fallback import FALLBACK_MODEL_NAME, fallback_rank, fallback_scores
+from gateway.fallback import FALLBACK_MODEL_NAME, FeatureMatrix, fallback_rank, fallback_scores
 from infermesh.up.supervisor import Mesh
 from services.runtime.topology import GATEWAY, RANKING, SCORING
 from infermesh.workload.catalog import generate_catalog, model_input
@@ -123,7 +123,8 @@ def fallback() -> Fallback:
     catalog = generate_catalog(seed=SEED, **SMALL)
     index = [int(i[1:]) for i in CANDIDATES]
     rows = model_input(catalog.user_vecs[1], catalog.item_vecs[index])
-    scores = fallback_scores(rows, len(index))
+    # The layout the feature service states: the user's vector, then the item's.
+    scores = fallback_scores(FeatureMatrix(rows, catalog.user_vecs.shape[1]), len(index))
     categories = catalog.item_category[index].astype("<i4")
     ranked = fallback_rank(CANDIDATES, scores, categories.tobytes(), b"", K, 0, MAX_PER_CATEGORY)
     return Fallback(

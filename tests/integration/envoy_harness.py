@@ -22,12 +22,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from infermesh.envoy import config as envoy_config
+from infermesh.envoy import bootstrap, process
+from infermesh.envoy.edge_policy import EdgePolicy
 from infermesh.certs import CertPaths
 from services.runtime.topology import BACKENDS, HEALTH_SERVICE_NAMES, Endpoint, MeshTopology
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DESCRIPTOR = REPO_ROOT / envoy_config.DEFAULT_DESCRIPTOR_SET
+DESCRIPTOR = REPO_ROOT / bootstrap.DEFAULT_DESCRIPTOR_SET
 WAIT_S = 15.0  # upper bound for every "until" loop
 RPC_TIMEOUT_S = 5.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -98,7 +99,7 @@ class Envoy:
 
 
 def start_envoy(config: Path, workdir: Path) -> Envoy:
-    cmd = envoy_config.envoy_command(
+    cmd = process.envoy_command(
         config,
         log_path=workdir / "envoy.log",
         admin_address_path=workdir / "admin.address",
@@ -202,11 +203,11 @@ async def all_healthy(envoy: Envoy, replicas: Iterable[tuple[str, int]]) -> bool
 async def running_envoy(
     workdir: Path,
     replicas: list[tuple[str, int]],
-    edge: envoy_config.EdgePolicy | None = None,
+    edge: EdgePolicy | None = None,
     tls: CertPaths | None = None,
 ) -> AsyncIterator[Envoy]:
     """Envoy in front of `replicas` ((service, port) each), up with every one healthy."""
-    config = envoy_config.write(topology_of(replicas), workdir / "envoy.json", edge=edge, tls=tls)
+    config = bootstrap.write(topology_of(replicas), workdir / "envoy.json", edge=edge, tls=tls)
     envoy = start_envoy(config, workdir)
     try:
         await until("admin and listeners", envoy, lambda: read_back_ports(envoy))

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from gateway import experiments
-from infermesh.envoy import config as envoy_config
+from infermesh import envoy
 from infermesh import kubernetes
 from services.runtime.topology import BACKENDS, DEFAULT_EDGE_PORT, HEALTH_SERVICE_NAMES, SERVICES
 
@@ -186,7 +186,7 @@ def test_envoy_configmap_is_a_fresh_rendering(built: tuple[str, list[Obj]]) -> N
     (config_volume,) = [v for v in volumes if v["name"] == "config"]
     configmap = _get(objs, "ConfigMap", config_volume["configMap"]["name"])
     variant = "tls" if overlay == "production" else "plain"
-    assert configmap["data"]["envoy.json"] == envoy_config.to_json(kubernetes.render_config(variant))
+    assert configmap["data"]["envoy.json"] == envoy.to_json(kubernetes.render_config(variant))
     args = _container(objs, kubernetes.ENVOY)["args"]
     assert args[:2] == ["-c", "/etc/envoy/envoy.json"]
 

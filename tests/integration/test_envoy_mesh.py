@@ -23,7 +23,11 @@ from services.genproto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2
 from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from infermesh.envoy import config as envoy_config
+from infermesh.envoy import bootstrap, process
+from infermesh.envoy import cli as envoy_cli
+from infermesh.envoy.http_filters import MAX_REQUEST_BYTES
+from infermesh.envoy.resilience import ROUTE_TIMEOUTS
+from infermesh.envoy.tracing import Tracing
 from services.runtime.topology import (
     FEATURES,
     GATEWAY,
@@ -65,7 +69,7 @@ pytestmark = pytest.mark.timeout(60)
 )
 def test_envoy_accepts_rendering(tmp_path: Path, replicas: dict[str, int]) -> None:
     topology = local_topology(replicas, descriptor_set=DESCRIPTOR)
-    envoy_config.validate(envoy_config.write(topology, tmp_path / "envoy.json"))
+    process.validate(bootstrap.write(topology, tmp_path / "envoy.json"))
 
 
 def test_envoy_accepts_strict_dns_rendering(tmp_path: Path) -> None:
@@ -75,12 +79,12 @@ def test_envoy_accepts_strict_dns_rendering(tmp_path: Path) -> None:
         listen_host="0.0.0.0",
         discovery="STRICT_DNS",
     )
-    envoy_config.validate(envoy_config.write(topology, tmp_path / "envoy.json"))
+    process.validate(bootstrap.write(topology, tmp_path / "envoy.json"))
 
 
 def test_envoy_accepts_committed_local_config() -> None:
     # Relative descriptor path: resolves against the repo root, where `infermesh` runs.
-    envoy_config.validate(REPO_ROOT / envoy_config.LOCAL_CONFIG, cwd=REPO_ROOT)
+    process.validate(REPO_ROOT / bootstrap.LOCAL_CONFIG, cwd=REPO_ROOT)
 
 
 @pytest.mark.parametrize(
@@ -93,20 +97,20 @@ def test_envoy_accepts_committed_local_config() -> None:
 )
 def test_envoy_accepts_traced_rendering(tmp_path: Path, endpoint: str, sampling_percent: float) -> None:
     topology = local_topology({SCORING: 2}, descriptor_set=DESCRIPTOR)
-    tracing = envoy_config.Tracing(endpoint, sampling_percent)
-    envoy_config.validate(envoy_config.write(topology, tmp_path / "envoy.json", tracing))
+    tracing = Tracing(endpoint, sampling_percent)
+    process.validate(bootstrap.write(topology, tmp_path / "envoy.json", tracing))
 
 
 def test_cli_render_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "envoy.json"
     args = ["render", "--replicas", "features=3", "--descriptor-set", str(DESCRIPTOR)]
-    assert envoy_config.main([*args, "--out", str(out), "--validate"]) == 0
+    assert envoy_cli.main([*args, "--out", str(out), "--validate"]) == 0
     assert json.loads(out.read_text()) == json.loads(_stdout_of([*args, "--validate"], capsys))
 
 
 def _stdout_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     capsys.readouterr()
-    assert envoy_config.main(argv) == 0
+    assert envoy_cli.main(argv) == 0
     return capsys.readouterr().out
 
 
@@ -115,9 +119,9 @@ def test_validate_reports_envoy_errors(tmp_path: Path) -> None:
     # only the descriptor set is missing.
     (tmp_path / "openapi.json").write_bytes((DESCRIPTOR.parent / "openapi.json").read_bytes())
     topology = local_topology(descriptor_set=tmp_path / "missing.binpb")
-    path = envoy_config.write(topology, tmp_path / "envoy.json")
-    with pytest.raises(envoy_config.EnvoyError, match="missing.binpb"):
-        envoy_config.validate(path)
+    path = bootstrap.write(topology, tmp_path / "envoy.json")
+    with pytest.raises(process.EnvoyError, match="missing.binpb"):
+        process.validate(path)
 
 
 # --------------------------------------------------------------------------- stub backends
@@ -286,7 +290,7 @@ async def test_rest_grpc_error_maps_to_http_status(mesh: Mesh) -> None:
 
 async def test_rest_body_over_limit_is_413(mesh: Mesh) -> None:
     big = json.dumps({"user_id": "u1", "candidate_ids": ["i" * 1000] * 5000}).encode()
-    assert len(big) > envoy_config.MAX_REQUEST_BYTES
+    assert len(big) > MAX_REQUEST_BYTES
     headers = {"content-type": "application/json"}
     edge = mesh.envoy.address("edge")
     status, _, _ = await http_call(edge, "POST", "/v1/recommend", big, headers)
@@ -302,10 +306,10 @@ async def test_inference_protocol_via_edge_reaches_scoring(mesh: Mesh) -> None:
 
 
 async def test_a_stream_outlives_the_per_try_timeout(mesh: Mesh) -> None:
-    # Unary routes give a try 2 s (envoy_config.ROUTE_TIMEOUTS); a stream's route has no
+    # Unary routes give a try 2 s (ROUTE_TIMEOUTS); a stream's route has no
     # timeout of its own, so one kept open longer is still answered, on the edge and on
     # scoring's internal listener.
-    per_try = float(envoy_config.ROUTE_TIMEOUTS[SCORING][1].rstrip("s"))
+    per_try = float(ROUTE_TIMEOUTS[SCORING][1].rstrip("s"))
 
     async def paced(listener: str) -> list[str]:
         async with channel(mesh.envoy.address(listener)) as chan:

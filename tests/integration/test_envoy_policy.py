@@ -26,7 +26,11 @@ from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.runtime.server import TlsSettings, server_credentials
 from infermesh import certs
-from infermesh.envoy import config as envoy_config
+from infermesh.envoy import bootstrap, process
+from infermesh.envoy.edge_policy import CLIENT_ID_HEADER, RATE_LIMIT_STAT_PREFIX, ApiKey, EdgePolicy
+from infermesh.envoy.http_filters import MAX_REQUEST_BYTES
+from infermesh.envoy.resilience import ROUTE_TIMEOUTS
+from infermesh.envoy.tracing import Tracing
 from services.runtime.topology import (
     FEATURES,
     GATEWAY,
@@ -138,7 +142,7 @@ async def _serve_stubs(credentials: dict[str, grpc.ServerCredentials] | None = N
 async def running(
     tmp_path: Path,
     stubs: Stubs,
-    edge: envoy_config.EdgePolicy | None = None,
+    edge: EdgePolicy | None = None,
     tls: certs.CertPaths | None = None,
 ) -> AsyncIterator[Envoy]:
     """An Envoy of its own in front of `stubs`, up with every replica healthy."""
@@ -197,14 +201,14 @@ async def _infer(address: str, calls: int, method: str = "ModelInfer") -> list[s
 def test_envoy_accepts_every_policy_and_tls(tmp_path: Path) -> None:
     paths = certs.generate(tmp_path / "certs")
     tls = certs.CertPaths.checked(paths.directory)
-    edge = envoy_config.EdgePolicy(
-        rate_limit_rps=100, rate_limit_burst=300, api_keys=(envoy_config.ApiKey("alice", API_KEY),)
+    edge = EdgePolicy(
+        rate_limit_rps=100, rate_limit_burst=300, api_keys=(ApiKey("alice", API_KEY),)
     )
-    for tracing in (None, envoy_config.Tracing("http://127.0.0.1:4317")):
-        config = envoy_config.write(
+    for tracing in (None, Tracing("http://127.0.0.1:4317")):
+        config = bootstrap.write(
             local_topology({SCORING: 2}, descriptor_set=DESCRIPTOR), tmp_path / "envoy.json", tracing, edge, tls
         )
-        envoy_config.validate(config)
+        process.validate(config)
 
 
 def test_certs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -264,7 +268,7 @@ async def test_state_changing_calls_are_not_retried(tmp_path: Path, stubs: Stubs
 
 async def test_hung_replica_is_cut_off_by_the_per_try_timeout(tmp_path: Path, stubs: Stubs) -> None:
     stubs.scoring[0].mode = "hang"
-    per_try = float(envoy_config.ROUTE_TIMEOUTS[SCORING][1].rstrip("s"))
+    per_try = float(ROUTE_TIMEOUTS[SCORING][1].rstrip("s"))
     async with running(tmp_path, stubs) as envoy:
         started = time.monotonic()
         answers = await _infer(envoy.address(SCORING), 2)  # one of the two lands on the hung one
@@ -302,7 +306,7 @@ async def _edge_health(address: str, credentials: grpc.ChannelCredentials | None
 
 
 async def test_edge_rate_limit_answers_429_and_resource_exhausted(tmp_path: Path, stubs: Stubs) -> None:
-    edge = envoy_config.EdgePolicy(rate_limit_rps=2, rate_limit_burst=4)
+    edge = EdgePolicy(rate_limit_rps=2, rate_limit_burst=4)
     async with running(tmp_path, stubs, edge) as envoy:
         address = envoy.address("edge")
         started = time.monotonic()
@@ -323,7 +327,7 @@ async def test_edge_rate_limit_answers_429_and_resource_exhausted(tmp_path: Path
         # Rejected calls never reached the gateway; health checks are not limited.
         assert stubs.gateway.calls == admitted + grpc_codes.count("OK")
         assert await _edge_health(address) == SERVING
-        limited = await stats(envoy, f"{envoy_config.RATE_LIMIT_STAT_PREFIX}.")
+        limited = await stats(envoy, f"{RATE_LIMIT_STAT_PREFIX}.")
         assert limited["http_local_rate_limit.rate_limited"] == codes.count(429) + grpc_codes.count(
             "RESOURCE_EXHAUSTED"
         )
@@ -335,11 +339,11 @@ async def test_edge_rate_limit_answers_429_and_resource_exhausted(tmp_path: Path
 
 
 async def test_envoys_own_rest_errors_are_json_grpc_ones_stay_grpc(tmp_path: Path, stubs: Stubs) -> None:
-    async with running(tmp_path, stubs, envoy_config.EdgePolicy()) as envoy:
+    async with running(tmp_path, stubs, EdgePolicy()) as envoy:
         address = envoy.address("edge")
         cases = {
             400: (b'{"user_id": "u1", "k": "many"}', 3),  # the transcoder cannot parse it
-            413: (b'{"user_id": "' + b"x" * (envoy_config.MAX_REQUEST_BYTES + 1) + b'"}', 8),
+            413: (b'{"user_id": "' + b"x" * (MAX_REQUEST_BYTES + 1) + b'"}', 8),
         }
         for expected, (body, code) in cases.items():
             status, headers, raw = await http_call(address, "POST", "/v1/recommend", body, JSON)
@@ -352,7 +356,7 @@ async def test_envoys_own_rest_errors_are_json_grpc_ones_stay_grpc(tmp_path: Pat
         async with grpc.aio.insecure_channel(address) as chan:
             call = chan.unary_unary("/infermesh.gateway.v1.GatewayService/Recommend")
             with pytest.raises(grpc.aio.AioRpcError) as failure:
-                await call(b"x" * (envoy_config.MAX_REQUEST_BYTES + 1), timeout=RPC_TIMEOUT_S)
+                await call(b"x" * (MAX_REQUEST_BYTES + 1), timeout=RPC_TIMEOUT_S)
             assert not (failure.value.details() or "").startswith("{"), failure.value.details()
 
 
@@ -360,7 +364,7 @@ async def test_envoys_own_rest_errors_are_json_grpc_ones_stay_grpc(tmp_path: Pat
 
 
 async def test_api_keys_401_without_reaching_the_gateway(tmp_path: Path, stubs: Stubs) -> None:
-    edge = envoy_config.EdgePolicy(api_keys=(envoy_config.ApiKey("alice", API_KEY),))
+    edge = EdgePolicy(api_keys=(ApiKey("alice", API_KEY),))
     async with running(tmp_path, stubs, edge) as envoy:
         address = envoy.address("edge")
         for headers in ({}, {"x-api-key": "wrong"}, {"authorization": "Bearer wrong"}):
@@ -381,7 +385,7 @@ async def test_api_keys_401_without_reaching_the_gateway(tmp_path: Path, stubs: 
         assert await _recommend_grpc(address, (("x-api-key", API_KEY),)) == "OK"
         assert stubs.gateway.calls == 3
         # The gateway learns who called, never the key.
-        assert stubs.gateway.metadata[envoy_config.CLIENT_ID_HEADER] == "alice"
+        assert stubs.gateway.metadata[CLIENT_ID_HEADER] == "alice"
         assert "x-api-key" not in stubs.gateway.metadata
         # Health checks need no key (probes through the edge keep working).
         assert await _edge_health(address) == SERVING
@@ -397,7 +401,11 @@ async def tls_stubs(tmp_path: Path) -> AsyncIterator[tuple[Stubs, certs.CertPath
     # requires a client certificate from the CA, as `infermesh up --tls` runs them.
     credentials = {
         service: server_credentials(
-            TlsSettings(str(paths.service_cert(service)), str(paths.service_key(service)), str(paths.ca_cert))
+            TlsSettings(
+                tls_cert=str(paths.service_cert(service)),
+                tls_key=str(paths.service_key(service)),
+                tls_client_ca=str(paths.ca_cert),
+            )
         )
         for service in (GATEWAY, SCORING, FEATURES, RANKING)
     }
@@ -461,4 +469,4 @@ def test_service_tls_settings() -> None:
         with pytest.raises(SettingsError):
             load_tls_settings("scoring", bad)
     with pytest.raises(SettingsError, match="cannot read"):
-        server_credentials(TlsSettings("/nonexistent.crt", "/nonexistent.key"))
+        server_credentials(TlsSettings(tls_cert="/nonexistent.crt", tls_key="/nonexistent.key"))

@@ -87,6 +87,8 @@ def test_reference_form_is_what_the_gateway_forwards(running: Running) -> None:
     reply = running.stub.GetFeatures(features_pb2.GetFeaturesRequest(user_id="u3", item_ids=["i7", "i8"]), timeout=5)
     rows = np.frombuffer(reply.model_input.data, "<f4").reshape(2, 64)
     assert reply.model_input.columns == 64 and not reply.degraded
+    # The layout the gateway reads the rows by: 32 user columns, then the item's.
+    assert reply.user_columns == 32
     assert rows[:, :32].tobytes() == np.repeat(running.catalog.user_vecs[3][None], 2, 0).tobytes()
     assert rows[:, 32:].tobytes() == running.catalog.item_vecs[[7, 8]].tobytes()
 

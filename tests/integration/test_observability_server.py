@@ -56,7 +56,7 @@ PROBE = textwrap.dedent(
 
 
     def build():
-        settings = load_settings(RankingSettings, "ranking")
+        settings = load_settings(RankingSettings)
         return ProbeService(settings), settings
 
 

@@ -1,6 +1,6 @@
 """The local (`infermesh up`) and Kubernetes Envoy configs come from one renderer and agree.
 
-Both are rendered here by infermesh.envoy.config.render; the Kubernetes one differs
+Both are rendered here by infermesh.envoy.render; the Kubernetes one differs
 only where the topology says it must (addresses, discovery, listen host, descriptor path),
 and the committed ConfigMap sources under deploy/ equal a fresh rendering.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from infermesh.envoy import config as envoy_config
+from infermesh import envoy
 
 from infermesh import kubernetes
 from services.runtime.topology import (
@@ -32,7 +32,7 @@ TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 @pytest.fixture(scope="module")
 def local() -> Json:
     # `infermesh up --otlp-endpoint` adds the tracer the Kubernetes config always has.
-    return envoy_config.render(envoy_config.local_config_topology(), tracing=kubernetes.TRACING)
+    return envoy.render(envoy.local_config_topology(), tracing=kubernetes.TRACING)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _listeners(config: Json) -> dict[str, Json]:
 
 def _clusters(config: Json) -> dict[str, Json]:
     """The services' clusters (not the trace collector's)."""
-    return {c["name"]: c for c in config["static_resources"]["clusters"] if c["name"] != envoy_config.COLLECTOR_CLUSTER}
+    return {c["name"]: c for c in config["static_resources"]["clusters"] if c["name"] != envoy.COLLECTOR_CLUSTER}
 
 
 def _hcm(listener: Json) -> Json:
@@ -177,13 +177,13 @@ def test_kubernetes_clusters_resolve_headless_services(k8s: Json) -> None:
 
 
 def test_kubernetes_envoy_traces_to_the_collector_service(k8s: Json) -> None:
-    (collector,) = [c for c in k8s["static_resources"]["clusters"] if c["name"] == envoy_config.COLLECTOR_CLUSTER]
+    (collector,) = [c for c in k8s["static_resources"]["clusters"] if c["name"] == envoy.COLLECTOR_CLUSTER]
     assert collector["dns_lookup_family"] == "V4_PREFERRED"
     assert collector["type"] == "STRICT_DNS"
     assert _endpoints(collector) == [("otel-collector", 4317)]
-    services = (envoy_config.REPO_ROOT / "deploy" / "base" / "otel-collector.yaml").read_text()
+    services = (envoy.REPO_ROOT / "deploy" / "base" / "otel-collector.yaml").read_text()
     assert "name: otel-collector" in services and "4317" in services
-    kustomization = (envoy_config.REPO_ROOT / "deploy" / "base" / "kustomization.yaml").read_text()
+    kustomization = (envoy.REPO_ROOT / "deploy" / "base" / "kustomization.yaml").read_text()
     # Envoy starts most traces: it samples at the rate the services are configured with.
     assert f"OTEL_TRACES_SAMPLER_ARG={kubernetes.TRACING.sampling_percent / 100:g}" in kustomization
     for listener in _listeners(k8s).values():
@@ -201,7 +201,7 @@ def test_kubernetes_descriptor_set_is_the_images_path(k8s: Json) -> None:
         f for f in _hcm(_listeners(k8s)["edge"])["http_filters"] if f["name"] == TRANSCODER
     ]
     assert transcoder["typed_config"]["proto_descriptor"] == str(kubernetes.DESCRIPTOR_SET)
-    dockerfile = (envoy_config.REPO_ROOT / "deploy" / "Dockerfile").read_text()
+    dockerfile = (envoy.REPO_ROOT / "deploy" / "Dockerfile").read_text()
     assert f" {kubernetes.DESCRIPTOR_SET}\n" in dockerfile  # COPY ... <that path>
 
 
@@ -241,8 +241,8 @@ def test_committed_configmap_sources_are_fresh() -> None:
 
 def test_committed_files_are_the_canonical_json_of_a_rendering() -> None:
     for variant, relative in kubernetes.CONFIG_FILES.items():
-        text = (envoy_config.REPO_ROOT / relative).read_text(encoding="utf-8")
-        assert text == envoy_config.to_json(kubernetes.render_config(variant))
+        text = (envoy.REPO_ROOT / relative).read_text(encoding="utf-8")
+        assert text == envoy.to_json(kubernetes.render_config(variant))
 
 
 def test_stale_and_missing_files_are_reported(tmp_path: Path) -> None:

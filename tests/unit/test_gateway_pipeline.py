@@ -16,17 +16,19 @@ from services.genproto.infermesh.ranking.v1 import ranking_pb2
 from gateway.experiments import Experiments, parse
 from gateway.fallback import (
     FALLBACK_MODEL_NAME,
+    FeatureMatrix,
     fallback_rank,
     fallback_scores,
-    feature_rows,
+    feature_matrix,
     item_embeddings,
 )
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline, PipelineConfig, Stubs
 from gateway.shadow import ShadowRunner, compare
-from services.runtime.errors import InvalidArgument, NotFound
+from services.runtime.errors import InvalidArgument, NotFound, OutOfRange
 from services.runtime.metrics import Metrics
 from services.features.layout import FEATURE_DIM
+from services.ranking.rank import RankInput, top_k
 from infermesh.workload.catalog import affinity, generate_catalog, model_input, ndcg_at_k
 
 N = 40
@@ -41,13 +43,23 @@ def rows_for(n: int, seed: int = 0) -> np.ndarray:
     return model_input(rng.standard_normal(FEATURE_DIM), rng.standard_normal((n, FEATURE_DIM)))
 
 
+def matrix_for(n: int, seed: int = 0) -> FeatureMatrix:
+    """rows_for(n) with the layout the feature service states: user half, then item half."""
+    return FeatureMatrix(rows_for(n, seed), FEATURE_DIM)
+
+
 class FakeFeatures:
     def __init__(
-        self, degraded: bool = False, error: grpc.aio.AioRpcError | None = None, delay: float = 0.0
+        self,
+        degraded: bool = False,
+        error: grpc.aio.AioRpcError | None = None,
+        delay: float = 0.0,
+        user_columns: int = FEATURE_DIM,  # 0: a feature service that predates the field
     ) -> None:
         self.degraded = degraded
         self.error = error
         self.delay = delay  # ignores its timeout, like a stage that overruns
+        self.user_columns = user_columns
 
     async def GetFeatures(self, request: features_pb2.GetFeaturesRequest, timeout: float):
         await asyncio.sleep(self.delay)
@@ -59,6 +71,7 @@ class FakeFeatures:
             item_categories=(np.arange(n, dtype="<i4") % 4).tobytes(),  # 4 categories
             item_present=np.ones(n, np.uint8).tobytes(),
             degraded=self.degraded,
+            user_columns=self.user_columns,
         )
 
 
@@ -85,7 +98,8 @@ class FakeScoring:
         reply = inference_pb2.ModelInferResponse(
             model_name=request.model_name, model_version=request.model_version or "1"
         )
-        reply.raw_output_contents.append((1.0 - fallback_scores(matrix, rows)).astype("<f4").tobytes())
+        scores = fallback_scores(FeatureMatrix(matrix, FEATURE_DIM), rows)
+        reply.raw_output_contents.append((1.0 - scores).astype("<f4").tobytes())
         self.finished.append(request.model_version)
         return reply
 
@@ -126,8 +140,7 @@ def make(
 
 
 def expected_fallback_ids(k: int, max_per_category: int = 5) -> list[str]:
-    rows = rows_for(N)
-    scores = fallback_scores(rows, N)
+    scores = fallback_scores(matrix_for(N), N)
     response = fallback_rank(
         CANDIDATES, scores, (np.arange(N, dtype="<i4") % 4).tobytes(), b"", k, 0, max_per_category
     )
@@ -139,14 +152,51 @@ def expected_fallback_ids(k: int, max_per_category: int = 5) -> list[str]:
 
 def test_fallback_scores_follow_the_user_item_dot_product() -> None:
     rows = rows_for(N)
-    scores = fallback_scores(rows, N)
+    scores = fallback_scores(matrix_for(N), N)
     dots = rows[:, FEATURE_DIM:] @ rows[0, :FEATURE_DIM]
     assert scores.dtype == np.float32 and ((scores > 0) & (scores < 1)).all()
     assert list(np.argsort(-scores, kind="stable")) == list(np.argsort(-dots, kind="stable"))
-    # An unknown layout gives neutral scores rather than garbage.
+    assert item_embeddings(matrix_for(N)) == np.ascontiguousarray(rows[:, FEATURE_DIM:]).tobytes()
+    # An unknown layout, or halves of different widths (no dot product), give neutral scores.
     assert (fallback_scores(None, 3) == 0.5).all()
-    assert feature_rows(rows.tobytes(), N, 63) is None
-    assert item_embeddings(rows) == np.ascontiguousarray(rows[:, FEATURE_DIM:]).tobytes()
+    assert (fallback_scores(FeatureMatrix(rows, FEATURE_DIM - 4), N) == 0.5).all()
+
+
+def features_reply(
+    rows: np.ndarray, user_columns: int, data: bytes | None = None
+) -> features_pb2.GetFeaturesResponse:
+    n, columns = rows.shape
+    return features_pb2.GetFeaturesResponse(
+        model_input=features_pb2.DenseMatrix(
+            data=rows.tobytes() if data is None else data, rows=n, columns=columns, datatype="FP32"
+        ),
+        user_columns=user_columns,
+    )
+
+
+def test_the_row_layout_comes_from_the_features_reply() -> None:
+    rows = rows_for(N)
+    matrix = feature_matrix(features_reply(rows, 24))
+    assert matrix is not None and (matrix.user_columns, matrix.item_columns) == (24, 64 - 24)
+    assert (matrix.items == rows[:, 24:]).all()
+    # No stated layout (a service predating user_columns), one with no item columns, or
+    # bytes that do not fill the matrix: unknown.
+    assert feature_matrix(features_reply(rows, 0)) is None
+    assert feature_matrix(features_reply(rows, 64)) is None
+    assert feature_matrix(features_reply(rows, 32, data=rows.tobytes()[:-4])) is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fallback_rank_agrees_with_the_ranking_services_top_k(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 300
+    scores = rng.choice([0.1, 0.2, 0.3, np.nan], n).astype("<f4")  # many ties and NaNs
+    categories = rng.integers(0, 6, n).astype("<i4")
+    present = (rng.random(n) < 0.8).astype(np.uint8)
+    ids = [f"i{i}" for i in range(n)]
+    ranked = fallback_rank(ids, scores, categories.tobytes(), present.tobytes(), 25, 0, 3)
+    expected = top_k(RankInput(scores, categories, present.astype(bool)), 25, 3)
+    assert [i.item_id for i in ranked.items] == [ids[i] for i in expected]
 
 
 def test_fallback_ranking_is_far_better_than_chance_on_the_reference_catalog() -> None:
@@ -157,7 +207,7 @@ def test_fallback_ranking_is_far_better_than_chance_on_the_reference_catalog() -
         items = rng.choice(2_000, 200, replace=False)
         rows = model_input(catalog.user_vecs[user], catalog.item_vecs[items])
         truth = affinity(catalog.user_vecs[user], catalog.item_vecs[items])
-        fallback.append(ndcg_at_k(fallback_scores(rows, 200), truth))
+        fallback.append(ndcg_at_k(fallback_scores(FeatureMatrix(rows, FEATURE_DIM), 200), truth))
         chance.append(ndcg_at_k(rng.random(200), truth))
     assert np.mean(fallback) > np.mean(chance) + 0.05, (np.mean(fallback), np.mean(chance))
 
@@ -191,7 +241,7 @@ async def test_new_fields_pass_through_to_ranking_and_back() -> None:
     result = await make(ranking=ranking).recommend("u1", CANDIDATES, 5, 1.0, explain=True, offset=3)
     sent = ranking.requests[0]
     assert (sent.user_id, sent.offset, sent.explain, sent.k, sent.embedding_dim) == ("u1", 3, True, 5, 32)
-    assert sent.item_embeddings == item_embeddings(rows_for(N))
+    assert sent.item_embeddings == item_embeddings(matrix_for(N))
     assert result.total_items == N and [e.item_id for e in result.explanations] == ["i0"]
     assert not result.degraded and result.degraded_reasons == []
     assert (result.model_name, result.model_version) == ("ranker", "1")
@@ -202,6 +252,18 @@ async def test_embeddings_can_be_left_out() -> None:
     ranking = FakeRanking()
     await make(ranking=ranking, send_item_embeddings=False).recommend("u1", CANDIDATES, 5, 1.0)
     assert ranking.requests[0].item_embeddings == b"" and ranking.requests[0].embedding_dim == 0
+
+
+async def test_a_features_reply_without_a_row_layout_degrades_to_neutral_scores_and_no_embeddings() -> None:
+    ranking = FakeRanking()
+    features = FakeFeatures(user_columns=0)
+    scoring = FakeScoring(error=rpc_error(grpc.StatusCode.UNAVAILABLE))
+    result = await make(features=features, scoring=scoring, ranking=ranking).recommend("u1", CANDIDATES, 5, 1.0)
+    sent = ranking.requests[0]
+    assert sent.item_embeddings == b"" and sent.embedding_dim == 0
+    assert (np.frombuffer(sent.scores, "<f4") == 0.5).all()
+    # Equal scores keep the request order.
+    assert result.degraded_reasons == ["scoring_unavailable"] and [i.item_id for i in result.items] == CANDIDATES[:5]
 
 
 async def test_skipped_ranking_stages_and_degraded_features_are_reasons() -> None:
@@ -284,7 +346,7 @@ async def test_ranking_fallback_uses_the_model_scores_when_scoring_worked() -> N
     # FakeScoring's scores reverse the fallback order, category cap of 5 applies.
     reversed_ids = fallback_rank(
         CANDIDATES,
-        1.0 - fallback_scores(rows_for(N), N),
+        1.0 - fallback_scores(matrix_for(N), N),
         (np.arange(N, dtype="<i4") % 4).tobytes(),
         b"",
         3,
@@ -295,10 +357,16 @@ async def test_ranking_fallback_uses_the_model_scores_when_scoring_worked() -> N
 
 
 @pytest.mark.parametrize("stage", ["scoring", "ranking"])
-async def test_client_errors_from_a_stage_are_not_masked(stage: str) -> None:
-    error = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "bad k")
+@pytest.mark.parametrize(
+    ("code", "raised"), [(grpc.StatusCode.INVALID_ARGUMENT, InvalidArgument), (grpc.StatusCode.OUT_OF_RANGE, OutOfRange)]
+)
+async def test_client_errors_from_a_stage_are_not_masked(
+    stage: str, code: grpc.StatusCode, raised: type[Exception]
+) -> None:
+    error = rpc_error(code, "bad k")
     pipeline = make(scoring=FakeScoring(error=error)) if stage == "scoring" else make(ranking=FakeRanking(error=error))
-    with pytest.raises(InvalidArgument, match=f"{stage}: bad k"):
+    # The caller gets the stage's own status (OUT_OF_RANGE is not UNAVAILABLE, which is retried).
+    with pytest.raises(raised, match=f"{stage}: bad k"):
         await pipeline.recommend("u1", CANDIDATES, 10, 1.0)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from infermesh.envoy import config as envoy_config
+from infermesh import envoy
 
 from infermesh import openapi
 from services.runtime.topology import local_topology
@@ -38,7 +38,7 @@ def bindings() -> list[openapi.HttpBinding]:
 
 
 def _edge_config() -> dict[str, Any]:
-    return envoy_config.render(envoy_config.local_config_topology())
+    return envoy.render(envoy.local_config_topology())
 
 
 def test_committed_document_is_valid_openapi(document: dict[str, Any]) -> None:
@@ -128,9 +128,9 @@ def _without_descriptions(node: Any) -> Any:
 
 
 def test_edge_serves_the_document_before_any_proxied_route() -> None:
-    assert envoy_config.OPENAPI_PATH == openapi.DOCUMENT_PATH
+    assert envoy.OPENAPI_PATH == openapi.DOCUMENT_PATH
     topology = local_topology(descriptor_set=Path("services/genproto/infermesh_descriptor.binpb"))
-    (edge,) = [x for x in envoy_config.render(topology)["static_resources"]["listeners"] if x["name"] == "edge"]
+    (edge,) = [x for x in envoy.render(topology)["static_resources"]["listeners"] if x["name"] == "edge"]
     hcm = edge["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     (index,) = [i for i, r in enumerate(routes) if r["match"].get("path") == openapi.DOCUMENT_PATH]

@@ -20,7 +20,7 @@ from services.ranking.service import (
 
 
 def settings(**env: str) -> RankingSettings:
-    return load_settings(RankingSettings, "ranking", {f"RANKING_{k.upper()}": v for k, v in env.items()})
+    return load_settings(RankingSettings, {f"RANKING_{k.upper()}": v for k, v in env.items()})
 
 
 def stages(s: RankingSettings) -> list:
@@ -52,18 +52,19 @@ def test_default_chain_order_and_stage_settings() -> None:
 @pytest.mark.parametrize(
     ("env", "phrase"),
     [
-        ({"chain": "seen_filter,shuffle"}, "RANKING_CHAIN: unknown stage(s) shuffle"),
-        ({"chain": "mmr,mmr"}, "appears twice"),
-        ({"rules_deny_categories": "3,shoes"}, "RANKING_RULES_DENY_CATEGORIES"),
-        ({"rules_min_score": "0.9", "rules_max_score": "0.1"}, "RANKING_RULES_MIN_SCORE is above"),
-        ({"calibration": "isotonic"}, "expected none, platt or piecewise"),
-        ({"calibration": "platt", "calibration_a": "-1"}, "must be > 0"),
-        ({"calibration": "platt", "calibration_score": "odds"}, "probability or logit"),
-        ({"calibration": "piecewise", "calibration_points": "0:0,1"}, "RANKING_CALIBRATION_POINTS"),
-        ({"calibration": "piecewise", "calibration_points": "0:1,1:0"}, "must not decrease"),
-        ({"mmr_lambda": "1.5"}, "within [0, 1]"),
-        ({"redis_url": ""}, "RANKING_REDIS_URL is empty"),
-        ({"seen_lookup": "scan"}, "RANKING_SEEN_LOOKUP='scan': expected members or ismember"),
+        ({"chain": "seen_filter,shuffle"}, "RANKING_CHAIN='seen_filter,shuffle': unknown stage(s) shuffle"),
+        ({"chain": "mmr,mmr"}, "RANKING_CHAIN='mmr,mmr': a stage appears twice"),
+        ({"rules_deny_categories": "3,shoes"}, "RANKING_RULES_DENY_CATEGORIES='3,shoes': expected comma-separated"),
+        ({"rules_min_score": "0.9", "rules_max_score": "0.1"}, "RANKING_RULES_MIN_SCORE is above RANKING_RULES_MAX"),
+        ({"calibration": "isotonic"}, "RANKING_CALIBRATION='isotonic': Input should be 'none', 'platt' or 'piecewise'"),
+        ({"calibration": "platt", "calibration_a": "-1"}, "RANKING_CALIBRATION_A='-1': Input should be greater than 0"),
+        ({"calibration": "platt", "calibration_score": "odds"}, "RANKING_CALIBRATION_SCORE='odds': Input should be 'prob"),
+        ({"calibration": "piecewise", "calibration_points": "0:0,1"}, "RANKING_CALIBRATION_POINTS='0:0,1': expected x:y"),
+        ({"calibration": "piecewise", "calibration_points": "0:1,1:0"}, "RANKING_CALIBRATION_POINTS='0:1,1:0': piecewise"),
+        ({"calibration": "piecewise"}, "RANKING_CALIBRATION_POINTS='': a piecewise-linear map needs at least two"),
+        ({"mmr_lambda": "1.5"}, "RANKING_MMR_LAMBDA='1.5': Input should be less than or equal to 1"),
+        ({"redis_url": ""}, "RANKING_REDIS_URL is empty but RANKING_CHAIN has seen_filter"),
+        ({"seen_lookup": "scan"}, "RANKING_SEEN_LOOKUP='scan': Input should be 'members' or 'ismember'"),
     ],
 )
 def test_bad_settings_fail_at_start_naming_the_variable(env: dict[str, str], phrase: str) -> None:

@@ -31,7 +31,7 @@ class DenseMatrix(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ..., datatype: _Optional[str] = ...) -> None: ...
 
 class GetFeaturesResponse(_message.Message):
-    __slots__ = ("model_input", "item_categories", "item_present", "missing_items", "features", "columns", "present", "freshness_seconds", "degraded")
+    __slots__ = ("model_input", "item_categories", "item_present", "missing_items", "features", "columns", "present", "freshness_seconds", "degraded", "user_columns")
     MODEL_INPUT_FIELD_NUMBER: _ClassVar[int]
     ITEM_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     ITEM_PRESENT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class GetFeaturesResponse(_message.Message):
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     FRESHNESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    USER_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     model_input: DenseMatrix
     item_categories: bytes
     item_present: bytes
@@ -50,7 +51,8 @@ class GetFeaturesResponse(_message.Message):
     present: bytes
     freshness_seconds: bytes
     degraded: bool
-    def __init__(self, model_input: _Optional[_Union[DenseMatrix, _Mapping]] = ..., item_categories: _Optional[bytes] = ..., item_present: _Optional[bytes] = ..., missing_items: _Optional[int] = ..., features: _Optional[_Union[DenseMatrix, _Mapping]] = ..., columns: _Optional[_Iterable[str]] = ..., present: _Optional[bytes] = ..., freshness_seconds: _Optional[bytes] = ..., degraded: bool = ...) -> None: ...
+    user_columns: int
+    def __init__(self, model_input: _Optional[_Union[DenseMatrix, _Mapping]] = ..., item_categories: _Optional[bytes] = ..., item_present: _Optional[bytes] = ..., missing_items: _Optional[int] = ..., features: _Optional[_Union[DenseMatrix, _Mapping]] = ..., columns: _Optional[_Iterable[str]] = ..., present: _Optional[bytes] = ..., freshness_seconds: _Optional[bytes] = ..., degraded: bool = ..., user_columns: _Optional[int] = ...) -> None: ...
 
 class RetrieveCandidatesRequest(_message.Message):
     __slots__ = ("user_id", "count")

@@ -1,0 +1,120 @@
+"""Routes: each service's RPCs (state-changing ones and streams on routes of their own),
+the public API description, and the JSON 404 for REST paths nothing maps."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+from infermesh.envoy.common import Json
+from infermesh.envoy.http_filters import BUFFER_FILTER
+from infermesh.envoy.resilience import (
+    IDEMPOTENT_RETRY_ON,
+    NON_IDEMPOTENT_METHODS,
+    NON_IDEMPOTENT_TIMEOUT,
+    ROUTE_TIMEOUTS,
+    UNSENT_RETRY_ON,
+    retry_policy,
+)
+from services.runtime.topology import HEALTH_SERVICE_NAMES, SCORING, MeshTopology
+
+SCORING_ROUTE_PREFIX = f"/{HEALTH_SERVICE_NAMES[SCORING]}/"
+HEALTH_ROUTE_PREFIX = "/grpc.health.v1.Health/"
+# Long-lived bidirectional streams, per cluster: routed on their own with no route or
+# per-try timeout (a stream lasts as long as its client keeps it open; the caller's
+# grpc-timeout still applies, uncapped, and so does the listener's idle timeout) and no
+# retry that could replay requests already answered.
+STREAMING_METHODS: Mapping[str, tuple[str, ...]] = {
+    SCORING: (f"/{HEALTH_SERVICE_NAMES[SCORING]}/ModelStreamInfer",),
+}
+
+# The REST API's OpenAPI document, which scripts/gen_protos.py writes next to the descriptor set.
+OPENAPI_PATH = "/v1/openapi.json"
+OPENAPI_FILE = "openapi.json"
+# Envoy caps direct-response bodies at 4 KiB unless the route config says otherwise.
+MAX_OPENAPI_BYTES = 1024 * 1024
+
+JSON_CONTENT_TYPE = {
+    "header": {"key": "content-type", "value": "application/json"},
+    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+}
+
+
+def route(match: Json, cluster: str, *, idempotent: bool = True) -> Json:
+    if idempotent:
+        timeout, per_try = ROUTE_TIMEOUTS[cluster]
+        retry = retry_policy(IDEMPOTENT_RETRY_ON, per_try)
+    else:
+        # A call that changes state must not run twice: only retry what never left Envoy.
+        timeout, retry = NON_IDEMPOTENT_TIMEOUT, retry_policy(UNSENT_RETRY_ON)
+    return {
+        "match": match,
+        "route": {
+            "cluster": cluster,
+            "timeout": timeout,
+            # Honour the caller's grpc-timeout (deadline propagation), capped at the
+            # route timeout, so one slow stage cannot hold a stream forever.
+            "max_stream_duration": {"grpc_timeout_header_max": timeout},
+            "retry_policy": retry,
+        },
+    }
+
+
+def _streaming_route(path: str, cluster: str) -> Json:
+    return {
+        "match": {"path": path},
+        "route": {
+            "cluster": cluster,
+            "timeout": "0s",  # none: the stream's own lifetime
+            "max_stream_duration": {"grpc_timeout_header_max": "0s"},  # the caller's deadline, uncapped
+            "retry_policy": retry_policy(UNSENT_RETRY_ON),
+        },
+    }
+
+
+def service_routes(cluster: str, prefix: str = "/", unbuffered_streams: bool = False) -> list[Json]:
+    """Routes to `cluster` for paths under `prefix`: its state-changing RPCs and streams
+    first. On a listener that buffers requests (the edge), `unbuffered_streams` switches
+    the buffer off for streams, which would otherwise wait for the client's last message."""
+    routes = [route({"path": path}, cluster, idempotent=False) for path in NON_IDEMPOTENT_METHODS.get(cluster, ())]
+    for path in STREAMING_METHODS.get(cluster, ()):
+        stream = _streaming_route(path, cluster)
+        routes.append(exempt(stream, [BUFFER_FILTER]) if unbuffered_streams else stream)
+    return [*routes, route({"prefix": prefix}, cluster)]
+
+
+def exempt(route: Json, filters: Sequence[str]) -> Json:
+    """`route` with the given HTTP filters switched off (the edge's health check and OpenAPI routes)."""
+    if not filters:
+        return route
+    disabled = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+    return {**route, "typed_per_filter_config": {name: disabled for name in filters}}
+
+
+def grpc_only(route: Json) -> Json:
+    grpc = {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
+    return {**route, "match": {**route["match"], "headers": [grpc]}}
+
+
+def openapi_route(topology: MeshTopology) -> Json:
+    """GET /v1/openapi.json answered by Envoy itself, from the file it read at start-up."""
+    return {
+        "match": {"path": OPENAPI_PATH},
+        "direct_response": {
+            "status": 200,
+            "body": {"filename": str(topology.descriptor_set.parent / OPENAPI_FILE)},
+        },
+        "response_headers_to_add": [JSON_CONTENT_TYPE],
+    }
+
+
+def not_found_route() -> Json:
+    # google.rpc.Status shape, like the transcoder's own error bodies (code 5 = NOT_FOUND).
+    body = json.dumps(
+        {"code": 5, "message": f"no such endpoint; the REST API is described at {OPENAPI_PATH}", "details": []}
+    )
+    return {
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": body}},
+        "response_headers_to_add": [JSON_CONTENT_TYPE],
+    }

@@ -1,0 +1,142 @@
+"""Writes docs/settings.md, the reference of every service's environment variables, from the
+settings classes themselves (names, types, ranges, defaults, Field descriptions), so the
+reference cannot drift from the code. tests/unit/test_settings_reference.py fails when the
+file is stale.
+
+    python -m infermesh.settings_doc            # rewrite docs/settings.md
+    python -m infermesh.settings_doc --check    # exit 1 if it is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import annotated_types
+from pydantic.fields import FieldInfo
+
+from gateway.service import GatewaySettings
+from services.features.service import FeaturesSettings
+from services.ranking.service import RankingSettings
+from services.runtime.server import TlsSettings, tls_settings_class
+from services.runtime.settings import ServiceSettings
+from services.runtime.topology import FEATURES, GATEWAY, RANKING, SCORING
+from services.scoring.service import ScoringSettings
+
+DEFAULT_OUT = Path("docs/settings.md")
+REGENERATE = "python -m infermesh.settings_doc"
+# In the order a request meets them.
+SERVICES: dict[str, type[ServiceSettings]] = {
+    FEATURES: FeaturesSettings,
+    SCORING: ScoringSettings,
+    RANKING: RankingSettings,
+    GATEWAY: GatewaySettings,
+}
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+_BOUNDS = (
+    (annotated_types.Ge, "ge", ">="),
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Le, "le", "<="),
+    (annotated_types.Lt, "lt", "<"),
+)
+
+HEADER = f"""# Settings reference
+
+Generated from the settings classes by `{REGENERATE}`: edit the
+`Field(description=...)` in the code, not this file (tests/unit/test_settings_reference.py
+fails when it is stale).
+
+Every service reads its settings once, at start, from environment variables named by its
+prefix and the setting (`SCORING_PORT`). A malformed or out-of-range value stops the service
+at start with a message naming the variable, e.g.
+`SCORING_PORT='eighty': Input should be a valid integer, unable to parse string as an integer`.
+Booleans take true/false, 1/0, yes/no or on/off. The last three rows of each table are TLS (see the end).
+"""
+
+FOOTER = f"""## TLS (every service)
+
+{" ".join(inspect.getdoc(TlsSettings).split())}
+
+## Read by every process, outside these tables
+
+`LOG_LEVEL` (default `INFO`); `INFERMESH_EVENT_LOOP` (`uvloop` where installed, or
+`asyncio`); the standard `OTEL_*` variables of OpenTelemetry (docs/observability.md).
+"""
+
+
+def _type(field: FieldInfo) -> str:
+    annotation = field.annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(f"`{choice}`" for choice in typing.get_args(annotation))
+    words = [_TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))]
+    for constraint in field.metadata:
+        for kind, attribute, symbol in _BOUNDS:
+            if isinstance(constraint, kind):
+                words.append(f"{symbol} {getattr(constraint, attribute)}")
+        if isinstance(constraint, annotated_types.MinLen) and constraint.min_length == 1:
+            words.append("non-empty")
+    return ", ".join(words)
+
+
+def _default(value: Any) -> str:
+    if value == "":
+        return "(empty)"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    return f"`{value}`"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _rows(settings_cls: type[ServiceSettings]) -> Iterator[str]:
+    for name, field in settings_cls.model_fields.items():
+        description = _cell(field.description or "")
+        yield f"| `{settings_cls.variable(name)}` | {_type(field)} | {_default(field.default)} | {description} |"
+
+
+def render() -> str:
+    sections = [HEADER]
+    for service, settings_cls in SERVICES.items():
+        prefix = settings_cls.variable("")
+        lines = [
+            f"## {service} (`{prefix}*`)",
+            "",
+            _cell(settings_cls.__doc__ or ""),
+            "",
+            "| Variable | Type | Default | Meaning |",
+            "|---|---|---|---|",
+            *_rows(settings_cls),
+            *_rows(tls_settings_class(service)),
+            "",
+        ]
+        sections.append("\n".join(lines))
+    sections.append(FOOTER)
+    return "\n".join(sections)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infermesh.settings_doc", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write (default: %(default)s)")
+    parser.add_argument("--check", action="store_true", help="only report whether --out is up to date")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.out.read_text() if args.out.is_file() else ""
+        if current != text:
+            print(f"{args.out} is stale: run `{REGENERATE}`", file=sys.stderr)
+            return 1
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
