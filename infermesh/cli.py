@@ -237,6 +237,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             metrics_port_offset=args.metrics_port_offset,
             edge=edge_policy,
             tls=tls,
+            redis_pid=redis_process.pid if redis_process is not None else None,
         )
         mesh.check_ports()
         print("starting services and Envoy...", flush=True)
@@ -291,6 +292,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "models": ("infermesh.models.cli", "model repository tools: bench (gRPC vs raw ONNX Runtime), quantize"),
     "traces": ("infermesh.traces.cli", "receive OTLP traces and show them in a local web UI"),
     "features": ("infermesh.features.cli", "feature views: ingest CSV/Parquet files, list views, benchmark"),
+    "profile": ("infermesh.profile", "sample every replica of a running mesh with py-spy under load: flame graphs + CPU per request"),
 }
 
 

@@ -34,6 +34,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infermesh import envoy
+from infermesh.up.runfile import MeshProcess, remove_processes, write_processes
 from infermesh.certs import CertPaths, client_credentials, service_tls_env
 from services.runtime.topology import (
     BACKENDS,
@@ -198,6 +199,8 @@ class Mesh:
     edge: envoy.EdgePolicy = field(default_factory=envoy.EdgePolicy)
     # Certificates from `infermesh certs`: TLS at the edge, mTLS to every replica.
     tls: CertPaths | None = None
+    # A redis-server started for this mesh (`infermesh up`): listed in the run file too.
+    redis_pid: int | None = None
     children: list[Child] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     # Replica name -> (service, endpoint, environment): what respawn() starts it with again.
@@ -314,7 +317,9 @@ class Mesh:
             raise MeshError(f"{name} is still running (pid {old.process.pid})")
         self.children.remove(old)
         service, _, env = self._replicas[name]
-        return self._spawn(service, name, [sys.executable, "-m", MODULES[service]], env)
+        child = self._spawn(service, name, [sys.executable, "-m", MODULES[service]], env)
+        self.publish_processes()
+        return child
 
     def start_envoy(self) -> None:
         config = envoy.write(
@@ -377,6 +382,7 @@ class Mesh:
                 )
             waiting = self.unhealthy()
             if not waiting:
+                self.publish_processes()
                 return
             if progress and ", ".join(waiting) != last:
                 last = ", ".join(waiting)
@@ -393,9 +399,21 @@ class Mesh:
             return ""
         return "\n".join(f"  {child.name}| {line}" for line in text[-lines:])
 
+    def publish_processes(self) -> None:
+        """Write the run file (<data dir>/processes.json) that `infermesh profile` reads."""
+        processes = [
+            MeshProcess(c.name, c.role, c.process.pid, python=c.role != "envoy")
+            for c in self.children
+            if c.process.poll() is None
+        ]
+        if self.redis_pid is not None:
+            processes.append(MeshProcess("redis", "redis", self.redis_pid, python=False))
+        write_processes(self.data_dir, f"127.0.0.1:{self.topology.edge_port}", processes)
+
     # ---- stopping -------------------------------------------------------------------
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM in STOP_ORDER, waiting for each group; SIGKILL what outlives the grace."""
+        remove_processes(self.data_dir)
         for role in STOP_ORDER:
             group = [c for c in self.children if c.role == role and c.process.poll() is None]
             for child in group:
