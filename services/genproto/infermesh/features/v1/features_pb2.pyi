@@ -1,3 +1,4 @@
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -71,3 +72,23 @@ class RetrieveCandidatesResponse(_message.Message):
     scores: bytes
     degraded: bool
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[bytes] = ..., degraded: bool = ...) -> None: ...
+
+class GetFeaturesBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[GetFeaturesRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[GetFeaturesRequest, _Mapping]]] = ...) -> None: ...
+
+class GetFeaturesBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[GetFeaturesResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[GetFeaturesResult, _Mapping]]] = ...) -> None: ...
+
+class GetFeaturesResult(_message.Message):
+    __slots__ = ("features", "status")
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    features: GetFeaturesResponse
+    status: _status_pb2.Status
+    def __init__(self, features: _Optional[_Union[GetFeaturesResponse, _Mapping]] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...

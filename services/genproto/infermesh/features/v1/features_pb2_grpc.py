@@ -40,6 +40,11 @@ class FeatureServiceStub(object):
                 request_serializer=infermesh_dot_features_dot_v1_dot_features__pb2.GetFeaturesRequest.SerializeToString,
                 response_deserializer=infermesh_dot_features_dot_v1_dot_features__pb2.GetFeaturesResponse.FromString,
                 _registered_method=True)
+        self.GetFeaturesBatch = channel.unary_unary(
+                '/infermesh.features.v1.FeatureService/GetFeaturesBatch',
+                request_serializer=infermesh_dot_features_dot_v1_dot_features__pb2.GetFeaturesBatchRequest.SerializeToString,
+                response_deserializer=infermesh_dot_features_dot_v1_dot_features__pb2.GetFeaturesBatchResponse.FromString,
+                _registered_method=True)
         self.RetrieveCandidates = channel.unary_unary(
                 '/infermesh.features.v1.FeatureService/RetrieveCandidates',
                 request_serializer=infermesh_dot_features_dot_v1_dot_features__pb2.RetrieveCandidatesRequest.SerializeToString,
@@ -61,6 +66,16 @@ class FeatureServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFeaturesBatch(self, request, context):
+        """Many reference-form requests in one call (the gateway coalesces concurrent requests):
+        one Redis round trip for the union of their keys, each duplicate key read once.
+        results[i] answers requests[i]; each carries its own status, so one bad request
+        fails alone while the others succeed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RetrieveCandidates(self, request, context):
         """Top-N items for a user by approximate nearest neighbours over the item embeddings.
         """
@@ -75,6 +90,11 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.GetFeatures,
                     request_deserializer=infermesh_dot_features_dot_v1_dot_features__pb2.GetFeaturesRequest.FromString,
                     response_serializer=infermesh_dot_features_dot_v1_dot_features__pb2.GetFeaturesResponse.SerializeToString,
+            ),
+            'GetFeaturesBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeaturesBatch,
+                    request_deserializer=infermesh_dot_features_dot_v1_dot_features__pb2.GetFeaturesBatchRequest.FromString,
+                    response_serializer=infermesh_dot_features_dot_v1_dot_features__pb2.GetFeaturesBatchResponse.SerializeToString,
             ),
             'RetrieveCandidates': grpc.unary_unary_rpc_method_handler(
                     servicer.RetrieveCandidates,
@@ -110,6 +130,33 @@ class FeatureService(object):
             '/infermesh.features.v1.FeatureService/GetFeatures',
             infermesh_dot_features_dot_v1_dot_features__pb2.GetFeaturesRequest.SerializeToString,
             infermesh_dot_features_dot_v1_dot_features__pb2.GetFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeaturesBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.features.v1.FeatureService/GetFeaturesBatch',
+            infermesh_dot_features_dot_v1_dot_features__pb2.GetFeaturesBatchRequest.SerializeToString,
+            infermesh_dot_features_dot_v1_dot_features__pb2.GetFeaturesBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,3 +1,4 @@
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -75,3 +76,23 @@ class RankResponse(_message.Message):
     total_items: int
     skipped_stages: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[ItemExplanation, _Mapping]]] = ..., total_items: _Optional[int] = ..., skipped_stages: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RankBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RankRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RankRequest, _Mapping]]] = ...) -> None: ...
+
+class RankBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RankResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RankResult, _Mapping]]] = ...) -> None: ...
+
+class RankResult(_message.Message):
+    __slots__ = ("response", "status")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    response: RankResponse
+    status: _status_pb2.Status
+    def __init__(self, response: _Optional[_Union[RankResponse, _Mapping]] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...

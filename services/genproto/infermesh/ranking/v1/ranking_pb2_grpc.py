@@ -40,6 +40,11 @@ class RankingServiceStub(object):
                 request_serializer=infermesh_dot_ranking_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
                 response_deserializer=infermesh_dot_ranking_dot_v1_dot_ranking__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.RankBatch = channel.unary_unary(
+                '/infermesh.ranking.v1.RankingService/RankBatch',
+                request_serializer=infermesh_dot_ranking_dot_v1_dot_ranking__pb2.RankBatchRequest.SerializeToString,
+                response_deserializer=infermesh_dot_ranking_dot_v1_dot_ranking__pb2.RankBatchResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServiceServicer(object):
@@ -52,6 +57,14 @@ class RankingServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RankBatch(self, request, context):
+        """Many rank requests in one call (the gateway coalesces concurrent requests): results[i]
+        answers requests[i], each with its own status, so one bad request fails alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     servicer.Rank,
                     request_deserializer=infermesh_dot_ranking_dot_v1_dot_ranking__pb2.RankRequest.FromString,
                     response_serializer=infermesh_dot_ranking_dot_v1_dot_ranking__pb2.RankResponse.SerializeToString,
+            ),
+            'RankBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RankBatch,
+                    request_deserializer=infermesh_dot_ranking_dot_v1_dot_ranking__pb2.RankBatchRequest.FromString,
+                    response_serializer=infermesh_dot_ranking_dot_v1_dot_ranking__pb2.RankBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +107,33 @@ class RankingService(object):
             '/infermesh.ranking.v1.RankingService/Rank',
             infermesh_dot_ranking_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
             infermesh_dot_ranking_dot_v1_dot_ranking__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RankBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.ranking.v1.RankingService/RankBatch',
+            infermesh_dot_ranking_dot_v1_dot_ranking__pb2.RankBatchRequest.SerializeToString,
+            infermesh_dot_ranking_dot_v1_dot_ranking__pb2.RankBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
