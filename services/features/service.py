@@ -22,20 +22,24 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from services.runtime.breaker import CircuitBreaker
-from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.errors import FailedPrecondition, InvalidArgument, rpc_status
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
 from services.runtime.settings import ServerSettings, listen_port, load_settings
+from services.runtime.telemetry import ATTR_BATCH_REQUESTS, set_attributes
 from services.features.cache import LocalCache
 from services.features.layout import DEFAULT_NAMESPACE
 from services.features.registry import load_registry
 from services.features.retrieval import CandidateIndex
-from services.features.store import FeatureStore, StoreMetrics
+from services.features.store import FeatureRows, FeatureStore, StoreMetrics
 from services.runtime.topology import FEATURES, HEALTH_SERVICE_NAMES
 
 log = get_logger(__name__)
 # Longest close() waits for the background loop and the Redis client at shutdown.
 _CLOSE_SECONDS = 3.0
+# features_batch_requests: requests per GetFeaturesBatch call (the gateway's coalescing).
+BATCH_REQUESTS_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+_GET_FEATURES_BATCH = "/infermesh.features.v1.FeatureService/GetFeaturesBatch"
 
 
 class FeaturesSettings(ServerSettings):
@@ -50,6 +54,14 @@ class FeaturesSettings(ServerSettings):
         1000,
         ge=1,
         description="Most items (or entities) one GetFeatures request, or candidates one retrieval, may ask for.",
+    )
+    max_batch_requests: int = Field(
+        64,
+        ge=1,
+        description=(
+            "Most requests one GetFeaturesBatch call may carry (each up to max_items items); "
+            "more fail the whole call with INVALID_ARGUMENT."
+        ),
     )
     redis_timeout_seconds: float = Field(
         1.0, gt=0, description="Longest a request waits on Redis; never past half its own deadline."
@@ -106,17 +118,25 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
                 freshness_seconds=got.freshness_seconds,
                 degraded=got.degraded,
             )
-        rows = await self._store.get(request.user_id, list(request.item_ids), timeout)
-        return features_pb2.GetFeaturesResponse(
-            model_input=features_pb2.DenseMatrix(
-                data=rows.model_input, rows=rows.rows, columns=rows.columns, datatype="FP32"
-            ),
-            item_categories=rows.item_categories,
-            item_present=rows.item_present,
-            missing_items=rows.missing_items,
-            degraded=rows.degraded,
-            user_columns=rows.user_columns,
+        return _reference_response(await self._store.get(request.user_id, list(request.item_ids), timeout))
+
+    async def GetFeaturesBatch(
+        self, request: features_pb2.GetFeaturesBatchRequest, context: grpc.aio.ServicerContext
+    ) -> features_pb2.GetFeaturesBatchResponse:
+        entries = request.requests
+        self._service.batch_requests.observe(len(entries))
+        set_attributes({ATTR_BATCH_REQUESTS: len(entries)})  # on the call's server span
+        limit = self._service.settings.max_batch_requests
+        if len(entries) > limit:
+            raise InvalidArgument(f"at most {limit} requests per GetFeaturesBatch call, got {len(entries)}")
+        outcomes: list[FeatureRows | Exception] = [_VIEW_FORM_IN_BATCH] * len(entries)
+        reference = [i for i, entry in enumerate(entries) if not entry.views]  # what GetFeatures tells apart
+        got = await self._store.get_many(
+            [(entries[i].user_id, list(entries[i].item_ids)) for i in reference], context.time_remaining()
         )
+        for i, outcome in zip(reference, got):
+            outcomes[i] = outcome
+        return features_pb2.GetFeaturesBatchResponse(results=[_result(outcome) for outcome in outcomes])
 
     async def RetrieveCandidates(
         self, request: features_pb2.RetrieveCandidatesRequest, context: grpc.aio.ServicerContext
@@ -138,6 +158,31 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         return features_pb2.RetrieveCandidatesResponse(item_ids=item_ids, scores=scores.tobytes(), degraded=degraded)
 
 
+_VIEW_FORM_IN_BATCH = InvalidArgument(
+    "GetFeaturesBatch takes the reference form only (user_id + item_ids); send a views + entity_ids "
+    "request to GetFeatures"
+)
+
+
+def _reference_response(rows: FeatureRows) -> features_pb2.GetFeaturesResponse:
+    return features_pb2.GetFeaturesResponse(
+        model_input=features_pb2.DenseMatrix(
+            data=rows.model_input, rows=rows.rows, columns=rows.columns, datatype="FP32"
+        ),
+        item_categories=rows.item_categories,
+        item_present=rows.item_present,
+        missing_items=rows.missing_items,
+        degraded=rows.degraded,
+        user_columns=rows.user_columns,
+    )
+
+
+def _result(outcome: FeatureRows | Exception) -> features_pb2.GetFeaturesResult:
+    if isinstance(outcome, Exception):
+        return features_pb2.GetFeaturesResult(status=rpc_status(outcome, _GET_FEATURES_BATCH))
+    return features_pb2.GetFeaturesResult(features=_reference_response(outcome), status=rpc_status(None))
+
+
 class FeaturesService:
     name = FEATURES
     grpc_services = (HEALTH_SERVICE_NAMES[FEATURES],)
@@ -145,6 +190,9 @@ class FeaturesService:
     def __init__(self, settings: FeaturesSettings) -> None:
         self.settings = settings
         self.metrics = Metrics(self.name)
+        self.batch_requests = self.metrics.histogram(
+            f"{self.name}_batch_requests", "Requests per GetFeaturesBatch call", buckets=BATCH_REQUESTS_BUCKETS
+        )
         self._redis = aioredis.Redis.from_url(
             settings.redis_url,
             socket_timeout=settings.redis_timeout_seconds,

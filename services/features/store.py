@@ -7,6 +7,8 @@ A read goes: local cache (fresh hits answer at once) -> coalescing (a key anothe
 is already reading is awaited, not read again) -> one MGET of the remaining keys plus the
 views' pointer keys. If Redis is slow or down (or the circuit breaker is open), stale cache
 entries and then the views' defaults answer instead and the result is flagged degraded.
+A batch of reference-form requests (get_many) is one such read: its users and the union of
+its item ids, each key once; each request is then cut out of it and flagged on its own.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import json
 import math
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,7 @@ import redis.exceptions
 from prometheus_client import Counter
 
 from services.runtime.breaker import CircuitBreaker
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.runtime.errors import FailedPrecondition, InfermeshError, InvalidArgument, NotFound, Unavailable
 from services.runtime.metrics import Metrics
 from services.runtime.telemetry import (
     ATTR_CACHE_HIT,
@@ -47,7 +50,7 @@ from services.runtime.telemetry import (
 )
 from services.features.cache import Entry, LocalCache
 from services.features.layout import entity_key_prefix, meta_key, pointer_key
-from services.features.registry import TIMESTAMP_FIELD, FeatureView, Registry, load_registry
+from services.features.registry import TIMESTAMP_FIELD, FeatureView, ReferenceSpec, Registry, load_registry
 
 # Results a key's in-flight future can carry besides the value itself.
 _RETRY = object()  # the reader saw the view re-materialized (or was cancelled): read again
@@ -79,14 +82,14 @@ class _Read:
     parts: Sequence[tuple[FeatureView, Sequence[str]]]
     prefixes: list[str]  # the materialization each part's keys were built for
     values: list[list[Any]] = field(init=False)  # per part, per row: the record's bytes or None
-    degraded: list[bool] = field(init=False)
+    fell_back: list[np.ndarray] = field(init=False)  # per part, bool per row: served without Redis
     owned: list[_Claim] = field(default_factory=list)  # this read fetches them, for every waiter
     waiting: list[_Claim] = field(default_factory=list)  # another request is fetching them
     stale: dict[str, Entry] = field(default_factory=dict)  # expired cache entries, to fall back on
 
     def __post_init__(self) -> None:
         self.values = [[None] * len(ids) for _, ids in self.parts]
-        self.degraded = [False] * len(self.parts)
+        self.fell_back = [np.zeros(len(ids), dtype=bool) for _, ids in self.parts]
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,13 @@ class ViewRows:
     records: np.ndarray  # view.record_dtype [n]
     present: np.ndarray  # bool [n]
     age_seconds: np.ndarray  # float32 [n]; inf where absent, NaN where unknown
-    degraded: bool
+    # bool [n]: rows Redis did not answer (a stale cache entry or the default stands in), so
+    # a batch of requests read together can tell which of them was served degraded.
+    fell_back: np.ndarray
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.fell_back.any())
 
 
 @dataclass(frozen=True)
@@ -227,37 +236,70 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ public reads
 
-    async def get(self, user_id: str, item_ids: list[str], timeout: float | None = None) -> FeatureRows:
+    async def get(self, user_id: str, item_ids: Sequence[str], timeout: float | None = None) -> FeatureRows:
         """Reference form: rows [user vector, item vector] per item for the ranker."""
+        (outcome,) = await self.get_many([(user_id, item_ids)], timeout)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def get_many(
+        self, requests: Sequence[tuple[str, Sequence[str]]], timeout: float | None = None
+    ) -> list[FeatureRows | Exception]:
+        """get() for many (user_id, item_ids) requests at once, each answered (or failed) as
+        get() would answer it alone, in request order. One read for all: every user once and
+        the union of the item ids, each id once, so at most one Redis round trip."""
+        outcomes: list[FeatureRows | Exception | None] = [self._reference_error(u, ids) for u, ids in requests]
+        valid = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        if valid:
+            batch = [requests[i] for i in valid]
+            try:
+                built = await self._reference_rows(batch, timeout)
+            except FailedPrecondition as error:
+                # A record of the wrong layout fails only the requests that read it, as it would
+                # alone: each request read on its own (an error path, never a hot one).
+                built = [error] if len(batch) == 1 else [(await self.get_many([r], timeout))[0] for r in batch]
+            except InfermeshError as error:  # the store unreachable or re-materializing: for all
+                built = [error] * len(batch)
+            for i, outcome in zip(valid, built):
+                outcomes[i] = outcome
+        return outcomes  # type: ignore[return-value]  (every None was replaced)
+
+    def _reference_error(self, user_id: str, item_ids: Sequence[str]) -> InfermeshError | None:
+        """What is wrong with a reference-form request on its own, before any read."""
         if not user_id:
-            raise InvalidArgument("user_id is required")
-        self._check_count(len(item_ids), "item_ids")
+            return InvalidArgument("user_id is required")
+        if len(item_ids) > self._max_items:
+            return InvalidArgument(f"at most {self._max_items} item_ids per request, got {len(item_ids)}")
         if "" in item_ids:
-            raise InvalidArgument(f"item_ids[{item_ids.index('')}] is empty; every item needs an id")
+            return InvalidArgument(f"item_ids[{item_ids.index('')}] is empty; every item needs an id")
+        if self.registry.reference is None:
+            return FailedPrecondition("the feature registry declares no `reference` views")
+        return None
+
+    async def _reference_rows(
+        self, requests: Sequence[tuple[str, Sequence[str]]], timeout: float | None
+    ) -> list[FeatureRows | Exception]:
+        """One read of the requests' users and item union, then each request's rows by index."""
         reference = self.registry.reference
-        if reference is None:
-            raise FailedPrecondition("the feature registry declares no `reference` views")
-        user_view = self.registry.views[reference.user_view]
-        item_view = self.registry.views[reference.item_view]
-        user, items = await self.read([(user_view, [user_id]), (item_view, item_ids)], timeout)
-        if not user.present[0] and not user.degraded:
-            raise NotFound(f"unknown user {user_id!r}")
-        n = len(item_ids)
-        user_vec = user.records[reference.vector_feature].reshape(-1)
-        item_vecs = items.records[reference.vector_feature].reshape(n, -1)
-        rows = np.empty((n, user_vec.size + item_vecs.shape[1]), dtype="<f4")
-        rows[:, : user_vec.size] = user_vec
-        rows[:, user_vec.size :] = item_vecs
-        return FeatureRows(
-            model_input=rows.tobytes(),
-            rows=n,
-            item_categories=items.records[reference.category_feature].astype("<i4", copy=False).tobytes(),
-            item_present=items.present.astype(np.uint8).tobytes(),
-            missing_items=n - int(items.present.sum()),
-            columns=rows.shape[1],
-            degraded=user.degraded or items.degraded,
-            user_columns=user_vec.size,
+        assert reference is not None  # _reference_error checked it
+        users = _positions_of(user for user, _ in requests)
+        items = _positions_of(chain.from_iterable(ids for _, ids in requests))
+        views = self.registry.views
+        user_rows, item_rows = await self._read(
+            [(views[reference.user_view], list(users)), (views[reference.item_view], list(items))], timeout
         )
+        built: list[FeatureRows | Exception] = []
+        for user_id, item_ids in requests:
+            at = np.fromiter(map(items.__getitem__, item_ids), dtype=np.intp, count=len(item_ids))
+            try:
+                built.append(_assemble(reference, user_rows, users[user_id], user_id, item_rows, at))
+            except Exception as error:  # noqa: BLE001 (a bug fails its own request; the caller reports it)
+                built.append(error)
+        degraded = sum(isinstance(rows, FeatureRows) and rows.degraded for rows in built)
+        if degraded:
+            self.metrics.degraded.inc(degraded)
+        return built
 
     async def get_views(
         self, view_names: list[str], entity_ids: list[str], timeout: float | None = None
@@ -300,6 +342,15 @@ class FeatureStore:
         self, parts: Sequence[tuple[FeatureView, Sequence[str]]], timeout: float | None = None
     ) -> list[ViewRows]:
         """Each (view, ids) in request order; at most one Redis round trip of this request's own."""
+        result = await self._read(parts, timeout)
+        if any(part.degraded for part in result):
+            self.metrics.degraded.inc()
+        return result
+
+    async def _read(
+        self, parts: Sequence[tuple[FeatureView, Sequence[str]]], timeout: float | None = None
+    ) -> list[ViewRows]:
+        """read(), leaving the count of degraded responses to the caller (a batch counts each)."""
         # Never spend more than half the caller's remaining time on Redis: the rest answers degraded.
         budget = self._redis_timeout if timeout is None else min(self._redis_timeout, 0.5 * timeout)
         for _ in range(_MAX_ATTEMPTS):
@@ -307,8 +358,6 @@ class FeatureStore:
                 result = await self._read_once(parts, time.monotonic() + max(budget, 0.0))
             except _Restart:
                 continue
-            if any(part.degraded for part in result):
-                self.metrics.degraded.inc()
             return result
         raise Unavailable("feature views were re-materialized repeatedly during the read; retry")
 
@@ -406,7 +455,7 @@ class FeatureStore:
             await self._await_others(read, deadline)
         wall = time.time()
         return [
-            self._rows(view, prefix, read.values[p], read.degraded[p], wall)
+            self._rows(view, prefix, read.values[p], read.fell_back[p], wall)
             for p, ((view, _), prefix) in enumerate(zip(parts, read.prefixes))
         ]
 
@@ -527,7 +576,7 @@ class FeatureStore:
         view's default (None here); the part is degraded. Without a breaker: Unavailable."""
         if self.breaker is None:
             raise Unavailable("feature store unreachable")
-        read.degraded[p] = True
+        read.fell_back[p][j] = True
         entry = read.stale.get(key)
         if entry is not None and entry.expires_at > time.time():
             read.values[p][j] = entry.value
@@ -536,7 +585,7 @@ class FeatureStore:
             read.values[p][j] = None
             self.metrics.fallback_rows.labels("default").inc()
 
-    def _rows(self, view: FeatureView, prefix: str, values: list[Any], degraded: bool, now: float) -> ViewRows:
+    def _rows(self, view: FeatureView, prefix: str, values: list[Any], fell_back: np.ndarray, now: float) -> ViewRows:
         n = len(values)
         present = np.fromiter((v is not None for v in values), dtype=bool, count=n)
         packed = (
@@ -560,4 +609,42 @@ class FeatureStore:
         else:
             age = np.full(n, now - self.versions.materialized_at.get(prefix, math.nan))
         age = np.where(present, age, np.inf).astype(np.float32)
-        return ViewRows(view=view, records=records, present=present, age_seconds=age, degraded=degraded)
+        return ViewRows(view=view, records=records, present=present, age_seconds=age, fell_back=fell_back)
+
+
+def _positions_of(ids: Iterable[str]) -> dict[str, int]:
+    """Each distinct id (first occurrence first) -> its row in the read; built in C."""
+    distinct = dict.fromkeys(ids)
+    return dict(zip(distinct, range(len(distinct))))
+
+
+def _vectors(rows: ViewRows, feature: str) -> np.ndarray:
+    """The feature of every row as a [rows, width] matrix (reshape(n, -1) fails on 0 rows)."""
+    values = rows.records[feature]
+    return values.reshape(len(values), int(np.prod(values.shape[1:])))
+
+
+def _assemble(
+    reference: ReferenceSpec, users: ViewRows, u: int, user_id: str, items: ViewRows, at: np.ndarray
+) -> FeatureRows | NotFound:
+    """One request's model rows [user vector, item vector] out of a shared read: its user is
+    row `u` of `users`, its items rows `at` of `items` (numpy fancy indexing, no item loop)."""
+    if not users.present[u] and not users.fell_back[u]:
+        return NotFound(f"unknown user {user_id!r}")
+    user_vec = users.records[reference.vector_feature][u].reshape(-1)
+    item_vecs = _vectors(items, reference.vector_feature)[at]
+    n = len(at)
+    rows = np.empty((n, user_vec.size + item_vecs.shape[1]), dtype="<f4")
+    rows[:, : user_vec.size] = user_vec
+    rows[:, user_vec.size :] = item_vecs
+    present = items.present[at]
+    return FeatureRows(
+        model_input=rows.tobytes(),
+        rows=n,
+        item_categories=items.records[reference.category_feature][at].astype("<i4", copy=False).tobytes(),
+        item_present=present.astype(np.uint8).tobytes(),
+        missing_items=n - int(present.sum()),
+        columns=rows.shape[1],
+        degraded=bool(users.fell_back[u] or items.fell_back[at].any()),
+        user_columns=user_vec.size,
+    )

@@ -62,6 +62,9 @@ class Candidates:
     offset: int = 0
     explain: bool = False
     time_remaining: float | None = None  # seconds left of the caller's deadline
+    # The user's seen flags (bool [n]) or why they could not be read, when a batch read them
+    # for all its requests at once (Chain.prefetch); None: seen_filter reads them itself.
+    seen: np.ndarray | StageSkipped | None = None
 
     @property
     def n(self) -> int:
@@ -82,6 +85,9 @@ class Stage:
 
     async def run(self, c: Candidates, order: np.ndarray) -> Outcome:
         raise NotImplementedError
+
+    async def prefetch(self, batch: Sequence[Candidates]) -> None:
+        """Reads for a whole batch of requests at once, before each is ranked; none by default."""
 
     def details(self, c: Candidates, note: Any, items: np.ndarray, removed: np.ndarray) -> list[str]:
         """A reason per item of `items` (request indices), for explanations only."""
@@ -140,8 +146,19 @@ class SeenFilter(Stage):
     async def run(self, c: Candidates, order: np.ndarray) -> Outcome:
         # All request ids, not just the survivors: the repeated field goes to Redis as it is,
         # with no per-item Python to pick the survivors out.
-        seen = await self.store.seen(c.user_id, c.item_ids, c.time_remaining)
+        seen = c.seen if c.seen is not None else await self.store.seen(c.user_id, c.item_ids, c.time_remaining)
+        if isinstance(seen, StageSkipped):
+            raise seen
         return Outcome(order[~seen[order]])
+
+    async def prefetch(self, batch: Sequence[Candidates]) -> None:
+        """Every user's flags in one Redis round trip; each request then filters as alone."""
+        asking = [c for c in batch if c.user_id and c.n]
+        if asking:
+            # One batch, one deadline: every request of it has the same time remaining.
+            found = await self.store.seen_many([(c.user_id, c.item_ids) for c in asking], asking[0].time_remaining)
+            for c, seen in zip(asking, found, strict=True):
+                c.seen = seen
 
     def details(self, c: Candidates, note: Any, items: np.ndarray, removed: np.ndarray) -> list[str]:
         reason = f"seen by user {c.user_id}"
@@ -436,6 +453,11 @@ class Chain:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(stage.name for stage in self.stages)
+
+    async def prefetch(self, batch: Sequence[Candidates]) -> None:
+        """Before a batch's requests are ranked one by one: each stage's reads for all at once."""
+        for stage in self.stages:
+            await stage.prefetch(batch)
 
     async def rank(self, c: Candidates) -> Ranked:
         if c.k <= 0:

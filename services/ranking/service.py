@@ -8,18 +8,22 @@ warning logged and ranking_skipped_stages_total{stage} counted.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import grpc
+import numpy as np
+from prometheus_client import Histogram
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, rpc_status
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
 from services.runtime.settings import ServerSettings, listen_port, load_settings
 from services.runtime.telemetry import (
+    ATTR_BATCH_REQUESTS,
     ATTR_ITEMS,
     ATTR_K,
     SPAN_RANKING_PREFIX,
@@ -39,6 +43,7 @@ from services.ranking.chain import (
     CategoryCap,
     Chain,
     Mmr,
+    Ranked,
     Rules,
     SeenFilter,
     Stage,
@@ -52,6 +57,9 @@ from services.ranking.seen import LOOKUPS, SeenStore, StageSkipped
 log = get_logger(__name__)
 
 DEFAULT_CHAIN = "seen_filter,rules,calibration,category_cap,mmr"
+# ranking_batch_requests: requests per RankBatch call (the gateway's coalescing).
+BATCH_REQUESTS_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+_RANK_BATCH = "/infermesh.ranking.v1.RankingService/RankBatch"
 
 
 class RankingSettings(ServerSettings):
@@ -61,6 +69,14 @@ class RankingSettings(ServerSettings):
 
     port: int = listen_port(30400)
     max_items: int = Field(10_000, ge=1, description="Most items one Rank request may carry.")
+    max_batch_requests: int = Field(
+        64,
+        ge=1,
+        description=(
+            "Most requests one RankBatch call may carry (each up to max_items items); "
+            "more fail the whole call with INVALID_ARGUMENT."
+        ),
+    )
     chain: str = Field(
         DEFAULT_CHAIN,
         description=(
@@ -243,57 +259,107 @@ def build_seen_store(settings: RankingSettings) -> SeenStore | None:
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
-    def __init__(self, settings: RankingSettings, chain: Chain | None = None) -> None:
+    def __init__(
+        self, settings: RankingSettings, chain: Chain | None = None, batch_requests: Histogram | None = None
+    ) -> None:
         self._settings = settings
         # Without a chain (a servicer built on its own), one from the settings, uncounted.
         self._chain = chain or Chain(build_stages(settings, build_seen_store(settings)))
+        self._batch_requests = batch_requests
 
     async def Rank(
         self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> ranking_pb2.RankResponse:
+        set_attributes({ATTR_ITEMS: len(request.item_ids)})  # on the Rank server span
+        return await self._rank(request, self._candidates(request, context.time_remaining()))
+
+    async def RankBatch(
+        self, request: ranking_pb2.RankBatchRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RankBatchResponse:
+        entries = request.requests
+        if self._batch_requests is not None:
+            self._batch_requests.observe(len(entries))
+        set_attributes({ATTR_BATCH_REQUESTS: len(entries)})  # on the call's server span
+        limit = self._settings.max_batch_requests
+        if len(entries) > limit:
+            raise InvalidArgument(f"at most {limit} requests per RankBatch call, got {len(entries)}")
+        time_remaining = context.time_remaining()
+        prepared = [self._prepared(entry, time_remaining) for entry in entries]
+        # The stages' reads (the seen sets) for every request at once: one Redis round trip.
+        await self._chain.prefetch([c for c in prepared if isinstance(c, Candidates)])
+        return ranking_pb2.RankBatchResponse(
+            results=[_result(await self._ranked(e, c)) for e, c in zip(entries, prepared, strict=True)]
+        )
+
+    def _prepared(self, request: ranking_pb2.RankRequest, time_remaining: float | None) -> Candidates | Exception:
+        try:
+            return self._candidates(request, time_remaining)
+        except Exception as error:  # noqa: BLE001 (it fails its own request alone)
+            return error
+
+    async def _ranked(
+        self, request: ranking_pb2.RankRequest, candidates: Candidates | Exception
+    ) -> ranking_pb2.RankResponse | Exception:
+        if isinstance(candidates, Exception):
+            return candidates
+        try:
+            return await self._rank(request, candidates)
+        except Exception as error:  # noqa: BLE001 (it fails its own request alone)
+            return error
+
+    def _candidates(self, request: ranking_pb2.RankRequest, time_remaining: float | None) -> Candidates:
+        """The request's items decoded and checked against its own lengths and the limits."""
         n = len(request.item_ids)
         if n > self._settings.max_items:
             raise InvalidArgument(f"at most {self._settings.max_items} items per request, got {n}")
-        set_attributes({ATTR_ITEMS: n})  # on the Rank server span
         ranked = decode(n, request.scores, request.item_categories, request.item_present)
-        embeddings = decode_embeddings(n, request.item_embeddings, request.embedding_dim)
-        candidates = Candidates(
+        return Candidates(
             item_ids=request.item_ids,
             scores=ranked.scores,
             categories=ranked.categories,
             present=ranked.present,
-            embeddings=embeddings,
+            embeddings=decode_embeddings(n, request.item_embeddings, request.embedding_dim),
             user_id=request.user_id,
             max_per_category=request.max_per_category,
             k=request.k,
             offset=request.offset,
             explain=request.explain,
-            time_remaining=context.time_remaining(),
+            time_remaining=time_remaining,
         )
+
+    async def _rank(self, request: ranking_pb2.RankRequest, candidates: Candidates) -> ranking_pb2.RankResponse:
         # The whole chain and the page cut: the stages' spans are its children.
         with stage_span(SPAN_RANKING_PREFIX, "top_k", {ATTR_K: request.k}):
             result = await self._chain.rank(candidates)
-        ids = request.item_ids
-        page = result.page.tolist()
-        scores = result.scores[result.page].tolist()
-        categories = ranked.categories[result.page].tolist()
-        response = ranking_pb2.RankResponse(
-            items=[
-                ranking_pb2.RankedItem(item_id=ids[i], score=s, category=c)
-                for i, s, c in zip(page, scores, categories, strict=True)
-            ],
-            total_items=result.total,
-            skipped_stages=result.skipped,
-        )
-        if result.explanations is not None:
-            response.explanations.extend(
-                ranking_pb2.ItemExplanation(
-                    item_id=item_id,
-                    effects=[ranking_pb2.StageEffect(**e._asdict()) for e in effects],
-                )
-                for item_id, effects in zip(ids, result.explanations, strict=True)
+        return _response(request.item_ids, candidates.categories, result)
+
+
+def _response(ids: Sequence[str], categories: np.ndarray, result: Ranked) -> ranking_pb2.RankResponse:
+    page = result.page.tolist()
+    scores = result.scores[result.page].tolist()
+    response = ranking_pb2.RankResponse(
+        items=[
+            ranking_pb2.RankedItem(item_id=ids[i], score=s, category=c)
+            for i, s, c in zip(page, scores, categories[result.page].tolist(), strict=True)
+        ],
+        total_items=result.total,
+        skipped_stages=result.skipped,
+    )
+    if result.explanations is not None:
+        response.explanations.extend(
+            ranking_pb2.ItemExplanation(
+                item_id=item_id,
+                effects=[ranking_pb2.StageEffect(**e._asdict()) for e in effects],
             )
-        return response
+            for item_id, effects in zip(ids, result.explanations, strict=True)
+        )
+    return response
+
+
+def _result(outcome: ranking_pb2.RankResponse | Exception) -> ranking_pb2.RankResult:
+    if isinstance(outcome, Exception):
+        return ranking_pb2.RankResult(status=rpc_status(outcome, _RANK_BATCH))
+    return ranking_pb2.RankResult(response=outcome, status=rpc_status(None))
 
 
 class RankingService:
@@ -303,6 +369,9 @@ class RankingService:
     def __init__(self, settings: RankingSettings) -> None:
         self.settings = settings
         self.metrics = Metrics(self.name)
+        self._batch_requests = self.metrics.histogram(
+            f"{self.name}_batch_requests", "Requests per RankBatch call", buckets=BATCH_REQUESTS_BUCKETS
+        )
         self._skipped = self.metrics.counter(
             f"{self.name}_skipped_stages",
             "Requests ranked without a stage that applied but could not run (e.g. seen_filter, Redis down)",
@@ -320,7 +389,8 @@ class RankingService:
             log.warning("ranking stage skipped", stage=stage, reason=str(skip))
 
     def register(self, server: grpc.aio.Server) -> None:
-        ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(self.settings, self.chain), server)
+        servicer = RankingServicer(self.settings, self.chain, self._batch_requests)
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, server)
 
     async def start(self) -> None:
         pass

@@ -13,6 +13,11 @@ tests/unit/test_errors.py walks their sources to keep it so.
 from __future__ import annotations
 
 import grpc
+from google.rpc import status_pb2
+
+from services.runtime.logs import get_logger
+
+log = get_logger(__name__)
 
 
 class InfermeshError(Exception):
@@ -77,6 +82,19 @@ def status_for(error: InfermeshError) -> grpc.StatusCode:
         if kind in STATUS_FOR_ERROR:
             return STATUS_FOR_ERROR[kind]  # type: ignore[index]
     return grpc.StatusCode.INTERNAL
+
+
+def rpc_status(outcome: Exception | None, method: str = "") -> status_pb2.Status:
+    """One request's outcome as the google.rpc.Status a batch reply carries for it: what the
+    interceptor (services/runtime/server.py) would have answered the request alone. OK for
+    None; a domain error through the table; anything else INTERNAL with the generic message,
+    its details logged, never sent."""
+    if outcome is None:
+        return status_pb2.Status()
+    if isinstance(outcome, InfermeshError):
+        return status_pb2.Status(code=status_for(outcome).value[0], message=str(outcome))
+    log.error("unhandled error", grpc_method=method, exc_info=outcome)
+    return status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message=INTERNAL_ERROR_MESSAGE)
 
 
 def from_rpc_error(stage: str, error: grpc.aio.AioRpcError) -> InfermeshError:

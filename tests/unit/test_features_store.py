@@ -13,10 +13,10 @@ import pytest
 import redis.exceptions
 
 from services.runtime.breaker import CircuitBreaker
-from services.runtime.errors import InvalidArgument, NotFound, Unavailable
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.features.cache import LocalCache
 from services.features.layout import ITEM_RECORD, USER_RECORD, item_key, pointer_key, user_key
-from services.features.store import FeatureStore
+from services.features.store import FeatureRows, FeatureStore
 
 NS = "t"
 
@@ -27,11 +27,13 @@ class FakeRedis:
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
         self.calls = 0
+        self.keys_read: list[list[str]] = []
         self.down = False
         self.gate: asyncio.Event | None = None
 
     async def mget(self, keys: list[str]) -> list[bytes | None]:
         self.calls += 1
+        self.keys_read.append(list(keys))
         if self.gate is not None:
             await self.gate.wait()
         if self.down:
@@ -60,11 +62,11 @@ def fake() -> FakeRedis:
     return r
 
 
-def store(fake: FakeRedis, *, cache_ttl: float = 30.0, breaker: bool = True) -> FeatureStore:
+def store(fake: FakeRedis, *, cache_ttl: float = 30.0, breaker: bool = True, max_items: int = 1000) -> FeatureStore:
     return FeatureStore(
         fake,  # type: ignore[arg-type]
         NS,
-        1000,
+        max_items,
         cache=LocalCache(1 << 20, cache_ttl),
         breaker=CircuitBreaker(2, probe_interval=10.0) if breaker else None,
         redis_timeout=0.2,
@@ -165,3 +167,72 @@ async def test_a_switched_pointer_makes_the_read_start_again_on_the_new_material
     matrix = np.frombuffer(rows.model_input, "<f4").reshape(1, 64)
     assert (matrix[0, 32:] == 42.0).all() and fake.calls == 2
     assert s.versions.prefix("item") == new and s.metrics.switches._value.get() == 1
+
+
+async def alone(fake: FakeRedis, user_id: str, item_ids: list[str], **kwargs: float) -> FeatureRows | Exception:
+    """What get() answers for the request on a store of its own (no cache shared with others)."""
+    try:
+        return await store(fake, **kwargs).get(user_id, item_ids)  # type: ignore[arg-type]
+    except Exception as error:  # noqa: BLE001
+        return error
+
+
+def same(batched: FeatureRows | Exception, single: FeatureRows | Exception) -> bool:
+    if isinstance(single, Exception):
+        return type(batched) is type(single) and str(batched) == str(single)
+    return batched == single  # a frozen dataclass of bytes and ints: byte for byte
+
+
+async def test_a_batch_reads_each_key_once_and_answers_each_request_as_alone(fake: FakeRedis) -> None:
+    fake.data[user_key(NS, "u2")] = user_bytes(2.0)
+    requests = [
+        ("u1", ["i1", "i2", "i3"]),
+        ("u2", ["i3", "i2", "i1"]),  # the same items, another user and order
+        ("u1", ["i4", "i4", "nope"]),  # a duplicate within, an unknown item
+        ("u2", ["i0"]),  # disjoint
+        ("u1", []),
+    ]
+    outcomes = await store(fake).get_many(requests)
+    assert fake.calls == 1
+    (keys,) = fake.keys_read
+    item_keys = [item_key(NS, i) for i in ("i1", "i2", "i3", "i4", "nope", "i0")]
+    assert keys[2:] == [user_key(NS, "u1"), user_key(NS, "u2"), *item_keys]  # after the 2 pointers
+    for request, outcome in zip(requests, outcomes):
+        assert same(outcome, await alone(fake, *request)), request
+    assert outcomes[4].rows == 0 and outcomes[4].user_columns == 32  # type: ignore[union-attr]
+
+
+async def test_a_bad_request_fails_alone_with_the_error_get_gives_it(fake: FakeRedis) -> None:
+    requests = [
+        ("u1", ["i1"]),
+        ("u404", ["i1"]),
+        ("", ["i1"]),
+        ("u1", ["i1", ""]),
+        ("u1", ["i1", "i2", "i3", "i4"]),
+        ("u1", ["i2"]),
+    ]
+    outcomes = await store(fake, max_items=3).get_many(requests)
+    kinds = [type(outcome) for outcome in outcomes]
+    assert kinds == [FeatureRows, NotFound, InvalidArgument, InvalidArgument, InvalidArgument, FeatureRows]
+    assert str(outcomes[3]) == "item_ids[1] is empty; every item needs an id"
+    assert str(outcomes[4]) == "at most 3 item_ids per request, got 4"
+    for request, outcome in zip(requests, outcomes):
+        assert same(outcome, await alone(fake, *request, max_items=3)), request
+    assert fake.keys_read[0][2:] == [user_key(NS, "u1"), user_key(NS, "u404"), item_key(NS, "i1"), item_key(NS, "i2")]
+
+
+async def test_degraded_is_per_request_while_redis_is_down(fake: FakeRedis) -> None:
+    s = store(fake)
+    await s.get("u1", ["i1"])  # fresh in the local cache
+    fake.down = True
+    warm, cold = await s.get_many([("u1", ["i1"]), ("u1", ["i2"])])
+    assert isinstance(warm, FeatureRows) and isinstance(cold, FeatureRows)
+    assert not warm.degraded and cold.degraded and cold.missing_items == 1
+    assert s.metrics.degraded._value.get() == 1  # degraded responses, not reads
+
+
+async def test_a_record_of_the_wrong_layout_fails_only_the_requests_that_read_it(fake: FakeRedis) -> None:
+    fake.data[item_key(NS, "broken")] = b"short"
+    ok, broken = await store(fake).get_many([("u1", ["i1"]), ("u1", ["i2", "broken"])])
+    assert isinstance(ok, FeatureRows) and same(ok, await alone(fake, "u1", ["i1"]))
+    assert isinstance(broken, FailedPrecondition) and same(broken, await alone(fake, "u1", ["i2", "broken"]))

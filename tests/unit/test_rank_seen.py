@@ -142,3 +142,119 @@ def test_breaker_lets_one_trial_through_per_interval() -> None:
     assert not breaker.admit()  # the others wait for it
     assert breaker.record_success() is True and not breaker.is_open and breaker.admit()
     assert breaker.record_success() is False
+
+
+class CountingClient:
+    """The store's real client, counting what it sends: single commands and pipelines."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self.commands = 0
+        self.pipelines = 0
+
+    async def smembers(self, *args):
+        self.commands += 1
+        return await self._client.smembers(*args)
+
+    async def smismember(self, *args):
+        self.commands += 1
+        return await self._client.smismember(*args)
+
+    def pipeline(self, **kwargs):
+        self.pipelines += 1
+        return self._client.pipeline(**kwargs)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def calls(url: str, command: str) -> int:
+    with redis.Redis.from_url(url) as client:
+        return client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
+async def one_by_one(store: SeenStore, queries) -> list:
+    out = []
+    for user_id, item_ids in queries:
+        try:
+            out.append((await store.seen(user_id, item_ids)).tolist())
+        except StageSkipped as skip:
+            out.append(str(skip))
+    return out
+
+
+def as_comparable(found: list) -> list:
+    return [str(f) if isinstance(f, StageSkipped) else f.tolist() for f in found]
+
+
+@pytest.mark.parametrize(("lookup", "command"), [("members", "smembers"), ("ismember", "smismember")])
+async def test_seen_many_is_one_round_trip_and_each_query_gets_what_seen_gives(
+    redis_server: RedisServer, namespace: str, lookup: str, command: str
+) -> None:
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.sadd(seen_key(namespace, "u1"), "i1", "i3")
+        client.sadd(seen_key(namespace, "u2"), "i2")
+        client.set(seen_key(namespace, "bad"), "not a set")
+    queries = [("u1", ["i1", "i2", "i3"]), ("u2", ["i1", "i2"]), ("bad", ["i1"]), ("u1", ["i3", "i9"]), ("u3", ["i1"])]
+    store = SeenStore.from_url(redis_server.url, namespace, timeout_seconds=1.0, lookup=lookup)
+    counting = store._client = CountingClient(store._client)  # type: ignore[assignment]
+    try:
+        before = calls(redis_server.url, command)
+        found = await store.seen_many(queries)
+        # One pipeline, no command of its own; by members each user's set is read once.
+        assert (counting.pipelines, counting.commands) == (1, 0)
+        assert calls(redis_server.url, command) - before == (4 if lookup == "members" else 5)
+        assert as_comparable(found) == await one_by_one(store, queries)
+        assert as_comparable(found)[:2] == [[True, False, True], [False, True]]
+        assert "WRONGTYPE" in str(found[2]) and not store.breaker.is_open
+    finally:
+        await store.close()
+
+
+async def test_seen_many_an_undecodable_set_fails_its_query_alone(redis_server: RedisServer, namespace: str) -> None:
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.sadd(seen_key(namespace, "u1"), "i1")
+        client.sadd(seen_key(namespace, "binary"), b"\xff\xfe")
+    store = SeenStore.from_url(redis_server.url, namespace, timeout_seconds=1.0)
+    try:
+        queries = [("u1", ["i1", "i2"]), ("binary", ["i1"])]
+        found = await store.seen_many(queries)
+        assert as_comparable(found) == await one_by_one(store, queries)
+        assert found[0].tolist() == [True, False] and "unreadable seen set" in str(found[1])
+    finally:
+        await store.close()
+
+
+async def test_seen_many_with_redis_down_skips_every_query_and_counts_one_failure() -> None:
+    dead = SeenStore.from_url(f"redis://127.0.0.1:{free_port()}/0", "ns", timeout_seconds=1.0, failures_to_skip=2)
+    try:
+        found = await dead.seen_many([("u1", ["i1"]), ("u2", ["i2"])])
+        assert all(isinstance(f, StageSkipped) and f.warn and "redis unreachable" in str(f) for f in found)
+        assert not dead.breaker.is_open  # one round trip failed, one failure counted
+        await dead.seen_many([("u1", ["i1"])])
+        assert dead.breaker.is_open
+        quiet = await dead.seen_many([("u1", ["i1"])])
+        assert [(str(f), f.warn) for f in quiet] == [("redis unreachable (circuit open)", False)]
+    finally:
+        await dead.close()
+
+
+async def test_a_prefetched_chain_ranks_as_the_chain_that_reads_for_itself(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.sadd(seen_key(namespace, "u1"), "i3", "i7")
+        client.sadd(seen_key(namespace, "u2"), "i4")
+    store = SeenStore.from_url(redis_server.url, namespace, timeout_seconds=1.0)
+    chain = Chain([SeenFilter(store), CategoryCap()])
+    try:
+        batch = [request("u1", explain=True, max_per_category=3), request("u2"), request("")]
+        await chain.prefetch(batch)
+        assert [c.seen is not None for c in batch] == [True, True, False]
+        for prefetched, user_id in zip(batch, ("u1", "u2", "")):
+            alone = await chain.rank(request(user_id, explain=prefetched.explain, max_per_category=prefetched.max_per_category))
+            got = await chain.rank(prefetched)
+            assert (got.page.tolist(), got.total, got.skipped) == (alone.page.tolist(), alone.total, alone.skipped)
+            assert got.explanations == alone.explanations
+    finally:
+        await store.close()

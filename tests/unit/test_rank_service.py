@@ -3,13 +3,16 @@ servicer decodes, validates and fills the response (called directly, no network)
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from services.genproto.infermesh.ranking.v1 import ranking_pb2
 
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import INTERNAL_ERROR_MESSAGE, InfermeshError, InvalidArgument, status_for
 from services.runtime.settings import SettingsError, load_settings
-from services.ranking.chain import Calibration, CategoryCap, Mmr, Rules, SeenFilter
+from services.ranking.chain import Calibration, Candidates, CategoryCap, Chain, Mmr, Outcome, Rules, SeenFilter
 from services.ranking.rank import RankInput, top_k
 from services.ranking.service import (
     RankingServicer,
@@ -149,3 +152,68 @@ async def test_servicer_runs_mmr_on_embeddings_when_lambda_is_below_one() -> Non
     diverse = await RankingServicer(settings(chain="mmr", redis_url="", mmr_lambda="0.5")).Rank(request, Context())
     assert [i.item_id for i in relevance.items] == ["i0", "i1"]
     assert [i.item_id for i in diverse.items] == ["i0", "i15"]
+
+
+async def rank_alone(servicer: RankingServicer, request: ranking_pb2.RankRequest) -> ranking_pb2.RankResult:
+    """The result Rank gives the request alone, in a batch result's shape."""
+    try:
+        return ranking_pb2.RankResult(response=await servicer.Rank(request, Context()), status={})
+    except InfermeshError as error:
+        return ranking_pb2.RankResult(status={"code": status_for(error).value[0], "message": str(error)})
+
+
+def batch_cases() -> list[ranking_pb2.RankRequest]:
+    rng = np.random.default_rng(8)
+    embeddings = rng.standard_normal((30, 4)).astype("<f4").tobytes()
+    short_scores = rank_request(k=5)
+    short_scores.scores = b"\0" * 8  # 2 scores for 30 items
+    return [
+        rank_request(k=5),
+        rank_request(k=3, offset=4, explain=True, max_per_category=2),
+        rank_request(k=5, item_embeddings=embeddings, embedding_dim=4, user_id="u7"),
+        short_scores,
+        rank_request(k=0),
+        rank_request(k=5, offset=40),
+        rank_request(n=12, k=20, max_per_category=1, explain=True),
+    ]
+
+
+async def test_rank_batch_answers_each_request_as_rank_does_alone() -> None:
+    servicer = RankingServicer(settings(chain="category_cap,mmr", redis_url="", mmr_lambda="0.5"))
+    requests = batch_cases()
+    reply = await servicer.RankBatch(ranking_pb2.RankBatchRequest(requests=requests), Context())
+    assert len(reply.results) == len(requests)
+    for request, result in zip(requests, reply.results):
+        assert result.SerializeToString() == (await rank_alone(servicer, request)).SerializeToString()
+    codes = [result.status.code for result in reply.results]
+    assert codes == [0, 0, 0, 3, 3, 3, 0]  # INVALID_ARGUMENT fails the request alone
+    assert reply.results[3].status.message == "scores has 8 bytes; 30 items need 120 (<f4 each)"
+    assert len(reply.results[1].response.explanations) == 30
+
+
+async def test_rank_batch_over_the_limit_is_rejected_whole() -> None:
+    servicer = RankingServicer(settings(chain="category_cap", redis_url="", max_batch_requests="2"))
+    with pytest.raises(InvalidArgument, match="at most 2 requests per RankBatch call, got 3"):
+        await servicer.RankBatch(ranking_pb2.RankBatchRequest(requests=[rank_request()] * 3), Context())
+
+
+class FailsForUser(CategoryCap):
+    """A stage with a bug that only one user's requests reach."""
+
+    async def run(self, c: Candidates, order: np.ndarray) -> Outcome:
+        if c.user_id == "boom":
+            raise RuntimeError("secret detail of the bug")
+        return await super().run(c, order)
+
+
+async def test_an_unexpected_error_is_internal_for_its_request_only_and_its_span_counts_requests() -> None:
+    servicer = RankingServicer(settings(chain="category_cap", redis_url=""), Chain([FailsForUser()]))
+    requests = [rank_request(k=5, max_per_category=2, user_id=u) for u in ("u1", "boom", "")]
+    span = TracerProvider().get_tracer("test").start_span("/infermesh.ranking.v1.RankingService/RankBatch")
+    with trace.use_span(span, end_on_exit=True):
+        reply = await servicer.RankBatch(ranking_pb2.RankBatchRequest(requests=requests), Context())
+    assert span.attributes["infermesh.batch.requests"] == 3
+    statuses = [(r.status.code, r.status.message) for r in reply.results]
+    assert statuses == [(0, ""), (grpc.StatusCode.INTERNAL.value[0], INTERNAL_ERROR_MESSAGE), (0, "")]
+    assert not reply.results[1].HasField("response")
+    assert reply.results[0].response == await servicer.Rank(requests[0], Context())
