@@ -11,6 +11,8 @@
   `gateway_shadow_score_abs_diff` (mean |primary - shadow| per request) and
   `gateway_shadow_topk_overlap` (share of the primary's top 20 also in the shadow's).
 * `gateway_experiments_reloads_total{result}`: ok | error.
+* `gateway_stage_batch_requests{stage}`: requests per call to each stage (features,
+  scoring, ranking); above 1 when concurrent requests were coalesced into one call.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from services.runtime.metrics import Metrics
 NO_ARM = "none"
 DIFF_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 OVERLAP_BUCKETS = (0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class GatewayMetrics:
@@ -64,6 +67,13 @@ class GatewayMetrics:
             "gateway_experiments_reloads_total", "Reloads of the experiments file by result (ok, error).", ("result",)
         )
 
+        self.batch_requests = metrics.histogram(
+            "gateway_stage_batch_requests",
+            "Requests per call to each stage; above 1 when concurrent requests were coalesced.",
+            ("stage",),
+            buckets=BATCH_BUCKETS,
+        )
+        self._batch_children: dict[str, Any] = {}
         # Label children by key: .labels() costs microseconds on every request otherwise.
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
@@ -79,3 +89,9 @@ class GatewayMetrics:
     def degraded_reasons(self, reasons: list[str]) -> None:
         for reason in reasons:
             self.degraded.labels(reason).inc()
+
+    def observe_batch(self, stage: str, requests: int) -> None:
+        child = self._batch_children.get(stage)
+        if child is None:
+            child = self._batch_children[stage] = self.batch_requests.labels(stage)
+        child.observe(requests)

@@ -45,6 +45,7 @@ from gateway.fallback import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.shadow import ShadowRunner
+from gateway.stage_calls import DirectCalls, StageCalls
 from services.runtime.errors import DeadlineExceeded, InvalidArgument, from_rpc_error
 from services.runtime.logs import get_logger
 from services.runtime.telemetry import fallback_span
@@ -136,6 +137,8 @@ class Scores:
     raw: bytes  # the same scores as the bytes scoring sent, forwarded to ranking as they are
     model_name: str
     model_version: str
+    # The scoring call that produced them (None for the fallback): the shadow model's copy.
+    request: inference_pb2.ModelInferRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -190,8 +193,11 @@ class Pipeline:
         experiments: Experiments | None = None,
         metrics: GatewayMetrics | None = None,
         shadow: ShadowRunner | None = None,
+        calls: StageCalls | None = None,
     ) -> None:
         self._stubs = stubs
+        # features, scoring, ranking: one call per request, or coalesced across requests.
+        self._calls = calls if calls is not None else DirectCalls(stubs)
         self.config = config
         self.experiments = experiments or Experiments(None, config.model_name)
         self._metrics = metrics
@@ -252,6 +258,7 @@ class Pipeline:
         matrix = feature_matrix(features)
         scored = await self._score(state, features.model_input, matrix, len(candidates))
         ranked = await self._rank(state, candidates, features, matrix, scored)
+        self._shadow(state.assignment, scored)
         return state.result(
             items=list(ranked.items),
             model_name=scored.model_name,
@@ -280,8 +287,8 @@ class Pipeline:
             "features",
             state.budget,
             state.timings,
-            lambda timeout: self._stubs.features.GetFeatures(
-                features_pb2.GetFeaturesRequest(user_id=state.user_id, item_ids=candidates), timeout=timeout
+            lambda timeout: self._calls.features(
+                features_pb2.GetFeaturesRequest(user_id=state.user_id, item_ids=candidates), timeout
             ),
         )
         if features.degraded:
@@ -303,7 +310,7 @@ class Pipeline:
                 "scoring",
                 state.budget,
                 state.timings,
-                lambda timeout: self._stubs.scoring.ModelInfer(infer_request, timeout=timeout),
+                lambda timeout: self._calls.score(infer_request, timeout),
             )
             raw_scores = scored.raw_output_contents[0] if scored.raw_output_contents else b""
             if len(raw_scores) != 4 * count:
@@ -311,10 +318,16 @@ class Pipeline:
         except StageFailed as failure:
             return self._fallback_scores(state, matrix, count, failure)
         scores = np.frombuffer(raw_scores, dtype="<f4")
+        return Scores(scores, raw_scores, scored.model_name, scored.model_version, infer_request)
+
+    def _shadow(self, assignment: Assignment, scored: Scores) -> None:
+        """The shadow model's copy of the scoring call, sent once the request has its answer:
+        sent earlier, it would compete with ranking for the same two cores."""
         shadow = self.experiments.config.shadow
-        if shadow is not None and (shadow.model, shadow.version) != (assignment.model, assignment.version):
-            self.shadow.submit(shadow, infer_request, scores)
-        return Scores(scores, raw_scores, scored.model_name, scored.model_version)
+        if scored.request is None or shadow is None:
+            return
+        if (shadow.model, shadow.version) != (assignment.model, assignment.version):
+            self.shadow.submit(shadow, scored.request, scored.scores)
 
     def _infer_request(
         self, assignment: Assignment, rows: features_pb2.DenseMatrix
@@ -354,7 +367,7 @@ class Pipeline:
                 "ranking",
                 state.budget,
                 state.timings,
-                lambda timeout: self._stubs.ranking.Rank(rank_request, timeout=timeout),
+                lambda timeout: self._calls.rank(rank_request, timeout),
             )
         except StageFailed as failure:
             return self._fallback_rank(state, candidates, features, scored.scores, failure)

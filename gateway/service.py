@@ -19,6 +19,7 @@ from gateway.experiments import Experiments
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline, PipelineConfig, Stubs
 from gateway.shadow import ShadowRunner
+from gateway.stage_calls import CoalescedCalls, DirectCalls, StageCalls
 from services.runtime.channels import open_channel
 from services.runtime.metrics import Metrics
 from services.runtime.settings import ServerSettings, TraceIdMetadata, listen_port, load_settings
@@ -84,6 +85,28 @@ class GatewaySettings(ServerSettings):
         8,
         ge=1,
         description="Shadow calls in flight at once when the experiments file does not say; beyond it copies are dropped.",
+    )
+    coalesce: bool = Field(
+        True,
+        description=(
+            "Coalesce concurrent requests' calls to each stage into one call (GetFeaturesBatch, one "
+            "ModelInfer over their rows, RankBatch) while a call to that stage is in flight; an idle "
+            "stage is called at once, alone."
+        ),
+    )
+    coalesce_max_batch: int = Field(
+        32, ge=1, le=64, description="Most requests in one coalesced call (the backends accept at most 64)."
+    )
+    coalesce_max_in_flight: int = Field(
+        2, ge=1, description="Calls in flight per stage before further requests queue to be coalesced."
+    )
+    coalesce_max_rows: int = Field(
+        4096,
+        ge=1,
+        description=(
+            "Most feature rows in one coalesced scoring call: at most the model's max_batch_size. A "
+            "batch the model refuses is sent again request by request."
+        ),
     )
     trace_id_metadata: TraceIdMetadata = Field(
         "initial",
@@ -192,12 +215,24 @@ class GatewayService:
             experiments=self.experiments,
             metrics=self.gateway_metrics,
             shadow=ShadowRunner(stubs.scoring, self.gateway_metrics),
+            calls=self._stage_calls(stubs),
         )
         self._health = {
             name: health_pb2_grpc.HealthStub(channel) for name, channel in self._channels.items()
         }
         self._watcher: asyncio.Task[None] | None = None
         self._sighup = False
+
+    def _stage_calls(self, stubs: Stubs) -> StageCalls:
+        if not self.settings.coalesce:
+            return DirectCalls(stubs)
+        return CoalescedCalls(
+            stubs,
+            max_batch=self.settings.coalesce_max_batch,
+            max_in_flight=self.settings.coalesce_max_in_flight,
+            max_rows=self.settings.coalesce_max_rows,
+            observe_batch=self.gateway_metrics.observe_batch,
+        )
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self.pipeline), server)

@@ -8,6 +8,7 @@ docs/benchmarks.md).
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,8 @@ def running_mesh(
 
 ROUNDS = 3  # turns of the side-by-side comparisons (tracing, shadow)
 TRACING = (("off", None), ("1%", "0.01"), ("100%", "1.0"))
+# Cross-request coalescing in the gateway (GATEWAY_COALESCE): the default is on.
+COALESCING = (("off", {"GATEWAY_COALESCE": "false"}), ("on", {"GATEWAY_COALESCE": "true"}))
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -139,6 +142,35 @@ def trace_receiver(work: Path) -> Iterator[TraceReceiver]:
         log.close()
 
 
+def side_by_side(
+    meshes: dict[str, Mesh],
+    edges: dict[str, Any],
+    concurrency: int,
+    rounds: int,
+    closed: Any,
+    record: Any,
+    what: str,
+) -> dict[str, Any]:
+    """Each variant's mesh measured in turns, `rounds` times; CPU per request by process kind
+    from the same runs; each variant reported by its median round, compared with the first."""
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in meshes}
+    for turn in range(rounds):
+        for label, mesh in meshes.items():
+            before = cpu_by_role(mesh)
+            run = closed(edges[label], concurrency, f"{what} {label} c={concurrency} round {turn + 1}")
+            run["cpu_ms_per_request"] = cpu_ms_per_request(before, cpu_by_role(mesh), run["ok"])
+            runs[label].append(run)
+    for label in meshes:
+        record(f"mesh {what} {label} c={concurrency}", median_run(runs[label]))
+    return compare(runs, next(iter(meshes)))
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU of this process's finished children (the load worker processes)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
     return {role: round((after[role] - before.get(role, 0.0)) * 1000 / max(1, requests), 3) for role in after}
 
@@ -184,7 +216,13 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
             # --- the monolith baseline: same Redis reads, model and ranking code, no RPC
             mono = factory("monolith", redis_url=redis_url, model_path=model, namespace="infermesh:v1")
             record("monolith c=1", closed(mono, 1, "monolith c=1"))
-            record("monolith c=32 (2 processes)", closed(mono, 32, "monolith c=32", processes=2))
+            before = children_cpu_seconds()
+            mono_saturated = closed(mono, 32, "monolith c=32", processes=2)
+            # The load processes run the monolith itself: their CPU (client loop included) per request.
+            results["monolith_cpu_ms_per_request"] = round(
+                (children_cpu_seconds() - before) * 1000 / max(1, mono_saturated["ok"]), 3
+            )
+            record("monolith c=32 (2 processes)", mono_saturated)
 
             # --- the default mesh
             with running_mesh(data_dir, redis_url, DEFAULT_REPLICAS) as mesh:
@@ -201,7 +239,7 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
                 results["cpu_ms_per_request"] = cpu_ms_per_request(before, after, saturated["ok"])
                 results["replicas"] = DEFAULT_REPLICAS
                 record("mesh gRPC direct to gateway c=32", closed(factory("grpc", address=gateway), 32, "direct c=32"))
-                results["ramps"]["mesh via Envoy"] = ramp(grpc_edge, RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "mesh ramp")
+                results["ramps"]["mesh via Envoy, coalescing on"] = ramp(grpc_edge, RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "mesh ramp")
                 # scoring alone against raw ONNX Runtime on the same batch sizes
                 scoring = mesh.topology.replicas["scoring"][0].address
                 items: dict[str, Any] = {}
@@ -217,10 +255,23 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
                     }
                 results["scoring_items_per_s"] = items
 
+            # --- coalescing off / on: two meshes side by side, measured in turns
+            rounds = 1 if quick else ROUNDS
+            with ExitStack() as stack:
+                meshes = {label: stack.enter_context(running_mesh(data_dir, redis_url, DEFAULT_REPLICAS, env))
+                          for label, env in COALESCING}
+                edges = {label: factory("grpc", address=f"127.0.0.1:{m.topology.edge_port}") for label, m in meshes.items()}
+                results["coalescing"] = {
+                    f"c={concurrency}": side_by_side(meshes, edges, concurrency, rounds, closed, record, "coalescing")
+                    for concurrency in (1, 32)
+                }
+                results["ramps"]["mesh via Envoy, coalescing off"] = ramp(
+                    edges["off"], RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "mesh ramp (coalescing off)"
+                )
+
             # --- tracing off / 1% / 100% and shadow traffic off / on: small differences on a
             # noisy machine, so the variants run side by side and are measured in turns
             # (ROUNDS rounds), each reported by its median round.
-            rounds = 1 if quick else ROUNDS
             with trace_receiver(work) as receiver, ExitStack() as stack:
                 edges, meshes = {}, {}
                 for label, ratio in TRACING:
@@ -288,6 +339,8 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
         f"shadow traffic (100% of scoring calls copied), c=1: {results['shadow']['100%']}",
         *(f"tracing {c}: {v}" for c, v in results["tracing"].items()),
         f"CPU ms per request by process kind: {results['cpu_ms_per_request']}",
+        f"monolith CPU ms per request: {results['monolith_cpu_ms_per_request']}",
+        *(f"coalescing {c}: {v}" for c, v in results["coalescing"].items()),
     ]
     print("\n".join(summary))
     print(f"wrote {out_dir / 'suite.json'} and {out_dir / 'ramp.png'}")

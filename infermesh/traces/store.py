@@ -75,6 +75,8 @@ class SpanRecord:
     scope: str = ""
     events: tuple[SpanEvent, ...] = ()
     resource: dict[str, Any] = field(default_factory=dict)
+    # (trace id, span id) of each span this one links to, e.g. a coalesced request's batch.
+    links: tuple[tuple[str, str], ...] = ()
 
     @property
     def duration_ns(self) -> int:
@@ -107,6 +109,7 @@ class SpanRecord:
             "events": [
                 {"name": e.name, "time_unix_nano": e.time_ns, "attributes": e.attributes} for e in self.events
             ],
+            "links": [{"trace_id": t, "span_id": s} for t, s in self.links],
         }
 
 
@@ -133,6 +136,7 @@ def spans_from_request(request: trace_service_pb2.ExportTraceServiceRequest) -> 
                         status=STATUSES.get(span.status.code, "UNSET"),
                         status_message=span.status.message,
                         scope=scope,
+                        links=tuple((link.trace_id.hex(), link.span_id.hex()) for link in span.links),
                         events=tuple(
                             SpanEvent(e.name, e.time_unix_nano, attributes(e.attributes)) for e in span.events
                         ),

@@ -45,6 +45,10 @@ SPAN_SCORING_QUEUE = "infermesh.scoring.queue"
 SPAN_SCORING_INFERENCE = "infermesh.scoring.inference"
 SPAN_RANKING_PREFIX = "infermesh.ranking."  # + top_k (the chain), + each chain stage
 SPAN_GATEWAY_FALLBACK = "infermesh.gateway.fallback"
+# Cross-request coalescing (gateway/coalescing.py): a request's wait for a batched stage
+# call, and the batched call itself (links between the two).
+SPAN_GATEWAY_COALESCED = "infermesh.gateway.coalesced"
+SPAN_GATEWAY_BATCH = "infermesh.gateway.batch"
 
 # Standard attributes (OpenTelemetry semantic conventions).
 ATTR_DB_SYSTEM = "db.system.name"
@@ -68,6 +72,7 @@ ATTR_K = "infermesh.k"
 ATTR_STAGE = "infermesh.stage"
 ATTR_FALLBACK_REASON = "infermesh.fallback.reason"
 ATTR_DEADLINE_REMAINING_MS = "infermesh.deadline.remaining_ms"
+ATTR_COALESCE_WAIT_MS = "infermesh.coalesce.wait_ms"
 
 Attributes = Mapping[str, AttributeValue]
 

@@ -1,0 +1,195 @@
+"""Cross-request coalescing: one stage's calls from concurrent requests sent as one call.
+
+Per stage, up to `max_in_flight` calls run at once. A request that finds the stage idle
+calls it at once, alone, on the single-request RPC: concurrency 1 pays nothing and waits
+on no timer. While the stage is busy, requests queue; when a call returns (or the queue
+reaches `max_batch`), the queue goes out as one batched call, and each request gets its
+own result back, or its own error (a per-request status in the batch reply, or the whole
+call's error). Each request keeps its own deadline: it stops waiting when its budget for
+the stage is spent, and a request whose deadline passed in the queue is never sent.
+
+Traces: a request that waited gets a span `infermesh.gateway.coalesced` (attributes: the
+stage, its wait to join in ms, the batch size) linked to the batch's span
+`infermesh.gateway.batch`, which is the parent of the batched call's CLIENT span and links
+back to every request it served. A request that went alone keeps today's shape: its CLIENT
+span directly under its Recommend span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanKind
+
+from services.runtime.telemetry import (
+    ATTR_BATCH_REQUESTS,
+    ATTR_COALESCE_WAIT_MS,
+    ATTR_STAGE,
+    SPAN_GATEWAY_BATCH,
+    SPAN_GATEWAY_COALESCED,
+    tracer,
+)
+
+Q = TypeVar("Q")
+R = TypeVar("R")
+
+# Send a batch: requests in, one result or exception per request out, same order.
+BatchSender = Callable[[Sequence[Q], float], Awaitable[list["R | BaseException"]]]
+# Send one request alone (the single-request RPC); raises the call's error.
+SingleSender = Callable[[Q, float], Awaitable[R]]
+
+
+@dataclass(eq=False)
+class _Waiting(Generic[Q, R]):
+    request: Q
+    deadline: float  # time.monotonic()
+    joined: float
+    future: asyncio.Future[R]
+    span: Span | None = field(default=None)
+
+
+class Coalescer(Generic[Q, R]):
+    def __init__(
+        self,
+        stage: str,
+        single: SingleSender[Q, R],
+        batch: BatchSender[Q, R],
+        *,
+        max_batch: int,
+        max_in_flight: int,
+        observe_batch: Callable[[str, int], None] | None = None,
+        size: Callable[[Q], int] | None = None,
+        max_size: int = 0,
+    ) -> None:
+        self.stage = stage
+        self._single, self._batch = single, batch
+        self._max_batch, self._max_in_flight = max_batch, max_in_flight
+        # Optionally a second cap: the summed size of a batch (scoring: rows per call).
+        self._size, self._max_size = size, max_size
+        self._observe = observe_batch
+        self._queue: deque[_Waiting[Q, R]] = deque()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def call(self, request: Q, timeout: float) -> R:
+        if self._in_flight < self._max_in_flight and not self._queue:
+            return await self._alone(request, timeout)
+        waiting = self._join(request, timeout)
+        try:
+            return await asyncio.wait_for(waiting.future, timeout)
+        finally:
+            if waiting.span is not None:
+                waiting.span.end()
+
+    async def _alone(self, request: Q, timeout: float) -> R:
+        self._in_flight += 1
+        if self._observe is not None:
+            self._observe(self.stage, 1)
+        try:
+            return await self._single(request, timeout)
+        finally:
+            self._in_flight -= 1
+            self._flush()
+
+    def _join(self, request: Q, timeout: float) -> _Waiting[Q, R]:
+        now = time.monotonic()
+        waiting = _Waiting(request, now + timeout, now, asyncio.get_running_loop().create_future())
+        if trace.get_current_span().is_recording():
+            waiting.span = tracer().start_span(SPAN_GATEWAY_COALESCED, attributes={ATTR_STAGE: self.stage})
+        self._queue.append(waiting)
+        if len(self._queue) >= self._max_batch:
+            self._send(self._take())  # a full batch goes now, busy or not
+        return waiting
+
+    def _flush(self) -> None:
+        while self._queue and self._in_flight < self._max_in_flight:
+            batch = self._take()
+            if batch:
+                self._send(batch)
+
+    def _take(self) -> list[_Waiting[Q, R]]:
+        """Up to max_batch queued requests that still wait (not timed out or cancelled), and
+        no more than max_size in all (a request over it alone still goes, alone)."""
+        batch: list[_Waiting[Q, R]] = []
+        total = 0
+        while self._queue and len(batch) < self._max_batch:
+            waiting = self._queue[0]
+            if waiting.future.done():
+                self._queue.popleft()
+                continue
+            if self._size is not None:
+                size = self._size(waiting.request)
+                if batch and total + size > self._max_size:
+                    break
+                total += size
+            batch.append(self._queue.popleft())
+        return batch
+
+    def _send(self, batch: list[_Waiting[Q, R]]) -> None:
+        self._in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._tasks.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[_Waiting[Q, R]]) -> None:
+        sent = time.monotonic()
+        timeout = max(w.deadline for w in batch) - sent
+        if self._observe is not None:
+            self._observe(self.stage, len(batch))
+        batch_span = self._batch_span(batch, sent)
+        token = otel_context.attach(trace.set_span_in_context(batch_span))
+        try:
+            results = await self._results(batch, timeout)
+        finally:
+            otel_context.detach(token)
+            batch_span.end()
+            self._in_flight -= 1
+        for waiting, result in zip(batch, results):
+            if waiting.future.done():  # it stopped waiting (its deadline) meanwhile
+                continue
+            if isinstance(result, BaseException):
+                waiting.future.set_exception(result)
+            else:
+                waiting.future.set_result(result)
+        self._flush()
+
+    async def _results(self, batch: list[_Waiting[Q, R]], timeout: float) -> list[R | BaseException]:
+        try:
+            if len(batch) == 1:
+                return [await self._single(batch[0].request, timeout)]
+            results = await self._batch([w.request for w in batch], timeout)
+        except Exception as error:  # the whole call failed: every request gets its error
+            return [error] * len(batch)
+        if len(results) != len(batch):
+            error = RuntimeError(f"{self.stage}: {len(results)} results for a batch of {len(batch)}")
+            return [error] * len(batch)
+        return results
+
+    def _batch_span(self, batch: list[_Waiting[Q, R]], sent: float) -> Span:
+        """The batch's span, under the first traced request's span; links both ways."""
+        traced = [w for w in batch if w.span is not None]
+        if not traced:
+            return trace.INVALID_SPAN
+        parent = trace.set_span_in_context(traced[0].span)  # type: ignore[arg-type]
+        links = [Link(w.span.get_span_context()) for w in traced]  # type: ignore[union-attr]
+        span = tracer().start_span(
+            SPAN_GATEWAY_BATCH,
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            links=links,
+            attributes={ATTR_STAGE: self.stage, ATTR_BATCH_REQUESTS: len(batch)},
+        )
+        for waiting in traced:
+            member = waiting.span
+            assert member is not None
+            member.add_link(span.get_span_context())
+            member.set_attribute(ATTR_COALESCE_WAIT_MS, round((sent - waiting.joined) * 1000.0, 3))
+            member.set_attribute(ATTR_BATCH_REQUESTS, len(batch))
+        return span
