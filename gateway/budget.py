@@ -20,6 +20,11 @@ import pydantic
 from pydantic import Field
 
 STAGES = ("retrieval", "features", "scoring", "ranking")
+# The whole-request budget of a caller that sets no deadline: the gateway's default
+# (GATEWAY_TIMEOUT_SECONDS) and the deadline the edge gives such callers (Envoy's
+# default grpc-timeout, infermesh/envoy/resilience.py), whose per-try timeouts derive
+# from the stage budgets of this deadline.
+DEFAULT_DEADLINE_SECONDS = 2.0
 
 # Declared once, for StageBudgets and for the GATEWAY_*_BUDGET settings that fill it.
 BudgetWeight = Annotated[float, Field(gt=0)]
@@ -45,6 +50,12 @@ class StageBudgets:
             reserve=total * self.reserve,
             stages={stage: spendable * weight / share for stage, weight in weights.items()},
         )
+
+    def shortest(self, stage: str, total: float) -> float:
+        """The least time `stage` gets in a request of `total` seconds, with or without
+        retrieval (a request that brings candidates gives retrieval's share to the others)."""
+        plans = (STAGES, STAGES[1:])
+        return min(self.plan(total, stages).stages[stage] for stages in plans if stage in stages)
 
 
 @dataclass(frozen=True)

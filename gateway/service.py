@@ -14,13 +14,15 @@ from services.genproto.infermesh.features.v1 import features_pb2_grpc
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.genproto.infermesh.ranking.v1 import ranking_pb2_grpc
 
-from gateway.budget import BudgetWeight, ReserveShare, StageBudgets
+from gateway.budget import DEFAULT_DEADLINE_SECONDS, BudgetWeight, ReserveShare, StageBudgets
 from gateway.experiments import Experiments
+from gateway.limits import RequestLimits, check_recommend
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline, PipelineConfig, Stubs
 from gateway.shadow import ShadowRunner
 from gateway.stage_calls import CoalescedCalls, DirectCalls, StageCalls
 from services.runtime.channels import open_channel
+from services.runtime.limits import DEFAULT_MAX_ID_LENGTH
 from services.runtime.metrics import Metrics
 from services.runtime.settings import ServerSettings, TraceIdMetadata, listen_port, load_settings
 from services.runtime.telemetry import current_trace_id
@@ -56,8 +58,16 @@ class GatewaySettings(ServerSettings):
     max_per_category: int = Field(
         5, ge=0, description="At most this many items of one category in a response (ranking's category_cap); 0: no cap."
     )
+    max_id_length: int = Field(
+        DEFAULT_MAX_ID_LENGTH, ge=1, description="Longest user_id or candidate id a request may carry, in characters."
+    )
     timeout_seconds: float = Field(
-        2.0, gt=0, description="Whole-request budget when the caller sets no gRPC deadline (REST requests)."
+        DEFAULT_DEADLINE_SECONDS,
+        gt=0,
+        description=(
+            "Whole-request budget when the caller sets no gRPC deadline. Through the edge every "
+            "request has one: Envoy gives callers that set none its default (docs/envoy.md)."
+        ),
     )
     # Weights normalised over the stages a request runs, and the share of the whole
     # deadline kept back for fallbacks and the response: gateway/budget.py.
@@ -136,12 +146,14 @@ class GatewaySettings(ServerSettings):
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, limits: RequestLimits | None = None) -> None:
         self._pipeline = pipeline
+        self._limits = limits or RequestLimits()
 
     async def Recommend(
         self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RecommendResponse:
+        check_recommend(request, self._limits)  # before any work: gateway/limits.py
         result = await self._pipeline.recommend(
             request.user_id,
             list(request.candidate_ids),
@@ -235,7 +247,8 @@ class GatewayService:
         )
 
     def register(self, server: grpc.aio.Server) -> None:
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self.pipeline), server)
+        limits = RequestLimits(self.settings.max_id_length, self.settings.max_candidates, self.settings.max_k)
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self.pipeline, limits), server)
 
     async def start(self) -> None:
         if self.experiments.path is None:

@@ -24,7 +24,12 @@ from infermesh.envoy.bootstrap import (
     write,
 )
 from infermesh.envoy.common import REPO_ROOT
-from infermesh.envoy.edge_policy import EdgePolicy, load_api_keys
+from infermesh.envoy.edge_policy import (
+    ADMISSION_MIN_CONCURRENCY,
+    DEFAULT_ADMISSION_LATENCY_MS,
+    EdgePolicy,
+    load_api_keys,
+)
 from infermesh.envoy.process import EnvoyError, validate
 from infermesh.envoy.tracing import Tracing
 from services.runtime.topology import DEFAULT_ADMIN_PORT, DEFAULT_EDGE_PORT, SERVICES, local_topology
@@ -63,6 +68,15 @@ def add_edge_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --edge-rate-limit: requests admitted at once after a quiet spell (default: RPS)",
     )
     parser.add_argument(
+        "--edge-shed-latency",
+        type=int,
+        default=DEFAULT_ADMISSION_LATENCY_MS,
+        metavar="MS",
+        help="shed load at the edge once the gateway's median latency passes MS milliseconds "
+        f"(beyond {ADMISSION_MIN_CONCURRENCY} calls in flight, the excess gets 429 / RESOURCE_EXHAUSTED "
+        "at once); 0 turns load shedding off; default %(default)s",
+    )
+    parser.add_argument(
         "--api-key-file",
         type=Path,
         default=None,
@@ -85,7 +99,8 @@ def edge_policy_from_args(args: argparse.Namespace) -> EdgePolicy:
     if args.edge_rate_burst is not None and args.edge_rate_limit is None:
         raise ValueError("--edge-rate-burst needs --edge-rate-limit")
     keys = load_api_keys(args.api_key_file) if args.api_key_file is not None else ()
-    return EdgePolicy(args.edge_rate_limit, args.edge_rate_burst, keys)
+    shed_latency = args.edge_shed_latency or None  # 0: off
+    return EdgePolicy(args.edge_rate_limit, args.edge_rate_burst, keys, admission_latency_ms=shed_latency)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

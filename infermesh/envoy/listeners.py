@@ -2,7 +2,8 @@
 
 * edge: REST (HTTP/1.1, transcoded to gRPC) and gRPC (HTTP/2) on one port;
   `/inference.GRPCInferenceService/*` goes to scoring, everything else to the gateway.
-  Envoy's own error replies to REST clients are JSON google.rpc.Status bodies.
+  Envoy's own error replies to REST clients are JSON google.rpc.Status bodies, and gRPC
+  clients get the status code those bodies carry.
 * one internal HTTP/2 listener per backend (features, scoring, ranking) that the gateway
   dials; each forwards to the cluster of the same name.
 """
@@ -15,7 +16,13 @@ import grpc
 
 from infermesh.certs import CertPaths
 from infermesh.envoy.common import EXTENSIONS_TYPE, Json, socket_address
-from infermesh.envoy.edge_policy import EdgePolicy, policy_filter_names, policy_filters
+from infermesh.envoy.edge_policy import (
+    EdgePolicy,
+    admission_filter_names,
+    admission_filters,
+    policy_filter_names,
+    policy_filters,
+)
 from infermesh.envoy.http_filters import buffer, router, transcoder
 from infermesh.envoy.routes import (
     HEALTH_ROUTE_PREFIX,
@@ -60,11 +67,17 @@ LOCAL_REPLY_CODES: Mapping[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,  # the body is not JSON, or a field has the wrong type
     401: grpc.StatusCode.UNAUTHENTICATED,  # no or a wrong API key
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,  # body over the edge's limit
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,  # over the edge's rate limit
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,  # over the edge's rate limit, or shed (admission control)
     500: grpc.StatusCode.INTERNAL,
     502: grpc.StatusCode.UNAVAILABLE,  # could not connect to a gateway replica
     503: grpc.StatusCode.UNAVAILABLE,  # no healthy gateway replica
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,  # the gateway did not answer within the route timeout
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,  # the gateway did not answer within the deadline
+}
+# Those of Envoy's own replies whose gRPC status Envoy would otherwise derive from the HTTP
+# status as UNAVAILABLE (429: clients would retry into the limit) or UNKNOWN (413), or
+# INTERNAL (400): a gRPC client gets the code a REST client's body says.
+GRPC_LOCAL_REPLY_CODES: Mapping[int, grpc.StatusCode] = {
+    status: LOCAL_REPLY_CODES[status] for status in (400, 413, 429)
 }
 
 
@@ -112,7 +125,7 @@ def edge_listener(
     tls: CertPaths | None = None,
 ) -> Json:
     edge = edge or EdgePolicy()
-    filters = [*policy_filters(edge), buffer(), transcoder(topology.descriptor_set), router()]
+    filters = [*policy_filters(edge), buffer(), *admission_filters(edge), transcoder(topology.descriptor_set), router()]
     # AUTO: HTTP/1.1 (REST) and prior-knowledge HTTP/2 (gRPC) share the port.
     hcm = http_connection_manager("edge", "AUTO", _edge_routes(topology, edge), filters, tracing, edge=True)
     hcm["typed_config"]["route_config"]["max_direct_response_body_size_bytes"] = MAX_OPENAPI_BYTES
@@ -122,23 +135,29 @@ def edge_listener(
 
 
 def internal_listener(topology: MeshTopology, service: str, tracing: Tracing | None = None) -> Json:
-    hcm = http_connection_manager(service, "HTTP2", service_routes(service), [router()], tracing)
+    hcm = http_connection_manager(service, "HTTP2", service_routes(service, internal=True), [router()], tracing)
     return listener(service, topology.listen_host, topology.internal_ports[service], hcm)
 
 
 def _edge_routes(topology: MeshTopology, edge: EdgePolicy) -> list[Json]:
     bypass = policy_filter_names(edge)
+    # Load shedding measures and limits the gateway's Recommend calls only: probes, the
+    # document and scoring's own clients neither count nor are shed. (REST calls meet it
+    # before the transcoder, on the route of their REST path, i.e. the 404's: that one
+    # keeps it.)
+    unshed = admission_filter_names(edge)
     # Health checks first, outside the rate limit and the authentication: `infermesh up`
     # and load balancers probe the gateway through the edge, and a probe rejected for
     # want of a key or a token would take the whole edge out of rotation.
-    health = exempt(route({"prefix": HEALTH_ROUTE_PREFIX}, GATEWAY), bypass)
+    health = exempt(route({"prefix": HEALTH_ROUTE_PREFIX}, GATEWAY, internal=False), [*bypass, *unshed])
     # The API description is public, like the health route.
-    routes = [health, exempt(openapi_route(topology), bypass)]
-    routes += service_routes(SCORING, SCORING_ROUTE_PREFIX, unbuffered_streams=True)
+    routes = [health, exempt(openapi_route(topology), [*bypass, *unshed])]
+    scoring = service_routes(SCORING, SCORING_ROUTE_PREFIX, internal=False, unbuffered_streams=True)
+    routes += [exempt(scoring_route, unshed) for scoring_route in scoring]
     # Only gRPC goes upstream (REST has become gRPC in the transcoder by the time routes are
     # matched); a request for a REST path no google.api.http rule maps gets a JSON 404
     # here instead of reaching the gateway as malformed gRPC (5xx, or a 200 with grpc-status 13).
-    routes += [grpc_only(gateway_route) for gateway_route in service_routes(GATEWAY)]
+    routes += [grpc_only(gateway_route) for gateway_route in service_routes(GATEWAY, internal=False)]
     routes.append(not_found_route())
     return routes
 
@@ -190,15 +209,32 @@ def _json_local_replies() -> Json:
     }
     mappers = []
     for status, code in LOCAL_REPLY_CODES.items():
-        value = {"default_value": status, "runtime_key": f"edge_local_reply.{status}"}
-        is_status = {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
         mappers.append(
             {
-                "filter": {"and_filter": {"filters": [is_status, not_grpc]}},
+                "filter": {"and_filter": {"filters": [_is_status(status), not_grpc]}},
                 "body_format_override": {
                     "json_format": {"code": code.value[0], "message": "%LOCAL_REPLY_BODY%", "details": []},
                     "content_type": "application/json",
                 },
             }
         )
+    # The rest are gRPC requests (the first matching mapper wins): a grpc-status of our own
+    # wins over the one Envoy derives from the HTTP status.
+    for status, code in GRPC_LOCAL_REPLY_CODES.items():
+        mappers.append(
+            {
+                "filter": _is_status(status),
+                "headers_to_add": [
+                    {
+                        "header": {"key": "grpc-status", "value": str(code.value[0])},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+            }
+        )
     return {"mappers": mappers}
+
+
+def _is_status(status: int) -> Json:
+    value = {"default_value": status, "runtime_key": f"edge_local_reply.{status}"}
+    return {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}

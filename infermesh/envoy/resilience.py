@@ -1,38 +1,102 @@
-"""Traffic policy: route timeouts, retries, retry budgets, circuit breakers, outlier
-detection and active health checks.
+"""Traffic policy: deadlines, per-try timeouts, hedging, retries, retry budgets, circuit
+breakers, outlier detection and active health checks.
 
-Every route gets a timeout that caps the caller's grpc-timeout, and retries on
-UNAVAILABLE / reset / connect failure with a per-try timeout for the idempotent RPCs (all
-of them but the model repository's load/unload); every cluster has a retry budget,
-circuit breakers, outlier detection that ejects a failing replica within a couple of failed
-calls, and a grpc.health.v1 check under the service's health name.
+Every call has a deadline: the caller's grpc-timeout, capped, or the route's default when
+the caller sets none (`RouteLimits`). The idempotent RPCs (all of them but the model
+repository's load/unload) are retried on UNAVAILABLE / reset / connect failure on another
+replica; a try that outlives its per-try timeout is hedged on the gateway's internal hops
+(a second try goes to another replica, the first keeps running, the first answer wins), so
+a hung replica costs one per-try timeout, derived from the gateway's stage budgets. Every
+cluster has a retry budget, circuit breakers, outlier detection that ejects a dead or hung
+replica within a couple of failed calls, and a grpc.health.v1 check under the service's
+health name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from gateway.budget import DEFAULT_DEADLINE_SECONDS, StageBudgets
 from infermesh.envoy.common import EXTENSIONS_TYPE, Json
-from services.runtime.topology import FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, RANKING, SCORING
+from services.runtime.topology import BACKENDS, FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, RANKING, SCORING
 
-ROUTE_TIMEOUT = "10s"
-# Per-route limits, by the cluster a route goes to: (route timeout, per-try timeout). The
-# route timeout also caps the caller's grpc-timeout; the per-try timeout lets a hung
-# replica's call be retried on another one while the caller's deadline still allows it.
-ROUTE_TIMEOUTS: Mapping[str, tuple[str, str]] = {
-    GATEWAY: (ROUTE_TIMEOUT, "5s"),
-    FEATURES: ("5s", "2s"),
-    SCORING: ("5s", "2s"),
-    RANKING: ("5s", "2s"),
+NUM_RETRIES = 2
+ATTEMPTS = 1 + NUM_RETRIES
+
+
+@dataclass(frozen=True)
+class RouteLimits:
+    """How long a call on a route may take (durations as Envoy writes them, "2s").
+
+    default_deadline: a caller that sets no grpc-timeout gets this one, both enforced by
+    Envoy (the route's max_stream_duration) and passed on as grpc-timeout, so the service
+    plans for the same deadline;
+    max_deadline: a caller's grpc-timeout is capped at this;
+    per_try_timeout: a try that has not answered by then is retried on another replica
+    (None: never cut short, the deadline alone bounds it);
+    hedged: the retry of a timed-out try is a hedge (the first try keeps running and the
+    first answer wins) rather than a replacement.
+    """
+
+    default_deadline: str
+    max_deadline: str
+    per_try_timeout: str | None
+    hedged: bool = False
+
+
+def duration(seconds: float) -> str:
+    """Seconds as an Envoy (protobuf JSON) duration, to the millisecond: 0.233 -> "0.233s"."""
+    return f"{round(seconds * 1000) / 1000:g}s"
+
+
+# The gateway's stages each backend serves (features answers retrieval too).
+CLUSTER_STAGES: Mapping[str, tuple[str, ...]] = {
+    FEATURES: ("retrieval", "features"),
+    SCORING: ("scoring",),
+    RANKING: ("ranking",),
 }
+
+
+def internal_per_try_timeout(
+    cluster: str, budgets: StageBudgets | None = None, deadline: float = DEFAULT_DEADLINE_SECONDS
+) -> str:
+    """Per-try timeout of the gateway's calls to `cluster`: the shortest budget the gateway
+    gives those calls in a request of the default deadline (gateway/budget.py), split so
+    that every attempt (the first and each hedge) fits in it. The gateway's default
+    weights give features 0.1 s, scoring 0.233 s, ranking 0.1 s."""
+    budgets = budgets or StageBudgets()
+    budget = min(budgets.shortest(stage, deadline) for stage in CLUSTER_STAGES[cluster])
+    return duration(budget / ATTEMPTS)
+
+
+# Routes of the edge listener: clients call the gateway (REST or gRPC) and scoring (the Open
+# Inference Protocol). Neither is hedged: a Recommend runs the whole pipeline, and a
+# client's inference batch may rightly take long.
+EDGE_ROUTE_LIMITS: Mapping[str, RouteLimits] = {
+    # A caller with a long deadline whose gateway replica hangs gets a second try on
+    # another one after 5 s (no sooner: a try cut short reruns the whole pipeline).
+    GATEWAY: RouteLimits(duration(DEFAULT_DEADLINE_SECONDS), "10s", "5s"),
+    SCORING: RouteLimits("5s", "5s", "2s"),
+}
+# Routes of the internal listeners: the gateway's calls, always with its stage's deadline.
+INTERNAL_ROUTE_LIMITS: Mapping[str, RouteLimits] = {
+    backend: RouteLimits("5s", "5s", internal_per_try_timeout(backend), hedged=True) for backend in BACKENDS
+}
+
+
+def route_limits(cluster: str, *, internal: bool) -> RouteLimits:
+    return (INTERNAL_ROUTE_LIMITS if internal else EDGE_ROUTE_LIMITS)[cluster]
+
+
 # Idempotent calls only: the retried call may already have run on the first replica.
 # Every RPC of the mesh is a read (Recommend, GetFeatures, RetrieveCandidates, ModelInfer,
 # the inference metadata/config/statistics calls, Rank), so this is the routes' default.
+# `reset` covers a try cut off by its per-try timeout too.
 IDEMPOTENT_RETRY_ON = "unavailable,reset,connect-failure,refused-stream"
 # Conditions where the request cannot have reached the application: safe for any RPC.
 UNSENT_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
-NUM_RETRIES = 2
 # RPCs that change state, per cluster: routed on their own, with no retry that could run
 # them twice, and a timeout that leaves room for loading a model.
 NON_IDEMPOTENT_METHODS: Mapping[str, tuple[str, ...]] = {
@@ -55,18 +119,29 @@ CIRCUIT_BREAKERS: Mapping[str, int] = {
     "max_requests": 4096,
 }
 # Outlier detection, tuned for a small mesh. Failures are split by origin:
-# * local (connection refused, reset, per-try timeout: the replica is dead or hung): two
-#   in a row eject it, so a killed replica stops getting traffic within a couple of calls;
+# * local, a dead replica (connection refused, reset): two in a row eject it, so a killed
+#   replica stops getting traffic within a couple of calls;
+# * local, a hung replica (SIGSTOP: it accepts streams, never answers): every call that
+#   reaches it is a per-try timeout, hedged elsewhere. Envoy counts each call's stream as
+#   a local success before its timeout, so "in a row" never adds up: what ejects it is its
+#   failure percentage, evaluated every second, which is exactly 50% when every call times
+#   out (one success, one failure each) and below it while any call answers. Only in
+#   clusters of 2 or more (a lone replica has nowhere to send its calls);
 # * from the service (gRPC status): five UNAVAILABLE / DEADLINE_EXCEEDED in a row eject it
 #   (a sick replica); INTERNAL, UNIMPLEMENTED... are about the request, not the replica,
 #   so they are counted (stats) but never eject (a client could otherwise eject replicas).
 # Ejection lasts 5 s, longer each time it happens again; a passing active health check
 # (every second) readmits a replica sooner, so a replica that is merely having a bad
-# moment (or the only one) is not kept out for long.
+# moment is not kept out for long.
 OUTLIER_DETECTION: Mapping[str, Any] = {
     "split_external_local_origin_errors": True,
     "consecutive_local_origin_failure": 2,
     "enforcing_consecutive_local_origin_failure": 100,
+    "failure_percentage_threshold": 50,
+    "failure_percentage_minimum_hosts": 2,
+    "failure_percentage_request_volume": 6,  # local events in the interval: three calls
+    "enforcing_failure_percentage_local_origin": 100,
+    "enforcing_failure_percentage": 0,  # the services' own errors: see consecutive_gateway_failure
     "consecutive_gateway_failure": 5,
     "enforcing_consecutive_gateway_failure": 100,
     "consecutive_5xx": 5,
@@ -75,7 +150,7 @@ OUTLIER_DETECTION: Mapping[str, Any] = {
     "base_ejection_time": "5s",
     "max_ejection_time": "60s",
     # Half the cluster at most: ejecting every replica would turn a partial outage into a
-    # full one (Envoy always allows the first ejection, even of a cluster's only replica).
+    # full one.
     "max_ejection_percent": 50,
 }
 HEALTH_CHECK_INTERVAL = "1s"

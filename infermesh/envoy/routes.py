@@ -12,9 +12,10 @@ from infermesh.envoy.resilience import (
     IDEMPOTENT_RETRY_ON,
     NON_IDEMPOTENT_METHODS,
     NON_IDEMPOTENT_TIMEOUT,
-    ROUTE_TIMEOUTS,
     UNSENT_RETRY_ON,
+    RouteLimits,
     retry_policy,
+    route_limits,
 )
 from services.runtime.topology import HEALTH_SERVICE_NAMES, SCORING, MeshTopology
 
@@ -40,24 +41,45 @@ JSON_CONTENT_TYPE = {
 }
 
 
-def route(match: Json, cluster: str, *, idempotent: bool = True) -> Json:
-    if idempotent:
-        timeout, per_try = ROUTE_TIMEOUTS[cluster]
-        retry = retry_policy(IDEMPOTENT_RETRY_ON, per_try)
-    else:
+def route(match: Json, cluster: str, *, internal: bool, idempotent: bool = True) -> Json:
+    """A route to `cluster` on an internal listener (the gateway's calls) or the edge."""
+    if not idempotent:
         # A call that changes state must not run twice: only retry what never left Envoy.
-        timeout, retry = NON_IDEMPOTENT_TIMEOUT, retry_policy(UNSENT_RETRY_ON)
+        limits = RouteLimits(NON_IDEMPOTENT_TIMEOUT, NON_IDEMPOTENT_TIMEOUT, per_try_timeout=None)
+        return _route(match, cluster, limits, UNSENT_RETRY_ON)
+    return _route(match, cluster, route_limits(cluster, internal=internal), IDEMPOTENT_RETRY_ON)
+
+
+def _route(match: Json, cluster: str, limits: RouteLimits, retry_on: str) -> Json:
+    action: Json = {
+        "cluster": cluster,
+        # The caller's grpc-timeout, capped, else the default: every call has a deadline.
+        # (With max_stream_duration set, Envoy ignores a route's `timeout`.)
+        "max_stream_duration": {
+            "max_stream_duration": limits.default_deadline,
+            "grpc_timeout_header_max": limits.max_deadline,
+        },
+        "retry_policy": retry_policy(retry_on, limits.per_try_timeout),
+    }
+    if limits.hedged:
+        action["hedge_policy"] = {"hedge_on_per_try_timeout": True}
     return {
         "match": match,
-        "route": {
-            "cluster": cluster,
-            "timeout": timeout,
-            # Honour the caller's grpc-timeout (deadline propagation), capped at the
-            # route timeout, so one slow stage cannot hold a stream forever.
-            "max_stream_duration": {"grpc_timeout_header_max": timeout},
-            "retry_policy": retry,
-        },
+        "route": action,
+        # The service plans for the deadline Envoy enforces (the gateway splits it into stage
+        # budgets); a caller's own grpc-timeout is left as it is.
+        "request_headers_to_add": [
+            {
+                "header": {"key": "grpc-timeout", "value": grpc_timeout(limits.default_deadline)},
+                "append_action": "ADD_IF_ABSENT",
+            }
+        ],
     }
+
+
+def grpc_timeout(duration: str) -> str:
+    """An Envoy duration ("2s", "0.5s") as a grpc-timeout header value in milliseconds ("2000m")."""
+    return f"{round(float(duration.removesuffix('s')) * 1000)}m"
 
 
 def _streaming_route(path: str, cluster: str) -> Json:
@@ -72,15 +94,20 @@ def _streaming_route(path: str, cluster: str) -> Json:
     }
 
 
-def service_routes(cluster: str, prefix: str = "/", unbuffered_streams: bool = False) -> list[Json]:
+def service_routes(
+    cluster: str, prefix: str = "/", *, internal: bool, unbuffered_streams: bool = False
+) -> list[Json]:
     """Routes to `cluster` for paths under `prefix`: its state-changing RPCs and streams
     first. On a listener that buffers requests (the edge), `unbuffered_streams` switches
     the buffer off for streams, which would otherwise wait for the client's last message."""
-    routes = [route({"path": path}, cluster, idempotent=False) for path in NON_IDEMPOTENT_METHODS.get(cluster, ())]
+    routes = [
+        route({"path": path}, cluster, internal=internal, idempotent=False)
+        for path in NON_IDEMPOTENT_METHODS.get(cluster, ())
+    ]
     for path in STREAMING_METHODS.get(cluster, ()):
         stream = _streaming_route(path, cluster)
         routes.append(exempt(stream, [BUFFER_FILTER]) if unbuffered_streams else stream)
-    return [*routes, route({"prefix": prefix}, cluster)]
+    return [*routes, route({"prefix": prefix}, cluster, internal=internal)]
 
 
 def exempt(route: Json, filters: Sequence[str]) -> Json:
@@ -88,7 +115,8 @@ def exempt(route: Json, filters: Sequence[str]) -> Json:
     if not filters:
         return route
     disabled = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
-    return {**route, "typed_per_filter_config": {name: disabled for name in filters}}
+    per_filter = {**route.get("typed_per_filter_config", {}), **{name: disabled for name in filters}}
+    return {**route, "typed_per_filter_config": per_filter}
 
 
 def grpc_only(route: Json) -> Json:

@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from services.runtime.errors import InvalidArgument, NotFound
+from services.runtime.limits import echo
 
 # dtype names accepted in the registry -> little-endian numpy dtypes as stored in Redis.
 DTYPES: Mapping[str, str] = {"float32": "<f4", "float64": "<f8", "int32": "<i4", "int64": "<i8"}
@@ -130,15 +131,16 @@ class Registry:
             return self.views[name]
         except KeyError:
             known = ", ".join(sorted(self.views))
-            raise NotFound(f"unknown feature view {name!r}; the registry declares: {known}") from None
+            raise NotFound(f"unknown feature view {echo(name)}; the registry declares: {known}") from None
 
     def resolve(self, names: list[str]) -> list[FeatureView]:
         """The views of one request, checked to share one entity type."""
         if not names:
             raise InvalidArgument("name at least one feature view")
+        views = [self.view(n) for n in names]  # unknown names first: the rest are few, declared ones
         if len(set(names)) != len(names):
-            raise InvalidArgument(f"feature views repeated in {names}")
-        views = [self.view(n) for n in names]
+            repeated = next(name for i, name in enumerate(names) if name in names[:i])
+            raise InvalidArgument(f"feature view {repeated!r} is repeated; name each view once")
         entities = {v.entity for v in views}
         if len(entities) > 1:
             raise InvalidArgument(f"views {names} mix entity types {sorted(entities)}; request one type at a time")

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from services.runtime.breaker import CircuitBreaker
 from services.runtime.errors import FailedPrecondition, InvalidArgument, rpc_status
+from services.runtime.limits import DEFAULT_MAX_ID_LENGTH
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
 from services.runtime.settings import ServerSettings, listen_port, load_settings
@@ -62,6 +63,9 @@ class FeaturesSettings(ServerSettings):
             "Most requests one GetFeaturesBatch call may carry (each up to max_items items); "
             "more fail the whole call with INVALID_ARGUMENT."
         ),
+    )
+    max_id_length: int = Field(
+        DEFAULT_MAX_ID_LENGTH, ge=1, description="Longest user, item or entity id a request may carry, in characters."
     )
     redis_timeout_seconds: float = Field(
         1.0, gt=0, description="Longest a request waits on Redis; never past half its own deadline."
@@ -220,6 +224,7 @@ class FeaturesService:
             breaker=self.breaker,
             metrics=StoreMetrics.create(self.metrics),
             redis_timeout=settings.redis_timeout_seconds,
+            max_id_length=settings.max_id_length,
         )
         self.index: CandidateIndex | None = None
         self._upkeep: asyncio.Task[None] | None = None

@@ -31,6 +31,14 @@ from prometheus_client import Counter
 
 from services.runtime.breaker import CircuitBreaker
 from services.runtime.errors import FailedPrecondition, InfermeshError, InvalidArgument, NotFound, Unavailable
+from services.runtime.limits import (
+    DEFAULT_MAX_ID_LENGTH,
+    check_length,
+    check_lengths,
+    echo,
+    length_error,
+    lengths_error,
+)
 from services.runtime.metrics import Metrics
 from services.runtime.telemetry import (
     ATTR_CACHE_HIT,
@@ -221,10 +229,12 @@ class FeatureStore:
         breaker: CircuitBreaker | None = None,
         metrics: StoreMetrics | None = None,
         redis_timeout: float = 1.0,
+        max_id_length: int = DEFAULT_MAX_ID_LENGTH,
     ) -> None:
         self._redis = client
         self.namespace = namespace
         self._max_items = max_items
+        self._max_id_length = max_id_length
         self.registry = registry if registry is not None else load_registry()
         self.cache = cache if cache is not None else LocalCache(0, 0.0)  # (an empty cache is falsy)
         self.breaker = breaker
@@ -271,6 +281,11 @@ class FeatureStore:
             return InvalidArgument("user_id is required")
         if len(item_ids) > self._max_items:
             return InvalidArgument(f"at most {self._max_items} item_ids per request, got {len(item_ids)}")
+        too_long = length_error("user_id", user_id, self._max_id_length) or lengths_error(
+            "item_ids", item_ids, self._max_id_length
+        )
+        if too_long is not None:
+            return too_long
         if "" in item_ids:
             return InvalidArgument(f"item_ids[{item_ids.index('')}] is empty; every item needs an id")
         if self.registry.reference is None:
@@ -309,6 +324,7 @@ class FeatureStore:
         if not entity_ids:
             raise InvalidArgument("entity_ids must list at least one entity")
         self._check_count(len(entity_ids), "entity_ids")
+        check_lengths("entity_ids", entity_ids, self._max_id_length)
         if "" in entity_ids:
             raise InvalidArgument("entity_ids must not contain empty ids")
         parts = await self.read([(view, entity_ids) for view in views], timeout)
@@ -333,9 +349,10 @@ class FeatureStore:
         """One entity's vector feature (float32) and whether it was served degraded."""
         if not entity_id:
             raise InvalidArgument(f"{view.entity} id is required")
+        check_length(f"{view.entity}_id", entity_id, self._max_id_length)
         (part,) = await self.read([(view, [entity_id])], timeout)
         if not part.present[0] and not part.degraded:
-            raise NotFound(f"unknown {view.entity} {entity_id!r}")
+            raise NotFound(f"unknown {view.entity} {echo(entity_id)}")
         return part.records[feature].reshape(-1).astype(np.float32), part.degraded
 
     async def read(
@@ -630,7 +647,7 @@ def _assemble(
     """One request's model rows [user vector, item vector] out of a shared read: its user is
     row `u` of `users`, its items rows `at` of `items` (numpy fancy indexing, no item loop)."""
     if not users.present[u] and not users.fell_back[u]:
-        return NotFound(f"unknown user {user_id!r}")
+        return NotFound(f"unknown user {echo(user_id)}")
     user_vec = users.records[reference.vector_feature][u].reshape(-1)
     item_vecs = _vectors(items, reference.vector_feature)[at]
     n = len(at)

@@ -19,6 +19,7 @@ from pydantic_settings import SettingsConfigDict
 from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from services.runtime.errors import InvalidArgument, rpc_status
+from services.runtime.limits import DEFAULT_MAX_ID_LENGTH, check_length, check_lengths
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
 from services.runtime.settings import ServerSettings, listen_port, load_settings
@@ -69,6 +70,9 @@ class RankingSettings(ServerSettings):
 
     port: int = listen_port(30400)
     max_items: int = Field(10_000, ge=1, description="Most items one Rank request may carry.")
+    max_id_length: int = Field(
+        DEFAULT_MAX_ID_LENGTH, ge=1, description="Longest user_id or item id a Rank request may carry, in characters."
+    )
     max_batch_requests: int = Field(
         64,
         ge=1,
@@ -312,6 +316,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         n = len(request.item_ids)
         if n > self._settings.max_items:
             raise InvalidArgument(f"at most {self._settings.max_items} items per request, got {n}")
+        check_length("user_id", request.user_id, self._settings.max_id_length)
+        check_lengths("item_ids", request.item_ids, self._settings.max_id_length)
         ranked = decode(n, request.scores, request.item_categories, request.item_present)
         return Candidates(
             item_ids=request.item_ids,

@@ -27,6 +27,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.runtime.errors import INTERNAL_ERROR_MESSAGE, InfermeshError, status_for
 from services.runtime.event_loop import event_loop_runner
+from services.runtime.limits import bounded_details
 from services.runtime.logs import configure_logging, get_logger
 from services.runtime.metrics import Metrics, RpcMetrics, grpc_code_name
 from services.runtime.rpc_tracing import end_server_span, start_server_span
@@ -114,8 +115,16 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
+        deserialize = handler.request_deserializer
 
-        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def handle(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            # Parsed here rather than by grpc, which answers bytes that are no such message
+            # (truncated, a string that is not UTF-8) with UNKNOWN: a server fault to clients
+            # and to the edge, for what is the caller's malformed request.
+            try:
+                request = raw if deserialize is None else deserialize(raw)
+            except Exception:  # noqa: BLE001 (whatever the parser raises, the bytes are at fault)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {method} message")
             try:
                 return await behavior(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -134,9 +143,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                     call.end(context)
 
         return grpc.unary_unary_rpc_method_handler(
-            unary_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            unary_unary, request_deserializer=None, response_serializer=handler.response_serializer
         )
 
     def _wrap_stream(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -175,7 +182,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
 async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
     """Domain errors through the one status table; anything else is hidden as INTERNAL."""
     if isinstance(error, InfermeshError):
-        await context.abort(status_for(error), str(error))
+        # Bounded: a message quoting a huge input must not outgrow gRPC's metadata limit.
+        await context.abort(status_for(error), bounded_details(str(error)))
     log.exception("unhandled error", grpc_method=method)
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
 

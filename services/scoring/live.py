@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.runtime.errors import NotFound
+from services.runtime.limits import echo
 from services.runtime.logs import get_logger
 from services.scoring.discovery import Fingerprint
 from services.scoring.models import ModelVersion
@@ -152,13 +153,13 @@ class LiveModels:
     def resolve(self, name: str, version: str = "") -> ModelVersion:
         entry = self.entries.get(name)
         if entry is None or entry.latest is None:
-            raise NotFound(f"unknown model {name!r}{self.why_missing(entry)}")
+            raise NotFound(f"unknown model {echo(name)}{self.why_missing(entry)}")
         if not version:
             return entry.latest
         try:
             number = int(version)
         except ValueError:
-            raise NotFound(f"model {name!r} has no version {version!r}; versions are integers") from None
+            raise NotFound(f"model {name!r} has no version {echo(version)}; versions are integers") from None
         found = entry.serving.get(number)
         if found is None:
             failure = entry.failures.get(number)

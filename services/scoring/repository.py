@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.runtime.limits import echo
 from services.runtime.logs import get_logger
 from services.scoring.budget import BUDGET_VARIABLE, EVICTED, Candidate, MemoryBudget, plan_evictions
 from services.scoring.discovery import RepositoryRoot
@@ -158,8 +159,8 @@ class ModelRepository:
         """RepositoryModelLoad: load (or refresh) one model; raises if nothing of it can serve."""
         if self.options.mode == NONE:
             raise FailedPrecondition("model control mode is 'none': models load only at start")
-        if not name or name.startswith(".") or "/" in name or not (self.root / name).is_dir():
-            raise NotFound(f"no model {name!r} in the repository {self.root}")
+        if not _may_be_in_repository(name) or not (self.root / name).is_dir():
+            raise NotFound(f"no model {echo(name)} in the repository {self.root}")
         entry = self._live.entry(name)
         evicted = entry.evicted
         entry.unloaded = False
@@ -181,8 +182,9 @@ class ModelRepository:
                 f"model control mode is {self.options.mode!r}: unloading needs SCORING_MODEL_CONTROL_MODE=explicit"
             )
         entry = self._live.entries.get(name)
-        if entry is None or (not entry.serving and not (self.root / name).is_dir()):
-            raise NotFound(f"no model {name!r} in the repository {self.root}")
+        in_repository = _may_be_in_repository(name) and (self.root / name).is_dir()
+        if entry is None or (not entry.serving and not in_repository):
+            raise NotFound(f"no model {echo(name)} in the repository {self.root}")
         await self._live.unload(entry)
 
     # ------------------------------------------------------------------ lookups
@@ -220,3 +222,15 @@ def _raise_unless_loaded(entry: ModelEntry) -> None:
         serving = f"; still serving {sorted(entry.serving)}" if entry.serving else ""
         reasons = entry.failure_reasons() or "no <version>/model.onnx"
         raise InvalidArgument(f"failed to load {entry.name!r}: {reasons}{serving}")
+
+
+# A directory name (not a path, not hidden) the file system can hold: anything else is no
+# model of the repository, and asking the file system about it would fail (ENAMETOOLONG,
+# an embedded NUL).
+_MAX_NAME_BYTES = 255
+
+
+def _may_be_in_repository(name: str) -> bool:
+    if not name or name.startswith(".") or "/" in name or "\x00" in name:
+        return False
+    return len(name.encode("utf-8", "replace")) <= _MAX_NAME_BYTES

@@ -26,7 +26,7 @@ from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from infermesh.envoy import bootstrap, process
 from infermesh.envoy import cli as envoy_cli
 from infermesh.envoy.http_filters import MAX_REQUEST_BYTES
-from infermesh.envoy.resilience import ROUTE_TIMEOUTS
+from infermesh.envoy.resilience import EDGE_ROUTE_LIMITS, INTERNAL_ROUTE_LIMITS
 from infermesh.envoy.tracing import Tracing
 from services.runtime.topology import (
     FEATURES,
@@ -306,10 +306,12 @@ async def test_inference_protocol_via_edge_reaches_scoring(mesh: Mesh) -> None:
 
 
 async def test_a_stream_outlives_the_per_try_timeout(mesh: Mesh) -> None:
-    # Unary routes give a try 2 s (ROUTE_TIMEOUTS); a stream's route has no
-    # timeout of its own, so one kept open longer is still answered, on the edge and on
-    # scoring's internal listener.
-    per_try = float(ROUTE_TIMEOUTS[SCORING][1].rstrip("s"))
+    # Unary routes give a try at most 2 s (the edge's; the gateway's hop 0.233 s); a
+    # stream's route has no timeout of its own, so one kept open longer is still answered,
+    # on the edge and on scoring's internal listener.
+    per_try = max(
+        float(limits[SCORING].per_try_timeout.rstrip("s")) for limits in (EDGE_ROUTE_LIMITS, INTERNAL_ROUTE_LIMITS)
+    )
 
     async def paced(listener: str) -> list[str]:
         async with channel(mesh.envoy.address(listener)) as chan:

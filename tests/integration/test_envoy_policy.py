@@ -1,9 +1,10 @@
 """Traffic and edge policies in the real Envoy binary, against stub gRPC backends.
 
-Retries (idempotent calls only), per-try timeouts, outlier detection, the edge rate limit,
-API keys and TLS/mTLS: each test starts an Envoy of its own (ports picked by the kernel,
-read back from the admin API) in front of in-process grpc.aio stubs whose behaviour the
-test switches (fail with UNAVAILABLE, hang), and counts what reached them.
+Retries (idempotent calls only), hedged per-try timeouts, outlier detection, default
+deadlines, load shedding, the edge rate limit, API keys and TLS/mTLS: each test starts an
+Envoy of its own (ports picked by the kernel, read back from the admin API) in front of
+in-process grpc.aio stubs whose behaviour the test switches (fail with UNAVAILABLE, hang,
+answer slowly), and counts what reached them.
 """
 
 from __future__ import annotations
@@ -27,9 +28,16 @@ from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.runtime.server import TlsSettings, server_credentials
 from infermesh import certs
 from infermesh.envoy import bootstrap, process
-from infermesh.envoy.edge_policy import CLIENT_ID_HEADER, RATE_LIMIT_STAT_PREFIX, ApiKey, EdgePolicy
+from infermesh.envoy.edge_policy import (
+    ADMISSION_MIN_CONCURRENCY,
+    ADMISSION_RUNTIME_KEY,
+    CLIENT_ID_HEADER,
+    RATE_LIMIT_STAT_PREFIX,
+    ApiKey,
+    EdgePolicy,
+)
 from infermesh.envoy.http_filters import MAX_REQUEST_BYTES
-from infermesh.envoy.resilience import ROUTE_TIMEOUTS
+from infermesh.envoy.resilience import EDGE_ROUTE_LIMITS, INTERNAL_ROUTE_LIMITS
 from infermesh.envoy.tracing import Tracing
 from services.runtime.topology import (
     FEATURES,
@@ -47,6 +55,7 @@ from tests.integration.envoy_harness import (
     http_call,
     running_envoy,
     start_backend,
+    until,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -63,16 +72,21 @@ JSON = {"content-type": "application/json"}
 
 @dataclass
 class CountingGateway(gateway_pb2_grpc.GatewayServiceServicer):
-    """Counts Recommend calls and keeps the metadata of the last one."""
+    """Counts Recommend calls and keeps the metadata and deadline of the last one; takes
+    `delay` seconds to answer."""
 
     calls: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+    time_remaining: float | None = None
+    delay: float = 0.0
 
     async def Recommend(
         self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RecommendResponse:
         self.calls += 1
         self.metadata = {key: value for key, value in context.invocation_metadata()}
+        self.time_remaining = context.time_remaining()
+        await asyncio.sleep(self.delay)
         return gateway_pb2.RecommendResponse(model_name="stub", model_version="1")
 
 
@@ -209,6 +223,8 @@ def test_envoy_accepts_every_policy_and_tls(tmp_path: Path) -> None:
             local_topology({SCORING: 2}, descriptor_set=DESCRIPTOR), tmp_path / "envoy.json", tracing, edge, tls
         )
         process.validate(config)
+    unshed = EdgePolicy(admission_latency_ms=None)
+    process.validate(bootstrap.write(local_topology(descriptor_set=DESCRIPTOR), tmp_path / "unshed.json", edge=unshed))
 
 
 def test_certs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -266,12 +282,59 @@ async def test_state_changing_calls_are_not_retried(tmp_path: Path, stubs: Stubs
         assert sum(s.calls.get("RepositoryModelLoad", 0) for s in stubs.scoring) == 4  # each ran once
 
 
-async def test_hung_replica_is_cut_off_by_the_per_try_timeout(tmp_path: Path, stubs: Stubs) -> None:
+async def test_hung_replica_costs_one_hedged_per_try_timeout(tmp_path: Path, stubs: Stubs) -> None:
+    hung = stubs.scoring[0]
+    hung.mode = "hang"  # like SIGSTOP: connected, the call never returns
+    per_try = float(INTERNAL_ROUTE_LIMITS[SCORING].per_try_timeout.rstrip("s"))
+    async with running(tmp_path, stubs) as envoy:
+        address = envoy.address(SCORING)  # the gateway's hop
+
+        async def timed_call() -> tuple[list[str], float]:
+            started = time.monotonic()
+            answers = await _infer(address, 1)
+            return answers, time.monotonic() - started
+
+        # Round robin sends half of them to the hung replica.
+        results = await asyncio.gather(*(timed_call() for _ in range(12)))
+        answers = [answer for answer_list, _ in results for answer in answer_list]
+        assert answers == ["replica-1"] * 12, answers
+        assert hung.calls["ModelInfer"] >= 5
+        # Each cost about one per-try timeout (0.233 s) before its hedge on the other
+        # replica answered, not the call's deadline (5 s): generous bounds, loaded machine.
+        assert max(elapsed for _, elapsed in results) < per_try + 1.5, results
+        counters = await stats(envoy, "cluster.scoring.")
+        assert counters["upstream_rq_retry"] >= 5, counters
+
+        # Timeouts are local-origin failures: concurrent ones in a row eject the replica.
+        ejections = await stats(envoy, "cluster.scoring.outlier_detection.")
+        assert ejections["ejections_enforced_consecutive_local_origin_failure"] >= 1, ejections
+
+
+async def test_hung_replica_is_ejected_by_its_failure_percentage(tmp_path: Path, stubs: Stubs) -> None:
     stubs.scoring[0].mode = "hang"
-    per_try = float(ROUTE_TIMEOUTS[SCORING][1].rstrip("s"))
+    async with running(tmp_path, stubs) as envoy:
+        # Only the failure percentage left: Envoy counts each call's stream as a local success
+        # before its timeout, so with calls one after another no two failures are in a row.
+        key = "outlier_detection.consecutive_local_origin_failure"
+        assert (await http_call(envoy.admin, "POST", f"/runtime_modify?{key}=1000"))[0] == 200
+        # Three callers one call after another: both replicas see enough calls in a second.
+        answers = await asyncio.gather(*(_infer(envoy.address(SCORING), 12) for _ in range(3)))
+        assert {answer for answer_list in answers for answer in answer_list} == {"replica-1"}
+
+        async def ejected() -> bool:
+            counters = await stats(envoy, "cluster.scoring.outlier_detection.")
+            return counters["ejections_enforced_local_origin_failure_percentage"] >= 1
+
+        # Every call it got timed out (50% of its local events): out at a sweep (every second).
+        await until("the hung replica's ejection", envoy, ejected)
+
+
+async def test_edge_cuts_a_hung_replica_after_its_per_try_timeout(tmp_path: Path, stubs: Stubs) -> None:
+    stubs.scoring[0].mode = "hang"
+    per_try = float(EDGE_ROUTE_LIMITS[SCORING].per_try_timeout.rstrip("s"))
     async with running(tmp_path, stubs) as envoy:
         started = time.monotonic()
-        answers = await _infer(envoy.address(SCORING), 2)  # one of the two lands on the hung one
+        answers = await _infer(envoy.address("edge"), 2)  # one of the two lands on the hung one
         elapsed = time.monotonic() - started
         assert answers == ["replica-1", "replica-1"], answers
         assert elapsed < per_try + 3.0, elapsed
@@ -279,14 +342,85 @@ async def test_hung_replica_is_cut_off_by_the_per_try_timeout(tmp_path: Path, st
         assert counters["upstream_rq_per_try_timeout"] >= 1
 
 
-# --------------------------------------------------------------------------- rate limit
+# --------------------------------------------------------------------------- deadlines
 
 
-async def _recommend_grpc(address: str, metadata: tuple[tuple[str, str], ...] = ()) -> str:
+async def test_every_edge_request_has_a_deadline(tmp_path: Path, stubs: Stubs) -> None:
+    default = float(EDGE_ROUTE_LIMITS[GATEWAY].default_deadline.rstrip("s"))
+    async with running(tmp_path, stubs) as envoy:
+        address = envoy.address("edge")
+        # REST callers cannot set one: the gateway is told the edge's default.
+        status, _, raw = await http_call(address, "POST", "/v1/recommend", RECOMMEND_BODY, JSON)
+        assert status == 200, raw
+        assert stubs.gateway.time_remaining is not None and 0 < stubs.gateway.time_remaining <= default
+        # A gRPC caller's own deadline is passed on as it is.
+        async with grpc.aio.insecure_channel(address) as chan:
+            await gateway_pb2_grpc.GatewayServiceStub(chan).Recommend(
+                gateway_pb2.RecommendRequest(user_id="u1"), timeout=default / 4
+            )
+        assert stubs.gateway.time_remaining is not None and stubs.gateway.time_remaining < default / 2
+        # A gateway that does not answer in time: the edge answers DEADLINE_EXCEEDED itself.
+        stubs.gateway.delay = default + 5
+        started = time.monotonic()
+        status, headers, raw = await http_call(address, "POST", "/v1/recommend", RECOMMEND_BODY, JSON)
+        assert status == 504 and headers["content-type"] == "application/json", raw
+        assert json.loads(raw)["code"] == 4  # DEADLINE_EXCEEDED
+        assert await _recommend_grpc(address, timeout=None) == "DEADLINE_EXCEEDED"
+        assert time.monotonic() - started < 2 * default + 3.0
+
+
+# --------------------------------------------------------------------------- load shedding
+
+
+async def test_edge_sheds_a_burst_with_resource_exhausted_at_once(tmp_path: Path, stubs: Stubs) -> None:
+    stubs.gateway.delay = 1.0  # every admitted call holds its slot a second (< the per-try timeout)
+    floor = ADMISSION_MIN_CONCURRENCY  # the limit a fresh edge starts from
+    async with running(tmp_path, stubs) as envoy:
+        address = envoy.address("edge")
+
+        async def timed_grpc() -> tuple[str, float]:
+            started = time.monotonic()
+            code = await _recommend_grpc(address)
+            return code, time.monotonic() - started
+
+        burst = [asyncio.create_task(timed_grpc()) for _ in range(floor + 8)]
+
+        async def limit_reached() -> bool:
+            return stubs.gateway.calls >= floor
+
+        await until("the admitted calls reaching the gateway", envoy, limit_reached)
+        # With the limit in flight, REST callers are turned away too, with a JSON body.
+        for _ in range(3):
+            started = time.monotonic()
+            status, headers, raw = await http_call(address, "POST", "/v1/recommend", RECOMMEND_BODY, JSON)
+            assert time.monotonic() - started < stubs.gateway.delay  # at once, not queued
+            assert status == 429 and headers["content-type"] == "application/json", raw
+            assert json.loads(raw) == {"code": 8, "message": "reached concurrency limit", "details": []}
+        results = await asyncio.gather(*burst)
+
+        codes = sorted(code for code, _ in results)
+        # gRPC callers get RESOURCE_EXHAUSTED, which they do not retry, not UNAVAILABLE.
+        assert codes == ["OK"] * floor + ["RESOURCE_EXHAUSTED"] * 8, codes
+        shed = [elapsed for code, elapsed in results if code != "OK"]
+        assert max(shed) < stubs.gateway.delay, shed  # answered at once, not after queueing
+        assert stubs.gateway.calls == floor
+        blocked = await stats(envoy, "http.edge.adaptive_concurrency.gradient_controller.")
+        assert blocked["rq_blocked"] == 8 + 3
+        # Operators can switch it off without a restart.
+        status, _, _ = await http_call(envoy.admin, "POST", f"/runtime_modify?{ADMISSION_RUNTIME_KEY}=false")
+        assert status == 200
+        stubs.gateway.delay = 0.2
+        unshed = await asyncio.gather(*(_recommend_grpc(address) for _ in range(floor + 8)))
+        assert set(unshed) == {"OK"}, unshed
+
+
+async def _recommend_grpc(
+    address: str, metadata: tuple[tuple[str, str], ...] = (), timeout: float | None = RPC_TIMEOUT_S
+) -> str:
     async with grpc.aio.insecure_channel(address) as chan:
         stub = gateway_pb2_grpc.GatewayServiceStub(chan)
         try:
-            await stub.Recommend(gateway_pb2.RecommendRequest(user_id="u1"), timeout=RPC_TIMEOUT_S, metadata=metadata)
+            await stub.Recommend(gateway_pb2.RecommendRequest(user_id="u1"), timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as error:
             return error.code().name
     return "OK"
@@ -358,6 +492,8 @@ async def test_envoys_own_rest_errors_are_json_grpc_ones_stay_grpc(tmp_path: Pat
             with pytest.raises(grpc.aio.AioRpcError) as failure:
                 await call(b"x" * (MAX_REQUEST_BYTES + 1), timeout=RPC_TIMEOUT_S)
             assert not (failure.value.details() or "").startswith("{"), failure.value.details()
+            # The code a REST caller's body says, not UNKNOWN (what Envoy derives from 413).
+            assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 # --------------------------------------------------------------------------- API keys

@@ -14,7 +14,13 @@ from infermesh import envoy
 from infermesh.certs import CertPaths
 from infermesh.envoy import cli as envoy_cli
 from infermesh.envoy import process
-from infermesh.envoy.resilience import NON_IDEMPOTENT_METHODS, NON_IDEMPOTENT_TIMEOUT, ROUTE_TIMEOUTS
+from infermesh.envoy.resilience import (
+    EDGE_ROUTE_LIMITS,
+    INTERNAL_ROUTE_LIMITS,
+    NON_IDEMPOTENT_METHODS,
+    NON_IDEMPOTENT_TIMEOUT,
+    internal_per_try_timeout,
+)
 from infermesh.envoy.routes import STREAMING_METHODS
 from services.runtime.topology import (
     BACKENDS,
@@ -27,6 +33,7 @@ from services.runtime.topology import (
 
 DESCRIPTOR = Path("services/genproto/infermesh_descriptor.binpb")
 HCM = "envoy.filters.network.http_connection_manager"
+ADMISSION = "envoy.filters.http.adaptive_concurrency"
 
 
 def _topology(**replicas: int) -> MeshTopology:
@@ -151,17 +158,22 @@ def test_edge_listener_routes_and_filters() -> None:
         ("/inference.GRPCInferenceService/", "scoring"),
         ("/", "gateway"),
     ]
-    unbuffered = {"envoy.filters.http.buffer": {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
+    disabled = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
     for route in proxied:
-        timeout = route["route"]["timeout"]
+        per_filter = route.get("typed_per_filter_config", {})
         if route["match"].get("path") == "/inference.GRPCInferenceService/ModelStreamInfer":
             # A stream's messages go up as they come: a buffered one would wait for its end.
-            assert timeout == "0s" and route["typed_per_filter_config"] == unbuffered
-            continue
-        assert route["route"]["max_stream_duration"]["grpc_timeout_header_max"] == timeout
-        assert "typed_per_filter_config" not in route  # nothing to exempt from by default
-    assert proxied[-1]["route"]["timeout"] == "10s"
-    assert proxied[-2]["route"]["timeout"] == "5s"
+            assert route["route"]["timeout"] == "0s" and per_filter["envoy.filters.http.buffer"] == disabled
+        if route["route"]["cluster"] == "gateway" and route["match"].get("prefix") == "/":
+            assert per_filter == {}  # Recommend: every filter applies, load shedding included
+        else:
+            assert per_filter[ADMISSION] == disabled  # probes and scoring's clients are never shed
+    # REST meets the filters before the transcoder, on its REST path's route: the 404's.
+    assert "typed_per_filter_config" not in vhost["routes"][-1]
+    # The caller's deadline, capped; a default for callers without one (REST, most gRPC).
+    deadlines = [route["route"]["max_stream_duration"] for route in proxied]
+    assert deadlines[-1] == {"max_stream_duration": "2s", "grpc_timeout_header_max": "10s"}  # gateway
+    assert deadlines[-2] == {"max_stream_duration": "5s", "grpc_timeout_header_max": "5s"}  # scoring
 
 
 def _match(route: dict[str, Any]) -> str:
@@ -180,21 +192,51 @@ def _all_routes(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def test_idempotent_routes_retry_unavailable_and_resets_with_per_try_timeouts() -> None:
     checked = 0
-    for _, route in _all_routes(envoy.render(_topology())):
+    for listener, route in _all_routes(envoy.render(_topology())):
         if "path" in route["match"] or "route" not in route:
             continue
         cluster = route["route"]["cluster"]
-        timeout, per_try = ROUTE_TIMEOUTS[cluster]
-        assert route["route"]["timeout"] == timeout
+        limits = (EDGE_ROUTE_LIMITS if listener == "edge" else INTERNAL_ROUTE_LIMITS)[cluster]
+        assert route["route"]["max_stream_duration"] == {
+            "max_stream_duration": limits.default_deadline,
+            "grpc_timeout_header_max": limits.max_deadline,
+        }
+        # A caller without a deadline: the service is told the one Envoy enforces.
+        (header,) = route["request_headers_to_add"]
+        assert header["header"]["key"] == "grpc-timeout" and header["append_action"] == "ADD_IF_ABSENT"
+        assert int(header["header"]["value"].removesuffix("m")) == _seconds(limits.default_deadline) * 1000
         policy = route["route"]["retry_policy"]
         assert set(policy["retry_on"].split(",")) == {"unavailable", "reset", "connect-failure", "refused-stream"}
         assert policy["num_retries"] == 2
-        assert policy["per_try_timeout"] == per_try
-        assert _seconds(per_try) < _seconds(timeout)
+        assert policy["per_try_timeout"] == limits.per_try_timeout
+        assert _seconds(limits.per_try_timeout) <= _seconds(limits.max_deadline)
         (predicate,) = policy["retry_host_predicate"]
         assert predicate["name"] == "envoy.retry_host_predicates.previous_hosts"  # another replica
+        # The gateway's hops hedge (the first try keeps running); the edge's cut and retry.
+        hedged = route["route"].get("hedge_policy") == {"hedge_on_per_try_timeout": True}
+        assert hedged == (listener != "edge") == limits.hedged
         checked += 1
     assert checked == 6  # edge: health, scoring, gateway; one catch-all per internal listener
+
+
+def test_internal_per_try_timeouts_fit_every_attempt_in_the_stage_budget() -> None:
+    from gateway.budget import DEFAULT_DEADLINE_SECONDS, StageBudgets
+
+    budgets = StageBudgets()
+    # With the gateway's default weights and deadline: retrieval and ranking get 0.3 s at
+    # the least, scoring 0.7 s; three attempts (the first and two hedges) share each.
+    assert {b: INTERNAL_ROUTE_LIMITS[b].per_try_timeout for b in BACKENDS} == {
+        "features": "0.1s",
+        "scoring": "0.233s",
+        "ranking": "0.1s",
+    }
+    for backend in BACKENDS:
+        stages = ("retrieval", "features") if backend == "features" else (backend,)
+        shortest = min(budgets.shortest(stage, DEFAULT_DEADLINE_SECONDS) for stage in stages)
+        assert 3 * _seconds(INTERNAL_ROUTE_LIMITS[backend].per_try_timeout) <= shortest + 0.001
+    # Heavier weights for scoring give its calls more time per try.
+    heavier = StageBudgets(scoring=0.7)
+    assert _seconds(internal_per_try_timeout("scoring", heavier)) > _seconds(internal_per_try_timeout("scoring"))
 
 
 def _seconds(duration: str) -> float:
@@ -212,7 +254,11 @@ def test_state_changing_rpcs_are_never_retried_once_sent() -> None:
     )
     for _, route in exact:
         assert route["route"]["cluster"] == "scoring"
-        assert route["route"]["timeout"] == NON_IDEMPOTENT_TIMEOUT
+        assert route["route"]["max_stream_duration"] == {
+            "max_stream_duration": NON_IDEMPOTENT_TIMEOUT,
+            "grpc_timeout_header_max": NON_IDEMPOTENT_TIMEOUT,
+        }
+        assert "hedge_policy" not in route["route"]
         policy = route["route"]["retry_policy"]
         # Only what cannot have reached the service: no unavailable, no reset after sending.
         assert policy["retry_on"] == "connect-failure,refused-stream,reset-before-request"
@@ -580,10 +626,10 @@ def test_edge_policy_filters_run_first_and_spare_health_checks() -> None:
     health, *others = _edge_routes(config)
     assert health["match"] == {"prefix": "/grpc.health.v1.Health/"}
     disabled = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
-    assert health["typed_per_filter_config"] == {RATE_LIMIT: disabled, API_KEY_AUTH: disabled}
+    assert health["typed_per_filter_config"] == {RATE_LIMIT: disabled, API_KEY_AUTH: disabled, ADMISSION: disabled}
     # The API description is public too; every route that reaches a service is guarded.
     (document,) = [r for r in others if r["match"] == {"path": "/v1/openapi.json"}]
-    assert document["typed_per_filter_config"] == {RATE_LIMIT: disabled, API_KEY_AUTH: disabled}
+    assert document["typed_per_filter_config"] == {RATE_LIMIT: disabled, API_KEY_AUTH: disabled, ADMISSION: disabled}
     # (the stream route only switches the buffer off)
     guarded = [r.get("typed_per_filter_config", {}) for r in others if "route" in r]
     assert all(not {RATE_LIMIT, API_KEY_AUTH} & set(per_filter) for per_filter in guarded)
@@ -654,6 +700,77 @@ def test_cli_render_with_edge_policy(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "--edge-rate-burst needs --edge-rate-limit" in capsys.readouterr().err
     assert envoy_cli.main(["render", "--api-key-file", str(tmp_path / "nope")]) == 2
     assert "cannot read API key file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- load shedding
+
+
+def test_edge_sheds_load_by_adaptive_concurrency_by_default() -> None:
+    config = envoy.render(_topology())
+    filters = list(_edge_filters(config))
+    # After the buffer (it measures the gateway, not a client's upload), before the
+    # transcoder (a REST request still looks like REST when it is turned away).
+    assert filters.index("envoy.filters.http.buffer") < filters.index(ADMISSION)
+    assert filters.index(ADMISSION) < filters.index("envoy.filters.http.grpc_json_transcoder")
+    admission = _edge_filters(config)[ADMISSION]
+    assert admission["@type"].endswith("adaptive_concurrency.v3.AdaptiveConcurrency")
+    controller = admission["gradient_controller_config"]
+    assert controller["sample_aggregate_percentile"] == {"value": 50}  # the median
+    assert controller["concurrency_limit_params"] == {
+        "concurrency_update_interval": "0.1s",
+        "max_concurrency_limit": 256,
+    }
+    # A fixed latency target (no measuring windows that pin the limit low), and a floor.
+    assert controller["min_rtt_calc_params"] == {
+        "fixed_value": "0.04s",
+        "buffer": {"value": 0},
+        "min_concurrency": 32,
+    }
+    # 429 (gRPC: RESOURCE_EXHAUSTED, below), never Envoy's default 503 (UNAVAILABLE: retried).
+    assert admission["concurrency_limit_exceeded_status"] == {"code": 429}
+    assert admission["enabled"] == {"default_value": True, "runtime_key": "edge_admission.enabled"}
+    for name in BACKENDS:  # the gateway's own calls are never shed
+        assert ADMISSION not in [f["name"] for f in _hcm(_listeners(config)[name])["http_filters"]]
+
+
+def test_load_shedding_latency_is_a_setting_and_can_be_switched_off() -> None:
+    slower = _edge_filters(envoy.render(_topology(), edge=envoy.EdgePolicy(admission_latency_ms=250)))
+    assert slower[ADMISSION]["gradient_controller_config"]["min_rtt_calc_params"]["fixed_value"] == "0.25s"
+    config = envoy.render(_topology(), edge=envoy.EdgePolicy(admission_latency_ms=None))
+    assert ADMISSION not in _edge_filters(config)
+    assert all(ADMISSION not in r.get("typed_per_filter_config", {}) for r in _edge_routes(config))
+    parse = envoy_cli.build_parser().parse_known_args
+    assert envoy_cli.edge_policy_from_args(parse(["render"])[0]).admission_latency_ms == 40
+    args, _ = parse(["render", "--edge-shed-latency", "250"])
+    assert envoy_cli.edge_policy_from_args(args) == envoy.EdgePolicy(admission_latency_ms=250)
+    args, _ = parse(["render", "--edge-shed-latency", "0"])
+    assert envoy_cli.edge_policy_from_args(args) == envoy.EdgePolicy(admission_latency_ms=None)
+    with pytest.raises(ValueError, match="at least 1 ms"):
+        envoy.EdgePolicy(admission_latency_ms=-5)
+
+
+def test_envoys_own_replies_give_grpc_clients_the_rest_bodies_code() -> None:
+    hcm = _hcm(_listeners(envoy.render(_topology()))["edge"])
+    mappers = hcm["local_reply_config"]["mappers"]
+    rest = [m for m in mappers if "body_format_override" in m]
+    grpc_status = {
+        m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]: m["headers_to_add"]
+        for m in mappers
+        if "headers_to_add" in m
+    }
+    assert mappers[: len(rest)] == rest  # REST first: the first matching mapper wins
+    # Shed (429) and too large (413): RESOURCE_EXHAUSTED (8), not UNAVAILABLE or UNKNOWN;
+    # a malformed request (400): INVALID_ARGUMENT (3), not INTERNAL.
+    expected = {429: "8", 413: "8", 400: "3"}
+    assert {status: add[0]["header"] for status, add in grpc_status.items()} == {
+        status: {"key": "grpc-status", "value": code} for status, code in expected.items()
+    }
+    bodies = {
+        m["filter"]["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"]["default_value"]:
+        m["body_format_override"]["json_format"]["code"]
+        for m in rest
+    }
+    assert all(bodies[status] == int(code) for status, code in expected.items())
 
 
 # --------------------------------------------------------------------------- TLS
