@@ -88,6 +88,14 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=1000,
         help="each replica serves Prometheus /metrics on its gRPC port + this (default %(default)s)",
     )
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="a replica that exits is started again (back-off 0.5 s doubling to 10 s); one that exits again "
+        "after this many restarts within --restart-window seconds stops the mesh (default %(default)s)",
+    )
+    up.add_argument("--restart-window", type=float, default=60.0, help="seconds, see --max-restarts (default %(default)s)")
     from infermesh.envoy.cli import add_edge_arguments
 
     # --edge-rate-limit, --edge-rate-burst, --api-key-file, --tls (all off by default).
@@ -119,6 +127,7 @@ infermesh is up ({counts}).
 Try it:
   curl -s{curl_options} {scheme}://localhost:{edge}/v1/recommend -d "{{\\"user_id\\":\\"u42\\",\\"k\\":20,\\"candidate_ids\\":[$(seq -s, -f '\\"i%g\\"' 0 199)]}}"
 
+A replica that exits is started again; `infermesh status` lists every process and its restarts.
 Ctrl-C stops everything.""",
         flush=True,
     )
@@ -154,11 +163,12 @@ def _telemetry_env(args: argparse.Namespace, otlp_endpoint: str | None) -> dict[
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from infermesh.envoy.cli import edge_policy_from_args
     from infermesh.certs import CertPaths
+    from infermesh.envoy.cli import edge_policy_from_args
+    from infermesh.up.healing import Healer, RestartPolicy, describe_exit
     from infermesh.up.supervisor import DESCRIPTOR_SET, Mesh, MeshError, start_redis
-    from services.runtime.topology import local_topology
     from infermesh.workload.seed import SeedError, format_summary, model_repository, seed_all
+    from services.runtime.topology import local_topology
 
     data_dir = args.data_dir.resolve()
     log_dir = data_dir / "logs"
@@ -179,8 +189,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         otlp_endpoint = args.otlp_endpoint
         extras: list[tuple[str, str]] = []
         if args.trace_view:
-            from infermesh.up.supervisor import free_port
             from infermesh.traces.cli import LocalTracing
+            from infermesh.up.supervisor import free_port
 
             try:
                 local_tracing = LocalTracing.start(
@@ -199,6 +209,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         try:
             edge_policy = edge_policy_from_args(args)
             tls = CertPaths.checked(args.tls) if args.tls is not None else None
+            restart_policy = RestartPolicy(max_restarts=args.max_restarts, window=args.restart_window)
         except ValueError as error:
             raise MeshError(str(error)) from None
         curl_options = ""
@@ -238,6 +249,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             edge=edge_policy,
             tls=tls,
             redis_pid=redis_process.pid if redis_process is not None else None,
+            healer=Healer(restart_policy),
         )
         mesh.check_ports()
         print("starting services and Envoy...", flush=True)
@@ -256,14 +268,15 @@ def cmd_up(args: argparse.Namespace) -> int:
             )
         _print_ready(topology, log_dir, redis_url, extras, curl_options, "https" if tls is not None else "http")
         while not stop_requested:
-            dead = [c for c in mesh.children if c.process.poll() is not None]
-            if dead:
-                for child in dead:
-                    print(f"{child.name} exited with {child.process.returncode}; last lines of {child.log_path}:")
-                    print(mesh.log_tail(child))
-                print("stopping the mesh", flush=True)
-                return 1
-            time.sleep(0.5)
+            if redis_process is not None and redis_process.poll() is not None:
+                raise MeshError(
+                    f"redis-server (pid {redis_process.pid}) {describe_exit(redis_process.returncode)}; "
+                    f"features and ranking need it, stopping the mesh. See {log_dir / 'redis.log'}"
+                )
+            # Restarts replicas that exit; raises MeshError if Envoy exits or one crash-loops.
+            for event in mesh.heal():
+                print(f"[{time.strftime('%H:%M:%S')}] {event}", flush=True)
+            time.sleep(0.2)
         print("\nstopping (SIGTERM to Envoy, then gateway, then backends)...", flush=True)
         return 0
     except (MeshError, SeedError) as error:
@@ -293,6 +306,8 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "traces": ("infermesh.traces.cli", "receive OTLP traces and show them in a local web UI"),
     "features": ("infermesh.features.cli", "feature views: ingest CSV/Parquet files, list views, benchmark"),
     "profile": ("infermesh.profile", "sample every replica of a running mesh with py-spy under load: flame graphs + CPU per request"),
+    "status": ("infermesh.up.status", "the processes of a running `infermesh up`: pid, alive, restarts, last exit"),
+    "chaos": ("infermesh.chaos", "fault scenarios under load against a mesh of its own: failed, degraded, p99, recovery"),
 }
 
 

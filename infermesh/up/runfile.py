@@ -1,8 +1,9 @@
 """The run file of a local mesh: which processes `infermesh up` runs, for tools that attach.
 
-<data dir>/processes.json is written when the mesh is up and rewritten whenever a replica
-is started again, and removed when the mesh stops. `infermesh profile` reads it to find
-every replica's pid; a pid that is no longer alive is left out on reading.
+<data dir>/processes.json is written when the mesh is up, rewritten whenever a replica
+exits or is started again (with its restart count and how it last exited), and removed
+when the mesh stops. `infermesh profile` reads it to find every replica's pid (a pid that
+is no longer alive is left out on reading); `infermesh status` shows all of it.
 """
 
 from __future__ import annotations
@@ -22,18 +23,25 @@ class MeshProcess:
     role: str  # the service (or envoy / redis)
     pid: int
     python: bool  # a Python process py-spy can sample
+    address: str | None = None  # a replica's gRPC address, host:port
+    restarts: int = 0  # times the supervisor started it again
+    last_exit: str | None = None  # e.g. "killed by SIGKILL", "exited with code 1"
 
 
 @dataclass(frozen=True)
 class RunFile:
     edge: str
     processes: tuple[MeshProcess, ...]
+    supervisor: int | None = None  # pid of the process that runs the mesh (`infermesh up`)
 
 
-def write_processes(data_dir: Path, edge: str, processes: Sequence[MeshProcess]) -> None:
+def write_processes(
+    data_dir: Path, edge: str, processes: Sequence[MeshProcess], supervisor: int | None = None
+) -> None:
     path = data_dir / RUN_FILE
     scratch = path.with_suffix(".tmp")
-    scratch.write_text(json.dumps({"edge": edge, "processes": [asdict(p) for p in processes]}, indent=2))
+    document = {"edge": edge, "supervisor": supervisor, "processes": [asdict(p) for p in processes]}
+    scratch.write_text(json.dumps(document, indent=2))
     scratch.replace(path)  # readers never see half a file
 
 
@@ -41,7 +49,7 @@ def remove_processes(data_dir: Path) -> None:
     (data_dir / RUN_FILE).unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -51,7 +59,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def read_processes(data_dir: Path) -> RunFile:
+def read_run_file(data_dir: Path) -> RunFile:
+    """Everything the run file lists, live or not."""
     path = data_dir / RUN_FILE
     try:
         document = json.loads(path.read_text())
@@ -60,7 +69,13 @@ def read_processes(data_dir: Path) -> RunFile:
     except (OSError, ValueError) as error:
         raise SystemExit(f"cannot read {path}: {error}") from None
     processes = tuple(MeshProcess(**p) for p in document.get("processes", []))
-    alive = tuple(p for p in processes if _alive(p.pid))
-    if not alive:
-        raise SystemExit(f"{path} lists no live process: is the mesh still running?")
-    return RunFile(document["edge"], alive)
+    return RunFile(document["edge"], processes, document.get("supervisor"))
+
+
+def read_processes(data_dir: Path) -> RunFile:
+    """The live processes of the run file; none alive is an error."""
+    run = read_run_file(data_dir)
+    live = tuple(p for p in run.processes if alive(p.pid))
+    if not live:
+        raise SystemExit(f"{data_dir / RUN_FILE} lists no live process: is the mesh still running?")
+    return RunFile(run.edge, live, run.supervisor)

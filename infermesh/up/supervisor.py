@@ -13,6 +13,11 @@ Edge policy and TLS: `edge` (rate limit, API keys) goes into Envoy's edge listen
 `tls` (a directory from `infermesh certs`) Envoy serves TLS at the edge and every replica
 serves mTLS (<SERVICE>_TLS_CERT/_KEY/_CLIENT_CA), Envoy presenting the client certificate.
 The gateway still dials Envoy's internal listeners in plaintext, on loopback.
+
+Healing: once the mesh is up, `heal()` (called in a loop by `infermesh up`) starts a replica
+that exited again on the same port, after the back-off of infermesh.up.healing, while
+Envoy's health checks route around it; Envoy exiting, or a replica crash-looping, raises
+MeshError, which stops the mesh. The run file is rewritten on every exit and restart.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infermesh import envoy
-from infermesh.up.runfile import MeshProcess, remove_processes, write_processes
 from infermesh.certs import CertPaths, client_credentials, service_tls_env
+from infermesh.up.healing import CrashLoop, Healer, describe_exit
+from infermesh.up.runfile import MeshProcess, remove_processes, write_processes
 from services.runtime.topology import (
     BACKENDS,
     FEATURES,
@@ -203,8 +209,14 @@ class Mesh:
     redis_pid: int | None = None
     children: list[Child] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    # Restart history and policy of every replica (heal()).
+    healer: Healer = field(default_factory=Healer)
     # Replica name -> (service, endpoint, environment): what respawn() starts it with again.
     _replicas: dict[str, tuple[str, Endpoint, dict[str, str]]] = field(default_factory=dict, repr=False)
+    # heal(): replica -> when to start it again; replica -> when its outage began (until
+    # it is SERVING again).
+    _restart_at: dict[str, float] = field(default_factory=dict, repr=False)
+    _down_since: dict[str, float] = field(default_factory=dict, repr=False)
 
     # ---- starting -------------------------------------------------------------------
     def check_ports(self) -> None:
@@ -302,6 +314,7 @@ class Mesh:
                     env[variable] = str(self.metrics_port(name, endpoint))
                 self._replicas[name] = (service, endpoint, env)
                 self._spawn(service, name, [sys.executable, "-m", MODULES[service]], env)
+                self.healer.started(name)
 
     def replica(self, name: str) -> Child:
         """The running (or last started) process of replica `name`, e.g. scoring-1."""
@@ -315,9 +328,14 @@ class Mesh:
         old = self.replica(name)
         if old.process.poll() is None:
             raise MeshError(f"{name} is still running (pid {old.process.pid})")
+        place = self.children.index(old)
         self.children.remove(old)
         service, _, env = self._replicas[name]
+        with open(old.log_path, "a") as log:  # where one run's lines end and the next's begin
+            log.write(f"---- infermesh up: {name} {describe_exit(old.process.returncode)}; starting it again ----\n")
         child = self._spawn(service, name, [sys.executable, "-m", MODULES[service]], env)
+        self.children.insert(place, self.children.pop())  # the run file keeps its order
+        self.healer.started(name)
         self.publish_processes()
         return child
 
@@ -337,6 +355,55 @@ class Mesh:
         self.start_services()
         self.start_envoy()
         self.wait_healthy(timeout, progress)
+
+    # ---- healing --------------------------------------------------------------------
+    def heal(self) -> list[str]:
+        """One round of supervision, for a mesh that is up: schedule a restart for each
+        replica that exited, start those whose back-off is over, and report those SERVING
+        again. Returns what happened, a line each. Raises MeshError when Envoy exits or a
+        replica is crash-looping: the mesh cannot go on."""
+        events: list[str] = []
+        for child in list(self.children):
+            returncode = child.process.poll()
+            if returncode is not None and child.name not in self._restart_at:
+                events.append(self._schedule_restart(child, returncode))
+        now = time.monotonic()
+        for name, due in list(self._restart_at.items()):
+            if now >= due:
+                del self._restart_at[name]
+                child = self.respawn(name)
+                events.append(f"{name}: started again (pid {child.process.pid}, restart {self.healer.restarts(name)})")
+        for name, since in list(self._down_since.items()):
+            if name in self._restart_at or self.replica(name).process.poll() is not None:
+                continue
+            service, endpoint, _ = self._replicas[name]
+            if self._serving(endpoint, HEALTH_SERVICE_NAMES[service]):
+                del self._down_since[name]
+                events.append(f"{name}: SERVING again, {time.monotonic() - since:.1f} s after it exited")
+        return events
+
+    def _schedule_restart(self, child: Child, returncode: int) -> str:
+        how = describe_exit(returncode)
+        if child.name not in self._replicas:  # Envoy: nothing reaches any replica without it
+            raise MeshError(
+                f"{child.name} (pid {child.process.pid}) {how}; the mesh cannot serve without it, stopping. "
+                f"Last lines of {child.log_path}:\n{self.log_tail(child)}"
+            )
+        decision = self.healer.exited(child.name, returncode)
+        if isinstance(decision, CrashLoop):
+            raise MeshError(
+                f"{child.name} is crash-looping: it {how} again after {decision.restarts} restarts "
+                f"within {decision.window:g} s; stopping the mesh. Last lines of {child.log_path}:\n"
+                + self.log_tail(child)
+            )
+        now = time.monotonic()
+        self._restart_at[child.name] = now + decision.delay
+        self._down_since.setdefault(child.name, now)
+        self.publish_processes()
+        return (
+            f"{child.name} (pid {child.process.pid}) {how}; starting it again in {decision.delay:g} s "
+            f"(restart {decision.restarts}; log: {child.log_path})"
+        )
 
     # ---- health ---------------------------------------------------------------------
     def channel(self, endpoint: Endpoint) -> grpc.Channel:
@@ -400,20 +467,27 @@ class Mesh:
         return "\n".join(f"  {child.name}| {line}" for line in text[-lines:])
 
     def publish_processes(self) -> None:
-        """Write the run file (<data dir>/processes.json) that `infermesh profile` reads."""
-        processes = [
-            MeshProcess(c.name, c.role, c.process.pid, python=c.role != "envoy")
-            for c in self.children
-            if c.process.poll() is None
-        ]
+        """Write the run file (<data dir>/processes.json) that `infermesh profile` and
+        `infermesh status` read: every process, a replica waiting to be restarted included
+        (its pid then is the exited one's)."""
+        processes = []
+        for child in self.children:
+            replica = self._replicas.get(child.name)
+            processes.append(MeshProcess(
+                child.name, child.role, child.process.pid, python=child.role != "envoy",
+                address=replica[1].address if replica else None,
+                restarts=self.healer.restarts(child.name), last_exit=self.healer.last_exit(child.name),
+            ))
         if self.redis_pid is not None:
             processes.append(MeshProcess("redis", "redis", self.redis_pid, python=False))
-        write_processes(self.data_dir, f"127.0.0.1:{self.topology.edge_port}", processes)
+        write_processes(self.data_dir, f"127.0.0.1:{self.topology.edge_port}", processes, supervisor=os.getpid())
 
     # ---- stopping -------------------------------------------------------------------
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM in STOP_ORDER, waiting for each group; SIGKILL what outlives the grace."""
         remove_processes(self.data_dir)
+        self._restart_at.clear()
+        self._down_since.clear()
         for role in STOP_ORDER:
             group = [c for c in self.children if c.role == role and c.process.poll() is None]
             for child in group:
