@@ -30,13 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.runtime.topology import SERVICES
+from infermesh.settings import tool_settings
 
 DEFAULT_DAYS = 365
 LOCAL_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
 
 def default_dir() -> Path:
-    return Path(os.environ.get("INFERMESH_DATA_DIR", ".infermesh")) / "certs"
+    return Path(tool_settings().data_dir) / "certs"
 
 
 @dataclass(frozen=True)

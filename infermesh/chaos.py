@@ -52,6 +52,7 @@ from infermesh.workload.seed import SeedError, seed_all
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.runtime.event_loop import event_loop_runner
 from services.runtime.topology import FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, RANKING, SCORING
+from infermesh.settings import tool_settings
 
 # Two of each service the gateway cannot answer without (itself, features) and of scoring,
 # one ranking: a rolling restart can then keep answering, and killing ranking shows its
@@ -602,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get("INFERMESH_DATA_DIR", ".infermesh")),
+        default=Path(tool_settings().data_dir),
         help="where the reference model and index are (trained/built there if absent; default $INFERMESH_DATA_DIR or ./.infermesh)",
     )
     parser.add_argument("--replicas", default=None, help="e.g. gateway=2,features=2,scoring=2,ranking=1 (the default)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from infermesh import __version__
+from infermesh.settings import tool_settings
 
 if TYPE_CHECKING:
     from services.runtime.topology import MeshTopology
@@ -42,13 +43,13 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     up.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get("INFERMESH_DATA_DIR", ".infermesh")),
+        default=Path(tool_settings().data_dir),
         help="models, Redis dump, rendered Envoy config and logs (default $INFERMESH_DATA_DIR or ./.infermesh)",
     )
     up.add_argument(
         "--redis-url",
-        default=os.environ.get("REDIS_URL"),
-        help="use this Redis instead of starting one (default $REDIS_URL; unset: start redis-server)",
+        default=tool_settings().redis_url or None,
+        help="use this Redis instead of starting one (default $INFERMESH_REDIS_URL or $REDIS_URL; unset: start redis-server)",
     )
     up.add_argument("--redis-port", type=int, default=DEFAULT_REDIS_PORT, help="port of the Redis `up` starts (default %(default)s)")
     up.add_argument(

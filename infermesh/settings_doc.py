@@ -21,6 +21,7 @@ import annotated_types
 from pydantic.fields import FieldInfo
 
 from gateway.service import GatewaySettings
+from infermesh.settings import ToolSettings
 from services.features.service import FeaturesSettings
 from services.ranking.service import RankingSettings
 from services.runtime.server import TlsSettings, tls_settings_class
@@ -117,6 +118,17 @@ def render() -> str:
             "",
         ]
         sections.append("\n".join(lines))
+    lines = [
+        f"## the `infermesh` command and its tools (`{ToolSettings.variable('')}*`)",
+        "",
+        _cell(ToolSettings.__doc__ or ""),
+        "",
+        "| Variable | Type | Default | Meaning |",
+        "|---|---|---|---|",
+        *_rows(ToolSettings),
+        "",
+    ]
+    sections.append("\n".join(lines))
     sections.append(FOOTER)
     return "\n".join(sections)
 

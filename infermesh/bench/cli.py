@@ -10,7 +10,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from infermesh.bench import report
 from infermesh.bench.loadgen import Plan, TargetFactory
 from infermesh.bench.runs import measure, ramp
 from infermesh.bench.targets import factory
+from infermesh.settings import tool_settings, tools_redis_url
 
 
 def _target_from_args(args: argparse.Namespace) -> TargetFactory:
@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--processes", type=int, default=1, help="client processes (when one cannot keep up)")
     p.add_argument("--batch", type=int, default=256, help="scoring / onnxruntime targets: rows per call")
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6390/0"))
+    p.add_argument("--redis-url", default=tools_redis_url())
     p.add_argument("--namespace", default="infermesh:v1")
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("INFERMESH_DATA_DIR", ".infermesh")))
+    p.add_argument("--data-dir", type=Path, default=Path(tool_settings().data_dir))
     p.add_argument("--out", type=Path, help="write the result as JSON here")
     p.add_argument("--plot", type=Path, help="ramp: write a PNG of latency percentiles vs offered rate")
     p.add_argument("--out-dir", type=Path, default=Path("bench-results"), help="suite: where results go")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.features.layout import DEFAULT_NAMESPACE
+from infermesh.settings import LOCAL_REDIS_URL, features_settings, tools_redis_url
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def _ingest_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,17 +22,17 @@ def _ingest_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--view", required=True, help="the feature view to load (see `infermesh features views`)")
     p.add_argument(
         "--registry",
-        default=os.environ.get("FEATURES_REGISTRY") or None,
+        default=features_settings()[0] or None,
         help="views YAML (default $FEATURES_REGISTRY or the built-in reference registry)",
     )
     p.add_argument(
         "--redis-url",
-        default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
-        help=f"default $REDIS_URL or {DEFAULT_REDIS_URL}",
+        default=tools_redis_url(),
+        help=f"default $INFERMESH_REDIS_URL, $REDIS_URL or {LOCAL_REDIS_URL}",
     )
     p.add_argument(
         "--namespace",
-        default=os.environ.get("FEATURES_NAMESPACE", DEFAULT_NAMESPACE),
+        default=features_settings()[1],
         help="root key namespace (default %(default)s)",
     )
     p.add_argument("--batch-rows", type=int, default=10_000, help="rows per pipeline round trip (default %(default)s)")
@@ -119,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _ingest_parser(commands)
     views = commands.add_parser("views", help="list the registry's feature views")
-    views.add_argument("--registry", default=os.environ.get("FEATURES_REGISTRY") or None)
+    views.add_argument("--registry", default=features_settings()[0] or None)
     views.add_argument("--yaml", action="store_true", help="print the registry file itself (a starting point)")
     commands.add_parser(
         "bench", help="GetFeatures latency/throughput (cache hot and cold) and retrieval", add_help=False

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import pickle
 import sys
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ import onnxruntime as ort
 
 from infermesh.workload import modelgen
 from services.scoring.config import CONFIG_FILE, MODEL_FILE
+from infermesh.settings import model_repository
 
 INPUT = "features"
 OPSETS = {"": 17, "ai.onnx.ml": 3}
@@ -169,7 +169,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infermesh models import", description=__doc__.split("\n\n")[0])
     p.add_argument("file", type=Path, help="scikit-learn joblib/pickle, or LightGBM model (.txt or pickle)")
     p.add_argument("--model", required=True, help="model name in the repository")
-    p.add_argument("--repository", type=Path, default=Path(os.environ.get("SCORING_MODEL_REPOSITORY", ".infermesh/models")))
+    p.add_argument("--repository", type=Path, default=Path(model_repository()))
     p.add_argument("--sample", type=Path, help=".npy float rows for the parity check (default: 512 standard normal rows)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |onnx - original| (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="convert and check; write nothing")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from infermesh.workload import modelgen
 from services.scoring.config import MODEL_FILE, read_provenance
 from services.scoring.loading import session_options
 from infermesh.workload.catalog import DEFAULT_SEED, affinity, generate_catalog, model_input, ndcg_at_k
+from infermesh.settings import model_repository
 
 CANDIDATES = 200
 K = 20
@@ -99,7 +99,7 @@ def newest_version(directory: Path) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infermesh models quantize", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repository", type=Path, default=Path(os.environ.get("SCORING_MODEL_REPOSITORY", ".infermesh/models")))
+    p.add_argument("--repository", type=Path, default=Path(model_repository()))
     p.add_argument("--model", default="ranker")
     p.add_argument("--version", type=int, help="float version to quantize (default: the newest)")
     p.add_argument("--users", type=int, default=300, help="queries for NDCG@20 (default %(default)s)")

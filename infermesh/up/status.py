@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from infermesh.up.runfile import RunFile, alive, read_run_file
+from infermesh.settings import tool_settings
 
 COLUMNS = ("NAME", "ROLE", "PID", "ALIVE", "ADDRESS", "RESTARTS", "LAST EXIT")
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get("INFERMESH_DATA_DIR", ".infermesh")),
+        default=Path(tool_settings().data_dir),
         help="the mesh's data dir, as given to `up` (default $INFERMESH_DATA_DIR or ./.infermesh)",
     )
     parser.add_argument("--json", action="store_true", help="print the run file, each process with `alive` added")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -46,6 +45,7 @@ from infermesh.workload.catalog import (
     generate_catalog,
     seen_items,
 )
+from infermesh.settings import LOCAL_REDIS_URL, tool_settings, tools_redis_url
 from infermesh.workload.model import (
     DEFAULT_BATCH,
     DEFAULT_STEPS,
@@ -59,8 +59,6 @@ from infermesh.workload.model import (
     write_if_changed,
 )
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_DATA_DIR = ".infermesh"
 MSET_CHUNK = 5_000  # keys per MSET: ~0.7 MB per command for items, well under Redis limits
 CHUNKS_PER_FLUSH = 4  # MSETs queued per pipeline round trip
 SEEN_USERS_PER_FLUSH = 1_000  # users' seen sets (one DEL, then SADD each) per pipeline round trip
@@ -512,13 +510,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get("INFERMESH_DATA_DIR", DEFAULT_DATA_DIR)),
+        default=Path(tool_settings().data_dir),
         help="where models/ is written (default: $INFERMESH_DATA_DIR or ./.infermesh)",
     )
     p.add_argument(
         "--redis-url",
-        default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
-        help=f"Redis to load (default: $REDIS_URL or {DEFAULT_REDIS_URL})",
+        default=tools_redis_url(),
+        help=f"Redis to load (default: $INFERMESH_REDIS_URL, $REDIS_URL or {LOCAL_REDIS_URL})",
     )
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="key prefix (default: %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="catalog/model seed (default: %(default)s)")

@@ -1,0 +1,67 @@
+"""The settings of the `infermesh` command and its tools, on the services' mechanism.
+
+Tools read environment variables the same way the services do (services/runtime/settings.py:
+declared, typed, checked at start, errors naming the variable): their own under
+`INFERMESH_*`, and where a tool works on a service's data (the model repository, the feature
+registry and namespace) that service's own variable, so a tool and the service it serves
+cannot disagree. Command-line flags override them.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from services.runtime.settings import ServiceSettings, load_settings
+
+
+class ToolSettings(ServiceSettings):
+    """The `infermesh` command and its tools: up, seed, status, profile, bench, chaos, certs,
+    features, models."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_")
+
+    data_dir: str = Field(
+        ".infermesh",
+        min_length=1,
+        description="Models, Redis dump, candidate index, rendered Envoy config, logs and the run file of a local mesh.",
+    )
+    redis_url: str = Field(
+        "",
+        # REDIS_URL, the name most Redis tooling reads, is accepted as well.
+        validation_alias=AliasChoices("INFERMESH_REDIS_URL", "REDIS_URL"),
+        description=(
+            "Redis the tools use (`redis://host:port/db`); for `up`, use it instead of starting a "
+            "redis-server. Also read from REDIS_URL. Empty: `up` starts its own; other tools use "
+            "the one `up` starts (redis://127.0.0.1:6390/0)."
+        ),
+    )
+
+
+# The Redis `infermesh up` starts (its --redis-port default): where the tools look by default.
+LOCAL_REDIS_URL = "redis://127.0.0.1:6390/0"
+
+
+def tool_settings() -> ToolSettings:
+    """Read at each call (parsers are built once per command): tests and embedders may change
+    the environment between calls."""
+    return load_settings(ToolSettings)
+
+
+def tools_redis_url() -> str:
+    return tool_settings().redis_url or LOCAL_REDIS_URL
+
+
+def model_repository() -> str:
+    """Where the scoring service finds its models: SCORING_MODEL_REPOSITORY or its default."""
+    from services.scoring.service import ScoringSettings  # the service's own declaration
+
+    return load_settings(ScoringSettings).model_repository
+
+
+def features_settings() -> tuple[str, str]:
+    """(registry file, Redis namespace) of the features service: FEATURES_REGISTRY, FEATURES_NAMESPACE."""
+    from services.features.service import FeaturesSettings
+
+    settings = load_settings(FeaturesSettings)
+    return settings.registry, settings.namespace
