@@ -3,7 +3,8 @@
 Per stage, up to `max_in_flight` calls run at once. A request that finds the stage idle
 calls it at once, alone, on the single-request RPC: concurrency 1 pays nothing and waits
 on no timer. While the stage is busy, requests queue; when a call returns (or the queue
-reaches `max_batch`), the queue goes out as one batched call, and each request gets its
+reaches `max_batch`, or no call was sent for `max_wait` seconds: a stage stuck on a slow
+call, e.g. a hung Redis, must not hold everyone behind it), the queue goes out as one batched call, and each request gets its
 own result back, or its own error (a per-request status in the batch reply, or the whole
 call's error). Each request keeps its own deadline: it stops waiting when its budget for
 the stage is spent, and a request whose deadline passed in the queue is never sent.
@@ -53,6 +54,9 @@ class _Waiting(Generic[Q, R]):
     joined: float
     future: asyncio.Future[R]
     span: Span | None = field(default=None)
+    # The batch it went out in, and the task sending it: cancelled once nobody waits for it.
+    batch: list[_Waiting[Q, R]] | None = field(default=None)
+    task: asyncio.Task[None] | None = field(default=None)
 
 
 class Coalescer(Generic[Q, R]):
@@ -67,12 +71,16 @@ class Coalescer(Generic[Q, R]):
         observe_batch: Callable[[str, int], None] | None = None,
         size: Callable[[Q], int] | None = None,
         max_size: int = 0,
+        max_wait: float = 0.05,
     ) -> None:
         self.stage = stage
         self._single, self._batch = single, batch
         self._max_batch, self._max_in_flight = max_batch, max_in_flight
         # Optionally a second cap: the summed size of a batch (scoring: rows per call).
         self._size, self._max_size = size, max_size
+        self._max_wait = max_wait
+        self._last_sent = 0.0  # time.monotonic() of the latest call sent
+        self._stall_check: asyncio.TimerHandle | None = None
         self._observe = observe_batch
         self._queue: deque[_Waiting[Q, R]] = deque()
         self._in_flight = 0
@@ -84,12 +92,26 @@ class Coalescer(Generic[Q, R]):
         waiting = self._join(request, timeout)
         try:
             return await asyncio.wait_for(waiting.future, timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self._abandon(waiting)
+            raise
         finally:
             if waiting.span is not None:
                 waiting.span.end()
 
+    @staticmethod
+    def _abandon(waiting: _Waiting[Q, R]) -> None:
+        """A request that stopped waiting: its batch's call is cancelled once every request in
+        it has (as a request's own call is when its caller goes), so nothing downstream keeps
+        working, or holding rows in a model's batcher, for answers nobody will read."""
+        if waiting.task is None or waiting.batch is None or waiting.task.done():
+            return
+        if all(w.future.done() for w in waiting.batch):
+            waiting.task.cancel()
+
     async def _alone(self, request: Q, timeout: float) -> R:
         self._in_flight += 1
+        self._last_sent = time.monotonic()
         if self._observe is not None:
             self._observe(self.stage, 1)
         try:
@@ -106,7 +128,23 @@ class Coalescer(Generic[Q, R]):
         self._queue.append(waiting)
         if len(self._queue) >= self._max_batch:
             self._send(self._take())  # a full batch goes now, busy or not
+        elif self._stall_check is None:
+            self._stall_check = asyncio.get_running_loop().call_later(self._max_wait, self._unstall)
         return waiting
+
+    def _unstall(self) -> None:
+        """The queue goes now, busy or not, if no call was sent for max_wait seconds."""
+        self._stall_check = None
+        if not self._queue:
+            return
+        quiet = time.monotonic() - self._last_sent
+        if quiet >= self._max_wait:
+            batch = self._take()
+            if batch:
+                self._send(batch)
+        if self._queue:
+            delay = max(self._max_wait - quiet, 0.0) if quiet < self._max_wait else self._max_wait
+            self._stall_check = asyncio.get_running_loop().call_later(delay, self._unstall)
 
     def _flush(self) -> None:
         while self._queue and self._in_flight < self._max_in_flight:
@@ -134,7 +172,10 @@ class Coalescer(Generic[Q, R]):
 
     def _send(self, batch: list[_Waiting[Q, R]]) -> None:
         self._in_flight += 1
+        self._last_sent = time.monotonic()
         task = asyncio.get_running_loop().create_task(self._run(batch))
+        for waiting in batch:
+            waiting.batch, waiting.task = batch, task
         self._tasks.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._tasks.discard)
 
@@ -145,8 +186,11 @@ class Coalescer(Generic[Q, R]):
             self._observe(self.stage, len(batch))
         batch_span = self._batch_span(batch, sent)
         token = otel_context.attach(trace.set_span_in_context(batch_span))
+        results: list[R | BaseException] = []
         try:
             results = await self._results(batch, timeout)
+        except asyncio.CancelledError:
+            pass  # every request in it stopped waiting (_abandon): nothing to deliver
         finally:
             otel_context.detach(token)
             batch_span.end()

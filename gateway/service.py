@@ -108,7 +108,21 @@ class GatewaySettings(ServerSettings):
         32, ge=1, le=64, description="Most requests in one coalesced call (the backends accept at most 64)."
     )
     coalesce_max_in_flight: int = Field(
-        2, ge=1, description="Calls in flight per stage before further requests queue to be coalesced."
+        1,
+        ge=1,
+        description=(
+            "Calls in flight per stage before further requests queue to be coalesced. 1 gives the "
+            "biggest batches and the least CPU per request (docs/benchmarks.md); more lets several "
+            "replicas of a stage work at once."
+        ),
+    )
+    coalesce_max_wait_ms: float = Field(
+        50.0,
+        gt=0,
+        description=(
+            "A stage that sent no call for this long while requests queue (a call stuck on a hung "
+            "dependency) gets the queue as a new call at once, beyond the in-flight limit."
+        ),
     )
     coalesce_max_rows: int = Field(
         4096,
@@ -243,6 +257,7 @@ class GatewayService:
             max_batch=self.settings.coalesce_max_batch,
             max_in_flight=self.settings.coalesce_max_in_flight,
             max_rows=self.settings.coalesce_max_rows,
+            max_wait=self.settings.coalesce_max_wait_ms / 1000.0,
             observe_batch=self.gateway_metrics.observe_batch,
         )
 

@@ -82,12 +82,15 @@ class CoalescedCalls:
         max_batch: int,
         max_in_flight: int,
         max_rows: int,
+        max_wait: float = 0.05,
         observe_batch: Callable[[str, int], None] | None = None,
     ) -> None:
         self._stubs = stubs
         self._max_rows = max_rows
         direct = DirectCalls(stubs)
-        self._options = {"max_batch": max_batch, "max_in_flight": max_in_flight, "observe_batch": observe_batch}
+        self._options = {
+            "max_batch": max_batch, "max_in_flight": max_in_flight, "max_wait": max_wait, "observe_batch": observe_batch,
+        }
         self._features = Coalescer("features", direct.features, self._features_batch, **self._options)
         self._ranking = Coalescer("ranking", direct.rank, self._rank_batch, **self._options)
         # Only requests for the same model version and input layout can share rows.

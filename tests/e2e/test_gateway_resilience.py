@@ -73,12 +73,16 @@ class OwnMesh:
 
 
 def write_slow_model(repository: Path) -> None:
-    """slow_ranker: the ranker behind a batcher that waits 5 s for a batch of 4096 rows."""
+    """slow_ranker: the ranker behind a batcher that waits 5 s for a batch of 65,536 rows.
+
+    The batch is far larger than anything the test sends, hedged copies and coalesced calls
+    included (a batch of 4,096 filled up with them and answered at once)."""
     ranker = repository / "ranker"
     slow = repository / "slow_ranker"
     shutil.copytree(ranker / "1", slow / "1")
     config = json.loads((ranker / "config.json").read_text())
     config.pop("name", None)
+    config["max_batch_size"] = 65_536
     config["dynamic_batching"] = {
         "max_queue_delay_microseconds": SLOW_QUEUE_DELAY_US,
         "preferred_batch_size": [config["max_batch_size"]],

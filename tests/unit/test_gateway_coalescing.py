@@ -27,6 +27,7 @@ class FakeStage:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
         self.release = asyncio.Event()
+        self.batch_release = self.release  # batched calls wait on this one
         self.observed: list[int] = []
 
     async def single(self, request: str, timeout: float) -> str:
@@ -38,7 +39,7 @@ class FakeStage:
 
     async def batch(self, requests: Sequence[str], timeout: float) -> list[str | BaseException]:
         self.calls.append(list(requests))
-        await self.release.wait()
+        await self.batch_release.wait()
         if "fail-all" in requests:
             raise rpc_error(grpc.StatusCode.UNAVAILABLE, "stage down")
         return [rpc_error(grpc.StatusCode.NOT_FOUND, f"{r} unknown") if r.startswith("bad") else r.upper() for r in requests]
@@ -237,3 +238,41 @@ async def test_rows_the_model_refuses_together_are_scored_request_by_request() -
     replies = await asyncio.gather(first, *rest)
     assert [np.frombuffer(r.raw_output_contents[0], "<f4").tolist() for r in replies] == [[1.0], [3.0] * 3, [2.0] * 2]
     assert scoring.calls == [1, 5, 3, 2]  # 3 + 2 rows refused together, then each alone
+
+
+async def test_a_stuck_call_does_not_hold_the_queue_past_max_wait() -> None:
+    stage = FakeStage()
+    coalescer = Coalescer("features", stage.single, stage.batch, max_batch=8, max_in_flight=1, max_wait=0.02)
+    stuck = asyncio.ensure_future(coalescer.call("r0", 5.0))
+    await _settle()
+    queued = [asyncio.ensure_future(coalescer.call(f"r{i}", 5.0)) for i in (1, 2)]
+    await _settle()
+    assert stage.calls == [["r0"]]
+    await asyncio.sleep(0.05)  # r0's call has been out for longer than max_wait
+    assert stage.calls == [["r0"], ["r1", "r2"]]  # the queue went without waiting for r0
+    stage.release.set()
+    assert await asyncio.gather(stuck, *queued) == ["R0", "R1", "R2"]
+
+
+async def test_a_batch_nobody_waits_for_any_more_is_cancelled() -> None:
+    stage = FakeStage()
+    stage.batch_release = asyncio.Event()  # batched calls hang until the test says
+    coalescer = stage.coalescer()
+    first = asyncio.ensure_future(coalescer.call("r0", 5.0))
+    await _settle()
+    quitters = [asyncio.ensure_future(coalescer.call(f"q{i}", 0.05)) for i in (1, 2)]
+    stayer = asyncio.ensure_future(coalescer.call("s3", 5.0))
+    await _settle()
+    stage.release.set()  # r0 answers; q1, q2 and s3 go out as one batch behind it
+    assert await first == "R0"
+    await _settle()
+    assert stage.calls[1] == ["q1", "q2", "s3"]
+    (batch_task,) = coalescer._tasks
+    stayer.cancel()  # s3's caller goes away; q1 and q2 run out of time
+    for quitter in quitters:
+        with pytest.raises(asyncio.TimeoutError):
+            await quitter
+    await _settle()
+    assert batch_task.cancelled() or batch_task.done()
+    assert coalescer._in_flight == 0  # the stage is free again
+    assert await coalescer.call("r4", 1.0) == "R4"
