@@ -11,6 +11,7 @@ and saves a screenshot of its waterfall to test-artifacts/.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -328,3 +329,52 @@ def test_trace_view_shows_the_waterfall_in_chromium(
     for service in SERVICES:
         rgb = tuple(int(SERVICE_COLOURS[service][i : i + 2], 16) for i in (1, 3, 5))
         assert any(all(abs(a - b) <= 12 for a, b in zip(rgb, pixel, strict=True)) for pixel in colours), service
+
+
+STAGE_OF_SERVICE = {"FeatureService": "features", "GRPCInferenceService": "scoring", "RankingService": "ranking"}
+
+
+def _stages(trace: Trace) -> set[str]:
+    """Stages a request's trace shows from the gateway: its own call's CLIENT span, or the
+    span of its wait in a coalesced call."""
+    stages = set()
+    for span in trace.spans:
+        if span.service != "gateway":
+            continue
+        if span.name == "infermesh.gateway.coalesced":
+            stages.add(span.attributes["infermesh.stage"])
+        elif span.kind == "CLIENT":
+            stages.update(stage for service, stage in STAGE_OF_SERVICE.items() if f".{service}/" in span.name)
+    return stages
+
+
+def test_coalesced_requests_link_to_their_batch_and_keep_every_stage(traced: Traced, response: Response) -> None:
+    async def burst() -> list[gateway_pb2.RecommendResponse]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{traced.mesh.topology.edge_port}") as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            return await asyncio.gather(*(
+                stub.Recommend(gateway_pb2.RecommendRequest(user_id=f"u{n}", candidate_ids=CANDIDATES, k=5), timeout=10)
+                for n in range(24)
+            ))
+
+    replies = asyncio.run(burst())
+    store = traced.receiver.store
+    deadline = time.monotonic() + 30
+    while True:
+        traces = [t for t in (store.get(r.trace_id) for r in replies) if t is not None]
+        spans = [s for t in traces for s in t.spans]
+        batches = {s.span_id: s for s in spans if s.name == "infermesh.gateway.batch"}
+        linked = [s for s in spans if s.name == "infermesh.gateway.coalesced" and any(l[1] in batches for l in s.links)]
+        complete = len(traces) == len(replies) and all(_stages(t) == {"features", "scoring", "ranking"} for t in traces)
+        if (linked and complete) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert linked, "no coalesced request's span links to a batch span"
+    assert complete, [sorted(_stages(t)) for t in traces]
+    wait = linked[0]
+    batch = batches[next(l[1] for l in wait.links if l[1] in batches)]
+    assert (wait.trace_id, wait.span_id) in batch.links  # and back
+    assert batch.attributes["infermesh.batch.requests"] >= 2 and wait.attributes["infermesh.coalesce.wait_ms"] >= 0
+    # The batched call itself is one CLIENT span under the batch span.
+    children = store.get(batch.trace_id).children().get(batch.span_id, [])
+    assert [c.kind for c in children] == ["CLIENT"]
