@@ -19,7 +19,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from infermesh.up.supervisor import free_port
+from infermesh.up.supervisor import free_port, free_port_block
 from services.runtime.topology import HEALTH_SERVICE_NAMES
 
 
@@ -183,3 +183,72 @@ def running_service(service: str, env: Mapping[str, str], log_path: Path) -> Ite
     finally:
         channel.close()
         stop(process)
+
+
+def start_up(
+    data_dir: Path, redis_url: str, edge: int, *options: str, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`infermesh up` as a user starts it, on free ports (replicas from a free block, metrics
+    1000 above), with the tests' Redis; its output on a pipe (wait_until_up reads it)."""
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "infermesh.cli", "up",
+            "--data-dir", str(data_dir),
+            "--redis-url", redis_url,
+            "--edge-port", str(edge),
+            "--admin-port", str(free_port()),
+            "--port-base", str(free_port_block(1500)),  # replicas from N+100, metrics 1000 above
+            *options,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+def read_until(process: subprocess.Popen[str], marker: str, output: list[str], timeout: float) -> bool:
+    """Read a process's output lines into `output` until one starts with `marker` (True), or
+    the output ends or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            return False
+        output.append(line)
+        if line.startswith(marker):
+            return True
+    return False
+
+
+def wait_until_up(process: subprocess.Popen[str], output: list[str], timeout: float) -> None:
+    """Read `infermesh up`'s output into `output` until it says it is up."""
+    if not read_until(process, "Ctrl-C stops everything", output, timeout):
+        raise AssertionError("infermesh up did not come up:\n" + "".join(output))
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -29,11 +29,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infermesh.bench.targets import reference_requests
 from infermesh.up.runfile import MeshProcess, read_run_file
-from infermesh.up.supervisor import free_port, free_port_block
+from infermesh.up.supervisor import free_port
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.runtime.topology import HEALTH_SERVICE_NAMES
 from tests.conftest import RedisServer
-from tests.e2e.test_up_command import alive, descendants
+from tests.processes import alive, descendants, start_up
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -72,22 +72,12 @@ def up(
     data_dir = tmp_path_factory.mktemp("healing") / "data"
     shutil.copytree(reference_data / "models", data_dir / "models")  # skip retraining
     edge = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "infermesh.cli", "up",
-            "--data-dir", str(data_dir),
-            "--redis-url", redis_server.url,
-            "--edge-port", str(edge),
-            "--admin-port", str(free_port()),
-            "--port-base", str(free_port_block(1500)),  # replicas from N+100, metrics 1000 above
-            "--metrics-port-offset", str(METRICS_PORT_OFFSET),
-            "--replicas", "scoring=2",
-            "--max-restarts", str(MAX_RESTARTS),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "WARNING"},
+    process = start_up(
+        data_dir, redis_server.url, edge,
+        "--metrics-port-offset", str(METRICS_PORT_OFFSET),
+        "--replicas", "scoring=2",
+        "--max-restarts", str(MAX_RESTARTS),
+        env={"LOG_LEVEL": "WARNING"},
     )
     running = Up(process, data_dir, edge)
     running.reader = threading.Thread(target=_read_lines, args=(running,), daemon=True)

@@ -19,6 +19,7 @@ import pytest
 
 from infermesh.cli import main as infermesh_main
 from infermesh.up.supervisor import free_port, free_port_block
+from tests.processes import read_until
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.timeout(300)
@@ -38,15 +39,7 @@ def _start(argv: list[str]) -> subprocess.Popen[str]:
 
 def _read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> str:
     lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith(marker):
-            break
+    read_until(process, marker, lines, timeout)
     return "".join(lines)
 
 

@@ -3,42 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
-from infermesh.up.supervisor import free_port, free_port_block
+from infermesh.up.supervisor import free_port
 from tests.conftest import RedisServer
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+from tests.processes import alive, descendants, start_up, wait_until_up
 
 
 def test_up_serves_then_sigterm_leaves_no_process(
@@ -47,32 +19,10 @@ def test_up_serves_then_sigterm_leaves_no_process(
     data_dir = tmp_path / "data"
     shutil.copytree(reference_data / "models", data_dir / "models")  # skip retraining
     edge = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "infermesh.cli", "up",
-            "--data-dir", str(data_dir),
-            "--redis-url", redis_server.url,
-            "--edge-port", str(edge),
-            "--admin-port", str(free_port()),
-            "--port-base", str(free_port_block(1500)),  # replicas from N+100, metrics 1000 above
-            "--replicas", "scoring=2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    process = start_up(data_dir, redis_server.url, edge, "--replicas", "scoring=2")
     output: list[str] = []
     try:
-        deadline = time.monotonic() + 120
-        assert process.stdout is not None
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if line.startswith("Ctrl-C stops everything"):
-                break
+        wait_until_up(process, output, timeout=120)
         text = "".join(output)
         assert "infermesh is up" in text, text
         assert f"http://127.0.0.1:{edge}" in text

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from infermesh.up.supervisor import MODULES, free_port, free_port_block
-from tests.e2e.test_up_command import alive, descendants
+from tests.processes import alive, descendants, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 # What the build reads: the project's metadata (README.md is its readme) and its packages.
@@ -80,19 +80,6 @@ def command_line(pid: int) -> list[str]:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")[:-1]
     except OSError:
         return []
-
-
-def wait_until_up(process: subprocess.Popen[str], output: list[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        output.append(line)
-        if line.startswith("Ctrl-C stops everything"):
-            return
-    raise AssertionError("infermesh up did not come up:\n" + "".join(output))
 
 
 def recommend(edge: int) -> dict[str, Any]:
