@@ -97,6 +97,12 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "after this many restarts within --restart-window seconds stops the mesh (default %(default)s)",
     )
     up.add_argument("--restart-window", type=float, default=60.0, help="seconds, see --max-restarts (default %(default)s)")
+    up.add_argument(
+        "--supervisor-metrics-port",
+        type=int,
+        default=9902,
+        help="port of up's own /metrics (replica restarts, replicas up), on 127.0.0.1; 0: off (default %(default)s)",
+    )
     from infermesh.envoy.cli import add_edge_arguments
 
     # --edge-rate-limit, --edge-rate-burst, --api-key-file, --tls (all off by default).
@@ -167,6 +173,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from infermesh.certs import CertPaths
     from infermesh.envoy.cli import edge_policy_from_args
     from infermesh.up.healing import Healer, RestartPolicy, describe_exit
+    from infermesh.up.metrics import serve_supervisor_metrics
     from infermesh.up.supervisor import DESCRIPTOR_SET, Mesh, MeshError, start_redis
     from infermesh.workload.seed import SeedError, format_summary, model_repository, seed_all
     from services.runtime.topology import local_topology
@@ -267,6 +274,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             extras.append(
                 ("metrics", "  ".join(f"{name}=:{port}" for name, port in ports) + "   (GET /metrics)")
             )
+        if args.supervisor_metrics_port:
+            try:
+                serve_supervisor_metrics(mesh, args.supervisor_metrics_port)
+                extras.append(("supervisor metrics", f"http://127.0.0.1:{args.supervisor_metrics_port}/metrics   (replica restarts)"))
+            except OSError as error:  # auxiliary: the mesh serves without it
+                print(f"warning: up's own /metrics not served on port {args.supervisor_metrics_port} ({error.strerror}); "
+                      "choose another with --supervisor-metrics-port", flush=True)
         _print_ready(topology, log_dir, redis_url, extras, curl_options, "https" if tls is not None else "http")
         while not stop_requested:
             if redis_process is not None and redis_process.poll() is not None:

@@ -357,6 +357,13 @@ class Mesh:
         self.wait_healthy(timeout, progress)
 
     # ---- healing --------------------------------------------------------------------
+    def replica_states(self) -> list[tuple[str, str, int, bool]]:
+        """(replica, service, restarts, alive) of every service replica, for /metrics."""
+        return [
+            (name, service, self.healer.restarts(name), self.replica(name).process.poll() is None)
+            for name, (service, _, _) in list(self._replicas.items())
+        ]
+
     def heal(self) -> list[str]:
         """One round of supervision, for a mesh that is up: schedule a restart for each
         replica that exited, start those whose back-off is over, and report those SERVING

@@ -33,7 +33,7 @@ from infermesh.up.supervisor import free_port
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.runtime.topology import HEALTH_SERVICE_NAMES
 from tests.conftest import RedisServer
-from tests.processes import alive, descendants, start_up
+from tests.processes import alive, descendants, metric, start_up
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,6 +48,7 @@ class Up:
     process: subprocess.Popen[str]
     data_dir: Path
     edge: int
+    supervisor_metrics: int  # up's own /metrics
     lines: list[str] = field(default_factory=list)
     reader: threading.Thread | None = None  # appends `up`'s output to lines until it exits
 
@@ -71,15 +72,16 @@ def up(
 ) -> Iterator[Up]:
     data_dir = tmp_path_factory.mktemp("healing") / "data"
     shutil.copytree(reference_data / "models", data_dir / "models")  # skip retraining
-    edge = free_port()
+    edge, supervisor_metrics = free_port(), free_port()
     process = start_up(
         data_dir, redis_server.url, edge,
         "--metrics-port-offset", str(METRICS_PORT_OFFSET),
         "--replicas", "scoring=2",
         "--max-restarts", str(MAX_RESTARTS),
+        "--supervisor-metrics-port", str(supervisor_metrics),
         env={"LOG_LEVEL": "WARNING"},
     )
-    running = Up(process, data_dir, edge)
+    running = Up(process, data_dir, edge, supervisor_metrics)
     running.reader = threading.Thread(target=_read_lines, args=(running,), daemon=True)
     running.reader.start()
     try:
@@ -203,6 +205,12 @@ def test_killed_replicas_come_back_and_no_request_fails(up: Up) -> None:
             str(after[victim.name].pid), "yes", "1", "killed by SIGKILL"
         ), done.stdout
     assert rows["scoring-0"][3:] == ["yes", before["scoring-0"].address, "0", "-"]
+    # ... and up's own /metrics counts the same restarts.
+    for victim in victims:
+        labels = {"replica": victim.name}
+        assert metric(up.supervisor_metrics, "infermesh_replica_restarts_total", **labels) == 1
+        assert metric(up.supervisor_metrics, "infermesh_replica_up", **labels) == 1
+    assert metric(up.supervisor_metrics, "infermesh_replica_restarts_total", replica="scoring-0") == 0
 
 
 def test_a_replica_that_keeps_crashing_stops_the_mesh_with_its_log(up: Up) -> None:
