@@ -87,15 +87,14 @@ class CoalescedCalls:
     ) -> None:
         self._stubs = stubs
         self._max_rows = max_rows
-        direct = DirectCalls(stubs)
+        self._direct = DirectCalls(stubs)
         self._options = {
             "max_batch": max_batch, "max_in_flight": max_in_flight, "max_wait": max_wait, "observe_batch": observe_batch,
         }
-        self._features = Coalescer("features", direct.features, self._features_batch, **self._options)
-        self._ranking = Coalescer("ranking", direct.rank, self._rank_batch, **self._options)
+        self._features = Coalescer("features", self._direct.features, self._features_batch, **self._options)
+        self._ranking = Coalescer("ranking", self._direct.rank, self._rank_batch, **self._options)
         # Only requests for the same model version and input layout can share rows.
         self._scoring: dict[tuple[object, ...], Coalescer] = {}
-        self._direct = direct
 
     async def features(self, request: features_pb2.GetFeaturesRequest, timeout: float) -> FeaturesReply:
         return await _joined(self._features, request, timeout)

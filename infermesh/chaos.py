@@ -52,7 +52,7 @@ from infermesh.workload.seed import SeedError, seed_all
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.runtime.event_loop import event_loop_runner
 from services.runtime.topology import FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, RANKING, SCORING
-from infermesh.settings import tool_settings
+from infermesh.settings import add_data_dir_argument
 
 # Two of each service the gateway cannot answer without (itself, features) and of scoring,
 # one ranking: a rolling restart can then keep answering, and killing ranking shows its
@@ -600,12 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="steady open-loop requests/s (default %(default)s)")
     parser.add_argument("--only", default=None, help="comma-separated scenario names (see --list)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(tool_settings().data_dir),
-        help="where the reference model and index are (trained/built there if absent; default $INFERMESH_DATA_DIR or ./.infermesh)",
-    )
+    add_data_dir_argument(parser, "where the reference model and index are (trained/built there if absent)")
     parser.add_argument("--replicas", default=None, help="e.g. gateway=2,features=2,scoring=2,ranking=1 (the default)")
     parser.add_argument(
         "--up-args", default="", help="more `infermesh up` options, e.g. '--edge-shed-latency 0' (load shedding off, to compare)"

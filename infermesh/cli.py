@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from infermesh import __version__
-from infermesh.settings import tool_settings
+from infermesh.settings import add_data_dir_argument, tool_settings
 
 if TYPE_CHECKING:
     from services.runtime.topology import MeshTopology
@@ -40,12 +40,7 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     up.add_argument("--replicas", type=_replicas, default={}, help="e.g. scoring=2,features=2 (default scoring=2, others 1)")
     up.add_argument("--edge-port", type=int, default=8080, help="REST + gRPC edge port (default %(default)s)")
     up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port, on 127.0.0.1 (default %(default)s)")
-    up.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(tool_settings().data_dir),
-        help="models, Redis dump, rendered Envoy config and logs (default $INFERMESH_DATA_DIR or ./.infermesh)",
-    )
+    add_data_dir_argument(up, "models, Redis dump, rendered Envoy config and logs")
     up.add_argument(
         "--redis-url",
         default=tool_settings().redis_url or None,

@@ -35,6 +35,7 @@ from infermesh import flamegraph
 from infermesh.bench.loadgen import Plan, RunResult, run_processes
 from infermesh.bench.report import cpu_seconds
 from infermesh.bench.targets import factory
+from infermesh.settings import add_data_dir_argument
 from infermesh.up.runfile import MeshProcess, read_processes
 
 PY_SPY_HINT = (
@@ -182,7 +183,7 @@ def summary_markdown(profiles: Sequence[ProcessProfile], load: RunResult | None,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infermesh profile", description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=Path(".infermesh"), help="the mesh's data dir (as given to `up`)")
+    add_data_dir_argument(p, "the mesh's data dir, as given to `up`")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--address", default=None, help="edge to load (default: the run file's edge)")
     load = p.add_mutually_exclusive_group()

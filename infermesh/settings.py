@@ -9,6 +9,9 @@ cannot disagree. Command-line flags override them.
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
@@ -65,3 +68,11 @@ def features_settings() -> tuple[str, str]:
 
     settings = load_settings(FeaturesSettings)
     return settings.registry, settings.namespace
+
+
+def add_data_dir_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """--data-dir, the same for every tool: INFERMESH_DATA_DIR or ./.infermesh by default."""
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(tool_settings().data_dir),
+        help=f"{what} (default $INFERMESH_DATA_DIR or ./.infermesh)",
+    )

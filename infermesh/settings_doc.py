@@ -102,33 +102,23 @@ def _rows(settings_cls: type[ServiceSettings]) -> Iterator[str]:
         yield f"| `{settings_cls.variable(name)}` | {_type(field)} | {_default(field.default)} | {description} |"
 
 
-def render() -> str:
-    sections = [HEADER]
-    for service, settings_cls in SERVICES.items():
-        prefix = settings_cls.variable("")
-        lines = [
-            f"## {service} (`{prefix}*`)",
-            "",
-            _cell(settings_cls.__doc__ or ""),
-            "",
-            "| Variable | Type | Default | Meaning |",
-            "|---|---|---|---|",
-            *_rows(settings_cls),
-            *_rows(tls_settings_class(service)),
-            "",
-        ]
-        sections.append("\n".join(lines))
-    lines = [
-        f"## the `infermesh` command and its tools (`{ToolSettings.variable('')}*`)",
+def _section(title: str, settings_cls: type[ServiceSettings], *more: type[ServiceSettings]) -> str:
+    return "\n".join([
+        f"## {title} (`{settings_cls.variable('')}*`)",
         "",
-        _cell(ToolSettings.__doc__ or ""),
+        _cell(settings_cls.__doc__ or ""),
         "",
         "| Variable | Type | Default | Meaning |",
         "|---|---|---|---|",
-        *_rows(ToolSettings),
+        *(row for cls in (settings_cls, *more) for row in _rows(cls)),
         "",
-    ]
-    sections.append("\n".join(lines))
+    ])
+
+
+def render() -> str:
+    sections = [HEADER]
+    sections += [_section(service, cls, tls_settings_class(service)) for service, cls in SERVICES.items()]
+    sections.append(_section("the `infermesh` command and its tools", ToolSettings))
     sections.append(FOOTER)
     return "\n".join(sections)
 

@@ -19,7 +19,7 @@ from infermesh.bench import report
 from infermesh.bench.loadgen import Plan, TargetFactory
 from infermesh.bench.runs import measure, ramp
 from infermesh.bench.targets import factory
-from infermesh.settings import tool_settings, tools_redis_url
+from infermesh.settings import add_data_dir_argument, tools_redis_url
 
 
 def _target_from_args(args: argparse.Namespace) -> TargetFactory:
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="scoring / onnxruntime targets: rows per call")
     p.add_argument("--redis-url", default=tools_redis_url())
     p.add_argument("--namespace", default="infermesh:v1")
-    p.add_argument("--data-dir", type=Path, default=Path(tool_settings().data_dir))
+    add_data_dir_argument(p, "where the reference model is (monolith, scoring, onnxruntime targets)")
     p.add_argument("--out", type=Path, help="write the result as JSON here")
     p.add_argument("--plot", type=Path, help="ramp: write a PNG of latency percentiles vs offered rate")
     p.add_argument("--out-dir", type=Path, default=Path("bench-results"), help="suite: where results go")

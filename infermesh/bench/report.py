@@ -9,15 +9,19 @@ from pathlib import Path
 from typing import Any
 
 
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
+def cpu_name(default: str = "unknown") -> str:
+    """The CPU's model name from /proc/cpuinfo, or `default` where it cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return default
+
+
+def machine() -> dict[str, Any]:
+    cpu = cpu_name()
     memory_gib = None
     try:
         kib = int(Path("/proc/meminfo").read_text().split()[1])

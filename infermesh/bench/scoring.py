@@ -36,7 +36,8 @@ import onnxruntime as ort
 from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from infermesh.bench.report import cpu_seconds
+from infermesh.bench.report import cpu_name, cpu_seconds
+from infermesh.settings import model_repository
 from services.runtime.event_loop import event_loop_runner
 from infermesh.up.supervisor import free_port
 from infermesh.workload import modelgen
@@ -272,14 +273,7 @@ def gpu_name() -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name(platform.processor() or platform.machine())
     return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, onnxruntime {ort.__version__}"
 
 
@@ -300,7 +294,7 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infermesh models bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repository", type=Path, default=Path(os.environ.get("SCORING_MODEL_REPOSITORY", ".infermesh/models")))
+    p.add_argument("--repository", type=Path, default=Path(model_repository()))
     p.add_argument("--model", default="ranker", help="model name; its newest version is used (default %(default)s)")
     p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per batch size and mode")

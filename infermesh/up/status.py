@@ -15,10 +15,9 @@ import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 
 from infermesh.up.runfile import RunFile, alive, read_run_file
-from infermesh.settings import tool_settings
+from infermesh.settings import add_data_dir_argument
 
 COLUMNS = ("NAME", "ROLE", "PID", "ALIVE", "ADDRESS", "RESTARTS", "LAST EXIT")
 
@@ -38,12 +37,7 @@ def format_table(run: RunFile) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infermesh status", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(tool_settings().data_dir),
-        help="the mesh's data dir, as given to `up` (default $INFERMESH_DATA_DIR or ./.infermesh)",
-    )
+    add_data_dir_argument(parser, "the mesh's data dir, as given to `up`")
     parser.add_argument("--json", action="store_true", help="print the run file, each process with `alive` added")
     return parser
 

@@ -45,7 +45,7 @@ from infermesh.workload.catalog import (
     generate_catalog,
     seen_items,
 )
-from infermesh.settings import LOCAL_REDIS_URL, tool_settings, tools_redis_url
+from infermesh.settings import add_data_dir_argument, LOCAL_REDIS_URL, tools_redis_url
 from infermesh.workload.model import (
     DEFAULT_BATCH,
     DEFAULT_STEPS,
@@ -507,12 +507,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="infermesh seed",
         description="Generate the reference catalog, train/export the ranker and load features into Redis.",
     )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(tool_settings().data_dir),
-        help="where models/ is written (default: $INFERMESH_DATA_DIR or ./.infermesh)",
-    )
+    add_data_dir_argument(p, "where models/ is written")
     p.add_argument(
         "--redis-url",
         default=tools_redis_url(),

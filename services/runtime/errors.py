@@ -84,6 +84,21 @@ def status_for(error: InfermeshError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# The most UTF-8 bytes of a status message; percent-encoded in grpc-message, it stays
+# under 3 KiB, well inside gRPC's 8 KiB for all metadata.
+MAX_DETAILS_BYTES = 1024
+_TRUNCATED = "... (truncated)"
+
+
+def bounded_details(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """`message` cut to `limit` UTF-8 bytes (on a character boundary), marked as cut: what
+    a status may say, whether it ends a call or stands for one request in a batch reply."""
+    encoded = message.encode("utf-8", "replace")
+    if len(encoded) <= limit:
+        return message
+    return encoded[: limit - len(_TRUNCATED)].decode("utf-8", "ignore") + _TRUNCATED
+
+
 def rpc_status(outcome: Exception | None, method: str = "") -> status_pb2.Status:
     """One request's outcome as the google.rpc.Status a batch reply carries for it: what the
     interceptor (services/runtime/server.py) would have answered the request alone. OK for
@@ -92,7 +107,7 @@ def rpc_status(outcome: Exception | None, method: str = "") -> status_pb2.Status
     if outcome is None:
         return status_pb2.Status()
     if isinstance(outcome, InfermeshError):
-        return status_pb2.Status(code=status_for(outcome).value[0], message=str(outcome))
+        return status_pb2.Status(code=status_for(outcome).value[0], message=bounded_details(str(outcome)))
     log.error("unhandled error", grpc_method=method, exc_info=outcome)
     return status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message=INTERNAL_ERROR_MESSAGE)
 

@@ -25,9 +25,8 @@ from opentelemetry import trace
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.runtime.errors import INTERNAL_ERROR_MESSAGE, InfermeshError, status_for
+from services.runtime.errors import INTERNAL_ERROR_MESSAGE, InfermeshError, bounded_details, status_for
 from services.runtime.event_loop import event_loop_runner
-from services.runtime.limits import bounded_details
 from services.runtime.logs import configure_logging, get_logger
 from services.runtime.metrics import Metrics, RpcMetrics, grpc_code_name
 from services.runtime.rpc_tracing import end_server_span, start_server_span
