@@ -165,6 +165,37 @@ def side_by_side(
     return compare(runs, next(iter(meshes)))
 
 
+# A reference Recommend's request and answer are about 2 KB each on the wire.
+FLOOR_PAYLOAD_BYTES = 2048
+
+
+def hop_floor(seconds: float) -> dict[str, Any]:
+    """What bare grpc.aio hops cost here (infermesh.bench.rpc_floor, same run): the floor
+    under the mesh's latency at c=1 and under its CPU per request at c=32."""
+    argv = [sys.executable, "-m", "infermesh.bench.rpc_floor", "--json", "--concurrency", "1,32",
+            "--payload-bytes", str(FLOOR_PAYLOAD_BYTES), "--seconds", str(max(2.0, seconds / 2))]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip()[-500:]}
+    return json.loads(done.stdout)
+
+
+def coalesced_floor(floor: dict[str, Any], monolith_cpu_ms: float, monolith_rps: float) -> dict[str, float] | None:
+    """The best a mesh can do if coalescing made its internal hops free: every request still
+    pays one edge hop (client, Envoy, gateway server; bare, at c=32) plus the pipeline's own
+    work, which the monolith's CPU per request stands for."""
+    loaded = [r for r in floor.get("rows", []) if r["path"] == "envoy" and r["concurrency"] > 1]
+    if not loaded or not monolith_rps:
+        return None
+    row = loaded[0]
+    edge_hop_ms = (row["client_us_per_call"] + (row["server_us_per_call"] or 0) + (row["envoy_us_per_call"] or 0)) / 1000
+    cpu_ms = edge_hop_ms + monolith_cpu_ms
+    cores = floor.get("recommend_floor", {}).get("cores", 1)
+    rps = cores * 1000.0 / cpu_ms
+    return {"edge_hop_cpu_ms": round(edge_hop_ms, 3), "cpu_ms_per_request": round(cpu_ms, 3),
+            "max_requests_per_s": round(rps), "over_monolith": round(rps / monolith_rps, 3)}
+
+
 def children_cpu_seconds() -> float:
     """User + system CPU of this process's finished children (the load worker processes)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -223,6 +254,7 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
                 (children_cpu_seconds() - before) * 1000 / max(1, mono_saturated["ok"]), 3
             )
             record("monolith c=32 (2 processes)", mono_saturated)
+            results["floor"] = hop_floor(seconds)
 
             # --- the default mesh
             with running_mesh(data_dir, redis_url, DEFAULT_REPLICAS) as mesh:
@@ -330,10 +362,13 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
     mono_rps = scenarios["monolith c=32 (2 processes)"]["rps"]
     mesh_rps = scenarios["mesh gRPC via Envoy c=32"]["rps"]
     results["mesh_over_monolith_throughput"] = round(mesh_rps / mono_rps, 3) if mono_rps else None
+    results["coalesced_floor"] = coalesced_floor(results["floor"], results["monolith_cpu_ms_per_request"], mono_rps)
     report.write_json(out_dir / "suite.json", results)
     report.plot_ramps(out_dir / "ramp.png", {k: v["steps"] for k, v in results["ramps"].items()}, SLO_P99_MS)
     summary = [
         f"mesh/monolith throughput at saturation: {results['mesh_over_monolith_throughput']}",
+        f"bare hops, same run: {results['floor'].get('recommend_floor', results['floor'])}",
+        f"a mesh whose internal hops cost nothing (one edge hop + the monolith's work): {results['coalesced_floor']}",
         *(f"max sustainable open-loop rate ({k}, p99 <= {SLO_P99_MS:g} ms): {v['max_sustainable_rps']:.0f} req/s"
           for k, v in results["ramps"].items()),
         f"shadow traffic (100% of scoring calls copied), c=1: {results['shadow']['100%']}",

@@ -112,3 +112,22 @@ def test_suite_compares_variants_by_their_median_round() -> None:
     assert chosen["rps"] == 80 and [r["rps"] for r in chosen["rounds"]] == [80, 85, 70]
     assert chosen["rounds"][0]["cpu_ms_per_request"] == {"gateway": 3.0, "envoy": 1.0}
     assert cpu_ms_per_request({"gateway": 1.0}, {"gateway": 1.5, "envoy": 0.2}, 100) == {"gateway": 5.0, "envoy": 2.0}
+
+
+def test_coalesced_floor_adds_one_bare_edge_hop_to_the_monoliths_work() -> None:
+    from infermesh.bench.suite import coalesced_floor
+
+    floor = {
+        "rows": [
+            {"path": "direct", "concurrency": 32, "client_us_per_call": 200.0, "server_us_per_call": 300.0, "envoy_us_per_call": None},
+            {"path": "envoy", "concurrency": 1, "client_us_per_call": 300.0, "server_us_per_call": 450.0, "envoy_us_per_call": 270.0},
+            {"path": "envoy", "concurrency": 32, "client_us_per_call": 250.0, "server_us_per_call": 350.0, "envoy_us_per_call": 200.0},
+        ],
+        "recommend_floor": {"cores": 2},
+    }
+    result = coalesced_floor(floor, monolith_cpu_ms=1.2, monolith_rps=1600.0)
+    assert result == {"edge_hop_cpu_ms": 0.8, "cpu_ms_per_request": 2.0, "max_requests_per_s": 1000,
+                      "over_monolith": 0.625}
+    # A failed floor run (no rows) or no monolith figure gives no floor rather than a wrong one.
+    assert coalesced_floor({"error": "envoy missing"}, 1.2, 1600.0) is None
+    assert coalesced_floor(floor, 1.2, 0.0) is None
