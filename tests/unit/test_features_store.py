@@ -7,15 +7,18 @@ tests/integration/test_features_store.py.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 import redis.exceptions
+import yaml
 
 from services.runtime.breaker import CircuitBreaker
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.features.cache import LocalCache
 from services.features.layout import ITEM_RECORD, USER_RECORD, item_key, pointer_key, user_key
+from services.features.registry import parse_registry
 from services.features.store import FeatureRows, FeatureStore
 
 NS = "t"
@@ -192,8 +195,9 @@ async def test_a_batch_reads_each_key_once_and_answers_each_request_as_alone(fak
         ("u2", ["i0"]),  # disjoint
         ("u1", []),
     ]
-    outcomes = await store(fake).get_many(requests)
-    assert fake.calls == 1
+    s = store(fake)
+    outcomes = await s.get_many(requests)
+    assert fake.calls == 1 and s.metrics.coalesced._value.get() == 0  # repeats wait on this read's own
     (keys,) = fake.keys_read
     item_keys = [item_key(NS, i) for i in ("i1", "i2", "i3", "i4", "nope", "i0")]
     assert keys[2:] == [user_key(NS, "u1"), user_key(NS, "u2"), *item_keys]  # after the 2 pointers
@@ -236,3 +240,80 @@ async def test_a_record_of_the_wrong_layout_fails_only_the_requests_that_read_it
     ok, broken = await store(fake).get_many([("u1", ["i1"]), ("u1", ["i2", "broken"])])
     assert isinstance(ok, FeatureRows) and same(ok, await alone(fake, "u1", ["i1"]))
     assert isinstance(broken, FailedPrecondition) and same(broken, await alone(fake, "u1", ["i2", "broken"]))
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_warm_read_sends_only_its_stale_and_missing_keys_to_redis(fake: FakeRedis) -> None:
+    mono = Clock(100.0)
+    cache = LocalCache(1 << 20, 10.0, monotonic=mono)
+    s = FeatureStore(fake, NS, 1000, cache=cache, breaker=CircuitBreaker())  # type: ignore[arg-type]
+    await s.get("u1", ["i1", "i2"])
+    mono.now += 11  # u1, i1 and i2 are stale now
+    await s.get("u1", ["i3"])  # u1 re-read: fresh again, with i3
+    rows = await s.get("u1", ["i1", "i3", "i4", "nope"])
+    assert fake.keys_read[-1][2:] == [item_key(NS, "i1"), item_key(NS, "i4"), item_key(NS, "nope")]
+    matrix = np.frombuffer(rows.model_input, "<f4").reshape(4, 64)
+    assert matrix[:, 32].tolist() == [1.0, 3.0, 4.0, 0.0] and (matrix[:, :32] == 1.0).all()
+    assert np.frombuffer(rows.item_present, np.uint8).tolist() == [1, 1, 1, 0] and not rows.degraded
+    assert s.metrics.lookups.labels("local", "hit")._value.get() == 2  # u1 and i3
+    again = await s.get("u1", ["i1", "i3", "i4", "nope"])  # all fresh now, the absent id too
+    assert again == rows and len(fake.keys_read) == 3
+
+
+TTL_REGISTRY = parse_registry(
+    yaml.safe_load("""
+entities: {item: {id_column: item_id}}
+views:
+  short:
+    entity: item
+    key: s
+    ttl_seconds: 60
+    features: [{name: x, dtype: float32, default: -1}]
+""")
+)
+
+
+async def test_stale_entries_stand_in_while_redis_is_down_but_never_past_their_ttl(fake: FakeRedis) -> None:
+    view = TTL_REGISTRY.views["short"]
+    for entity, x in (("a", 1.0), ("b", 2.0)):
+        record = np.zeros(1, view.record_dtype)
+        record["x"], record["_written_at"] = x, time.time() - 30  # 30 s of its 60 left
+        fake.data[f"{NS}:s:{entity}"] = record.tobytes()
+    wall = Clock(time.time())
+    cache = LocalCache(1 << 20, 0.0, wall=wall)  # every entry stale at once: each read asks Redis
+    s = FeatureStore(
+        fake,  # type: ignore[arg-type]
+        NS,
+        1000,
+        registry=TTL_REGISTRY,
+        cache=cache,
+        breaker=CircuitBreaker(5),
+    )
+    assert (await s.get_views(["short"], ["a", "b", "c"])).present == bytes([1, 1, 0])
+    fake.down = True
+    got = await s.get_views(["short"], ["a", "b", "c"])
+    assert got.degraded and got.present == bytes([1, 1, 0])  # a and b stale, c cached as absent
+    assert np.frombuffer(got.matrix, "<f4").tolist() == [1.0, 2.0, -1.0]
+    assert s.metrics.fallback_rows.labels("stale")._value.get() == 3
+    wall.now += 31  # past the view's TTL: the cache drops them rather than serve them
+    got = await s.get_views(["short"], ["a", "b"])
+    assert got.degraded and got.present == bytes([0, 0])
+    assert np.frombuffer(got.matrix, "<f4").tolist() == [-1.0, -1.0] and len(cache) == 1
+    assert s.metrics.fallback_rows.labels("default")._value.get() == 2
+
+
+async def test_a_materialization_switch_drops_the_cached_entries_of_the_replaced_one(fake: FakeRedis) -> None:
+    s = store(fake)
+    await s.get("u1", ["i1", "i2"])
+    assert len(s.cache) == 3
+    new = f"{NS}:mat:item:7"
+    fake.data[pointer_key(NS, "item")] = new.encode()
+    await s.refresh()
+    assert len(s.cache) == 1 and s.versions.prefix("item") == new  # only the user's entry is left
