@@ -6,9 +6,12 @@ variables, so no request payload or feature value reaches the log through a trac
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from typing import Any
+import threading
+import time
+from typing import Any, TextIO
 
 import structlog
 from opentelemetry import trace
@@ -66,6 +69,56 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    request_log.configure(sys.stderr, numeric <= logging.INFO)
+
+
+class RequestLog:
+    """The one line every request writes (`rpc`), formatted without structlog's processor
+    chain, which cost ~40 us of a ~350 us call: the same JSON fields and spellings as the
+    structlog lines (service and other bound context, level, timestamp, trace ids, message),
+    the trace ids the caller already holds, the method's JSON cached, the timestamp's
+    seconds formatted once a second. Off until configure_logging() turns it on at INFO."""
+
+    def __init__(self) -> None:
+        self._stream: TextIO | None = None
+        self._quoted: dict[str, str] = {}
+        self._second = -1
+        self._stamp = ""
+        self._lock = threading.Lock()
+
+    def configure(self, stream: TextIO, enabled: bool) -> None:
+        self._stream = stream if enabled else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._stream is not None
+
+    def info(self, method: str, code: str, duration_ms: float, ids: tuple[str, str, bool] | None) -> None:
+        stream = self._stream
+        if stream is None:
+            return
+        quoted = self._quoted.get(method)
+        if quoted is None:
+            quoted = self._quoted[method] = json.dumps(method)
+        context = structlog.contextvars.get_contextvars()
+        bound = json.dumps(context)[1:-1] + ", " if context else ""
+        trace_ids = f', "trace_id": "{ids[0]}", "span_id": "{ids[1]}"' if ids is not None else ""
+        line = (
+            f'{{"grpc_method": {quoted}, "grpc_code": {json.dumps(code)}, "duration_ms": {duration_ms!r}, '
+            f'{bound}"level": "info", "timestamp": "{self._timestamp()}"{trace_ids}, "message": "rpc"}}\n'
+        )
+        with self._lock:
+            stream.write(line)
+
+    def _timestamp(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((now - second) * 1e6):06d}Z"
+
+
+request_log = RequestLog()
 
 
 def get_logger(name: str | None = None) -> Any:
