@@ -11,7 +11,7 @@ One file (GATEWAY_EXPERIMENTS_FILE, YAML or JSON) describes at most one experime
       model: ranker
       version: "2"
       percent: 100             # of requests copied
-      max_in_flight: 8         # shadow calls at once; beyond that copies are dropped
+      max_in_flight: 8         # shadow calls (batches of copies) at once; then copies wait, then drop
       timeout_seconds: 1.0
 
 A user's arm is stable: bucket = sha1("<name>:<user_id>") mod 10,000, and the arms own

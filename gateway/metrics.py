@@ -5,14 +5,16 @@
 * `gateway_requests_total{experiment,arm,outcome}`: Recommend by experiment arm, once per
   request; outcome ok | degraded | error (the InfermeshDegradedResponses alert's ratio;
   deploy/base/prometheus/metrics.yaml). `gateway_request_seconds{experiment,arm}`: their latency.
-* `gateway_shadow_requests_total{model,version,outcome}`: shadow scoring calls; outcome
-  ok | error | timeout | mismatch | dropped (over max_in_flight). Their latency in
+* `gateway_shadow_requests_total{model,version,outcome}`: shadow copies of scoring calls,
+  one per request (gateway/shadow.py sends them in batches); outcome ok | error | timeout |
+  mismatch | dropped (queue full). The batched calls' latency in
   `gateway_shadow_seconds`, their disagreement with the primary in
   `gateway_shadow_score_abs_diff` (mean |primary - shadow| per request) and
   `gateway_shadow_topk_overlap` (share of the primary's top 20 also in the shadow's).
 * `gateway_experiments_reloads_total{result}`: ok | error.
 * `gateway_stage_batch_requests{stage}`: requests per call to each stage (features,
-  scoring, ranking); above 1 when concurrent requests were coalesced into one call.
+  scoring, ranking); above 1 when concurrent requests were coalesced into one call; stage
+  "shadow": copies per shadow call.
 """
 
 from __future__ import annotations

@@ -94,7 +94,10 @@ class GatewaySettings(ServerSettings):
     shadow_max_in_flight: int = Field(
         8,
         ge=1,
-        description="Shadow calls in flight at once when the experiments file does not say; beyond it copies are dropped.",
+        description=(
+            "Batched shadow calls in flight at once when the experiments file does not say; while they "
+            "run, up to 64 copies wait for the next batch and further ones are dropped (and counted)."
+        ),
     )
     coalesce: bool = Field(
         True,
@@ -240,7 +243,7 @@ class GatewayService:
             ),
             experiments=self.experiments,
             metrics=self.gateway_metrics,
-            shadow=ShadowRunner(stubs.scoring, self.gateway_metrics),
+            shadow=ShadowRunner(stubs.scoring, self.gateway_metrics, max_batch_rows=settings.coalesce_max_rows),
             calls=self._stage_calls(stubs),
         )
         self._health = {

@@ -7,6 +7,7 @@ request) and reports the CPU per span of:
 * recording alone (the spans are dropped when exported),
 * recording + the exporter package's OTLP encoder,
 * recording + ours (services.runtime.otlp_encoding),
+* the same through services.runtime.lean_tracing's tracer (what the services use),
 
 with the BatchSpanProcessor's own thread counted (process CPU time). No network: the
 encoded bytes are what the OTLP exporter would send. A benchmark, not a test.
@@ -25,9 +26,10 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
 from infermesh.bench import report
+from services.runtime.lean_tracing import lean
 from services.runtime.otlp_encoding import SpanEncoder
 
 SPANS_PER_REQUEST = 6
@@ -44,21 +46,28 @@ class _Encoding(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
+LEAN = "lean record + otlp_encoding"
+
+
 def _variants() -> dict[str, SpanExporter]:
-    ours = SpanEncoder()
+    ours, lean_ours = SpanEncoder(), SpanEncoder()
     return {
         "record only": _Encoding(lambda spans: None),
         "record + exporter package's encoder": _Encoding(lambda spans: encode_spans(spans).SerializeToString()),
         "record + otlp_encoding": _Encoding(ours.encode),
+        LEAN: _Encoding(lean_ours.encode),
     }
 
 
-def _cpu_us_per_span(exporter: SpanExporter, requests: int) -> float:
-    provider = TracerProvider(sampler=ALWAYS_ON, resource=Resource.create({"service.name": "ranking"}))
+def _cpu_us_per_span(exporter: SpanExporter, requests: int, lean_tracer: bool = False) -> float:
+    # The services' default sampler (parentbased_always_on), the request's parent sampled.
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON), resource=Resource.create({"service.name": "ranking"}))
     # A queue that holds every span of the run: none dropped, all encoded.
     provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=requests * SPANS_PER_REQUEST + 1,
                                                    schedule_delay_millis=500))
     tracer = provider.get_tracer("infermesh")
+    if lean_tracer:
+        tracer = lean(tracer)
 
     def one_request() -> None:
         parent = propagate.extract(_PARENT)
@@ -95,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds: dict[str, list[float]] = {name: [] for name in _variants()}
     for _ in range(args.rounds):
         for name, exporter in _variants().items():
-            rounds[name].append(_cpu_us_per_span(exporter, args.requests))
+            rounds[name].append(_cpu_us_per_span(exporter, args.requests, lean_tracer=name == LEAN))
     result = {name: {"median_us_per_span": round(sorted(values)[len(values) // 2], 1),
                      "rounds": [round(v, 1) for v in values]} for name, values in rounds.items()}
     print(json.dumps({"machine": report.machine(), "requests": args.requests, "cpu_per_span": result}, indent=2))

@@ -32,6 +32,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
+from services.runtime.lean_tracing import lean
+
 TRACER_NAME = "infermesh"
 # Response metadata (gRPC initial metadata; Envoy's transcoder passes it on as an HTTP
 # response header) carrying the request's W3C trace id.
@@ -49,6 +51,12 @@ SPAN_GATEWAY_FALLBACK = "infermesh.gateway.fallback"
 # call, and the batched call itself (links between the two).
 SPAN_GATEWAY_COALESCED = "infermesh.gateway.coalesced"
 SPAN_GATEWAY_BATCH = "infermesh.gateway.batch"
+# A job's own trace (services/jobs/tracing.py): its submission (the root), each chunk a
+# worker ran, the results file, a cancellation; its requests' traces link to it.
+SPAN_JOBS_SUBMIT = "infermesh.jobs.submit"
+SPAN_JOBS_CHUNK = "infermesh.jobs.chunk"
+SPAN_JOBS_RESULTS = "infermesh.jobs.results"
+SPAN_JOBS_CANCEL = "infermesh.jobs.cancel"
 
 # Standard attributes (OpenTelemetry semantic conventions).
 ATTR_DB_SYSTEM = "db.system.name"
@@ -73,6 +81,10 @@ ATTR_STAGE = "infermesh.stage"
 ATTR_FALLBACK_REASON = "infermesh.fallback.reason"
 ATTR_DEADLINE_REMAINING_MS = "infermesh.deadline.remaining_ms"
 ATTR_COALESCE_WAIT_MS = "infermesh.coalesce.wait_ms"
+ATTR_JOB_ID = "infermesh.job.id"
+ATTR_JOB_CHUNK = "infermesh.job.chunk"
+ATTR_JOB_REQUESTS = "infermesh.job.requests"
+ATTR_JOB_REQUEST_ID = "infermesh.job.request_id"
 
 Attributes = Mapping[str, AttributeValue]
 
@@ -137,8 +149,9 @@ def setup_telemetry(service: str) -> Telemetry:
 
 @functools.cache
 def tracer() -> trace.Tracer:
-    """The mesh's tracer (a proxy until setup_telemetry installs the provider)."""
-    return trace.get_tracer(TRACER_NAME)
+    """The mesh's tracer (a proxy until setup_telemetry installs the provider): the SDK's,
+    with services.runtime.lean_tracing's cheaper path for children of sampled spans."""
+    return lean(trace.get_tracer(TRACER_NAME))
 
 
 class _CurrentSpan:

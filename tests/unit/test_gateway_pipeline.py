@@ -4,6 +4,7 @@ stand-in stubs (the real mesh runs in tests/e2e/test_gateway_resilience.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 
 import grpc
@@ -415,7 +416,7 @@ async def test_the_users_arm_picks_the_model_version() -> None:
     assert total == 6
 
 
-async def test_shadow_is_fired_bounded_and_never_awaited() -> None:
+async def test_shadow_is_batched_bounded_and_never_awaited() -> None:
     scoring = FakeScoring()
     metrics = GatewayMetrics(Metrics("gateway"))
     experiments = Experiments(None, "ranker")
@@ -428,6 +429,8 @@ async def test_shadow_is_fired_bounded_and_never_awaited() -> None:
         "ranker",
     )
     pipeline = make(scoring=scoring, experiments=experiments, metrics=metrics)
+    # Batches of 2 copies (no timer in this test), at most 2 copies waiting for a call.
+    pipeline.shadow = ShadowRunner(scoring, metrics, flush_seconds=60, max_batch_requests=2, max_queued=2)  # type: ignore[arg-type]
 
     slow_shadow = asyncio.Event()
     primary_infer = scoring.ModelInfer
@@ -440,39 +443,175 @@ async def test_shadow_is_fired_bounded_and_never_awaited() -> None:
         return await primary_infer(request, timeout)
 
     scoring.ModelInfer = infer  # type: ignore[method-assign]
-    started = time.monotonic()
-    results = [await pipeline.recommend("u1", CANDIDATES, 5, 1.0) for _ in range(5)]
-    # Five answers while the shadow calls hang: the response path never waits for them.
-    assert time.monotonic() - started < 0.5
+    # Eight answers while the shadow calls hang: the response path never waits for them.
+    results = [await asyncio.wait_for(pipeline.recommend("u1", CANDIDATES, 5, 1.0), 5) for _ in range(8)]
     assert all(r.model_version == "1" and not r.degraded for r in results)
-    assert pipeline.shadow.in_flight == 2
-    assert metrics.shadow.labels("ranker", "2", "dropped")._value.get() == 3
+    # Copies 1-4 went as two calls (max_in_flight), 5-6 wait for a call, 7-8 were dropped.
+    assert (pipeline.shadow.in_flight, pipeline.shadow.queued) == (2, 2)
+    assert metrics.shadow.labels("ranker", "2", "dropped")._value.get() == 2
     await asyncio.sleep(0.01)  # let the background tasks reach the candidate
-    assert len(shadowed) == 2 and shadowed[0].raw_input_contents == scoring.requests[0].raw_input_contents
+    primaries = [r for r in scoring.requests if r.model_version == "1"]
+    assert len(shadowed) == 2 and shadowed[0].inputs[0].shape == [2 * N, 64]
+    assert shadowed[0].raw_input_contents[0] == primaries[0].raw_input_contents[0] + primaries[1].raw_input_contents[0]
 
     slow_shadow.set()
     for _ in range(100):
-        if pipeline.shadow.in_flight == 0:
+        if pipeline.shadow.in_flight == pipeline.shadow.queued == 0:
             break
         await asyncio.sleep(0.01)
-    assert metrics.shadow.labels("ranker", "2", "ok")._value.get() == 2
-    # FakeScoring returns the same scores for both versions: no disagreement.
+    assert len(shadowed) == 3  # the waiting pair went when a call returned
+    assert metrics.shadow.labels("ranker", "2", "ok")._value.get() == 6
+    # Compared per request: FakeScoring returns the same scores for both versions.
+    assert observations(metrics.shadow_diff.labels("ranker", "2")) == 6
     assert metrics.shadow_diff.labels("ranker", "2")._sum.get() == 0.0
+    assert metrics.batch_requests.labels("shadow")._sum.get() == 6
     await pipeline.shadow.close()
 
 
-async def test_shadow_failures_are_counted_not_raised() -> None:
+def observations(histogram: object) -> float:
+    return sum(b.get() for b in histogram._buckets)  # type: ignore[attr-defined]
+
+
+class RowScoring(FakeScoring):
+    """A model that scores each row on its own, as the real MLP does: a row's score does not
+    depend on which rows share its call."""
+
+    async def ModelInfer(self, request: inference_pb2.ModelInferRequest, timeout: float):
+        self.requests.append(request)
+        rows = request.inputs[0].shape[0]
+        matrix = np.frombuffer(request.raw_input_contents[0], "<f4").reshape(rows, -1)
+        reply = inference_pb2.ModelInferResponse(model_name=request.model_name, model_version=request.model_version)
+        reply.raw_output_contents.append(np.tanh(matrix.sum(axis=1)).astype("<f4").tobytes())
+        return reply
+
+
+def shadow_request(rows: int, seed: int) -> inference_pb2.ModelInferRequest:
+    request = inference_pb2.ModelInferRequest(model_name="ranker", model_version="1")
+    request.inputs.add(name="features", datatype="FP32", shape=[rows, 64])
+    request.outputs.add(name="score")
+    request.raw_input_contents.append(rows_for(rows, seed).tobytes())
+    return request
+
+
+async def alone(request: inference_pb2.ModelInferRequest) -> np.ndarray:
+    reply = await RowScoring().ModelInfer(request, 1.0)
+    return np.frombuffer(reply.raw_output_contents[0], "<f4")
+
+
+async def test_a_shadow_batch_is_split_back_per_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    scoring = RowScoring()
     metrics = GatewayMetrics(Metrics("gateway"))
-    runner = ShadowRunner(FakeScoring(error=rpc_error(grpc.StatusCode.UNAVAILABLE)), metrics)  # type: ignore[arg-type]
+    runner = ShadowRunner(scoring, metrics, flush_seconds=0.01)  # type: ignore[arg-type]
     shadow = parse({"shadow": {"version": 2}}, "ranker").shadow
     assert shadow is not None
-    request = inference_pb2.ModelInferRequest(model_name="ranker")
-    request.inputs.add(name="features", datatype="FP32", shape=[2, 64])
-    request.raw_input_contents.append(rows_for(2).tobytes())
-    assert runner.submit(shadow, request, np.zeros(2, "<f4"))
-    await asyncio.sleep(0.05)
-    assert runner.in_flight == 0
+    compared: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def spy(primary: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+        compared.append((primary, candidate.copy()))
+        return compare(primary, candidate)
+
+    monkeypatch.setattr("gateway.shadow.compare", spy)
+    requests = [shadow_request(rows, seed) for seed, rows in enumerate((3, 25, 1))]
+    expected = [await alone(r) for r in requests]
+    # Each request's primary scores: its own scores shifted, so each has its own difference.
+    primaries = [scores + shift for scores, shift in zip(expected, np.array([0.0, 0.5, -0.25], "<f4"))]
+    for request, primary in zip(requests, primaries):
+        assert runner.submit(shadow, request, primary)
+    assert scoring.requests == [] and runner.queued == 3  # queued, nothing sent on the request path
+    for _ in range(100):
+        if metrics.shadow.labels("ranker", "2", "ok")._value.get() == 3:
+            break
+        await asyncio.sleep(0.01)
+    (sent,) = scoring.requests  # one call for the three copies
+    assert (sent.model_name, sent.model_version, list(sent.inputs[0].shape)) == ("ranker", "2", [29, 64])
+    assert [o.name for o in sent.outputs] == ["score"]
+    assert len(compared) == 3
+    for (primary, candidate), own, mine in zip(compared, expected, primaries):
+        assert primary is mine and np.array_equal(candidate, own)
+    diff = metrics.shadow_diff.labels("ranker", "2")
+    assert observations(diff) == 3 and diff._sum.get() == pytest.approx(0.75)
+    assert metrics.shadow_overlap.labels("ranker", "2")._sum.get() == 3.0
+    assert observations(metrics.shadow_latency.labels("ranker", "2")) == 1  # per call
+    await runner.close()
+
+
+async def test_a_shadow_batch_stays_within_its_row_cap() -> None:
+    scoring = FakeScoring()
+    runner = ShadowRunner(scoring, None, flush_seconds=60, max_batch_rows=6)  # type: ignore[arg-type]
+    shadow = parse({"shadow": {"version": 2}}, "ranker").shadow
+    assert shadow is not None
+    for seed, rows in enumerate((3, 2, 5, 1, 7)):
+        assert runner.submit(shadow, shadow_request(rows, seed), np.zeros(rows, "<f4"))
+    await asyncio.sleep(0.01)
+    # 3+2 (5 would overfill it), 5+1 (full), 7 alone (over the cap by itself); nothing waits.
+    assert [r.inputs[0].shape[0] for r in scoring.requests] == [5, 6, 7]
+    assert runner.queued == 0
+    await runner.close()
+
+
+async def test_a_full_shadow_queue_drops_and_counts_and_close_discards_it() -> None:
+    metrics = GatewayMetrics(Metrics("gateway"))
+    scoring = FakeScoring()
+    runner = ShadowRunner(scoring, metrics, flush_seconds=60, max_queued=3)  # type: ignore[arg-type]
+    shadow = parse({"shadow": {"version": 2}}, "ranker").shadow
+    assert shadow is not None
+    taken = [runner.submit(shadow, shadow_request(2, seed), np.zeros(2, "<f4")) for seed in range(5)]
+    assert taken == [True, True, True, False, False]
+    assert metrics.shadow.labels("ranker", "2", "dropped")._value.get() == 2
+    # A request with no rows to copy is counted, never raised on the request path.
+    assert not ShadowRunner(scoring, metrics).submit(shadow, inference_pb2.ModelInferRequest(), np.zeros(0, "<f4"))  # type: ignore[arg-type]
     assert metrics.shadow.labels("ranker", "2", "error")._value.get() == 1
+    await runner.close()
+    assert runner.queued == 0 and scoring.requests == []
+
+
+REQUEST_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="")
+
+
+async def test_a_shadow_call_runs_outside_the_requests_context() -> None:
+    seen: list[str] = []
+
+    class Watching(RowScoring):
+        async def ModelInfer(self, request: inference_pb2.ModelInferRequest, timeout: float):
+            seen.append(REQUEST_VAR.get())
+            return await super().ModelInfer(request, timeout)
+
+    runner = ShadowRunner(Watching(), None, flush_seconds=0.01)  # type: ignore[arg-type]
+    shadow = parse({"shadow": {"version": 2}}, "ranker").shadow
+    assert shadow is not None
+    REQUEST_VAR.set("u1's request")  # e.g. its trace: it ends before the copy is sent
+    assert runner.submit(shadow, shadow_request(2, 0), np.zeros(2, "<f4"))
+    for _ in range(100):
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    assert seen == [""]
+    await runner.close()
+
+
+async def test_shadow_failures_are_counted_per_request_not_raised() -> None:
+    metrics = GatewayMetrics(Metrics("gateway"))
+    scoring = FakeScoring(error=rpc_error(grpc.StatusCode.UNAVAILABLE))
+    runner = ShadowRunner(scoring, metrics, max_batch_requests=2)  # type: ignore[arg-type]
+    shadow = parse({"shadow": {"version": 2}}, "ranker").shadow
+    assert shadow is not None
+    for seed in range(2):
+        assert runner.submit(shadow, shadow_request(2, seed), np.zeros(2, "<f4"))
+    await asyncio.sleep(0.05)
+    assert runner.in_flight == 0 and len(scoring.requests) == 1
+    assert metrics.shadow.labels("ranker", "2", "error")._value.get() == 2
+
+
+async def test_shadow_scores_that_do_not_fit_the_batch_are_a_mismatch() -> None:
+    metrics = GatewayMetrics(Metrics("gateway"))
+    runner = ShadowRunner(FakeScoring(), metrics, max_batch_requests=2)  # type: ignore[arg-type]
+    shadow = parse({"shadow": {"version": 2}}, "ranker").shadow
+    assert shadow is not None
+    # The second request's primary has one score more than its rows: the split cannot hold.
+    runner.submit(shadow, shadow_request(2, 0), np.zeros(2, "<f4"))
+    runner.submit(shadow, shadow_request(2, 1), np.zeros(3, "<f4"))
+    await asyncio.sleep(0.05)
+    assert metrics.shadow.labels("ranker", "2", "mismatch")._value.get() == 2
 
 
 async def test_no_shadow_when_the_arm_already_is_the_candidate() -> None:
