@@ -341,7 +341,9 @@ def pause(victim: str, seconds: float) -> Callable[[Context], Awaitable[Fault]]:
 
 async def rolling_sigterm(ctx: Context) -> Fault:
     await ctx.at(FAULT_AT_S)
-    order = sorted(ctx.mesh.service_replicas(), key=lambda p: (ROLL_ORDER.index(p.role), p.name))
+    # The pipeline's replicas (the jobs service, when `up` runs one, answers no Recommend).
+    rolled = [p for p in ctx.mesh.service_replicas() if p.role in ROLL_ORDER]
+    order = sorted(rolled, key=lambda p: (ROLL_ORDER.index(p.role), p.name))
     took: list[float] = []
     last_term, back = time.perf_counter(), None
     for process in order:
@@ -384,10 +386,24 @@ def overload(factor: float, seconds: float) -> Callable[[Context], Awaitable[Fau
     async def fault(ctx: Context) -> Fault:
         await ctx.at(FAULT_AT_S)
         extra = await open_loop(ctx.recorder.call, ctx.rate * (factor - 1), seconds, seed=7)
-        ended = ctx.started + FAULT_AT_S + seconds
-        return Fault(ended, ended, False, [f"{factor:g}x ({ctx.rate * factor:g}/s) for {seconds:g} s"], [extra])
+        began = ctx.started + FAULT_AT_S
+        ended = began + seconds
+        notes = [f"{factor:g}x ({ctx.rate * factor:g}/s) for {seconds:g} s", overload_figures(ctx.recorder, began, ended)]
+        return Fault(ended, ended, False, notes, [extra])
 
     return fault
+
+
+def overload_figures(recorder: Recorder, began: float, ended: float) -> str:
+    """Goodput (answers that came back during the overload, per second) and how fast the
+    rejected requests were turned away (their p99, from their own send)."""
+    during = [a for a in recorder.answers if began <= a.done_at < ended]
+    goodput = sum(not a.failed for a in during) / max(ended - began, 1e-9)
+    rejected = [a.seconds * 1000.0 for a in during if a.failed]
+    text = f"answered {goodput:.0f}/s during it"
+    if rejected:
+        text += f", failed ones in p99 {float(np.percentile(rejected, 99)):.1f} ms"
+    return text
 
 
 # ------------------------------------------------------------------------------ bad inputs

@@ -31,10 +31,17 @@ ADMISSION_RUNTIME_KEY = "edge_admission.enabled"
 # shedding bursts a healthy mesh answers in time.
 DEFAULT_ADMISSION_LATENCY_MS = 40  # the mesh's median is ~10 ms on 2 cores (200 candidates)
 # Calls in flight always admitted: bursts (a client's batch of concurrent calls, the
-# gateway's coalescing) and a slow dependency at the usual rate (60/s x 0.3 s) are not
-# overload. On the 2-core machine 32 in flight answer in ~0.1 s (c=32 ran ~330 requests/s).
+# gateway's coalescing) and a slow dependency at the usual rate are not overload. Under
+# overload the limit sits here, which trades admitted latency for goodput nearly one for
+# one: the gateway coalesces what is in flight into each stage's call, so fewer calls in
+# flight make smaller batches, not faster ones. Measured with `infermesh chaos --only
+# overload-8x` (docs/reliability.md): 12 in flight cut the admitted p99 by ~30% and the
+# goodput by ~40% against 32.
 ADMISSION_MIN_CONCURRENCY = 32
-ADMISSION_MAX_CONCURRENCY = 256
+# The most a healthy mesh admits at once. Not more: when overload starts the limit is
+# here and halves at best every interval, and what it admits meanwhile queues (with 256,
+# an 8x overload's first 100 ms admitted ~50 calls that then waited ~0.6 s).
+ADMISSION_MAX_CONCURRENCY = 64
 ADMISSION_UPDATE_INTERVAL = "0.1s"
 
 

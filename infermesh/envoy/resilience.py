@@ -6,10 +6,10 @@ the caller sets none (`RouteLimits`). The idempotent RPCs (all of them but the m
 repository's load/unload) are retried on UNAVAILABLE / reset / connect failure on another
 replica; a try that outlives its per-try timeout is hedged on the gateway's internal hops
 (a second try goes to another replica, the first keeps running, the first answer wins), so
-a hung replica costs one per-try timeout, derived from the gateway's stage budgets. Every
-cluster has a retry budget, circuit breakers, outlier detection that ejects a dead or hung
-replica within a couple of failed calls, and a grpc.health.v1 check under the service's
-health name.
+a hung replica costs one per-try timeout: the stage's expected latency (EXPECTED_LATENCY),
+capped by the gateway's stage budgets. Every cluster has a retry budget, circuit breakers,
+outlier detection that ejects a dead or hung replica within a couple of failed calls, and a
+grpc.health.v1 check under the service's health name.
 """
 
 from __future__ import annotations
@@ -59,16 +59,30 @@ CLUSTER_STAGES: Mapping[str, tuple[str, ...]] = {
 }
 
 
+# How long a healthy replica takes to answer one of the gateway's calls, at the tail: the
+# p99 of a (coalesced) call at the usual load on the 2-core machine, with room for a busy
+# event loop (docs/reliability.md). A try still running after it is hedged on another
+# replica, so a hung replica costs each call that meets it about this much, not the stage's
+# budget. features and ranking also absorb a stalled Redis themselves
+# (FEATURES_REDIS_TIMEOUT_SECONDS, RANKING_REDIS_TIMEOUT_SECONDS: 0.05 s), and answer from
+# their fallbacks before this fires: a hedge would only meet the same Redis on another replica.
+EXPECTED_LATENCY: Mapping[str, float] = {FEATURES: 0.1, SCORING: 0.05, RANKING: 0.1}
+
+
 def internal_per_try_timeout(
-    cluster: str, budgets: StageBudgets | None = None, deadline: float = DEFAULT_DEADLINE_SECONDS
+    cluster: str,
+    budgets: StageBudgets | None = None,
+    deadline: float = DEFAULT_DEADLINE_SECONDS,
+    expected: Mapping[str, float] = EXPECTED_LATENCY,
 ) -> str:
-    """Per-try timeout of the gateway's calls to `cluster`: the shortest budget the gateway
-    gives those calls in a request of the default deadline (gateway/budget.py), split so
-    that every attempt (the first and each hedge) fits in it. The gateway's default
-    weights give features 0.1 s, scoring 0.233 s, ranking 0.1 s."""
+    """Per-try timeout (the hedging delay) of the gateway's calls to `cluster`: its expected
+    latency, but never more than the shortest budget the gateway gives those calls in a
+    request of the default deadline (gateway/budget.py) split so that every attempt (the
+    first and each hedge) fits in it. The defaults give features 0.1 s, scoring 0.05 s,
+    ranking 0.1 s."""
     budgets = budgets or StageBudgets()
     budget = min(budgets.shortest(stage, deadline) for stage in CLUSTER_STAGES[cluster])
-    return duration(budget / ATTEMPTS)
+    return duration(min(expected[cluster], budget / ATTEMPTS))
 
 
 # Routes of the edge listener: clients call the gateway (REST or gRPC) and scoring (the Open
@@ -79,6 +93,7 @@ EDGE_ROUTE_LIMITS: Mapping[str, RouteLimits] = {
     # another one after 5 s (no sooner: a try cut short reruns the whole pipeline).
     GATEWAY: RouteLimits(duration(DEFAULT_DEADLINE_SECONDS), "10s", "5s"),
     SCORING: RouteLimits("5s", "5s", "2s"),
+    # JobService's reads (GetJob); SubmitJob and CancelJob are NON_IDEMPOTENT_METHODS.
 }
 # Routes of the internal listeners: the gateway's calls, always with its stage's deadline.
 INTERNAL_ROUTE_LIMITS: Mapping[str, RouteLimits] = {

@@ -67,8 +67,18 @@ class FeaturesSettings(ServerSettings):
     max_id_length: int = Field(
         DEFAULT_MAX_ID_LENGTH, ge=1, description="Longest user, item or entity id a request may carry, in characters."
     )
+    # A healthy MGET of a request's keys takes ~0.5 ms (tens under a loaded event loop); a hung
+    # Redis must cost a request no more than this before the read falls back to the stale
+    # cache and the views' defaults (degraded), and the breaker opens after a few such reads.
+    # Below the gateway's per-try timeout for features (infermesh/envoy/resilience.py), so a
+    # fallback answers before Envoy hedges to a replica waiting on the same Redis.
     redis_timeout_seconds: float = Field(
-        1.0, gt=0, description="Longest a request waits on Redis; never past half its own deadline."
+        0.05,
+        gt=0,
+        description=(
+            "Longest a request waits on Redis before answering from the stale cache and view defaults "
+            "(degraded); never past half its own deadline. Also the Redis connect and socket timeout."
+        ),
     )
     registry: str = Field(
         "", description="YAML file of feature views; empty: the built-in registry of the reference workload."

@@ -93,8 +93,10 @@ class RankingSettings(ServerSettings):
         description="Redis holding the `<namespace>:seen:<user_id>` sets of seen_filter; empty: no seen_filter.",
     )
     namespace: str = Field(DEFAULT_NAMESPACE, min_length=1, description="Key prefix of the seen sets in Redis.")
+    # A seen set's SMEMBERS takes well under a millisecond; a hung Redis costs the requests
+    # that meet it (the first few, then one trial per redis_retry_seconds) this much.
     redis_timeout_seconds: float = Field(
-        0.1, gt=0, description="Longest seen_filter waits on Redis; never more than half the caller's remaining deadline."
+        0.05, gt=0, description="Longest seen_filter waits on Redis; never more than half the caller's remaining deadline."
     )
     redis_failures_to_skip: int = Field(
         3,

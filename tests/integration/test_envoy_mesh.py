@@ -306,7 +306,7 @@ async def test_inference_protocol_via_edge_reaches_scoring(mesh: Mesh) -> None:
 
 
 async def test_a_stream_outlives_the_per_try_timeout(mesh: Mesh) -> None:
-    # Unary routes give a try at most 2 s (the edge's; the gateway's hop 0.233 s); a
+    # Unary routes give a try at most 2 s (the edge's; the gateway's hop 0.05 s); a
     # stream's route has no timeout of its own, so one kept open longer is still answered,
     # on the edge and on scoring's internal listener.
     per_try = max(

@@ -68,3 +68,13 @@ def test_a_replica_that_never_came_back_is_lost_and_shown_as_never() -> None:
     row = summarize(scenario(), run(100), recorder(), fault)
     assert row.lost and row.recovered_s is None
     assert "| never |" in format_row(row)
+
+
+def test_overload_reports_goodput_and_how_fast_rejections_came() -> None:
+    from infermesh.chaos import overload_figures
+
+    answers = [Answer(100.0 + n / 100, 0.02, False, False) for n in range(200)]  # 200 in 2 s
+    answers += [Answer(100.5, 0.002, True, False)] * 50 + [Answer(99.0, 0.001, False, False)]  # one before
+    text = overload_figures(recorder(*answers), 100.0, 102.0)
+    assert text == "answered 100/s during it, failed ones in p99 2.0 ms"
+    assert overload_figures(recorder(*answers[:10]), 100.0, 102.0) == "answered 5/s during it"
