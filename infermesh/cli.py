@@ -93,6 +93,13 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     up.add_argument("--restart-window", type=float, default=60.0, help="seconds, see --max-restarts (default %(default)s)")
     up.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Celery workers running jobs (`infermesh jobs`, POST /v1/jobs), supervised like replicas; "
+        "0: jobs are accepted and wait in the queue (default %(default)s)",
+    )
+    up.add_argument(
         "--supervisor-metrics-port",
         type=int,
         default=9902,
@@ -258,6 +265,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("starting services and Envoy...", flush=True)
         mesh.start_services()
         mesh.start_envoy()
+        if args.workers < 0:
+            raise MeshError(f"--workers must be 0 or more, got {args.workers}")
+        mesh.start_workers(args.workers)
+        extras.append(("jobs", f"POST /v1/jobs, `infermesh jobs submit FILE`; {args.workers} Celery worker(s), "
+                               f"results in {data_dir / 'jobs'}"))
         if local_tracing is not None:
             try:
                 local_tracing.start_receiver()  # after the forks (see LocalTracing.start)
@@ -318,6 +330,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "profile": ("infermesh.profile", "sample every replica of a running mesh with py-spy under load: flame graphs + CPU per request"),
     "status": ("infermesh.up.status", "the processes of a running `infermesh up`: pid, alive, restarts, last exit"),
     "chaos": ("infermesh.chaos", "fault scenarios under load against a mesh of its own: failed, degraded, p99, recovery"),
+    "jobs": ("infermesh.jobs.cli", "asynchronous bulk inference: submit a job file, status, wait, cancel"),
 }
 
 

@@ -23,10 +23,11 @@ from pydantic.fields import FieldInfo
 from gateway.service import GatewaySettings
 from infermesh.settings import ToolSettings
 from services.features.service import FeaturesSettings
+from services.jobs.settings import JobsSettings
 from services.ranking.service import RankingSettings
 from services.runtime.server import TlsSettings, tls_settings_class
 from services.runtime.settings import ServiceSettings
-from services.runtime.topology import FEATURES, GATEWAY, RANKING, SCORING
+from services.runtime.topology import FEATURES, GATEWAY, JOBS, RANKING, SCORING
 from services.scoring.service import ScoringSettings
 
 DEFAULT_OUT = Path("docs/settings.md")
@@ -37,6 +38,7 @@ SERVICES: dict[str, type[ServiceSettings]] = {
     SCORING: ScoringSettings,
     RANKING: RankingSettings,
     GATEWAY: GatewaySettings,
+    JOBS: JobsSettings,
 }
 _TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 _BOUNDS = (

@@ -197,7 +197,7 @@ def start_up(
             "--redis-url", redis_url,
             "--edge-port", str(edge),
             "--admin-port", str(free_port()),
-            "--port-base", str(free_port_block(1500)),  # replicas from N+100, metrics 1000 above
+            "--port-base", str(free_port_block(1600)),  # replicas from N+100, metrics 1000 above
             *options,
         ],
         stdout=subprocess.PIPE,

@@ -9,9 +9,10 @@
 from infermesh.client.client import (
     AsyncMeshClient,
     ClientError,
+    Job,
     MeshClient,
     Recommendation,
     RecommendedItem,
 )
 
-__all__ = ["AsyncMeshClient", "ClientError", "MeshClient", "Recommendation", "RecommendedItem"]
+__all__ = ["AsyncMeshClient", "ClientError", "Job", "MeshClient", "Recommendation", "RecommendedItem"]

@@ -9,12 +9,14 @@ is skipped by the load-balancing policy and a call that hit it is retried on ano
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.genproto.infermesh.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
 DEFAULT_TIMEOUT_SECONDS = 2.0
 
@@ -36,6 +38,29 @@ class Recommendation:
     unknown_items: int
 
 
+@dataclass(frozen=True)
+class Job:
+    """A job's progress (JobService): state is queued, running, completed, cancelled or failed."""
+
+    job_id: str
+    state: str
+    total: int
+    succeeded: int
+    failed: int
+    done: int
+    elapsed_seconds: float
+    throughput: float
+    eta_seconds: float | None
+    results: str
+    results_format: str
+    error: str
+    trace_id: str
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("completed", "cancelled", "failed")
+
+
 class ClientError(Exception):
     """A failed call: `code` is the gRPC status, `message` what the mesh said."""
 
@@ -50,7 +75,12 @@ def service_config(max_attempts: int = 3) -> dict[str, Any]:
         "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
-                "name": [{"service": "infermesh.gateway.v1.GatewayService"}],
+                "name": [
+                    {"service": "infermesh.gateway.v1.GatewayService"},
+                    # Reads and a cancel (idempotent); SubmitJob is not retried: it stores a job.
+                    {"service": "infermesh.jobs.v1.JobService", "method": "GetJob"},
+                    {"service": "infermesh.jobs.v1.JobService", "method": "CancelJob"},
+                ],
                 "retryPolicy": {
                     "maxAttempts": max_attempts,
                     "initialBackoff": "0.02s",
@@ -100,6 +130,34 @@ def _result(reply: gateway_pb2.RecommendResponse) -> Recommendation:
     )
 
 
+def _job_requests(requests: Sequence[Mapping[str, Any]], results_format: str) -> jobs_pb2.SubmitJobRequest:
+    """Requests as a job file's lines are (request_id optional, RecommendRequest's JSON fields)."""
+    message = jobs_pb2.SubmitJobRequest(results_format=results_format)
+    try:
+        json_format.ParseDict({"requests": list(requests)}, message)
+    except json_format.ParseError as error:
+        raise ValueError(f"not a job's requests: {error}") from None
+    return message
+
+
+def _job(reply: jobs_pb2.Job) -> Job:
+    return Job(
+        job_id=reply.job_id,
+        state=jobs_pb2.JobState.Name(reply.state).removeprefix("JOB_STATE_").lower(),
+        total=reply.total,
+        succeeded=reply.succeeded,
+        failed=reply.failed,
+        done=reply.done,
+        elapsed_seconds=reply.elapsed_seconds,
+        throughput=reply.throughput,
+        eta_seconds=reply.eta_seconds if reply.HasField("eta_seconds") else None,
+        results=reply.results,
+        results_format=reply.results_format,
+        error=reply.error,
+        trace_id=reply.trace_id,
+    )
+
+
 class MeshClient:
     """Blocking client; one channel for the client's lifetime."""
 
@@ -113,6 +171,23 @@ class MeshClient:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(target_for(addresses), options=channel_options(max_attempts))
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+        self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    def submit_job(self, requests: Sequence[Mapping[str, Any]], *, results_format: str = "jsonl") -> Job:
+        """A job of `requests` (dicts: user_id, candidate_ids, k, request_id...); returns at once."""
+        return self._job_call(self._jobs.SubmitJob, _job_requests(requests, results_format))
+
+    def get_job(self, job_id: str) -> Job:
+        return self._job_call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id))
+
+    def cancel_job(self, job_id: str) -> Job:
+        return self._job_call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id))
+
+    def _job_call(self, method: Any, request: Any) -> Job:
+        try:
+            return _job(method(request, timeout=self.timeout).job)
+        except grpc.RpcError as error:
+            raise ClientError(error.code(), error.details() or "") from None
 
     def recommend(
         self, user_id: str, candidate_ids: Sequence[str], k: int | None = None, *, timeout: float | None = None
@@ -146,6 +221,22 @@ class AsyncMeshClient:
         self.timeout = timeout
         self._channel = grpc.aio.insecure_channel(target_for(addresses), options=channel_options(max_attempts))
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+        self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    async def submit_job(self, requests: Sequence[Mapping[str, Any]], *, results_format: str = "jsonl") -> Job:
+        return await self._job_call(self._jobs.SubmitJob, _job_requests(requests, results_format))
+
+    async def get_job(self, job_id: str) -> Job:
+        return await self._job_call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id))
+
+    async def cancel_job(self, job_id: str) -> Job:
+        return await self._job_call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id))
+
+    async def _job_call(self, method: Any, request: Any) -> Job:
+        try:
+            return _job((await method(request, timeout=self.timeout)).job)
+        except grpc.aio.AioRpcError as error:
+            raise ClientError(error.code(), error.details() or "") from None
 
     async def recommend(
         self, user_id: str, candidate_ids: Sequence[str], k: int | None = None, *, timeout: float | None = None

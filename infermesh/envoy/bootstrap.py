@@ -37,7 +37,9 @@ def render(
     edge = edge or EdgePolicy()
     listeners = [edge_listener(topology, tracing, edge, tls)]
     listeners += [internal_listener(topology, name, tracing) for name in topology.internal_ports]
-    clusters = [service_cluster(topology, name, tls) for name in SERVICES]
+    # The jobs service is optional (a mesh of the pipeline alone has none): only the services
+    # the topology runs get a cluster.
+    clusters = [service_cluster(topology, name, tls) for name in SERVICES if name in topology.replicas]
     if tracing is not None:
         clusters.append(collector_cluster(tracing.otlp_endpoint))
     return {

@@ -7,9 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from infermesh.envoy.common import EXTENSIONS_TYPE, Json
-from services.runtime.topology import GATEWAY, HEALTH_SERVICE_NAMES
+from services.runtime.topology import GATEWAY, HEALTH_SERVICE_NAMES, JOBS
 
 GATEWAY_GRPC_SERVICE = HEALTH_SERVICE_NAMES[GATEWAY]
+# The services whose google.api.http rules the edge transcodes (REST /v1/recommend, /v1/jobs).
+TRANSCODED_SERVICES = (GATEWAY_GRPC_SERVICE, HEALTH_SERVICE_NAMES[JOBS])
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # gRPC's own default max message size
 BUFFER_FILTER = "envoy.filters.http.buffer"
 
@@ -34,7 +36,7 @@ def transcoder(descriptor_set: Path) -> Json:
         "typed_config": {
             "@type": f"{EXTENSIONS_TYPE}.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
             "proto_descriptor": str(descriptor_set),
-            "services": [GATEWAY_GRPC_SERVICE],
+            "services": list(TRANSCODED_SERVICES),
             "print_options": dict(TRANSCODER_PRINT_OPTIONS),
             # gRPC errors become an HTTP status plus a google.rpc.Status JSON body.
             "convert_grpc_status": True,

@@ -37,7 +37,7 @@ from infermesh.envoy.routes import (
 )
 from infermesh.envoy.tls import downstream_tls
 from infermesh.envoy.tracing import TRACE_ID_HEADER, Tracing, traced_routes, tracer
-from services.runtime.topology import GATEWAY, SCORING, MeshTopology
+from services.runtime.topology import GATEWAY, HEALTH_SERVICE_NAMES, JOBS, SCORING, MeshTopology
 
 _HCM_TYPE = f"{EXTENSIONS_TYPE}.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
@@ -154,6 +154,11 @@ def _edge_routes(topology: MeshTopology, edge: EdgePolicy) -> list[Json]:
     routes = [health, exempt(openapi_route(topology), [*bypass, *unshed])]
     scoring = service_routes(SCORING, SCORING_ROUTE_PREFIX, internal=False, unbuffered_streams=True)
     routes += [exempt(scoring_route, unshed) for scoring_route in scoring]
+    # JobService (REST /v1/jobs transcoded, or gRPC); SubmitJob and CancelJob on routes of
+    # their own, never retried once sent. Not shed: it is not the pipeline's load.
+    if JOBS in topology.replicas:
+        jobs = service_routes(JOBS, f"/{HEALTH_SERVICE_NAMES[JOBS]}/", internal=False)
+        routes += [exempt(grpc_only(jobs_route), unshed) for jobs_route in jobs]
     # Only gRPC goes upstream (REST has become gRPC in the transcoder by the time routes are
     # matched); a request for a REST path no google.api.http rule maps gets a JSON 404
     # here instead of reaching the gateway as malformed gRPC (5xx, or a 200 with grpc-status 13).

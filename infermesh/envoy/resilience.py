@@ -20,7 +20,7 @@ from typing import Any
 
 from gateway.budget import DEFAULT_DEADLINE_SECONDS, StageBudgets
 from infermesh.envoy.common import EXTENSIONS_TYPE, Json
-from services.runtime.topology import BACKENDS, FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, RANKING, SCORING
+from services.runtime.topology import BACKENDS, FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, JOBS, RANKING, SCORING
 
 NUM_RETRIES = 2
 ATTEMPTS = 1 + NUM_RETRIES
@@ -94,6 +94,7 @@ EDGE_ROUTE_LIMITS: Mapping[str, RouteLimits] = {
     GATEWAY: RouteLimits(duration(DEFAULT_DEADLINE_SECONDS), "10s", "5s"),
     SCORING: RouteLimits("5s", "5s", "2s"),
     # JobService's reads (GetJob); SubmitJob and CancelJob are NON_IDEMPOTENT_METHODS.
+    JOBS: RouteLimits("5s", "10s", "5s"),
 }
 # Routes of the internal listeners: the gateway's calls, always with its stage's deadline.
 INTERNAL_ROUTE_LIMITS: Mapping[str, RouteLimits] = {
@@ -119,6 +120,7 @@ NON_IDEMPOTENT_METHODS: Mapping[str, tuple[str, ...]] = {
         f"/{HEALTH_SERVICE_NAMES[SCORING]}/RepositoryModelLoad",
         f"/{HEALTH_SERVICE_NAMES[SCORING]}/RepositoryModelUnload",
     ),
+    JOBS: (f"/{HEALTH_SERVICE_NAMES[JOBS]}/SubmitJob", f"/{HEALTH_SERVICE_NAMES[JOBS]}/CancelJob"),
 }
 NON_IDEMPOTENT_TIMEOUT = "120s"
 # Concurrent retries allowed, as a share of the cluster's active requests (and a floor, so

@@ -47,6 +47,7 @@ from services.runtime.topology import (
     FEATURES,
     GATEWAY,
     HEALTH_SERVICE_NAMES,
+    JOBS,
     RANKING,
     SCORING,
     SERVICES,
@@ -66,9 +67,15 @@ MODULES: Mapping[str, str] = {
     FEATURES: "services.features",
     SCORING: "services.scoring",
     RANKING: "services.ranking",
+    JOBS: "services.jobs",
 }
-# Stop order: traffic sources first, so nothing calls a service that is already gone.
-STOP_ORDER = ("envoy", GATEWAY, RANKING, SCORING, FEATURES, "redis")
+# The jobs' Celery workers (`up --workers N`): processes of the jobs service with no port,
+# supervised like replicas. They call the gateway through the edge.
+JOBS_WORKER = "jobs-worker"
+WORKER_MODULE = "services.jobs.worker"
+# Stop order: traffic sources first, so nothing calls a service that is already gone. The
+# workers go first: their warm shutdown finishes the chunk in hand through the edge.
+STOP_ORDER = (JOBS_WORKER, "envoy", GATEWAY, JOBS, RANKING, SCORING, FEATURES, "redis")
 
 
 class MeshError(RuntimeError):
@@ -211,8 +218,9 @@ class Mesh:
     metrics_ports: dict[str, int] = field(default_factory=dict)
     # Restart history and policy of every replica (heal()).
     healer: Healer = field(default_factory=Healer)
-    # Replica name -> (service, endpoint, environment): what respawn() starts it with again.
-    _replicas: dict[str, tuple[str, Endpoint, dict[str, str]]] = field(default_factory=dict, repr=False)
+    # Replica name -> (service, endpoint, environment): what respawn() starts it with again
+    # (a jobs worker has no endpoint).
+    _replicas: dict[str, tuple[str, Endpoint | None, dict[str, str]]] = field(default_factory=dict, repr=False)
     # heal(): replica -> when to start it again; replica -> when its outage began (until
     # it is SERVING again).
     _restart_at: dict[str, float] = field(default_factory=dict, repr=False)
@@ -292,6 +300,10 @@ class Mesh:
             env["RANKING_REDIS_URL"] = self.redis_url  # the seen-items sets `infermesh seed` writes
         elif service == SCORING:
             env["SCORING_MODEL_REPOSITORY"] = str(self.model_repository)
+        elif service == JOBS:
+            env["JOBS_REDIS_URL"] = self.redis_url
+            env["JOBS_RESULTS_DIR"] = str(self.data_dir / "jobs")
+            env["JOBS_GATEWAY_TARGET"] = f"127.0.0.1:{self.topology.edge_port}"
         elif service == GATEWAY:
             for backend in (FEATURES, SCORING, RANKING):
                 env[f"GATEWAY_{backend.upper()}_TARGET"] = self.topology.internal_endpoint(backend).address
@@ -333,11 +345,27 @@ class Mesh:
         service, _, env = self._replicas[name]
         with open(old.log_path, "a") as log:  # where one run's lines end and the next's begin
             log.write(f"---- infermesh up: {name} {describe_exit(old.process.returncode)}; starting it again ----\n")
-        child = self._spawn(service, name, [sys.executable, "-m", MODULES[service]], env)
+        module = WORKER_MODULE if service == JOBS_WORKER else MODULES[service]
+        child = self._spawn(service, name, [sys.executable, "-m", module], env)
         self.children.insert(place, self.children.pop())  # the run file keeps its order
         self.healer.started(name)
         self.publish_processes()
         return child
+
+    def start_workers(self, count: int) -> None:
+        """`count` jobs workers, each with the jobs service's settings and a /metrics port."""
+        jobs = self.topology.replicas[JOBS][0]
+        for index in range(count):
+            name = f"{JOBS_WORKER}-{index}"
+            env = {
+                **self.service_env(JOBS, jobs),
+                "OTEL_SERVICE_NAME": JOBS_WORKER,
+                "JOBS_WORKER_NAME": f"{name}@%h",
+                "JOBS_METRICS_PORT": str(self.metrics_ports.setdefault(name, free_port())),
+            }
+            self._replicas[name] = (JOBS_WORKER, None, env)
+            self._spawn(JOBS_WORKER, name, [sys.executable, "-m", WORKER_MODULE], env)
+            self.healer.started(name)
 
     def start_envoy(self) -> None:
         config = envoy.write(
@@ -384,7 +412,7 @@ class Mesh:
             if name in self._restart_at or self.replica(name).process.poll() is not None:
                 continue
             service, endpoint, _ = self._replicas[name]
-            if self._serving(endpoint, HEALTH_SERVICE_NAMES[service]):
+            if endpoint is None or self._serving(endpoint, HEALTH_SERVICE_NAMES[service]):
                 del self._down_since[name]
                 events.append(f"{name}: SERVING again, {time.monotonic() - since:.1f} s after it exited")
         return events
@@ -482,7 +510,7 @@ class Mesh:
             replica = self._replicas.get(child.name)
             processes.append(MeshProcess(
                 child.name, child.role, child.process.pid, python=child.role != "envoy",
-                address=replica[1].address if replica else None,
+                address=replica[1].address if replica and replica[1] else None,
                 restarts=self.healer.restarts(child.name), last_exit=self.healer.last_exit(child.name),
             ))
         if self.redis_pid is not None:

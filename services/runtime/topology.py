@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GATEWAY, FEATURES, SCORING, RANKING = "gateway", "features", "scoring", "ranking"
-SERVICES: tuple[str, ...] = (GATEWAY, FEATURES, SCORING, RANKING)
+# JobService (services/jobs): submits and tracks bulk jobs, which its Celery workers run
+# through the edge; the workers are processes of the jobs service too, not replicas here.
+JOBS = "jobs"
+SERVICES: tuple[str, ...] = (GATEWAY, FEATURES, SCORING, RANKING, JOBS)
 # Services the gateway calls through Envoy (each gets an internal Envoy listener).
 BACKENDS: tuple[str, ...] = (FEATURES, SCORING, RANKING)
 
@@ -21,6 +24,7 @@ HEALTH_SERVICE_NAMES: Mapping[str, str] = {
     FEATURES: "infermesh.features.v1.FeatureService",
     SCORING: "inference.GRPCInferenceService",
     RANKING: "infermesh.ranking.v1.RankingService",
+    JOBS: "infermesh.jobs.v1.JobService",
 }
 
 DEFAULT_EDGE_PORT = 8080
@@ -35,8 +39,9 @@ DEFAULT_REPLICA_BASE_PORTS: Mapping[str, int] = {
     FEATURES: 30200,
     SCORING: 30300,
     RANKING: 30400,
+    JOBS: 30500,
 }
-DEFAULT_REPLICAS: Mapping[str, int] = {GATEWAY: 1, FEATURES: 1, SCORING: 2, RANKING: 1}
+DEFAULT_REPLICAS: Mapping[str, int] = {GATEWAY: 1, FEATURES: 1, SCORING: 2, RANKING: 1, JOBS: 1}
 
 
 @dataclass(frozen=True)

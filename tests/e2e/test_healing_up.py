@@ -198,7 +198,8 @@ def test_killed_replicas_come_back_and_no_request_fails(up: Up) -> None:
     )
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[2:]}
-    assert set(rows) == {"envoy", "gateway-0", "features-0", "scoring-0", "scoring-1", "ranking-0"}, done.stdout
+    pipeline = {"envoy", "gateway-0", "features-0", "scoring-0", "scoring-1", "ranking-0"}
+    assert set(rows) == pipeline | {"jobs-0", "jobs-worker-0"}, done.stdout
     for victim in victims:
         _, _, pid, is_alive, _, restarts, *last_exit = rows[victim.name]
         assert (pid, is_alive, restarts, " ".join(last_exit)) == (

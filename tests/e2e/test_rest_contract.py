@@ -16,6 +16,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -146,7 +147,13 @@ def test_every_operation_holds_its_contract(base_url: str) -> None:
                 # Raises with schemathesis' report (and a curl command) on any violation.
                 case.validate_response(response, checks=CHECKS)
 
-            _run(strategy, check)
+            try:
+                _run(strategy, check)
+            except Unsatisfiable:
+                # A schema with nothing to violate (GET /v1/jobs/{job_id}: any string is a
+                # job id, answered 404 when unknown) has no negative cases to generate.
+                if mode != "negative":
+                    raise
     assert not [key for key in statuses if key[2] >= 500], statuses
     # The realistic cases reached the pipeline and came back ranked, not only rejected.
     assert statuses[("POST /v1/recommend", "realistic", 200)] > 0, statuses

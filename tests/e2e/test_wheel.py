@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from infermesh.up.supervisor import MODULES, free_port, free_port_block
+from infermesh.up.supervisor import MODULES, WORKER_MODULE, free_port, free_port_block
 from tests.processes import alive, descendants, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,7 +138,7 @@ def test_wheel_installs_and_serves_outside_the_checkout(tmp_path: Path) -> None:
             "--edge-port", str(edge),
             "--admin-port", str(free_port()),
             "--redis-port", str(free_port()),  # a redis-server of its own, seeded by `up`
-            "--port-base", str(free_port_block(1500)),  # replicas from N+100, metrics 1000 above
+            "--port-base", str(free_port_block(1600)),  # replicas from N+100 (jobs N+500), metrics 1000 above
             "--replicas", "scoring=1",
             "--timeout", "90",
         ],
@@ -155,7 +155,7 @@ def test_wheel_installs_and_serves_outside_the_checkout(tmp_path: Path) -> None:
 
         started = {pid: command_line(pid) for pid in descendants(process.pid)}
         services = {argv[2]: pid for pid, argv in started.items() if argv[1:2] == ["-m"]}
-        assert set(services) == set(MODULES.values()), started
+        assert set(services) == {*MODULES.values(), WORKER_MODULE}, started  # every service and a jobs worker
         for module, pid in services.items():
             assert started[pid][0].startswith(str(venv)), (module, started[pid])
             assert Path(f"/proc/{pid}/cwd").resolve() == data_dir.resolve(), module

@@ -314,6 +314,18 @@ def test_every_service_and_envoy_autoscale_and_have_a_budget(built: tuple[str, l
         assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
 
 
+def test_production_scales_jobs_workers_on_the_queue_length(production: list[Obj]) -> None:
+    hpa = _get(production, "HorizontalPodAutoscaler", "jobs-worker")
+    external = [m["external"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "External"]
+    assert external == ["jobs_queue_length"]
+    worker = _container(production, "jobs-worker")
+    assert worker["command"] == ["python", "-m", "services.jobs.worker"]
+    assert {"startupProbe", "livenessProbe"} <= set(worker)
+    env = _env(worker)
+    assert env["JOBS_GATEWAY_TARGET"] == f"{kubernetes.ENVOY}:{DEFAULT_EDGE_PORT}"
+    assert env["JOBS_RESULTS_DIR"] == _env(_container(production, "jobs"))["JOBS_RESULTS_DIR"]
+
+
 def test_production_scales_scoring_on_queue_depth(production: list[Obj]) -> None:
     hpa = _get(production, "HorizontalPodAutoscaler", "scoring")
     pods = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]

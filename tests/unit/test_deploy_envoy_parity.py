@@ -119,6 +119,8 @@ def test_same_routes(local: Json, k8s: Json) -> None:
         ("/grpc.health.v1.Health/", "gateway"),
         *own_routes,
         (f"/{scoring}/", "scoring"),
+        *[(f"=/{HEALTH_SERVICE_NAMES['jobs']}/{rpc}", "jobs") for rpc in ("SubmitJob", "CancelJob")],
+        (f"/{HEALTH_SERVICE_NAMES['jobs']}/", "jobs"),
         ("/", "gateway"),
     ]
     for backend in BACKENDS:

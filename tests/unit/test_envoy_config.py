@@ -157,6 +157,9 @@ def test_edge_listener_routes_and_filters() -> None:
         ("=/inference.GRPCInferenceService/RepositoryModelUnload", "scoring"),
         ("=/inference.GRPCInferenceService/ModelStreamInfer", "scoring"),
         ("/inference.GRPCInferenceService/", "scoring"),
+        ("=/infermesh.jobs.v1.JobService/SubmitJob", "jobs"),
+        ("=/infermesh.jobs.v1.JobService/CancelJob", "jobs"),
+        ("/infermesh.jobs.v1.JobService/", "jobs"),
         ("/", "gateway"),
     ]
     disabled = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
@@ -174,7 +177,8 @@ def test_edge_listener_routes_and_filters() -> None:
     # The caller's deadline, capped; a default for callers without one (REST, most gRPC).
     deadlines = [route["route"]["max_stream_duration"] for route in proxied]
     assert deadlines[-1] == {"max_stream_duration": "2s", "grpc_timeout_header_max": "10s"}  # gateway
-    assert deadlines[-2] == {"max_stream_duration": "5s", "grpc_timeout_header_max": "5s"}  # scoring
+    assert deadlines[-2] == {"max_stream_duration": "5s", "grpc_timeout_header_max": "10s"}  # jobs (GetJob)
+    assert deadlines[-5] == {"max_stream_duration": "5s", "grpc_timeout_header_max": "5s"}  # scoring
 
 
 def _match(route: dict[str, Any]) -> str:
@@ -217,7 +221,7 @@ def test_idempotent_routes_retry_unavailable_and_resets_with_per_try_timeouts() 
         hedged = route["route"].get("hedge_policy") == {"hedge_on_per_try_timeout": True}
         assert hedged == (listener != "edge") == limits.hedged
         checked += 1
-    assert checked == 6  # edge: health, scoring, gateway; one catch-all per internal listener
+    assert checked == 7  # edge: health, scoring, jobs, gateway; one catch-all per internal listener
 
 
 def test_internal_per_try_timeouts_fit_every_attempt_in_the_stage_budget() -> None:
@@ -330,7 +334,7 @@ def test_transcoder_settings() -> None:
         if f["name"] == "envoy.filters.http.grpc_json_transcoder"
     ]
     assert transcoder["proto_descriptor"] == str(DESCRIPTOR)
-    assert transcoder["services"] == ["infermesh.gateway.v1.GatewayService"]
+    assert transcoder["services"] == ["infermesh.gateway.v1.GatewayService", "infermesh.jobs.v1.JobService"]
     assert transcoder["print_options"] == {
         "always_print_primitive_fields": True,
         "preserve_proto_field_names": True,

@@ -1,0 +1,1 @@
+"""`infermesh jobs`: submit, follow and cancel asynchronous bulk inference jobs (services/jobs)."""

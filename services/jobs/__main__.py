@@ -1,0 +1,6 @@
+from services.runtime.server import run
+from services.jobs.service import build
+from services.runtime.topology import JOBS
+
+if __name__ == "__main__":
+    run(JOBS, build)
