@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from services.runtime.rpc_tracing import ClientTracingInterceptor
+from services.runtime.rpc_tracing import TracedChannel
 
 # Retry only what is safe: UNAVAILABLE means the call did not reach a server's handler.
 DEFAULT_SERVICE_CONFIG: dict[str, Any] = {
@@ -42,8 +42,6 @@ def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str
 
 
 def open_channel(target: str, *, traced: bool = True) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        target,
-        options=channel_options(),
-        interceptors=[ClientTracingInterceptor()] if traced else None,
-    )
+    channel = grpc.aio.insecure_channel(target, options=channel_options())
+    # A TracedChannel stands in for the channel it wraps (stubs, close, channel_ready).
+    return TracedChannel(channel) if traced else channel  # type: ignore[return-value]

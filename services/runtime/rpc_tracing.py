@@ -81,39 +81,73 @@ def _peer_address(peer: str) -> str:
     return rest or peer
 
 
-class ClientTracingInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
-    """A CLIENT span per unary call (health checks excepted), its context sent along.
+class TracedChannel:
+    """A grpc.aio channel whose unary calls each get a CLIENT span (health checks excepted),
+    its context sent along in the call's metadata. Everything else is the channel's own.
 
-    The span covers the whole call, retries included, and is not made current: nothing
-    runs inside it in this process. It carries the call's timeout as
-    infermesh.deadline.remaining_ms (the budget the caller gave it).
+    Not a grpc.aio client interceptor: grpc.aio runs every intercepted call through a task
+    and an intercepted-call object of its own, about 60 us more client CPU per call than
+    this wrapper on the development VM (an echo at c=1 and c=32, tracing off or on).
     """
 
-    async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        if method.startswith("/grpc.health.v1."):
-            return await continuation(details, request)
-        attributes = rpc_attributes(method)
-        if details.timeout is not None:
-            attributes = {**attributes, ATTR_DEADLINE_REMAINING_MS: round(details.timeout * 1000.0, 3)}
-        span = tracer().start_span(method, kind=SpanKind.CLIENT, attributes=attributes)
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        call = self._channel.unary_unary(method, *args, **kwargs)
+        return call if method.startswith("/grpc.health.v1.") else TracedUnaryUnary(method, call)
+
+    def __getattr__(self, name: str) -> Any:  # close, channel_ready, streams...: the channel's
+        return getattr(self._channel, name)
+
+    async def __aenter__(self) -> TracedChannel:
+        await self._channel.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._channel.__aexit__(*exc)
+
+
+class TracedUnaryUnary:
+    """One unary method of a TracedChannel. The span covers the whole call, retries
+    included, and is not made current: nothing runs inside it in this process. It carries
+    the call's timeout as infermesh.deadline.remaining_ms (the budget the caller gave it).
+    Awaiting the call gives the response or raises the call's AioRpcError, as grpc.aio does."""
+
+    __slots__ = ("_method", "_call", "_attributes")
+
+    def __init__(self, method: str, call: Any) -> None:
+        self._method = method
+        self._call = call
+        self._attributes = rpc_attributes(method)
+
+    def __call__(self, request: Any, *, timeout: float | None = None, metadata: Any = None, **kwargs: Any) -> Any:
+        return self._traced(request, timeout, metadata, kwargs)
+
+    async def _traced(self, request: Any, timeout: float | None, metadata: Any, kwargs: dict[str, Any]) -> Any:
+        attributes = self._attributes
+        if timeout is not None:
+            attributes = {**attributes, ATTR_DEADLINE_REMAINING_MS: round(timeout * 1000.0, 3)}
+        span = tracer().start_span(self._method, kind=SpanKind.CLIENT, attributes=attributes)
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())
-        traced = grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
+        if carrier:
+            metadata = (*(metadata or ()), *carrier.items())
         try:
-            call = await continuation(traced, request)
-            code = await call.code()
+            response = await self._call(request, timeout=timeout, metadata=metadata, **kwargs)
+        except grpc.aio.AioRpcError as error:
+            if span.is_recording():
+                code = error.code()
+                span.set_attribute(ATTR_RPC_STATUS_CODE, code.value[0])
+                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {error.details() or ''}"))
+            span.end()
+            raise
         except BaseException as error:  # cancelled by the caller, or the call could not start
             if span.is_recording():
                 span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
             span.end()
             raise
         if span.is_recording():
-            span.set_attribute(ATTR_RPC_STATUS_CODE, code.value[0])
-            if code is not grpc.StatusCode.OK:
-                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {await call.details()}"))
+            span.set_attribute(ATTR_RPC_STATUS_CODE, 0)
         span.end()
-        return call
+        return response
