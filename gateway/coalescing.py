@@ -143,7 +143,7 @@ class Coalescer(Generic[Q, R]):
             if batch:
                 self._send(batch)
         if self._queue:
-            delay = max(self._max_wait - quiet, 0.0) if quiet < self._max_wait else self._max_wait
+            delay = self._max_wait - quiet if quiet < self._max_wait else self._max_wait
             self._stall_check = asyncio.get_running_loop().call_later(delay, self._unstall)
 
     def _flush(self) -> None:

@@ -45,7 +45,7 @@ from gateway.fallback import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.shadow import ShadowRunner
-from gateway.stage_calls import DirectCalls, StageCalls
+from gateway.stage_calls import REQUEST_ERRORS, DirectCalls, StageCalls
 from services.runtime.errors import DeadlineExceeded, InvalidArgument, from_rpc_error
 from services.runtime.logs import get_logger
 from services.runtime.telemetry import fallback_span
@@ -59,7 +59,7 @@ SCORING_UNAVAILABLE = "scoring_unavailable"
 RANKING_UNAVAILABLE = "ranking_unavailable"
 
 # A stage answering these blames the request itself: the caller gets the error.
-CLIENT_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
+CLIENT_ERRORS = REQUEST_ERRORS  # (gateway/stage_calls.py: one set for both decisions)
 
 
 def skipped_reason(stage: str) -> str:

@@ -33,6 +33,7 @@ from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb
 
 from gateway.experiments import Shadow
 from gateway.metrics import GatewayMetrics
+from gateway.stage_calls import concatenate_rows, request_rows
 from services.runtime.logs import get_logger
 
 log = get_logger(__name__)
@@ -102,7 +103,7 @@ class ShadowRunner:
             self._count(shadow, "error")  # nothing to copy as rows (never from the pipeline)
             return False
         tensor = primary.inputs[0]
-        rows = tensor.shape[0] if tensor.shape else 1
+        rows = request_rows(primary)
         key = (shadow, tensor.name, tensor.datatype, tuple(tensor.shape[1:]), tuple(o.name for o in primary.outputs))
         batch = self._filling.get(key)
         if batch is not None and (batch.rows + rows > self._max_rows):
@@ -219,13 +220,10 @@ class ShadowRunner:
 
 
 def combined(batch: _Batch) -> inference_pb2.ModelInferRequest:
-    """One request to the shadow model whose rows are every queued request's rows, in order."""
-    first = batch.requests[0]
-    tensor = first.inputs[0]
-    request = inference_pb2.ModelInferRequest(model_name=batch.shadow.model, model_version=batch.shadow.version)
-    request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=[batch.rows, *tensor.shape[1:]])
-    request.outputs.extend(first.outputs)
-    request.raw_input_contents.append(b"".join(r.raw_input_contents[0] for r in batch.requests))
+    """One request to the shadow model whose rows are every queued request's rows, in order
+    (the scoring coalescer's concatenation, addressed to the shadow model)."""
+    request, _ = concatenate_rows(batch.requests)
+    request.model_name, request.model_version = batch.shadow.model, batch.shadow.version
     return request
 
 

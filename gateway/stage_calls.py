@@ -26,8 +26,10 @@ from services.genproto.infermesh.ranking.v1 import ranking_pb2
 from gateway.coalescing import Coalescer
 
 _STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
-# What a model answers when the request is at fault, not the model or the server.
-_REQUEST_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
+# What a stage answers when the request is at fault, not the stage or the server: the
+# pipeline fails the request rather than falling back, and a refused scoring batch is
+# retried request by request.
+REQUEST_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
 
 FeaturesReply = features_pb2.GetFeaturesResponse
 ScoresReply = inference_pb2.ModelInferResponse
@@ -108,7 +110,7 @@ class CoalescedCalls:
         coalescer = self._scoring.get(key)
         if coalescer is None:
             coalescer = self._scoring[key] = Coalescer(
-                "scoring", self._direct.score, self._score_batch, size=_rows, max_size=self._max_rows, **self._options
+                "scoring", self._direct.score, self._score_batch, size=request_rows, max_size=self._max_rows, **self._options
             )
         return await _joined(coalescer, request, timeout)
 
@@ -129,7 +131,7 @@ class CoalescedCalls:
         try:
             reply = await self._stubs.scoring.ModelInfer(combined, timeout=timeout)  # type: ignore[attr-defined]
         except grpc.aio.AioRpcError as error:
-            if error.code() not in _REQUEST_ERRORS:
+            if error.code() not in REQUEST_ERRORS:
                 raise
             # The model refused the rows together (one bad request, or more rows than its
             # max_batch_size): each request alone, so only a bad one fails.
@@ -139,7 +141,7 @@ class CoalescedCalls:
         return split_scores(reply, rows)
 
 
-def _rows(request: inference_pb2.ModelInferRequest) -> int:
+def request_rows(request: inference_pb2.ModelInferRequest) -> int:
     return request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 1
 
 
@@ -156,7 +158,7 @@ def concatenate_rows(
     """One request whose input rows are every request's rows in order (bytes joined, not decoded)."""
     first = requests[0]
     tensor = first.inputs[0]
-    rows = [r.inputs[0].shape[0] for r in requests]
+    rows = [request_rows(r) for r in requests]
     combined = inference_pb2.ModelInferRequest(model_name=first.model_name, model_version=first.model_version)
     combined.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=[sum(rows), *tensor.shape[1:]])
     combined.outputs.extend(first.outputs)

@@ -222,6 +222,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             restart_policy = RestartPolicy(max_restarts=args.max_restarts, window=args.restart_window)
         except ValueError as error:
             raise MeshError(str(error)) from None
+        if args.workers < 0:  # before anything starts
+            raise MeshError(f"--workers must be 0 or more, got {args.workers}")
         curl_options = ""
         if edge_policy.rate_limit_rps is not None:
             burst = edge_policy.rate_limit_burst or edge_policy.rate_limit_rps
@@ -265,8 +267,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("starting services and Envoy...", flush=True)
         mesh.start_services()
         mesh.start_envoy()
-        if args.workers < 0:
-            raise MeshError(f"--workers must be 0 or more, got {args.workers}")
         mesh.start_workers(args.workers)
         extras.append(("jobs", f"POST /v1/jobs, `infermesh jobs submit FILE`; {args.workers} Celery worker(s), "
                                f"results in {data_dir / 'jobs'}"))

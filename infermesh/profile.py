@@ -158,7 +158,7 @@ def _wait_samplers(samplers: dict[str, subprocess.Popen[bytes]], seconds: float)
             failures[name] = "did not finish"
             continue
         if sampler.returncode != 0:
-            failures[name] = stderr.decode(errors="replace").strip().splitlines()[-1:] or "failed"
+            failures[name] = (stderr.decode(errors="replace").strip().splitlines() or ["failed"])[-1]
     return failures
 
 

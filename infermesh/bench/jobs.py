@@ -42,7 +42,7 @@ from infermesh.bench.runs import measure
 from infermesh.bench.suite import DEFAULT_REPLICAS, running_mesh
 from infermesh.bench.targets import factory, reference_requests
 from infermesh.settings import add_data_dir_argument
-from infermesh.up.supervisor import free_port, start_redis
+from infermesh.up.supervisor import WORKER_MODULE, free_port, start_redis
 from infermesh.workload.seed import seed_all
 from services.genproto.infermesh.gateway.v1 import gateway_pb2
 from services.jobs.api import Jobs
@@ -114,7 +114,7 @@ class Workers:
         for _ in range(count):
             log = open(self.logs / f"worker-{self.started}.log", "wb")  # noqa: SIM115 (the child keeps it)
             self.processes.append(subprocess.Popen(
-                [sys.executable, "-m", "services.jobs.worker"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", WORKER_MODULE], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             ))  # fmt: skip
             log.close()

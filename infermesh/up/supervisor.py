@@ -218,9 +218,9 @@ class Mesh:
     metrics_ports: dict[str, int] = field(default_factory=dict)
     # Restart history and policy of every replica (heal()).
     healer: Healer = field(default_factory=Healer)
-    # Replica name -> (service, endpoint, environment): what respawn() starts it with again
-    # (a jobs worker has no endpoint).
-    _replicas: dict[str, tuple[str, Endpoint | None, dict[str, str]]] = field(default_factory=dict, repr=False)
+    # Replica name -> (service, endpoint, environment, command line): what respawn() starts
+    # it with again (a jobs worker has no endpoint).
+    _replicas: dict[str, tuple[str, Endpoint | None, dict[str, str], list[str]]] = field(default_factory=dict, repr=False)
     # heal(): replica -> when to start it again; replica -> when its outage began (until
     # it is SERVING again).
     _restart_at: dict[str, float] = field(default_factory=dict, repr=False)
@@ -324,8 +324,9 @@ class Mesh:
                     self.metrics_ports[name] = int(env[variable])
                 else:
                     env[variable] = str(self.metrics_port(name, endpoint))
-                self._replicas[name] = (service, endpoint, env)
-                self._spawn(service, name, [sys.executable, "-m", MODULES[service]], env)
+                argv = [sys.executable, "-m", MODULES[service]]
+                self._replicas[name] = (service, endpoint, env, argv)
+                self._spawn(service, name, argv, env)
                 self.healer.started(name)
 
     def replica(self, name: str) -> Child:
@@ -342,11 +343,10 @@ class Mesh:
             raise MeshError(f"{name} is still running (pid {old.process.pid})")
         place = self.children.index(old)
         self.children.remove(old)
-        service, _, env = self._replicas[name]
+        service, _, env, argv = self._replicas[name]
         with open(old.log_path, "a") as log:  # where one run's lines end and the next's begin
             log.write(f"---- infermesh up: {name} {describe_exit(old.process.returncode)}; starting it again ----\n")
-        module = WORKER_MODULE if service == JOBS_WORKER else MODULES[service]
-        child = self._spawn(service, name, [sys.executable, "-m", module], env)
+        child = self._spawn(service, name, argv, env)  # the command it was started with
         self.children.insert(place, self.children.pop())  # the run file keeps its order
         self.healer.started(name)
         self.publish_processes()
@@ -363,8 +363,9 @@ class Mesh:
                 "JOBS_WORKER_NAME": f"{name}@%h",
                 "JOBS_METRICS_PORT": str(self.metrics_ports.setdefault(name, free_port())),
             }
-            self._replicas[name] = (JOBS_WORKER, None, env)
-            self._spawn(JOBS_WORKER, name, [sys.executable, "-m", WORKER_MODULE], env)
+            argv = [sys.executable, "-m", WORKER_MODULE]
+            self._replicas[name] = (JOBS_WORKER, None, env, argv)
+            self._spawn(JOBS_WORKER, name, argv, env)
             self.healer.started(name)
 
     def start_envoy(self) -> None:
@@ -389,7 +390,7 @@ class Mesh:
         """(replica, service, restarts, alive) of every service replica, for /metrics."""
         return [
             (name, service, self.healer.restarts(name), self.replica(name).process.poll() is None)
-            for name, (service, _, _) in list(self._replicas.items())
+            for name, (service, *_) in list(self._replicas.items())
         ]
 
     def heal(self) -> list[str]:
@@ -411,7 +412,7 @@ class Mesh:
         for name, since in list(self._down_since.items()):
             if name in self._restart_at or self.replica(name).process.poll() is not None:
                 continue
-            service, endpoint, _ = self._replicas[name]
+            service, endpoint, *_ = self._replicas[name]
             if endpoint is None or self._serving(endpoint, HEALTH_SERVICE_NAMES[service]):
                 del self._down_since[name]
                 events.append(f"{name}: SERVING again, {time.monotonic() - since:.1f} s after it exited")

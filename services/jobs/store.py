@@ -223,9 +223,6 @@ class JobStore:
         flat = self.redis.lrange(self.chunk_key(job_id, chunk), 0, -1)
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
-    def chunk_size(self, job_id: str) -> int:
-        return int(self.redis.hget(self.job_key(job_id), "chunk_size") or 1)
-
     def chunk_info(self, job_id: str) -> tuple[int, str]:
         """(chunk size, the job's W3C traceparent or "") in one round trip."""
         size, parent = self.redis.hmget(self.job_key(job_id), ["chunk_size", "trace_parent"])

@@ -27,7 +27,6 @@ import os
 import random
 import socket
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -36,7 +35,7 @@ from typing import Any
 import grpc
 from celery import Celery
 from opentelemetry.trace import Span, SpanContext
-from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2
 
 from services.jobs import tracing as job_tracing
 from services.jobs.queue import TASK_NAME, celery_app
@@ -77,10 +76,12 @@ class ChunkRunner:
             "jobs_worker_chunks", "Chunks (tasks) this worker ran, by outcome (done, skipped)", ["outcome"]
         )
         self._channel = grpc.insecure_channel(settings.gateway_target, options=channel_options())
-        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+        # The stored payloads are RecommendRequests serialized at submit, after validation:
+        # sent as they are, not parsed and serialized again per request and per try.
+        self._recommend = self._channel.unary_unary(
+            job_tracing.RECOMMEND, request_serializer=None, response_deserializer=gateway_pb2.RecommendResponse.FromString
+        )
         self._pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="recommend")
-        self._random = random.Random()
-        self._lock = threading.Lock()
 
     def run(self, job_id: str, chunk: int) -> dict[str, Any]:
         state = self.store.mark_started(job_id)
@@ -138,24 +139,22 @@ class ChunkRunner:
         code, details = grpc.StatusCode.INTERNAL, "the worker failed before the call answered"
         try:
             with self._running.track_inprogress():
-                request = gateway_pb2.RecommendRequest.FromString(payload)
-                result, code, details = self._try(index, request_id, request, metadata)
+                result, code, details = self._try(index, request_id, payload, metadata)
             return result, call.get_span_context()
         finally:
             job_tracing.end_request_span(call, code.value[0], details)
 
     def _try(
-        self, index: int, request_id: str, request: gateway_pb2.RecommendRequest, metadata: list[tuple[str, str]]
+        self, index: int, request_id: str, payload: bytes, metadata: list[tuple[str, str]]
     ) -> tuple[Result, grpc.StatusCode, str]:
         delay = self.settings.retry_backoff_seconds
         for attempt in range(1, self.settings.max_attempts + 1):
             try:
-                reply = self._stub.Recommend(request, timeout=self.settings.request_timeout_seconds, metadata=metadata)
+                reply = self._recommend(payload, timeout=self.settings.request_timeout_seconds, metadata=metadata)
             except grpc.RpcError as error:
                 code = error.code()
                 if code in RETRYABLE and attempt < self.settings.max_attempts:
-                    with self._lock:
-                        jitter = self._random.uniform(0.5, 1.0)
+                    jitter = random.uniform(0.5, 1.0)  # (the module's generator is safe across threads)
                     time.sleep(min(delay, self.settings.retry_backoff_max_seconds) * jitter)
                     delay *= 2
                     continue

@@ -263,7 +263,7 @@ def _observe(
     rpc.observe(method, code, seconds, exemplar)
     # The same code spelling as the metric's grpc_code label, so logs and metrics agree.
     if code == "OK" and request_log.enabled:  # the line of nearly every request: the fast writer
-        request_log.info(method, grpc_code_name(code), round(seconds * 1000.0, 3), ids)
+        request_log.info(method, "OK", round(seconds * 1000.0, 3), ids)
         return
     fields: dict[str, Any] = {
         "grpc_method": method,
