@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Generate the Python stubs, the descriptor set and the OpenAPI document from protos/.
 
+Plus the vendored protos that services use as they are (VENDORED: Triton's
+model_config.proto, third_party/triton-common), compiled with protos/ into the same stubs.
+
 Everything goes into services/genproto/; openapi.json describes the REST API that Envoy's
 transcoder serves (infermesh/openapi.py), using the transcoder's own JSON options from
 the rendered Envoy config (infermesh/envoy/http_filters.py).
@@ -24,6 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 THIRD_PARTY = ROOT / "third_party" / "googleapis"
+# Vendored protos compiled into stubs too (googleapis' are imports only, their stubs come
+# with googleapis-common-protos): include root -> files, as imported.
+TRITON = ROOT / "third_party" / "triton-common"
+VENDORED: dict[Path, tuple[str, ...]] = {TRITON: ("inference/model_config.proto",)}
 OUT = ROOT / "services" / "genproto"
 # Envoy's REST<->gRPC transcoder reads service definitions from this file.
 DESCRIPTOR_SET = "infermesh_descriptor.binpb"
@@ -44,7 +51,9 @@ def _protoc(*args: str) -> None:
     # protoc's own well-known types (google/protobuf/*.proto) ship inside grpc_tools.
     well_known = Path(protoc.__file__).parent / "_proto"
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
-    command = ["protoc", f"-I{PROTOS}", f"-I{THIRD_PARTY}", f"-I{well_known}", *args, *sources]
+    vendored = sorted(name for names in VENDORED.values() for name in names)
+    includes = [f"-I{root}" for root in (PROTOS, *VENDORED, THIRD_PARTY, well_known)]
+    command = ["protoc", *includes, *args, *sources, *vendored]
     if protoc.main(command) != 0:
         raise SystemExit("protoc failed")
 

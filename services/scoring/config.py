@@ -1,5 +1,9 @@
 """Per-model configuration: <repository>/<model>/config.json, Triton-like.
 
+A model directory may hold Triton's own config.pbtxt instead (pbtxt.py maps it onto the same
+ModelConfig); when it holds both, config.json wins and the config.pbtxt is reported as
+ignored (discovery.read_model_config).
+
 Every key is optional; what the model file says (input/output names, types, shapes) fills
 the gaps, and what config.json says about tensors is checked against the model on load.
 Unknown keys are rejected so a typo (``max_batch_sise``) fails loudly instead of silently
@@ -30,10 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.runtime.limits import echo
 from services.scoring.tensors import DATATYPES
 
 CONFIG_FILE = "config.json"
+# Triton's model configuration (protobuf text format); config.json wins over it.
+PBTXT_FILE = "config.pbtxt"
 MODEL_FILE = "model.onnx"
+# The one platform (Triton's name) and backend this server runs; a config may name either.
+PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
 # <model>/<version>/provenance.json: where that version came from (overrides config.json's).
 PROVENANCE_FILE = "provenance.json"
 # A bounded queue by default: overload answers RESOURCE_EXHAUSTED instead of growing memory.
@@ -51,6 +61,28 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]  # full shape, batch dimension included; -1 = any size
+    # Where the config states it ("input[0]"); "" when it comes from the model file.
+    field: str = field(default="", compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """The file a model's config was read from, and the line of each field where known
+    (config.pbtxt), so that a check failing at load names the file, line and field."""
+
+    file: str = ""  # e.g. "ranker/config.pbtxt"; "" for the built-in defaults
+    lines: Mapping[str, int] = field(default_factory=dict)  # "input[0].dims" -> line
+
+    def where(self, path: str, detail: str = "") -> str:
+        """'<file>:<line>: <path>': the line of `path`.`detail` if known, else of `path`
+        or the nearest enclosing field."""
+        probe = f"{path}.{detail}" if detail else path
+        while probe:
+            line = self.lines.get(probe)
+            if line:
+                return f"{self.file}:{line}: {path}"
+            probe = probe.rpartition(".")[0]
+        return f"{self.file}: {path}" if self.file else f"config {path}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +143,23 @@ class ModelConfig:
     # Defaults for every version's provenance (owner, training_data_digest, source_revision,
     # any other string keys), strings only.
     provenance: Mapping[str, str] = field(default_factory=dict)
+    source: ConfigSource = field(default_factory=ConfigSource)
+    # What the file says that this server does not do (each field named, with its line),
+    # or a config file it did not read: logged at load and shown in RepositoryIndex.
+    warnings: tuple[str, ...] = ()
+
+    def warning_text(self) -> str:
+        """The warnings as one line ("" when none), for the log and RepositoryIndex."""
+        return "; ".join(self.warnings)
+
+
+def runtime_error(platform: str = "", backend: str = "") -> str:
+    """Why a config's platform/backend cannot run here ("" when it can: ONNX Runtime)."""
+    if platform not in ("", PLATFORM):
+        return f"platform {echo(platform)} is not supported: this server runs ONNX models (platform {PLATFORM!r})"
+    if backend not in ("", BACKEND):
+        return f"backend {echo(backend)} is not supported: this server runs ONNX models (backend {BACKEND!r})"
+    return ""
 
 
 _TOP_KEYS = {
@@ -171,7 +220,7 @@ def _tensors(value: Any, where: str, batched: bool) -> tuple[TensorSpec, ...]:
             shape = [-1, *shape]
         if not isinstance(item.get("name"), str) or not item["name"]:
             raise ConfigError(f"{where}[{index}] needs a name")
-        specs.append(TensorSpec(item["name"], datatype, tuple(shape)))
+        specs.append(TensorSpec(item["name"], datatype, tuple(shape), field=f"{where}[{index}]"))
     return tuple(specs)
 
 
@@ -284,6 +333,9 @@ def parse_config(name: str, doc: Mapping[str, Any]) -> ModelConfig:
     doc = _mapping(doc, "config", _TOP_KEYS)
     if doc.get("name", name) != name:
         raise ConfigError(f"config names model {doc['name']!r} but lives in directory {name!r}")
+    unsupported = runtime_error(str(doc.get("platform", "")), str(doc.get("backend", "")))
+    if unsupported:
+        raise ConfigError(unsupported)
     max_batch_size = _int(doc.get("max_batch_size", 0), "max_batch_size")
     count, gpus = _instances(doc)
     warmup = _warmup(doc.get("warmup"))
@@ -292,8 +344,8 @@ def parse_config(name: str, doc: Mapping[str, Any]) -> ModelConfig:
         raise ConfigError(f"warmup batch sizes {too_big} exceed max_batch_size {max_batch_size}")
     return ModelConfig(
         name=name,
-        inputs=_tensors(doc.get("inputs", doc.get("input", [])), "inputs", max_batch_size > 0),
-        outputs=_tensors(doc.get("outputs", doc.get("output", [])), "outputs", max_batch_size > 0),
+        inputs=_tensors(*_tensor_key(doc, "inputs", "input"), max_batch_size > 0),
+        outputs=_tensors(*_tensor_key(doc, "outputs", "output"), max_batch_size > 0),
         batching=_batching(doc, max_batch_size),
         instance_count=count,
         gpus=gpus,
@@ -304,6 +356,12 @@ def parse_config(name: str, doc: Mapping[str, Any]) -> ModelConfig:
         cache=_cache(doc.get("response_cache")),
         provenance=parse_provenance(doc.get("provenance", {}), "provenance"),
     )
+
+
+def _tensor_key(doc: Mapping[str, Any], ours: str, tritons: str) -> tuple[Any, str]:
+    """The tensor list and the key it is under (our `inputs` or Triton's `input`)."""
+    key = ours if ours in doc or tritons not in doc else tritons
+    return doc.get(key, []), key
 
 
 def parse_provenance(doc: Any, where: str) -> dict[str, str]:

@@ -13,6 +13,8 @@ from typing import Any
 
 import onnxruntime as ort
 
+from services.runtime.limits import echo
+from services.runtime.logs import get_logger
 from services.scoring.batcher import Instance
 from services.scoring.config import MODEL_FILE, ConfigError, ModelConfig, TensorSpec, read_provenance
 from services.scoring.models import ModelLoadError, ModelVersion, memory_estimate
@@ -26,6 +28,8 @@ from services.scoring.providers import (
 )
 from services.scoring.tensors import ORT_TYPES
 from services.scoring.warmup import warm_up
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,18 +61,27 @@ def build_version(
 ) -> ModelVersion:
     """Create every instance's session and warm it up. Blocking: run it in a loader thread."""
     path = model_dir / str(version) / MODEL_FILE
-    data, provenance = _read_files(path, config)
+    if config.warnings:
+        log.warning(
+            "model config says what this server does not do",
+            model=config.name,
+            version=version,
+            warnings=config.warning_text(),
+        )
     instances: list[Instance] = []  # closed again if the load fails part way
     try:
+        data, provenance = _read_files(path, config)
         choices = _open_instances(data, path, config, options, instances)
         first = choices[0][0]
-        inputs, outputs = _tensor_specs(config, first.session)
+        inputs, outputs = _tensor_specs(config, first.session, f"{version}/{MODEL_FILE}")
         warm_up(config, inputs, instances)
     except Exception as error:
         for instance in instances:
             instance.close()
         expected = isinstance(error, (ConfigError, ModelLoadError))
-        raise ModelLoadError(str(error) if expected else f"{type(error).__name__}: {error}") from None
+        reason = str(error) if expected else f"{type(error).__name__}: {error}"
+        # What the config asked for and was ignored may be why it failed: say it with it.
+        raise ModelLoadError(f"{reason} ({config.warning_text()})" if config.warnings else reason) from None
     return ModelVersion(
         config=config,
         version=version,
@@ -119,14 +132,23 @@ def _open_instances(
     return choices
 
 
-def _tensor_specs(config: ModelConfig, session: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """The model's inputs and outputs, narrowed by config.json; ConfigError on a conflict."""
-    inputs = _merge("inputs", [_ort_spec(i) for i in session.get_inputs()], config.inputs, require_all=True)
-    outputs = _merge("outputs", [_ort_spec(o) for o in session.get_outputs()], config.outputs, require_all=False)
+def _tensor_specs(
+    config: ModelConfig, session: Any, model_file: str
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The model's inputs and outputs, narrowed by the config; ConfigError on a conflict,
+    naming the config file, the field and what the model file (`model_file`) has."""
+    model_inputs = [_ort_spec(i) for i in session.get_inputs()]
+    model_outputs = [_ort_spec(o) for o in session.get_outputs()]
+    inputs = _merge(config, "input", model_inputs, config.inputs, model_file, require_all=True)
+    outputs = _merge(config, "output", model_outputs, config.outputs, model_file, require_all=False)
     if config.batching.max_batch_size:
-        fixed = [s.name for s in (*inputs, *outputs) if not s.shape or s.shape[0] != -1]
+        fixed = {s.name: list(s.shape) for s in (*inputs, *outputs) if not s.shape or s.shape[0] != -1}
         if fixed:
-            raise ConfigError(f"max_batch_size > 0 needs a variable first (batch) dimension; {fixed} have none")
+            raise ConfigError(
+                f"{config.source.where('max_batch_size')}: {config.batching.max_batch_size} needs a variable first "
+                f"(batch) dimension on every input and output; {model_file} has {fixed} (-1 = any size): "
+                "set max_batch_size 0 and give whole shapes"
+            )
     return inputs, outputs
 
 
@@ -135,28 +157,50 @@ def _ort_spec(node: ort.NodeArg) -> TensorSpec:
     return TensorSpec(node.name, ORT_TYPES.get(node.type, node.type), shape)
 
 
-def _merge(kind: str, model: Sequence[TensorSpec], config: Sequence[TensorSpec], require_all: bool) -> tuple[TensorSpec, ...]:
-    """The model file's tensors, narrowed by config.json where it says more; conflicts fail the load."""
-    if not config:
+def _merge(
+    config: ModelConfig,
+    kind: str,
+    model: Sequence[TensorSpec],
+    stated: Sequence[TensorSpec],
+    model_file: str,
+    require_all: bool,
+) -> tuple[TensorSpec, ...]:
+    """The model file's tensors, narrowed by the config where it says more (a fixed size for
+    a dynamic dimension); a name, data type or shape the model does not have fails the load."""
+    if not stated:
         return tuple(model)
     by_name = {spec.name: spec for spec in model}
-    unknown = [c.name for c in config if c.name not in by_name]
-    if unknown:
-        raise ConfigError(f"config {kind} {unknown} are not in the model, which has {sorted(by_name)}")
-    if require_all and len(config) != len(model):
-        missing = sorted(set(by_name) - {c.name for c in config})
-        raise ConfigError(f"config {kind} leave out the model's {missing}")
-    merged = []
-    for wanted in config:
-        actual = by_name[wanted.name]
-        if wanted.datatype != actual.datatype:
-            raise ConfigError(f"{kind[:-1]} {wanted.name!r}: config says {wanted.datatype}, the model takes {actual.datatype}")
-        if len(wanted.shape) != len(actual.shape):
-            raise ConfigError(f"{kind[:-1]} {wanted.name!r}: config shape {list(wanted.shape)} vs model {list(actual.shape)}")
-        dims = []
-        for c, m in zip(wanted.shape, actual.shape, strict=True):
-            if c != -1 and m != -1 and c != m:
-                raise ConfigError(f"{kind[:-1]} {wanted.name!r}: config shape {list(wanted.shape)} vs model {list(actual.shape)}")
-            dims.append(m if c == -1 else c)
-        merged.append(TensorSpec(wanted.name, wanted.datatype, tuple(dims)))
-    return tuple(merged)
+    has = ", ".join(f"{s.name!r} {s.datatype} {list(s.shape)}" for s in model)
+    for wanted in stated:
+        if wanted.name not in by_name:
+            raise ConfigError(
+                f"{config.source.where(wanted.field, 'name')}: the model has no {kind} {echo(wanted.name)}; "
+                f"{model_file} has {has}"
+            )
+    missing = sorted(set(by_name) - {s.name for s in stated})
+    if require_all and missing:
+        stated_as = stated[0].field.partition("[")[0] or kind  # input (config.pbtxt) or inputs (config.json)
+        raise ConfigError(
+            f"{config.source.where(stated_as)}: leaves out the model's {kind}s {missing}; {model_file} has {has}"
+        )
+    return tuple(_narrowed(config, wanted, by_name[wanted.name], model_file) for wanted in stated)
+
+
+def _narrowed(config: ModelConfig, wanted: TensorSpec, actual: TensorSpec, model_file: str) -> TensorSpec:
+    """One stated tensor checked against the model's: same data type, same rank, each
+    dimension equal where both fix it (-1 = any size); the config's fixed sizes win."""
+    if wanted.datatype != actual.datatype:
+        raise ConfigError(
+            f"{config.source.where(wanted.field, 'data_type')}: {wanted.name!r} is {wanted.datatype} in the config, "
+            f"but {model_file} expects {actual.datatype}"
+        )
+    if len(wanted.shape) != len(actual.shape) or any(
+        c != -1 and m != -1 and c != m for c, m in zip(wanted.shape, actual.shape, strict=False)
+    ):
+        batch = " (the batch dimension first, as max_batch_size > 0)" if config.batching.max_batch_size else ""
+        raise ConfigError(
+            f"{config.source.where(wanted.field, 'dims')}: {wanted.name!r} has shape {list(wanted.shape)} in the "
+            f"config{batch}, but {model_file} expects {list(actual.shape)} (-1 = any size)"
+        )
+    dims = tuple(m if c == -1 else c for c, m in zip(wanted.shape, actual.shape, strict=True))
+    return TensorSpec(wanted.name, wanted.datatype, dims)

@@ -22,6 +22,7 @@ from services.runtime.errors import InvalidArgument
 from services.runtime.logs import get_logger
 from services.runtime.telemetry import ATTR_EXECUTION_PROVIDER, ATTR_MODEL_NAME, ATTR_MODEL_VERSION
 from services.scoring.batcher import DynamicBatcher, Instance
+from services.scoring.config import PLATFORM as PLATFORM  # Triton's platform name, as ModelConfig states it
 from services.scoring.config import ModelConfig, TensorSpec
 from services.scoring.providers import GPU_PROVIDERS
 from services.scoring.stats import ScoringMetrics, Statistics, VersionMetrics
@@ -29,7 +30,6 @@ from services.scoring.tensors import from_contents, from_raw, to_onnx_input
 
 log = get_logger(__name__)
 
-PLATFORM = "onnxruntime_onnx"
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 _SHARED_MEMORY_PARAMETER = "shared_memory_region"
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from services.scoring.live import LiveModels, ModelEntry
-from services.scoring.models import READY, UNAVAILABLE, UNLOADING
+from services.scoring.models import READY, UNAVAILABLE, UNLOADING, ModelVersion
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def repository_index(entries: Mapping[str, ModelEntry], names_on_disk: Iterable[
 def _entry_rows(entry: ModelEntry, ready_only: bool) -> list[IndexEntry]:
     name = entry.name
     rows = [
-        IndexEntry(name, version.version, READY, f"{version.provider}: {version.provider_reason}")
+        IndexEntry(name, version.version, READY, _ready_reason(version))
         for _, version in sorted(entry.serving.items())
     ]
     if ready_only:
@@ -53,6 +53,13 @@ def _entry_rows(entry: ModelEntry, ready_only: bool) -> list[IndexEntry]:
         state = UNAVAILABLE if entry.attempted or entry.unloaded else ""
         rows.append(IndexEntry(name, "", state, entry.missing_reason() if state else ""))
     return rows
+
+
+def _ready_reason(version: ModelVersion) -> str:
+    """Where it runs, and what its config asked for that this server ignores (config.pbtxt)."""
+    reason = f"{version.provider}: {version.provider_reason}"
+    warnings = version.config.warning_text()
+    return f"{reason}; {warnings}" if warnings else reason
 
 
 def server_readiness(live: LiveModels, repository_error: str) -> tuple[bool, str]:

@@ -1,4 +1,5 @@
-"""The model repository: <root>/<model>/<version>/model.onnx plus <root>/<model>/config.json.
+"""The model repository: <root>/<model>/<version>/model.onnx plus <root>/<model>/config.json,
+or Triton's <root>/<model>/config.pbtxt (pbtxt.py; which one wins: discovery.py).
 
 Control modes (SCORING_MODEL_CONTROL_MODE), as in Triton:
 - poll: load everything at start, then rescan every SCORING_REPOSITORY_POLL_SECONDS; new or
@@ -46,7 +47,8 @@ from services.scoring.reconcile import Reconciler
 from services.scoring.report import IndexEntry, repository_index, server_readiness
 from services.scoring.stats import ScoringMetrics
 
-# Where each concern lives: discovery (what is on disk, the version policy), loading and
+# Where each concern lives: discovery (what is on disk, which config file, the version
+# policy), config and pbtxt (config.json, config.pbtxt -> ModelConfig), loading and
 # warmup (building a version), live (serving versions, leases, hot swap, retirement),
 # budget (memory budget, LRU eviction), reconcile (one model in line with its directory),
 # report (RepositoryIndex, readiness). Names other modules import from here stay here.
