@@ -202,7 +202,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 class GatewayService:
     name = GATEWAY
-    grpc_services = (HEALTH_SERVICE_NAMES[GATEWAY],)
+    grpc_services: tuple[str, ...] = (HEALTH_SERVICE_NAMES[GATEWAY],)
     # Without these the gateway cannot answer at all; scoring and ranking have fallbacks,
     # so their outage degrades responses but leaves the gateway ready.
     required_backends = (FEATURES,)

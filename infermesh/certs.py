@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.runtime.topology import SERVICES
+from infermesh.cli_help import CommandParser
 from infermesh.settings import tool_settings
 
 DEFAULT_DAYS = 365
@@ -260,8 +261,8 @@ def generate(directory: Path, *, hosts: Sequence[str] = (), days: int = DEFAULT_
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
         prog="infermesh certs",
         description="Create a local CA and certificates for TLS at the edge and mTLS between "
         "Envoy and the services (for `infermesh up --tls DIR`). For local use and tests.",
@@ -282,7 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--days", type=int, default=DEFAULT_DAYS, help="validity (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace certificates that already exist")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     paths = CertPaths(args.out.resolve())
     if not args.force and not paths.missing():
         print(f"certificates already in {paths.directory} (--force replaces them)")

@@ -52,6 +52,7 @@ from infermesh.workload.seed import SeedError, seed_all
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.runtime.event_loop import event_loop_runner
 from services.runtime.topology import FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, RANKING, SCORING
+from infermesh.cli_help import CommandParser
 from infermesh.settings import add_data_dir_argument
 
 # Two of each service the gateway cannot answer without (itself, features) and of scoring,
@@ -611,7 +612,7 @@ def format_row(row: Row) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infermesh chaos", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="infermesh chaos", description=__doc__.splitlines()[0])
     parser.add_argument("--short", action="store_true", help=f"CI: only {', '.join(SHORT)}, shorter; exit 1 on a lost request")
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="steady open-loop requests/s (default %(default)s)")
     parser.add_argument("--only", default=None, help="comma-separated scenario names (see --list)")

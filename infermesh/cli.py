@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import signal
 import sys
@@ -14,12 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from infermesh import __version__
+from infermesh.cli_help import CommandParser, add_delegated, run_delegated
 from infermesh.settings import add_data_dir_argument, tool_settings
+from services.runtime.redis_keys import LOCAL_REDIS_PORT
 
 if TYPE_CHECKING:
     from services.runtime.topology import MeshTopology
 
-DEFAULT_REDIS_PORT = 6390
+DEFAULT_REDIS_PORT = LOCAL_REDIS_PORT
 
 
 def _replicas(text: str) -> dict[str, int]:
@@ -58,9 +59,10 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     tracing = up.add_mutually_exclusive_group()
     tracing.add_argument(
         "--otlp-endpoint",
-        default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
-        help="export every service's and Envoy's spans over OTLP/gRPC to this collector, e.g. "
-        "http://127.0.0.1:4317 (default $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export)",
+        default=None,
+        help="export every service's and Envoy's spans to this collector, e.g. http://127.0.0.1:4317: sets "
+        "OTEL_EXPORTER_OTLP_ENDPOINT for them (over $OTEL_EXPORTER_OTLP_PROTOCOL, grpc or http/protobuf; "
+        "default: the OTEL_EXPORTER_OTLP_* variables as they are; none set: no export)",
     )
     tracing.add_argument(
         "--trace-view",
@@ -128,7 +130,8 @@ def _print_ready(
         f"""
 infermesh is up ({counts}).
   REST + gRPC edge   {scheme}://{host}:{edge}   (POST /v1/recommend, infermesh.gateway.v1.GatewayService,
-                                              inference.GRPCInferenceService for Open Inference Protocol clients)
+                                              Open Inference Protocol clients: inference.GRPCInferenceService
+                                              over gRPC, /v2/... over HTTP, e.g. GET /v2/models/ranker)
   Envoy admin        http://127.0.0.1:{topology.admin_port}   (Envoy's metrics: /stats/prometheus)
   Redis              {redis_url}
   logs               {log_dir}/{more}
@@ -157,15 +160,19 @@ def _telemetry_env(args: argparse.Namespace, otlp_endpoint: str | None) -> dict[
     """OTEL_* for every service (Envoy's tracer follows them, see infermesh.up.supervisor)."""
     env: dict[str, str] = {}
     if otlp_endpoint:
-        # Both: the traces-specific one (if the shell has it) must not win over the flag.
+        # The base URL (OTLP/HTTP appends /v1/traces); the shell's traces-specific one, used
+        # as it is, must not win over the flag: empty is unset.
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_endpoint
-        env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = otlp_endpoint
+        env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = ""
     if args.trace_sampling is not None:
         if not 0.0 <= args.trace_sampling <= 1.0:
             raise ValueError(f"--trace-sampling must be within 0..1, got {args.trace_sampling}")
         env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
         env["OTEL_TRACES_SAMPLER_ARG"] = repr(args.trace_sampling)
     if args.trace_view:
+        # The local view's receiver speaks OTLP/gRPC.
+        env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "grpc"
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = ""
         # Spans reach the local view within half a second instead of the SDK's 5 s.
         env.setdefault("OTEL_BSP_SCHEDULE_DELAY", os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "500"))
     return env
@@ -210,12 +217,20 @@ def cmd_up(args: argparse.Namespace) -> int:
                 raise MeshError(f"trace view: {error}; choose another --trace-view-port") from None
             otlp_endpoint = local_tracing.otlp_endpoint
             extras.append(("trace view", f"{local_tracing.view.url}   (OTLP in at {otlp_endpoint})"))
-        elif otlp_endpoint:
-            extras.append(("traces (OTLP)", f"{otlp_endpoint}   (every service and Envoy)"))
         try:
             telemetry_env = _telemetry_env(args, otlp_endpoint)
         except ValueError as error:
             raise MeshError(str(error)) from None
+        if not args.trace_view:
+            from infermesh.envoy import tracing_from_env
+
+            try:  # where the spans go, as every process will read it (a bad variable: said here)
+                exported = tracing_from_env({**os.environ, **telemetry_env})
+            except ValueError as error:
+                raise MeshError(str(error)) from None
+            if exported is not None:
+                where = f"{exported.otlp_endpoint}   ({exported.protocol}; every service and Envoy)"
+                extras.append(("traces (OTLP)", where))
         try:
             edge_policy = edge_policy_from_args(args)
             tls = CertPaths.checked(args.tls) if args.tls is not None else None
@@ -324,7 +339,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "certs": ("infermesh.certs", "create a local CA and certificates for `up --tls` (edge TLS, mTLS)"),
     "bench": ("infermesh.bench.cli", "load-test the mesh or the monolith baseline and report latency/throughput"),
     "plan": ("infermesh.bench.plan", "replicas and cost for a target rate, from a bench suite result"),
-    "models": ("infermesh.models.cli", "model repository tools: bench (gRPC vs raw ONNX Runtime), quantize"),
+    "models": ("infermesh.models.cli", "model repository tools: bench (gRPC vs raw ONNX Runtime), quantize, import"),
     "traces": ("infermesh.traces.cli", "receive OTLP traces and show them in a local web UI"),
     "features": ("infermesh.features.cli", "feature views: ingest CSV/Parquet files, list views, benchmark"),
     "profile": ("infermesh.profile", "sample every replica of a running mesh with py-spy under load: flame graphs + CPU per request"),
@@ -335,21 +350,21 @@ DELEGATED: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infermesh", description=__doc__)
+    parser = CommandParser(prog="infermesh", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _up_parser(commands)
-    for name, (_, summary) in DELEGATED.items():
-        commands.add_parser(name, help=summary, add_help=False)
+    for name, (module, summary) in DELEGATED.items():
+        add_delegated(commands, name, module, summary)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in DELEGATED:
-        module = importlib.import_module(DELEGATED[args.command][0])
-        return int(module.main(rest) or 0)
+    delegated = run_delegated(args, rest)
+    if delegated is not None:
+        return delegated
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return cmd_up(args)

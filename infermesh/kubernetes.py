@@ -5,7 +5,9 @@ The Envoy config comes from the one renderer `infermesh up` uses
 
 * one endpoint per service: its headless Service `<name>:<port>` (same name as the Envoy
   cluster, the Deployment and OTEL_SERVICE_NAME), resolved with STRICT_DNS, so every ready
-  pod becomes an upstream host and Envoy's gRPC health checks still gate traffic;
+  pod becomes an upstream host and Envoy's gRPC health checks still gate traffic; scoring's
+  HTTP port (the Open Inference Protocol over REST) is the same Service's port `http`, for
+  Envoy's cluster `scoring_http`;
 * listeners on 0.0.0.0, so the gateway pods reach the backends' listeners at `envoy:<port>`;
 * the transcoder's descriptor set at the path the images hold it (deploy/Dockerfile).
 
@@ -38,6 +40,8 @@ from infermesh.envoy import REPO_ROOT, Json, Tracing, render, to_json
 from services.runtime.topology import (
     BACKENDS,
     DEFAULT_REPLICA_BASE_PORTS,
+    HTTP_PORT_OFFSET,
+    HTTP_SERVICES,
     SERVICES,
     Endpoint,
     MeshTopology,
@@ -62,13 +66,21 @@ def service_port(service: str) -> int:
     return DEFAULT_REPLICA_BASE_PORTS[service]
 
 
+def http_port(service: str) -> int:
+    """The HTTP port of `service`'s pods and headless Service, for the HTTP_SERVICES (scoring's
+    Open Inference Protocol over REST): its gRPC port + HTTP_PORT_OFFSET, as locally."""
+    return service_port(service) + HTTP_PORT_OFFSET
+
+
 def kubernetes_topology(descriptor_set: Path = DESCRIPTOR_SET) -> MeshTopology:
-    """One STRICT_DNS endpoint per service: the headless Service of the same name."""
+    """One STRICT_DNS endpoint per service: the headless Service of the same name (for
+    scoring's HTTP port too, the Service's second port)."""
     return MeshTopology(
         replicas={name: (Endpoint(name, service_port(name)),) for name in SERVICES},
         descriptor_set=descriptor_set,
         listen_host="0.0.0.0",
         discovery="STRICT_DNS",
+        http_replicas={name: (Endpoint(name, http_port(name)),) for name in HTTP_SERVICES},
     )
 
 
@@ -178,6 +190,52 @@ def validate_configs() -> list[str]:
             envoy.validate(path, cwd=tmp_dir)
             validated.append(variant)
     return validated
+
+
+# Custom resources deploy/ ships, by (apiVersion, kind), and the CRD that defines each:
+# kubernetes-validate knows only Kubernetes' own kinds (third_party/prometheus-operator).
+CUSTOM_RESOURCE_DEFINITIONS: Mapping[tuple[str, str], Path] = {
+    ("monitoring.coreos.com/v1", "PodMonitor"): REPO_ROOT
+    / "third_party/prometheus-operator/monitoring.coreos.com_podmonitors.yaml",
+}
+
+
+def custom_resource_errors(resource: Mapping[str, object]) -> list[str] | None:
+    """Schema errors of a custom resource deploy/ ships, against its CRD's served version;
+    None for a kind not in CUSTOM_RESOURCE_DEFINITIONS. Strict as scripts/validate_deploy.sh
+    is with built-in kinds: an unknown field is an error (the API server would drop it)."""
+    import jsonschema  # the dev extra's (kubernetes-validate's), like yaml: only deploy checks need them
+    import yaml
+
+    crd_path = CUSTOM_RESOURCE_DEFINITIONS.get((str(resource.get("apiVersion")), str(resource.get("kind"))))
+    if crd_path is None:
+        return None
+    crd = yaml.safe_load(crd_path.read_text(encoding="utf-8"))
+    version = str(resource["apiVersion"]).rpartition("/")[2]
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version and v.get("served")]
+    schema = _strict(served["schema"]["openAPIV3Schema"])
+    validator = jsonschema.Draft202012Validator(schema)
+    return [
+        f"{'.'.join(str(part) for part in error.absolute_path) or '(top)'}: {error.message}"
+        for error in sorted(validator.iter_errors(resource), key=lambda e: list(map(str, e.absolute_path)))
+    ]
+
+
+def _strict(schema: object) -> object:
+    """The schema with unknown properties rejected wherever it lists properties and does not
+    keep unknown fields (x-kubernetes-preserve-unknown-fields)."""
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: _strict(value) for key, value in schema.items()}
+    if (
+        "properties" in strict
+        and "additionalProperties" not in strict
+        and not strict.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        strict["additionalProperties"] = False
+    return strict
 
 
 def main(argv: Sequence[str] | None = None) -> int:

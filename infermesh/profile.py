@@ -35,6 +35,7 @@ from infermesh import flamegraph
 from infermesh.bench.loadgen import Plan, RunResult, run_processes
 from infermesh.bench.report import cpu_seconds
 from infermesh.bench.targets import factory
+from infermesh.cli_help import CommandParser
 from infermesh.settings import add_data_dir_argument
 from infermesh.up.runfile import MeshProcess, read_processes
 
@@ -182,9 +183,9 @@ def summary_markdown(profiles: Sequence[ProcessProfile], load: RunResult | None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infermesh profile", description=__doc__.splitlines()[0])
+    p = CommandParser(prog="infermesh profile", description=__doc__.splitlines()[0])
     add_data_dir_argument(p, "the mesh's data dir, as given to `up`")
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to sample under load")
     p.add_argument("--address", default=None, help="edge to load (default: the run file's edge)")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, default=8, help="closed-loop clients (default 8)")
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--no-load", action="store_true", help="send nothing: profile under your own traffic")
     p.add_argument("--sampling-rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=8, help="frames per process in the summary")
-    p.add_argument("--out-dir", type=Path, default=None, help="default: profile-<time>")
+    p.add_argument("--out-dir", type=Path, default=None, help="where the flame graphs and summary go (default: profile-<time>)")
     return p
 
 

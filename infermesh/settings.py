@@ -15,7 +15,12 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
+from services.runtime.redis_keys import DEFAULT_REDIS_URL
 from services.runtime.settings import ServiceSettings, load_settings
+
+# The Redis `infermesh up` starts (--redis-port): where the tools, like the services, look
+# by default. One definition for all: services/runtime/redis_keys.py.
+LOCAL_REDIS_URL = DEFAULT_REDIS_URL
 
 
 class ToolSettings(ServiceSettings):
@@ -36,13 +41,9 @@ class ToolSettings(ServiceSettings):
         description=(
             "Redis the tools use (`redis://host:port/db`); for `up`, use it instead of starting a "
             "redis-server. Also read from REDIS_URL. Empty: `up` starts its own; other tools use "
-            "the one `up` starts (redis://127.0.0.1:6390/0)."
+            f"the one `up` starts ({LOCAL_REDIS_URL})."
         ),
     )
-
-
-# The Redis `infermesh up` starts (its --redis-port default): where the tools look by default.
-LOCAL_REDIS_URL = "redis://127.0.0.1:6390/0"
 
 
 def tool_settings() -> ToolSettings:

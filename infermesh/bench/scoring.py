@@ -37,6 +37,7 @@ from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from infermesh.bench.report import cpu_name, cpu_seconds
+from infermesh.cli_help import CommandParser
 from infermesh.settings import model_repository
 from services.runtime.event_loop import event_loop_runner
 from infermesh.up.supervisor import free_port
@@ -292,11 +293,11 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infermesh models bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repository", type=Path, default=Path(model_repository()))
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(prog="infermesh models bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repository", type=Path, default=Path(model_repository()), help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)")
     p.add_argument("--model", default="ranker", help="model name; its newest version is used (default %(default)s)")
-    p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
+    p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), help="comma-separated rows per call")
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per batch size and mode")
     p.add_argument("--concurrency", type=int, default=4, help="gRPC requests in flight")
     p.add_argument("--streaming", action="store_true", help="send over one ModelStreamInfer stream instead of ModelInfer calls")
@@ -310,14 +311,14 @@ def parser() -> argparse.ArgumentParser:
         help="serve a 64 -> 1 linear model with the reference model's input and output instead "
         "(almost no compute): what serving itself costs per request",
     )
-    p.add_argument("--target", help="benchmark this running server instead of starting one")
+    p.add_argument("--target", help="benchmark this running server (host:port) instead of starting one")
     p.add_argument("--server-log-level", default="WARNING", help="LOG_LEVEL of the server started (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     sizes = [int(s) for s in args.batch_sizes.split(",") if s]
     if args.provider == "cuda" and CUDA not in ort.get_available_providers():
         raise SystemExit(

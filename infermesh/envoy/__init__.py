@@ -4,11 +4,12 @@ run Envoy on it.
 Envoy reads JSON bootstrap files, so the config is built as plain dicts and written as
 JSON. One module per concern:
 
-* listeners: the edge (REST transcoded to gRPC, and gRPC, on one port) and one internal
-  HTTP/2 listener per backend that the gateway dials;
-* routes: each service's routes, the OpenAPI document, the JSON 404;
+* listeners: the edge (REST transcoded to gRPC, gRPC, and the Open Inference Protocol
+  over HTTP, on one port) and one internal HTTP/2 listener per backend that the gateway dials;
+* routes: each service's routes, the Open Inference Protocol's /v2, the OpenAPI document,
+  the JSON 404;
 * http_filters: buffer (the request-size limit), gRPC-JSON transcoder, router;
-* clusters: one per service, health-checked, HTTP/2 upstream;
+* clusters: one per service, health-checked, HTTP/2 upstream (plus scoring_http, HTTP/1.1);
 * resilience: timeouts, retries, retry budget, circuit breakers, outlier detection,
   health checks;
 * edge_policy: opt-in rate limit and API-key authentication at the edge (`EdgePolicy`);

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from infermesh.certs import CertPaths
 from infermesh.envoy.admin import admin, layered_runtime, overload_manager
-from infermesh.envoy.clusters import service_cluster
+from infermesh.envoy.clusters import http_service_cluster, service_cluster
 from infermesh.envoy.common import CONNECT_TIMEOUT, REPO_ROOT, Json, http2_upstream, lb_endpoint
 from infermesh.envoy.edge_policy import EdgePolicy
 from infermesh.envoy.http_filters import router
@@ -40,8 +40,10 @@ def render(
     # The jobs service is optional (a mesh of the pipeline alone has none): only the services
     # the topology runs get a cluster.
     clusters = [service_cluster(topology, name, tls) for name in SERVICES if name in topology.replicas]
+    # Services that serve HTTP too (scoring's Open Inference Protocol over REST).
+    clusters += [http_service_cluster(topology, name, tls) for name in SERVICES if topology.http_replicas.get(name)]
     if tracing is not None:
-        clusters.append(collector_cluster(tracing.otlp_endpoint))
+        clusters.append(collector_cluster(tracing.otlp_endpoint, tracing.protocol))
     return {
         "admin": admin(topology.admin_port),
         "static_resources": {

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from infermesh.certs import CertPaths
+from infermesh.cli_help import CommandParser
 from infermesh.envoy.bootstrap import (
     DEFAULT_DESCRIPTOR_SET,
     LOCAL_CONFIG,
@@ -103,13 +104,15 @@ def edge_policy_from_args(args: argparse.Namespace) -> EdgePolicy:
     return EdgePolicy(args.edge_rate_limit, args.edge_rate_burst, keys, admission_latency_ms=shed_latency)
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Render Envoy configs for the mesh.")
+def build_parser(prog: str = "infermesh envoy") -> argparse.ArgumentParser:
+    parser = CommandParser(prog=prog, description="Render Envoy configs for the mesh.")
     commands = parser.add_subparsers(dest="command", required=True)
     rend = commands.add_parser("render", help="render a static Envoy bootstrap as JSON")
-    rend.add_argument("--replicas", default="", help="e.g. scoring=2,features=1")
-    rend.add_argument("--edge-port", type=int, default=DEFAULT_EDGE_PORT)
-    rend.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT)
+    rend.add_argument(
+        "--replicas", default="", help="e.g. scoring=2,features=1 (default: scoring=2, one of each other service)"
+    )
+    rend.add_argument("--edge-port", type=int, default=DEFAULT_EDGE_PORT, help="REST + gRPC edge port")
+    rend.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT, help="Envoy admin port, on 127.0.0.1")
     rend.add_argument(
         "--descriptor-set",
         type=Path,
@@ -131,7 +134,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     rend.add_argument("--out", type=Path, help="output file (stdout when omitted)")
     rend.add_argument("--validate", action="store_true", help="check it with envoy --mode validate")
     check = commands.add_parser("check", help=f"fail if {LOCAL_CONFIG} is stale")
-    check.add_argument("--repo-root", type=Path, default=REPO_ROOT)
+    check.add_argument(
+        "--repo-root", type=Path, default=REPO_ROOT, help="the checkout to check (default: the one infermesh runs from)"
+    )
     return parser
 
 
@@ -157,7 +162,7 @@ def _render_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "infermesh envoy") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         if args.command == "render":

@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXTENSIONS_TYPE = "type.googleapis.com/envoy.extensions"
 CONNECT_TIMEOUT = "1s"
 
-_HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def socket_address(host: str, port: int) -> Json:
@@ -29,8 +29,8 @@ def lb_endpoint(endpoint: Endpoint) -> Json:
 def http2_upstream() -> Json:
     """Upstream protocol options of a gRPC cluster: HTTP/2 to every endpoint."""
     return {
-        _HTTP_OPTIONS_KEY: {
-            "@type": f"type.googleapis.com/{_HTTP_OPTIONS_KEY}",
+        HTTP_OPTIONS_KEY: {
+            "@type": f"type.googleapis.com/{HTTP_OPTIONS_KEY}",
             "explicit_http_config": {"http2_protocol_options": {}},
         }
     }

@@ -1,9 +1,10 @@
 """Listeners and their HTTP connection managers.
 
 * edge: REST (HTTP/1.1, transcoded to gRPC) and gRPC (HTTP/2) on one port;
-  `/inference.GRPCInferenceService/*` goes to scoring, everything else to the gateway.
-  Envoy's own error replies to REST clients are JSON google.rpc.Status bodies, and gRPC
-  clients get the status code those bodies carry.
+  `/inference.GRPCInferenceService/*` goes to scoring, the Open Inference Protocol over
+  HTTP (`/v2`, `/v2/*`) to scoring's HTTP port, everything else to the gateway.
+  Envoy's own error replies to REST clients are JSON google.rpc.Status bodies (on /v2, the
+  protocol's {"error": ...}), and gRPC clients get the status code those bodies carry.
 * one internal HTTP/2 listener per backend (features, scoring, ranking) that the gateway
   dials; each forwards to the cluster of the same name.
 """
@@ -27,10 +28,12 @@ from infermesh.envoy.http_filters import buffer, router, transcoder
 from infermesh.envoy.routes import (
     HEALTH_ROUTE_PREFIX,
     MAX_OPENAPI_BYTES,
+    OIP_HTTP_PATH,
     SCORING_ROUTE_PREFIX,
     exempt,
     grpc_only,
     not_found_route,
+    oip_http_routes,
     openapi_route,
     route,
     service_routes,
@@ -129,7 +132,7 @@ def edge_listener(
     # AUTO: HTTP/1.1 (REST) and prior-knowledge HTTP/2 (gRPC) share the port.
     hcm = http_connection_manager("edge", "AUTO", _edge_routes(topology, edge), filters, tracing, edge=True)
     hcm["typed_config"]["route_config"]["max_direct_response_body_size_bytes"] = MAX_OPENAPI_BYTES
-    hcm["typed_config"]["local_reply_config"] = _json_local_replies()
+    hcm["typed_config"]["local_reply_config"] = _json_local_replies(oip_http=bool(topology.http_replicas.get(SCORING)))
     socket = downstream_tls(tls) if tls is not None else None
     return listener("edge", topology.listen_host, topology.edge_port, hcm, socket)
 
@@ -154,6 +157,10 @@ def _edge_routes(topology: MeshTopology, edge: EdgePolicy) -> list[Json]:
     routes = [health, exempt(openapi_route(topology), [*bypass, *unshed])]
     scoring = service_routes(SCORING, SCORING_ROUTE_PREFIX, internal=False, unbuffered_streams=True)
     routes += [exempt(scoring_route, unshed) for scoring_route in scoring]
+    # The Open Inference Protocol over HTTP (/v2/...), to scoring's HTTP port: same policy
+    # as its gRPC routes (API keys and rate limit apply, load shedding does not).
+    if topology.http_replicas.get(SCORING):
+        routes += [exempt(oip_route, unshed) for oip_route in oip_http_routes()]
     # JobService (REST /v1/jobs transcoded, or gRPC); SubmitJob and CancelJob on routes of
     # their own, never retried once sent. Not shed: it is not the pipeline's load.
     if JOBS in topology.replicas:
@@ -198,9 +205,10 @@ def _access_log(traced: bool = False) -> list[Json]:
     ]
 
 
-def _json_local_replies() -> Json:
+def _json_local_replies(oip_http: bool = False) -> Json:
     """Envoy's own error replies as JSON google.rpc.Status for REST requests; gRPC requests
-    keep Envoy's conversion to grpc-status / grpc-message."""
+    keep Envoy's conversion to grpc-status / grpc-message. With `oip_http`, those to the
+    Open Inference Protocol's HTTP paths (/v2...) are the protocol's {"error": "..."}."""
     # REST: content-type is not gRPC's, or the transcoder has already rewritten the request
     # to gRPC (it keeps the REST path in x-envoy-original-path) and then refused its body.
     not_grpc = {
@@ -212,7 +220,7 @@ def _json_local_replies() -> Json:
             ]
         }
     }
-    mappers = []
+    mappers = [_oip_http_local_replies()] if oip_http else []
     for status, code in LOCAL_REPLY_CODES.items():
         mappers.append(
             {
@@ -238,6 +246,19 @@ def _json_local_replies() -> Json:
             }
         )
     return {"mappers": mappers}
+
+
+def _oip_http_local_replies() -> Json:
+    """Any reply of Envoy's own on /v2 or under /v2/ (413 body too large, 429, 401, 503 no
+    healthy replica, 504...): the status kept, the body the protocol's error object."""
+    oip_path = {"safe_regex": {"regex": f"^{OIP_HTTP_PATH}([/?].*)?$"}}
+    return {
+        "filter": {"header_filter": {"header": {"name": ":path", "string_match": oip_path}}},
+        "body_format_override": {
+            "json_format": {"error": "%LOCAL_REPLY_BODY%"},
+            "content_type": "application/json",
+        },
+    }
 
 
 def _is_status(status: int) -> Json:

@@ -20,7 +20,16 @@ from typing import Any
 
 from gateway.budget import DEFAULT_DEADLINE_SECONDS, StageBudgets
 from infermesh.envoy.common import EXTENSIONS_TYPE, Json
-from services.runtime.topology import BACKENDS, FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, JOBS, RANKING, SCORING
+from services.runtime.topology import (
+    BACKENDS,
+    FEATURES,
+    GATEWAY,
+    HEALTH_SERVICE_NAMES,
+    JOBS,
+    RANKING,
+    SCORING,
+    http_cluster,
+)
 
 NUM_RETRIES = 2
 ATTEMPTS = 1 + NUM_RETRIES
@@ -95,6 +104,9 @@ EDGE_ROUTE_LIMITS: Mapping[str, RouteLimits] = {
     SCORING: RouteLimits("5s", "5s", "2s"),
     # JobService's reads (GetJob); SubmitJob and CancelJob are NON_IDEMPOTENT_METHODS.
     JOBS: RouteLimits("5s", "10s", "5s"),
+    # The Open Inference Protocol over HTTP: the same calls as scoring's gRPC ones. HTTP has
+    # no grpc-timeout, so the default deadline is the route's timeout for every caller.
+    http_cluster(SCORING): RouteLimits("5s", "5s", "2s"),
 }
 # Routes of the internal listeners: the gateway's calls, always with its stage's deadline.
 INTERNAL_ROUTE_LIMITS: Mapping[str, RouteLimits] = {
@@ -111,6 +123,10 @@ def route_limits(cluster: str, *, internal: bool) -> RouteLimits:
 # the inference metadata/config/statistics calls, Rank), so this is the routes' default.
 # `reset` covers a try cut off by its per-try timeout too.
 IDEMPOTENT_RETRY_ON = "unavailable,reset,connect-failure,refused-stream"
+# The same for HTTP upstreams (the Open Inference Protocol over REST): a 503 is the
+# service's UNAVAILABLE (docs/rest.md), e.g. a replica whose model is not loaded yet.
+HTTP_IDEMPOTENT_RETRY_ON = "reset,connect-failure,refused-stream,retriable-status-codes"
+HTTP_RETRIABLE_STATUS_CODES = (503,)
 # Conditions where the request cannot have reached the application: safe for any RPC.
 UNSENT_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 # RPCs that change state, per cluster: routed on their own, with no retry that could run
@@ -206,6 +222,19 @@ def health_check(service: str) -> Json:
         # a minute for readiness.
         "no_traffic_interval": HEALTH_CHECK_INTERVAL,
         "grpc_health_check": {"service_name": HEALTH_SERVICE_NAMES[service]},
+    }
+
+
+def http_health_check(path: str) -> Json:
+    """An HTTP service's active health check: GET `path`, healthy on 200 (the Open Inference
+    Protocol's /v2/health/ready answers 400 until every model is ready)."""
+    return {
+        "timeout": HEALTH_CHECK_TIMEOUT,
+        "interval": HEALTH_CHECK_INTERVAL,
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        "no_traffic_interval": HEALTH_CHECK_INTERVAL,
+        "http_health_check": {"path": path},
     }
 
 

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from infermesh.envoy.common import Json
 from infermesh.envoy.http_filters import BUFFER_FILTER
 from infermesh.envoy.resilience import (
+    HTTP_IDEMPOTENT_RETRY_ON,
+    HTTP_RETRIABLE_STATUS_CODES,
     IDEMPOTENT_RETRY_ON,
     NON_IDEMPOTENT_METHODS,
     NON_IDEMPOTENT_TIMEOUT,
@@ -17,7 +19,7 @@ from infermesh.envoy.resilience import (
     retry_policy,
     route_limits,
 )
-from services.runtime.topology import HEALTH_SERVICE_NAMES, SCORING, MeshTopology
+from services.runtime.topology import HEALTH_SERVICE_NAMES, SCORING, MeshTopology, http_cluster
 
 SCORING_ROUTE_PREFIX = f"/{HEALTH_SERVICE_NAMES[SCORING]}/"
 HEALTH_ROUTE_PREFIX = "/grpc.health.v1.Health/"
@@ -28,6 +30,11 @@ HEALTH_ROUTE_PREFIX = "/grpc.health.v1.Health/"
 STREAMING_METHODS: Mapping[str, tuple[str, ...]] = {
     SCORING: (f"/{HEALTH_SERVICE_NAMES[SCORING]}/ModelStreamInfer",),
 }
+
+# The Open Inference Protocol over HTTP/REST (KServe v2 / Triton): server metadata at /v2,
+# everything else under /v2/ (health, model metadata and readiness, inference).
+OIP_HTTP_PATH = "/v2"
+OIP_HTTP_PREFIX = "/v2/"
 
 # The REST API's OpenAPI document, which scripts/gen_protos.py writes next to the descriptor set.
 OPENAPI_PATH = "/v1/openapi.json"
@@ -108,6 +115,26 @@ def service_routes(
         stream = _streaming_route(path, cluster)
         routes.append(exempt(stream, [BUFFER_FILTER]) if unbuffered_streams else stream)
     return [*routes, route({"prefix": prefix}, cluster, internal=internal)]
+
+
+def http_route(match: Json, cluster: str, limits: RouteLimits) -> Json:
+    """A route to an HTTP/1.1 (not gRPC) upstream. Its timeout is the deadline, which Envoy
+    tells the service in x-envoy-expected-rq-timeout-ms (the per-try timeout, the shorter);
+    retried on another replica like the idempotent gRPC calls, a 503 (UNAVAILABLE) too."""
+    policy = retry_policy(HTTP_IDEMPOTENT_RETRY_ON, limits.per_try_timeout)
+    policy["retriable_status_codes"] = list(HTTP_RETRIABLE_STATUS_CODES)
+    return {"match": match, "route": {"cluster": cluster, "timeout": limits.default_deadline, "retry_policy": policy}}
+
+
+def oip_http_routes() -> list[Json]:
+    """The edge's routes for the Open Inference Protocol over HTTP: /v2 and /v2/... to
+    scoring's HTTP port. Every call of it only reads (metadata, health, inference)."""
+    cluster = http_cluster(SCORING)
+    limits = route_limits(cluster, internal=False)
+    return [
+        http_route({"path": OIP_HTTP_PATH}, cluster, limits),
+        http_route({"prefix": OIP_HTTP_PREFIX}, cluster, limits),
+    ]
 
 
 def exempt(route: Json, filters: Sequence[str]) -> Json:

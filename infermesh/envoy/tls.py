@@ -35,15 +35,16 @@ def downstream_tls(tls: CertPaths) -> Json:
     }
 
 
-def upstream_tls(tls: CertPaths, service: str) -> Json:
-    """mTLS to `service`'s replicas: Envoy's client certificate; theirs must name `service`."""
+def upstream_tls(tls: CertPaths, service: str, alpn: tuple[str, ...] = ("h2",)) -> Json:
+    """mTLS to `service`'s replicas: Envoy's client certificate; theirs must name `service`.
+    `alpn`: h2 for the gRPC servers, http/1.1 for an HTTP/1.1 one (scoring's REST port)."""
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": f"{EXTENSIONS_TYPE}.transport_sockets.tls.v3.UpstreamTlsContext",
             "sni": service,
             "common_tls_context": {
-                "alpn_protocols": ["h2"],  # gRPC servers speak HTTP/2 only
+                "alpn_protocols": list(alpn),
                 "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
                 "tls_certificates": [
                     {"certificate_chain": _file(tls.client_cert), "private_key": _file(tls.client_key)}

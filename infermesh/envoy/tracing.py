@@ -2,8 +2,9 @@
 
 W3C traceparent in and out, a server span per request plus a span per upstream call
 (spawn_upstream_span), sampled at `sampling_percent` for requests that arrive without a
-sampling decision; spans go over OTLP/gRPC to an `opentelemetry_collector` cluster. The
-edge returns the trace id as an `x-trace-id` header. Health checks are never traced.
+sampling decision; spans go over OTLP/gRPC, or OTLP/HTTP (protobuf), to an
+`opentelemetry_collector` cluster. The edge returns the trace id as an `x-trace-id`
+header. Health checks are never traced.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlsplit
 
 from infermesh.envoy.common import (
@@ -21,6 +23,7 @@ from infermesh.envoy.common import (
     lb_endpoint,
 )
 from infermesh.envoy.routes import HEALTH_ROUTE_PREFIX
+from services.runtime.settings import TelemetrySettings, load_settings
 from services.runtime.topology import Endpoint
 
 COLLECTOR_CLUSTER = "opentelemetry_collector"
@@ -32,12 +35,14 @@ _UNTRACED = {"client_sampling": _NEVER, "random_sampling": _NEVER, "overall_samp
 
 @dataclass(frozen=True)
 class Tracing:
-    """Envoy's OpenTelemetry tracer, exporting to an OTLP/gRPC collector.
+    """Envoy's OpenTelemetry tracer, exporting to an OTLP collector.
 
-    otlp_endpoint: `http://host:4317`, `https://host:4317` or `host:4317` (Envoy refuses
-    a tracer without an exporter, so no endpoint means no tracer: the gateway then starts
-    each trace). sampling_percent: share of new traces Envoy samples; a request that
-    already carries a traceparent keeps its sampled flag.
+    otlp_endpoint: for `protocol` grpc, `http://host:4317`, `https://host:4317` or
+    `host:4317`; for http/protobuf, the full URL spans are POSTed to, e.g.
+    `http://host:4318/v1/traces` (Envoy refuses a tracer without an exporter, so no
+    endpoint means no tracer: the gateway then starts each trace). sampling_percent: share
+    of new traces Envoy samples; a request that already carries a traceparent keeps its
+    sampled flag.
     """
 
     otlp_endpoint: str
@@ -45,23 +50,27 @@ class Tracing:
     service_name: str = "envoy"
     flush_interval_ms: int = 1000
     min_flush_spans: int = 512
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sampling_percent <= 100.0:
             raise ValueError(f"sampling_percent must be within 0..100, got {self.sampling_percent}")
-        parse_otlp_endpoint(self.otlp_endpoint)
+        parse_otlp_endpoint(self.otlp_endpoint, self.protocol)
 
 
-def parse_otlp_endpoint(endpoint: str) -> tuple[str, int, bool]:
-    """`http://host:4317` -> (host, 4317, tls=False); a bare `host:port` is plaintext."""
+def parse_otlp_endpoint(endpoint: str, protocol: str = "grpc") -> tuple[str, int, bool]:
+    """`http://host:4317` -> (host, 4317, tls=False); a bare `host:port` is plaintext (gRPC
+    only). OTLP/HTTP: a URL with its path, e.g. `http://host:4318/v1/traces` -> port 4318."""
     text = endpoint.strip()
-    parts = urlsplit(text if "://" in text else f"http://{text}")
-    if parts.scheme not in ("http", "https", "grpc") or not parts.hostname:
-        raise ValueError(f"OTLP endpoint {endpoint!r}: expected http://host:port or host:port")
-    if parts.path not in ("", "/"):
+    http = protocol == "http/protobuf"
+    parts = urlsplit(text if "://" in text or http else f"http://{text}")
+    if parts.scheme not in (("http", "https") if http else ("http", "https", "grpc")) or not parts.hostname:
+        expected = "http://host:port/v1/traces" if http else "http://host:port or host:port"
+        raise ValueError(f"OTLP endpoint {endpoint!r}: expected {expected}")
+    if not http and parts.path not in ("", "/"):
         raise ValueError(f"OTLP endpoint {endpoint!r}: OTLP/gRPC takes no path")
     try:
-        port = parts.port or 4317
+        port = parts.port or (4318 if http else 4317)
     except ValueError:
         raise ValueError(f"OTLP endpoint {endpoint!r}: bad port") from None
     return parts.hostname, port, parts.scheme == "https"
@@ -86,14 +95,18 @@ def sampling_percent_from_env(environ: Mapping[str, str]) -> float:
 
 
 def tracing_from_env(environ: Mapping[str, str]) -> Tracing | None:
-    """The tracer matching the services' OTEL_* variables (endpoint, sampler), if any."""
-    exporter = environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
-    endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
-    if not endpoint or exporter == "none":
+    """The tracer matching the services' OTEL_* variables (protocol, endpoint, sampler), if
+    they export: read as the services read them (services/runtime/settings.py), so a bad
+    value raises the same SettingsError naming the variable. None when nothing is exported
+    (no endpoint, OTEL_TRACES_EXPORTER=none, OTEL_SDK_DISABLED=true)."""
+    settings = load_settings(TelemetrySettings, environ)
+    if not settings.exporting:
         return None
-    return Tracing(otlp_endpoint=endpoint, sampling_percent=sampling_percent_from_env(environ))
+    return Tracing(
+        otlp_endpoint=settings.traces_endpoint,
+        sampling_percent=sampling_percent_from_env(environ),
+        protocol=settings.traces_protocol,
+    )
 
 
 def tracer(tracing: Tracing) -> Json:
@@ -101,11 +114,16 @@ def tracer(tracing: Tracing) -> Json:
     provider: Json = {
         "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
         "service_name": tracing.service_name,
-        "grpc_service": {
+    }
+    if tracing.protocol == "http/protobuf":
+        # OTLP/HTTP: Envoy POSTs protobuf to the URL's path through the collector cluster.
+        uri = {"uri": tracing.otlp_endpoint, "cluster": COLLECTOR_CLUSTER, "timeout": OTLP_EXPORT_TIMEOUT}
+        provider["http_service"] = {"http_uri": uri}
+    else:
+        provider["grpc_service"] = {
             "envoy_grpc": {"cluster_name": COLLECTOR_CLUSTER},
             "timeout": OTLP_EXPORT_TIMEOUT,
-        },
-    }
+        }
     return {
         "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": provider},
         "random_sampling": {"value": tracing.sampling_percent},
@@ -144,8 +162,11 @@ def flush_runtime_layer(tracing: Tracing) -> Json:
     return {"name": "tracing", "static_layer": static}
 
 
-def collector_cluster(endpoint: str) -> Json:
-    host, port, tls = parse_otlp_endpoint(endpoint)
+def collector_cluster(endpoint: str, protocol: str = "grpc") -> Json:
+    """The collector's cluster: HTTP/2 for OTLP/gRPC, HTTP/1.1 (what every OTLP/HTTP
+    receiver speaks) for OTLP/HTTP."""
+    host, port, tls = parse_otlp_endpoint(endpoint, protocol)
+    http = protocol == "http/protobuf"
     try:
         ipaddress.ip_address(host)
         kind = "STATIC"
@@ -159,8 +180,9 @@ def collector_cluster(endpoint: str) -> Json:
             "cluster_name": COLLECTOR_CLUSTER,
             "endpoints": [{"lb_endpoints": [lb_endpoint(Endpoint(host, port))]}],
         },
-        "typed_extension_protocol_options": http2_upstream(),
     }
+    if not http:
+        cluster["typed_extension_protocol_options"] = http2_upstream()
     if kind == "STRICT_DNS":
         cluster["dns_lookup_family"] = "V4_PREFERRED"
     if tls:
@@ -169,7 +191,7 @@ def collector_cluster(endpoint: str) -> Json:
             "typed_config": {
                 "@type": f"{EXTENSIONS_TYPE}.transport_sockets.tls.v3.UpstreamTlsContext",
                 "sni": host,
-                "common_tls_context": {"alpn_protocols": ["h2"]},
+                "common_tls_context": {"alpn_protocols": ["http/1.1" if http else "h2"]},
             },
         }
     return cluster

@@ -7,7 +7,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from infermesh.cli_help import CommandParser, add_delegated, run_delegated
 from infermesh.settings import LOCAL_REDIS_URL, features_settings, tools_redis_url
+from services.runtime.redis_keys import DEFAULT_NAMESPACE
 
 
 
@@ -28,18 +30,18 @@ def _ingest_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument(
         "--redis-url",
         default=tools_redis_url(),
-        help=f"default $INFERMESH_REDIS_URL, $REDIS_URL or {LOCAL_REDIS_URL}",
+        help=f"the features' Redis (default $INFERMESH_REDIS_URL, $REDIS_URL or {LOCAL_REDIS_URL})",
     )
     p.add_argument(
         "--namespace",
         default=features_settings()[1],
-        help="root key namespace (default %(default)s)",
+        help=f"root key namespace (default $FEATURES_NAMESPACE or {DEFAULT_NAMESPACE})",
     )
     p.add_argument("--batch-rows", type=int, default=10_000, help="rows per pipeline round trip (default %(default)s)")
     p.add_argument("--max-bad-rows", type=int, default=None, help="abort (nothing switched) past this many bad rows")
     p.add_argument("--bad-rows-out", type=Path, help="write every bad row (place<TAB>reason) to this file")
     p.add_argument("--index", type=Path, help="also rebuild the candidate index here (retrieval item view only)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -112,20 +114,29 @@ def cmd_views(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="infermesh features", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(prog="infermesh features", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _ingest_parser(commands)
     views = commands.add_parser("views", help="list the registry's feature views")
-    views.add_argument("--registry", default=features_settings()[0] or None)
-    views.add_argument("--yaml", action="store_true", help="print the registry file itself (a starting point)")
-    commands.add_parser(
-        "bench", help="GetFeatures latency/throughput (cache hot and cold) and retrieval", add_help=False
+    views.add_argument(
+        "--registry",
+        default=features_settings()[0] or None,
+        help="views YAML (default $FEATURES_REGISTRY or the built-in reference registry)",
     )
+    views.add_argument("--yaml", action="store_true", help="print the registry file itself (a starting point)")
+    add_delegated(
+        commands, "bench", "infermesh.bench.features", "GetFeatures latency/throughput (cache hot and cold) and retrieval"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        from infermesh.bench import features as bench
-        return bench.main(rest)
+    delegated = run_delegated(args, rest)
+    if delegated is not None:
+        return delegated
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return cmd_ingest(args) if args.command == "ingest" else cmd_views(args)

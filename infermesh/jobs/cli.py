@@ -26,7 +26,8 @@ from pathlib import Path
 
 import redis
 
-from infermesh.settings import add_data_dir_argument, tools_redis_url
+from infermesh.cli_help import CommandParser, add_delegated
+from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, tools_redis_url
 from services.jobs.settings import JobsSettings
 from services.jobs.store import COMPLETED, FINISHED, JobStatus
 from services.runtime.errors import InfermeshError, status_for
@@ -34,12 +35,12 @@ from services.runtime.settings import SettingsError, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infermesh jobs", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="infermesh jobs", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("JOBS_REDIS_URL") or None,
         help="Redis of the jobs (and Celery's broker unless JOBS_BROKER_URL says otherwise); "
-        "default $JOBS_REDIS_URL, else the mesh's ($INFERMESH_REDIS_URL, $REDIS_URL, redis://127.0.0.1:6390/0)",
+        f"default $JOBS_REDIS_URL, else the mesh's ($INFERMESH_REDIS_URL, $REDIS_URL, {LOCAL_REDIS_URL})",
     )
     add_data_dir_argument(parser, "the mesh's data dir: results go to <data dir>/jobs/<job id>/ by default")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,18 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="then wait for it, as `jobs wait`")
     submit.add_argument("--json", action="store_true", help="print the job's status as JSON")
     status = commands.add_parser("status", help="a job's progress: done/failed/total, timing, throughput, ETA, results")
-    status.add_argument("job_id")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("job_id", help="the id `jobs submit` printed")
+    status.add_argument("--json", action="store_true", help="print the job's status as JSON")
     wait = commands.add_parser("wait", help="follow a job with a progress bar until it finishes")
-    wait.add_argument("job_id")
+    wait.add_argument("job_id", help="the id `jobs submit` printed")
     wait.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 3)")
     wait.add_argument("--interval", type=float, default=0.5, help="seconds between polls (default %(default)s)")
     cancel = commands.add_parser("cancel", help="stop a job: requests not yet run are not run")
-    cancel.add_argument("job_id")
-    bench = commands.add_parser(
-        "bench", add_help=False, help="the jobs' benchmark on a mesh of its own (`infermesh jobs bench --help`)"
-    )
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)  # main() hands them over first
+    cancel.add_argument("job_id", help="the id `jobs submit` printed")
+    # main() hands `bench` and what follows to infermesh.bench.jobs before parsing.
+    add_delegated(commands, "bench", "infermesh.bench.jobs", "the jobs' benchmark on a mesh of its own")
     return parser
 
 
@@ -133,7 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # The job's trace starts at submit (OTEL_* as for the services: exported when
     # OTEL_EXPORTER_OTLP_ENDPOINT is set); a cancellation is a span in it.
-    telemetry = setup_telemetry("infermesh-jobs") if args.command in ("submit", "cancel") else None
+    try:
+        telemetry = setup_telemetry("infermesh-jobs") if args.command in ("submit", "cancel") else None
+    except SettingsError as error:
+        print(f"infermesh jobs: {error}", file=sys.stderr)
+        return 2
     jobs = Jobs(settings)
     try:
         if args.command == "submit":

@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
-import importlib
+import argparse
 import sys
 from collections.abc import Sequence
+
+from infermesh.cli_help import CommandParser, add_delegated, run_delegated
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("infermesh.bench.scoring", "scoring throughput through gRPC vs raw ONNX Runtime"),
@@ -18,23 +20,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def usage() -> str:
-    lines = ["usage: infermesh models {" + ",".join(COMMANDS) + "} [options]", ""]
-    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
-    return "\n".join(lines)
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(prog="infermesh models", description=(__doc__ or "").splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module, summary) in COMMANDS.items():
+        add_delegated(commands, name, module, summary)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(usage())
-        return 0 if args else 2
-    command, rest = args[0], args[1:]
-    if command not in COMMANDS:
-        print(f"infermesh models: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    delegated = run_delegated(args, rest)
+    assert delegated is not None  # every subcommand is delegated
+    return delegated
 
 
 if __name__ == "__main__":

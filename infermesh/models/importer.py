@@ -27,7 +27,8 @@ import numpy as np
 import onnxruntime as ort
 
 from infermesh.workload import modelgen
-from services.scoring.config import CONFIG_FILE, MODEL_FILE
+from services.scoring.config import CONFIG_FILE, MODEL_FILE, PBTXT_FILE
+from infermesh.cli_help import CommandParser
 from infermesh.settings import model_repository
 
 INPUT = "features"
@@ -157,7 +158,8 @@ def publish(repository: Path, name: str, onnx_model: bytes, batched: bool, prove
     directory = repository / name
     existing = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / MODEL_FILE).is_file()]
     version = max(existing, default=0) + 1
-    if not (directory / CONFIG_FILE).is_file():
+    # Never beside a Triton config.pbtxt: a config.json would take precedence over it.
+    if not (directory / CONFIG_FILE).is_file() and not (directory / PBTXT_FILE).is_file():
         # Batching needs every output to be batch-major; otherwise each request runs alone.
         modelgen.write_config(repository, name, {"max_batch_size": DEFAULT_MAX_BATCH_SIZE if batched else 0})
     path = modelgen.write_version(repository, name, version, onnx_model)
@@ -165,11 +167,11 @@ def publish(repository: Path, name: str, onnx_model: bytes, batched: bool, prove
     return version, path
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infermesh models import", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(prog="infermesh models import", description=__doc__.split("\n\n")[0])
     p.add_argument("file", type=Path, help="scikit-learn joblib/pickle, or LightGBM model (.txt or pickle)")
     p.add_argument("--model", required=True, help="model name in the repository")
-    p.add_argument("--repository", type=Path, default=Path(model_repository()))
+    p.add_argument("--repository", type=Path, default=Path(model_repository()), help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)")
     p.add_argument("--sample", type=Path, help=".npy float rows for the parity check (default: 512 standard normal rows)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |onnx - original| (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="convert and check; write nothing")
@@ -180,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         model = load_model(args.file)
         rows = sample_rows(args.sample, n_features(model), 512)

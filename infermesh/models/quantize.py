@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from infermesh.cli_help import CommandParser
 from infermesh.workload import modelgen
 from services.scoring.config import MODEL_FILE, read_provenance
 from services.scoring.loading import session_options
@@ -97,21 +98,21 @@ def newest_version(directory: Path) -> int:
     return max(versions)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infermesh models quantize", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repository", type=Path, default=Path(model_repository()))
-    p.add_argument("--model", default="ranker")
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(prog="infermesh models quantize", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repository", type=Path, default=Path(model_repository()), help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)")
+    p.add_argument("--model", default="ranker", help="the model to quantize")
     p.add_argument("--version", type=int, help="float version to quantize (default: the newest)")
     p.add_argument("--users", type=int, default=300, help="queries for NDCG@20 (default %(default)s)")
     p.add_argument("--seconds", type=float, default=2.0, help="timing per model at batch 256")
     p.add_argument("--max-ndcg-drop", type=float, default=0.01, help="refuse to publish beyond this NDCG@20 loss")
     p.add_argument("--dry-run", action="store_true", help="report only; write nothing")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     directory = args.repository / args.model
     if not directory.is_dir():
         print(f"infermesh models quantize: no model {args.model!r} in {args.repository}", file=sys.stderr)

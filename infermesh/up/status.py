@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from infermesh.up.runfile import RunFile, alive, read_run_file
+from infermesh.cli_help import CommandParser
 from infermesh.settings import add_data_dir_argument
 
 COLUMNS = ("NAME", "ROLE", "PID", "ALIVE", "ADDRESS", "RESTARTS", "LAST EXIT")
@@ -36,7 +37,7 @@ def format_table(run: RunFile) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infermesh status", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="infermesh status", description=__doc__.splitlines()[0])
     add_data_dir_argument(parser, "the mesh's data dir, as given to `up`")
     parser.add_argument("--json", action="store_true", help="print the run file, each process with `alive` added")
     return parser

@@ -5,9 +5,12 @@ user starts. Children die with the supervisor (PR_SET_PDEATHSIG) and are stopped
 order on shutdown: Envoy first (no new traffic), then the gateway, then the backends.
 
 Telemetry: the OTEL_* variables in `extra_env` (or the supervisor's own environment) reach
-every service; when they name an OTLP endpoint, Envoy gets its OpenTelemetry tracer with
-the same endpoint and the sampling ratio of OTEL_TRACES_SAMPLER(_ARG). Every replica
-serves Prometheus /metrics on its own port (`metrics_ports`, via <SERVICE>_METRICS_PORT).
+every service, checked before anything starts; when the services export (an OTLP
+endpoint, OTEL_SDK_DISABLED not true), Envoy gets its OpenTelemetry tracer with the same
+protocol and endpoint and the sampling ratio of OTEL_TRACES_SAMPLER(_ARG). Every replica
+serves Prometheus /metrics on its own port (`metrics_ports`, via <SERVICE>_METRICS_PORT),
+and each scoring replica the Open Inference Protocol over HTTP on its port of
+`topology.http_replicas` (SCORING_HTTP_PORT), which Envoy's edge routes /v2/... to.
 
 Edge policy and TLS: `edge` (rate limit, API keys) goes into Envoy's edge listener; with
 `tls` (a directory from `infermesh certs`) Envoy serves TLS at the edge and every replica
@@ -47,6 +50,7 @@ from services.runtime.topology import (
     FEATURES,
     GATEWAY,
     HEALTH_SERVICE_NAMES,
+    HTTP_SERVICES,
     JOBS,
     RANKING,
     SCORING,
@@ -177,15 +181,18 @@ def free_port_block(span: int) -> int:
 def free_topology(replicas: Mapping[str, int]) -> MeshTopology:
     """A topology on free ports (edge, admin, internal listeners, every replica): for meshes
     started beside another, e.g. by the tests and by `infermesh bench --suite`."""
+    endpoints = {
+        name: tuple(Endpoint("127.0.0.1", free_port()) for _ in range(replicas.get(name, 1))) for name in SERVICES
+    }
     return MeshTopology(
-        replicas={
-            name: tuple(Endpoint("127.0.0.1", free_port()) for _ in range(replicas.get(name, 1)))
-            for name in SERVICES
-        },
+        replicas=endpoints,
         descriptor_set=DESCRIPTOR_SET,
         edge_port=free_port(),
         admin_port=free_port(),
         internal_ports={name: free_port() for name in BACKENDS},
+        http_replicas={
+            name: tuple(Endpoint("127.0.0.1", free_port()) for _ in endpoints[name]) for name in HTTP_SERVICES
+        },
     )
 
 
@@ -246,6 +253,8 @@ class Mesh:
             ports += [(name, e.port) for e in endpoints]
             if self.metrics_port_offset is not None:
                 ports += [(f"{name} metrics", e.port + self.metrics_port_offset) for e in endpoints]
+        for name, endpoints in self.topology.http_replicas.items():
+            ports += [(f"{name} HTTP", e.port) for e in endpoints]
         return ports
 
     # ---- telemetry ------------------------------------------------------------------
@@ -254,8 +263,13 @@ class Mesh:
         return {**os.environ, **self.extra_env}
 
     def tracing(self) -> envoy.Tracing | None:
-        """Envoy's tracer: on when the services export to an OTLP endpoint."""
-        return envoy.tracing_from_env(self.telemetry_env())
+        """Envoy's tracer: on when the services export (an OTLP endpoint, the SDK not
+        disabled), over the services' protocol. A bad OTEL_* variable is a MeshError naming
+        it, before any process starts (start() asks first), not one failing replica each."""
+        try:
+            return envoy.tracing_from_env(self.telemetry_env())
+        except ValueError as error:  # SettingsError, or an endpoint Envoy cannot use
+            raise MeshError(str(error)) from None
 
     def metrics_port(self, replica: str, endpoint: Endpoint) -> int:
         port = self.metrics_ports.get(replica)
@@ -307,6 +321,9 @@ class Mesh:
         elif service == GATEWAY:
             for backend in (FEATURES, SCORING, RANKING):
                 env[f"GATEWAY_{backend.upper()}_TARGET"] = self.topology.internal_endpoint(backend).address
+        http = self.topology.http_endpoint(service, endpoint)
+        if http is not None:  # scoring: the Open Inference Protocol over HTTP, beside gRPC
+            env[f"{prefix}_HTTP_PORT"] = str(http.port)
         if self.tls is not None:
             env.update(service_tls_env(service, self.tls))
         return env

@@ -45,7 +45,9 @@ from infermesh.workload.catalog import (
     generate_catalog,
     seen_items,
 )
-from infermesh.settings import add_data_dir_argument, LOCAL_REDIS_URL, tools_redis_url
+from infermesh.cli_help import CommandParser
+from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, tools_redis_url
+from services.runtime.redis_keys import LOCAL_REDIS_PORT
 from infermesh.workload.model import (
     DEFAULT_BATCH,
     DEFAULT_STEPS,
@@ -392,7 +394,7 @@ def _connect(redis_url: str) -> redis.Redis:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         raise SeedError(
             f"cannot connect to Redis at {shown}: {exc}\n"
-            "Start a server, e.g. `redis-server --port 6379 --save '' --appendonly no`, "
+            f"Start a server, e.g. `redis-server --port {LOCAL_REDIS_PORT} --save '' --appendonly no`, "
             "or point --redis-url / REDIS_URL at a running one."
         ) from exc
     return client
@@ -502,8 +504,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(
         prog="infermesh seed",
         description="Generate the reference catalog, train/export the ranker and load features into Redis.",
     )
@@ -521,7 +523,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         summary = seed_all(
             args.data_dir,

@@ -26,6 +26,7 @@ from services.runtime.errors import FailedPrecondition, InvalidArgument, rpc_sta
 from services.runtime.limits import DEFAULT_MAX_ID_LENGTH
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
+from services.runtime.redis_keys import DEFAULT_REDIS_URL
 from services.runtime.settings import ServerSettings, listen_port, load_settings
 from services.runtime.telemetry import ATTR_BATCH_REQUESTS, set_attributes
 from services.features.cache import LocalCache
@@ -49,7 +50,7 @@ class FeaturesSettings(ServerSettings):
     model_config = SettingsConfigDict(env_prefix=f"{FEATURES.upper()}_")
 
     port: int = listen_port(30200)
-    redis_url: str = Field("redis://127.0.0.1:6379/0", min_length=1, description="Redis holding the feature views.")
+    redis_url: str = Field(DEFAULT_REDIS_URL, min_length=1, description="Redis holding the feature views.")
     namespace: str = Field(DEFAULT_NAMESPACE, min_length=1, description="Key prefix of the feature data in Redis.")
     max_items: int = Field(
         1000,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.runtime.redis_keys import DEFAULT_REDIS_URL
 from services.runtime.settings import ServerSettings, listen_port
 from services.runtime.topology import DEFAULT_EDGE_PORT
 
@@ -22,7 +23,7 @@ class JobsSettings(ServerSettings):
 
     port: int = listen_port(30500)
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis holding the jobs: their requests, results and progress."
+        DEFAULT_REDIS_URL, description="Redis holding the jobs: their requests, results and progress."
     )
     broker_url: str = Field(
         "", description="Celery broker (a Redis URL); empty: JOBS_REDIS_URL, the same Redis as the jobs."

@@ -206,12 +206,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging("jobs-worker", os.environ.get("LOG_LEVEL", "INFO"))
     try:
         settings = load_settings(JobsSettings)
+        telemetry = setup_telemetry(WORKER_SERVICE_NAME)  # OTEL_SERVICE_NAME, if set, wins
     except SettingsError as error:
         raise SystemExit(f"jobs worker: {error}") from None
     metrics = Metrics(JOBS)
     if settings.metrics_port:
         metrics.serve_http(settings.host, settings.metrics_port)
-    telemetry = setup_telemetry(WORKER_SERVICE_NAME)  # OTEL_SERVICE_NAME, if set, wins
     app = build_worker(settings, metrics)
     name = os.environ.get("JOBS_WORKER_NAME") or f"jobs-{os.getpid()}@{socket.gethostname()}"
     try:

@@ -22,6 +22,7 @@ from services.runtime.errors import InvalidArgument, rpc_status
 from services.runtime.limits import DEFAULT_MAX_ID_LENGTH, check_length, check_lengths
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
+from services.runtime.redis_keys import DEFAULT_REDIS_URL
 from services.runtime.settings import ServerSettings, listen_port, load_settings
 from services.runtime.telemetry import (
     ATTR_BATCH_REQUESTS,
@@ -89,7 +90,7 @@ class RankingSettings(ServerSettings):
         ),
     )
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0",
+        DEFAULT_REDIS_URL,
         description="Redis holding the `<namespace>:seen:<user_id>` sets of seen_filter; empty: no seen_filter.",
     )
     namespace: str = Field(DEFAULT_NAMESPACE, min_length=1, description="Key prefix of the seen sets in Redis.")

@@ -71,6 +71,19 @@ STATUS_FOR_ERROR: dict[type[InfermeshError], grpc.StatusCode] = {
 ERROR_FOR_STATUS: dict[grpc.StatusCode, type[InfermeshError]] = {
     status: error for error, status in STATUS_FOR_ERROR.items()
 }
+# The same statuses over HTTP, for the services' own HTTP endpoints (scoring's Open
+# Inference Protocol over REST): what Envoy's gRPC-JSON transcoder answers REST clients of
+# the gateway for each code (docs/rest.md), so an error reads alike on every path.
+HTTP_STATUS_FOR_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
 
 
 # What a caller is told of a failure that is not a domain error (the details go to the log).
@@ -80,8 +93,13 @@ INTERNAL_ERROR_MESSAGE = "internal error; the service log has the details"
 def status_for(error: InfermeshError) -> grpc.StatusCode:
     for kind in type(error).__mro__:
         if kind in STATUS_FOR_ERROR:
-            return STATUS_FOR_ERROR[kind]  # type: ignore[index]
+            return STATUS_FOR_ERROR[kind]
     return grpc.StatusCode.INTERNAL
+
+
+def http_status_for(error: InfermeshError) -> int:
+    """The HTTP status of a domain error: its gRPC status through HTTP_STATUS_FOR_STATUS."""
+    return HTTP_STATUS_FOR_STATUS.get(status_for(error), 500)
 
 
 # The most UTF-8 bytes of a status message; percent-encoded in grpc-message, it stays

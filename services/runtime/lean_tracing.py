@@ -53,7 +53,7 @@ class LeanSpan(SdkSpan):
             ended = self._end_time is not None
             if not ended:
                 self._end_time = end_time if end_time is not None else time_ns()
-                self._attributes._immutable = True
+                self._attributes._immutable = True  # type: ignore[union-attr]  # the SDK's BoundedAttributes
         if ended:
             SdkSpan.end(self, end_time)  # the SDK's warning, nothing else
             return
@@ -79,7 +79,7 @@ class LeanTracer(SdkTracer):
     _lean_ok: bool
     _max_attributes: int | None
 
-    def start_span(  # type: ignore[override]
+    def start_span(
         self,
         name: str,
         context: Any = None,

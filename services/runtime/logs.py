@@ -11,13 +11,15 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
 from opentelemetry import trace
+from structlog.typing import Processor
 
 
-def _add_trace_context(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     context = trace.get_current_span().get_span_context()
     if context.is_valid:
         event["trace_id"] = format(context.trace_id, "032x")
@@ -30,7 +32,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

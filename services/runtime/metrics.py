@@ -2,13 +2,22 @@
 
 Services receive the Metrics object and declare their own instruments on it; names are
 prefixed with the service name (e.g. features_cache_hits_total) unless they follow an
-existing convention (scoring's nv_inference_*).
+existing convention (scoring's nv_inference_*, as Triton names them).
+
+Counters come out as prometheus_client writes them (`x_total` plus `x_created`), except
+those declared with `bare_counter`: Triton's counters are named without `_total` and
+have no `_created` series, and dashboards and alerts written for Triton match only that.
+`exposition()` renders both kinds in either format a scraper asks for; `serve_http` serves it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import gzip
+import socket
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -18,8 +27,10 @@ from prometheus_client import (
     GCCollector,
     Histogram,
     ProcessCollector,
-    start_http_server,
 )
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # Fit for millisecond-scale RPCs: 0.25 ms .. 10 s.
 LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
@@ -39,6 +50,15 @@ class Metrics:
 
     def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
         return Counter(name, documentation, list(labels), registry=self.registry)
+
+    def bare_counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+        """A counter exposed as `name` exactly: no `_total` suffix, no `_created` series
+        (Triton's convention). Used like any Counter; BareCounters renames at scrape time."""
+        bare = getattr(self, "_bare", None)
+        if bare is None:
+            bare = self._bare = BareCounters()
+            self.registry.register(bare)
+        return bare.counter(name, documentation, labels)
 
     def gauge(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Gauge:
         return Gauge(name, documentation, list(labels), registry=self.registry)
@@ -60,12 +80,106 @@ class Metrics:
         return existing
 
     def serve_http(self, host: str, port: int) -> None:
-        """Expose /metrics on host:port (a thread of prometheus_client's).
+        """Expose /metrics on host:port, from a daemon thread (it ends with the process).
 
         Plain text by default; a scraper asking for OpenMetrics (Accept:
         application/openmetrics-text) also gets the exemplars (trace ids).
         """
-        start_http_server(port, addr=host, registry=self.registry)
+        serve_exposition(self.registry, host, port)
+
+
+class BareCounterFamily(Metric):
+    """A counter family whose samples carry the family's own name (no `_total`)."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        super().__init__(name, documentation, "counter")
+
+
+class BareCounters:
+    """Collector of counters exposed without `_total` and `_created`.
+
+    The counters are ordinary prometheus_client Counters (thread-safe, label children
+    bound once) on a registry of their own; collect() renames their `_total` samples to
+    the family name and drops the `_created` ones.
+    """
+
+    def __init__(self) -> None:
+        self._registry = CollectorRegistry(auto_describe=True)
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+        return Counter(name, documentation, list(labels), registry=self._registry)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            bare = BareCounterFamily(family.name, family.documentation)
+            total = family.name + "_total"
+            for sample in family.samples:
+                if sample.name == total:
+                    bare.add_sample(family.name, sample.labels, sample.value, sample.timestamp, sample.exemplar)
+            yield bare
+
+
+class _Families:
+    """Families already collected, as a Collector the encoders accept."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def exposition(registry: Collector, accept: str = "") -> tuple[bytes, str]:
+    """(body, content type) of a scrape of `registry` by a client that sent `accept`.
+
+    OpenMetrics is left to prometheus_client: it writes each family under its own name, so
+    a BareCounterFamily comes out as Triton's does. Its text format, though, names every
+    counter family `<name>_total` in HELP and TYPE: a bare family is rendered there as the
+    library renders a gauge (names as given) with its TYPE line saying counter.
+    """
+    encoder, content_type = choose_encoder(accept)
+    if content_type.startswith("application/openmetrics-text"):
+        return encoder(registry), content_type
+    parts = []
+    for family in registry.collect():
+        if isinstance(family, BareCounterFamily):
+            as_gauge = Metric(family.name, family.documentation, "gauge")
+            as_gauge.samples = family.samples
+            text = encoder(_Families([as_gauge])).decode()
+            parts.append(text.replace(f"# TYPE {family.name} gauge\n", f"# TYPE {family.name} counter\n", 1).encode())
+        else:
+            parts.append(encoder(_Families([family])))
+    return b"".join(parts), content_type
+
+
+class _ExpositionHandler(BaseHTTPRequestHandler):
+    registry: ClassVar[Collector]
+
+    def do_GET(self) -> None:  # any path, like prometheus_client's server
+        body, content_type = exposition(self.registry, self.headers.get("Accept", ""))
+        if gzip_accepted(self.headers.get("Accept-Encoding", "")):
+            body = gzip.compress(body)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line."""
+
+
+def serve_exposition(registry: Collector, host: str, port: int) -> ThreadingHTTPServer:
+    """An HTTP server of exposition(registry) on host:port (IPv4 or IPv6), in a daemon thread."""
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("ExpositionServer", (ThreadingHTTPServer,), {"address_family": family})
+    handler = type("Handler", (_ExpositionHandler,), {"registry": registry})
+    server = server_class((host, port), handler)
+    threading.Thread(target=server.serve_forever, name=f"metrics:{port}", daemon=True).start()
+    return server
 
 
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")

@@ -13,7 +13,7 @@ trace context in the call metadata through the configured propagators (OTEL_PROP
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -125,7 +125,7 @@ class TracedUnaryUnary:
         return self._traced(request, timeout, metadata, kwargs)
 
     async def _traced(self, request: Any, timeout: float | None, metadata: Any, kwargs: dict[str, Any]) -> Any:
-        attributes = self._attributes
+        attributes: Mapping[str, str | float] = self._attributes
         if timeout is not None:
             attributes = {**attributes, ATTR_DEADLINE_REMAINING_MS: round(timeout * 1000.0, 3)}
         span = tracer().start_span(self._method, kind=SpanKind.CLIENT, attributes=attributes)

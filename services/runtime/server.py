@@ -98,9 +98,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None or (handler.unary_unary is None and handler.stream_stream is None):
             return handler
@@ -113,7 +113,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        behavior = handler.unary_unary
+        # An async servicer method (grpc's stubs know only the synchronous kind).
+        behavior: Any = handler.unary_unary
         deserialize = handler.request_deserializer
 
         async def handle(raw: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -131,15 +132,17 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             except Exception as error:
                 await _abort_for(error, context, method)
 
-        unary_unary = handle
+        unary_unary: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]] = handle
         if _observed(method):
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 call = await _ObservedCall.begin(self, method, context)
                 try:
                     return await handle(request, context)
                 finally:
                     call.end(context)
+
+            unary_unary = observed
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, request_deserializer=None, response_serializer=handler.response_serializer
@@ -149,7 +152,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         """A bidirectional stream (an async generator servicer) is observed as one call:
         one span, one log line, one metrics sample from its start to its end; errors that
         end the stream are mapped like a unary call's."""
-        behavior = handler.stream_stream
+        behavior: Any = handler.stream_stream  # an async generator, see _wrap
 
         async def handle(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
@@ -191,6 +194,12 @@ class _ObservedCall:
     """One observed call's span (current until end), metrics and log line."""
 
     __slots__ = ("_method", "_rpc", "_started", "_span", "_token", "_ids")
+    _method: str
+    _rpc: RpcMetrics | None
+    _started: float
+    _span: trace.Span
+    _token: object
+    _ids: tuple[str, str, bool] | None
 
     @classmethod
     async def begin(cls, interceptor: RequestInterceptor, method: str, context: grpc.aio.ServicerContext) -> _ObservedCall:
@@ -458,7 +467,11 @@ async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event 
 def run(name: str, build: Callable[[], tuple[Service, ServerSettings]]) -> None:
     """Entry point of every service's __main__: logs, telemetry, serve, flush."""
     configure_logging(name, os.environ.get("LOG_LEVEL", "INFO"))
-    telemetry = setup_telemetry(name)
+    try:
+        telemetry = setup_telemetry(name)
+    except SettingsError as error:  # a bad OTEL_* variable, named in the message
+        raise SystemExit(f"{name}: {error}") from None
+
     async def main() -> None:
         # Built inside the loop: channels and Redis clients bind to the running loop.
         service, settings = build()

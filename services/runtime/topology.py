@@ -42,6 +42,19 @@ DEFAULT_REPLICA_BASE_PORTS: Mapping[str, int] = {
     JOBS: 30500,
 }
 DEFAULT_REPLICAS: Mapping[str, int] = {GATEWAY: 1, FEATURES: 1, SCORING: 2, RANKING: 1, JOBS: 1}
+# Services that also serve HTTP/REST beside gRPC, from the same process: scoring speaks the
+# Open Inference Protocol over HTTP too (GET /v2/health/ready, POST /v2/models/<name>/infer,
+# as Triton and KServe serve it), on a second port of each replica.
+HTTP_SERVICES: tuple[str, ...] = (SCORING,)
+# Locally, replica i's HTTP port is its gRPC port + this (scoring: 30600 + i), in the block
+# between the replicas' ports and their metrics ports (1000 above), so `--port-base` moves it too.
+HTTP_PORT_OFFSET = 300
+
+
+def http_cluster(service: str) -> str:
+    """The Envoy cluster of `service`'s HTTP port: the service's name with `_http`, so the
+    one name still says which service it is (its gRPC cluster has the bare name)."""
+    return f"{service}_http"
 
 
 @dataclass(frozen=True)
@@ -67,10 +80,21 @@ class MeshTopology:
     listen_host: str = "127.0.0.1"
     # STATIC for fixed local addresses; STRICT_DNS for Kubernetes headless Services.
     discovery: str = "STATIC"
+    # The HTTP endpoints of the HTTP_SERVICES, one per replica in the order of `replicas`
+    # (replica i serves gRPC on replicas[s][i] and HTTP on http_replicas[s][i]). A service
+    # missing here serves no HTTP: the edge then has no route to it.
+    http_replicas: Mapping[str, tuple[Endpoint, ...]] = field(default_factory=dict)
 
     def internal_endpoint(self, service: str) -> Endpoint:
         host = "127.0.0.1" if self.listen_host in ("0.0.0.0", "127.0.0.1") else self.listen_host
         return Endpoint(host, self.internal_ports[service])
+
+    def http_endpoint(self, service: str, replica: Endpoint) -> Endpoint | None:
+        """Where the replica of `service` at gRPC endpoint `replica` serves HTTP, if it does."""
+        endpoints = self.http_replicas.get(service)
+        if not endpoints or replica not in self.replicas.get(service, ()):
+            return None
+        return endpoints[self.replicas[service].index(replica)]
 
 
 def local_topology(
@@ -90,13 +114,16 @@ def local_topology(
             raise ValueError(f"unknown service {name!r}; services are {', '.join(SERVICES)}")
         if count < 1:
             raise ValueError(f"{name} needs at least 1 replica, got {count}")
+    endpoints = {
+        name: tuple(Endpoint("127.0.0.1", bases[name] + i) for i in range(counts[name])) for name in SERVICES
+    }
     return MeshTopology(
-        replicas={
-            name: tuple(Endpoint("127.0.0.1", bases[name] + i) for i in range(counts[name]))
-            for name in SERVICES
-        },
+        replicas=endpoints,
         descriptor_set=descriptor_set,
         edge_port=edge_port,
         admin_port=admin_port,
         internal_ports=dict(internal_ports or DEFAULT_INTERNAL_PORTS),
+        http_replicas={
+            name: tuple(Endpoint(e.host, e.port + HTTP_PORT_OFFSET) for e in endpoints[name]) for name in HTTP_SERVICES
+        },
     )

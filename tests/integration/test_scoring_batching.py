@@ -14,9 +14,9 @@ import pytest
 from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from onnx import TensorProto, helper, numpy_helper
-from prometheus_client import generate_latest
 
 from infermesh.workload import modelgen
+from services.runtime.metrics import exposition as exposition_of
 from services.scoring import service as service_module
 from services.scoring.service import ScoringService
 from tests.scoring_server import running_scoring, server_settings
@@ -130,12 +130,12 @@ async def test_64_concurrent_single_row_clients_are_batched_and_exact(
     assert sum(b.batch_size * b.compute_infer.count for b in stats.batch_stats) == len(rows)
     assert stats.memory_usage[0].type == "CPU" and stats.memory_usage[0].byte_size > 0
 
-    exposition = generate_latest(server.metrics.registry).decode()
+    exposition = exposition_of(server.metrics.registry)[0].decode()
     labels = '{model="ranker",version="1"}'
-    assert f"nv_inference_count_total{labels} {float(len(rows))}" in exposition
-    assert f"nv_inference_exec_count_total{labels} {float(stats.execution_count)}" in exposition
-    assert f"nv_inference_request_success_total{labels} {float(len(rows))}" in exposition
-    assert f"nv_inference_batch_size_count{labels} {float(stats.execution_count)}" in exposition
+    assert f"nv_inference_count{labels} {float(len(rows))}" in exposition
+    assert f"nv_inference_exec_count{labels} {float(stats.execution_count)}" in exposition
+    assert f"nv_inference_request_success{labels} {float(len(rows))}" in exposition
+    assert f"scoring_batch_size_count{labels} {float(stats.execution_count)}" in exposition
     assert f"nv_inference_pending_request_count{labels} 0.0" in exposition
     assert 'scoring_model_info{io_binding="false",model="ranker",provider="CPUExecutionProvider",version="1"} 1.0' in exposition
 

@@ -14,10 +14,10 @@ import numpy as np
 import redis
 from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from prometheus_client import generate_latest
 
 from infermesh.up.supervisor import free_port, start_redis
 from infermesh.workload import modelgen
+from services.runtime.metrics import exposition as exposition_of
 from services.scoring.service import ScoringService
 from tests.scoring_server import running_scoring, server_settings
 
@@ -71,7 +71,7 @@ async def test_identical_requests_are_answered_from_the_cache(tmp_path: Path, re
         await stub.ModelInfer(infer_request("plain", rows))
         await stub.ModelInfer(infer_request("plain", rows))
         cached, plain = await stats(stub, "cached"), await stats(stub, "plain")
-        exposition = generate_latest(service.metrics.registry).decode()
+        exposition = exposition_of(service.metrics.registry)[0].decode()
     (key,) = client.keys("scoring:cache:cached:1:*")[:1] or [None]
     assert key is not None and 0 < client.ttl(key) <= 60
     assert client.keys("scoring:cache:plain:*") == []
@@ -81,8 +81,8 @@ async def test_identical_requests_are_answered_from_the_cache(tmp_path: Path, re
     assert (cached.inference_stats.cache_hit.count, cached.inference_stats.cache_miss.count) == (1, 2)
     assert cached.inference_count == 6  # the hit ran no model
     assert plain.inference_stats.cache_hit.count == plain.inference_stats.cache_miss.count == 0
-    assert 'nv_cache_num_hits_per_model_total{model="cached",version="1"} 1.0' in exposition
-    assert 'nv_cache_num_misses_per_model_total{model="cached",version="1"} 2.0' in exposition
+    assert 'nv_cache_num_hits_per_model{model="cached",version="1"} 1.0' in exposition
+    assert 'nv_cache_num_misses_per_model{model="cached",version="1"} 2.0' in exposition
     client.delete(*client.keys("scoring:cache:cached:1:*"))
 
 
@@ -98,7 +98,7 @@ async def test_redis_outage_turns_the_cache_off_and_never_fails_a_request(tmp_pa
             server.wait(timeout=10)
             during = await asyncio.gather(*(stub.ModelInfer(infer_request("cached", rows + i)) for i in range(20)))
             again = await stub.ModelInfer(infer_request("cached", rows))
-            down = generate_latest(service.metrics.registry).decode()
+            down = exposition_of(service.metrics.registry)[0].decode()
             server = start_redis(tmp_path / "redis", port, tmp_path / "logs", persist=False)
 
             async def hit() -> bool:  # back on: a request is stored, then answered from Redis
@@ -106,7 +106,7 @@ async def test_redis_outage_turns_the_cache_off_and_never_fails_a_request(tmp_pa
                 return (await stats(stub, "cached")).inference_stats.cache_hit.count > 0
 
             await eventually(hit, "cache used again after Redis came back")
-            up = generate_latest(service.metrics.registry).decode()
+            up = exposition_of(service.metrics.registry)[0].decode()
     finally:
         server.terminate()
         server.wait(timeout=10)

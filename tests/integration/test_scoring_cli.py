@@ -92,6 +92,10 @@ def test_models_quantize_adds_an_int8_version(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_models_without_a_command_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
-    assert infermesh(["models", "--help"]) == 0
-    assert "bench" in capsys.readouterr().out
-    assert infermesh(["models", "nope"]) == 2
+    for argv, code in ((["models", "--help"], 0), (["models", "nope"], 2), (["models"], 2)):
+        with pytest.raises(SystemExit) as exited:  # argparse's, as every command's
+            infermesh(argv)
+        assert exited.value.code == code
+    captured = capsys.readouterr()
+    assert "bench" in captured.out and "quantize" in captured.out and "import" in captured.out
+    assert "invalid choice: 'nope'" in captured.err

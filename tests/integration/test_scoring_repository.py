@@ -19,9 +19,9 @@ import pytest
 from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from onnx import TensorProto, helper
-from prometheus_client import generate_latest
 
 from infermesh.workload import modelgen
+from services.runtime.metrics import exposition as exposition_of
 from services.scoring.repository import BUDGET_VARIABLE, EVICTED
 from services.scoring.service import ScoringService
 from tests.scoring_server import running_scoring, server_settings
@@ -300,7 +300,7 @@ async def states(stub: pb_grpc.GRPCInferenceServiceStub) -> dict[str, dict[str, 
 
 
 def exposition(service: ScoringService) -> str:
-    return generate_latest(service.metrics.registry).decode()
+    return exposition_of(service.metrics.registry)[0].decode()
 
 
 def evictions(text: str) -> dict[str, float]:

@@ -15,7 +15,7 @@ import pytest
 
 from infermesh import kubernetes
 from infermesh.up.supervisor import MODULES
-from services.runtime.topology import BACKENDS, DEFAULT_EDGE_PORT, SERVICES
+from services.runtime.topology import BACKENDS, DEFAULT_EDGE_PORT, HTTP_SERVICES, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -97,7 +97,11 @@ def test_service_targets_run_the_services_module(service: str) -> None:
     env = _env(service)
     assert env["OTEL_SERVICE_NAME"] == name
     assert env[f"{name.upper()}_HOST"] == "0.0.0.0"
-    assert _instructions(service, "EXPOSE")[-1] == str(kubernetes.service_port(name))
+    # The gRPC port, and for scoring its HTTP port (the Open Inference Protocol over REST).
+    ports = [kubernetes.service_port(name), *([kubernetes.http_port(name)] if name in HTTP_SERVICES else [])]
+    assert _instructions(service, "EXPOSE")[-1].split() == [str(port) for port in ports]
+    if name in HTTP_SERVICES:
+        assert env[f"{name.upper()}_HTTP_PORT"] == str(kubernetes.http_port(name))
     entrypoint = _instructions(service, "ENTRYPOINT")[-1]
     assert entrypoint == f'["python", "-m", "{MODULES[name]}"]'
 

@@ -21,7 +21,9 @@ from services.runtime.topology import (
     DEFAULT_EDGE_PORT,
     DEFAULT_INTERNAL_PORTS,
     HEALTH_SERVICE_NAMES,
+    HTTP_SERVICES,
     SERVICES,
+    http_cluster,
 )
 
 Json = dict[str, Any]
@@ -71,9 +73,12 @@ def _routes(config: Json) -> dict[str, list[tuple[str, str]]]:
 
 
 def _health_names(config: Json) -> dict[str, str]:
+    """cluster -> what its health check asks: the gRPC health name, or the HTTP path."""
+    checks = {name: cluster["health_checks"][0] for name, cluster in _clusters(config).items()}
     return {
-        name: cluster["health_checks"][0]["grpc_health_check"]["service_name"]
-        for name, cluster in _clusters(config).items()
+        name: check["grpc_health_check"]["service_name"] if "grpc_health_check" in check
+        else check["http_health_check"]["path"]
+        for name, check in checks.items()
     }
 
 
@@ -99,7 +104,9 @@ def _ports(config: Json) -> dict[str, int]:
 
 
 def test_same_clusters_one_per_service(local: Json, k8s: Json) -> None:
-    assert list(_clusters(local)) == list(_clusters(k8s)) == list(SERVICES)
+    # One per service, plus one per HTTP port (scoring's Open Inference Protocol over REST).
+    expected = [*SERVICES, *(http_cluster(name) for name in HTTP_SERVICES)]
+    assert list(_clusters(local)) == list(_clusters(k8s)) == expected
 
 
 def test_same_listeners_and_ports(local: Json, k8s: Json) -> None:
@@ -119,6 +126,8 @@ def test_same_routes(local: Json, k8s: Json) -> None:
         ("/grpc.health.v1.Health/", "gateway"),
         *own_routes,
         (f"/{scoring}/", "scoring"),
+        ("=/v2", "scoring_http"),
+        ("/v2/", "scoring_http"),
         *[(f"=/{HEALTH_SERVICE_NAMES['jobs']}/{rpc}", "jobs") for rpc in ("SubmitJob", "CancelJob")],
         (f"/{HEALTH_SERVICE_NAMES['jobs']}/", "jobs"),
         ("/", "gateway"),
@@ -130,7 +139,7 @@ def test_same_routes(local: Json, k8s: Json) -> None:
 
 
 def test_same_health_names(local: Json, k8s: Json) -> None:
-    assert _health_names(local) == _health_names(k8s) == dict(HEALTH_SERVICE_NAMES)
+    assert _health_names(local) == _health_names(k8s) == {**HEALTH_SERVICE_NAMES, "scoring_http": "/v2/health/ready"}
 
 
 def test_same_http_filters(local: Json, k8s: Json) -> None:
@@ -174,8 +183,11 @@ def test_kubernetes_clusters_resolve_headless_services(k8s: Json) -> None:
     for name, cluster in _clusters(k8s).items():
         assert cluster["type"] == "STRICT_DNS"
         assert cluster["dns_lookup_family"] == "V4_ONLY"
-        # The Service has the cluster's name; its port is the service's gRPC port.
-        assert _endpoints(cluster) == [(name, kubernetes.service_port(name))]
+        # The Service has the cluster's name; its port is the service's gRPC port, or for
+        # `<service>_http` the same Service's HTTP port.
+        service = name.removesuffix("_http")
+        port = kubernetes.http_port(service) if name != service else kubernetes.service_port(name)
+        assert _endpoints(cluster) == [(service, port)]
 
 
 def test_kubernetes_envoy_traces_to_the_collector_service(k8s: Json) -> None:

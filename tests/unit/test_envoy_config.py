@@ -29,6 +29,7 @@ from services.runtime.topology import (
     SERVICES,
     Endpoint,
     MeshTopology,
+    http_cluster,
     local_topology,
 )
 
@@ -43,6 +44,14 @@ def _topology(**replicas: int) -> MeshTopology:
 
 def _clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+
+SCORING_HTTP = http_cluster("scoring")
+
+
+def _grpc_clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services' gRPC clusters (not scoring's HTTP port's, which has tests of its own)."""
+    return {name: cluster for name, cluster in _clusters(config).items() if name != SCORING_HTTP}
 
 
 def _listeners(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -84,8 +93,13 @@ def test_admin_stays_on_loopback_when_listeners_bind_everywhere() -> None:
 )
 def test_one_cluster_per_service_with_replica_endpoints(replicas: dict[str, int]) -> None:
     topology = _topology(**replicas)
-    clusters = _clusters(envoy.render(topology))
+    config = envoy.render(topology)
+    clusters = _grpc_clusters(config)
     assert sorted(clusters) == sorted(SERVICES)
+    # Scoring's HTTP port: one endpoint per replica, each at its gRPC port + 300.
+    http = [(e.host, e.port) for e in topology.http_replicas["scoring"]]
+    assert _endpoints(_clusters(config)[SCORING_HTTP]) == http
+    assert http == [(e.host, e.port + 300) for e in topology.replicas["scoring"]]
     for name, cluster in clusters.items():
         expected = [(e.host, e.port) for e in topology.replicas[name]]
         assert _endpoints(cluster) == expected
@@ -98,7 +112,7 @@ def test_one_cluster_per_service_with_replica_endpoints(replicas: dict[str, int]
 
 
 def test_clusters_health_check_with_grpc_health_names() -> None:
-    for name, cluster in _clusters(envoy.render(_topology())).items():
+    for name, cluster in _grpc_clusters(envoy.render(_topology())).items():
         (check,) = cluster["health_checks"]
         assert check["grpc_health_check"] == {"service_name": HEALTH_SERVICE_NAMES[name]}
         assert check["unhealthy_threshold"] == 2
@@ -114,7 +128,7 @@ def test_clusters_health_check_with_grpc_health_names() -> None:
 
 def test_clusters_speak_http2_upstream() -> None:
     key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-    for cluster in _clusters(envoy.render(_topology())).values():
+    for cluster in _grpc_clusters(envoy.render(_topology())).values():
         options = cluster["typed_extension_protocol_options"][key]
         assert options["@type"] == f"type.googleapis.com/{key}"
         assert options["explicit_http_config"] == {"http2_protocol_options": {}}
@@ -157,6 +171,8 @@ def test_edge_listener_routes_and_filters() -> None:
         ("=/inference.GRPCInferenceService/RepositoryModelUnload", "scoring"),
         ("=/inference.GRPCInferenceService/ModelStreamInfer", "scoring"),
         ("/inference.GRPCInferenceService/", "scoring"),
+        ("=/v2", "scoring_http"),  # the Open Inference Protocol over HTTP
+        ("/v2/", "scoring_http"),
         ("=/infermesh.jobs.v1.JobService/SubmitJob", "jobs"),
         ("=/infermesh.jobs.v1.JobService/CancelJob", "jobs"),
         ("/infermesh.jobs.v1.JobService/", "jobs"),
@@ -175,7 +191,8 @@ def test_edge_listener_routes_and_filters() -> None:
     # REST meets the filters before the transcoder, on its REST path's route: the 404's.
     assert "typed_per_filter_config" not in vhost["routes"][-1]
     # The caller's deadline, capped; a default for callers without one (REST, most gRPC).
-    deadlines = [route["route"]["max_stream_duration"] for route in proxied]
+    grpc_routes = [route for route in proxied if route["route"]["cluster"] != SCORING_HTTP]
+    deadlines = [route["route"]["max_stream_duration"] for route in grpc_routes]
     assert deadlines[-1] == {"max_stream_duration": "2s", "grpc_timeout_header_max": "10s"}  # gateway
     assert deadlines[-2] == {"max_stream_duration": "5s", "grpc_timeout_header_max": "10s"}  # jobs (GetJob)
     assert deadlines[-5] == {"max_stream_duration": "5s", "grpc_timeout_header_max": "5s"}  # scoring
@@ -198,8 +215,8 @@ def _all_routes(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def test_idempotent_routes_retry_unavailable_and_resets_with_per_try_timeouts() -> None:
     checked = 0
     for listener, route in _all_routes(envoy.render(_topology())):
-        if "path" in route["match"] or "route" not in route:
-            continue
+        if "path" in route["match"] or "route" not in route or route["route"]["cluster"] == SCORING_HTTP:
+            continue  # scoring_http: HTTP, not gRPC (test_oip_http_routes)
         cluster = route["route"]["cluster"]
         limits = (EDGE_ROUTE_LIMITS if listener == "edge" else INTERNAL_ROUTE_LIMITS)[cluster]
         assert route["route"]["max_stream_duration"] == {
@@ -771,7 +788,9 @@ def test_load_shedding_latency_is_a_setting_and_can_be_switched_off() -> None:
 
 def test_envoys_own_replies_give_grpc_clients_the_rest_bodies_code() -> None:
     hcm = _hcm(_listeners(envoy.render(_topology()))["edge"])
-    mappers = hcm["local_reply_config"]["mappers"]
+    # The first is the Open Inference Protocol's, for /v2 (test_oip_http_local_replies).
+    oip, *mappers = hcm["local_reply_config"]["mappers"]
+    assert oip["body_format_override"]["json_format"] == {"error": "%LOCAL_REPLY_BODY%"}
     rest = [m for m in mappers if "body_format_override" in m]
     grpc_status = {
         m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]: m["headers_to_add"]
@@ -825,12 +844,14 @@ def test_tls_at_the_edge(tmp_path: Path) -> None:
 
 
 def test_mtls_to_every_service(tmp_path: Path) -> None:
-    for name, cluster in _clusters(envoy.render(_topology(), tls=_tls(tmp_path))).items():
+    for cluster_name, cluster in _clusters(envoy.render(_topology(), tls=_tls(tmp_path))).items():
+        # scoring_http: the same replicas' certificate, which names the service; HTTP/1.1.
+        name = cluster_name.removesuffix("_http")
         context = cluster["transport_socket"]["typed_config"]
         assert context["@type"].endswith("tls.v3.UpstreamTlsContext")
         assert context["sni"] == name
         common = context["common_tls_context"]
-        assert common["alpn_protocols"] == ["h2"]
+        assert common["alpn_protocols"] == (["http/1.1"] if cluster_name == SCORING_HTTP else ["h2"])
         (certificate,) = common["tls_certificates"]
         assert certificate["certificate_chain"] == {"filename": str(tmp_path / "client.crt")}
         validation = common["validation_context"]
@@ -867,3 +888,80 @@ def test_certs_is_an_infermesh_command(tmp_path: Path) -> None:
     assert cli.main(["certs", "--out", str(tmp_path / "c")]) == 0
     assert CertPaths(tmp_path / "c").missing() == []
     CertPaths.checked(tmp_path / "c")  # complete: no error
+
+
+# --------------------------------------------------------------------------- Open Inference Protocol over HTTP
+
+
+def _oip_routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    (vhost,) = _hcm(_listeners(config)["edge"])["route_config"]["virtual_hosts"]
+    return [r for r in vhost["routes"] if r.get("route", {}).get("cluster") == SCORING_HTTP]
+
+
+def test_oip_http_routes_go_to_scorings_http_port() -> None:
+    routes = _oip_routes(envoy.render(_topology()))
+    assert [r["match"] for r in routes] == [{"path": "/v2"}, {"prefix": "/v2/"}]
+    limits = EDGE_ROUTE_LIMITS[SCORING_HTTP]
+    assert limits == EDGE_ROUTE_LIMITS["scoring"]  # the same calls as scoring's gRPC ones
+    disabled = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+    for route in routes:
+        action = route["route"]
+        # HTTP has no grpc-timeout: the route's timeout is every caller's deadline (Envoy
+        # tells the service in x-envoy-expected-rq-timeout-ms).
+        assert action["timeout"] == limits.default_deadline
+        assert "max_stream_duration" not in action and "request_headers_to_add" not in route
+        policy = action["retry_policy"]
+        retry_on = {"reset", "connect-failure", "refused-stream", "retriable-status-codes"}
+        assert set(policy["retry_on"].split(",")) == retry_on
+        assert policy["retriable_status_codes"] == [503]  # UNAVAILABLE: another replica may have the model
+        assert policy["per_try_timeout"] == limits.per_try_timeout and policy["num_retries"] == 2
+        assert route["typed_per_filter_config"] == {ADMISSION: disabled}  # never shed, like scoring's gRPC
+
+
+def test_oip_http_routes_keep_the_edge_policy() -> None:
+    policy = envoy.EdgePolicy(rate_limit_rps=100, api_keys=(envoy.ApiKey("ci", "k"),))
+    for route in _oip_routes(envoy.render(_topology(), edge=policy)):
+        # API keys and the rate limit apply, as to scoring's gRPC clients; only load shedding is off.
+        assert list(route["typed_per_filter_config"]) == [ADMISSION]
+
+
+def test_scoring_http_cluster() -> None:
+    clusters = _clusters(envoy.render(_topology()))
+    http, grpc_cluster = clusters[SCORING_HTTP], clusters["scoring"]
+    options = http["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert options["explicit_http_config"] == {"http_protocol_options": {}}  # HTTP/1.1
+    (check,) = http["health_checks"]
+    assert check.pop("http_health_check") == {"path": "/v2/health/ready"}
+    grpc_check = dict(grpc_cluster["health_checks"][0])
+    grpc_check.pop("grpc_health_check")
+    assert check == grpc_check
+    # The traffic policy of scoring's gRPC cluster, as is.
+    for key in ("type", "lb_policy", "connect_timeout", "common_lb_config", "outlier_detection", "circuit_breakers"):
+        assert http[key] == grpc_cluster[key], key
+
+
+def test_envoys_own_replies_on_v2_are_the_protocols_error_object() -> None:
+    import re
+
+    (oip, *_) = _hcm(_listeners(envoy.render(_topology()))["edge"])["local_reply_config"]["mappers"]
+    header = oip["filter"]["header_filter"]["header"]
+    assert header["name"] == ":path"
+    regex = re.compile(header["string_match"]["safe_regex"]["regex"])
+    for path in ("/v2", "/v2/", "/v2?verbose=1", "/v2/health/ready", "/v2/models/ranker/versions/1/infer"):
+        assert regex.fullmatch(path), path
+    for path in ("/v20", "/v1/recommend", "/x/v2", "/inference.GRPCInferenceService/ModelInfer"):
+        assert not regex.fullmatch(path), path
+    # Any status (413, 429, 401, 503, 504...) kept, the body {"error": <Envoy's reason>}.
+    assert "status_code_filter" not in json.dumps(oip["filter"])
+    assert oip["body_format_override"] == {
+        "json_format": {"error": "%LOCAL_REPLY_BODY%"},
+        "content_type": "application/json",
+    }
+
+
+def test_a_topology_without_http_ports_has_no_oip_http() -> None:
+    config = envoy.render(dataclasses.replace(_topology(), http_replicas={}))
+    assert SCORING_HTTP not in _clusters(config)
+    assert _oip_routes(config) == []
+    mappers = _hcm(_listeners(config)["edge"])["local_reply_config"]["mappers"]
+    assert all('":path"' not in json.dumps(m["filter"]) for m in mappers)

@@ -14,13 +14,17 @@ import pytest
 from services.runtime import errors
 from services.runtime.errors import (
     ERROR_FOR_STATUS,
+    HTTP_STATUS_FOR_STATUS,
     STATUS_FOR_ERROR,
     InfermeshError,
     Internal,
     InvalidArgument,
+    NotFound,
     OutOfRange,
+    Overloaded,
     Unavailable,
     from_rpc_error,
+    http_status_for,
     status_for,
 )
 
@@ -142,3 +146,14 @@ def test_statuses_no_service_of_ours_raises_read_as_unavailable(status: grpc.Sta
 def test_a_domain_error_outside_the_table_is_internal() -> None:
     assert status_for(InfermeshError("x")) == grpc.StatusCode.INTERNAL
     assert status_for(InvalidArgument("x")) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_every_status_of_the_table_reads_as_http_too() -> None:
+    # The services' own HTTP endpoints (scoring's /v2) answer with these; Envoy's transcoder
+    # maps the same codes the same way for the gateway's REST clients (docs/rest.md).
+    assert set(HTTP_STATUS_FOR_STATUS) == set(STATUS_FOR_ERROR.values())
+    assert [http_status_for(error("x")) for error in (InvalidArgument, OutOfRange, NotFound, Overloaded)] == [
+        400, 400, 404, 429,
+    ]
+    assert (http_status_for(Unavailable("x")), http_status_for(Internal("x"))) == (503, 500)
+    assert http_status_for(InfermeshError("x")) == 500  # outside the table: INTERNAL

@@ -231,7 +231,7 @@ def test_ensure_model_rejects_catalog_from_other_seed(catalog: Catalog, tmp_path
 def test_cli_defaults_come_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("INFERMESH_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("REDIS_URL", "redis://example.invalid:1/2")
-    args = seed_mod._parser().parse_args([])
+    args = seed_mod.build_parser().parse_args([])
     assert args.data_dir == tmp_path and args.redis_url == "redis://example.invalid:1/2"
     assert args.seed == 7 and not args.force and not args.no_progress
 

@@ -1,0 +1,87 @@
+"""The argument parsers of `infermesh` and its subcommands, made alike.
+
+Every option's help ends with its default, `(default: 8080)`, unless the help already says
+what the default is in words (`default $INFERMESH_DATA_DIR or ./.infermesh`): a value read
+from the environment or worked out at run time is documented as such, not as whatever the
+machine that printed it had. Flags (off unless given) and options without a value show none.
+docs/cli.md is generated from these same parsers (infermesh.cli_doc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+# Actions whose default is implied by their kind: a flag is off unless given.
+_IMPLIED_DEFAULT = (
+    argparse._StoreTrueAction,
+    argparse._StoreFalseAction,
+    argparse._StoreConstAction,
+    argparse._AppendConstAction,
+    argparse._CountAction,
+    argparse._HelpAction,
+    argparse._VersionAction,
+    argparse._SubParsersAction,
+)
+# Where a subcommand's own parser lives (see add_delegated).
+DELEGATE = "_delegate"
+
+
+def shows_default(action: argparse.Action) -> bool:
+    """Whether --help appends `(default: <value>)` to this argument's help."""
+    if isinstance(action, _IMPLIED_DEFAULT):
+        return False
+    default = action.default
+    if default is None or default is argparse.SUPPRESS:
+        return False
+    if isinstance(default, str | list | tuple | dict) and not default:
+        return False  # nothing to show: the help says what leaving it out does
+    if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+        return False  # a required positional
+    text = action.help or ""
+    return "default" not in text.lower() and "%(default)" not in text
+
+
+def help_text(action: argparse.Action) -> str:
+    """The help of `action` as --help prints it, default included, before %-expansion."""
+    text = action.help or ""
+    return f"{text} (default: %(default)s)" if shows_default(action) else text
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return help_text(action)
+
+
+class RawDescriptionDefaultsHelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """For descriptions laid out by hand (examples, one per line)."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose --help shows defaults; its subcommands' parsers are too."""
+
+    def __init__(
+        self,
+        prog: str | None = None,
+        *,
+        formatter_class: type[argparse.HelpFormatter] = DefaultsHelpFormatter,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(prog, formatter_class=formatter_class, **kwargs)
+
+
+def add_delegated(commands: argparse._SubParsersAction[Any], name: str, module: str, summary: str) -> None:
+    """A subcommand whose parser is `module`'s build_parser(): its arguments, --help
+    included, are left to that parser, which `module`.main(argv) runs."""
+    sub = commands.add_parser(name, help=summary, add_help=False)
+    sub.set_defaults(**{DELEGATE: module})
+
+
+def run_delegated(args: argparse.Namespace, rest: Sequence[str]) -> int | None:
+    """Run the subcommand `args` chose if it is a delegated one (its exit status), else None."""
+    module = getattr(args, DELEGATE, None)
+    if module is None:
+        return None
+    return int(importlib.import_module(module).main(list(rest)) or 0)
