@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from infermesh import __version__
 from infermesh.cli_help import CommandParser, add_delegated, run_delegated
 from infermesh.settings import add_data_dir_argument, tool_settings
+from infermesh.up.lanes import DEFAULT_BULK_NICE
 from services.runtime.redis_keys import LOCAL_REDIS_PORT
 
 if TYPE_CHECKING:
@@ -102,6 +103,19 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "0: jobs are accepted and wait in the queue (default %(default)s)",
     )
     up.add_argument(
+        "--bulk-nice",
+        type=int,
+        default=DEFAULT_BULK_NICE,
+        help="with --workers: the jobs run through a lane of their own (one replica of each pipeline service "
+        "and an Envoy) at this nice value, 0..19, so online requests keep the CPU they need "
+        "(default %(default)s)",
+    )
+    up.add_argument(
+        "--no-bulk-lane",
+        action="store_true",
+        help="run the jobs' calls through the online replicas instead of a lane of their own",
+    )
+    up.add_argument(
         "--supervisor-metrics-port",
         type=int,
         default=9902,
@@ -183,7 +197,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from infermesh.envoy.cli import edge_policy_from_args
     from infermesh.up.healing import Healer, RestartPolicy, describe_exit
     from infermesh.up.metrics import serve_supervisor_metrics
-    from infermesh.up.supervisor import DESCRIPTOR_SET, Mesh, MeshError, start_redis
+    from infermesh.up.lanes import bulk_lane
+    from infermesh.up.supervisor import DESCRIPTOR_SET, Mesh, MeshError, free_port, start_redis
     from infermesh.workload.seed import SeedError, format_summary, model_repository, seed_all
     from services.runtime.topology import local_topology
 
@@ -239,6 +254,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise MeshError(str(error)) from None
         if args.workers < 0:  # before anything starts
             raise MeshError(f"--workers must be 0 or more, got {args.workers}")
+        lane = None
+        if args.workers and not args.no_bulk_lane:
+            try:
+                lane = bulk_lane(DESCRIPTOR_SET, free_port, args.bulk_nice)
+            except ValueError as error:
+                raise MeshError(f"--bulk-nice: {error}") from None
         curl_options = ""
         if edge_policy.rate_limit_rps is not None:
             burst = edge_policy.rate_limit_burst or edge_policy.rate_limit_rps
@@ -277,6 +298,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             tls=tls,
             redis_pid=redis_process.pid if redis_process is not None else None,
             healer=Healer(restart_policy),
+            bulk=lane,
         )
         mesh.check_ports()
         print("starting services and Envoy...", flush=True)
@@ -285,6 +307,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         mesh.start_workers(args.workers)
         extras.append(("jobs", f"POST /v1/jobs, `infermesh jobs submit FILE`; {args.workers} Celery worker(s), "
                                f"results in {data_dir / 'jobs'}"))
+        if lane is not None:
+            extras.append(("jobs' lane", f"{lane.edge.address}: the workers' own replicas and Envoy, at nice {lane.nice}"))
         if local_tracing is not None:
             try:
                 local_tracing.start_receiver()  # after the forks (see LocalTracing.start)

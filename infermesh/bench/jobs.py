@@ -43,7 +43,8 @@ from infermesh.bench.suite import DEFAULT_REPLICAS, running_mesh
 from infermesh.bench.targets import factory, reference_requests
 from infermesh.cli_help import CommandParser
 from infermesh.settings import add_data_dir_argument
-from infermesh.up.supervisor import WORKER_MODULE, free_port, start_redis
+from infermesh.up.lanes import DEFAULT_BULK_NICE, bulk_lane, lowered
+from infermesh.up.supervisor import DESCRIPTOR_SET, WORKER_MODULE, free_port, start_redis
 from infermesh.workload.seed import seed_all
 from services.genproto.infermesh.gateway.v1 import gateway_pb2
 from services.jobs.api import Jobs
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "throughput is of answers, not of load shedding's fast rejections)",
     )  # fmt: skip
     parser.add_argument("--chunk-size", type=int, default=50, help="JOBS_CHUNK_SIZE (default %(default)s)")
+    parser.add_argument(
+        "--bulk-nice", type=int, default=DEFAULT_BULK_NICE,
+        help="nice value of the jobs' lane and workers, as `infermesh up --workers` runs them (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-bulk-lane", action="store_true", help="the workers call the online edge, at the online priority"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="capacity and online-alone runs (default %(default)s s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="longest a job may run (default %(default)s s)")
     parser.add_argument("--json", type=Path, help="write the figures here too")
@@ -86,9 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Workers:
-    """Celery worker processes of one namespace and queue, calling `edge`."""
+    """Celery worker processes of one namespace and queue, calling `edge`, at `nice`
+    (the bulk lane's priority, as `infermesh up` starts them)."""
 
-    def __init__(self, work: Path, redis_url: str, edge: str, args: argparse.Namespace, **extra: str) -> None:
+    def __init__(
+        self, work: Path, redis_url: str, edge: str, args: argparse.Namespace, nice: int = 0, **extra: str
+    ) -> None:
+        self.nice = nice
         name = uuid.uuid4().hex[:8]
         self.env = {
             **os.environ,
@@ -115,8 +127,8 @@ class Workers:
         for _ in range(count):
             log = open(self.logs / f"worker-{self.started}.log", "wb")  # noqa: SIM115 (the child keeps it)
             self.processes.append(subprocess.Popen(
-                [sys.executable, "-m", WORKER_MODULE], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                lowered([sys.executable, "-m", WORKER_MODULE], self.nice), env=self.env, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             ))  # fmt: skip
             log.close()
             self.started += 1
@@ -186,13 +198,16 @@ def online_while(address: str, rate: float, stop: threading.Event, windows: list
     event_loop_runner()(run())
 
 
-def throughput_part(work: Path, redis_url: str, edge: str, args: argparse.Namespace) -> dict[str, Any]:
+def throughput_part(
+    work: Path, redis_url: str, edge: str, jobs_edge: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Capacity and the online load through `edge`; the job's calls through `jobs_edge`."""
     target = factory("grpc", address=edge)
     clients = args.capacity_concurrency
     capacity = measure(target, Plan("closed", args.seconds, 2.0, concurrency=clients), label=f"capacity c={clients}").to_json()
     rate = round(ONLINE_SHARE * capacity["rps"], 1)
     print(f"  capacity (closed loop c={clients} via the edge): {capacity['rps']} req/s; online load {rate} req/s", flush=True)
-    workers = Workers(work, redis_url, edge, args)
+    workers = Workers(work, redis_url, jobs_edge, args, _nice(args))
     workers.start(args.workers)  # idle until the job comes: they block on Redis
     jobs = Jobs(workers.settings())
     try:
@@ -229,15 +244,20 @@ def throughput_part(work: Path, redis_url: str, edge: str, args: argparse.Namesp
         "workers": args.workers,
         "concurrency_per_worker": args.concurrency,
         "chunk_size": args.chunk_size,
+        "bulk_lane": None if args.no_bulk_lane else {"nice": args.bulk_nice},
         "job_over_capacity": round(job_rps / capacity["rps"], 3) if capacity["rps"] else None,
         "online_p99_ratio": round(p99_during / p99_alone, 3) if p99_alone and p99_during else None,
     }
 
 
+def _nice(args: argparse.Namespace) -> int:
+    return 0 if args.no_bulk_lane else args.bulk_nice
+
+
 def kill_part(work: Path, redis_url: str, edge: str, args: argparse.Namespace) -> dict[str, Any]:
     # A killed worker's chunk comes back after the visibility timeout: short, but well above
     # how long a chunk takes (about chunk size / (concurrency x per-call rate): well under 5 s).
-    workers = Workers(work, redis_url, edge, args, JOBS_VISIBILITY_TIMEOUT_SECONDS="10")
+    workers = Workers(work, redis_url, edge, args, _nice(args), JOBS_VISIBILITY_TIMEOUT_SECONDS="10")
     workers.start(args.workers)
     jobs = Jobs(workers.settings())
     kills: list[float] = []
@@ -307,7 +327,8 @@ def summary(results: dict[str, Any]) -> tuple[list[str], bool]:
             f"p99 {t['capacity']['latency_ms'].get('p99')} ms, errors {t['capacity']['errors']}",
             f"job: {job['total']} requests, {job['state']} in {job['elapsed_seconds']} s = {job['throughput']} req/s "
             f"({job['failed']} failed; {t['workers']} workers x {t['concurrency_per_worker']} in flight; "
-            f"submit {job['submit_seconds']} s)",
+            f"submit {job['submit_seconds']} s; "
+            + (f"in a lane of its own at nice {t['bulk_lane']['nice']})" if t.get("bulk_lane") else "through the online replicas)"),
             f"job / capacity: {ratio} (target >= {THROUGHPUT_TARGET}: {'met' if ok_rate else 'NOT met'})",
             f"online load {t['online_rate']} req/s: p99 alone {t['online_alone']['latency_ms'].get('p99')} ms, "
             f"with the job {t['online_during_job'].get('latency_ms', {}).get('p99')} ms, alone after "
@@ -343,14 +364,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir = args.data_dir.resolve()
             print(f"seeding the reference workload into a private Redis ({redis_url})", flush=True)
             seed_all(data_dir, redis_url, progress=sys.stderr.isatty())
-            with running_mesh(data_dir, redis_url, dict(DEFAULT_REPLICAS)) as mesh:
+            lane = None if args.no_bulk_lane else bulk_lane(DESCRIPTOR_SET, free_port, args.bulk_nice)
+            with running_mesh(data_dir, redis_url, dict(DEFAULT_REPLICAS), bulk=lane) as mesh:
                 edge = f"127.0.0.1:{mesh.topology.edge_port}"
+                # The workers' way in: the bulk lane's edge, or the online one.
+                jobs_edge = lane.edge.address if lane is not None else edge
                 if args.only in (None, "throughput"):
                     print(f"throughput: a job of {args.requests} requests beside an online load", flush=True)
-                    results["throughput"] = throughput_part(work, redis_url, edge, args)
+                    results["throughput"] = throughput_part(work, redis_url, edge, jobs_edge, args)
                 if args.only in (None, "kill"):
                     print(f"kill: a job of {args.kill_requests} requests, a worker SIGKILLed every {args.kill_every:g} s", flush=True)
-                    results["kill"] = kill_part(work, redis_url, edge, args)
+                    results["kill"] = kill_part(work, redis_url, jobs_edge, args)
         finally:
             redis.terminate()
             redis.wait(timeout=10)

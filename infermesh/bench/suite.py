@@ -25,6 +25,7 @@ from infermesh.bench.report import cpu_seconds
 from infermesh.bench.runs import measure, ramp
 from infermesh.bench.loadgen import Plan
 from infermesh.bench.targets import factory
+from infermesh.up.lanes import BulkLane
 from infermesh.up.supervisor import Mesh, free_port, free_topology, port_is_free, start_redis
 from services.runtime.topology import SERVICES
 from infermesh.workload.seed import model_path, model_repository, seed_all
@@ -42,6 +43,7 @@ def running_mesh(
     replicas: dict[str, int],
     env: dict[str, str] | None = None,
     models: Path | None = None,
+    bulk: BulkLane | None = None,
 ) -> Iterator[Mesh]:
     mesh = Mesh(
         topology=free_topology(replicas),
@@ -50,6 +52,7 @@ def running_mesh(
         model_repository=models or model_repository(data_dir),
         log_dir=data_dir / "logs",
         extra_env={"LOG_LEVEL": "WARNING", **(env or {})},
+        bulk=bulk,
     )
     try:
         mesh.start(timeout=120)

@@ -44,6 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from infermesh import envoy
 from infermesh.certs import CertPaths, client_credentials, service_tls_env
 from infermesh.up.healing import CrashLoop, Healer, describe_exit
+from infermesh.up.lanes import BULK, BulkLane, lowered, replica_name
 from infermesh.up.runfile import MeshProcess, remove_processes, write_processes
 from services.runtime.topology import (
     BACKENDS,
@@ -221,6 +222,9 @@ class Mesh:
     tls: CertPaths | None = None
     # A redis-server started for this mesh (`infermesh up`): listed in the run file too.
     redis_pid: int | None = None
+    # The jobs' own replicas and Envoy, at a lower CPU priority (infermesh.up.lanes); the
+    # workers call its edge. None: they call the online edge.
+    bulk: BulkLane | None = None
     children: list[Child] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     # Restart history and policy of every replica (heal()).
@@ -232,6 +236,8 @@ class Mesh:
     # it is SERVING again).
     _restart_at: dict[str, float] = field(default_factory=dict, repr=False)
     _down_since: dict[str, float] = field(default_factory=dict, repr=False)
+    # Process name -> its nice value, for those not at 0 (the bulk lane's): kept on restart.
+    _nice: dict[str, int] = field(default_factory=dict, repr=False)
 
     # ---- starting -------------------------------------------------------------------
     def check_ports(self) -> None:
@@ -255,6 +261,11 @@ class Mesh:
                 ports += [(f"{name} metrics", e.port + self.metrics_port_offset) for e in endpoints]
         for name, endpoints in self.topology.http_replicas.items():
             ports += [(f"{name} HTTP", e.port) for e in endpoints]
+        if self.bulk is not None:
+            lane = self.bulk.topology
+            ports += [("bulk lane edge", lane.edge_port), ("bulk lane envoy admin", lane.admin_port)]
+            ports += [(f"bulk lane envoy {name}", port) for name, port in lane.internal_ports.items()]
+            ports += [(f"bulk lane {name}", e.port) for name, endpoints in lane.replicas.items() for e in endpoints]
         return ports
 
     # ---- telemetry ------------------------------------------------------------------
@@ -282,21 +293,28 @@ class Mesh:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 (the child owns it from here)
+        nice = self._nice.get(name, 0)
         process = subprocess.Popen(
-            _die_with_parent(argv),
+            _die_with_parent(lowered(argv, nice)),
             env={**os.environ, **env},
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=self.data_dir,
-            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
+            # A process group of its own: Ctrl-C reaches the supervisor only, which stops the
+            # children in order. Not a session of its own: the kernel's autogroup scheduling
+            # would make each a group of its own, and the bulk lane's low priority would then
+            # weigh against nothing (infermesh.up.lanes).
+            process_group=0,
         )
         log_file.close()
         child = Child(role, name, process, log_path)
         self.children.append(child)
         return child
 
-    def service_env(self, service: str, endpoint: Endpoint) -> dict[str, str]:
+    def service_env(self, service: str, endpoint: Endpoint, topology: MeshTopology | None = None) -> dict[str, str]:
+        """A replica's environment; `topology` is its lane's (default: the online one)."""
+        topology = topology or self.topology
         prefix = service.upper()
         env = {
             f"{prefix}_HOST": endpoint.host,
@@ -320,8 +338,8 @@ class Mesh:
             env["JOBS_GATEWAY_TARGET"] = f"127.0.0.1:{self.topology.edge_port}"
         elif service == GATEWAY:
             for backend in (FEATURES, SCORING, RANKING):
-                env[f"GATEWAY_{backend.upper()}_TARGET"] = self.topology.internal_endpoint(backend).address
-        http = self.topology.http_endpoint(service, endpoint)
+                env[f"GATEWAY_{backend.upper()}_TARGET"] = topology.internal_endpoint(backend).address
+        http = topology.http_endpoint(service, endpoint)
         if http is not None:  # scoring: the Open Inference Protocol over HTTP, beside gRPC
             env[f"{prefix}_HTTP_PORT"] = str(http.port)
         if self.tls is not None:
@@ -332,19 +350,33 @@ class Mesh:
         check_transcoder_files(self.topology.descriptor_set)  # before any child: Envoy comes last
         if self.tls is not None:
             self.tls.check()
-        for service, endpoints in self.topology.replicas.items():
-            for index, endpoint in enumerate(endpoints):
-                name = f"{service}-{index}"
-                env = self.service_env(service, endpoint)
-                variable = f"{service.upper()}_METRICS_PORT"
-                if variable in env:  # the caller's choice (0 turns /metrics off)
-                    self.metrics_ports[name] = int(env[variable])
-                else:
-                    env[variable] = str(self.metrics_port(name, endpoint))
-                argv = [sys.executable, "-m", MODULES[service]]
-                self._replicas[name] = (service, endpoint, env, argv)
-                self._spawn(service, name, argv, env)
-                self.healer.started(name)
+        for lane, topology in self._lanes():
+            for service, endpoints in topology.replicas.items():
+                for index, endpoint in enumerate(endpoints):
+                    self._start_replica(service, replica_name(service, index, lane), endpoint, topology, lane)
+
+    def _lanes(self) -> list[tuple[str, MeshTopology]]:
+        """("", the online topology), then (BULK, the bulk lane's) if there is one."""
+        return [("", self.topology)] + ([(BULK, self.bulk.topology)] if self.bulk is not None else [])
+
+    def _start_replica(self, service: str, name: str, endpoint: Endpoint, topology: MeshTopology, lane: str) -> None:
+        env = self.service_env(service, endpoint, topology)
+        variable = f"{service.upper()}_METRICS_PORT"
+        if variable in env:  # the caller's choice (0 turns /metrics off)
+            self.metrics_ports[name] = int(env[variable])
+        elif lane:  # the offset is the online replicas' port plan; the lane's ports are free ones
+            env[variable] = str(self.metrics_ports.setdefault(name, free_port()))
+        else:
+            env[variable] = str(self.metrics_port(name, endpoint))
+        if lane:
+            self._nice[name] = self.bulk.nice if self.bulk is not None else 0
+            # Its spans and logs say which lane served them (the service name stays the service's).
+            attributes = env.get("OTEL_RESOURCE_ATTRIBUTES", os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""))
+            env["OTEL_RESOURCE_ATTRIBUTES"] = ",".join(filter(None, [attributes, f"infermesh.lane={lane}"]))
+        argv = [sys.executable, "-m", MODULES[service]]
+        self._replicas[name] = (service, endpoint, env, argv)
+        self._spawn(service, name, argv, env)
+        self.healer.started(name)
 
     def replica(self, name: str) -> Child:
         """The running (or last started) process of replica `name`, e.g. scoring-1."""
@@ -380,24 +412,26 @@ class Mesh:
                 "JOBS_WORKER_NAME": f"{name}@%h",
                 "JOBS_METRICS_PORT": str(self.metrics_ports.setdefault(name, free_port())),
             }
+            if self.bulk is not None:  # the jobs' traffic through their own lane, at its priority
+                env["JOBS_GATEWAY_TARGET"] = self.bulk.edge.address
+                self._nice[name] = self.bulk.nice
             argv = [sys.executable, "-m", WORKER_MODULE]
             self._replicas[name] = (JOBS_WORKER, None, env, argv)
             self._spawn(JOBS_WORKER, name, argv, env)
             self.healer.started(name)
 
     def start_envoy(self) -> None:
-        config = envoy.write(
-            self.topology, self.data_dir / "envoy.json", self.tracing(), self.edge, self.tls
-        )
-        self._spawn(
-            "envoy",
-            "envoy",
-            envoy.envoy_command(config, log_level="warn"),
-            {},
-        )
+        """Envoy, and the bulk lane's own Envoy (envoy-bulk) when there is a lane."""
+        for lane, topology in self._lanes():
+            name = f"envoy-{lane}" if lane else "envoy"
+            config = envoy.write(topology, self.data_dir / f"{name}.json", self.tracing(), self.edge, self.tls)
+            if lane and self.bulk is not None:
+                self._nice[name] = self.bulk.nice
+            self._spawn("envoy", name, envoy.envoy_command(config, log_level="warn"), {})
 
     def start(self, timeout: float = 60.0, progress: bool = False) -> None:
         self.check_ports()
+        self.tracing()  # the OTEL_* variables, checked once for every process
         self.start_services()
         self.start_envoy()
         self.wait_healthy(timeout, progress)
@@ -478,16 +512,18 @@ class Mesh:
 
     def unhealthy(self) -> list[str]:
         """Names of the replicas (and the edge) not yet SERVING."""
-        waiting = [
-            f"{service}-{index}"
-            for service, endpoints in self.topology.replicas.items()
-            for index, endpoint in enumerate(endpoints)
-            if not self._serving(endpoint, HEALTH_SERVICE_NAMES[service])
-        ]
-        # Through the edge: Envoy up, its gateway cluster healthy, the gateway's backends too.
-        edge = Endpoint("127.0.0.1", self.topology.edge_port)
-        if not self._serving(edge, HEALTH_SERVICE_NAMES[GATEWAY]):
-            waiting.append("edge")
+        waiting = []
+        for lane, topology in self._lanes():
+            waiting += [
+                replica_name(service, index, lane)
+                for service, endpoints in topology.replicas.items()
+                for index, endpoint in enumerate(endpoints)
+                if not self._serving(endpoint, HEALTH_SERVICE_NAMES[service])
+            ]
+            # Through the edge: Envoy up, its gateway cluster healthy, the gateway's backends too.
+            edge = Endpoint("127.0.0.1", topology.edge_port)
+            if not self._serving(edge, HEALTH_SERVICE_NAMES[GATEWAY]):
+                waiting.append(f"{lane} lane edge" if lane else "edge")
         return waiting
 
     def wait_healthy(self, timeout: float, progress: bool = False) -> None:

@@ -32,7 +32,7 @@ from infermesh.up.supervisor import Mesh, free_port
 from services.jobs.results import read_results
 from services.jobs.store import JobStore
 from tests.conftest import RedisServer
-from tests.processes import read_until, start_service, start_up, stop, wait_until, wait_until_up
+from tests.processes import metric, read_until, start_service, start_up, stop, wait_until, wait_until_up
 
 REDIS_DB = 9  # a database of its own on the session's test Redis
 CANDIDATES = [f"i{n}" for n in range(200)]
@@ -310,9 +310,29 @@ def test_rest_and_the_client_library_at_the_edge(mesh: Mesh, redis_server: Redis
         stop(worker)
 
 
+SCHED_IDLE = 5  # the scheduling policy's number in /proc/<pid>/stat (os.SCHED_IDLE)
+
+
+def priority_of(pid: int) -> tuple[int, int]:
+    """(nice value, scheduling policy) of a process: fields 19 and 41 of /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16]), int(fields[38])
+
+
+def metrics_ports(output: list[str]) -> dict[str, int]:
+    """Replica -> /metrics port, from up's banner line `metrics  gateway-0=:31100  ...`."""
+    (line,) = [line for line in output if line.strip().startswith("metrics ")]
+    return {name: int(port) for name, port in (entry.split("=:") for entry in line.split()[1:] if "=:" in entry)}
+
+
+def recommends(port: int) -> float:
+    return metric(port, "grpc_server_handled_total", grpc_method="Recommend")
+
+
 def test_up_starts_supervised_workers(redis_server: RedisServer, reference_data: Path, tmp_path: Path) -> None:
-    """`infermesh up --workers 1`: its worker runs a job; SIGKILLed, it is started again and
-    the next job runs too."""
+    """`infermesh up --workers 1`: its worker runs a job through the bulk lane (replicas and an
+    Envoy of its own, at nice 19), not the online replicas; SIGKILLed, it is started again
+    and the next job runs too."""
     data_dir = tmp_path / "data"
     shutil.copytree(reference_data / "models", data_dir / "models")  # skip retraining
     url = redis_server.url  # the reference catalog's
@@ -327,6 +347,14 @@ def test_up_starts_supervised_workers(redis_server: RedisServer, reference_data:
         done = subprocess.run([*jobs, "submit", str(requests), "--wait"], env=env, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
         assert str(data_dir / "jobs") in done.stdout  # results under the mesh's data dir
+
+        processes = {p.name: p for p in read_run_file(data_dir).processes}
+        lane = ["gateway-bulk-0", "features-bulk-0", "scoring-bulk-0", "ranking-bulk-0", "envoy-bulk", "jobs-worker-0"]
+        assert {name: priority_of(processes[name].pid) for name in lane} == dict.fromkeys(lane, (19, SCHED_IDLE))
+        assert priority_of(processes["gateway-0"].pid) == priority_of(processes["envoy"].pid) == (0, os.SCHED_OTHER)
+        ports = metrics_ports(output)
+        assert recommends(ports["gateway-bulk-0"]) == 8  # the job's requests, all in the lane
+        assert recommends(ports["gateway-0"]) == 0
 
         (worker,) = [p for p in read_run_file(data_dir).processes if p.role == "jobs-worker"]
         os.kill(worker.pid, signal.SIGKILL)

@@ -1,0 +1,86 @@
+"""The bulk lane's plan (infermesh.up.lanes): ports, names, priority, and the environment
+the supervisor gives its replicas and workers. Nothing is started here; tests/e2e/test_jobs.py
+runs `infermesh up --workers 1` and checks the lane serves the job at its priority."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from infermesh.up import lanes
+from infermesh.up.lanes import BULK, PIPELINE, bulk_lane, lowered, replica_name
+from infermesh.up.supervisor import Mesh
+from services.runtime.topology import BACKENDS, GATEWAY, JOBS, local_topology
+
+DESCRIPTOR = Path("/nonexistent/descriptor.binpb")
+
+
+def ports(start: int = 41000) -> itertools.count[int]:
+    return itertools.count(start)
+
+
+def test_the_lane_has_one_replica_of_each_pipeline_service_on_ports_of_its_own() -> None:
+    lane = bulk_lane(DESCRIPTOR, ports().__next__, nice=19)
+    topology = lane.topology
+    assert tuple(topology.replicas) == PIPELINE and JOBS not in topology.replicas
+    assert all(len(endpoints) == 1 for endpoints in topology.replicas.values())
+    assert set(topology.internal_ports) == set(BACKENDS)
+    used = [topology.edge_port, topology.admin_port, *topology.internal_ports.values()]
+    used += [e.port for endpoints in topology.replicas.values() for e in endpoints]
+    assert len(set(used)) == len(used)
+    assert not topology.http_replicas  # no Open Inference Protocol over HTTP: only workers call it
+    assert lane.edge.address == f"127.0.0.1:{topology.edge_port}"
+
+
+@pytest.mark.parametrize("nice", [-1, 20])
+def test_a_nice_value_outside_0_to_19_is_refused(nice: int) -> None:
+    with pytest.raises(ValueError, match="0..19"):
+        bulk_lane(DESCRIPTOR, ports().__next__, nice=nice)
+
+
+def test_replica_names_say_the_lane() -> None:
+    assert replica_name("scoring", 1) == "scoring-1"
+    assert replica_name("scoring", 0, BULK) == "scoring-bulk-0"
+
+
+def test_lowered_runs_the_command_below_the_online_ones_from_its_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lanes.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert lowered(["python", "-m", "gateway"], 19) == [
+        "/usr/bin/nice", "-n", "19", "/usr/bin/chrt", "--idle", "0", "python", "-m", "gateway"
+    ]  # fmt: skip
+    assert lowered(["python"], 0) == ["python"]  # 0: the lane runs at the online priority
+    monkeypatch.setattr(lanes.shutil, "which", lambda name: None if name == "chrt" else f"/usr/bin/{name}")
+    assert lowered(["python"], 19) == ["/usr/bin/nice", "-n", "19", "python"]
+
+
+def mesh(tmp_path: Path) -> Mesh:
+    topology = local_topology(descriptor_set=DESCRIPTOR)
+    return Mesh(
+        topology=topology,
+        data_dir=tmp_path,
+        redis_url="redis://127.0.0.1:1/0",
+        model_repository=tmp_path / "models",
+        log_dir=tmp_path / "logs",
+        bulk=bulk_lane(DESCRIPTOR, ports().__next__, nice=19),
+    )
+
+
+def test_the_bulk_gateway_calls_the_bulk_lanes_envoy(tmp_path: Path) -> None:
+    built = mesh(tmp_path)
+    assert built.bulk is not None
+    lane = built.bulk.topology
+    env = built.service_env(GATEWAY, lane.replicas[GATEWAY][0], lane)
+    for backend in BACKENDS:
+        assert env[f"GATEWAY_{backend.upper()}_TARGET"] == lane.internal_endpoint(backend).address
+    online = built.service_env(GATEWAY, built.topology.replicas[GATEWAY][0])
+    assert online["GATEWAY_FEATURES_TARGET"] == built.topology.internal_endpoint("features").address
+
+
+def test_the_lanes_ports_are_checked_with_the_meshs(tmp_path: Path) -> None:
+    built = mesh(tmp_path)
+    assert built.bulk is not None
+    checked = {port for _, port in built._ports()}
+    assert built.bulk.topology.edge_port in checked
+    assert {e.port for endpoints in built.bulk.topology.replicas.values() for e in endpoints} <= checked
