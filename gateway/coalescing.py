@@ -4,7 +4,8 @@ Per stage, up to `max_in_flight` calls run at once. A request that finds the sta
 calls it at once, alone, on the single-request RPC: concurrency 1 pays nothing and waits
 on no timer. While the stage is busy, requests queue; when a call returns (or the queue
 reaches `max_batch`, or no call was sent for `max_wait` seconds: a stage stuck on a slow
-call, e.g. a hung Redis, must not hold everyone behind it), the queue goes out as one batched call, and each request gets its
+call, e.g. a hung Redis, must not hold everyone behind it), the queue goes out as one batched
+call, and each request gets its
 own result back, or its own error (a per-request status in the batch reply, or the whole
 call's error). Each request keeps its own deadline: it stops waiting when its budget for
 the stage is spent, and a request whose deadline passed in the queue is never sent.
@@ -92,7 +93,7 @@ class Coalescer(Generic[Q, R]):
         waiting = self._join(request, timeout)
         try:
             return await asyncio.wait_for(waiting.future, timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             self._abandon(waiting)
             raise
         finally:
@@ -195,7 +196,7 @@ class Coalescer(Generic[Q, R]):
             otel_context.detach(token)
             batch_span.end()
             self._in_flight -= 1
-        for waiting, result in zip(batch, results):
+        for waiting, result in zip(batch, results, strict=False):
             if waiting.future.done():  # it stopped waiting (its deadline) meanwhile
                 continue
             if isinstance(result, BaseException):

@@ -130,7 +130,7 @@ def _version(value: Any, where: str) -> str:
     if value is None or value == "":
         return ""
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
-        raise ExperimentsError(f"{where} must be a version number like \"2\", got {value!r}")
+        raise ExperimentsError(f'{where} must be a version number like "2", got {value!r}')
     return str(int(value))
 
 

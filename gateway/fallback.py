@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from services.genproto.infermesh.features.v1 import features_pb2
 from services.genproto.infermesh.ranking.v1 import ranking_pb2
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.genproto.infermesh.gateway.v1 import gateway_pb2
-
 from services.runtime.errors import InvalidArgument
 from services.runtime.limits import DEFAULT_MAX_ID_LENGTH, check_length, check_lengths
 
@@ -35,8 +34,6 @@ def check_recommend(request: gateway_pb2.RecommendRequest, limits: RequestLimits
     if request.HasField("k") and not 1 <= request.k <= limits.max_k:
         raise InvalidArgument(f"k must be between 1 and {limits.max_k}, got {request.k}")
     if request.retrieve_candidates > limits.max_candidates:
-        raise InvalidArgument(
-            f"retrieve_candidates is {request.retrieve_candidates}; at most {limits.max_candidates}"
-        )
+        raise InvalidArgument(f"retrieve_candidates is {request.retrieve_candidates}; at most {limits.max_candidates}")
     if request.offset > limits.max_candidates:
         raise InvalidArgument(f"offset is {request.offset}; at most {limits.max_candidates}")

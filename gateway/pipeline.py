@@ -28,10 +28,6 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
-from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
-from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
-from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
-from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from gateway.budget import Budget, StageBudgets
 from gateway.experiments import Assignment, Experiments
@@ -46,6 +42,10 @@ from gateway.fallback import (
 from gateway.metrics import GatewayMetrics
 from gateway.shadow import ShadowRunner
 from gateway.stage_calls import REQUEST_ERRORS, DirectCalls, StageCalls
+from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
+from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
+from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from services.runtime.errors import DeadlineExceeded, InvalidArgument, from_rpc_error
 from services.runtime.logs import get_logger
 from services.runtime.telemetry import fallback_span
@@ -172,9 +172,7 @@ def validate(
         # An empty id names no item: a caller's bug (e.g. a blank CSV cell), not an unknown item.
         raise InvalidArgument(f"candidate_ids[{candidate_ids.index('')}] is empty; every candidate needs an item id")
     if len(candidate_ids) > config.max_candidates:
-        raise InvalidArgument(
-            f"at most {config.max_candidates} candidate_ids per request, got {len(candidate_ids)}"
-        )
+        raise InvalidArgument(f"at most {config.max_candidates} candidate_ids per request, got {len(candidate_ids)}")
     if retrieve > config.max_candidates:
         raise InvalidArgument(f"retrieve_candidates must be at most {config.max_candidates}, got {retrieve}")
     k = config.default_k if k is None else k
@@ -224,9 +222,7 @@ class Pipeline:
             )
         except BaseException:
             if self._metrics is not None:
-                self._metrics.request(
-                    assignment.experiment, assignment.arm, "error", time.perf_counter() - started
-                )
+                self._metrics.request(assignment.experiment, assignment.arm, "error", time.perf_counter() - started)
             raise
         if self._metrics is not None:
             outcome = "degraded" if result.degraded else "ok"
@@ -329,9 +325,7 @@ class Pipeline:
         if (shadow.model, shadow.version) != (assignment.model, assignment.version):
             self.shadow.submit(shadow, scored.request, scored.scores)
 
-    def _infer_request(
-        self, assignment: Assignment, rows: features_pb2.DenseMatrix
-    ) -> inference_pb2.ModelInferRequest:
+    def _infer_request(self, assignment: Assignment, rows: features_pb2.DenseMatrix) -> inference_pb2.ModelInferRequest:
         """The feature rows as the model's input, forwarded as the bytes they arrived in."""
         infer = inference_pb2.ModelInferRequest(model_name=assignment.model, model_version=assignment.version)
         infer.inputs.add(name=self.config.model_input, datatype=rows.datatype, shape=[rows.rows, rows.columns])
@@ -340,9 +334,7 @@ class Pipeline:
         return infer
 
     @staticmethod
-    def _fallback_scores(
-        state: RequestState, matrix: FeatureMatrix | None, count: int, failure: StageFailed
-    ) -> Scores:
+    def _fallback_scores(state: RequestState, matrix: FeatureMatrix | None, count: int, failure: StageFailed) -> Scores:
         state.degrade(SCORING_UNAVAILABLE)
         started = time.perf_counter()
         with fallback_span("scoring", failure.why):

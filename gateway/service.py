@@ -9,10 +9,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
-from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
-from services.genproto.infermesh.features.v1 import features_pb2_grpc
-from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from services.genproto.infermesh.ranking.v1 import ranking_pb2_grpc
 
 from gateway.budget import DEFAULT_DEADLINE_SECONDS, BudgetWeight, ReserveShare, StageBudgets
 from gateway.experiments import Experiments
@@ -21,6 +17,10 @@ from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline, PipelineConfig, Stubs
 from gateway.shadow import ShadowRunner
 from gateway.stage_calls import CoalescedCalls, DirectCalls, StageCalls
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
+from services.genproto.infermesh.features.v1 import features_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.genproto.infermesh.ranking.v1 import ranking_pb2_grpc
 from services.runtime.channels import open_channel
 from services.runtime.limits import DEFAULT_MAX_ID_LENGTH
 from services.runtime.metrics import Metrics
@@ -47,16 +47,16 @@ class GatewaySettings(ServerSettings):
     ranking_target: str = Field(
         "127.0.0.1:9103", min_length=1, description="host:port of the ranking service (its Envoy listener)."
     )
-    model_name: str = Field(
-        "ranker", min_length=1, description="Model scored when no experiment arm names another."
-    )
+    model_name: str = Field("ranker", min_length=1, description="Model scored when no experiment arm names another.")
     default_k: int = Field(20, ge=1, description="Items returned when a request sets no k.")
     max_k: int = Field(1000, ge=1, description="Largest k a request may ask for.")
     max_candidates: int = Field(
         1000, ge=1, description="Most candidate_ids a request may bring, and most it may ask retrieval for."
     )
     max_per_category: int = Field(
-        5, ge=0, description="At most this many items of one category in a response (ranking's category_cap); 0: no cap."
+        5,
+        ge=0,
+        description="At most this many items of one category in a response (ranking's category_cap); 0: no cap.",
     )
     max_id_length: int = Field(
         DEFAULT_MAX_ID_LENGTH, ge=1, description="Longest user_id or candidate id a request may carry, in characters."
@@ -75,7 +75,9 @@ class GatewaySettings(ServerSettings):
         DEFAULT_BUDGETS.retrieval,
         description="Weight of candidate retrieval in the deadline (only when a request brings no candidates).",
     )
-    features_budget: BudgetWeight = Field(DEFAULT_BUDGETS.features, description="Weight of GetFeatures in the deadline.")
+    features_budget: BudgetWeight = Field(
+        DEFAULT_BUDGETS.features, description="Weight of GetFeatures in the deadline."
+    )
     scoring_budget: BudgetWeight = Field(DEFAULT_BUDGETS.scoring, description="Weight of ModelInfer in the deadline.")
     ranking_budget: BudgetWeight = Field(DEFAULT_BUDGETS.ranking, description="Weight of Rank in the deadline.")
     fallback_reserve: ReserveShare = Field(
@@ -182,8 +184,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
         return gateway_pb2.RecommendResponse(
             items=[
-                gateway_pb2.RecommendedItem(item_id=i.item_id, score=i.score, category=i.category)
-                for i in result.items
+                gateway_pb2.RecommendedItem(item_id=i.item_id, score=i.score, category=i.category) for i in result.items
             ],
             model_name=result.model_name,
             model_version=result.model_version,
@@ -246,9 +247,7 @@ class GatewayService:
             shadow=ShadowRunner(stubs.scoring, self.gateway_metrics, max_batch_rows=settings.coalesce_max_rows),
             calls=self._stage_calls(stubs),
         )
-        self._health = {
-            name: health_pb2_grpc.HealthStub(channel) for name, channel in self._channels.items()
-        }
+        self._health = {name: health_pb2_grpc.HealthStub(channel) for name, channel in self._channels.items()}
         self._watcher: asyncio.Task[None] | None = None
         self._sighup = False
 

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
-from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
 
 from gateway.experiments import Shadow
 from gateway.metrics import GatewayMetrics
 from gateway.stage_calls import concatenate_rows, request_rows
+from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
 from services.runtime.logs import get_logger
 
 log = get_logger(__name__)
@@ -90,9 +90,7 @@ class ShadowRunner:
         """Copies waiting to be sent."""
         return self._queued
 
-    def submit(
-        self, shadow: Shadow, primary: inference_pb2.ModelInferRequest, primary_scores: np.ndarray
-    ) -> bool:
+    def submit(self, shadow: Shadow, primary: inference_pb2.ModelInferRequest, primary_scores: np.ndarray) -> bool:
         """Queue a copy of `primary` for the shadow model; True when it was taken."""
         if shadow.percent < 100 and self._random.random() * 100 >= shadow.percent:
             return False
@@ -178,12 +176,18 @@ class ShadowRunner:
             self._count(shadow, "mismatch", len(sizes))
             log.warning(
                 "shadow scores do not match the requests",
-                model=shadow.model, version=shadow.version, bytes=len(raw), rows=sum(sizes), requests=len(sizes),
+                model=shadow.model,
+                version=shadow.version,
+                bytes=len(raw),
+                rows=sum(sizes),
+                requests=len(sizes),
             )
             return
         scores = np.frombuffer(raw, dtype="<f4")
         ends = np.cumsum(sizes)
-        compared = [compare(p, scores[end - p.size:end]) for p, end in zip(batch.primaries, ends.tolist())]
+        compared = [
+            compare(p, scores[end - p.size : end]) for p, end in zip(batch.primaries, ends.tolist(), strict=False)
+        ]
         version = _label(shadow)
         if self._metrics is not None:
             self._metrics.shadow_latency.labels(shadow.model, version).observe(seconds)
@@ -195,7 +199,9 @@ class ShadowRunner:
         self._count(shadow, "ok", len(compared))
         log.debug(
             "shadow compared",
-            model=shadow.model, version=reply.model_version, requests=len(compared),
+            model=shadow.model,
+            version=reply.model_version,
+            requests=len(compared),
             mean_abs_diff=round(sum(d for d, _ in compared) / len(compared), 6),
             topk_overlap=round(sum(o for _, o in compared) / len(compared), 3),
             milliseconds=round(seconds * 1000, 3),

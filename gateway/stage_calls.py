@@ -19,11 +19,11 @@ from typing import Protocol
 
 import grpc
 from google.rpc import status_pb2
+
+from gateway.coalescing import Coalescer
 from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
 from services.genproto.infermesh.features.v1 import features_pb2
 from services.genproto.infermesh.ranking.v1 import ranking_pb2
-
-from gateway.coalescing import Coalescer
 
 _STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 # What a stage answers when the request is at fault, not the stage or the server: the
@@ -91,7 +91,10 @@ class CoalescedCalls:
         self._max_rows = max_rows
         self._direct = DirectCalls(stubs)
         self._options = {
-            "max_batch": max_batch, "max_in_flight": max_in_flight, "max_wait": max_wait, "observe_batch": observe_batch,
+            "max_batch": max_batch,
+            "max_in_flight": max_in_flight,
+            "max_wait": max_wait,
+            "observe_batch": observe_batch,
         }
         self._features = Coalescer("features", self._direct.features, self._features_batch, **self._options)
         self._ranking = Coalescer("ranking", self._direct.rank, self._rank_batch, **self._options)
@@ -110,7 +113,12 @@ class CoalescedCalls:
         coalescer = self._scoring.get(key)
         if coalescer is None:
             coalescer = self._scoring[key] = Coalescer(
-                "scoring", self._direct.score, self._score_batch, size=request_rows, max_size=self._max_rows, **self._options
+                "scoring",
+                self._direct.score,
+                self._score_batch,
+                size=request_rows,
+                max_size=self._max_rows,
+                **self._options,
             )
         return await _joined(coalescer, request, timeout)
 
@@ -135,9 +143,7 @@ class CoalescedCalls:
                 raise
             # The model refused the rows together (one bad request, or more rows than its
             # max_batch_size): each request alone, so only a bad one fails.
-            return await asyncio.gather(
-                *(self._direct.score(r, timeout) for r in requests), return_exceptions=True
-            )
+            return await asyncio.gather(*(self._direct.score(r, timeout) for r in requests), return_exceptions=True)
         return split_scores(reply, rows)
 
 
@@ -148,8 +154,10 @@ def request_rows(request: inference_pb2.ModelInferRequest) -> int:
 async def _joined(coalescer: Coalescer, request: object, timeout: float) -> object:
     try:
         return await coalescer.call(request, timeout)
-    except asyncio.TimeoutError:
-        raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"{coalescer.stage}: deadline passed waiting for a batch") from None
+    except TimeoutError:
+        raise rpc_error(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"{coalescer.stage}: deadline passed waiting for a batch"
+        ) from None
 
 
 def concatenate_rows(
@@ -179,7 +187,9 @@ def split_scores(reply: inference_pb2.ModelInferResponse, rows: Sequence[int]) -
     start = 0
     for count in rows:
         end = start + count * width
-        one = inference_pb2.ModelInferResponse(model_name=reply.model_name, model_version=reply.model_version, id=reply.id)
+        one = inference_pb2.ModelInferResponse(
+            model_name=reply.model_name, model_version=reply.model_version, id=reply.id
+        )
         one.outputs.add(name=output.name, datatype=output.datatype, shape=[count, *output.shape[1:]])
         one.raw_output_contents.append(raw[start:end])
         replies.append(one)

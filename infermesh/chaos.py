@@ -46,14 +46,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from infermesh.bench.loadgen import RunResult, open_loop
 from infermesh.bench.report import machine
 from infermesh.bench.targets import RequestFailed, reference_requests
+from infermesh.cli_help import CommandParser
+from infermesh.settings import add_data_dir_argument
 from infermesh.up.runfile import MeshProcess, alive, read_run_file
 from infermesh.up.supervisor import MeshError, free_port, free_port_block, start_redis
 from infermesh.workload.seed import SeedError, seed_all
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.runtime.event_loop import event_loop_runner
 from services.runtime.topology import FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, RANKING, SCORING
-from infermesh.cli_help import CommandParser
-from infermesh.settings import add_data_dir_argument
 
 # Two of each service the gateway cannot answer without (itself, features) and of scoring,
 # one ranking: a rolling restart can then keep answering, and killing ranking shows its
@@ -100,10 +100,25 @@ class ChaosMesh:
             (self.data_dir / name).symlink_to((self.source / name).resolve())
         replicas = ",".join(f"{name}={count}" for name, count in self.replicas.items())
         argv = [
-            sys.executable, "-m", "infermesh.cli", "up", "--data-dir", str(self.data_dir),
-            "--redis-url", self.redis_url, "--edge-port", str(self.edge_port),
-            "--admin-port", str(self.admin_port), "--port-base", str(free_port_block(1500)),
-            "--replicas", replicas, "--timeout", "180", *self.up_args,
+            sys.executable,
+            "-m",
+            "infermesh.cli",
+            "up",
+            "--data-dir",
+            str(self.data_dir),
+            "--redis-url",
+            self.redis_url,
+            "--edge-port",
+            str(self.edge_port),
+            "--admin-port",
+            str(self.admin_port),
+            "--port-base",
+            str(free_port_block(1500)),
+            "--replicas",
+            replicas,
+            "--timeout",
+            "180",
+            *self.up_args,
         ]
         # No trace export from the shell's environment: the figures are of the mesh alone.
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_EXPORTER_OTLP")}
@@ -197,7 +212,9 @@ class ChaosMesh:
             if not waiting and await asyncio.to_thread(self.redis_answers):
                 return
             await asyncio.sleep(0.2)
-        raise ChaosError(f"the mesh is not healthy after {timeout:g} s: {', '.join(waiting) or 'redis'}\n{self.up_tail()}")
+        raise ChaosError(
+            f"the mesh is not healthy after {timeout:g} s: {', '.join(waiting) or 'redis'}\n{self.up_tail()}"
+        )
 
     # ---- redis ----------------------------------------------------------------------
     def redis_answers(self) -> bool:
@@ -380,7 +397,9 @@ async def redis_restart(ctx: Context) -> Fault:
     killed = time.perf_counter()
     await asyncio.to_thread(ctx.mesh.redis_kill_and_start)
     back = time.perf_counter()
-    return Fault(killed, back, False, [f"redis SIGKILL, started again from its dump: answering in {back - killed:.1f} s"])
+    return Fault(
+        killed, back, False, [f"redis SIGKILL, started again from its dump: answering in {back - killed:.1f} s"]
+    )
 
 
 def overload(factor: float, seconds: float) -> Callable[[Context], Awaitable[Fault]]:
@@ -389,7 +408,10 @@ def overload(factor: float, seconds: float) -> Callable[[Context], Awaitable[Fau
         extra = await open_loop(ctx.recorder.call, ctx.rate * (factor - 1), seconds, seed=7)
         began = ctx.started + FAULT_AT_S
         ended = began + seconds
-        notes = [f"{factor:g}x ({ctx.rate * factor:g}/s) for {seconds:g} s", overload_figures(ctx.recorder, began, ended)]
+        notes = [
+            f"{factor:g}x ({ctx.rate * factor:g}/s) for {seconds:g} s",
+            overload_figures(ctx.recorder, began, ended),
+        ]
         return Fault(ended, ended, False, notes, [extra])
 
     return fault
@@ -410,8 +432,15 @@ def overload_figures(recorder: Recorder, began: float, ended: float) -> str:
 # ------------------------------------------------------------------------------ bad inputs
 
 GRPC_CLIENT_ERRORS = {
-    "INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "NOT_FOUND",
-    "ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED", "CANCELLED",
+    "INVALID_ARGUMENT",
+    "OUT_OF_RANGE",
+    "FAILED_PRECONDITION",
+    "RESOURCE_EXHAUSTED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "CANCELLED",
 }
 CANDIDATES = [f"i{n}" for n in range(200)]
 GARBAGE = b"\xff\xfe{not json, not protobuf\x00\x01"
@@ -433,6 +462,8 @@ def malformed() -> Inputs:
         "k=-1": {"user_id": "u42", "candidate_ids": CANDIDATES, "k": -1},
         "garbage bytes": GARBAGE,  # neither JSON nor a RecommendRequest
     }
+
+
 BAD_INPUT_REPEATS = 3
 # One bad input's outcome: (what it was and what came back, 2xx/4xx/5xx, seconds).
 Outcome = tuple[str, str, float]
@@ -516,8 +547,13 @@ def scenarios(short: bool) -> list[Scenario]:
         Scenario("stop-scoring", "SIGSTOP 1 scoring replica for 6 s", 14.0, pause("scoring-1", 6.0)),
         Scenario("rolling-sigterm", "rolling SIGTERM of every replica", 30.0, rolling_sigterm),
         Scenario("redis-hang", "Redis stopped (SIGSTOP) for 3 s", 10.0, redis_pause(3.0)),
-        Scenario("redis-restart", "Redis killed and started again", 12.0, redis_restart,
-                 prepare=lambda mesh: mesh.redis_save()),
+        Scenario(
+            "redis-restart",
+            "Redis killed and started again",
+            12.0,
+            redis_restart,
+            prepare=lambda mesh: mesh.redis_save(),
+        ),
         Scenario("overload-3x", "overload: 3x the rate for 5 s", 12.0, overload(3, 5.0), slow_ms=SLOW_MS),
         Scenario("overload-8x", "overload: 8x the rate for 5 s", 12.0, overload(8, 5.0), slow_ms=SLOW_MS),
         Scenario("oversized-rest", "oversized inputs over REST", 5.0, bad_inputs(send_rest, oversized)),
@@ -545,25 +581,41 @@ def summarize(scenario: Scenario, run: RunResult, recorder: Recorder, fault: Fau
     degraded = sum(a.degraded for a in recorder.answers)
     notes = list(fault.notes)
     if errors:
-        notes.append("errors: " + ", ".join(
-            f"{name} {count}" + (f" ({recorder.error_samples[name]!r})" if name in recorder.error_samples else "")
-            for name, count in errors.most_common()
-        ))
+        notes.append(
+            "errors: "
+            + ", ".join(
+                f"{name} {count}" + (f" ({recorder.error_samples[name]!r})" if name in recorder.error_samples else "")
+                for name, count in errors.most_common()
+            )
+        )
     if fault.bad_inputs:
-        classes = ", ".join(f"{kind} {fault.bad_inputs[kind]}" for kind in ("2xx", "4xx", "5xx") if fault.bad_inputs[kind])
+        classes = ", ".join(
+            f"{kind} {fault.bad_inputs[kind]}" for kind in ("2xx", "4xx", "5xx") if fault.bad_inputs[kind]
+        )
         notes.append(f"bad inputs: {classes}; load beside them: {failed} of {sent} failed")
         sent, failed = sum(fault.bad_inputs.values()), fault.bad_inputs["5xx"] + failed
         latencies = np.asarray(fault.bad_input_ms)
     p50, p99 = (float(np.percentile(latencies, q)) for q in (50, 99)) if latencies.size else (None, None)
     lost = (scenario.must_not_fail and failed > 0) or fault.never_back or fault.bad_inputs["5xx"] > 0
-    return Row(scenario.name, sent, failed, degraded, p50, p99, recovery(fault, recorder, scenario.slow_ms), "; ".join(notes), lost)
+    return Row(
+        scenario.name,
+        sent,
+        failed,
+        degraded,
+        p50,
+        p99,
+        recovery(fault, recorder, scenario.slow_ms),
+        "; ".join(notes),
+        lost,
+    )
 
 
 def recovery(fault: Fault, recorder: Recorder, slow_ms: float | None) -> float | None:
     if fault.ended_at is None or fault.never_back:
         return None
     bad = [
-        a.done_at for a in recorder.answers
+        a.done_at
+        for a in recorder.answers
         if a.failed or a.degraded or (slow_ms is not None and a.seconds * 1000 > slow_ms)
     ]
     settled = max([fault.back_at or fault.ended_at, *bad])
@@ -595,7 +647,10 @@ async def run_scenario(mesh: ChaosMesh, scenario: Scenario, rate: float, seed: i
 
 # ------------------------------------------------------------------------------ report
 
-HEAD = "| scenario | sent | failed | degraded | p50 ms | p99 ms | recovered in | notes |\n|---|---|---|---|---|---|---|---|"
+HEAD = (
+    "| scenario | sent | failed | degraded | p50 ms | p99 ms | recovered in | notes |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
 
 
 def format_row(row: Row) -> str:
@@ -613,17 +668,25 @@ def format_row(row: Row) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="infermesh chaos", description=__doc__.splitlines()[0])
-    parser.add_argument("--short", action="store_true", help=f"CI: only {', '.join(SHORT)}, shorter; exit 1 on a lost request")
-    parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="steady open-loop requests/s (default %(default)s)")
+    parser.add_argument(
+        "--short", action="store_true", help=f"CI: only {', '.join(SHORT)}, shorter; exit 1 on a lost request"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=DEFAULT_RATE, help="steady open-loop requests/s (default %(default)s)"
+    )
     parser.add_argument("--only", default=None, help="comma-separated scenario names (see --list)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     add_data_dir_argument(parser, "where the reference model and index are (trained/built there if absent)")
     parser.add_argument("--replicas", default=None, help="e.g. gateway=2,features=2,scoring=2,ranking=1 (the default)")
     parser.add_argument(
-        "--up-args", default="", help="more `infermesh up` options, e.g. '--edge-shed-latency 0' (load shedding off, to compare)"
+        "--up-args",
+        default="",
+        help="more `infermesh up` options, e.g. '--edge-shed-latency 0' (load shedding off, to compare)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows, settings and machine here")
-    parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (logs of `up` and every replica)")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work here and keep it (logs of `up` and every replica)"
+    )
     return parser
 
 
@@ -664,8 +727,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             mesh.stop()
     if args.json is not None:
-        document = {"machine": machine(), "rate": args.rate, "short": args.short, "replicas": replicas, "up_args": args.up_args,
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": [asdict(r) for r in rows]}
+        document = {
+            "machine": machine(),
+            "rate": args.rate,
+            "short": args.short,
+            "replicas": replicas,
+            "up_args": args.up_args,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "rows": [asdict(r) for r in rows],
+        }
         args.json.write_text(json.dumps(document, indent=2))
     lost = [r.scenario for r in rows if r.lost]
     if lost:

@@ -39,16 +39,21 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="start Redis, seed the demo data if absent, start every service and Envoy",
         description="Run the whole mesh on this machine until Ctrl-C / SIGTERM.",
     )
-    up.add_argument("--replicas", type=_replicas, default={}, help="e.g. scoring=2,features=2 (default scoring=2, others 1)")
+    up.add_argument(
+        "--replicas", type=_replicas, default={}, help="e.g. scoring=2,features=2 (default scoring=2, others 1)"
+    )
     up.add_argument("--edge-port", type=int, default=8080, help="REST + gRPC edge port (default %(default)s)")
     up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port, on 127.0.0.1 (default %(default)s)")
     add_data_dir_argument(up, "models, Redis dump, rendered Envoy config and logs")
     up.add_argument(
         "--redis-url",
         default=tool_settings().redis_url or None,
-        help="use this Redis instead of starting one (default $INFERMESH_REDIS_URL or $REDIS_URL; unset: start redis-server)",
+        help="use this Redis instead of starting one "
+        "(default $INFERMESH_REDIS_URL or $REDIS_URL; unset: start redis-server)",
     )
-    up.add_argument("--redis-port", type=int, default=DEFAULT_REDIS_PORT, help="port of the Redis `up` starts (default %(default)s)")
+    up.add_argument(
+        "--redis-port", type=int, default=DEFAULT_REDIS_PORT, help="port of the Redis `up` starts (default %(default)s)"
+    )
     up.add_argument(
         "--port-base",
         type=int,
@@ -94,7 +99,9 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="a replica that exits is started again (back-off 0.5 s doubling to 10 s); one that exits again "
         "after this many restarts within --restart-window seconds stops the mesh (default %(default)s)",
     )
-    up.add_argument("--restart-window", type=float, default=60.0, help="seconds, see --max-restarts (default %(default)s)")
+    up.add_argument(
+        "--restart-window", type=float, default=60.0, help="seconds, see --max-restarts (default %(default)s)"
+    )
     up.add_argument(
         "--workers",
         type=int,
@@ -140,6 +147,7 @@ def _print_ready(
     counts = ", ".join(f"{name} x{len(eps)}" for name, eps in replicas.items())
     more = "".join(f"\n  {label:<18} {value}" for label, value in extras)
     host = "localhost" if scheme == "https" else "127.0.0.1"  # the edge certificate's name
+    body = '{\\"user_id\\":\\"u42\\",\\"k\\":20,\\"candidate_ids\\":[$(seq -s, -f \'\\"i%g\\"\' 0 199)]}'
     print(
         f"""
 infermesh is up ({counts}).
@@ -151,7 +159,7 @@ infermesh is up ({counts}).
   logs               {log_dir}/{more}
 
 Try it:
-  curl -s{curl_options} {scheme}://localhost:{edge}/v1/recommend -d "{{\\"user_id\\":\\"u42\\",\\"k\\":20,\\"candidate_ids\\":[$(seq -s, -f '\\"i%g\\"' 0 199)]}}"
+  curl -s{curl_options} {scheme}://localhost:{edge}/v1/recommend -d "{body}"
 
 A replica that exits is started again; `infermesh status` lists every process and its restarts.
 Ctrl-C stops everything.""",
@@ -196,8 +204,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from infermesh.certs import CertPaths
     from infermesh.envoy.cli import edge_policy_from_args
     from infermesh.up.healing import Healer, RestartPolicy, describe_exit
-    from infermesh.up.metrics import serve_supervisor_metrics
     from infermesh.up.lanes import bulk_lane
+    from infermesh.up.metrics import serve_supervisor_metrics
     from infermesh.up.supervisor import DESCRIPTOR_SET, Mesh, MeshError, free_port, start_redis
     from infermesh.workload.seed import SeedError, format_summary, model_repository, seed_all
     from services.runtime.topology import local_topology
@@ -263,10 +271,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         curl_options = ""
         if edge_policy.rate_limit_rps is not None:
             burst = edge_policy.rate_limit_burst or edge_policy.rate_limit_rps
-            extras.append(("edge rate limit", f"{edge_policy.rate_limit_rps} requests/s (burst {burst}), then 429 / RESOURCE_EXHAUSTED"))
+            extras.append(
+                (
+                    "edge rate limit",
+                    f"{edge_policy.rate_limit_rps} requests/s (burst {burst}), then 429 / RESOURCE_EXHAUSTED",
+                )
+            )
         if edge_policy.api_keys:
             clients = ", ".join(k.client for k in edge_policy.api_keys)
-            extras.append(("API keys", f"required at the edge (x-api-key or authorization: Bearer); clients: {clients}"))
+            extras.append(
+                ("API keys", f"required at the edge (x-api-key or authorization: Bearer); clients: {clients}")
+            )
             curl_options += " -H 'x-api-key: <KEY>'"
         if tls is not None:
             extras.append(("TLS", f"edge over TLS, mTLS to every replica (CA: {tls.ca_cert})"))
@@ -305,10 +320,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         mesh.start_services()
         mesh.start_envoy()
         mesh.start_workers(args.workers)
-        extras.append(("jobs", f"POST /v1/jobs, `infermesh jobs submit FILE`; {args.workers} Celery worker(s), "
-                               f"results in {data_dir / 'jobs'}"))
+        extras.append(
+            (
+                "jobs",
+                f"POST /v1/jobs, `infermesh jobs submit FILE`; {args.workers} Celery worker(s), "
+                f"results in {data_dir / 'jobs'}",
+            )
+        )
         if lane is not None:
-            extras.append(("jobs' lane", f"{lane.edge.address}: the workers' own replicas and Envoy, at nice {lane.nice}"))
+            extras.append(
+                ("jobs' lane", f"{lane.edge.address}: the workers' own replicas and Envoy, at nice {lane.nice}")
+            )
         if local_tracing is not None:
             try:
                 local_tracing.start_receiver()  # after the forks (see LocalTracing.start)
@@ -317,16 +339,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         mesh.wait_healthy(args.timeout, progress=True)
         if mesh.metrics_ports:
             ports = sorted(mesh.metrics_ports.items(), key=lambda item: item[1])
-            extras.append(
-                ("metrics", "  ".join(f"{name}=:{port}" for name, port in ports) + "   (GET /metrics)")
-            )
+            extras.append(("metrics", "  ".join(f"{name}=:{port}" for name, port in ports) + "   (GET /metrics)"))
         if args.supervisor_metrics_port:
             try:
                 serve_supervisor_metrics(mesh, args.supervisor_metrics_port)
-                extras.append(("supervisor metrics", f"http://127.0.0.1:{args.supervisor_metrics_port}/metrics   (replica restarts)"))
+                extras.append(
+                    (
+                        "supervisor metrics",
+                        f"http://127.0.0.1:{args.supervisor_metrics_port}/metrics   (replica restarts)",
+                    )
+                )
             except OSError as error:  # auxiliary: the mesh serves without it
-                print(f"warning: up's own /metrics not served on port {args.supervisor_metrics_port} ({error.strerror}); "
-                      "choose another with --supervisor-metrics-port", flush=True)
+                print(
+                    f"warning: up's own /metrics not served on port {args.supervisor_metrics_port} ({error.strerror}); "
+                    "choose another with --supervisor-metrics-port",
+                    flush=True,
+                )
         _print_ready(topology, log_dir, redis_url, extras, curl_options, "https" if tls is not None else "http")
         while not stop_requested:
             if redis_process is not None and redis_process.poll() is not None:
@@ -366,9 +394,15 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "models": ("infermesh.models.cli", "model repository tools: bench (gRPC vs raw ONNX Runtime), quantize, import"),
     "traces": ("infermesh.traces.cli", "receive OTLP traces and show them in a local web UI"),
     "features": ("infermesh.features.cli", "feature views: ingest CSV/Parquet files, list views, benchmark"),
-    "profile": ("infermesh.profile", "sample every replica of a running mesh with py-spy under load: flame graphs + CPU per request"),
+    "profile": (
+        "infermesh.profile",
+        "sample every replica of a running mesh with py-spy under load: flame graphs + CPU per request",
+    ),
     "status": ("infermesh.up.status", "the processes of a running `infermesh up`: pid, alive, restarts, last exit"),
-    "chaos": ("infermesh.chaos", "fault scenarios under load against a mesh of its own: failed, degraded, p99, recovery"),
+    "chaos": (
+        "infermesh.chaos",
+        "fault scenarios under load against a mesh of its own: failed, degraded, p99, recovery",
+    ),
     "jobs": ("infermesh.jobs.cli", "asynchronous bulk inference: submit a job file, status, wait, cancel"),
 }
 

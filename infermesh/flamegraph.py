@@ -61,10 +61,8 @@ def _rect(name: str, count: int, total: int, x: float, depth: int, width: float)
     chars = int(width / (FONT * 0.62))
     text = label if len(name) <= chars else (escape(name[: chars - 2]) + ".." if chars > 3 else "")
     # Text is drawn upright inside the flipped group.
-    caption = (
-        f'<text x="{x + 2:.1f}" y="{-(y + 4)}" transform="scale(1,-1)">{text}</text>' if text else ""
-    )
+    caption = f'<text x="{x + 2:.1f}" y="{-(y + 4)}" transform="scale(1,-1)">{text}</text>' if text else ""
     return (
-        f'<g><title>{label} ({count} samples, {100 * count / total:.1f}%)</title>'
+        f"<g><title>{label} ({count} samples, {100 * count / total:.1f}%)</title>"
         f'<rect x="{x:.1f}" y="{y}" width="{width:.1f}" height="{ROW - 1}" fill="{_colour(name)}"/>{caption}</g>'
     )

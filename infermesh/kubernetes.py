@@ -101,8 +101,7 @@ def with_edge_tls(config: Json, cert_dir: Path = TLS_DIR) -> Json:
         chain["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
-                "DownstreamTlsContext",
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
                 "common_tls_context": {
                     "alpn_protocols": ["h2", "http/1.1"],
                     "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
@@ -124,9 +123,7 @@ def with_edge_tls(config: Json, cert_dir: Path = TLS_DIR) -> Json:
 TRACING = Tracing(otlp_endpoint="http://otel-collector:4317", sampling_percent=5.0)
 
 
-def render_config(
-    variant: str = "plain", *, descriptor_set: Path = DESCRIPTOR_SET, tls_dir: Path = TLS_DIR
-) -> Json:
+def render_config(variant: str = "plain", *, descriptor_set: Path = DESCRIPTOR_SET, tls_dir: Path = TLS_DIR) -> Json:
     """The Kubernetes Envoy bootstrap: `plain`, or `tls` (TLS on the edge listener)."""
     config = render(kubernetes_topology(descriptor_set), tracing=TRACING)
     if variant == "tls":
@@ -163,9 +160,22 @@ def _self_signed_certificate(directory: Path) -> None:
         raise envoy.EnvoyError("openssl is needed to make a throwaway certificate for validation")
     subprocess.run(
         [
-            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-days", "1", "-subj", "/CN=infermesh-validate",
-            "-keyout", str(directory / "tls.key"), "-out", str(directory / "tls.crt"),
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=infermesh-validate",
+            "-keyout",
+            str(directory / "tls.key"),
+            "-out",
+            str(directory / "tls.crt"),
         ],
         check=True,
         capture_output=True,

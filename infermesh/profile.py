@@ -67,8 +67,19 @@ def py_spy_binary() -> str:
 
 def start_sampling(binary: str, process: MeshProcess, seconds: float, rate: int, raw: Path) -> subprocess.Popen[bytes]:
     argv = [
-        binary, "record", "--pid", str(process.pid), "--duration", str(max(1, round(seconds))),
-        "--rate", str(rate), "--format", "raw", "--output", str(raw), "--nonblocking",
+        binary,
+        "record",
+        "--pid",
+        str(process.pid),
+        "--duration",
+        str(max(1, round(seconds))),
+        "--rate",
+        str(rate),
+        "--format",
+        "raw",
+        "--output",
+        str(raw),
+        "--nonblocking",
     ]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -132,11 +143,19 @@ def profile(
         if stacks:
             svg = f"{p.name}.svg"
             (out_dir / svg).write_text(flamegraph.render(stacks, f"{p.name} (pid {p.pid}), {window:.0f} s"))
-        profiles.append(ProcessProfile(
-            p.name, p.role, p.pid, round(used, 3), round(used / window, 3),
-            round(1000.0 * used / requests, 3) if requests else None,
-            sum(stacks.values()), top_frames(stacks, top), svg,
-        ))
+        profiles.append(
+            ProcessProfile(
+                p.name,
+                p.role,
+                p.pid,
+                round(used, 3),
+                round(used / window, 3),
+                round(1000.0 * used / requests, 3) if requests else None,
+                sum(stacks.values()),
+                top_frames(stacks, top),
+                svg,
+            )
+        )
     for name, why in failures.items():
         print(f"warning: py-spy could not sample {name}: {why}", file=sys.stderr)
     return profiles, load
@@ -171,7 +190,10 @@ def summary_markdown(profiles: Sequence[ProcessProfile], load: RunResult | None,
             f"Load: {load.completed} requests in {seconds:g} s ({load.achieved_rps:.0f} req/s, p50 {p50:.2f} ms, "
             f"{sum(load.errors.values())} errors)\n"
         )
-    lines += ["| process | pid | CPU ms/request | CPU (cores) | samples | top frames (own samples) |", "|---|---|---|---|---|---|"]
+    lines += [
+        "| process | pid | CPU ms/request | CPU (cores) | samples | top frames (own samples) |",
+        "|---|---|---|---|---|---|",
+    ]
     for p in profiles:
         per_request = f"{p.cpu_ms_per_request:.3f}" if p.cpu_ms_per_request is not None else "-"
         frames = "<br>".join(f"{share:.0%} {frame}" for frame, share in p.top_frames) or "-"
@@ -193,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--no-load", action="store_true", help="send nothing: profile under your own traffic")
     p.add_argument("--sampling-rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=8, help="frames per process in the summary")
-    p.add_argument("--out-dir", type=Path, default=None, help="where the flame graphs and summary go (default: profile-<time>)")
+    p.add_argument(
+        "--out-dir", type=Path, default=None, help="where the flame graphs and summary go (default: profile-<time>)"
+    )
     return p
 
 
@@ -206,8 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = args.out_dir or Path(time.strftime("profile-%Y%m%d-%H%M%S"))
     print(f"profiling {len(run.processes)} processes for {args.seconds:g} s into {out_dir}/ ...", flush=True)
     profiles, load = profile(
-        run.processes, out_dir, args.seconds, address=address, concurrency=args.concurrency,
-        rate=args.rate, sampling_rate=args.sampling_rate, top=args.top,
+        run.processes,
+        out_dir,
+        args.seconds,
+        address=address,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        sampling_rate=args.sampling_rate,
+        top=args.top,
     )
     table = summary_markdown(profiles, load, args.seconds)
     (out_dir / "summary.md").write_text(table)

@@ -32,7 +32,9 @@ class ToolSettings(ServiceSettings):
     data_dir: str = Field(
         ".infermesh",
         min_length=1,
-        description="Models, Redis dump, candidate index, rendered Envoy config, logs and the run file of a local mesh.",
+        description=(
+            "Models, Redis dump, candidate index, rendered Envoy config, logs and the run file of a local mesh."
+        ),
     )
     redis_url: str = Field(
         "",
@@ -74,6 +76,8 @@ def features_settings() -> tuple[str, str]:
 def add_data_dir_argument(parser: argparse.ArgumentParser, what: str) -> None:
     """--data-dir, the same for every tool: INFERMESH_DATA_DIR or ./.infermesh by default."""
     parser.add_argument(
-        "--data-dir", type=Path, default=Path(tool_settings().data_dir),
+        "--data-dir",
+        type=Path,
+        default=Path(tool_settings().data_dir),
         help=f"{what} (default $INFERMESH_DATA_DIR or ./.infermesh)",
     )

@@ -111,16 +111,18 @@ def _rows(settings_cls: type[ServiceSettings]) -> Iterator[str]:
 
 
 def _section(title: str, settings_cls: type[ServiceSettings], *more: type[ServiceSettings]) -> str:
-    return "\n".join([
-        f"## {title} (`{settings_cls.variable('')}*`)",
-        "",
-        _cell(settings_cls.__doc__ or ""),
-        "",
-        "| Variable | Type | Default | Meaning |",
-        "|---|---|---|---|",
-        *(row for cls in (settings_cls, *more) for row in _rows(cls)),
-        "",
-    ])
+    return "\n".join(
+        [
+            f"## {title} (`{settings_cls.variable('')}*`)",
+            "",
+            _cell(settings_cls.__doc__ or ""),
+            "",
+            "| Variable | Type | Default | Meaning |",
+            "|---|---|---|---|",
+            *(row for cls in (settings_cls, *more) for row in _rows(cls)),
+            "",
+        ]
+    )
 
 
 def render() -> str:

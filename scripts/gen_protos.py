@@ -62,8 +62,8 @@ def openapi_document(scratch: Path) -> str:
     """The OpenAPI document, from a descriptor set with comments (not the one Envoy loads)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from infermesh import envoy
-    from infermesh import openapi
+    from infermesh import envoy, openapi
+
     described = scratch / "described.binpb"
     _protoc(f"--descriptor_set_out={described}", "--include_imports", "--include_source_info")
     # The JSON shape is the transcoder's: the print options its config is rendered with.
@@ -108,11 +108,7 @@ def generate(out: Path) -> None:
 
 def differences(expected: Path, actual: Path) -> list[str]:
     def files(root: Path) -> set[str]:
-        return {
-            str(p.relative_to(root))
-            for p in root.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts
-        }
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
     want, have = files(expected), files(actual)
     problems = [f"missing: {name}" for name in sorted(want - have)]

@@ -15,6 +15,10 @@ step "generated stubs are fresh (scripts/gen_protos.py --check)"
 .venv/bin/python scripts/gen_protos.py --check
 step "architecture rules (lint-imports: layers, no serving->tools imports, no cycles)"
 .venv/bin/lint-imports
+step "ruff check (lint)"
+.venv/bin/ruff check .
+step "ruff format --check"
+.venv/bin/ruff format --check .
 step "mypy (infermesh.client strict; services.runtime, gateway)"
 .venv/bin/mypy
 step "envoy/local.json is fresh"

@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,10 +150,8 @@ def json_log_lines(path: Path) -> list[dict[str, Any]]:
     lines = []
     for line in path.read_text(errors="replace").splitlines():
         if line.startswith("{"):
-            try:
+            with suppress(json.JSONDecodeError):
                 lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
     return lines
 
 
@@ -192,12 +190,20 @@ def start_up(
     1000 above), with the tests' Redis; its output on a pipe (wait_until_up reads it)."""
     return subprocess.Popen(
         [
-            sys.executable, "-m", "infermesh.cli", "up",
-            "--data-dir", str(data_dir),
-            "--redis-url", redis_url,
-            "--edge-port", str(edge),
-            "--admin-port", str(free_port()),
-            "--port-base", str(free_port_block(1600)),  # replicas from N+100, metrics 1000 above
+            sys.executable,
+            "-m",
+            "infermesh.cli",
+            "up",
+            "--data-dir",
+            str(data_dir),
+            "--redis-url",
+            redis_url,
+            "--edge-port",
+            str(edge),
+            "--admin-port",
+            str(free_port()),
+            "--port-base",
+            str(free_port_block(1600)),  # replicas from N+100, metrics 1000 above
             *options,
         ],
         stdout=subprocess.PIPE,

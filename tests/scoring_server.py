@@ -12,8 +12,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from services.runtime.server import serve
 from infermesh.up.supervisor import free_port
+from services.runtime.server import serve
 from services.scoring.service import ScoringService, ScoringSettings
 
 

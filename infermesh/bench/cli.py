@@ -24,7 +24,6 @@ from infermesh.cli_help import CommandParser, RawDescriptionDefaultsHelpFormatte
 from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, tools_redis_url
 from services.runtime.redis_keys import DEFAULT_NAMESPACE
 
-
 DEFAULT_PLOT = Path("bench-results/ramp.png")
 
 
@@ -118,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report.TABLE_HEAD)
         for step in outcome["steps"]:
             print(report.latency_row(args.target, step))
-        print(f"max sustainable open-loop rate with p99 <= {args.slo_p99_ms:g} ms: {outcome['max_sustainable_rps']:.0f} req/s")
+        print(
+            f"max sustainable open-loop rate with p99 <= {args.slo_p99_ms:g} ms: "
+            f"{outcome['max_sustainable_rps']:.0f} req/s"
+        )
     else:
         plan = Plan(args.mode, args.duration, args.warmup, concurrency=args.concurrency, rate=args.rate)
         result = measure(target, plan, args.processes, args.target, progress).to_json()
@@ -137,8 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             report.plot_ramps(args.plot, {args.target: document["ramp"]["steps"]}, args.slo_p99_ms)
         except ImportError as error:
-            print(f"infermesh bench: --plot needs matplotlib, the bench extra: pip install 'infermesh[bench]' ({error})",
-                  file=sys.stderr)
+            print(
+                f"infermesh bench: --plot needs matplotlib, the bench extra: pip install 'infermesh[bench]' ({error})",
+                file=sys.stderr,
+            )
             return 1
         print(f"wrote {args.plot}")
     return 0

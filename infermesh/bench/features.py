@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from services.runtime.event_loop import event_loop_runner
-from services.features.layout import DEFAULT_NAMESPACE
 from infermesh.cli_help import CommandParser, RawDescriptionDefaultsHelpFormatter
 from infermesh.workload.catalog import N_ITEMS, N_USERS, generate_catalog
+from services.features.layout import DEFAULT_NAMESPACE
+from services.runtime.event_loop import event_loop_runner
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,7 @@ async def _grpc_case(
     address: str, case: str, reqs: list[tuple[str, list[str]]], concurrencies: list[int], seconds: float, warm: bool
 ) -> list[Result]:
     import grpc
+
     from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 
     channel = grpc.aio.insecure_channel(address)
@@ -187,9 +188,9 @@ def bench_store(redis_url: str, namespace: str, entities: int, seconds: float) -
     """The store alone, in this process: what a request costs before gRPC."""
     import redis.asyncio as aioredis
 
-    from services.runtime.breaker import CircuitBreaker
     from services.features.cache import LocalCache
     from services.features.store import FeatureStore
+    from services.runtime.breaker import CircuitBreaker
 
     async def run() -> list[Result]:
         client = aioredis.Redis.from_url(redis_url)

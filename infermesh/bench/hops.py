@@ -24,11 +24,11 @@ from typing import Any
 
 import grpc
 import numpy as np
+
+from infermesh.bench.targets import reference_requests
 from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
 from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
 from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
-
-from infermesh.bench.targets import reference_requests
 from services.runtime.topology import DEFAULT_INTERNAL_PORTS, DEFAULT_REPLICA_BASE_PORTS, FEATURES, SCORING
 
 METRICS_OFFSET = 1000
@@ -67,8 +67,13 @@ async def timed(call: Callable[[int], Awaitable[Any]], calls: int, warmup: int) 
 
 
 async def measure_stage(
-    name: str, method: str, replica: int, listener: int, make: Callable[[grpc.aio.Channel], Callable[[int], Awaitable[Any]]],
-    calls: int, warmup: int,
+    name: str,
+    method: str,
+    replica: int,
+    listener: int,
+    make: Callable[[grpc.aio.Channel], Callable[[int], Awaitable[Any]]],
+    calls: int,
+    warmup: int,
 ) -> dict[str, float]:
     row: dict[str, float] = {}
     for label, port in (("direct", replica), ("via Envoy", listener)):
@@ -85,7 +90,9 @@ async def measure_stage(
 def features_call(requests: list[dict[str, Any]]) -> Callable[[grpc.aio.Channel], Callable[[int], Awaitable[Any]]]:
     def make(channel: grpc.aio.Channel) -> Callable[[int], Awaitable[Any]]:
         stub = features_pb2_grpc.FeatureServiceStub(channel)
-        messages = [features_pb2.GetFeaturesRequest(user_id=r["user_id"], item_ids=r["candidate_ids"]) for r in requests]
+        messages = [
+            features_pb2.GetFeaturesRequest(user_id=r["user_id"], item_ids=r["candidate_ids"]) for r in requests
+        ]
         return lambda n: stub.GetFeatures(messages[n % len(messages)], timeout=5)
 
     return make

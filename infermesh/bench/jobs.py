@@ -66,11 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="infermesh jobs bench", description=__doc__.splitlines()[0])
     add_data_dir_argument(parser, "where the reference model is (trained there if absent)")
     parser.add_argument("--only", choices=("throughput", "kill"), help="run one part only")
-    parser.add_argument("--requests", type=int, default=100_000, help="requests in the throughput job (default %(default)s)")
-    parser.add_argument("--kill-requests", type=int, default=20_000, help="requests in the kill job (default %(default)s)")
+    parser.add_argument(
+        "--requests", type=int, default=100_000, help="requests in the throughput job (default %(default)s)"
+    )
+    parser.add_argument(
+        "--kill-requests", type=int, default=20_000, help="requests in the kill job (default %(default)s)"
+    )
     parser.add_argument("--kill-every", type=float, default=10.0, help="seconds between SIGKILLs (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="Celery workers (default %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=4, help="JOBS_CONCURRENCY of each worker (default %(default)s)")
+    parser.add_argument(
+        "--concurrency", type=int, default=4, help="JOBS_CONCURRENCY of each worker (default %(default)s)"
+    )
     parser.add_argument(
         "--capacity-concurrency", type=int, default=8,
         help="clients of the capacity run (default %(default)s: under the edge's 12 always-admitted calls, so its "
@@ -84,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-bulk-lane", action="store_true", help="the workers call the online edge, at the online priority"
     )
-    parser.add_argument("--seconds", type=float, default=10.0, help="capacity and online-alone runs (default %(default)s s)")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="capacity and online-alone runs (default %(default)s s)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="longest a job may run (default %(default)s s)")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     return parser
@@ -155,7 +163,9 @@ class Workers:
 def job_requests(count: int) -> list[JobRequest]:
     """`count` requests cycling through the reference mix (1,000 distinct ones), ids r0.."""
     payloads = [
-        gateway_pb2.RecommendRequest(user_id=r["user_id"], candidate_ids=r["candidate_ids"], k=r["k"]).SerializeToString()
+        gateway_pb2.RecommendRequest(
+            user_id=r["user_id"], candidate_ids=r["candidate_ids"], k=r["k"]
+        ).SerializeToString()
         for r in reference_requests()
     ]
     return [JobRequest(f"r{n}", payloads[n % len(payloads)]) for n in range(count)]
@@ -170,7 +180,9 @@ def follow(jobs: Jobs, job_id: str, timeout: float, every: Callable[[float], Non
             return status
         elapsed = time.monotonic() - began
         if elapsed > timeout:
-            print(f"  the job is still {status.state} after {timeout:g} s ({status.done}/{status.total}): cancelling it")
+            print(
+                f"  the job is still {status.state} after {timeout:g} s ({status.done}/{status.total}): cancelling it"
+            )
             return jobs.cancel(job_id)
         if every is not None:
             every(elapsed)
@@ -180,7 +192,9 @@ def follow(jobs: Jobs, job_id: str, timeout: float, every: Callable[[float], Non
 # ---------------------------------------------------------------------------- parts
 
 
-def online_while(address: str, rate: float, stop: threading.Event, windows: list[tuple[float, float, RunResult]]) -> None:
+def online_while(
+    address: str, rate: float, stop: threading.Event, windows: list[tuple[float, float, RunResult]]
+) -> None:
     """Open-loop windows at `rate` until `stop`; each window's wall-clock span and result."""
 
     async def run() -> None:
@@ -198,15 +212,18 @@ def online_while(address: str, rate: float, stop: threading.Event, windows: list
     event_loop_runner()(run())
 
 
-def throughput_part(
-    work: Path, redis_url: str, edge: str, jobs_edge: str, args: argparse.Namespace
-) -> dict[str, Any]:
+def throughput_part(work: Path, redis_url: str, edge: str, jobs_edge: str, args: argparse.Namespace) -> dict[str, Any]:
     """Capacity and the online load through `edge`; the job's calls through `jobs_edge`."""
     target = factory("grpc", address=edge)
     clients = args.capacity_concurrency
-    capacity = measure(target, Plan("closed", args.seconds, 2.0, concurrency=clients), label=f"capacity c={clients}").to_json()
+    capacity = measure(
+        target, Plan("closed", args.seconds, 2.0, concurrency=clients), label=f"capacity c={clients}"
+    ).to_json()
     rate = round(ONLINE_SHARE * capacity["rps"], 1)
-    print(f"  capacity (closed loop c={clients} via the edge): {capacity['rps']} req/s; online load {rate} req/s", flush=True)
+    print(
+        f"  capacity (closed loop c={clients} via the edge): {capacity['rps']} req/s; online load {rate} req/s",
+        flush=True,
+    )
     workers = Workers(work, redis_url, jobs_edge, args, _nice(args))
     workers.start(args.workers)  # idle until the job comes: they block on Redis
     jobs = Jobs(workers.settings())
@@ -328,11 +345,16 @@ def summary(results: dict[str, Any]) -> tuple[list[str], bool]:
             f"job: {job['total']} requests, {job['state']} in {job['elapsed_seconds']} s = {job['throughput']} req/s "
             f"({job['failed']} failed; {t['workers']} workers x {t['concurrency_per_worker']} in flight; "
             f"submit {job['submit_seconds']} s; "
-            + (f"in a lane of its own at nice {t['bulk_lane']['nice']})" if t.get("bulk_lane") else "through the online replicas)"),
+            + (
+                f"in a lane of its own at nice {t['bulk_lane']['nice']})"
+                if t.get("bulk_lane")
+                else "through the online replicas)"
+            ),
             f"job / capacity: {ratio} (target >= {THROUGHPUT_TARGET}: {'met' if ok_rate else 'NOT met'})",
             f"online load {t['online_rate']} req/s: p99 alone {t['online_alone']['latency_ms'].get('p99')} ms, "
             f"with the job {t['online_during_job'].get('latency_ms', {}).get('p99')} ms, alone after "
-            f"{t['online_alone_after']['latency_ms'].get('p99')} ms; errors during {t['online_during_job'].get('errors')}",
+            f"{t['online_alone_after']['latency_ms'].get('p99')} ms; "
+            f"errors during {t['online_during_job'].get('errors')}",
             f"online p99 with / without the job: {p99} (target <= {P99_TARGET}: {'met' if ok_p99 else 'NOT met'})",
         ]
     if "kill" in results:
@@ -373,7 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"throughput: a job of {args.requests} requests beside an online load", flush=True)
                     results["throughput"] = throughput_part(work, redis_url, edge, jobs_edge, args)
                 if args.only in (None, "kill"):
-                    print(f"kill: a job of {args.kill_requests} requests, a worker SIGKILLed every {args.kill_every:g} s", flush=True)
+                    print(
+                        f"kill: a job of {args.kill_requests} requests, a worker SIGKILLed every {args.kill_every:g} s",
+                        flush=True,
+                    )
                     results["kill"] = kill_part(work, redis_url, jobs_edge, args)
         finally:
             redis.terminate()

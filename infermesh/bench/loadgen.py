@@ -10,6 +10,7 @@ ramp:        open loop at increasing rates until p99 breaks the SLO.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import multiprocessing as mp
 import time
@@ -97,14 +98,14 @@ async def _warm(call: Call, seconds: float) -> None:
     deadline = time.perf_counter() + seconds
     i = 0
     while time.perf_counter() < deadline:
-        try:
+        with contextlib.suppress(Exception):  # warm-up failures are not measured
             await call(i)
-        except Exception:  # warm-up failures are not measured
-            pass
         i += 1
 
 
-async def closed_loop(call: Call, concurrency: int, seconds: float, tick: Callable[[float], None] | None = None) -> RunResult:
+async def closed_loop(
+    call: Call, concurrency: int, seconds: float, tick: Callable[[float], None] | None = None
+) -> RunResult:
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     start = time.perf_counter()
@@ -219,15 +220,23 @@ def _worker(factory: TargetFactory, plan: Plan, queue: mp.Queue) -> None:  # typ
         queue.put(error)
 
 
-def run_processes(factory: TargetFactory, plan: Plan, processes: int, tick: Callable[[float], None] | None = None) -> RunResult:
+def run_processes(
+    factory: TargetFactory, plan: Plan, processes: int, tick: Callable[[float], None] | None = None
+) -> RunResult:
     """Split one plan across processes when one client process cannot keep up."""
     if processes <= 1:
         return event_loop_runner()(run_plan(factory, plan, tick))
     context = mp.get_context("spawn")
     queue = context.Queue()
     shares = [
-        Plan(plan.mode, plan.seconds, plan.warmup,
-             concurrency=max(1, plan.concurrency // processes), rate=plan.rate / processes, seed=plan.seed + i)
+        Plan(
+            plan.mode,
+            plan.seconds,
+            plan.warmup,
+            concurrency=max(1, plan.concurrency // processes),
+            rate=plan.rate / processes,
+            seed=plan.seed + i,
+        )
         for i in range(processes)
     ]
     workers = [context.Process(target=_worker, args=(factory, share, queue), daemon=True) for share in shares]

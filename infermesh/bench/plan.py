@@ -16,8 +16,13 @@ from pathlib import Path
 from infermesh.cli_help import CommandParser
 
 
-def plan(cpu_ms_per_request: dict[str, float], target_rps: float, utilisation: float, cores_per_machine: int,
-         price_per_machine_hour: float) -> dict[str, object]:
+def plan(
+    cpu_ms_per_request: dict[str, float],
+    target_rps: float,
+    utilisation: float,
+    cores_per_machine: int,
+    price_per_machine_hour: float,
+) -> dict[str, object]:
     replicas = {
         role: max(1, math.ceil(target_rps * ms / 1000.0 / utilisation))
         for role, ms in sorted(cpu_ms_per_request.items())

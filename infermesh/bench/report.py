@@ -55,9 +55,7 @@ def latency_row(name: str, result: dict[str, Any]) -> str:
     def fmt(key: str) -> str:
         return f"{lat[key]:.2f}" if key in lat else "–"
 
-    load = (
-        f"c={result['concurrency']}" if result.get("concurrency") else f"{result.get('offered_rps', 0):.0f}/s open"
-    )
+    load = f"c={result['concurrency']}" if result.get("concurrency") else f"{result.get('offered_rps', 0):.0f}/s open"
     return (
         f"| {name} | {load} | {result['rps']:.0f} | {fmt('p50')} | {fmt('p90')} | {fmt('p99')} | "
         f"{fmt('p99.9')} | {fmt('max')} | {errors} |"

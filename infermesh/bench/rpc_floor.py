@@ -32,9 +32,9 @@ import grpc
 import numpy as np
 
 from infermesh.bench import report
-from services.runtime.event_loop import event_loop_runner
 from infermesh.envoy import envoy_command, plain_proxy
 from infermesh.up.supervisor import free_port
+from services.runtime.event_loop import event_loop_runner
 
 METHOD = "/infermesh.bench.Echo/Echo"
 # One Recommend = the load generator's call to the edge + the gateway's 3 backend calls.
@@ -108,11 +108,19 @@ async def _ready(target: str, log: Path, timeout: float = 30.0) -> None:
             except grpc.aio.AioRpcError as error:
                 if time.monotonic() > give_up:
                     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-                    raise SystemExit(f"{target} did not answer within {timeout:g} s ({error.code().name}); {log.name}:\n{tail}") from None
+                    raise SystemExit(
+                        f"{target} did not answer within {timeout:g} s ({error.code().name}); {log.name}:\n{tail}"
+                    ) from None
 
 
 def measure(
-    path: str, target: str, payload: bytes, concurrency: int, seconds: float, server_pid: int, envoy_pid: int | None,
+    path: str,
+    target: str,
+    payload: bytes,
+    concurrency: int,
+    seconds: float,
+    server_pid: int,
+    envoy_pid: int | None,
     log: Path,
 ) -> Result:
     run = event_loop_runner()
@@ -160,11 +168,28 @@ def format_table(results: Sequence[Result]) -> str:
         return "n/a" if value is None else f"{value:,.0f}"
 
     rows = [
-        [r.path, f"c={r.concurrency}", f"{r.calls_per_s:,.0f}", f"{r.p50_ms:.3f}", f"{r.p99_ms:.3f}",
-         us(r.client_us_per_call), us(r.server_us_per_call), us(r.envoy_us_per_call)]
+        [
+            r.path,
+            f"c={r.concurrency}",
+            f"{r.calls_per_s:,.0f}",
+            f"{r.p50_ms:.3f}",
+            f"{r.p99_ms:.3f}",
+            us(r.client_us_per_call),
+            us(r.server_us_per_call),
+            us(r.envoy_us_per_call),
+        ]
         for r in results
     ]
-    header = ["path", "load", "calls/s", "p50 ms", "p99 ms", "client CPU us/call", "server CPU us/call", "Envoy CPU us/call"]
+    header = [
+        "path",
+        "load",
+        "calls/s",
+        "p50 ms",
+        "p99 ms",
+        "client CPU us/call",
+        "server CPU us/call",
+        "Envoy CPU us/call",
+    ]
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
@@ -202,11 +227,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     children: list[subprocess.Popen[bytes]] = []
     results: list[Result] = []
     try:
-        server = _start([sys.executable, "-m", "infermesh.bench.rpc_floor", "--serve", str(server_port)], workdir / "server.log")
+        server = _start(
+            [sys.executable, "-m", "infermesh.bench.rpc_floor", "--serve", str(server_port)], workdir / "server.log"
+        )
         children.append(server)
         for level in levels:
             results.append(
-                measure("direct", f"127.0.0.1:{server_port}", payload, level, args.seconds, server.pid, None, workdir / "server.log")
+                measure(
+                    "direct",
+                    f"127.0.0.1:{server_port}",
+                    payload,
+                    level,
+                    args.seconds,
+                    server.pid,
+                    None,
+                    workdir / "server.log",
+                )
             )
         if not args.no_envoy:
             envoy_port = free_port()
@@ -216,7 +252,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             children.append(envoy)
             for level in levels:
                 results.append(
-                    measure("envoy", f"127.0.0.1:{envoy_port}", payload, level, args.seconds, server.pid, envoy.pid, workdir / "envoy.log")
+                    measure(
+                        "envoy",
+                        f"127.0.0.1:{envoy_port}",
+                        payload,
+                        level,
+                        args.seconds,
+                        server.pid,
+                        envoy.pid,
+                        workdir / "envoy.log",
+                    )
                 )
     finally:
         for child in reversed(children):
@@ -228,17 +273,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     summary = floor(results)
     if args.json:
-        print(json.dumps({"machine": report.machine(), "payload_bytes": args.payload_bytes,
-                          "rows": [asdict(r) for r in results], "recommend_floor": summary}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "machine": report.machine(),
+                    "payload_bytes": args.payload_bytes,
+                    "rows": [asdict(r) for r in results],
+                    "recommend_floor": summary,
+                },
+                indent=2,
+            )
+        )
         return 0
     machine = report.machine()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['system']}, Python {machine['python']}; "
-          f"payload {args.payload_bytes} bytes each way")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['system']}, Python {machine['python']}; "
+        f"payload {args.payload_bytes} bytes each way"
+    )
     print(format_table(results))
     if summary:
         print(
             f"\nfloor of one Recommend ({CALLS_PER_RECOMMEND} calls through Envoy, no work): "
-            f"p50 >= {summary['p50_ms_at_c1']:.2f} ms at c=1; CPU >= {summary['cpu_ms_per_request']:.2f} ms per request, "
+            f"p50 >= {summary['p50_ms_at_c1']:.2f} ms at c=1; "
+            f"CPU >= {summary['cpu_ms_per_request']:.2f} ms per request, "
             f"so at most {summary['max_requests_per_s_on_this_machine']:,.0f} requests/s on {summary['cores']} cores"
         )
     return 0

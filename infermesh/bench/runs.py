@@ -11,12 +11,14 @@ from tqdm import tqdm
 from infermesh.bench.loadgen import Plan, RunResult, TargetFactory, run_processes
 
 
-def measure(
-    target: TargetFactory, plan: Plan, processes: int = 1, label: str = "", progress: bool = True
-) -> RunResult:
+def measure(target: TargetFactory, plan: Plan, processes: int = 1, label: str = "", progress: bool = True) -> RunResult:
     bar = tqdm(
-        total=round(plan.seconds, 1), desc=label or plan.mode, unit="s", leave=False,
-        disable=not progress, bar_format="{desc}: {bar} {n:.1f}/{total:.0f}s",
+        total=round(plan.seconds, 1),
+        desc=label or plan.mode,
+        unit="s",
+        leave=False,
+        disable=not progress,
+        bar_format="{desc}: {bar} {n:.1f}/{total:.0f}s",
     )
 
     def tick(elapsed: float) -> None:

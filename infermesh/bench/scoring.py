@@ -33,15 +33,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnxruntime as ort
-from services.genproto.inference import grpc_predict_v2_pb2 as pb
-from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from infermesh.bench.report import cpu_name, cpu_seconds
 from infermesh.cli_help import CommandParser
 from infermesh.settings import model_repository
-from services.runtime.event_loop import event_loop_runner
 from infermesh.up.supervisor import free_port
 from infermesh.workload import modelgen
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.runtime.event_loop import event_loop_runner
 from services.scoring.loading import session_options
 from services.scoring.providers import CUDA, IoBindingRunner, SessionRunner, create_session, plan_providers, runner_for
 from services.scoring.service import PROVIDER_KEY, PROVIDER_REASON_KEY
@@ -80,11 +80,13 @@ class Row(Through):
 
 def latest_model(repository: Path, model: str) -> Path | None:
     directory = repository / model
-    versions = sorted((int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / "model.onnx").is_file()))
+    versions = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / "model.onnx").is_file())
     return directory / str(versions[-1]) / "model.onnx" if versions else None
 
 
-def bench_repository(model_file: Path | None, model: str, max_batch: int, workdir: Path, data: bytes | None = None) -> Path:
+def bench_repository(
+    model_file: Path | None, model: str, max_batch: int, workdir: Path, data: bytes | None = None
+) -> Path:
     """A one-model repository for the server under test: `data`, else the model file, else
     the reference MLP."""
     root = workdir / "models"
@@ -98,13 +100,17 @@ def bench_repository(model_file: Path | None, model: str, max_batch: int, workdi
 def raw_runner(model: bytes, threads: int, provider: str) -> SessionRunner | IoBindingRunner:
     """What one scoring instance runs, without the server: the same session options and, on
     CUDA, the same IO-binding runner (inputs copied to the GPU once, outputs read once)."""
-    choice = create_session(model, plan_providers([provider], ort.get_available_providers(), False), session_options(threads))
+    choice = create_session(
+        model, plan_providers([provider], ort.get_available_providers(), False), session_options(threads)
+    )
     if provider != "cpu" and choice.provider != CUDA:
         raise SystemExit(f"raw ONNX Runtime could not run on CUDA: {choice.reason}")
     return runner_for(choice, 0)
 
 
-def raw_throughput(model: bytes, batch: int, seconds: float, threads: int, provider: str = "cpu") -> tuple[float, float]:
+def raw_throughput(
+    model: bytes, batch: int, seconds: float, threads: int, provider: str = "cpu"
+) -> tuple[float, float]:
     run = raw_runner(model, threads, provider)
     rows = np.random.default_rng(0).standard_normal((batch, WIDTH)).astype(np.float32)
     feed = {INPUT: rows}
@@ -118,7 +124,12 @@ def raw_throughput(model: bytes, batch: int, seconds: float, threads: int, provi
 
 
 async def grpc_throughput(
-    target: str, model: str, batch: int, seconds: float, concurrency: int, streaming: bool = False,
+    target: str,
+    model: str,
+    batch: int,
+    seconds: float,
+    concurrency: int,
+    streaming: bool = False,
     server_pid: int | None = None,
 ) -> Through:
     """ModelInfer calls with `concurrency` in flight, or, streaming, ModelStreamInfer with
@@ -149,13 +160,20 @@ async def grpc_throughput(
         raise SystemExit(f"no request of {batch} rows was answered in {seconds} s")
     p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
     return Through(
-        calls * batch / elapsed, float(p50), float(p99), mean_batch,
-        client_cpu / calls * 1e6, server_cpu / calls * 1e6 if server_cpu is not None else None,
+        calls * batch / elapsed,
+        float(p50),
+        float(p99),
+        mean_batch,
+        client_cpu / calls * 1e6,
+        server_cpu / calls * 1e6 if server_cpu is not None else None,
     )
 
 
 async def _unary_calls(
-    stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, concurrency: int, seconds: float,
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    request: pb.ModelInferRequest,
+    concurrency: int,
+    seconds: float,
     latencies: list[float],
 ) -> int:
     stop_at = time.perf_counter() + seconds
@@ -173,7 +191,10 @@ async def _unary_calls(
 
 
 async def _stream_calls(
-    stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, concurrency: int, seconds: float,
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    request: pb.ModelInferRequest,
+    concurrency: int,
+    seconds: float,
     latencies: list[float],
 ) -> int:
     """One stream; a new request goes out as each answer comes back (ids carry send times)."""
@@ -295,24 +316,38 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="infermesh models bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repository", type=Path, default=Path(model_repository()), help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)")
+    p.add_argument(
+        "--repository",
+        type=Path,
+        default=Path(model_repository()),
+        help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)",
+    )
     p.add_argument("--model", default="ranker", help="model name; its newest version is used (default %(default)s)")
-    p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), help="comma-separated rows per call")
+    p.add_argument(
+        "--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), help="comma-separated rows per call"
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per batch size and mode")
     p.add_argument("--concurrency", type=int, default=4, help="gRPC requests in flight")
-    p.add_argument("--streaming", action="store_true", help="send over one ModelStreamInfer stream instead of ModelInfer calls")
+    p.add_argument(
+        "--streaming", action="store_true", help="send over one ModelStreamInfer stream instead of ModelInfer calls"
+    )
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (raw and server)")
     p.add_argument(
-        "--provider", choices=("cpu", "cuda"), default="cpu",
+        "--provider",
+        choices=("cpu", "cuda"),
+        default="cpu",
         help="execution provider of raw ONNX Runtime and of the server (cuda: GPU 0, IO binding; default %(default)s)",
     )
     p.add_argument(
-        "--overhead", action="store_true",
+        "--overhead",
+        action="store_true",
         help="serve a 64 -> 1 linear model with the reference model's input and output instead "
         "(almost no compute): what serving itself costs per request",
     )
     p.add_argument("--target", help="benchmark this running server (host:port) instead of starting one")
-    p.add_argument("--server-log-level", default="WARNING", help="LOG_LEVEL of the server started (default %(default)s)")
+    p.add_argument(
+        "--server-log-level", default="WARNING", help="LOG_LEVEL of the server started (default %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -348,7 +383,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw, per_call = raw_throughput(model_bytes, batch, args.seconds, args.threads, args.provider)
             through = event_loop_runner()(
                 grpc_throughput(
-                    target, args.model, batch, args.seconds, args.concurrency, args.streaming,
+                    target,
+                    args.model,
+                    batch,
+                    args.seconds,
+                    args.concurrency,
+                    args.streaming,
                     process.pid if process is not None else None,
                 )
             )
@@ -363,19 +403,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         source = str(model_file) if model_file else "reference MLP architecture (untrained weights)"
     if args.json:
-        print(json.dumps({
-            "machine": machine(),
-            "provider": served_on,
-            "model": source,
-            "threads": args.threads,
-            "concurrency": args.concurrency,
-            "streaming": args.streaming,
-            "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "provider": served_on,
+                    "model": source,
+                    "threads": args.threads,
+                    "concurrency": args.concurrency,
+                    "streaming": args.streaming,
+                    "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"machine: {machine()}" + (f"; {gpu_name()}" if args.provider == "cuda" else ""))
         print(f"server:  {served_on} ({why})")
-        sending = f"{args.concurrency} in flight on one ModelStreamInfer stream" if args.streaming else f"gRPC concurrency {args.concurrency}"
+        sending = (
+            f"{args.concurrency} in flight on one ModelStreamInfer stream"
+            if args.streaming
+            else f"gRPC concurrency {args.concurrency}"
+        )
         print(f"model:   {source}; {args.threads} intra-op thread(s); {sending}")
         print(format_table(rows))
     return 0

@@ -63,16 +63,18 @@ def _cpu_us_per_span(exporter: SpanExporter, requests: int, lean_tracer: bool = 
     # The services' default sampler (parentbased_always_on), the request's parent sampled.
     provider = TracerProvider(sampler=ParentBased(ALWAYS_ON), resource=Resource.create({"service.name": "ranking"}))
     # A queue that holds every span of the run: none dropped, all encoded.
-    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=requests * SPANS_PER_REQUEST + 1,
-                                                   schedule_delay_millis=500))
+    provider.add_span_processor(
+        BatchSpanProcessor(exporter, max_queue_size=requests * SPANS_PER_REQUEST + 1, schedule_delay_millis=500)
+    )
     tracer = provider.get_tracer("infermesh")
     if lean_tracer:
         tracer = lean(tracer)
 
     def one_request() -> None:
         parent = propagate.extract(_PARENT)
-        server = tracer.start_span("/infermesh.ranking.v1.RankingService/Rank", context=parent,
-                                   kind=trace.SpanKind.SERVER, attributes=_RPC)
+        server = tracer.start_span(
+            "/infermesh.ranking.v1.RankingService/Rank", context=parent, kind=trace.SpanKind.SERVER, attributes=_RPC
+        )
         token = otel_context.attach(trace.set_span_in_context(server, parent))
         for stage in ("top_k", "seen_filter", "rules", "calibration", "category_cap"):
             with tracer.start_as_current_span(f"infermesh.ranking.{stage}", attributes={"infermesh.items": 200}):
@@ -105,8 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for _ in range(args.rounds):
         for name, exporter in _variants().items():
             rounds[name].append(_cpu_us_per_span(exporter, args.requests, lean_tracer=name == LEAN))
-    result = {name: {"median_us_per_span": round(sorted(values)[len(values) // 2], 1),
-                     "rounds": [round(v, 1) for v in values]} for name, values in rounds.items()}
+    result = {
+        name: {
+            "median_us_per_span": round(sorted(values)[len(values) // 2], 1),
+            "rounds": [round(v, 1) for v in values],
+        }
+        for name, values in rounds.items()
+    }
     print(json.dumps({"machine": report.machine(), "requests": args.requests, "cpu_per_span": result}, indent=2))
     return 0
 

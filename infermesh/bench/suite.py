@@ -15,20 +15,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from infermesh.bench import report
+from infermesh.bench.loadgen import Plan
 from infermesh.bench.report import cpu_seconds
 from infermesh.bench.runs import measure, ramp
-from infermesh.bench.loadgen import Plan
 from infermesh.bench.targets import factory
 from infermesh.up.lanes import BulkLane
 from infermesh.up.supervisor import Mesh, free_port, free_topology, port_is_free, start_redis
-from services.runtime.topology import SERVICES
 from infermesh.workload.seed import model_path, model_repository, seed_all
+from services.runtime.topology import SERVICES
 
 DEFAULT_REPLICAS = {"gateway": 1, "features": 1, "scoring": 2, "ranking": 1}
 SLO_P99_MS = 25.0
@@ -70,8 +70,14 @@ COALESCING = (("off", {"GATEWAY_COALESCE": "false"}), ("on", {"GATEWAY_COALESCE"
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median throughput, with every round's figures attached."""
     chosen = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
-    rounds = [{"rps": r["rps"], "p50_ms": r["latency_ms"].get("p50"), **({"cpu_ms_per_request": r["cpu_ms_per_request"]}
-               if "cpu_ms_per_request" in r else {})} for r in runs]
+    rounds = [
+        {
+            "rps": r["rps"],
+            "p50_ms": r["latency_ms"].get("p50"),
+            **({"cpu_ms_per_request": r["cpu_ms_per_request"]} if "cpu_ms_per_request" in r else {}),
+        }
+        for r in runs
+    ]
     return {**chosen, "rounds": rounds}
 
 
@@ -128,9 +134,20 @@ def trace_receiver(work: Path) -> Iterator[TraceReceiver]:
     otlp_port, http_port = free_port(), free_port()
     log = open(work / "traces.log", "wb")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
-        [sys.executable, "-m", "infermesh.cli", "traces", "--otlp-port", str(otlp_port),
-         "--http-port", str(http_port), "--max-traces", "500"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "infermesh.cli",
+            "traces",
+            "--otlp-port",
+            str(otlp_port),
+            "--http-port",
+            str(http_port),
+            "--max-traces",
+            "500",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 30
@@ -175,8 +192,18 @@ FLOOR_PAYLOAD_BYTES = 2048
 def hop_floor(seconds: float) -> dict[str, Any]:
     """What bare grpc.aio hops cost here (infermesh.bench.rpc_floor, same run): the floor
     under the mesh's latency at c=1 and under its CPU per request at c=32."""
-    argv = [sys.executable, "-m", "infermesh.bench.rpc_floor", "--json", "--concurrency", "1,32",
-            "--payload-bytes", str(FLOOR_PAYLOAD_BYTES), "--seconds", str(max(2.0, seconds / 2))]
+    argv = [
+        sys.executable,
+        "-m",
+        "infermesh.bench.rpc_floor",
+        "--json",
+        "--concurrency",
+        "1,32",
+        "--payload-bytes",
+        str(FLOOR_PAYLOAD_BYTES),
+        "--seconds",
+        str(max(2.0, seconds / 2)),
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         return {"error": done.stderr.strip()[-500:]}
@@ -191,12 +218,18 @@ def coalesced_floor(floor: dict[str, Any], monolith_cpu_ms: float, monolith_rps:
     if not loaded or not monolith_rps:
         return None
     row = loaded[0]
-    edge_hop_ms = (row["client_us_per_call"] + (row["server_us_per_call"] or 0) + (row["envoy_us_per_call"] or 0)) / 1000
+    edge_hop_ms = (
+        row["client_us_per_call"] + (row["server_us_per_call"] or 0) + (row["envoy_us_per_call"] or 0)
+    ) / 1000
     cpu_ms = edge_hop_ms + monolith_cpu_ms
     cores = floor.get("recommend_floor", {}).get("cores", 1)
     rps = cores * 1000.0 / cpu_ms
-    return {"edge_hop_cpu_ms": round(edge_hop_ms, 3), "cpu_ms_per_request": round(cpu_ms, 3),
-            "max_requests_per_s": round(rps), "over_monolith": round(rps / monolith_rps, 3)}
+    return {
+        "edge_hop_cpu_ms": round(edge_hop_ms, 3),
+        "cpu_ms_per_request": round(cpu_ms, 3),
+        "max_requests_per_s": round(rps),
+        "over_monolith": round(rps / monolith_rps, 3),
+    }
 
 
 def children_cpu_seconds() -> float:
@@ -212,10 +245,8 @@ def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], reques
 def cpu_by_role(mesh: Mesh) -> dict[str, float]:
     totals: dict[str, float] = {}
     for child in mesh.children:
-        try:
+        with suppress(OSError, IndexError, ValueError):
             totals[child.role] = totals.get(child.role, 0.0) + cpu_seconds(child.process.pid)
-        except (OSError, IndexError, ValueError):
-            pass
     return totals
 
 
@@ -223,9 +254,15 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
     seconds, warmup = (2.0, 0.5) if quick else (10.0, 2.0)
     ramp_seconds = 2.0 if quick else 8.0
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"machine": report.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                               "quick": quick, "seconds_per_measurement": seconds, "scenarios": {}, "ramps": {},
-                               "tracing": {}}
+    results: dict[str, Any] = {
+        "machine": report.machine(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "quick": quick,
+        "seconds_per_measurement": seconds,
+        "scenarios": {},
+        "ramps": {},
+        "tracing": {},
+    }
     scenarios = results["scenarios"]
 
     def record(name: str, result: dict[str, Any]) -> None:
@@ -245,7 +282,9 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
             print(report.TABLE_HEAD, flush=True)
 
             def closed(target: Any, concurrency: int, label: str, processes: int = 1) -> dict[str, Any]:
-                return measure(target, Plan("closed", seconds, warmup, concurrency=concurrency), processes, label, progress).to_json()
+                return measure(
+                    target, Plan("closed", seconds, warmup, concurrency=concurrency), processes, label, progress
+                ).to_json()
 
             # --- the monolith baseline: same Redis reads, model and ranking code, no RPC
             mono = factory("monolith", redis_url=redis_url, model_path=model, namespace="infermesh:v1")
@@ -265,7 +304,9 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
                 gateway = mesh.topology.replicas["gateway"][0].address
                 grpc_edge = factory("grpc", address=edge)
                 record("mesh gRPC via Envoy c=1", closed(grpc_edge, 1, "edge c=1"))
-                record("mesh REST via Envoy c=1", closed(factory("rest", url=f"http://{edge}/v1/recommend"), 1, "rest c=1"))
+                record(
+                    "mesh REST via Envoy c=1", closed(factory("rest", url=f"http://{edge}/v1/recommend"), 1, "rest c=1")
+                )
                 record("mesh gRPC direct to gateway c=1", closed(factory("grpc", address=gateway), 1, "direct c=1"))
                 before = cpu_by_role(mesh)
                 saturated = closed(grpc_edge, 32, "edge c=32")
@@ -274,7 +315,9 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
                 results["cpu_ms_per_request"] = cpu_ms_per_request(before, after, saturated["ok"])
                 results["replicas"] = DEFAULT_REPLICAS
                 record("mesh gRPC direct to gateway c=32", closed(factory("grpc", address=gateway), 32, "direct c=32"))
-                results["ramps"]["mesh via Envoy, coalescing on"] = ramp(grpc_edge, RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "mesh ramp")
+                results["ramps"]["mesh via Envoy, coalescing on"] = ramp(
+                    grpc_edge, RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "mesh ramp"
+                )
                 # scoring alone against raw ONNX Runtime on the same batch sizes
                 scoring = mesh.topology.replicas["scoring"][0].address
                 items: dict[str, Any] = {}
@@ -293,15 +336,26 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
             # --- coalescing off / on: two meshes side by side, measured in turns
             rounds = 1 if quick else ROUNDS
             with ExitStack() as stack:
-                meshes = {label: stack.enter_context(running_mesh(data_dir, redis_url, DEFAULT_REPLICAS, env))
-                          for label, env in COALESCING}
-                edges = {label: factory("grpc", address=f"127.0.0.1:{m.topology.edge_port}") for label, m in meshes.items()}
+                meshes = {
+                    label: stack.enter_context(running_mesh(data_dir, redis_url, DEFAULT_REPLICAS, env))
+                    for label, env in COALESCING
+                }
+                edges = {
+                    label: factory("grpc", address=f"127.0.0.1:{m.topology.edge_port}") for label, m in meshes.items()
+                }
                 results["coalescing"] = {
                     f"c={concurrency}": side_by_side(meshes, edges, concurrency, rounds, closed, record, "coalescing")
                     for concurrency in (1, 32)
                 }
                 results["ramps"]["mesh via Envoy, coalescing off"] = ramp(
-                    edges["off"], RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "mesh ramp (coalescing off)"
+                    edges["off"],
+                    RAMP_RATES,
+                    SLO_P99_MS,
+                    ramp_seconds,
+                    warmup,
+                    1,
+                    progress,
+                    "mesh ramp (coalescing off)",
                 )
 
             # --- tracing off / 1% / 100% and shadow traffic off / on: small differences on a
@@ -310,11 +364,15 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
             with trace_receiver(work) as receiver, ExitStack() as stack:
                 edges, meshes = {}, {}
                 for label, ratio in TRACING:
-                    env = {} if ratio is None else {
-                        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-                        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                        "OTEL_TRACES_SAMPLER_ARG": ratio,
-                    }
+                    env = (
+                        {}
+                        if ratio is None
+                        else {
+                            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                            "OTEL_TRACES_SAMPLER_ARG": ratio,
+                        }
+                    )
                     mesh = meshes[label] = stack.enter_context(running_mesh(data_dir, redis_url, DEFAULT_REPLICAS, env))
                     edges[label] = factory("grpc", address=f"127.0.0.1:{mesh.topology.edge_port}")
                 for concurrency in (1, 32):
@@ -351,13 +409,17 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
                 record(f"mesh shadow {label} c=1", median_run(runs_of_label))
             results["shadow"] = compare(shadow_runs, "off")
 
-            results["ramps"]["monolith"] = ramp(mono, RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "monolith ramp")
+            results["ramps"]["monolith"] = ramp(
+                mono, RAMP_RATES, SLO_P99_MS, ramp_seconds, warmup, 1, progress, "monolith ramp"
+            )
 
             # --- replicas: one of each vs two of each
             for label, replicas in (("1 each", {s: 1 for s in SERVICES}), ("2 each", {s: 2 for s in SERVICES})):
                 with running_mesh(data_dir, redis_url, replicas) as mesh:
                     edge = f"127.0.0.1:{mesh.topology.edge_port}"
-                    record(f"mesh replicas {label} c=32", closed(factory("grpc", address=edge), 32, f"replicas {label}"))
+                    record(
+                        f"mesh replicas {label} c=32", closed(factory("grpc", address=edge), 32, f"replicas {label}")
+                    )
         finally:
             redis.terminate()
             redis.wait(timeout=10)
@@ -372,8 +434,10 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
         f"mesh/monolith throughput at saturation: {results['mesh_over_monolith_throughput']}",
         f"bare hops, same run: {results['floor'].get('recommend_floor', results['floor'])}",
         f"a mesh whose internal hops cost nothing (one edge hop + the monolith's work): {results['coalesced_floor']}",
-        *(f"max sustainable open-loop rate ({k}, p99 <= {SLO_P99_MS:g} ms): {v['max_sustainable_rps']:.0f} req/s"
-          for k, v in results["ramps"].items()),
+        *(
+            f"max sustainable open-loop rate ({k}, p99 <= {SLO_P99_MS:g} ms): {v['max_sustainable_rps']:.0f} req/s"
+            for k, v in results["ramps"].items()
+        ),
         f"shadow traffic (100% of scoring calls copied), c=1: {results['shadow']['100%']}",
         *(f"tracing {c}: {v}" for c, v in results["tracing"].items()),
         f"CPU ms per request by process kind: {results['cpu_ms_per_request']}",

@@ -128,9 +128,9 @@ async def monolith(redis_url: str, model_path: str, namespace: str) -> tuple[Cal
 
 async def scoring_infer(address: str, batch: int, model: str = "ranker") -> tuple[Call, Callable[[], Awaitable[None]]]:
     import grpc
+
     from services.genproto.inference import grpc_predict_v2_pb2 as pb
     from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-
     from services.runtime.channels import open_channel
 
     channel = open_channel(address, traced=False)

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.genproto.infermesh.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 

@@ -58,8 +58,7 @@ def add_edge_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="RPS",
-        help="admit at most RPS requests/s at the edge (429 for REST, RESOURCE_EXHAUSTED for gRPC); "
-        "default: no limit",
+        help="admit at most RPS requests/s at the edge (429 for REST, RESOURCE_EXHAUSTED for gRPC); default: no limit",
     )
     parser.add_argument(
         "--edge-rate-burst",
@@ -170,8 +169,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "infermesh envoy") -> in
         if local_config_is_fresh(args.repo_root):
             return 0
         print(
-            f"{LOCAL_CONFIG} is stale: run `python -m infermesh.envoy render "
-            f"--out {LOCAL_CONFIG}` from the repo root",
+            f"{LOCAL_CONFIG} is stale: run `python -m infermesh.envoy render --out {LOCAL_CONFIG}` from the repo root",
             file=sys.stderr,
         )
         return 1

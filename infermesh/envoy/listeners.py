@@ -214,8 +214,15 @@ def _json_local_replies(oip_http: bool = False) -> Json:
     not_grpc = {
         "or_filter": {
             "filters": [
-                {"header_filter": {"header": {
-                    "name": "content-type", "string_match": {"prefix": "application/grpc"}, "invert_match": True}}},
+                {
+                    "header_filter": {
+                        "header": {
+                            "name": "content-type",
+                            "string_match": {"prefix": "application/grpc"},
+                            "invert_match": True,
+                        }
+                    }
+                },
                 {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True}}},
             ]
         }

@@ -200,9 +200,7 @@ def retry_policy(retry_on: str, per_try_timeout: str | None = None) -> Json:
         "retry_host_predicate": [
             {
                 "name": "envoy.retry_host_predicates.previous_hosts",
-                "typed_config": {
-                    "@type": f"{EXTENSIONS_TYPE}.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-                },
+                "typed_config": {"@type": f"{EXTENSIONS_TYPE}.retry.host.previous_hosts.v3.PreviousHostsPredicate"},
             }
         ],
         "host_selection_retry_max_attempts": 3,

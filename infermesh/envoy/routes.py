@@ -101,9 +101,7 @@ def _streaming_route(path: str, cluster: str) -> Json:
     }
 
 
-def service_routes(
-    cluster: str, prefix: str = "/", *, internal: bool, unbuffered_streams: bool = False
-) -> list[Json]:
+def service_routes(cluster: str, prefix: str = "/", *, internal: bool, unbuffered_streams: bool = False) -> list[Json]:
     """Routes to `cluster` for paths under `prefix`: its state-changing RPCs and streams
     first. On a listener that buffers requests (the edge), `unbuffered_streams` switches
     the buffer off for streams, which would otherwise wait for the client's last message."""

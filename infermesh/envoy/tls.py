@@ -27,9 +27,7 @@ def downstream_tls(tls: CertPaths) -> Json:
                 # h2 and http/1.1: gRPC and REST still share the edge port (codec AUTO).
                 "alpn_protocols": ["h2", "http/1.1"],
                 "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
-                "tls_certificates": [
-                    {"certificate_chain": _file(tls.edge_cert), "private_key": _file(tls.edge_key)}
-                ],
+                "tls_certificates": [{"certificate_chain": _file(tls.edge_cert), "private_key": _file(tls.edge_key)}],
             },
         },
     }
@@ -51,9 +49,7 @@ def upstream_tls(tls: CertPaths, service: str, alpn: tuple[str, ...] = ("h2",)) 
                 ],
                 "validation_context": {
                     "trusted_ca": _file(tls.ca_cert),
-                    "match_typed_subject_alt_names": [
-                        {"san_type": "DNS", "matcher": {"exact": service}}
-                    ],
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": service}}],
                 },
             },
         },

@@ -12,7 +12,6 @@ from infermesh.settings import LOCAL_REDIS_URL, features_settings, tools_redis_u
 from services.runtime.redis_keys import DEFAULT_NAMESPACE
 
 
-
 def _ingest_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = commands.add_parser(
         "ingest",
@@ -48,8 +47,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     import redis
 
     from infermesh.features.ingest import IngestError, format_report, ingest
-    from services.features.registry import RegistryError, load_registry
     from infermesh.workload.seed import redact_url
+    from services.features.registry import RegistryError, load_registry
 
     try:
         registry = load_registry(args.registry)
@@ -126,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     views.add_argument("--yaml", action="store_true", help="print the registry file itself (a starting point)")
     add_delegated(
-        commands, "bench", "infermesh.bench.features", "GetFeatures latency/throughput (cache hot and cold) and retrieval"
+        commands,
+        "bench",
+        "infermesh.bench.features",
+        "GetFeatures latency/throughput (cache hot and cold) and retrieval",
     )
     return parser
 

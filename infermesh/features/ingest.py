@@ -13,6 +13,7 @@ for a vector feature `vec` of length n, columns `vec_0` .. `vec_{n-1}`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import time
@@ -98,7 +99,7 @@ def _parse_block(strings: np.ndarray, feature: Feature) -> np.ndarray:
 def _bad_cell(row: list[str], feature: Feature, columns: list[str]) -> str:
     """Why a row's cells for `feature` do not parse (the slow path, bad rows only)."""
     kind = int if feature.dtype.startswith("int") else float
-    for name, cell in zip(columns, row):
+    for name, cell in zip(columns, row, strict=False):
         try:
             kind(cell)
         except ValueError:
@@ -236,7 +237,7 @@ def _parquet_feature(
             rejects.reject(null_rows, f"column {feature.name!r}: null value in the list")
         return block
     block = np.empty((n, len(columns)), dtype=target)
-    for c, (name, column) in enumerate(zip(names, columns)):
+    for c, (name, column) in enumerate(zip(names, columns, strict=False)):
         if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
             raise IngestError(f"{path}: column {name!r} is {column.type}, not numeric")
         rejects.reject(_nulls(column), f"column {name!r} is null")
@@ -343,10 +344,10 @@ def _write(pipe: Any, view: FeatureView, prefix: str, ids: list[str], records: n
     values = [blob[i : i + size] for i in range(0, len(blob), size)]
     if view.ttl_seconds:
         ttl_ms = max(1, int(view.ttl_seconds * 1000))
-        for entity, value in zip(ids, values):
+        for entity, value in zip(ids, values, strict=False):
             pipe.set(head + entity, value, px=ttl_ms)
     elif ids:
-        pipe.mset({head + entity: value for entity, value in zip(ids, values)})
+        pipe.mset({head + entity: value for entity, value in zip(ids, values, strict=False)})
     pipe.execute()
 
 
@@ -442,10 +443,8 @@ def ingest(
         client.set(meta_key(prefix), json.dumps(_meta(view, report)))
         _switch(client, pointer, previous, prefix)
     except BaseException as error:
-        try:
+        with contextlib.suppress(redis.RedisError):  # what is left is never served: nothing points at it
             drop_prefix(client, prefix)
-        except redis.RedisError:
-            pass  # what is left is never served: nothing points at it
         if isinstance(error, IngestError):
             raise IngestError(f"{error}; view {view_name!r} still serves {report.previous_prefix!r}") from None
         if isinstance(error, redis.RedisError):

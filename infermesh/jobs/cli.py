@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="validate a job file, store it, queue it; print its id")
     submit.add_argument("file", type=Path, help="requests: .jsonl or .parquet")
     submit.add_argument(
-        "--output", default="", help="results file (.jsonl or .parquet; workers write it); default <data dir>/jobs/<id>/results.jsonl"
+        "--output",
+        default="",
+        help="results file (.jsonl or .parquet; workers write it); default <data dir>/jobs/<id>/results.jsonl",
     )
     submit.add_argument("--wait", action="store_true", help="then wait for it, as `jobs wait`")
     submit.add_argument("--json", action="store_true", help="print the job's status as JSON")

@@ -1,8 +1,8 @@
 """`infermesh models`: tools for the scoring model repository.
 
-    infermesh models bench     items/s through gRPC vs raw ONNX Runtime
-    infermesh models quantize  an int8 version of a model, with size/speed/NDCG@20 report
-    infermesh models import    a scikit-learn / LightGBM model as a new ONNX version
+infermesh models bench     items/s through gRPC vs raw ONNX Runtime
+infermesh models quantize  an int8 version of a model, with size/speed/NDCG@20 report
+infermesh models import    a scikit-learn / LightGBM model as a new ONNX version
 """
 
 from __future__ import annotations

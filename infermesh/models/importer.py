@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from infermesh.workload import modelgen
-from services.scoring.config import CONFIG_FILE, MODEL_FILE, PBTXT_FILE
 from infermesh.cli_help import CommandParser
 from infermesh.settings import model_repository
+from infermesh.workload import modelgen
+from services.scoring.config import CONFIG_FILE, MODEL_FILE, PBTXT_FILE
 
 INPUT = "features"
 OPSETS = {"": 17, "ai.onnx.ml": 3}
@@ -154,7 +154,9 @@ def batch_major(onnx_model: bytes, rows: np.ndarray) -> tuple[bytes, bool]:
     return model.SerializeToString(), batched
 
 
-def publish(repository: Path, name: str, onnx_model: bytes, batched: bool, provenance: dict[str, Any]) -> tuple[int, Path]:
+def publish(
+    repository: Path, name: str, onnx_model: bytes, batched: bool, provenance: dict[str, Any]
+) -> tuple[int, Path]:
     directory = repository / name
     existing = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / MODEL_FILE).is_file()]
     version = max(existing, default=0) + 1
@@ -171,9 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="infermesh models import", description=__doc__.split("\n\n")[0])
     p.add_argument("file", type=Path, help="scikit-learn joblib/pickle, or LightGBM model (.txt or pickle)")
     p.add_argument("--model", required=True, help="model name in the repository")
-    p.add_argument("--repository", type=Path, default=Path(model_repository()), help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)")
-    p.add_argument("--sample", type=Path, help=".npy float rows for the parity check (default: 512 standard normal rows)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |onnx - original| (default %(default)s)")
+    p.add_argument(
+        "--repository",
+        type=Path,
+        default=Path(model_repository()),
+        help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)",
+    )
+    p.add_argument(
+        "--sample", type=Path, help=".npy float rows for the parity check (default: 512 standard normal rows)"
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=1e-4, help="largest allowed |onnx - original| (default %(default)s)"
+    )
     p.add_argument("--dry-run", action="store_true", help="convert and check; write nothing")
     p.add_argument("--owner", help="provenance: who owns the model (team or person)")
     p.add_argument("--training-data-digest", help="provenance: digest of the data it was trained on")
@@ -200,14 +211,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"infermesh models import: {error}", file=sys.stderr)
         return 1
     print(f"{args.file} ({type(model).__name__}) -> ONNX with {converted.converter}")
-    print(f"  parity on {len(rows)} rows, output {output!r}: max |onnx - original| = {worst:.3g} (tolerance {args.tolerance})")
+    print(
+        f"  parity on {len(rows)} rows, output {output!r}: "
+        f"max |onnx - original| = {worst:.3g} (tolerance {args.tolerance})"
+    )
     if worst > args.tolerance:
         print("  NOT imported: outputs differ beyond the tolerance", file=sys.stderr)
         return 1
     if args.dry_run:
         print("  dry run: nothing written")
         return 0
-    given = {"owner": args.owner, "training_data_digest": args.training_data_digest, "source_revision": args.source_revision}
+    given = {
+        "owner": args.owner,
+        "training_data_digest": args.training_data_digest,
+        "source_revision": args.source_revision,
+    }
     provenance = {
         **{key: value for key, value in given.items() if value},
         "source_file": str(args.file),

@@ -26,11 +26,11 @@ import numpy as np
 import onnxruntime as ort
 
 from infermesh.cli_help import CommandParser
+from infermesh.settings import model_repository
 from infermesh.workload import modelgen
+from infermesh.workload.catalog import DEFAULT_SEED, affinity, generate_catalog, model_input, ndcg_at_k
 from services.scoring.config import MODEL_FILE, read_provenance
 from services.scoring.loading import session_options
-from infermesh.workload.catalog import DEFAULT_SEED, affinity, generate_catalog, model_input, ndcg_at_k
-from infermesh.settings import model_repository
 
 CANDIDATES = 200
 K = 20
@@ -82,7 +82,9 @@ def ranking_quality(model: bytes, users: int, seed: int = DEFAULT_SEED) -> float
     gains = np.empty((users, CANDIDATES), np.float32)
     for row, user in enumerate(user_ids):
         items = rng.choice(catalog.n_items, size=CANDIDATES, replace=False)
-        predicted[row] = session.run(None, {name: model_input(catalog.user_vecs[user], catalog.item_vecs[items])})[0][:, 0]
+        predicted[row] = session.run(None, {name: model_input(catalog.user_vecs[user], catalog.item_vecs[items])})[0][
+            :, 0
+        ]
         gains[row] = affinity(catalog.user_vecs[user][None, :], catalog.item_vecs[items])
     return ndcg_at_k(predicted, gains, K)
 
@@ -100,7 +102,12 @@ def newest_version(directory: Path) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="infermesh models quantize", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repository", type=Path, default=Path(model_repository()), help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)")
+    p.add_argument(
+        "--repository",
+        type=Path,
+        default=Path(model_repository()),
+        help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)",
+    )
     p.add_argument("--model", default="ranker", help="the model to quantize")
     p.add_argument("--version", type=int, help="float version to quantize (default: the newest)")
     p.add_argument("--users", type=int, default=300, help="queries for NDCG@20 (default %(default)s)")
@@ -131,26 +138,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = None
     if accepted and not args.dry_run:
         written = modelgen.write_version(args.repository, args.model, new_version, int8_model)
-        sidecar = {"quantized_from": source_version, "method": "onnxruntime dynamic int8 (QInt8 weights)",
-                   "float": asdict(before), "int8": asdict(after)}
+        sidecar = {
+            "quantized_from": source_version,
+            "method": "onnxruntime dynamic int8 (QInt8 weights)",
+            "float": asdict(before),
+            "int8": asdict(after),
+        }
         (written.parent / "quantized.json").write_text(json.dumps(sidecar, indent=2) + "\n")
         # The int8 version comes from the same data and code as its float source.
         inherited = read_provenance(source.parent, {})
         provenance = {**inherited, "quantized_from": str(source_version), "quantization": sidecar["method"]}
         modelgen.write_provenance(written.parent, provenance)
     report = {
-        "model": args.model, "from_version": source_version, "new_version": new_version if written else None,
-        "float": asdict(before), "int8": asdict(after), "ndcg_drop": drop, "accepted": accepted,
+        "model": args.model,
+        "from_version": source_version,
+        "new_version": new_version if written else None,
+        "float": asdict(before),
+        "int8": asdict(after),
+        "ndcg_drop": drop,
+        "accepted": accepted,
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(f"{args.model} v{source_version} -> int8 (dynamic quantization)")
         print(f"  size       {before.bytes:>10,} B -> {after.bytes:>10,} B  ({after.bytes / before.bytes:.0%})")
-        print(f"  items/s    {before.items_per_s:>10,.0f}   -> {after.items_per_s:>10,.0f}    "
-              f"({after.items_per_s / before.items_per_s:.2f}x, batch 256, 1 thread)")
-        print(f"  NDCG@20    {before.ndcg_at_20:>10.5f}   -> {after.ndcg_at_20:>10.5f}    "
-              f"(drop {drop:+.5f}; limit {args.max_ndcg_drop})")
+        print(
+            f"  items/s    {before.items_per_s:>10,.0f}   -> {after.items_per_s:>10,.0f}    "
+            f"({after.items_per_s / before.items_per_s:.2f}x, batch 256, 1 thread)"
+        )
+        print(
+            f"  NDCG@20    {before.ndcg_at_20:>10.5f}   -> {after.ndcg_at_20:>10.5f}    "
+            f"(drop {drop:+.5f}; limit {args.max_ndcg_drop})"
+        )
         if written:
             print(f"  published  {written} (version {new_version})")
         elif not accepted:

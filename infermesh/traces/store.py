@@ -106,9 +106,7 @@ class SpanRecord:
             "status": self.status,
             "status_message": self.status_message,
             "scope": self.scope,
-            "events": [
-                {"name": e.name, "time_unix_nano": e.time_ns, "attributes": e.attributes} for e in self.events
-            ],
+            "events": [{"name": e.name, "time_unix_nano": e.time_ns, "attributes": e.attributes} for e in self.events],
             "links": [{"trace_id": t, "span_id": s} for t, s in self.links],
         }
 
@@ -231,9 +229,7 @@ class Trace:
     def edges(self) -> list[tuple[tuple[str, str], tuple[str, str]]]:
         """(parent label, child label) for every parent/child pair in the trace."""
         ids = self.by_id()
-        return [
-            (ids[s.parent_span_id].label, s.label) for s in self.spans if s.parent_span_id in ids
-        ]
+        return [(ids[s.parent_span_id].label, s.label) for s in self.spans if s.parent_span_id in ids]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -348,11 +344,7 @@ class TraceStore:
     def slowest(self, limit: int = 20, within_s: float | None = None, service: str | None = None) -> list[Trace]:
         """The slowest traces, optionally only those started in the last `within_s` seconds."""
         cutoff = (time.time() - within_s) * 1e9 if within_s else 0
-        found = [
-            t
-            for t in self.traces()
-            if t.start_ns >= cutoff and (service is None or service in t.services)
-        ]
+        found = [t for t in self.traces() if t.start_ns >= cutoff and (service is None or service in t.services)]
         found.sort(key=lambda t: t.duration_ms, reverse=True)
         return found[:limit]
 

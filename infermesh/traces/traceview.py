@@ -28,8 +28,16 @@ from urllib.parse import parse_qs, urlsplit
 from infermesh.traces.store import SpanRecord, Trace, TraceStore
 
 PALETTE = (
-    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1",
-    "#76b7b2", "#edc948", "#9c755f", "#ff9da7", "#bab0ac",
+    "#4e79a7",
+    "#f28e2b",
+    "#59a14f",
+    "#e15759",
+    "#b07aa1",
+    "#76b7b2",
+    "#edc948",
+    "#9c755f",
+    "#ff9da7",
+    "#bab0ac",
 )
 # Fixed colours for the mesh's own services, so screenshots read the same every time.
 SERVICE_COLOURS = {
@@ -107,9 +115,7 @@ def _page(title: str, body: str, refresh_s: int | None = None) -> str:
 
 
 def _chips(services: list[str]) -> str:
-    return "".join(
-        f'<span class="chip" style="background:{service_colour(s)}">{_esc(s)}</span>' for s in services
-    )
+    return "".join(f'<span class="chip" style="background:{service_colour(s)}">{_esc(s)}</span>' for s in services)
 
 
 def _clock(unix_ns: int) -> str:
@@ -127,7 +133,7 @@ def _trace_table(traces: list[Trace], empty: str) -> str:
         error = ' <span class="err">error</span>' if t.has_error else ""
         rows.append(
             "<tr>"
-            f'<td>{_clock(t.start_ns)}</td>'
+            f"<td>{_clock(t.start_ns)}</td>"
             f'<td><a href="/trace/{_esc(t.trace_id)}">{_esc(t.title)}</a>{error}<br>'
             f'<code style="font-size:11px;color:#57606a">{_esc(t.trace_id)}</code></td>'
             f"<td>{_chips(t.services)}</td>"
@@ -188,9 +194,7 @@ def _attr_rows(span: SpanRecord) -> str:
     ]
     rows += sorted((k, json.dumps(v) if not isinstance(v, str) else v) for k, v in span.attributes.items())
     rows += [(f"event @{_fmt_ms((e.time_ns - span.start_ns) / 1e6)}", e.name) for e in span.events]
-    return "<table>" + "".join(
-        f'<tr><td class="k">{_esc(k)}</td><td>{_esc(v)}</td></tr>' for k, v in rows
-    ) + "</table>"
+    return "<table>" + "".join(f'<tr><td class="k">{_esc(k)}</td><td>{_esc(v)}</td></tr>' for k, v in rows) + "</table>"
 
 
 def render_trace(trace: Trace) -> str:
@@ -214,7 +218,8 @@ def render_trace(trace: Trace) -> str:
         error = " error" if span.status == "ERROR" else ""
         rows.append(
             "<details><summary>"
-            f'<div class="name" style="padding-left:{6 + 16 * depth}px" title="{_esc(span.service)}: {_esc(span.name)}">'
+            f'<div class="name" style="padding-left:{6 + 16 * depth}px" '
+            f'title="{_esc(span.service)}: {_esc(span.name)}">'
             f'<span class="svc" style="background:{colour}"></span><span class="sn">{_esc(span.service)}</span>'
             f"{_esc(span.name)}</div>"
             f'<div class="track">{grid_html}<div class="bar{error}" style="left:{left:.3f}%;width:{width:.3f}%;'
@@ -231,9 +236,7 @@ def render_trace(trace: Trace) -> str:
         f' · <a href="/api/traces/{_esc(trace.trace_id)}">JSON</a></div>'
         f'<div class="legend">{legend}</div>'
         '<div class="wf"><div class="axis"><div class="name">span</div>'
-        f'<div class="ticks">{"".join(ticks)}</div><div class="dur">duration</div></div>'
-        + "".join(rows)
-        + "</div>"
+        f'<div class="ticks">{"".join(ticks)}</div><div class="dur">duration</div></div>' + "".join(rows) + "</div>"
     )
     return _page(f"trace {trace.trace_id[:8]} · {trace.title}", body)
 

@@ -27,10 +27,13 @@ class SupervisorCollector:
 
     def collect(self) -> Iterator[Metric]:
         restarts = CounterMetricFamily(
-            "infermesh_replica_restarts", "Times infermesh up started a replica again after it exited.",
+            "infermesh_replica_restarts",
+            "Times infermesh up started a replica again after it exited.",
             labels=["replica", "service"],
         )
-        up = GaugeMetricFamily("infermesh_replica_up", "1 while the replica's process runs.", labels=["replica", "service"])
+        up = GaugeMetricFamily(
+            "infermesh_replica_up", "1 while the replica's process runs.", labels=["replica", "service"]
+        )
         for replica, service, count, alive in self._mesh.replica_states():
             restarts.add_metric([replica, service], count)
             up.add_metric([replica, service], 1.0 if alive else 0.0)

@@ -35,9 +35,7 @@ class RunFile:
     supervisor: int | None = None  # pid of the process that runs the mesh (`infermesh up`)
 
 
-def write_processes(
-    data_dir: Path, edge: str, processes: Sequence[MeshProcess], supervisor: int | None = None
-) -> None:
+def write_processes(data_dir: Path, edge: str, processes: Sequence[MeshProcess], supervisor: int | None = None) -> None:
     path = data_dir / RUN_FILE
     scratch = path.with_suffix(".tmp")
     document = {"edge": edge, "supervisor": supervisor, "processes": [asdict(p) for p in processes]}
@@ -65,7 +63,9 @@ def read_run_file(data_dir: Path) -> RunFile:
     try:
         document = json.loads(path.read_text())
     except FileNotFoundError:
-        raise SystemExit(f"no mesh is running from {data_dir}/ ({path} not found): start one with `infermesh up`") from None
+        raise SystemExit(
+            f"no mesh is running from {data_dir}/ ({path} not found): start one with `infermesh up`"
+        ) from None
     except (OSError, ValueError) as error:
         raise SystemExit(f"cannot read {path}: {error}") from None
     processes = tuple(MeshProcess(**p) for p in document.get("processes", []))

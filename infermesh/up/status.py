@@ -16,16 +16,24 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from infermesh.up.runfile import RunFile, alive, read_run_file
 from infermesh.cli_help import CommandParser
 from infermesh.settings import add_data_dir_argument
+from infermesh.up.runfile import RunFile, alive, read_run_file
 
 COLUMNS = ("NAME", "ROLE", "PID", "ALIVE", "ADDRESS", "RESTARTS", "LAST EXIT")
 
 
 def rows(run: RunFile) -> list[tuple[str, ...]]:
     return [
-        (p.name, p.role, str(p.pid), "yes" if alive(p.pid) else "no", p.address or "-", str(p.restarts), p.last_exit or "-")
+        (
+            p.name,
+            p.role,
+            str(p.pid),
+            "yes" if alive(p.pid) else "no",
+            p.address or "-",
+            str(p.restarts),
+            p.last_exit or "-",
+        )
         for p in run.processes
     ]
 
@@ -33,7 +41,9 @@ def rows(run: RunFile) -> list[tuple[str, ...]]:
 def format_table(run: RunFile) -> str:
     table = [COLUMNS, *rows(run)]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in table)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in table
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

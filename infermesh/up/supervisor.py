@@ -231,7 +231,9 @@ class Mesh:
     healer: Healer = field(default_factory=Healer)
     # Replica name -> (service, endpoint, environment, command line): what respawn() starts
     # it with again (a jobs worker has no endpoint).
-    _replicas: dict[str, tuple[str, Endpoint | None, dict[str, str], list[str]]] = field(default_factory=dict, repr=False)
+    _replicas: dict[str, tuple[str, Endpoint | None, dict[str, str], list[str]]] = field(
+        default_factory=dict, repr=False
+    )
     # heal(): replica -> when to start it again; replica -> when its outage began (until
     # it is SERVING again).
     _restart_at: dict[str, float] = field(default_factory=dict, repr=False)
@@ -241,14 +243,11 @@ class Mesh:
 
     # ---- starting -------------------------------------------------------------------
     def check_ports(self) -> None:
-        taken = [
-            f"{what} port {port}"
-            for what, port in self._ports()
-            if not port_is_free(port)
-        ]
+        taken = [f"{what} port {port}" for what, port in self._ports() if not port_is_free(port)]
         if taken:
             raise MeshError(
-                "ports already in use: " + ", ".join(taken)
+                "ports already in use: "
+                + ", ".join(taken)
                 + ". Is another mesh running? Stop it, or choose other ports (see `infermesh up --help`)."
             )
 
@@ -534,7 +533,8 @@ class Mesh:
             if dead:
                 raise MeshError(
                     "; ".join(f"{c.name} exited with {c.process.returncode} (log: {c.log_path})" for c in dead)
-                    + "\n" + self.log_tail(dead[0])
+                    + "\n"
+                    + self.log_tail(dead[0])
                 )
             waiting = self.unhealthy()
             if not waiting:
@@ -562,11 +562,17 @@ class Mesh:
         processes = []
         for child in self.children:
             replica = self._replicas.get(child.name)
-            processes.append(MeshProcess(
-                child.name, child.role, child.process.pid, python=child.role != "envoy",
-                address=replica[1].address if replica and replica[1] else None,
-                restarts=self.healer.restarts(child.name), last_exit=self.healer.last_exit(child.name),
-            ))
+            processes.append(
+                MeshProcess(
+                    child.name,
+                    child.role,
+                    child.process.pid,
+                    python=child.role != "envoy",
+                    address=replica[1].address if replica and replica[1] else None,
+                    restarts=self.healer.restarts(child.name),
+                    last_exit=self.healer.last_exit(child.name),
+                )
+            )
         if self.redis_pid is not None:
             processes.append(MeshProcess("redis", "redis", self.redis_pid, python=False))
         write_processes(self.data_dir, f"127.0.0.1:{self.topology.edge_port}", processes, supervisor=os.getpid())
@@ -612,15 +618,24 @@ def start_redis(data_dir: Path, port: int, log_dir: Path, persist: bool = True) 
     log_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         binary,
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--dir", str(redis_dir),
-        "--save", "60 1" if persist else "",
-        "--appendonly", "no",
-        "--logfile", str(log_dir / "redis.log"),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(redis_dir),
+        "--save",
+        "60 1" if persist else "",
+        "--appendonly",
+        "no",
+        "--logfile",
+        str(log_dir / "redis.log"),
     ]
     process = subprocess.Popen(
-        _die_with_parent(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        _die_with_parent(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     deadline = time.monotonic() + 10

@@ -16,8 +16,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
-from services.features.layout import MODEL_INPUT_DIM
 from infermesh.workload.catalog import DEFAULT_SEED, Catalog, affinity
+from services.features.layout import MODEL_INPUT_DIM
 
 MODEL_NAME = "ranker"
 MODEL_VERSION = "1"
@@ -141,7 +141,7 @@ def train_mlp(
         lr = _F32(_LR * 0.5 * (1.0 + np.cos(np.pi * (t - 1) / steps)))
         c1 = _F32(1.0 - _BETA1**t)
         c2 = _F32(1.0 - _BETA2**t)
-        for p, g, mi, vi in zip(params, grads, m, v):
+        for p, g, mi, vi in zip(params, grads, m, v, strict=False):
             mi *= _F32(_BETA1)
             mi += _F32(1 - _BETA1) * g
             vi *= _F32(_BETA2)
@@ -156,7 +156,7 @@ def build_onnx(weights: MlpWeights) -> onnx.ModelProto:
     """Gemm/Relu/Gemm/Relu/Gemm/Sigmoid with a dynamic batch dimension."""
     inits = [
         numpy_helper.from_array(np.ascontiguousarray(a, dtype=_F32), name)
-        for name, a in zip(("w1", "b1", "w2", "b2", "w3", "b3"), weights.params())
+        for name, a in zip(("w1", "b1", "w2", "b2", "w3", "b3"), weights.params(), strict=False)
     ]
     nodes = [
         helper.make_node("Gemm", [INPUT_NAME, "w1", "b1"], ["a1"], name="fc1"),

@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from services.scoring.config import CONFIG_FILE, MODEL_FILE, PROVENANCE_FILE
 from infermesh.workload.model import IR_VERSION, OPSET, MlpWeights, atomic_write_bytes, build_onnx, write_if_changed
+from services.scoring.config import CONFIG_FILE, MODEL_FILE, PROVENANCE_FILE
 
 _F32 = np.float32
 
@@ -32,9 +32,12 @@ def mlp_weights(seed: int) -> MlpWeights:
         return (rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)).astype(_F32)
 
     return MlpWeights(
-        w1=layer(64, 256), b1=np.zeros(256, _F32),
-        w2=layer(256, 128), b2=np.zeros(128, _F32),
-        w3=layer(128, 1), b3=np.zeros(1, _F32),
+        w1=layer(64, 256),
+        b1=np.zeros(256, _F32),
+        w2=layer(256, 128),
+        b2=np.zeros(128, _F32),
+        w3=layer(128, 1),
+        b3=np.zeros(1, _F32),
     )
 
 
@@ -49,14 +52,19 @@ def linear_model(seed: int = 0) -> bytes:
     costs what serving costs (`models bench --overhead`)."""
     weights = helper.make_tensor("w", TensorProto.FLOAT, [64, 1], mlp_weights(seed).w3[:64].ravel())
     return _model(
-        [helper.make_node("Constant", [], ["w"], value=weights), helper.make_node("MatMul", ["features", "w"], ["score"])],
+        [
+            helper.make_node("Constant", [], ["w"], value=weights),
+            helper.make_node("MatMul", ["features", "w"], ["score"]),
+        ],
         [_value("features", TensorProto.FLOAT, ["batch", 64])],
         [_value("score", TensorProto.FLOAT, ["batch", 1])],
         "linear",
     )
 
 
-def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], name: str) -> bytes:
+def _model(
+    nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], name: str
+) -> bytes:
     graph = helper.make_graph(nodes, name, inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     onnx.checker.check_model(model, full_check=True)

@@ -13,28 +13,18 @@ import hashlib
 import json
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import redis
 from tqdm import tqdm
 
-from services.scoring.drift import ensure_drift_reference
-from services.features.layout import (
-    DEFAULT_NAMESPACE,
-    FEATURE_DIM,
-    ITEM_RECORD,
-    MODEL_INPUT_DIM,
-    USER_RECORD,
-    item_key,
-    meta_key,
-    user_key,
-)
-from services.ranking.layout import seen_key
-from infermesh.workload.modelgen import write_provenance
+from infermesh.cli_help import CommandParser
+from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, tools_redis_url
 from infermesh.workload.catalog import (
     DEFAULT_SEED,
     N_CATEGORIES,
@@ -45,9 +35,6 @@ from infermesh.workload.catalog import (
     generate_catalog,
     seen_items,
 )
-from infermesh.cli_help import CommandParser
-from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, tools_redis_url
-from services.runtime.redis_keys import LOCAL_REDIS_PORT
 from infermesh.workload.model import (
     DEFAULT_BATCH,
     DEFAULT_STEPS,
@@ -60,6 +47,20 @@ from infermesh.workload.model import (
     train_mlp,
     write_if_changed,
 )
+from infermesh.workload.modelgen import write_provenance
+from services.features.layout import (
+    DEFAULT_NAMESPACE,
+    FEATURE_DIM,
+    ITEM_RECORD,
+    MODEL_INPUT_DIM,
+    USER_RECORD,
+    item_key,
+    meta_key,
+    user_key,
+)
+from services.ranking.layout import seen_key
+from services.runtime.redis_keys import LOCAL_REDIS_PORT
+from services.scoring.drift import ensure_drift_reference
 
 MSET_CHUNK = 5_000  # keys per MSET: ~0.7 MB per command for items, well under Redis limits
 CHUNKS_PER_FLUSH = 4  # MSETs queued per pipeline round trip
@@ -235,7 +236,7 @@ def item_records(catalog: Catalog) -> np.ndarray:
 
 
 def _queue_records(
-    pipe: "redis.client.Pipeline",
+    pipe: redis.client.Pipeline,
     keys: Sequence[str],
     records: np.ndarray,
     bar: tqdm,
@@ -248,7 +249,7 @@ def _queue_records(
         # One tobytes per chunk, then cheap slices: no per-record numpy calls.
         buf = records[start:end].tobytes()
         values = [buf[j : j + size] for j in range(0, len(buf), size)]
-        pipe.mset(dict(zip(keys[start:end], values)))
+        pipe.mset(dict(zip(keys[start:end], values, strict=False)))
         queued += end - start
         if len(pipe) >= CHUNKS_PER_FLUSH:
             pipe.execute()
@@ -274,7 +275,7 @@ def _queue_seen_sets(
         end = min(start + SEEN_USERS_PER_FLUSH, catalog.n_users)
         keys = [seen_key(namespace, user_id) for user_id in catalog.user_ids[start:end]]
         pipe.delete(*keys)  # a reload replaces the sets, never merges into old ones
-        for key, members in zip(keys, rows[start:end]):
+        for key, members in zip(keys, rows[start:end], strict=False):
             pipe.sadd(key, *members)
         pipe.execute()
         bar.update(end - start)
@@ -289,7 +290,7 @@ def _meta_document(catalog: Catalog, seen_per_user: int = 0) -> dict[str, Any]:
         "feature_dim": FEATURE_DIM,
         "model": MODEL_NAME,
         "seen_per_user": seen_per_user,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -450,9 +451,7 @@ def seed_all(
             seen_per_user=seen_per_user,
         )
         if force or not seeded:
-            keys_written = load_into_redis(
-                client, catalog, namespace, progress=progress, seen_per_user=seen_per_user
-            )
+            keys_written = load_into_redis(client, catalog, namespace, progress=progress, seen_per_user=seen_per_user)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         raise SeedError(f"lost the connection to Redis at {shown} while loading: {exc}") from exc
     finally:

@@ -91,7 +91,7 @@ class _Table:
         slots = self.free[-k:]
         del self.free[-k:]
         slots.reverse()  # lowest slot first: the hand meets entries in the order they came
-        self.index.update(zip(ids, slots))
+        self.index.update(zip(ids, slots, strict=False))
         return np.asarray(slots, np.intp)
 
     def release(self, slots: np.ndarray) -> int:
@@ -266,7 +266,7 @@ def _last_of_each(
     ids: Sequence[str], records: np.ndarray, present: np.ndarray, expires_at: np.ndarray
 ) -> tuple[Sequence[str], np.ndarray, np.ndarray, np.ndarray]:
     """The entries with each id once (its last value), so no id takes two slots."""
-    last = dict(zip(ids, range(len(ids))))
+    last = dict(zip(ids, range(len(ids)), strict=False))
     if len(last) == len(ids):
         return ids, records, present, expires_at
     pick = np.fromiter(last.values(), np.intp, len(last))

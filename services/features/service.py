@@ -16,11 +16,16 @@ import grpc
 import redis.asyncio as aioredis
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
-from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from services.features.cache import LocalCache
+from services.features.layout import DEFAULT_NAMESPACE
+from services.features.registry import load_registry
+from services.features.retrieval import CandidateIndex
+from services.features.store import FeatureRows, FeatureStore, StoreMetrics
+from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 from services.runtime.breaker import CircuitBreaker
 from services.runtime.errors import FailedPrecondition, InvalidArgument, rpc_status
 from services.runtime.limits import DEFAULT_MAX_ID_LENGTH
@@ -29,11 +34,6 @@ from services.runtime.metrics import Metrics
 from services.runtime.redis_keys import DEFAULT_REDIS_URL
 from services.runtime.settings import ServerSettings, listen_port, load_settings
 from services.runtime.telemetry import ATTR_BATCH_REQUESTS, set_attributes
-from services.features.cache import LocalCache
-from services.features.layout import DEFAULT_NAMESPACE
-from services.features.registry import load_registry
-from services.features.retrieval import CandidateIndex
-from services.features.store import FeatureRows, FeatureStore, StoreMetrics
 from services.runtime.topology import FEATURES, HEALTH_SERVICE_NAMES
 
 log = get_logger(__name__)
@@ -105,8 +105,7 @@ class FeaturesSettings(ServerSettings):
     index_path: str = Field(
         "index/items.npz",
         description=(
-            "Candidate index written by `infermesh seed` (relative: from the working directory); "
-            "absent: no retrieval."
+            "Candidate index written by `infermesh seed` (relative: from the working directory); absent: no retrieval."
         ),
     )
 
@@ -149,7 +148,7 @@ class FeatureServicer(features_pb2_grpc.FeatureServiceServicer):
         got = await self._store.get_many(
             [(entries[i].user_id, list(entries[i].item_ids)) for i in reference], context.time_remaining()
         )
-        for i, outcome in zip(reference, got):
+        for i, outcome in zip(reference, got, strict=False):
             outcomes[i] = outcome
         return features_pb2.GetFeaturesBatchResponse(results=[_result(outcome) for outcome in outcomes])
 

@@ -30,6 +30,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from prometheus_client import Counter
 
+from services.features.cache import LocalCache, Lookup
+from services.features.layout import entity_key_prefix, meta_key, pointer_key
+from services.features.registry import TIMESTAMP_FIELD, FeatureView, ReferenceSpec, Registry, load_registry
 from services.runtime.breaker import CircuitBreaker
 from services.runtime.errors import FailedPrecondition, InfermeshError, InvalidArgument, NotFound, Unavailable
 from services.runtime.limits import (
@@ -57,9 +60,6 @@ from services.runtime.telemetry import (
     child_span,
     record_span,
 )
-from services.features.cache import LocalCache, Lookup
-from services.features.layout import entity_key_prefix, meta_key, pointer_key
-from services.features.registry import TIMESTAMP_FIELD, FeatureView, ReferenceSpec, Registry, load_registry
 
 # Results a key's in-flight future can carry besides the value itself.
 _RETRY = object()  # the reader saw the view re-materialized (or was cancelled): read again
@@ -309,7 +309,7 @@ class FeatureStore:
                 built = [error] if len(batch) == 1 else [(await self.get_many([r], timeout))[0] for r in batch]
             except InfermeshError as error:  # the store unreachable or re-materializing: for all
                 built = [error] * len(batch)
-            for i, outcome in zip(valid, built):
+            for i, outcome in zip(valid, built, strict=False):
                 outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]  (every None was replaced)
 
@@ -427,11 +427,11 @@ class FeatureStore:
         deadline = time.monotonic() + min(self._redis_timeout, _BACKGROUND_TIMEOUT)
         names = list(self.registry.views)
         raw = await self._mget([self.versions.pointer(n) for n in names], deadline)
-        for name, value in zip(names, raw):
+        for name, value in zip(names, raw, strict=False):
             self._follow(self.registry.views[name], self.versions.decode(value))
         unknown = sorted(set(self.versions.current().values()) - set(self.versions.materialized_at))
         if unknown:
-            for prefix, doc in zip(unknown, await self._mget([meta_key(p) for p in unknown], deadline)):
+            for prefix, doc in zip(unknown, await self._mget([meta_key(p) for p in unknown], deadline), strict=False):
                 when = _parse_time(doc)
                 if when is not None:
                     self.versions.materialized_at[prefix] = when
@@ -585,7 +585,7 @@ class FeatureStore:
         """_Restart (waiters too) if a view now serves another materialization than the keys
         were built for: the reply mixes nothing, but it is of one no longer served."""
         moved = False
-        for part, raw in zip(read.parts, pointers):
+        for part, raw in zip(read.parts, pointers, strict=False):
             serving = self.versions.decode(raw)
             if serving != part.prefix:
                 moved = True
@@ -597,10 +597,10 @@ class FeatureStore:
 
     def _keep_fetched(self, read: _Read, fetched: list[bytes | None]) -> None:
         """The fetched values: to the waiters, into the read's rows, into the local cache."""
-        for (*_, future), value in zip(read.owned, fetched):
+        for (*_, future), value in zip(read.owned, fetched, strict=False):
             future.set_result(value)
         found, start = 0, 0
-        for part, end in zip(read.parts, read.owned_ends):
+        for part, end in zip(read.parts, read.owned_ends, strict=False):
             if end > start:
                 rows = [j for _, j, _, _ in read.owned[start:end]]
                 records, present, ok = part.fill(rows, fetched[start:end])

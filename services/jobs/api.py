@@ -81,4 +81,3 @@ class Jobs:
 
     def close(self) -> None:
         self.store.redis.close()
-

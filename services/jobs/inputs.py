@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
-from services.genproto.infermesh.gateway.v1 import gateway_pb2
 
+from services.genproto.infermesh.gateway.v1 import gateway_pb2
 from services.runtime.errors import InvalidArgument
 from services.runtime.limits import DEFAULT_MAX_ID_LENGTH, echo
 
@@ -110,7 +110,9 @@ def parse_request(row: Any, where: str, default_id: str) -> JobRequest:
     fields = {name: value for name, value in row.items() if value is not None}
     request_id = fields.pop("request_id", default_id)
     if not isinstance(request_id, str) or not request_id or len(request_id) > DEFAULT_MAX_ID_LENGTH:
-        raise InvalidArgument(f"{where}: request_id must be a non-empty string of at most {DEFAULT_MAX_ID_LENGTH} characters")
+        raise InvalidArgument(
+            f"{where}: request_id must be a non-empty string of at most {DEFAULT_MAX_ID_LENGTH} characters"
+        )
     message = gateway_pb2.RecommendRequest()
     try:
         json_format.ParseDict(fields, message)
@@ -132,7 +134,11 @@ def _check(request: gateway_pb2.RecommendRequest, where: str) -> None:
     if count > MAX_CANDIDATES:
         raise InvalidArgument(f"{where}: candidate_ids has {count} items; at most {MAX_CANDIDATES}")
     # One pass in C over the ids: the common case has no empty or overlong one.
-    if count and (min(map(len, request.candidate_ids)) == 0 or max(map(len, request.candidate_ids)) > DEFAULT_MAX_ID_LENGTH):
-        raise InvalidArgument(f"{where}: candidate_ids holds an empty id or one longer than {DEFAULT_MAX_ID_LENGTH} characters")
+    if count and (
+        min(map(len, request.candidate_ids)) == 0 or max(map(len, request.candidate_ids)) > DEFAULT_MAX_ID_LENGTH
+    ):
+        raise InvalidArgument(
+            f"{where}: candidate_ids holds an empty id or one longer than {DEFAULT_MAX_ID_LENGTH} characters"
+        )
     if request.HasField("k") and not 1 <= request.k <= MAX_K:
         raise InvalidArgument(f"{where}: k must be between 1 and {MAX_K}, got {request.k}")

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
-def result_record(
-    request_id: str, index: int, status: str, error: str = "", reply: Any = None
-) -> dict[str, Any]:
+def result_record(request_id: str, index: int, status: str, error: str = "", reply: Any = None) -> dict[str, Any]:
     """One request's result: its id and position, its status (OK or the gRPC code's name),
     and the RecommendResponse's items, model and trace when it succeeded."""
     record: dict[str, Any] = {"request_id": request_id, "index": index, "status": status, "error": error}

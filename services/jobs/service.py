@@ -13,13 +13,12 @@ from typing import Any
 import grpc
 import redis
 from google.protobuf import json_format
-from services.genproto.infermesh.jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from prometheus_client.core import GaugeMetricFamily
 
+from services.genproto.infermesh.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from services.jobs.api import Jobs
 from services.jobs.settings import JobsSettings
 from services.jobs.store import JobStatus
-from prometheus_client.core import GaugeMetricFamily
-
 from services.runtime.errors import Unavailable
 from services.runtime.metrics import Metrics
 from services.runtime.settings import load_settings
@@ -72,15 +71,21 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         except redis.RedisError as error:
             raise Unavailable(f"the jobs' Redis is unreachable: {error}") from None
 
-    async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobResponse:
+    async def SubmitJob(
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.SubmitJobResponse:
         rows = [_row(r) for r in request.requests]
         status = await self._run(self._jobs.submit_rows, rows, request.results_format or "jsonl")
         return jobs_pb2.SubmitJobResponse(job=job_message(status))
 
-    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.GetJobResponse:
+    async def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetJobResponse:
         return jobs_pb2.GetJobResponse(job=job_message(await self._run(self._jobs.status, request.job_id)))
 
-    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.CancelJobResponse:
+    async def CancelJob(
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.CancelJobResponse:
         return jobs_pb2.CancelJobResponse(job=job_message(await self._run(self._jobs.cancel, request.job_id)))
 
 
@@ -96,7 +101,9 @@ class JobsCollector:
         return []  # read at scrape only: registering must not touch Redis
 
     def collect(self) -> Any:
-        queue = GaugeMetricFamily("jobs_queue_length", "Chunks (Celery tasks) waiting in the jobs' queue", labels=["queue"])
+        queue = GaugeMetricFamily(
+            "jobs_queue_length", "Chunks (Celery tasks) waiting in the jobs' queue", labels=["queue"]
+        )
         requests = GaugeMetricFamily(
             "jobs_job_requests", "Requests of each unfinished job, by state (queued, succeeded, failed)",
             labels=["job_id", "state"],

@@ -28,9 +28,7 @@ class JobsSettings(ServerSettings):
     broker_url: str = Field(
         "", description="Celery broker (a Redis URL); empty: JOBS_REDIS_URL, the same Redis as the jobs."
     )
-    result_backend_url: str = Field(
-        "", description="Celery result backend (a Redis URL); empty: the broker's URL."
-    )
+    result_backend_url: str = Field("", description="Celery result backend (a Redis URL); empty: the broker's URL.")
     namespace: str = Field(DEFAULT_NAMESPACE, min_length=1, description="Key prefix of the jobs in Redis.")
     queue: str = Field(DEFAULT_QUEUE, min_length=1, description="Celery queue of the jobs' chunks.")
     gateway_target: str = Field(

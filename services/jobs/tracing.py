@@ -146,4 +146,3 @@ def link_back(chunk: Span, requests: list[SpanContext]) -> None:
         if context.is_valid and context.trace_flags.sampled:
             chunk.add_link(context)
             room -= 1
-

@@ -35,8 +35,8 @@ from typing import Any
 import grpc
 from celery import Celery
 from opentelemetry.trace import Span, SpanContext
-from services.genproto.infermesh.gateway.v1 import gateway_pb2
 
+from services.genproto.infermesh.gateway.v1 import gateway_pb2
 from services.jobs import tracing as job_tracing
 from services.jobs.queue import TASK_NAME, celery_app
 from services.jobs.results import result_record, write_results
@@ -79,7 +79,9 @@ class ChunkRunner:
         # The stored payloads are RecommendRequests serialized at submit, after validation:
         # sent as they are, not parsed and serialized again per request and per try.
         self._recommend = self._channel.unary_unary(
-            job_tracing.RECOMMEND, request_serializer=None, response_deserializer=gateway_pb2.RecommendResponse.FromString
+            job_tracing.RECOMMEND,
+            request_serializer=None,
+            response_deserializer=gateway_pb2.RecommendResponse.FromString,
         )
         self._pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="recommend")
 
@@ -93,7 +95,11 @@ class ChunkRunner:
             pairs = self.store.chunk(job_id, chunk)
             missing = self.store.missing(job_id, [request_id for request_id, _ in pairs])
             base = chunk * chunk_size
-            todo = [(base + i, rid, payload) for i, ((rid, payload), gone) in enumerate(zip(pairs, missing)) if gone]
+            todo = [
+                (base + i, rid, payload)
+                for i, ((rid, payload), gone) in enumerate(zip(pairs, missing, strict=False))
+                if gone
+            ]
             span.set_attribute(ATTR_JOB_REQUESTS, len(todo))
             written = self._run_requests(job_id, todo, span)
             self._chunks.labels("done").inc()
@@ -131,7 +137,9 @@ class ChunkRunner:
         self._requests.labels(job_id, "failed").inc(failed)
         return ok + failed
 
-    def _call(self, job_id: str, link: SpanContext, index: int, request_id: str, payload: bytes) -> tuple[Result, SpanContext]:
+    def _call(
+        self, job_id: str, link: SpanContext, index: int, request_id: str, payload: bytes
+    ) -> tuple[Result, SpanContext]:
         """One request, tried until it answers or fails for good, in a trace of its own (one
         span over every try) linked to the chunk's; its result record and that span's context."""
         call, metadata = job_tracing.request_span(link, job_id, request_id)
@@ -161,7 +169,11 @@ class ChunkRunner:
                 details = error.details() or ""
                 record = result_record(request_id, index, code.name, details)
                 return (request_id, _json(record), False), code, details
-            return (request_id, _json(result_record(request_id, index, "OK", reply=reply)), True), grpc.StatusCode.OK, ""
+            return (
+                (request_id, _json(result_record(request_id, index, "OK", reply=reply)), True),
+                grpc.StatusCode.OK,
+                "",
+            )
         raise AssertionError("unreachable: the last attempt returns")
 
     def finalize_if_done(self, job_id: str) -> None:

@@ -28,10 +28,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from services.runtime.errors import InvalidArgument
-from services.runtime.telemetry import ATTR_ITEMS, SPAN_RANKING_PREFIX, stage_span
 from services.ranking.rank import capped, initial_order
 from services.ranking.seen import SeenStore, StageSkipped
+from services.runtime.errors import InvalidArgument
+from services.runtime.telemetry import ATTR_ITEMS, SPAN_RANKING_PREFIX, stage_span
 
 SEEN_FILTER = "seen_filter"
 RULES = "rules"
@@ -203,13 +203,14 @@ class Rules(Stage):
         scores, categories = note[items], c.categories[items]
         denied, low, high = self._violations(scores, categories)
         out = []
-        for r, d, lo, hi, s, cat in zip(
+        for r, d, lo, _hi, s, cat in zip(
             removed.tolist(),
             denied.tolist(),
             low.tolist(),
             high.tolist(),
             scores.tolist(),
             categories.tolist(),
+            strict=False,
         ):
             if not r:
                 out.append("")
@@ -290,7 +291,8 @@ class Calibration(Stage):
     def details(self, c: Candidates, note: Any, items: np.ndarray, removed: np.ndarray) -> list[str]:
         before, after = note
         return [
-            f"score {b:.6g} -> {a:.6g} ({self.label})" for b, a in zip(before[items].tolist(), after[items].tolist())
+            f"score {b:.6g} -> {a:.6g} ({self.label})"
+            for b, a in zip(before[items].tolist(), after[items].tolist(), strict=False)
         ]
 
 
@@ -309,7 +311,7 @@ class CategoryCap(Stage):
         cap = c.max_per_category
         return [
             f"category {cat} already has {cap} items ranked above" if r else ""
-            for r, cat in zip(removed.tolist(), c.categories[items].tolist())
+            for r, cat in zip(removed.tolist(), c.categories[items].tolist(), strict=False)
         ]
 
 
@@ -412,7 +414,9 @@ class Mmr(Stage):
         nearest = np.full(c.n, np.nan)
         nearest[head[picks]] = closeness
         out = []
-        for step, inside, near in zip(pick_step[items].tolist(), in_head[items].tolist(), nearest[items].tolist()):
+        for step, inside, near in zip(
+            pick_step[items].tolist(), in_head[items].tolist(), nearest[items].tolist(), strict=False
+        ):
             if step == 0:
                 out.append(f"picked first by MMR (lambda {self.lam:g}): the most relevant")
             elif step > 0:
@@ -496,7 +500,7 @@ class Chain:
         def details(items: np.ndarray, removed: np.ndarray) -> list[str]:
             return [
                 "not rankable: item_present is 0 (no features)" if r else f"score {s:.6g}"
-                for r, s in zip(removed.tolist(), raw[items].tolist())
+                for r, s in zip(removed.tolist(), raw[items].tolist(), strict=False)
             ]
 
         return _Record(ORDER, np.arange(c.n), order, details)
@@ -546,6 +550,7 @@ def explain(n: int, records: Sequence[_Record]) -> list[list[Effect]]:
             position_before[items].tolist(),
             reported_after[items].tolist(),
             details,
+            strict=False,
         ):
             per_item[item].append(Effect(record.stage, _EFFECTS[code], rank_before, rank_after, detail))
     return per_item

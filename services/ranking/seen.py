@@ -29,9 +29,9 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from services.ranking.layout import seen_key
 from services.runtime.breaker import CircuitBreaker
 from services.runtime.logs import get_logger
-from services.ranking.layout import seen_key
 
 log = get_logger(__name__)
 
@@ -138,13 +138,13 @@ class SeenStore:
         pipe = self._client.pipeline(transaction=False)
         keys = [seen_key(self._namespace, user_id) for user_id, _ in queries]
         if not self._by_members:
-            for key, (_, item_ids) in zip(keys, queries):
+            for key, (_, item_ids) in zip(keys, queries, strict=False):
                 pipe.smismember(key, list(item_ids))
             return await pipe.execute(raise_on_error=False)
         distinct = list(dict.fromkeys(keys))
         for key in distinct:
             pipe.smembers(key)
-        replies = dict(zip(distinct, await pipe.execute(raise_on_error=False)))
+        replies = dict(zip(distinct, await pipe.execute(raise_on_error=False), strict=False))
         return [replies[key] for key in keys]
 
     async def _seen_or_skipped(

@@ -16,23 +16,8 @@ import numpy as np
 from prometheus_client import Histogram
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
-from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
-from services.runtime.errors import InvalidArgument, rpc_status
-from services.runtime.limits import DEFAULT_MAX_ID_LENGTH, check_length, check_lengths
-from services.runtime.logs import get_logger
-from services.runtime.metrics import Metrics
-from services.runtime.redis_keys import DEFAULT_REDIS_URL
-from services.runtime.settings import ServerSettings, listen_port, load_settings
-from services.runtime.telemetry import (
-    ATTR_BATCH_REQUESTS,
-    ATTR_ITEMS,
-    ATTR_K,
-    SPAN_RANKING_PREFIX,
-    set_attributes,
-    stage_span,
-)
-from services.runtime.topology import HEALTH_SERVICE_NAMES, RANKING
+from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from services.ranking.chain import (
     CALIBRATION,
     CATEGORY_CAP,
@@ -55,6 +40,21 @@ from services.ranking.chain import (
 from services.ranking.layout import DEFAULT_NAMESPACE
 from services.ranking.rank import decode, decode_embeddings
 from services.ranking.seen import LOOKUPS, SeenStore, StageSkipped
+from services.runtime.errors import InvalidArgument, rpc_status
+from services.runtime.limits import DEFAULT_MAX_ID_LENGTH, check_length, check_lengths
+from services.runtime.logs import get_logger
+from services.runtime.metrics import Metrics
+from services.runtime.redis_keys import DEFAULT_REDIS_URL
+from services.runtime.settings import ServerSettings, listen_port, load_settings
+from services.runtime.telemetry import (
+    ATTR_BATCH_REQUESTS,
+    ATTR_ITEMS,
+    ATTR_K,
+    SPAN_RANKING_PREFIX,
+    set_attributes,
+    stage_span,
+)
+from services.runtime.topology import HEALTH_SERVICE_NAMES, RANKING
 
 log = get_logger(__name__)
 
@@ -97,7 +97,9 @@ class RankingSettings(ServerSettings):
     # A seen set's SMEMBERS takes well under a millisecond; a hung Redis costs the requests
     # that meet it (the first few, then one trial per redis_retry_seconds) this much.
     redis_timeout_seconds: float = Field(
-        0.05, gt=0, description="Longest seen_filter waits on Redis; never more than half the caller's remaining deadline."
+        0.05,
+        gt=0,
+        description="Longest seen_filter waits on Redis; never more than half the caller's remaining deadline.",
     )
     redis_failures_to_skip: int = Field(
         3,
@@ -114,16 +116,18 @@ class RankingSettings(ServerSettings):
             "bounded by the request, for long histories)."
         ),
     )
-    rules_deny_categories: str = Field(
-        "", description="rules: comma-separated category ids never returned, e.g. 3,17."
-    )
+    rules_deny_categories: str = Field("", description="rules: comma-separated category ids never returned, e.g. 3,17.")
     rules_min_score: float = Field(
         -math.inf,
-        description="rules: items scoring below this, as scored at the rules' place in the chain, are dropped; -inf: none.",
+        description=(
+            "rules: items scoring below this, as scored at the rules' place in the chain, are dropped; -inf: none."
+        ),
     )
     rules_max_score: float = Field(
         math.inf,
-        description="rules: items scoring above this, as scored at the rules' place in the chain, are dropped; inf: none.",
+        description=(
+            "rules: items scoring above this, as scored at the rules' place in the chain, are dropped; inf: none."
+        ),
     )
     calibration: Literal["none", "platt", "piecewise"] = Field(
         "none",
@@ -183,7 +187,9 @@ class RankingSettings(ServerSettings):
                 f"{variable('redis_url')} is empty but {variable('chain')} has seen_filter: set one or drop the other"
             )
         if self.rules_min_score > self.rules_max_score:
-            raise ValueError(f"{variable('rules_min_score')} is above {variable('rules_max_score')}: no item could pass")
+            raise ValueError(
+                f"{variable('rules_min_score')} is above {variable('rules_max_score')}: no item could pass"
+            )
         if self.calibration == "piecewise":
             try:
                 piecewise_linear(*_points(self.calibration_points))

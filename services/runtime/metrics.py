@@ -34,8 +34,24 @@ from prometheus_client.registry import Collector
 
 # Fit for millisecond-scale RPCs: 0.25 ms .. 10 s.
 LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
-    0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1,
-    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 
@@ -209,9 +225,7 @@ class RpcMetrics:
     """
 
     def __init__(self, metrics: Metrics) -> None:
-        self.started = metrics.counter(
-            "grpc_server_started_total", "RPCs started on the server.", GRPC_LABELS
-        )
+        self.started = metrics.counter("grpc_server_started_total", "RPCs started on the server.", GRPC_LABELS)
         self.handled = metrics.counter(
             "grpc_server_handled_total",
             "RPCs completed on the server, by gRPC status code name (OK, InvalidArgument, Unavailable, ...).",
@@ -241,9 +255,7 @@ class RpcMetrics:
     def start(self, method: str) -> None:
         self._children(method)[0].inc()
 
-    def observe(
-        self, method: str, code: str, seconds: float, exemplar: dict[str, str] | None = None
-    ) -> None:
+    def observe(self, method: str, code: str, seconds: float, exemplar: dict[str, str] | None = None) -> None:
         """`code`: the status name as grpc spells it (`INVALID_ARGUMENT`)."""
         key = (method, code)
         handled = self._handled.get(key)

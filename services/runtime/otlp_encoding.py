@@ -254,7 +254,9 @@ class SpanEncoder:
         # Status: message 2, code 3. Always present, as the reference encoder writes it.
         status = span.status
         if status is not None:
-            parts.append(_field(b"\x7a", _string(b"\x12", status.description) + _uint(b"\x18", status.status_code.value)))
+            parts.append(
+                _field(b"\x7a", _string(b"\x12", status.description) + _uint(b"\x18", status.status_code.value))
+            )
         parts += (b"\x85\x01", _FIXED32(_flags(parent)))
         return b"".join(parts)
 

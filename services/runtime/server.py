@@ -202,7 +202,9 @@ class _ObservedCall:
     _ids: tuple[str, str, bool] | None
 
     @classmethod
-    async def begin(cls, interceptor: RequestInterceptor, method: str, context: grpc.aio.ServicerContext) -> _ObservedCall:
+    async def begin(
+        cls, interceptor: RequestInterceptor, method: str, context: grpc.aio.ServicerContext
+    ) -> _ObservedCall:
         call = cls()
         call._method, call._rpc = method, interceptor._rpc
         call._started = time.perf_counter()
@@ -390,18 +392,14 @@ async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event 
     """Run `service` until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
     server = grpc.aio.server(
         interceptors=[
-            RequestInterceptor(
-                service.metrics.rpc(), trace_id_metadata=settings.trace_id_metadata
-            ),
+            RequestInterceptor(service.metrics.rpc(), trace_id_metadata=settings.trace_id_metadata),
         ],
         options=server_options(settings),
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service.register(server)
-    reflection.enable_server_reflection(
-        (*service.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection((*service.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
     try:
         tls = load_tls_settings(service.name)
@@ -414,7 +412,7 @@ async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event 
         else:
             server.add_secure_port(address, credentials)
     except RuntimeError as error:
-        raise SystemExit(f"{service.name}: cannot listen on {address} ({error}); is the port in use?")
+        raise SystemExit(f"{service.name}: cannot listen on {address} ({error}); is the port in use?") from None
 
     if settings.metrics_port:
         try:
@@ -440,9 +438,7 @@ async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(
-        _watch_readiness(service, publisher, settings.readiness_interval_seconds)
-    )
+    watcher = asyncio.create_task(_watch_readiness(service, publisher, settings.readiness_interval_seconds))
     try:
         await stop.wait()
     finally:

@@ -131,7 +131,9 @@ class ServerSettings(ServiceSettings):
     grace_seconds: float = Field(
         10.0,
         ge=0,
-        description="How long in-flight calls (and the service's own shutdown) get to finish once new calls are refused.",
+        description=(
+            "How long in-flight calls (and the service's own shutdown) get to finish once new calls are refused."
+        ),
     )
     readiness_interval_seconds: float = Field(
         1.0, gt=0, description="How often readiness is re-checked and published on the gRPC health service."
@@ -139,7 +141,9 @@ class ServerSettings(ServiceSettings):
     max_message_bytes: int = Field(
         16 * 1024 * 1024, ge=1, description="Largest gRPC message received or sent, in bytes."
     )
-    metrics_port: int = Field(0, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint; 0 turns it off.")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint; 0 turns it off."
+    )
     trace_id_metadata: TraceIdMetadata = Field(
         "trailing",
         description=(

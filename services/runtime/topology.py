@@ -114,9 +114,7 @@ def local_topology(
             raise ValueError(f"unknown service {name!r}; services are {', '.join(SERVICES)}")
         if count < 1:
             raise ValueError(f"{name} needs at least 1 replica, got {count}")
-    endpoints = {
-        name: tuple(Endpoint("127.0.0.1", bases[name] + i) for i in range(counts[name])) for name in SERVICES
-    }
+    endpoints = {name: tuple(Endpoint("127.0.0.1", bases[name] + i) for i in range(counts[name])) for name in SERVICES}
     return MeshTopology(
         replicas=endpoints,
         descriptor_set=descriptor_set,

@@ -313,7 +313,9 @@ class DynamicBatcher:
         # Deadlines are in loop time; the instance's thread reads the same clock through this.
         offset = loop.time() - time.monotonic()
         try:
-            ran, ready, outputs = await loop.run_in_executor(instance.executor, _run_live, instance, live, inputs, offset)
+            ran, ready, outputs = await loop.run_in_executor(
+                instance.executor, _run_live, instance, live, inputs, offset
+            )
         except Exception as error:
             self._fail(instance, live, error)
             return

@@ -95,7 +95,8 @@ class MemoryBudget:
         if load.needed > self.bytes:
             return (
                 f"memory budget: this version needs about {load.needed} bytes ({file_bytes}-byte model file x "
-                f"{config.instance_count} instance(s)), more than the whole budget of {self.bytes} bytes ({BUDGET_VARIABLE})"
+                f"{config.instance_count} instance(s)), "
+                f"more than the whole budget of {self.bytes} bytes ({BUDGET_VARIABLE})"
             )
         staying = sum(v.byte_size for n, v in entry.serving.items() if n in wanted and n != number)
         candidates = self._candidates(entry)
@@ -127,7 +128,8 @@ class MemoryBudget:
     def _refusal(self, load: _Load, candidates: Sequence[Candidate], in_use: int) -> str:
         busy = sorted(c.name for c in candidates if not c.evictable)
         return (
-            f"memory budget: this version needs about {load.needed} bytes; {in_use} of {self.bytes} bytes ({BUDGET_VARIABLE}) "
+            f"memory budget: this version needs about {load.needed} bytes; "
+            f"{in_use} of {self.bytes} bytes ({BUDGET_VARIABLE}) "
             f"are in use and unloading idle models cannot free enough"
             + (f" (busy: {', '.join(busy)})" if busy else "")
             + ("" if self._can_evict else " (model control mode 'none' unloads nothing)")

@@ -15,9 +15,9 @@ import hashlib
 import time
 
 import redis.asyncio as redis
-from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from redis.exceptions import RedisError
 
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.runtime.logs import get_logger
 from services.scoring.stats import ScoringMetrics
 
@@ -27,7 +27,7 @@ KEY_PREFIX = "scoring:cache:"
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
-def _update(digest: "hashlib._Hash", data: bytes) -> None:
+def _update(digest: hashlib._Hash, data: bytes) -> None:
     # Length-prefixed, so no two different field sequences hash the same bytes.
     digest.update(len(data).to_bytes(8, "little"))
     digest.update(data)

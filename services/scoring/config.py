@@ -286,7 +286,7 @@ def _instances(doc: Mapping[str, Any]) -> tuple[int, tuple[int, ...]]:
     if "instance_group" in doc:
         groups = doc["instance_group"]
         if not isinstance(groups, list) or len(groups) != 1:
-            raise ConfigError("instance_group: one group is supported, e.g. [{\"count\": 2, \"gpus\": [0, 1]}]")
+            raise ConfigError('instance_group: one group is supported, e.g. [{"count": 2, "gpus": [0, 1]}]')
         group = _mapping(groups[0], "instance_group[0]", {"count", "kind", "gpus"})
         gpus = group.get("gpus", [])
         if not isinstance(gpus, list):

@@ -54,7 +54,11 @@ class RepositoryRoot:
         except OSError as error:
             message = f"model repository {self.path} is unreadable: {error}"
             if self.error != message:
-                log.error("model repository unreadable; models already loaded keep serving", path=str(self.path), error=str(error))
+                log.error(
+                    "model repository unreadable; models already loaded keep serving",
+                    path=str(self.path),
+                    error=str(error),
+                )
             self.error = message
             return []
         self.error = ""

@@ -220,7 +220,9 @@ def reference_feature_names(dim: int) -> tuple[str, ...]:
     return tuple(f"user_{i}" for i in range(half)) + tuple(f"item_{i}" for i in range(dim - half))
 
 
-def sample_model_inputs(catalog: CatalogLike, rows: int = DEFAULT_REFERENCE_ROWS, seed: int | None = None) -> np.ndarray:
+def sample_model_inputs(
+    catalog: CatalogLike, rows: int = DEFAULT_REFERENCE_ROWS, seed: int | None = None
+) -> np.ndarray:
     """Random (user, item) pairs as model rows: the distribution the ranker was trained on."""
     rng = np.random.Generator(np.random.PCG64(catalog.seed if seed is None else seed))
     users = catalog.user_vecs[rng.integers(0, len(catalog.user_vecs), rows)]
@@ -391,9 +393,7 @@ class DriftMonitor:
         window.chunks.append((rows, input_counts, prediction_counts))
         window.rows += rows
         window.inputs = input_counts if window.inputs is None else window.inputs + input_counts
-        window.predictions = (
-            prediction_counts if window.predictions is None else window.predictions + prediction_counts
-        )
+        window.predictions = prediction_counts if window.predictions is None else window.predictions + prediction_counts
         while window.rows - window.chunks[0][0] >= self.window_rows:
             old_rows, old_inputs, old_predictions = window.chunks.popleft()
             window.rows -= old_rows

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from services.genproto.inference import grpc_predict_v2_pb2 as pb
 
-from services.scoring.drift import DriftMonitor
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.runtime.errors import InvalidArgument
 from services.runtime.logs import get_logger
 from services.runtime.telemetry import ATTR_EXECUTION_PROVIDER, ATTR_MODEL_NAME, ATTR_MODEL_VERSION
 from services.scoring.batcher import DynamicBatcher, Instance
 from services.scoring.config import PLATFORM as PLATFORM  # Triton's platform name, as ModelConfig states it
 from services.scoring.config import ModelConfig, TensorSpec
+from services.scoring.drift import DriftMonitor
 from services.scoring.providers import GPU_PROVIDERS
 from services.scoring.stats import ScoringMetrics, Statistics, VersionMetrics
 from services.scoring.tensors import from_contents, from_raw, to_onnx_input
@@ -209,14 +209,18 @@ class ModelVersion:
         """The model input a request tensor names: its position and spec."""
         found = self._input_specs.get(name)
         if found is None:
-            raise InvalidArgument(f"model {self.name!r} has no input {name!r}; it takes {[s.name for s in self.inputs]}")
+            raise InvalidArgument(
+                f"model {self.name!r} has no input {name!r}; it takes {[s.name for s in self.inputs]}"
+            )
         return found
 
     @staticmethod
     def _checked_shape(spec: TensorSpec, tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
         """The tensor's shape, once its datatype, transport and shape match the model's input."""
         if tensor.datatype != spec.datatype:
-            raise InvalidArgument(f"input {tensor.name!r}: datatype {tensor.datatype} does not match the model's {spec.datatype}")
+            raise InvalidArgument(
+                f"input {tensor.name!r}: datatype {tensor.datatype} does not match the model's {spec.datatype}"
+            )
         if _SHARED_MEMORY_PARAMETER in tensor.parameters:
             raise InvalidArgument(f"input {tensor.name!r}: shared memory is not supported; send the data")
         shape = tuple(tensor.shape)

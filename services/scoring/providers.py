@@ -76,7 +76,9 @@ def plan_providers(requested: Sequence[str], available: Sequence[str], tensorrt_
         chain.append(provider)
     chain.append(CPU)
     if chain == [CPU] and not notes:
-        notes.append("CPU requested" if all(n == "cpu" for n in requested) else "no GPU provider in this onnxruntime build")
+        notes.append(
+            "CPU requested" if all(n == "cpu" for n in requested) else "no GPU provider in this onnxruntime build"
+        )
     return ProviderPlan(tuple(chain), tuple(notes))
 
 
@@ -116,7 +118,9 @@ def create_session(
             if provider == CPU:
                 raise
             notes.append(f"{provider} failed: {_first_line(error)}")
-            log.warning("execution provider failed; falling back", provider=provider, next=remaining[1], error=str(error))
+            log.warning(
+                "execution provider failed; falling back", provider=provider, next=remaining[1], error=str(error)
+            )
             continue
         actual = session.get_providers()[0]
         if actual != provider:

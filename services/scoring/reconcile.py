@@ -69,7 +69,9 @@ class Reconciler:
             config, config_digest = read_model_config(entry.directory, entry.config_override)
         except ConfigError as error:
             if str(error) != entry.config_error:
-                log.error("model config rejected; versions already loaded keep serving", model=entry.name, error=str(error))
+                log.error(
+                    "model config rejected; versions already loaded keep serving", model=entry.name, error=str(error)
+                )
             entry.config_error = str(error)
             return None
         entry.config_error = ""

@@ -17,7 +17,9 @@ class IndexEntry:
     reason: str
 
 
-def repository_index(entries: Mapping[str, ModelEntry], names_on_disk: Iterable[str], ready_only: bool) -> list[IndexEntry]:
+def repository_index(
+    entries: Mapping[str, ModelEntry], names_on_disk: Iterable[str], ready_only: bool
+) -> list[IndexEntry]:
     """A row per version of every model known or on disk; `ready_only`: ready versions only."""
     rows: list[IndexEntry] = []
     for name in sorted(set(entries) | set(names_on_disk)):
@@ -32,13 +34,13 @@ def repository_index(entries: Mapping[str, ModelEntry], names_on_disk: Iterable[
 def _entry_rows(entry: ModelEntry, ready_only: bool) -> list[IndexEntry]:
     name = entry.name
     rows = [
-        IndexEntry(name, version.version, READY, _ready_reason(version))
-        for _, version in sorted(entry.serving.items())
+        IndexEntry(name, version.version, READY, _ready_reason(version)) for _, version in sorted(entry.serving.items())
     ]
     if ready_only:
         return rows
     rows += [
-        IndexEntry(name, version.version, UNLOADING, "draining in-flight requests") for version in entry.retiring.values()
+        IndexEntry(name, version.version, UNLOADING, "draining in-flight requests")
+        for version in entry.retiring.values()
     ]
     rows += [
         IndexEntry(name, str(number), UNAVAILABLE, failure.reason)

@@ -95,7 +95,9 @@ class ModelRepository:
         self._budget = MemoryBudget(
             self.options.memory_budget_bytes, self._live, can_evict=self.options.mode != NONE, metrics=metrics
         )
-        self._reconciler = Reconciler(self._live, self._budget, self.options.load, explicit=self.options.mode == EXPLICIT)
+        self._reconciler = Reconciler(
+            self._live, self._budget, self.options.load, explicit=self.options.mode == EXPLICIT
+        )
         self._poller: asyncio.Task[None] | None = None
 
     @property

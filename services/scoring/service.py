@@ -20,10 +20,10 @@ import grpc
 import numpy as np
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+
 from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.genproto.inference import model_config_pb2 as mc
-
 from services.runtime.errors import (
     INTERNAL_ERROR_MESSAGE,
     DeadlineExceeded,
@@ -124,7 +124,9 @@ class ScoringSettings(ServerSettings):
     cache_redis_url: str = Field(
         "", description="Redis for the models that enable response_cache; empty: no response cache anywhere."
     )
-    cache_timeout_seconds: float = Field(0.1, gt=0, description="Longest a response-cache read or write waits on Redis.")
+    cache_timeout_seconds: float = Field(
+        0.1, gt=0, description="Longest a response-cache read or write waits on Redis."
+    )
     cache_retry_seconds: float = Field(
         5.0, ge=0, description="After a Redis failure the response cache is off this long, then tried again."
     )
@@ -152,7 +154,9 @@ def _int_parameter(request: pb.ModelInferRequest, name: str) -> int:
     return value
 
 
-def _schedule(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, policy: BatchingPolicy) -> tuple[float, int]:
+def _schedule(
+    request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, policy: BatchingPolicy
+) -> tuple[float, int]:
     """(deadline on the loop clock, priority) from the gRPC deadline and Triton's parameters."""
     now = asyncio.get_running_loop().time()
     deadline = math.inf
@@ -213,13 +217,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._repository = repository
         self._cache = cache
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._repository.readiness()[0])
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         try:
             self._repository.resolve(request.name, request.version)
         except NotFound:
@@ -254,12 +264,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             provenance=model.provenance,
         )
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         # The version is resolved as ModelMetadata does: the newest ready one unless named.
         model = self._repository.versions(request.name, request.version)[-1]
         return pb.ModelConfigResponse(config=triton_model_config(model))
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         with self._repository.lease(request.model_name, request.model_version) as model:
             started = time.perf_counter_ns()
             try:
@@ -320,7 +334,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception:
             log.exception("unhandled error", grpc_method=STREAM_METHOD, model=request.model_name)
             message = INTERNAL_ERROR_MESSAGE
-        failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+        failed = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
         return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
     async def _infer(
@@ -387,7 +403,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if key == "config":
                 override = parameter.string_param
             elif key.startswith("file:"):
-                raise InvalidArgument("loading model files sent in the request is not supported; put them in the repository")
+                raise InvalidArgument(
+                    "loading model files sent in the request is not supported; put them in the repository"
+                )
         await self._repository.load(request.model_name, override)
         return pb.RepositoryModelLoadResponse()
 
@@ -413,10 +431,12 @@ def triton_model_config(model: ModelVersion) -> mc.ModelConfig:
         version_policy=_version_policy(config.version_policy),
         max_batch_size=config.batching.max_batch_size,
         input=[
-            mc.ModelInput(name=s.name, data_type=_data_type(s), dims=_dims(s.shape, model.batching)) for s in model.inputs
+            mc.ModelInput(name=s.name, data_type=_data_type(s), dims=_dims(s.shape, model.batching))
+            for s in model.inputs
         ],
         output=[
-            mc.ModelOutput(name=s.name, data_type=_data_type(s), dims=_dims(s.shape, model.batching)) for s in model.outputs
+            mc.ModelOutput(name=s.name, data_type=_data_type(s), dims=_dims(s.shape, model.batching))
+            for s in model.outputs
         ],
         instance_group=_instance_groups(model),
         default_model_filename=MODEL_FILE,
@@ -460,13 +480,19 @@ def _instance_groups(model: ModelVersion) -> list[mc.ModelInstanceGroup]:
     same number of instances share a group."""
     config = model.config
     if not model.on_gpu:
-        return [mc.ModelInstanceGroup(name=f"{model.name}_0", kind=mc.ModelInstanceGroup.KIND_CPU, count=config.instance_count)]
+        return [
+            mc.ModelInstanceGroup(
+                name=f"{model.name}_0", kind=mc.ModelInstanceGroup.KIND_CPU, count=config.instance_count
+            )
+        ]
     per_device = Counter(instance_device(config, i) for i in range(config.instance_count))
     devices_by_count: dict[int, list[int]] = {}
     for device, count in sorted(per_device.items()):
         devices_by_count.setdefault(count, []).append(device)
     return [
-        mc.ModelInstanceGroup(name=f"{model.name}_{number}", kind=mc.ModelInstanceGroup.KIND_GPU, count=count, gpus=devices)
+        mc.ModelInstanceGroup(
+            name=f"{model.name}_{number}", kind=mc.ModelInstanceGroup.KIND_GPU, count=count, gpus=devices
+        )
         for number, (count, devices) in enumerate(sorted(devices_by_count.items(), reverse=True))
     ]
 
@@ -480,7 +506,9 @@ def _warmups(model: ModelVersion) -> list[mc.ModelWarmup]:
         inputs = {}
         for tensor in model.inputs:
             shape = warmup_shape(tensor, spec.batch_size)
-            inputs[tensor.name] = mc.ModelWarmup.Input(data_type=_data_type(tensor), dims=_dims(shape, model.batching), **data)
+            inputs[tensor.name] = mc.ModelWarmup.Input(
+                data_type=_data_type(tensor), dims=_dims(shape, model.batching), **data
+            )
         batch_size = spec.batch_size if model.batching else 1
         warmups.append(mc.ModelWarmup(name=f"warmup_{number}", batch_size=batch_size, inputs=inputs))
     return warmups
@@ -580,4 +608,3 @@ class ScoringService:
 def build() -> tuple[ScoringService, ScoringSettings]:
     settings = load_settings(ScoringSettings)
     return ScoringService(settings), settings
-

@@ -13,10 +13,28 @@ from infermesh.up.supervisor import Mesh
 def test_bench_two_seconds_writes_json(mesh: Mesh, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     completed = subprocess.run(
-        [sys.executable, "-m", "infermesh.cli", "bench", "--target", "grpc",
-         "--address", f"127.0.0.1:{mesh.topology.edge_port}", "--concurrency", "2",
-         "--duration", "2", "--warmup", "0.2", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "infermesh.cli",
+            "bench",
+            "--target",
+            "grpc",
+            "--address",
+            f"127.0.0.1:{mesh.topology.edge_port}",
+            "--concurrency",
+            "2",
+            "--duration",
+            "2",
+            "--warmup",
+            "0.2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert completed.returncode == 0, completed.stderr
     document = json.loads(out.read_text())
@@ -31,10 +49,30 @@ def test_a_rest_ramp_writes_its_results_then_its_plot(mesh: Mesh, tmp_path: Path
     aiohttp drives the REST edge, matplotlib draws the ramp, after the results are on disk."""
     out, plot = tmp_path / "ramp.json", tmp_path / "ramp.png"
     completed = subprocess.run(
-        [sys.executable, "-m", "infermesh.cli", "bench", "--target", "rest",
-         "--url", f"http://127.0.0.1:{mesh.topology.edge_port}/v1/recommend", "--plot", str(plot),
-         "--rates", "20,40", "--duration", "1", "--warmup", "0.2", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "infermesh.cli",
+            "bench",
+            "--target",
+            "rest",
+            "--url",
+            f"http://127.0.0.1:{mesh.topology.edge_port}/v1/recommend",
+            "--plot",
+            str(plot),
+            "--rates",
+            "20,40",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
     steps = json.loads(out.read_text())["ramp"]["steps"]

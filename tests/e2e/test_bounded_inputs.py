@@ -10,10 +10,10 @@ from typing import Any
 
 import grpc
 import pytest
-from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from infermesh.envoy.http_filters import MAX_REQUEST_BYTES
 from infermesh.up.supervisor import Mesh
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.e2e.test_recommend import CANDIDATES, post
 
 pytestmark = pytest.mark.timeout(120)

@@ -21,9 +21,23 @@ pytestmark = pytest.mark.timeout(420)
 def test_chaos_short_loses_no_request(reference_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "chaos.json"
     done = subprocess.run(
-        [sys.executable, "-m", "infermesh", "chaos", "--short", "--data-dir", str(reference_data),
-         "--json", str(out), "--keep", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=400, check=False,
+        [
+            sys.executable,
+            "-m",
+            "infermesh",
+            "chaos",
+            "--short",
+            "--data-dir",
+            str(reference_data),
+            "--json",
+            str(out),
+            "--keep",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
     )
     report = done.stdout[-6000:] + done.stderr[-3000:]
     assert done.returncode == 0, report

@@ -40,9 +40,7 @@ print(json.dumps({
 
 def test_client_and_tritonclient_in_one_process(mesh: Mesh) -> None:
     edge = f"127.0.0.1:{mesh.topology.edge_port}"
-    done = subprocess.run(
-        [sys.executable, "-c", PROGRAM, edge], capture_output=True, text=True, timeout=60, cwd="/"
-    )
+    done = subprocess.run([sys.executable, "-c", PROGRAM, edge], capture_output=True, text=True, timeout=60, cwd="/")
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout)
     assert len(answer["items"]) == 20 and answer["model_version"] == "1"

@@ -12,9 +12,9 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
-from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from infermesh.up.supervisor import Mesh
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.processes import metric
 
 pytestmark = pytest.mark.timeout(180)
@@ -29,18 +29,27 @@ def _mixed_requests(count: int) -> list[gateway_pb2.RecommendRequest]:
     for n in range(count):
         own = [f"i{i}" for i in RNG.choice(100_000, int(RNG.integers(20, 200)), replace=False)]
         candidates = (shared[: int(RNG.integers(0, 150))] + own) if n % 3 else own
-        requests.append(gateway_pb2.RecommendRequest(
-            user_id=f"u{int(RNG.integers(0, 10_000))}", candidate_ids=candidates, k=int(RNG.integers(1, 40)),
-            offset=int(RNG.integers(0, 3)),
-        ))
+        requests.append(
+            gateway_pb2.RecommendRequest(
+                user_id=f"u{int(RNG.integers(0, 10_000))}",
+                candidate_ids=candidates,
+                k=int(RNG.integers(1, 40)),
+                offset=int(RNG.integers(0, 3)),
+            )
+        )
     requests.append(requests[0])  # the very same request twice in one batch
     return requests
 
 
 def _answer(reply: gateway_pb2.RecommendResponse) -> tuple:
     return (
-        [i.item_id for i in reply.items], [i.category for i in reply.items], reply.model_version,
-        reply.unknown_items, reply.total_items, reply.degraded, list(reply.degraded_reasons),
+        [i.item_id for i in reply.items],
+        [i.category for i in reply.items],
+        reply.model_version,
+        reply.unknown_items,
+        reply.total_items,
+        reply.degraded,
+        list(reply.degraded_reasons),
     )
 
 
@@ -67,7 +76,7 @@ async def test_coalesced_answers_are_the_ones_each_request_gets_alone(mesh: Mesh
     for stage in ("features", "scoring", "ranking"):
         assert after[stage][1] > before[stage][1], f"no {stage} call carried more than one request"
     assert not [r for r in together if isinstance(r, BaseException)]
-    for one, joined in zip(alone, together):
+    for one, joined in zip(alone, together, strict=False):
         assert _answer(joined) == _answer(one)
         # The model saw the rows inside a bigger batch: the same scores, to float precision.
         np.testing.assert_allclose([i.score for i in joined.items], [i.score for i in one.items], rtol=1e-5, atol=1e-6)

@@ -25,12 +25,10 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from infermesh import certs
-
-from infermesh import envoy
+from infermesh import certs, envoy
 from infermesh.up.supervisor import Mesh
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.runtime.topology import GATEWAY, HEALTH_SERVICE_NAMES, SCORING
 from tests.conftest import RedisServer, running_mesh, seed_small
 from tests.processes import metric
@@ -90,7 +88,9 @@ class Https:
         started = time.perf_counter()
         try:
             self._conn.request(
-                "POST", "/v1/recommend", body=json.dumps(RECOMMEND).encode(),
+                "POST",
+                "/v1/recommend",
+                body=json.dumps(RECOMMEND).encode(),
                 headers={"content-type": "application/json", **headers},
             )
             reply = self._conn.getresponse()
@@ -119,9 +119,7 @@ def _gateway_recommends(mesh: Mesh) -> float:
 
 
 def _recommend(secure: SecureMesh, metadata: tuple[tuple[str, str], ...]) -> gateway_pb2.RecommendResponse:
-    request = gateway_pb2.RecommendRequest(
-        user_id=RECOMMEND["user_id"], candidate_ids=RECOMMEND["candidate_ids"], k=K
-    )
+    request = gateway_pb2.RecommendRequest(user_id=RECOMMEND["user_id"], candidate_ids=RECOMMEND["candidate_ids"], k=K)
     with grpc.secure_channel(f"localhost:{secure.edge_port}", secure.grpc_credentials()) as channel:
         return gateway_pb2_grpc.GatewayServiceStub(channel).Recommend(request, timeout=10, metadata=metadata)
 
@@ -165,9 +163,7 @@ def test_plaintext_to_the_tls_edge_fails(secure_mesh: SecureMesh) -> None:
 
 
 @pytest.mark.parametrize("service", [GATEWAY, SCORING])
-def test_services_refuse_clients_without_the_mesh_client_certificate(
-    secure_mesh: SecureMesh, service: str
-) -> None:
+def test_services_refuse_clients_without_the_mesh_client_certificate(secure_mesh: SecureMesh, service: str) -> None:
     address = secure_mesh.mesh.topology.replicas[service][0].address
     request = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE_NAMES[service])
     plaintext = grpc.insecure_channel(address)

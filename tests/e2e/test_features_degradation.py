@@ -19,11 +19,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.features.retrieval import exact_top
 from infermesh.up.supervisor import Mesh
 from infermesh.workload.catalog import generate_catalog
+from services.features.retrieval import exact_top
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import SMALL_CATALOG, running_mesh, seed_small
 from tests.processes import start_socket_redis, stop
 

@@ -23,16 +23,16 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
-from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
-from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.experiments import parse
 from gateway.fallback import FALLBACK_MODEL_NAME, FeatureMatrix, fallback_rank, fallback_scores
 from infermesh.up.supervisor import Mesh
-from services.runtime.topology import GATEWAY, RANKING, SCORING
 from infermesh.workload.catalog import generate_catalog, model_input
 from infermesh.workload.seed import model_repository
+from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.runtime.topology import GATEWAY, RANKING, SCORING
 from tests.conftest import RedisServer, running_mesh, seed_small
 from tests.processes import Samples, metric, scrape, stop, wait_until
 
@@ -69,7 +69,9 @@ class OwnMesh:
     def configure(self, doc: object, user: str, arm: str) -> None:
         """Write the experiments file and wait until the gateway serves `user` from `arm`."""
         self.experiments.write_text(yaml.safe_dump(doc))
-        wait_until(lambda: self.recommend(user, timeout=5).experiment_arm == arm, 10, f"the gateway did not pick up {doc}")
+        wait_until(
+            lambda: self.recommend(user, timeout=5).experiment_arm == arm, 10, f"the gateway did not pick up {doc}"
+        )
 
 
 def write_slow_model(repository: Path) -> None:
@@ -258,7 +260,9 @@ def test_a_broken_experiments_file_keeps_the_previous_config(own_mesh: OwnMesh) 
 
 
 def test_a_slow_model_falls_back_within_the_deadline(own_mesh: OwnMesh, fallback: Fallback) -> None:
-    own_mesh.configure({"name": "e2e-slow", "arms": [{"name": "slow", "model": "slow_ranker", "percent": 100}]}, "u1", "slow")
+    own_mesh.configure(
+        {"name": "e2e-slow", "arms": [{"name": "slow", "model": "slow_ranker", "percent": 100}]}, "u1", "slow"
+    )
     degraded = own_mesh.metric("gateway_degraded_responses_total", reason="scoring_unavailable")
     request = gateway_pb2.RecommendRequest(user_id="u1", candidate_ids=CANDIDATES, k=K)
     started = time.monotonic()

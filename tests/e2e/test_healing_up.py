@@ -67,18 +67,22 @@ def _read_lines(up: Up) -> None:
 
 
 @pytest.fixture(scope="module")
-def up(
-    redis_server: RedisServer, reference_data: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Up]:
+def up(redis_server: RedisServer, reference_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     data_dir = tmp_path_factory.mktemp("healing") / "data"
     shutil.copytree(reference_data / "models", data_dir / "models")  # skip retraining
     edge, supervisor_metrics = free_port(), free_port()
     process = start_up(
-        data_dir, redis_server.url, edge,
-        "--metrics-port-offset", str(METRICS_PORT_OFFSET),
-        "--replicas", "scoring=2",
-        "--max-restarts", str(MAX_RESTARTS),
-        "--supervisor-metrics-port", str(supervisor_metrics),
+        data_dir,
+        redis_server.url,
+        edge,
+        "--metrics-port-offset",
+        str(METRICS_PORT_OFFSET),
+        "--replicas",
+        "scoring=2",
+        "--max-restarts",
+        str(MAX_RESTARTS),
+        "--supervisor-metrics-port",
+        str(supervisor_metrics),
         env={"LOG_LEVEL": "WARNING"},
     )
     running = Up(process, data_dir, edge, supervisor_metrics)
@@ -194,7 +198,10 @@ def test_killed_replicas_come_back_and_no_request_fails(up: Up) -> None:
 
     done = subprocess.run(
         [sys.executable, "-m", "infermesh", "status", "--data-dir", str(up.data_dir)],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[2:]}
@@ -203,7 +210,10 @@ def test_killed_replicas_come_back_and_no_request_fails(up: Up) -> None:
     for victim in victims:
         _, _, pid, is_alive, _, restarts, *last_exit = rows[victim.name]
         assert (pid, is_alive, restarts, " ".join(last_exit)) == (
-            str(after[victim.name].pid), "yes", "1", "killed by SIGKILL"
+            str(after[victim.name].pid),
+            "yes",
+            "1",
+            "killed by SIGKILL",
         ), done.stdout
     assert rows["scoring-0"][3:] == ["yes", before["scoring-0"].address, "0", "-"]
     # ... and up's own /metrics counts the same restarts.

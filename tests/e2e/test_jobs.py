@@ -206,7 +206,10 @@ def test_a_jobs_trace_links_to_its_requests_traces(harness: JobsHarness, tmp_pat
 
         def job_trace_complete(trace: Trace) -> bool:
             names = [s.name for s in trace.spans]
-            return names.count("infermesh.jobs.chunk") >= 3 and {"infermesh.jobs.submit", "infermesh.jobs.results"} <= set(names)
+            return names.count("infermesh.jobs.chunk") >= 3 and {
+                "infermesh.jobs.submit",
+                "infermesh.jobs.results",
+            } <= set(names)
 
         job_trace = receiver.store.wait_for(trace_id, job_trace_complete, timeout=30)
         assert job_trace is not None, [t.title for t in receiver.store.traces()]
@@ -269,8 +272,8 @@ def test_rest_and_the_client_library_at_the_edge(mesh: Mesh, redis_server: Redis
     """POST /v1/jobs and GET /v1/jobs/{id} through Envoy's transcoder to the mesh's JobService,
     run by a worker with the mesh's jobs settings; MeshClient's job calls on the same port."""
     edge = f"http://127.0.0.1:{mesh.topology.edge_port}"
-    worker = start_service("services.jobs.worker", {**os.environ, **mesh.service_env("jobs", mesh.topology.replicas["jobs"][0]),
-                                                    "OTEL_TRACES_EXPORTER": "none"}, tmp_path / "worker.log")  # fmt: skip
+    env = {**os.environ, **mesh.service_env("jobs", mesh.topology.replicas["jobs"][0]), "OTEL_TRACES_EXPORTER": "none"}
+    worker = start_service("services.jobs.worker", env, tmp_path / "worker.log")
     try:
         requests = [{"request_id": f"a{n}", "user_id": f"u{n}", "candidate_ids": CANDIDATES, "k": 3} for n in range(6)]
         code, body = _http("POST", f"{edge}/v1/jobs", {"requests": requests})
@@ -343,8 +346,14 @@ def test_up_starts_supervised_workers(redis_server: RedisServer, reference_data:
     try:
         wait_until_up(process, output, timeout=180)
         requests = tmp_path / "job.jsonl"
-        requests.write_text("".join(json.dumps({"user_id": f"u{n}", "candidate_ids": ["i1", "i2", "i3"], "k": 2}) + "\n" for n in range(8)))
-        done = subprocess.run([*jobs, "submit", str(requests), "--wait"], env=env, capture_output=True, text=True, timeout=180)
+        requests.write_text(
+            "".join(
+                json.dumps({"user_id": f"u{n}", "candidate_ids": ["i1", "i2", "i3"], "k": 2}) + "\n" for n in range(8)
+            )
+        )
+        done = subprocess.run(
+            [*jobs, "submit", str(requests), "--wait"], env=env, capture_output=True, text=True, timeout=180
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert str(data_dir / "jobs") in done.stdout  # results under the mesh's data dir
 
@@ -360,7 +369,9 @@ def test_up_starts_supervised_workers(redis_server: RedisServer, reference_data:
         os.kill(worker.pid, signal.SIGKILL)
         wait_until(lambda: read_until(process, "[", output, 1) and "jobs-worker-0: started again" in "".join(output),
                    60, lambda: "the worker was not restarted:\n" + "".join(output))  # fmt: skip
-        again = subprocess.run([*jobs, "submit", str(requests), "--wait"], env=env, capture_output=True, text=True, timeout=180)
+        again = subprocess.run(
+            [*jobs, "submit", str(requests), "--wait"], env=env, capture_output=True, text=True, timeout=180
+        )
         assert again.returncode == 0, again.stdout + again.stderr
     finally:
         process.send_signal(signal.SIGTERM)

@@ -15,9 +15,23 @@ from infermesh.up.supervisor import Mesh
 def test_profile_writes_a_flame_graph_per_replica_and_the_summary(mesh: Mesh, tmp_path: Path) -> None:
     out = tmp_path / "profile"
     done = subprocess.run(
-        [sys.executable, "-m", "infermesh", "profile", "--data-dir", str(mesh.data_dir), "--seconds", "3",
-         "--concurrency", "4", "--out-dir", str(out)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "infermesh",
+            "profile",
+            "--data-dir",
+            str(mesh.data_dir),
+            "--seconds",
+            "3",
+            "--concurrency",
+            "4",
+            "--out-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     replicas = [c.name for c in mesh.children if c.role != "envoy"]

@@ -14,12 +14,12 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from infermesh.up.supervisor import Mesh
-from services.ranking.rank import RankInput, top_k
 from infermesh.workload.catalog import generate_catalog, model_input
 from infermesh.workload.seed import model_path
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.ranking.rank import RankInput, top_k
 
 CANDIDATES = [f"i{n}" for n in range(0, 20_000, 100)]  # 200 items across the catalog
 MAX_PER_CATEGORY = 5

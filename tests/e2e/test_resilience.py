@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from services.genproto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from infermesh.up.supervisor import Mesh
+from services.genproto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.runtime.topology import SCORING
 from tests.conftest import SMALL_CATALOG, RedisServer, running_mesh, seed_small
 
@@ -80,7 +80,7 @@ def cluster_counters(mesh: Mesh) -> dict[str, int]:
     for line in admin(mesh, f"/stats?filter=^cluster\\.{SCORING}\\.").splitlines():
         name, sep, value = line.partition(": ")
         if sep and name.startswith(prefix) and value.strip().isdigit():
-            out[name[len(prefix):]] = int(value)
+            out[name[len(prefix) :]] = int(value)
     return out
 
 
@@ -119,8 +119,10 @@ async def kill_and_restart_under_load(mesh: Mesh) -> Run:
 
     def done() -> bool:
         back = run.marks.get("healthy_again")
-        return time.monotonic() > hard_stop or sent >= MAX_REQUESTS or (
-            back is not None and time.monotonic() > back + AFTER_RETURN_S
+        return (
+            time.monotonic() > hard_stop
+            or sent >= MAX_REQUESTS
+            or (back is not None and time.monotonic() > back + AFTER_RETURN_S)
         )
 
     async def worker(offset: int) -> None:

@@ -162,7 +162,13 @@ def test_every_operation_holds_its_contract(base_url: str) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/v1/recommend"), ("PUT", "/v1/recommend"), ("DELETE", "/v1/recommend"), ("OPTIONS", "/v1/recommend"), ("GET", "/nope")],
+    [
+        ("GET", "/v1/recommend"),
+        ("PUT", "/v1/recommend"),
+        ("DELETE", "/v1/recommend"),
+        ("OPTIONS", "/v1/recommend"),
+        ("GET", "/nope"),
+    ],
 )
 def test_unmapped_rest_requests_are_client_errors(base_url: str, method: str, path: str) -> None:
     """A REST path or method no google.api.http rule maps is a JSON 404 from the edge, not a

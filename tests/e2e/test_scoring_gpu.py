@@ -13,11 +13,11 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from services.genproto.inference import grpc_predict_v2_pb2 as pb
-from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from prometheus_client import generate_latest
 
 from infermesh.workload import modelgen
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.scoring.providers import CUDA, TENSORRT, tensorrt_libraries_present
 from services.scoring.service import PROVIDER_KEY, PROVIDER_REASON_KEY, ScoringService
 from tests.scoring_server import running_scoring, server_settings
@@ -79,9 +79,13 @@ async def test_cuda_with_io_binding_serves_batches_matching_cpu(
     provider, _ = await provider_of(stub, "ranker")
     assert provider == CUDA
     rows = np.random.default_rng(3).standard_normal((512, 64)).astype(np.float32)
-    replies = await asyncio.gather(*(stub.ModelInfer(request_for("ranker", rows[i : i + 1]), timeout=60) for i in range(512)))
+    replies = await asyncio.gather(
+        *(stub.ModelInfer(request_for("ranker", rows[i : i + 1]), timeout=60) for i in range(512))
+    )
     served = np.concatenate([np.frombuffer(r.raw_output_contents[0], np.float32) for r in replies])
-    cpu = ort.InferenceSession(modelgen.mlp_model(1), providers=["CPUExecutionProvider"]).run(None, {"features": rows})[0]
+    cpu = ort.InferenceSession(modelgen.mlp_model(1), providers=["CPUExecutionProvider"]).run(None, {"features": rows})[
+        0
+    ]
     assert np.allclose(served, cpu[:, 0], atol=1e-4)
 
     (stats,) = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="ranker"))).model_stats
@@ -92,7 +96,9 @@ async def test_cuda_with_io_binding_serves_batches_matching_cpu(
     assert gpu_server.gpu_memory_metrics and "nv_gpu_memory_used_bytes{" in exposition  # the gpu extra has NVML
 
 
-async def test_tensorrt_is_used_when_present_and_falls_back_to_cuda_when_not(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+async def test_tensorrt_is_used_when_present_and_falls_back_to_cuda_when_not(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
     provider, reason = await provider_of(stub, "trt")
     index = await stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))
     (row,) = [m for m in index.models if m.name == "trt"]
@@ -103,4 +109,3 @@ async def test_tensorrt_is_used_when_present_and_falls_back_to_cuda_when_not(stu
     assert row.reason.startswith(f"{provider}: ")
     reply = await stub.ModelInfer(request_for("trt", np.ones((4, 64), np.float32)), timeout=120)
     assert list(reply.outputs[0].shape) == [4, 1]
-

@@ -21,18 +21,36 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infermesh.up.supervisor import free_port
 from infermesh.workload import modelgen
+
 SUITE = Path(__file__).with_name("scoring_tritonclient") / "suite.py"
 ROOT = Path(__file__).resolve().parents[2]
 
 SYNC_CHECKS = {
-    "health", "server_metadata", "model_metadata", "model_config", "fp32_raw", "int64_raw", "typed_contents",
-    "other_datatypes", "request_parameters", "wrong_shape", "wrong_datatype", "wrong_byte_length",
-    "unknown_model_and_version", "load_and_unload", "statistics", "async_infer_callback",
+    "health",
+    "server_metadata",
+    "model_metadata",
+    "model_config",
+    "fp32_raw",
+    "int64_raw",
+    "typed_contents",
+    "other_datatypes",
+    "request_parameters",
+    "wrong_shape",
+    "wrong_datatype",
+    "wrong_byte_length",
+    "unknown_model_and_version",
+    "load_and_unload",
+    "statistics",
+    "async_infer_callback",
     "stream_infer",
 }
 AIO_CHECKS = {
-    "aio_health_and_metadata", "aio_model_config", "aio_concurrent_fp32_and_int64", "aio_errors",
-    "aio_load_unload_and_statistics", "aio_stream_infer",
+    "aio_health_and_metadata",
+    "aio_model_config",
+    "aio_concurrent_fp32_and_int64",
+    "aio_errors",
+    "aio_load_unload_and_statistics",
+    "aio_stream_infer",
 }
 # Tensors stated in config.json (shapes with the batch dimension), for ModelConfig to echo.
 RANKER_TENSORS = {
@@ -40,14 +58,22 @@ RANKER_TENSORS = {
     "outputs": [{"name": "score", "datatype": "FP32", "shape": [-1, 1]}],
 }
 ADD_TENSORS = {
-    "inputs": [{"name": "a", "datatype": "INT64", "shape": [-1, 4]}, {"name": "b", "datatype": "INT64", "shape": [-1, 4]}],
-    "outputs": [{"name": "sum", "datatype": "INT64", "shape": [-1, 4]}, {"name": "diff", "datatype": "INT64", "shape": [-1, 4]}],
+    "inputs": [
+        {"name": "a", "datatype": "INT64", "shape": [-1, 4]},
+        {"name": "b", "datatype": "INT64", "shape": [-1, 4]},
+    ],
+    "outputs": [
+        {"name": "sum", "datatype": "INT64", "shape": [-1, 4]},
+        {"name": "diff", "datatype": "INT64", "shape": [-1, 4]},
+    ],
 }
 
 
 def build_repository(root: Path) -> Path:
     modelgen.write_config(
-        root, "ranker", {"max_batch_size": 1024, "dynamic_batching": {"max_queue_delay_microseconds": 1000}, **RANKER_TENSORS}
+        root,
+        "ranker",
+        {"max_batch_size": 1024, "dynamic_batching": {"max_queue_delay_microseconds": 1000}, **RANKER_TENSORS},
     )
     modelgen.write_version(root, "ranker", 1, modelgen.mlp_model(1))
     modelgen.write_config(root, "add", {"max_batch_size": 64, **ADD_TENSORS})
@@ -94,7 +120,9 @@ def scoring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
     }
     log = workdir / "scoring.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "services.scoring"], cwd=ROOT, env=env, stdout=sink, stderr=sink)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.scoring"], cwd=ROOT, env=env, stdout=sink, stderr=sink
+        )
     address = f"127.0.0.1:{port}"
     try:
         wait_serving(address, process, log)

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from infermesh.up.supervisor import Mesh
 from infermesh.traces.receiver import OtlpReceiver
 from infermesh.traces.store import Trace, TraceStore
 from infermesh.traces.traceview import SERVICE_COLOURS, TraceView
+from infermesh.up.supervisor import Mesh
 from infermesh.workload.seed import model_repository
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import RedisServer, free_topology
 from tests.processes import json_log_lines
 
@@ -170,7 +170,12 @@ def test_only_requests_are_traced(traced: Traced, response: Response) -> None:
 
 def test_span_kinds_and_attributes(response: Response) -> None:
     spans = {(s.service, s.name, s.kind): s for s in response.trace.spans}
-    for service, name in ((("gateway", RECOMMEND)), ("features", GET_FEATURES), ("scoring", MODEL_INFER), ("ranking", RANK)):
+    for service, name in (
+        (("gateway", RECOMMEND)),
+        ("features", GET_FEATURES),
+        ("scoring", MODEL_INFER),
+        ("ranking", RANK),
+    ):
         assert (service, name, "SERVER") in spans, (service, name)
     for name in (GET_FEATURES, MODEL_INFER, RANK):
         # each stage call carries the budget the gateway gave it (its timeout)
@@ -198,7 +203,9 @@ def test_span_kinds_and_attributes(response: Response) -> None:
 
     stages = [s for s in response.trace.spans if s.name.startswith("infermesh.ranking.")]
     assert {s.name for s in stages} == {
-        "infermesh.ranking.top_k", "infermesh.ranking.seen_filter", "infermesh.ranking.category_cap",
+        "infermesh.ranking.top_k",
+        "infermesh.ranking.seen_filter",
+        "infermesh.ranking.category_cap",
     }
     assert not response.trace.has_error
 
@@ -222,7 +229,12 @@ def test_logs_name_the_same_trace(traced: Traced, response: Response) -> None:
     trace_id = response.reply.trace_id
     log_dir = traced.mesh.log_dir
     spans = {(s.service, s.name, s.kind): s for s in response.trace.spans}
-    for service, method in (("gateway", RECOMMEND), ("features", GET_FEATURES), ("scoring", MODEL_INFER), ("ranking", RANK)):
+    for service, method in (
+        ("gateway", RECOMMEND),
+        ("features", GET_FEATURES),
+        ("scoring", MODEL_INFER),
+        ("ranking", RANK),
+    ):
         lines = [
             line
             for line in json_log_lines(log_dir / f"{service}-0.log")
@@ -259,7 +271,7 @@ def test_metrics_exemplars_link_to_traces(traced: Traced, response: Response) ->
         )
         assert exemplars, (replica, text[-2000:])
         for trace_id in exemplars:  # (spans are exported in batches: allow a moment)
-            trace = traced.receiver.store.wait_for(trace_id, lambda t: service in t.services, timeout=10)
+            trace = traced.receiver.store.wait_for(trace_id, lambda t, s=service: s in t.services, timeout=10)
             assert trace is not None and service in trace.services, (replica, trace_id)
 
 
@@ -271,9 +283,7 @@ def _chromium() -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise AssertionError(
-        "headless Chromium is needed for the trace view test: `sudo apt-get install -y chromium`"
-    )
+    raise AssertionError("headless Chromium is needed for the trace view test: `sudo apt-get install -y chromium`")
 
 
 def _headless(url: str, user_data: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -294,12 +304,12 @@ def _headless(url: str, user_data: Path, *extra: str) -> subprocess.CompletedPro
         *extra,
         url,
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(user_data)})
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(user_data)}
+    )
 
 
-def test_trace_view_shows_the_waterfall_in_chromium(
-    traced: Traced, response: Response, tmp_path: Path
-) -> None:
+def test_trace_view_shows_the_waterfall_in_chromium(traced: Traced, response: Response, tmp_path: Path) -> None:
     from PIL import Image
 
     trace = response.trace
@@ -352,10 +362,14 @@ def test_coalesced_requests_link_to_their_batch_and_keep_every_stage(traced: Tra
     async def burst() -> list[gateway_pb2.RecommendResponse]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{traced.mesh.topology.edge_port}") as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-            return await asyncio.gather(*(
-                stub.Recommend(gateway_pb2.RecommendRequest(user_id=f"u{n}", candidate_ids=CANDIDATES, k=5), timeout=10)
-                for n in range(24)
-            ))
+            return await asyncio.gather(
+                *(
+                    stub.Recommend(
+                        gateway_pb2.RecommendRequest(user_id=f"u{n}", candidate_ids=CANDIDATES, k=5), timeout=10
+                    )
+                    for n in range(24)
+                )
+            )
 
     replies = asyncio.run(burst())
     store = traced.receiver.store
@@ -364,7 +378,9 @@ def test_coalesced_requests_link_to_their_batch_and_keep_every_stage(traced: Tra
         traces = [t for t in (store.get(r.trace_id) for r in replies) if t is not None]
         spans = [s for t in traces for s in t.spans]
         batches = {s.span_id: s for s in spans if s.name == "infermesh.gateway.batch"}
-        linked = [s for s in spans if s.name == "infermesh.gateway.coalesced" and any(l[1] in batches for l in s.links)]
+        linked = [
+            s for s in spans if s.name == "infermesh.gateway.coalesced" and any(link[1] in batches for link in s.links)
+        ]
         complete = len(traces) == len(replies) and all(_stages(t) == {"features", "scoring", "ranking"} for t in traces)
         if (linked and complete) or time.monotonic() > deadline:
             break
@@ -372,7 +388,7 @@ def test_coalesced_requests_link_to_their_batch_and_keep_every_stage(traced: Tra
     assert linked, "no coalesced request's span links to a batch span"
     assert complete, [sorted(_stages(t)) for t in traces]
     wait = linked[0]
-    batch = batches[next(l[1] for l in wait.links if l[1] in batches)]
+    batch = batches[next(link[1] for link in wait.links if link[1] in batches)]
     assert (wait.trace_id, wait.span_id) in batch.links  # and back
     assert batch.attributes["infermesh.batch.requests"] >= 2 and wait.attributes["infermesh.coalesce.wait_ms"] >= 0
     # The batched call itself is one CLIENT span under the batch span.

@@ -19,8 +19,8 @@ import pytest
 
 from infermesh.cli import main as infermesh_main
 from infermesh.up.supervisor import free_port, free_port_block
-from tests.processes import read_until
 from tests.conftest import RedisServer
+from tests.processes import read_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -88,14 +88,22 @@ def test_up_exports_to_the_trace_view(
     up = _start(
         [
             "up",
-            "--data-dir", str(data_dir),
-            "--redis-url", redis_server.url,
-            "--edge-port", str(edge),
-            "--admin-port", str(free_port()),
-            "--port-base", str(base),
-            "--replicas", "scoring=1",
-            "--otlp-endpoint", f"http://127.0.0.1:{otlp}",
-            "--trace-sampling", "1.0",
+            "--data-dir",
+            str(data_dir),
+            "--redis-url",
+            redis_server.url,
+            "--edge-port",
+            str(edge),
+            "--admin-port",
+            str(free_port()),
+            "--port-base",
+            str(base),
+            "--replicas",
+            "scoring=1",
+            "--otlp-endpoint",
+            f"http://127.0.0.1:{otlp}",
+            "--trace-sampling",
+            "1.0",
         ]
     )
     try:

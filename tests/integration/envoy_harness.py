@@ -22,9 +22,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from infermesh.certs import CertPaths
 from infermesh.envoy import bootstrap, process
 from infermesh.envoy.edge_policy import EdgePolicy
-from infermesh.certs import CertPaths
 from services.runtime.topology import BACKENDS, HEALTH_SERVICE_NAMES, Endpoint, MeshTopology
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

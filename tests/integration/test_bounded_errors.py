@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from services.genproto.infermesh.gateway.v1 import gateway_pb2
 
+from services.genproto.infermesh.gateway.v1 import gateway_pb2
 from services.runtime.errors import InvalidArgument, NotFound
 from services.runtime.limits import MAX_DETAILS_BYTES
 from services.runtime.server import RequestInterceptor

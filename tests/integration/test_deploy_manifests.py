@@ -22,8 +22,7 @@ import pytest
 import yaml
 
 from gateway import experiments
-from infermesh import envoy
-from infermesh import kubernetes
+from infermesh import envoy, kubernetes
 from services.runtime.topology import BACKENDS, DEFAULT_EDGE_PORT, HEALTH_SERVICE_NAMES, HTTP_SERVICES, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +47,10 @@ def _build(overlay: str) -> list[Obj]:
         pytest.skip(message)
     proc = subprocess.run(
         [KUBECTL, "kustomize", str(DEPLOY / "overlays" / overlay)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
@@ -232,9 +234,7 @@ def test_production_gateway_reads_the_experiments_configmap(production: list[Obj
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_termination_grace_covers_prestop_drain_and_grace(
-    built: tuple[str, list[Obj]], service: str
-) -> None:
+def test_termination_grace_covers_prestop_drain_and_grace(built: tuple[str, list[Obj]], service: str) -> None:
     _, objs = built
     spec = _get(objs, "Deployment", service)["spec"]["template"]["spec"]
     container = _container(objs, service)

@@ -19,15 +19,15 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-from services.genproto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
-from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from infermesh.envoy import bootstrap, process
 from infermesh.envoy import cli as envoy_cli
 from infermesh.envoy.http_filters import MAX_REQUEST_BYTES
 from infermesh.envoy.resilience import EDGE_ROUTE_LIMITS, INTERNAL_ROUTE_LIMITS
 from infermesh.envoy.tracing import Tracing
+from services.genproto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.runtime.topology import (
     FEATURES,
     GATEWAY,
@@ -53,7 +53,6 @@ from tests.integration.envoy_harness import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
 
 
 # --------------------------------------------------------------------------- validation

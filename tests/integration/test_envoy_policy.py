@@ -22,10 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from services.genproto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.runtime.server import TlsSettings, server_credentials
 from infermesh import certs
 from infermesh.envoy import bootstrap, process
 from infermesh.envoy.edge_policy import (
@@ -39,6 +36,9 @@ from infermesh.envoy.edge_policy import (
 from infermesh.envoy.http_filters import MAX_REQUEST_BYTES
 from infermesh.envoy.resilience import EDGE_ROUTE_LIMITS, INTERNAL_ROUTE_LIMITS
 from infermesh.envoy.tracing import Tracing
+from services.genproto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.runtime.server import TlsSettings, server_credentials
 from services.runtime.topology import (
     FEATURES,
     GATEWAY,
@@ -183,7 +183,7 @@ async def stats(envoy: Envoy, prefix: str) -> dict[str, int]:
     for line in text.splitlines():
         name, sep, value = line.partition(": ")
         if sep and name.startswith(prefix) and value.strip().isdigit():
-            out[name[len(prefix):]] = int(value)
+            out[name[len(prefix) :]] = int(value)
     return out
 
 
@@ -215,9 +215,7 @@ async def _infer(address: str, calls: int, method: str = "ModelInfer") -> list[s
 def test_envoy_accepts_every_policy_and_tls(tmp_path: Path) -> None:
     paths = certs.generate(tmp_path / "certs")
     tls = certs.CertPaths.checked(paths.directory)
-    edge = EdgePolicy(
-        rate_limit_rps=100, rate_limit_burst=300, api_keys=(ApiKey("alice", API_KEY),)
-    )
+    edge = EdgePolicy(rate_limit_rps=100, rate_limit_burst=300, api_keys=(ApiKey("alice", API_KEY),))
     for tracing in (None, Tracing("http://127.0.0.1:4317")):
         config = bootstrap.write(
             local_topology({SCORING: 2}, descriptor_set=DESCRIPTOR), tmp_path / "envoy.json", tracing, edge, tls
@@ -428,9 +426,7 @@ async def _recommend_grpc(
 
 async def _edge_health(address: str, credentials: grpc.ChannelCredentials | None = None) -> int:
     channel = (
-        grpc.aio.insecure_channel(address)
-        if credentials is None
-        else grpc.aio.secure_channel(address, credentials)
+        grpc.aio.insecure_channel(address) if credentials is None else grpc.aio.secure_channel(address, credentials)
     )
     async with channel as chan:
         reply = await health_pb2_grpc.HealthStub(chan).Check(
@@ -504,7 +500,9 @@ async def test_api_keys_401_without_reaching_the_gateway(tmp_path: Path, stubs: 
     async with running(tmp_path, stubs, edge) as envoy:
         address = envoy.address("edge")
         for headers in ({}, {"x-api-key": "wrong"}, {"authorization": "Bearer wrong"}):
-            status, reply_headers, body = await http_call(address, "POST", "/v1/recommend", RECOMMEND_BODY, {**JSON, **headers})
+            status, reply_headers, body = await http_call(
+                address, "POST", "/v1/recommend", RECOMMEND_BODY, {**JSON, **headers}
+            )
             assert status == 401, headers
             assert reply_headers["content-type"] == "application/json"
             reply = json.loads(body)

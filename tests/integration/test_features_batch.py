@@ -16,12 +16,12 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 
 from infermesh.traces.receiver import OtlpReceiver
 from infermesh.traces.store import TraceStore
 from infermesh.workload.catalog import generate_catalog
 from infermesh.workload.seed import load_into_redis
+from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 from tests.processes import ServiceProcess, running_service, start_socket_redis, stop
 
 MAX_ITEMS = 50
@@ -113,7 +113,7 @@ def test_a_batch_is_one_round_trip_for_the_union_and_byte_identical_to_one_by_on
     after = running.commands()
     assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} == {"cmdstat_mget": 1}
     assert redis_lookups(running) - lookups == distinct_keys  # each key read once
-    for request, result in zip(requests, results):
+    for request, result in zip(requests, results, strict=False):
         assert result.status.code == 0 and result.features.model_input.rows == len(request.item_ids)
         # One by one after the batch: the local cache answers them with the same values.
         assert result.SerializeToString() == alone(running, request).SerializeToString()
@@ -143,7 +143,7 @@ def test_a_bad_request_fails_alone_with_the_status_get_features_gives_it(
     results = batch(running, [good[0], bad, good[1]])
     assert (results[1].status.code, results[1].status.message) == (code.value[0], message)
     assert not results[1].HasField("features")
-    for request, result in zip([good[0], bad, good[1]], results):
+    for request, result in zip([good[0], bad, good[1]], results, strict=False):
         assert result.SerializeToString() == alone(running, request).SerializeToString()
 
 
@@ -162,6 +162,7 @@ def test_an_oversized_batch_is_rejected_whole_and_sizes_are_recorded(running: Ru
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == f"at most {MAX_BATCH} requests per GetFeaturesBatch call, got {MAX_BATCH + 1}"
     assert batch(running, []) == []
+
     # Every call is recorded, the rejected one too: its 9 requests land in the (8, 16] bucket.
     def bucket(le: str) -> float:
         return running.metric("features_batch_requests_bucket", le=le)
@@ -194,5 +195,5 @@ def test_redis_down_degrades_each_request_as_get_features_does(running: Running)
     assert [r.status.code for r in results] == [0, 0]
     assert not results[0].features.degraded  # served from fresh cache entries
     assert results[1].features.degraded and results[1].features.missing_items == 1  # the view's defaults
-    for request, result in zip([warm, cold], results):
+    for request, result in zip([warm, cold], results, strict=False):
         assert result.SerializeToString() == alone(running, request).SerializeToString()

@@ -20,10 +20,10 @@ import yaml
 from infermesh.cli import main as infermesh
 from infermesh.features import ingest as ingest_module
 from infermesh.features.ingest import IngestError, ingest
+from infermesh.up.supervisor import free_port, start_redis
 from services.features.layout import pointer_key
 from services.features.registry import load_registry, parse_registry
 from services.features.retrieval import CandidateIndex
-from infermesh.up.supervisor import free_port, start_redis
 
 REGISTRY_TEXT = """
 entities:

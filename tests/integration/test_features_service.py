@@ -18,11 +18,11 @@ import grpc
 import numpy as np
 import pytest
 import redis
-from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 
-from services.features.retrieval import CandidateIndex, exact_top
 from infermesh.workload.catalog import Catalog, generate_catalog
 from infermesh.workload.seed import load_into_redis
+from services.features.retrieval import CandidateIndex, exact_top
+from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 from tests.processes import ServiceProcess, running_service, start_socket_redis, stop
 
 
@@ -61,7 +61,9 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     running: Running | None = None
     try:
         with running_service("features", env, workdir / "features.log") as service:
-            running = Running(workdir, redis_process, service, features_pb2_grpc.FeatureServiceStub(service.channel), catalog)
+            running = Running(
+                workdir, redis_process, service, features_pb2_grpc.FeatureServiceStub(service.channel), catalog
+            )
             yield running
     finally:
         stop(running.redis if running is not None else redis_process)  # the last test restarts Redis

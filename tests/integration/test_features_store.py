@@ -19,15 +19,15 @@ import redis
 import redis.asyncio as aioredis
 import yaml
 
-from services.runtime.breaker import CircuitBreaker
-from services.features.cache import LocalCache
 from infermesh.features.ingest import ingest
-from services.features.layout import pointer_key
-from services.features.registry import Registry, parse_registry
-from services.features.store import FeatureStore
 from infermesh.up.supervisor import free_port, start_redis
 from infermesh.workload.catalog import generate_catalog
 from infermesh.workload.seed import load_into_redis
+from services.features.cache import LocalCache
+from services.features.layout import pointer_key
+from services.features.registry import Registry, parse_registry
+from services.features.store import FeatureStore
+from services.runtime.breaker import CircuitBreaker
 
 REGISTRY = parse_registry(
     yaml.safe_load("""

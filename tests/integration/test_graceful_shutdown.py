@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 
 from infermesh.up.supervisor import free_port
+from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
 from services.runtime.topology import HEALTH_SERVICE_NAMES
 from tests.conftest import RedisServer
 
@@ -95,7 +95,9 @@ def test_in_flight_call_completes_while_health_reports_not_serving(
             assert reply.model_input.rows == 3 and len(reply.model_input.data) == 3 * 64 * 4
         assert process.wait(timeout=20) == 0
         # All of it on uvloop, the default event loop (INFERMESH_EVENT_LOOP).
-        lines = [json.loads(line) for line in (tmp_path / "features.log").read_text().splitlines() if line.startswith("{")]
+        lines = [
+            json.loads(line) for line in (tmp_path / "features.log").read_text().splitlines() if line.startswith("{")
+        ]
         assert [line["event_loop"] for line in lines if line.get("message") == "listening"] == ["uvloop"]
     finally:
         admin.execute_command("CLIENT", "UNPAUSE")

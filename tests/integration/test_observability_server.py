@@ -21,11 +21,11 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
-from infermesh.up.supervisor import free_port
 from infermesh.traces.receiver import OtlpReceiver
 from infermesh.traces.store import TraceStore
+from infermesh.up.supervisor import free_port
+from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -184,7 +184,12 @@ def test_red_metrics_with_exemplars(probe: Probe, calls: dict) -> None:
     assert "process_resident_memory_bytes" in text
     assert "grpc.health" not in text  # probes are not requests
     # Each bucket keeps its latest exemplar: the three calls' trace ids, whichever landed where.
-    exemplars = set(re.findall(r'grpc_server_handling_seconds_bucket\{[^}]*\} \S+ # \{[^}]*trace_id="(\w+)"', _metrics(probe, openmetrics=True)))
+    exemplars = set(
+        re.findall(
+            r'grpc_server_handling_seconds_bucket\{[^}]*\} \S+ # \{[^}]*trace_id="(\w+)"',
+            _metrics(probe, openmetrics=True),
+        )
+    )
     assert exemplars and exemplars <= {TRACE_OK, TRACE_BAD, TRACE_CRASH}, exemplars
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import redis
 
-from services.features.layout import meta_key
-from services.ranking.layout import seen_key
 from infermesh.workload.catalog import generate_catalog, seen_items
 from infermesh.workload.seed import is_seeded, load_into_redis
+from services.features.layout import meta_key
+from services.ranking.layout import seen_key
 from tests.conftest import RedisServer
 
 SMALL = {"n_users": 60, "n_items": 500, "n_categories": 6}

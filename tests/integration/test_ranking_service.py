@@ -19,13 +19,13 @@ import grpc
 import numpy as np
 import pytest
 import redis
-from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from infermesh.traces.receiver import OtlpReceiver
 from infermesh.traces.store import TraceStore
-from services.ranking.rank import RankInput, top_k
 from infermesh.workload.catalog import Catalog, generate_catalog, seen_items
 from infermesh.workload.seed import load_into_redis
+from services.genproto.infermesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from services.ranking.rank import RankInput, top_k
 from tests.processes import ServiceProcess, running_service, start_socket_redis, stop
 
 NAMESPACE = "test:ranking-svc"
@@ -77,9 +77,12 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     running: Running | None = None
     traces = TraceStore()
     try:
-        with OtlpReceiver(traces) as receiver, running_service(
-            "ranking", {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}, workdir / "ranking.log"
-        ) as service:
+        with (
+            OtlpReceiver(traces) as receiver,
+            running_service(
+                "ranking", {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}, workdir / "ranking.log"
+            ) as service,
+        ):
             stub = ranking_pb2_grpc.RankingServiceStub(service.channel)
             running = Running(workdir, redis_process, url, service, stub, catalog, traces)
             running.seed()
@@ -205,7 +208,7 @@ def test_rank_batch_answers_each_request_as_rank_does_alone(running: Running) ->
     assert [r.status.code for r in results] == [0, 0, 0, 3, 3, 0]
     assert results[3].status.message == "scores has 8 bytes; 100 items need 400 (<f4 each)"
     assert [i.item_id for i in results[0].response.items] == expected_ids(case(c), 10, 3, filtered=True)
-    for request, result in zip(requests, results):
+    for request, result in zip(requests, results, strict=False):
         assert result.SerializeToString() == alone(running, request).SerializeToString()
 
 
@@ -215,14 +218,18 @@ def test_an_oversized_rank_batch_is_rejected_whole(running: Running) -> None:
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == f"at most {MAX_BATCH} requests per RankBatch call, got {MAX_BATCH + 1}"
     # Recorded all the same: 9 requests, in the (8, 16] bucket.
-    assert running.metric("ranking_batch_requests_bucket", le="16.0") - running.metric(
-        "ranking_batch_requests_bucket", le="8.0"
-    ) == 1
+    assert (
+        running.metric("ranking_batch_requests_bucket", le="16.0")
+        - running.metric("ranking_batch_requests_bucket", le="8.0")
+        == 1
+    )
 
 
 def test_the_rank_batch_span_carries_the_number_of_requests(running: Running) -> None:
     trace_id = "6" * 32
-    rank_batch(running, [case(running.catalog, k=5).request] * 2, metadata=[("traceparent", f"00-{trace_id}-{'c' * 16}-01")])
+    rank_batch(
+        running, [case(running.catalog, k=5).request] * 2, metadata=[("traceparent", f"00-{trace_id}-{'c' * 16}-01")]
+    )
 
     def has_server_span(trace) -> bool:
         return any(span.name == BATCH_METHOD for span in trace.spans)

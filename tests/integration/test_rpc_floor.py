@@ -16,7 +16,10 @@ def test_rpc_floor_measures_direct_and_envoy_calls(capsys: pytest.CaptureFixture
     assert rpc_floor.main(["--seconds", "0.3", "--concurrency", "1,2", "--payload-bytes", "64", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [(row["path"], row["concurrency"]) for row in report["rows"]] == [
-        ("direct", 1), ("direct", 2), ("envoy", 1), ("envoy", 2)
+        ("direct", 1),
+        ("direct", 2),
+        ("envoy", 1),
+        ("envoy", 2),
     ]
     for row in report["rows"]:
         assert row["calls_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
@@ -25,7 +28,9 @@ def test_rpc_floor_measures_direct_and_envoy_calls(capsys: pytest.CaptureFixture
     floor = report["recommend_floor"]
     envoy_rows = report["rows"][2:]
     assert floor["p50_ms_at_c1"] == pytest.approx(4 * envoy_rows[0]["p50_ms"])
-    per_call = envoy_rows[1]["client_us_per_call"] + envoy_rows[1]["server_us_per_call"] + envoy_rows[1]["envoy_us_per_call"]
+    per_call = (
+        envoy_rows[1]["client_us_per_call"] + envoy_rows[1]["server_us_per_call"] + envoy_rows[1]["envoy_us_per_call"]
+    )
     assert floor["cpu_ms_per_request"] == pytest.approx(4 * per_call / 1000)
 
 

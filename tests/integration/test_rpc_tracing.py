@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.runtime.rpc_tracing import _peer_address, rpc_attributes
 from infermesh.traces.receiver import OtlpReceiver
 from infermesh.traces.store import TraceStore
+from services.runtime.rpc_tracing import _peer_address, rpc_attributes
 from tests.unit.test_observability_telemetry import _run
 
 CALLS = """
@@ -65,7 +65,8 @@ async def main():
         carrier = {}
         propagate.inject(carrier)  # streams get no client span: the caller's context goes along
         for name in ("Stream", "StreamMissing"):
-            call = channel.stream_stream(f"/t.v1.Echo/{name}")(iter([b"a", b"b"]), metadata=tuple(carrier.items()), timeout=5)
+            stream = channel.stream_stream(f"/t.v1.Echo/{name}")
+            call = stream(iter([b"a", b"b"]), metadata=tuple(carrier.items()), timeout=5)
             try:
                 codes[name] = [answer async for answer in call] and "OK"
             except grpc.aio.AioRpcError as error:
@@ -85,7 +86,11 @@ def test_client_and_server_spans_form_one_trace_with_grpc_statuses() -> None:
     with OtlpReceiver(TraceStore()) as receiver:
         result = _run(CALLS, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint)
         assert result["codes"] == {
-            "Ok": "OK", "Missing": "NOT_FOUND", "Crash": "INTERNAL", "Stream": "OK", "StreamMissing": "NOT_FOUND",
+            "Ok": "OK",
+            "Missing": "NOT_FOUND",
+            "Crash": "INTERNAL",
+            "Stream": "OK",
+            "StreamMissing": "NOT_FOUND",
         }
         trace = receiver.store.wait_for(result["trace_id"], lambda t: len(t.spans) >= 11, timeout=10)
         assert trace is not None
@@ -103,8 +108,12 @@ def test_client_and_server_spans_form_one_trace_with_grpc_statuses() -> None:
             (server,) = [s for s in trace.spans if s.name == method and s.kind == "SERVER"]
             assert by_id[client.parent_span_id].name == "caller"
             assert server.parent_span_id == client.span_id  # the context crossed the wire
-            expected = {"rpc.system": "grpc", "rpc.service": "t.v1.Echo", "rpc.method": name,
-                        "rpc.grpc.status_code": code}
+            expected = {
+                "rpc.system": "grpc",
+                "rpc.service": "t.v1.Echo",
+                "rpc.method": name,
+                "rpc.grpc.status_code": code,
+            }
             assert client.attributes == {**expected, "infermesh.deadline.remaining_ms": 5000.0}  # timeout=5
             assert server.attributes == {**expected, "network.peer.address": "127.0.0.1"}
             assert (client.status == "ERROR") is client_error
@@ -130,5 +139,7 @@ def test_peer_address(peer: str, address: str) -> None:
 
 def test_rpc_attributes_split_the_full_method_name() -> None:
     assert rpc_attributes("/inference.GRPCInferenceService/ModelInfer") == {
-        "rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer",
+        "rpc.system": "grpc",
+        "rpc.service": "inference.GRPCInferenceService",
+        "rpc.method": "ModelInfer",
     }

@@ -11,16 +11,16 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from services.genproto.inference import grpc_predict_v2_pb2 as pb
-from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from onnx import TensorProto, helper, numpy_helper
 
 from infermesh.workload import modelgen
+from infermesh.workload.model import IR_VERSION, OPSET
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.runtime.metrics import exposition as exposition_of
 from services.scoring import service as service_module
 from services.scoring.service import ScoringService
 from tests.scoring_server import running_scoring, server_settings
-from infermesh.workload.model import IR_VERSION, OPSET
 
 CLIENTS = 64
 REQUESTS_PER_CLIENT = 12
@@ -41,7 +41,9 @@ def heavy_model(width: int = 1024, layers: int = 8) -> bytes:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         initializer=[weight],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION).SerializeToString()
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    ).SerializeToString()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         },
     )
     modelgen.write_version(root, "ranker", 1, modelgen.mlp_model(11))
-    modelgen.write_config(root, "mixed", {"max_batch_size": 256, "dynamic_batching": {"max_queue_delay_microseconds": 5_000}})
+    modelgen.write_config(
+        root, "mixed", {"max_batch_size": 256, "dynamic_batching": {"max_queue_delay_microseconds": 5_000}}
+    )
     modelgen.write_version(root, "mixed", 1, modelgen.mlp_model(12))
     modelgen.write_config(
         root, "heavy", {"max_batch_size": 256, "dynamic_batching": {"max_queue_size": 1}, "warmup": []}
@@ -92,7 +96,9 @@ def scores(response: pb.ModelInferResponse) -> np.ndarray:
 def local_session(repository: Path, model: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(repository / model / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(repository / model / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
 
 
 async def statistics(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> pb.ModelStatistics:
@@ -113,7 +119,9 @@ async def test_64_concurrent_single_row_clients_are_batched_and_exact(
             answers.append(scores(await stub.ModelInfer(request_for("ranker", row), timeout=30)))
         return answers
 
-    served = np.concatenate([a for answers in await asyncio.gather(*(client(i) for i in range(CLIENTS))) for a in answers])
+    served = np.concatenate(
+        [a for answers in await asyncio.gather(*(client(i) for i in range(CLIENTS))) for a in answers]
+    )
     session = local_session(repository, "ranker")
     unbatched = np.concatenate([session.run(None, {"features": row[None, :]})[0] for row in rows])
     assert served.shape == (len(rows), 1)
@@ -137,7 +145,10 @@ async def test_64_concurrent_single_row_clients_are_batched_and_exact(
     assert f"nv_inference_request_success{labels} {float(len(rows))}" in exposition
     assert f"scoring_batch_size_count{labels} {float(stats.execution_count)}" in exposition
     assert f"nv_inference_pending_request_count{labels} 0.0" in exposition
-    assert 'scoring_model_info{io_binding="false",model="ranker",provider="CPUExecutionProvider",version="1"} 1.0' in exposition
+    assert (
+        'scoring_model_info{io_binding="false",model="ranker",provider="CPUExecutionProvider",version="1"} 1.0'
+        in exposition
+    )
 
 
 async def test_requests_of_different_sizes_are_split_back_exactly(
@@ -154,7 +165,9 @@ async def test_requests_of_different_sizes_are_split_back_exactly(
     assert stats.execution_count < len(batches)  # some requests shared an execution
 
 
-async def test_request_timeout_parameter_expires_in_the_queue_uncomputed(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+async def test_request_timeout_parameter_expires_in_the_queue_uncomputed(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
     before = await statistics(stub, "mixed")
     request = request_for("mixed", np.ones((2, 64), np.float32))
     request.parameters["timeout"].int64_param = 1  # microseconds: gone before any batch forms
@@ -169,14 +182,16 @@ async def test_request_timeout_parameter_expires_in_the_queue_uncomputed(stub: p
 async def test_a_full_queue_answers_resource_exhausted(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     rows = np.ones((256, 1024), np.float32)
     request = request_for("heavy", rows, name="x")
-    outcomes = await asyncio.gather(
-        *(stub.ModelInfer(request, timeout=60) for _ in range(8)), return_exceptions=True
-    )
+    outcomes = await asyncio.gather(*(stub.ModelInfer(request, timeout=60) for _ in range(8)), return_exceptions=True)
     rejected = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
     served = [o for o in outcomes if isinstance(o, pb.ModelInferResponse)]
     assert rejected and served
-    assert {(e.code(), "queue is full" in e.details()) for e in rejected} == {(grpc.StatusCode.RESOURCE_EXHAUSTED, True)}
-    assert all(np.array_equal(np.frombuffer(r.raw_output_contents[0], np.float32).reshape(256, 1024), rows) for r in served)
+    assert {(e.code(), "queue is full" in e.details()) for e in rejected} == {
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, True)
+    }
+    assert all(
+        np.array_equal(np.frombuffer(r.raw_output_contents[0], np.float32).reshape(256, 1024), rows) for r in served
+    )
 
 
 def reshaped(request: pb.ModelInferRequest) -> None:
@@ -190,7 +205,11 @@ def text_priority(request: pb.ModelInferRequest) -> None:
 
 BAD_REQUESTS: list[tuple[Callable[[pb.ModelInferRequest], object], grpc.StatusCode, str]] = [
     (reshaped, grpc.StatusCode.INVALID_ARGUMENT, "the model expects [-1, 64]"),
-    (lambda r: setattr(r.inputs[0], "datatype", "FP64"), grpc.StatusCode.INVALID_ARGUMENT, "does not match the model's FP32"),
+    (
+        lambda r: setattr(r.inputs[0], "datatype", "FP64"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "does not match the model's FP32",
+    ),
     (lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 12), grpc.StatusCode.INVALID_ARGUMENT, "needs 512"),
     (lambda r: setattr(r.inputs[0], "name", "feature"), grpc.StatusCode.INVALID_ARGUMENT, "has no input 'feature'"),
     (lambda r: setattr(r, "model_name", "nope"), grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),

@@ -12,11 +12,11 @@ from typing import Any
 import grpc
 import numpy as np
 import redis
-from services.genproto.inference import grpc_predict_v2_pb2 as pb
-from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from infermesh.up.supervisor import free_port, start_redis
 from infermesh.workload import modelgen
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.runtime.metrics import exposition as exposition_of
 from services.scoring.service import ScoringService
 from tests.scoring_server import running_scoring, server_settings
@@ -43,7 +43,9 @@ def repository(root: Path) -> Path:
 
 
 @asynccontextmanager
-async def serving(root: Path, **settings: Any) -> AsyncIterator[tuple[ScoringService, pb_grpc.GRPCInferenceServiceStub]]:
+async def serving(
+    root: Path, **settings: Any
+) -> AsyncIterator[tuple[ScoringService, pb_grpc.GRPCInferenceServiceStub]]:
     async with running_scoring(server_settings(repository(root), **settings)) as service:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{service.settings.port}") as channel:
             yield service, pb_grpc.GRPCInferenceServiceStub(channel)
@@ -118,5 +120,7 @@ async def test_redis_outage_turns_the_cache_off_and_never_fails_a_request(tmp_pa
 async def test_an_unreachable_cache_from_the_start_is_harmless(tmp_path: Path) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"  # nobody listens there
     async with serving(tmp_path, cache_redis_url=url) as (_, stub):
-        replies = await asyncio.gather(*(stub.ModelInfer(infer_request("cached", np.ones((1, 64), np.float32))) for _ in range(5)))
+        replies = await asyncio.gather(
+            *(stub.ModelInfer(infer_request("cached", np.ones((1, 64), np.float32))) for _ in range(5))
+        )
     assert {r.model_version for r in replies} == {"1"}

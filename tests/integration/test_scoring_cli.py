@@ -18,8 +18,19 @@ from services.scoring.providers import CUDA
 def test_models_bench_reports_grpc_and_raw_throughput(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     modelgen.write_version(tmp_path, "ranker", 1, modelgen.mlp_model(0))
     code = infermesh(
-        ["models", "bench", "--repository", str(tmp_path), "--seconds", "0.2", "--batch-sizes", "1,16",
-         "--concurrency", "2", "--json"]
+        [
+            "models",
+            "bench",
+            "--repository",
+            str(tmp_path),
+            "--seconds",
+            "0.2",
+            "--batch-sizes",
+            "1,16",
+            "--concurrency",
+            "2",
+            "--json",
+        ]
     )
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and "onnxruntime" in report["machine"] and report["provider"] == "CPUExecutionProvider"
@@ -31,8 +42,21 @@ def test_models_bench_reports_grpc_and_raw_throughput(tmp_path: Path, capsys: py
 
 def test_models_bench_overhead_serves_the_linear_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # No model in the repository: --overhead does not need one.
-    args = ["models", "bench", "--repository", str(tmp_path), "--seconds", "0.2", "--batch-sizes", "16",
-            "--concurrency", "2", "--streaming", "--overhead", "--json"]
+    args = [
+        "models",
+        "bench",
+        "--repository",
+        str(tmp_path),
+        "--seconds",
+        "0.2",
+        "--batch-sizes",
+        "16",
+        "--concurrency",
+        "2",
+        "--streaming",
+        "--overhead",
+        "--json",
+    ]
     assert infermesh(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"].startswith("64 -> 1 linear model") and report["streaming"] is True
@@ -57,8 +81,21 @@ def test_models_bench_on_cuda_runs_there_or_says_what_is_missing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     modelgen.write_version(tmp_path, "ranker", 1, modelgen.mlp_model(0))
-    args = ["models", "bench", "--repository", str(tmp_path), "--seconds", "0.2", "--batch-sizes", "16",
-            "--concurrency", "2", "--provider", "cuda", "--json"]
+    args = [
+        "models",
+        "bench",
+        "--repository",
+        str(tmp_path),
+        "--seconds",
+        "0.2",
+        "--batch-sizes",
+        "16",
+        "--concurrency",
+        "2",
+        "--provider",
+        "cuda",
+        "--json",
+    ]
     if CUDA not in ort.get_available_providers():  # a CPU-only host: a clear refusal, no CPU figures
         with pytest.raises(SystemExit, match="needs onnxruntime-gpu"):
             infermesh(args)
@@ -71,7 +108,9 @@ def test_models_bench_on_cuda_runs_there_or_says_what_is_missing(
 def test_models_quantize_adds_an_int8_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     modelgen.write_config(tmp_path, "ranker", {"max_batch_size": 256})
     modelgen.write_version(tmp_path, "ranker", 1, modelgen.mlp_model(0))
-    (tmp_path / "ranker" / "1" / "provenance.json").write_text(json.dumps({"owner": "ranking-team", "source_revision": "9f1c"}))
+    (tmp_path / "ranker" / "1" / "provenance.json").write_text(
+        json.dumps({"owner": "ranking-team", "source_revision": "9f1c"})
+    )
     common = ["models", "quantize", "--repository", str(tmp_path), "--users", "20", "--seconds", "0.1"]
     assert infermesh([*common, "--dry-run"]) == 0
     assert not (tmp_path / "ranker" / "2").exists()

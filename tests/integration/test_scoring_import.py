@@ -11,13 +11,13 @@ import joblib
 import lightgbm
 import numpy as np
 import pytest
-from services.genproto.inference import grpc_predict_v2_pb2 as pb
-from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from infermesh.cli import main as infermesh
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.scoring_server import running_scoring, server_settings
 
 FEATURES = 8
@@ -37,18 +37,38 @@ def infer_request(model: str, rows: np.ndarray, output: str) -> pb.ModelInferReq
     return request
 
 
-async def test_imported_models_serve_the_original_predictions(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+async def test_imported_models_serve_the_original_predictions(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
     rows, labels = data
     pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(rows, labels)
     joblib.dump(pipeline, tmp_path / "clf.joblib")
-    booster = lightgbm.train({"objective": "binary", "verbose": -1, "num_leaves": 8}, lightgbm.Dataset(rows, labels), 20)
+    booster = lightgbm.train(
+        {"objective": "binary", "verbose": -1, "num_leaves": 8}, lightgbm.Dataset(rows, labels), 20
+    )
     booster.save_model(str(tmp_path / "gbm.txt"))
     repository = tmp_path / "models"
     np.save(tmp_path / "sample.npy", rows[:64])
     for source, name in (("clf.joblib", "clf"), ("gbm.txt", "gbm")):
-        code = infermesh(["models", "import", str(tmp_path / source), "--model", name, "--repository", str(repository),
-                          "--sample", str(tmp_path / "sample.npy"), "--owner", "ranking-team",
-                          "--training-data-digest", "sha256:feed", "--source-revision", "9f1c2e"])
+        code = infermesh(
+            [
+                "models",
+                "import",
+                str(tmp_path / source),
+                "--model",
+                name,
+                "--repository",
+                str(repository),
+                "--sample",
+                str(tmp_path / "sample.npy"),
+                "--owner",
+                "ranking-team",
+                "--training-data-digest",
+                "sha256:feed",
+                "--source-revision",
+                "9f1c2e",
+            ]
+        )
         assert code == 0
 
     probe = rows[100:140]
@@ -63,7 +83,10 @@ async def test_imported_models_serve_the_original_predictions(tmp_path: Path, da
     # Provenance: what the import was told and what it found, in ModelMetadata and ModelConfig.
     provenance = dict(metadata.provenance)
     assert {k: provenance[k] for k in ("owner", "training_data_digest", "source_revision")} == {
-        "owner": "ranking-team", "training_data_digest": "sha256:feed", "source_revision": "9f1c2e"}
+        "owner": "ranking-team",
+        "training_data_digest": "sha256:feed",
+        "source_revision": "9f1c2e",
+    }
     assert provenance["source_file"] == str(tmp_path / "gbm.txt") and provenance["converter"]
     assert provenance["source_sha256"] == hashlib.sha256((tmp_path / "gbm.txt").read_bytes()).hexdigest()
     assert {k: v.string_value for k, v in config.config.parameters.items()} == provenance
@@ -76,6 +99,8 @@ async def test_imported_models_serve_the_original_predictions(tmp_path: Path, da
 
 def test_import_refuses_a_file_that_is_not_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.pkl").write_text("not a model")
-    assert infermesh(["models", "import", str(tmp_path / "notes.pkl"), "--model", "x", "--repository", str(tmp_path)]) == 1
+    assert (
+        infermesh(["models", "import", str(tmp_path / "notes.pkl"), "--model", "x", "--repository", str(tmp_path)]) == 1
+    )
     assert "not a joblib/pickle model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -16,16 +16,16 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from services.genproto.inference import grpc_predict_v2_pb2 as pb
-from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from onnx import TensorProto, helper
 
 from infermesh.workload import modelgen
+from infermesh.workload.model import IR_VERSION, OPSET, MlpWeights, build_onnx
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
+from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.runtime.metrics import exposition as exposition_of
 from services.scoring.repository import BUDGET_VARIABLE, EVICTED
 from services.scoring.service import ScoringService
 from tests.scoring_server import running_scoring, server_settings
-from infermesh.workload.model import IR_VERSION, OPSET, MlpWeights, build_onnx
 
 WAIT_SECONDS = 60.0
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -74,12 +74,17 @@ def fails_on_small_batches() -> bytes:
     """Loads fine, but reshaping [N, 64] to [-1, 128] fails for odd N: a warmup of 1 row fails."""
     shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 128])
     graph = helper.make_graph(
-        [helper.make_node("Constant", [], ["s"], value=shape), helper.make_node("Reshape", ["features", "s"], ["score"])],
+        [
+            helper.make_node("Constant", [], ["s"], value=shape),
+            helper.make_node("Reshape", ["features", "s"], ["score"]),
+        ],
         "picky",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 64])],
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["half", 128])],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION).SerializeToString()
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    ).SerializeToString()
 
 
 @dataclass
@@ -116,7 +121,9 @@ class Load:
 
 
 async def test_new_version_takes_traffic_under_load_and_broken_ones_never_do(tmp_path: Path) -> None:
-    modelgen.write_config(tmp_path, "ranker", {"max_batch_size": 64, "dynamic_batching": {"max_queue_delay_microseconds": 500}})
+    modelgen.write_config(
+        tmp_path, "ranker", {"max_batch_size": 64, "dynamic_batching": {"max_queue_delay_microseconds": 500}}
+    )
     modelgen.write_version(tmp_path, "ranker", 1, modelgen.mlp_model(1))
     async with server_and_stub(tmp_path) as stub, Load(stub).running() as load:
         await eventually(lambda: _ready(len(load.answers) > 50), "traffic on version 1")
@@ -130,7 +137,9 @@ async def test_new_version_takes_traffic_under_load_and_broken_ones_never_do(tmp
         modelgen.write_version(tmp_path, "ranker", 3, modelgen.CORRUPT_MODEL)
         (tmp_path / "ranker" / "4").mkdir()
         (tmp_path / "ranker" / "4" / "model.onnx").write_bytes(fails_on_small_batches())
-        await eventually(lambda: _index_is(stub, {"2": "READY", "3": "UNAVAILABLE", "4": "UNAVAILABLE"}), "3 and 4 rejected")
+        await eventually(
+            lambda: _index_is(stub, {"2": "READY", "3": "UNAVAILABLE", "4": "UNAVAILABLE"}), "3 and 4 rejected"
+        )
         rejected_at = len(load.answers)
         await eventually(lambda: _ready(len(load.answers) > rejected_at + 100), "traffic after the rejections")
         states = await index(stub, "ranker")
@@ -212,11 +221,15 @@ async def test_explicit_mode_loads_and_unloads_on_request(tmp_path: Path) -> Non
             await stub.ModelInfer(infer_request(rows))
         pinned = '{"max_batch_size": 8, "version_policy": {"specific": {"versions": [1]}}}'
         await stub.RepositoryModelLoad(
-            pb.RepositoryModelLoadRequest(model_name="ranker", parameters={"config": pb.ModelRepositoryParameter(string_param=pinned)})
+            pb.RepositoryModelLoadRequest(
+                model_name="ranker", parameters={"config": pb.ModelRepositoryParameter(string_param=pinned)}
+            )
         )
         first = await stub.ModelInfer(infer_request(rows))
         await stub.RepositoryModelLoad(
-            pb.RepositoryModelLoadRequest(model_name="ranker", parameters={"config": pb.ModelRepositoryParameter(string_param="{}")})
+            pb.RepositoryModelLoadRequest(
+                model_name="ranker", parameters={"config": pb.ModelRepositoryParameter(string_param="{}")}
+            )
         )
         # In flight across the unload: each request that got in is answered.
         inflight = [asyncio.ensure_future(stub.ModelInfer(infer_request(rows), timeout=10)) for _ in range(20)]
@@ -268,9 +281,12 @@ def large_model() -> bytes:
     """Same inputs and outputs as the ranker, about four times its file."""
     rng = np.random.default_rng(7)
     weights = MlpWeights(
-        w1=rng.standard_normal((64, 1024)).astype(np.float32) * 0.1, b1=np.zeros(1024, np.float32),
-        w2=rng.standard_normal((1024, 128)).astype(np.float32) * 0.03, b2=np.zeros(128, np.float32),
-        w3=rng.standard_normal((128, 1)).astype(np.float32) * 0.1, b3=np.zeros(1, np.float32),
+        w1=rng.standard_normal((64, 1024)).astype(np.float32) * 0.1,
+        b1=np.zeros(1024, np.float32),
+        w2=rng.standard_normal((1024, 128)).astype(np.float32) * 0.03,
+        b2=np.zeros(128, np.float32),
+        w3=rng.standard_normal((128, 1)).astype(np.float32) * 0.1,
+        b3=np.zeros(1, np.float32),
     )
     return build_onnx(weights).SerializeToString()
 
@@ -356,9 +372,7 @@ async def test_memory_budget_unloads_the_least_recently_used_model(tmp_path: Pat
     assert f"scoring_model_memory_bytes {float(2 * MODEL_BYTES)}" in metrics_after_b
 
 
-async def test_memory_budget_never_evicts_a_model_with_requests_in_flight(
-    tmp_path: Path
-) -> None:
+async def test_memory_budget_never_evicts_a_model_with_requests_in_flight(tmp_path: Path) -> None:
     # a holds a lone row in its queue for 5 s, hoping for more: a request in flight.
     write_models(tmp_path, "a", dynamic_batching={"max_queue_delay_microseconds": 5_000_000})
     write_models(tmp_path, "b")
@@ -378,12 +392,12 @@ async def test_memory_budget_never_evicts_a_model_with_requests_in_flight(
     assert still_in_flight == 1, "the request on a was answered before c loaded: the test proves nothing"
     assert after["a"]["1"][0] == after["c"]["1"][0] == "READY"
     assert after["b"][""][0] == "UNAVAILABLE" and after["b"][""][1].startswith(EVICTED)
-    assert answered.model_name == "a" and np.array_equal(scores(answered), reference(1).run(None, {"features": rows})[0])
+    assert answered.model_name == "a" and np.array_equal(
+        scores(answered), reference(1).run(None, {"features": rows})[0]
+    )
 
 
-async def test_a_version_larger_than_the_budget_fails_to_load_and_evicts_nothing(
-    tmp_path: Path
-) -> None:
+async def test_a_version_larger_than_the_budget_fails_to_load_and_evicts_nothing(tmp_path: Path) -> None:
     write_models(tmp_path, "a,b")
     # Three instances of the ranker: more than the whole budget on its own.
     write_models(tmp_path, "wide", instance_count=3)
@@ -437,7 +451,10 @@ async def test_memory_budget_in_poll_mode(tmp_path: Path) -> None:
     assert after_large["b"]["1"][0] == "READY" and after_large["c"]["1"][0] == "READY"
     assert after_large["b"]["2"][0] == "UNAVAILABLE" and "more than the whole budget" in after_large["b"]["2"][1]
     assert served_b.model_version == "1"
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than the whole budget" in refused.value.details()
+    assert (
+        refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "more than the whole budget" in refused.value.details()
+    )
     assert ready_after_refusal
     assert refused_states["a"]["1"][0] == "UNAVAILABLE" and "memory budget" in refused_states["a"]["1"][1]
     assert refused_states["a"][""][0] == "UNAVAILABLE" and refused_states["a"][""][1].startswith(EVICTED)
@@ -447,7 +464,9 @@ async def test_memory_budget_in_poll_mode(tmp_path: Path) -> None:
 
 
 def polled_b(service: ScoringService) -> dict[str, str]:
-    return {row.version: row.state for row in service.repository.index() if row.name == "b" and row.state == "UNAVAILABLE"}
+    return {
+        row.version: row.state for row in service.repository.index() if row.name == "b" and row.state == "UNAVAILABLE"
+    }
 
 
 async def _ready(value: bool) -> bool:

@@ -7,17 +7,17 @@ persistence off, and kills it afterwards.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 import redis
 
-from services.features.layout import ITEM_RECORD, USER_RECORD, item_key, meta_key, user_key
 from infermesh.up.supervisor import free_port, start_redis
 from infermesh.workload.catalog import Catalog, generate_catalog
 from infermesh.workload.seed import SeedError, is_seeded, load_into_redis, seed_all
+from services.features.layout import ITEM_RECORD, USER_RECORD, item_key, meta_key, user_key
 from tests.processes import stop
 
 N_USERS, N_ITEMS, N_CATEGORIES = 300, 2_000, 10
@@ -76,7 +76,10 @@ def test_meta_and_is_seeded(client: redis.Redis, catalog: Catalog) -> None:
 
     meta = json.loads(client.get(meta_key(ns)))
     assert {k: meta[k] for k in ("seed", "n_users", "n_items", "n_categories", "feature_dim", "model")} == {
-        "seed": 11, **SMALL, "feature_dim": 32, "model": "ranker",
+        "seed": 11,
+        **SMALL,
+        "feature_dim": 32,
+        "model": "ranker",
     }
     assert meta["created_at"]
 

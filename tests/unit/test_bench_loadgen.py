@@ -60,8 +60,13 @@ def test_merge_and_percentiles() -> None:
 
 
 def test_plan_replicas_follow_cpu_per_request() -> None:
-    result = plan({"gateway": 1.5, "scoring": 0.5, "redis": 0.1}, target_rps=1000, utilisation=0.5,
-                  cores_per_machine=4, price_per_machine_hour=1.0)
+    result = plan(
+        {"gateway": 1.5, "scoring": 0.5, "redis": 0.1},
+        target_rps=1000,
+        utilisation=0.5,
+        cores_per_machine=4,
+        price_per_machine_hour=1.0,
+    )
     assert result["replicas"] == {"gateway": 3, "scoring": 1}
     assert result["machines"] == 1
     assert abs(result["cost_per_million_requests"] - 1.0 / 3600 * 1000) < 1e-3
@@ -102,8 +107,10 @@ def test_suite_compares_variants_by_their_median_round() -> None:
     def run(rps: float, p50: float, cpu: float) -> dict:
         return {"rps": rps, "latency_ms": {"p50": p50}, "cpu_ms_per_request": {"gateway": cpu, "envoy": 1.0}}
 
-    runs = {"off": [run(100, 10, 2.0), run(120, 9, 1.0), run(90, 12, 3.0)],
-            "100%": [run(80, 12, 3.0), run(85, 11, 2.5), run(70, 14, 4.0)]}
+    runs = {
+        "off": [run(100, 10, 2.0), run(120, 9, 1.0), run(90, 12, 3.0)],
+        "100%": [run(80, 12, 3.0), run(85, 11, 2.5), run(70, 14, 4.0)],
+    }
     summary = compare(runs, "off")
     assert summary["off"]["rps"] == 100 and summary["off"]["cpu_ms_per_request"] == 3.0
     assert summary["100%"]["rps"] == 80 and summary["100%"]["throughput_change"] == -0.2
@@ -119,15 +126,37 @@ def test_coalesced_floor_adds_one_bare_edge_hop_to_the_monoliths_work() -> None:
 
     floor = {
         "rows": [
-            {"path": "direct", "concurrency": 32, "client_us_per_call": 200.0, "server_us_per_call": 300.0, "envoy_us_per_call": None},
-            {"path": "envoy", "concurrency": 1, "client_us_per_call": 300.0, "server_us_per_call": 450.0, "envoy_us_per_call": 270.0},
-            {"path": "envoy", "concurrency": 32, "client_us_per_call": 250.0, "server_us_per_call": 350.0, "envoy_us_per_call": 200.0},
+            {
+                "path": "direct",
+                "concurrency": 32,
+                "client_us_per_call": 200.0,
+                "server_us_per_call": 300.0,
+                "envoy_us_per_call": None,
+            },
+            {
+                "path": "envoy",
+                "concurrency": 1,
+                "client_us_per_call": 300.0,
+                "server_us_per_call": 450.0,
+                "envoy_us_per_call": 270.0,
+            },
+            {
+                "path": "envoy",
+                "concurrency": 32,
+                "client_us_per_call": 250.0,
+                "server_us_per_call": 350.0,
+                "envoy_us_per_call": 200.0,
+            },
         ],
         "recommend_floor": {"cores": 2},
     }
     result = coalesced_floor(floor, monolith_cpu_ms=1.2, monolith_rps=1600.0)
-    assert result == {"edge_hop_cpu_ms": 0.8, "cpu_ms_per_request": 2.0, "max_requests_per_s": 1000,
-                      "over_monolith": 0.625}
+    assert result == {
+        "edge_hop_cpu_ms": 0.8,
+        "cpu_ms_per_request": 2.0,
+        "max_requests_per_s": 1000,
+        "over_monolith": 0.625,
+    }
     # A failed floor run (no rows) or no monolith figure gives no floor rather than a wrong one.
     assert coalesced_floor({"error": "envoy missing"}, 1.2, 1600.0) is None
     assert coalesced_floor(floor, 1.2, 0.0) is None

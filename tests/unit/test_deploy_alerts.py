@@ -31,24 +31,98 @@ DOCS = (ROOT / "docs" / "deploy.md").read_text()
 DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
 # go-grpc-prometheus labels grpc_code with Go's codes.Code.String().
 GRPC_CODES = {
-    "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound",
-    "AlreadyExists", "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted",
-    "OutOfRange", "Unimplemented", "Internal", "Unavailable", "DataLoss", "Unauthenticated",
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
 }
 AGGREGATIONS = {
-    "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
-    "bottomk", "topk", "quantile", "limitk", "limit_ratio",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+    "limitk",
+    "limit_ratio",
 }
 FUNCTIONS = AGGREGATIONS | {
-    "abs", "absent", "absent_over_time", "avg_over_time", "ceil", "changes", "clamp",
-    "clamp_max", "clamp_min", "count_over_time", "day_of_month", "day_of_week", "day_of_year",
-    "days_in_month", "delta", "deriv", "exp", "floor", "histogram_avg", "histogram_count",
-    "histogram_fraction", "histogram_quantile", "histogram_stddev", "histogram_stdvar",
-    "histogram_sum", "hour", "idelta", "increase", "irate", "label_join", "label_replace",
-    "last_over_time", "ln", "log10", "log2", "max_over_time", "min_over_time", "minute",
-    "month", "predict_linear", "present_over_time", "quantile_over_time", "rate", "resets",
-    "round", "scalar", "sgn", "sort", "sort_desc", "sqrt", "stddev_over_time",
-    "stdvar_over_time", "sum_over_time", "time", "timestamp", "vector", "year",
+    "abs",
+    "absent",
+    "absent_over_time",
+    "avg_over_time",
+    "ceil",
+    "changes",
+    "clamp",
+    "clamp_max",
+    "clamp_min",
+    "count_over_time",
+    "day_of_month",
+    "day_of_week",
+    "day_of_year",
+    "days_in_month",
+    "delta",
+    "deriv",
+    "exp",
+    "floor",
+    "histogram_avg",
+    "histogram_count",
+    "histogram_fraction",
+    "histogram_quantile",
+    "histogram_stddev",
+    "histogram_stdvar",
+    "histogram_sum",
+    "hour",
+    "idelta",
+    "increase",
+    "irate",
+    "label_join",
+    "label_replace",
+    "last_over_time",
+    "ln",
+    "log10",
+    "log2",
+    "max_over_time",
+    "min_over_time",
+    "minute",
+    "month",
+    "predict_linear",
+    "present_over_time",
+    "quantile_over_time",
+    "rate",
+    "resets",
+    "round",
+    "scalar",
+    "sgn",
+    "sort",
+    "sort_desc",
+    "sqrt",
+    "stddev_over_time",
+    "stdvar_over_time",
+    "sum_over_time",
+    "time",
+    "timestamp",
+    "vector",
+    "year",
 }
 GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
 KEYWORDS = GROUPING | {"and", "or", "unless", "bool", "offset"}
@@ -88,7 +162,7 @@ def tokenize(expr: str) -> list[tuple[str, str]]:
     while position < len(expr):
         match = TOKEN.match(expr, position)
         if match is None:
-            raise PromQLError(f"unexpected {expr[position:position + 10]!r} at {position}")
+            raise PromQLError(f"unexpected {expr[position : position + 10]!r} at {position}")
         if match.lastgroup != "ws":
             tokens.append((match.lastgroup or "", match.group()))
         position = match.end()
@@ -228,13 +302,13 @@ USAGES = {rule["alert"]: check_promql(rule["expr"]) for rule in ALERTS}
     [
         ("sum(rate(x_total[5m]) > 1", "unclosed"),
         ("rate(x_total[5m]))) > 1", "unbalanced"),
-        ("rate(x_total{code=~\"5..\"}[5x]) > 1", "duration"),
-        ("rate(x_total{code=\"5\"[5m]) > 1", "expected , or }"),
-        ("rate(x_total{code>\"5\"}[5m]) > 1", "bad matcher operator"),
+        ('rate(x_total{code=~"5.."}[5x]) > 1', "duration"),
+        ('rate(x_total{code="5"[5m]) > 1', "expected , or }"),
+        ('rate(x_total{code>"5"}[5m]) > 1', "bad matcher operator"),
         ("ratez(x_total[5m]) > 1", "unknown function"),
         ("sum by (job) (rate(x_total[5m]))", "comparison"),
         ("sum by (rate(x_total[5m])) > 1", "expected ident"),
-        ("x_total{code=~\"(\"} > 1", "unterminated|missing"),
+        ('x_total{code=~"("} > 1', "unterminated|missing"),
     ],
 )
 def test_checker_rejects_malformed_expressions(expr: str, problem: str) -> None:
@@ -243,10 +317,7 @@ def test_checker_rejects_malformed_expressions(expr: str, problem: str) -> None:
 
 
 def test_checker_collects_names() -> None:
-    usage = check_promql(
-        'sum by (namespace) (rate(a_total{x="1", y=~"2|3"}[5m])) / on (namespace) '
-        "group_left b > 0.5"
-    )
+    usage = check_promql('sum by (namespace) (rate(a_total{x="1", y=~"2|3"}[5m])) / on (namespace) group_left b > 0.5')
     assert usage.metrics == {"a_total", "b"}
     assert usage.selector_labels == {"a_total": {"x", "y"}}
     assert usage.grouping_labels == {"namespace"}

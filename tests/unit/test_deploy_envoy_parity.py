@@ -13,9 +13,7 @@ from typing import Any
 
 import pytest
 
-from infermesh import envoy
-
-from infermesh import kubernetes
+from infermesh import envoy, kubernetes
 from services.runtime.topology import (
     BACKENDS,
     DEFAULT_EDGE_PORT,
@@ -76,7 +74,8 @@ def _health_names(config: Json) -> dict[str, str]:
     """cluster -> what its health check asks: the gRPC health name, or the HTTP path."""
     checks = {name: cluster["health_checks"][0] for name, cluster in _clusters(config).items()}
     return {
-        name: check["grpc_health_check"]["service_name"] if "grpc_health_check" in check
+        name: check["grpc_health_check"]["service_name"]
+        if "grpc_health_check" in check
         else check["http_health_check"]["path"]
         for name, check in checks.items()
     }
@@ -94,10 +93,7 @@ def _endpoints(cluster: Json) -> list[tuple[str, int]]:
 
 
 def _ports(config: Json) -> dict[str, int]:
-    return {
-        name: listener["address"]["socket_address"]["port_value"]
-        for name, listener in _listeners(config).items()
-    }
+    return {name: listener["address"]["socket_address"]["port_value"] for name, listener in _listeners(config).items()}
 
 
 # ------------------------------------------------------------------- same services
@@ -145,8 +141,7 @@ def test_same_health_names(local: Json, k8s: Json) -> None:
 def test_same_http_filters(local: Json, k8s: Json) -> None:
     def filters(config: Json) -> dict[str, list[str]]:
         return {
-            name: [f["name"] for f in _hcm(listener)["http_filters"]]
-            for name, listener in _listeners(config).items()
+            name: [f["name"] for f in _hcm(listener)["http_filters"]] for name, listener in _listeners(config).items()
         }
 
     assert filters(local) == filters(k8s)
@@ -211,9 +206,7 @@ def test_kubernetes_listeners_bind_every_interface_admin_stays_local(k8s: Json) 
 
 
 def test_kubernetes_descriptor_set_is_the_images_path(k8s: Json) -> None:
-    (transcoder,) = [
-        f for f in _hcm(_listeners(k8s)["edge"])["http_filters"] if f["name"] == TRANSCODER
-    ]
+    (transcoder,) = [f for f in _hcm(_listeners(k8s)["edge"])["http_filters"] if f["name"] == TRANSCODER]
     assert transcoder["typed_config"]["proto_descriptor"] == str(kubernetes.DESCRIPTOR_SET)
     dockerfile = (envoy.REPO_ROOT / "deploy" / "Dockerfile").read_text()
     assert f" {kubernetes.DESCRIPTOR_SET}\n" in dockerfile  # COPY ... <that path>
@@ -248,9 +241,7 @@ def test_unknown_variant_is_rejected() -> None:
 
 
 def test_committed_configmap_sources_are_fresh() -> None:
-    assert kubernetes.stale_configs() == [], (
-        "run `python -m infermesh.kubernetes render` and commit deploy/"
-    )
+    assert kubernetes.stale_configs() == [], "run `python -m infermesh.kubernetes render` and commit deploy/"
 
 
 def test_committed_files_are_the_canonical_json_of_a_rendering() -> None:

@@ -346,9 +346,7 @@ def test_clusters_eject_failing_replicas_and_break_circuits() -> None:
 def test_transcoder_settings() -> None:
     hcm = _hcm(_listeners(envoy.render(_topology()))["edge"])
     (transcoder,) = [
-        f["typed_config"]
-        for f in hcm["http_filters"]
-        if f["name"] == "envoy.filters.http.grpc_json_transcoder"
+        f["typed_config"] for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.grpc_json_transcoder"
     ]
     assert transcoder["proto_descriptor"] == str(DESCRIPTOR)
     assert transcoder["services"] == ["infermesh.gateway.v1.GatewayService", "infermesh.jobs.v1.JobService"]
@@ -429,8 +427,7 @@ def test_cli_rejects_bad_replicas(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_committed_local_config_is_fresh() -> None:
     assert envoy.local_config_is_fresh(), (
-        "envoy/local.json is stale: run `python -m infermesh.envoy render "
-        "--out envoy/local.json` from the repo root"
+        "envoy/local.json is stale: run `python -m infermesh.envoy render --out envoy/local.json` from the repo root"
     )
     assert envoy_cli.main(["check"]) == 0
 
@@ -577,9 +574,10 @@ def test_envoy_sampling_follows_the_otel_sampler(env: dict[str, str], percent: f
 
 def test_tracing_from_env() -> None:
     assert envoy.tracing_from_env({}) is None
-    assert envoy.tracing_from_env(
-        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_TRACES_EXPORTER": "none"}
-    ) is None
+    assert (
+        envoy.tracing_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_TRACES_EXPORTER": "none"})
+        is None
+    )
     tracing = envoy.tracing_from_env(
         {
             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://ignored:4317",
@@ -805,8 +803,9 @@ def test_envoys_own_replies_give_grpc_clients_the_rest_bodies_code() -> None:
         status: {"key": "grpc-status", "value": code} for status, code in expected.items()
     }
     bodies = {
-        m["filter"]["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"]["default_value"]:
-        m["body_format_override"]["json_format"]["code"]
+        m["filter"]["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"]["default_value"]: m[
+            "body_format_override"
+        ]["json_format"]["code"]
         for m in rest
     }
     assert all(bodies[status] == int(code) for status, code in expected.items())
@@ -869,6 +868,7 @@ def test_mesh_tls_from_a_certs_directory(tmp_path: Path) -> None:
 
 def test_up_takes_the_edge_and_tls_flags(tmp_path: Path) -> None:
     from infermesh import cli
+
     args, rest = cli.build_parser().parse_known_args(["up"])
     assert rest == []
     assert (args.edge_rate_limit, args.edge_rate_burst, args.api_key_file, args.tls) == (None, None, None, None)
@@ -884,6 +884,7 @@ def test_up_takes_the_edge_and_tls_flags(tmp_path: Path) -> None:
 
 def test_certs_is_an_infermesh_command(tmp_path: Path) -> None:
     from infermesh import cli
+
     assert cli.DELEGATED["certs"][0] == "infermesh.certs"
     assert cli.main(["certs", "--out", str(tmp_path / "c")]) == 0
     assert CertPaths(tmp_path / "c").missing() == []

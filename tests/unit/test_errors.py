@@ -153,7 +153,10 @@ def test_every_status_of_the_table_reads_as_http_too() -> None:
     # maps the same codes the same way for the gateway's REST clients (docs/rest.md).
     assert set(HTTP_STATUS_FOR_STATUS) == set(STATUS_FOR_ERROR.values())
     assert [http_status_for(error("x")) for error in (InvalidArgument, OutOfRange, NotFound, Overloaded)] == [
-        400, 400, 404, 429,
+        400,
+        400,
+        404,
+        429,
     ]
     assert (http_status_for(Unavailable("x")), http_status_for(Internal("x"))) == (503, 500)
     assert http_status_for(InfermeshError("x")) == 500  # outside the table: INTERNAL

@@ -8,9 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from services.runtime.breaker import CircuitBreaker
 from services.features.cache import ENTRY_OVERHEAD_BYTES, LocalCache, Lookup
-
+from services.runtime.breaker import CircuitBreaker
 
 RECORD = np.dtype([("x", "<f4"), ("n", "<i4")])
 ENTRY = RECORD.itemsize + ENTRY_OVERHEAD_BYTES  # plus the id's length
@@ -138,17 +137,19 @@ def test_random_puts_and_lookups_keep_the_bound_the_accounting_and_the_values() 
     rng = np.random.default_rng(7)
     cache, mono, _ = make(max_bytes=300 * ENTRY)
     latest: dict[str, float] = {}
-    for step in range(300):
+    for _step in range(300):
         ids = [f"e{i}" for i in rng.choice(2_000, int(rng.integers(1, 120)), replace=False)]
         values = rng.random(len(ids)).astype(np.float32).tolist()
         put(cache, ids, values)
-        latest.update(zip(ids, values))
+        latest.update(zip(ids, values, strict=False))
         asked = [f"e{i}" for i in rng.integers(0, 2_000, 200)]
         hit = look(cache, *asked)
         assert cache.bytes <= cache.max_bytes
         assert cache.bytes == sum(int(t.size.sum()) for t in cache._tables.values())
         assert len(cache) == sum(int((t.size > 0).sum()) for t in cache._tables.values())
-        assert hit.records["x"][hit.live].tolist() == [latest[k] for k, live in zip(asked, hit.live) if live]
+        assert hit.records["x"][hit.live].tolist() == [
+            latest[k] for k, live in zip(asked, hit.live, strict=False) if live
+        ]
         mono.now += 0.01
     assert cache.evictions > 0
 

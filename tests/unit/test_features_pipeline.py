@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from gateway.pipeline import Pipeline, PipelineConfig, Stubs
 from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
 from services.genproto.infermesh.features.v1 import features_pb2
 from services.genproto.infermesh.ranking.v1 import ranking_pb2
-
-from gateway.pipeline import Pipeline, PipelineConfig, Stubs
 from services.runtime.errors import InvalidArgument
 
 

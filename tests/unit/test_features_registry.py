@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import yaml
 
-from services.runtime.errors import InvalidArgument, NotFound
 from services.features.layout import ITEM_RECORD, USER_RECORD
 from services.features.registry import TIMESTAMP_FIELD, RegistryError, load_registry, parse_registry
+from services.runtime.errors import InvalidArgument, NotFound
 
 VIEWS = """
 entities:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.features.retrieval import CandidateIndex, exact_top, read_spec, recall_at
 from infermesh.workload.catalog import generate_catalog
+from services.features.retrieval import CandidateIndex, exact_top, read_spec, recall_at
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ import pytest
 import redis.exceptions
 import yaml
 
-from services.runtime.breaker import CircuitBreaker
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.features.cache import LocalCache
 from services.features.layout import ITEM_RECORD, USER_RECORD, item_key, pointer_key, user_key
 from services.features.registry import parse_registry
 from services.features.store import FeatureRows, FeatureStore
+from services.runtime.breaker import CircuitBreaker
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 NS = "t"
 
@@ -201,7 +201,7 @@ async def test_a_batch_reads_each_key_once_and_answers_each_request_as_alone(fak
     (keys,) = fake.keys_read
     item_keys = [item_key(NS, i) for i in ("i1", "i2", "i3", "i4", "nope", "i0")]
     assert keys[2:] == [user_key(NS, "u1"), user_key(NS, "u2"), *item_keys]  # after the 2 pointers
-    for request, outcome in zip(requests, outcomes):
+    for request, outcome in zip(requests, outcomes, strict=False):
         assert same(outcome, await alone(fake, *request)), request
     assert outcomes[4].rows == 0 and outcomes[4].user_columns == 32  # type: ignore[union-attr]
 
@@ -220,7 +220,7 @@ async def test_a_bad_request_fails_alone_with_the_error_get_gives_it(fake: FakeR
     assert kinds == [FeatureRows, NotFound, InvalidArgument, InvalidArgument, InvalidArgument, FeatureRows]
     assert str(outcomes[3]) == "item_ids[1] is empty; every item needs an id"
     assert str(outcomes[4]) == "at most 3 item_ids per request, got 4"
-    for request, outcome in zip(requests, outcomes):
+    for request, outcome in zip(requests, outcomes, strict=False):
         assert same(outcome, await alone(fake, *request, max_items=3)), request
     assert fake.keys_read[0][2:] == [user_key(NS, "u1"), user_key(NS, "u404"), item_key(NS, "i1"), item_key(NS, "i2")]
 

@@ -45,7 +45,10 @@ def test_a_stage_gets_the_smaller_of_its_budget_and_what_remains_after_the_reser
         ({"GATEWAY_SCORING_BUDGET": "0"}, "GATEWAY_SCORING_BUDGET='0': Input should be greater than 0"),
         ({"GATEWAY_RANKING_BUDGET": "-1"}, "GATEWAY_RANKING_BUDGET='-1': Input should be greater than 0"),
         ({"GATEWAY_FALLBACK_RESERVE": "1.0"}, "GATEWAY_FALLBACK_RESERVE='1.0': Input should be less than 1"),
-        ({"GATEWAY_FALLBACK_RESERVE": "-0.1"}, "GATEWAY_FALLBACK_RESERVE='-0.1': Input should be greater than or equal"),
+        (
+            {"GATEWAY_FALLBACK_RESERVE": "-0.1"},
+            "GATEWAY_FALLBACK_RESERVE='-0.1': Input should be greater than or equal",
+        ),
     ],
 )
 def test_impossible_budgets_fail_at_start(env: dict[str, str], message: str) -> None:

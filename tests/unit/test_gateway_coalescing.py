@@ -14,11 +14,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
 
 from gateway import coalescing
 from gateway.coalescing import Coalescer
 from gateway.stage_calls import concatenate_rows, rpc_error, split_scores
+from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
 
 
 class FakeStage:
@@ -42,11 +42,17 @@ class FakeStage:
         await self.batch_release.wait()
         if "fail-all" in requests:
             raise rpc_error(grpc.StatusCode.UNAVAILABLE, "stage down")
-        return [rpc_error(grpc.StatusCode.NOT_FOUND, f"{r} unknown") if r.startswith("bad") else r.upper() for r in requests]
+        return [
+            rpc_error(grpc.StatusCode.NOT_FOUND, f"{r} unknown") if r.startswith("bad") else r.upper() for r in requests
+        ]
 
     def coalescer(self, max_batch: int = 8, max_in_flight: int = 1) -> Coalescer:
         return Coalescer(
-            "features", self.single, self.batch, max_batch=max_batch, max_in_flight=max_in_flight,
+            "features",
+            self.single,
+            self.batch,
+            max_batch=max_batch,
+            max_in_flight=max_in_flight,
             observe_batch=lambda stage, n: self.observed.append(n),
         )
 
@@ -151,7 +157,10 @@ async def test_a_batch_is_one_span_linked_both_ways_with_each_requests_wait(monk
     waits = [s for s in memory.get_finished_spans() if s.name == coalescing.SPAN_GATEWAY_COALESCED]
     (batch,) = [s for s in memory.get_finished_spans() if s.name == coalescing.SPAN_GATEWAY_BATCH]
     assert len(waits) == 2  # r1 and r2 waited; r0 went alone and has no wait span
-    assert {w.parent.span_id for w in waits} == {spans["Recommend r1"].context.span_id, spans["Recommend r2"].context.span_id}
+    assert {w.parent.span_id for w in waits} == {
+        spans["Recommend r1"].context.span_id,
+        spans["Recommend r2"].context.span_id,
+    }
     assert batch.parent.span_id == waits[0].context.span_id or batch.parent.span_id == waits[1].context.span_id
     assert {link.context.span_id for link in batch.links} == {w.context.span_id for w in waits}
     for wait in waits:
@@ -185,13 +194,21 @@ def test_scoring_rows_concatenate_and_scores_split_back_by_request() -> None:
     assert [list(r.outputs[0].shape) for r in split] == [[3, 1], [1, 1], [5, 1]]
     assert all(r.model_version == "1" for r in split)
     reply.raw_output_contents[0] = scores.tobytes()[:-2]  # not a whole number of bytes per row
-    assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.INTERNAL for r in split_scores(reply, rows))
+    assert all(
+        isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.INTERNAL for r in split_scores(reply, rows)
+    )
 
 
 async def test_a_batch_stops_before_its_summed_size_passes_the_cap() -> None:
     stage = FakeStage()
     coalescer = Coalescer(
-        "scoring", stage.single, stage.batch, max_batch=8, max_in_flight=1, size=len, max_size=6,
+        "scoring",
+        stage.single,
+        stage.batch,
+        max_batch=8,
+        max_in_flight=1,
+        size=len,
+        max_size=6,
     )
     first = asyncio.ensure_future(coalescer.call("r0", 1.0))
     await _settle()
@@ -210,7 +227,9 @@ class FakeScoring:
         self.calls: list[int] = []
         self.release = asyncio.Event()
 
-    async def ModelInfer(self, request: inference_pb2.ModelInferRequest, timeout: float) -> inference_pb2.ModelInferResponse:  # noqa: N802
+    async def ModelInfer(
+        self, request: inference_pb2.ModelInferRequest, timeout: float
+    ) -> inference_pb2.ModelInferResponse:  # noqa: N802
         rows = request.inputs[0].shape[0]
         self.calls.append(rows)
         await self.release.wait()

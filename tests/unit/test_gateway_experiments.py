@@ -58,7 +58,10 @@ def test_an_arm_carries_its_model_and_version() -> None:
     config = parse(ab(0, 100), "ranker")
     assignment = config.assign("u1", "ranker")
     assert (assignment.experiment, assignment.arm, assignment.model, assignment.version) == (
-        "ranker-v2", "treatment", "ranker", "2"
+        "ranker-v2",
+        "treatment",
+        "ranker",
+        "2",
     )
 
 

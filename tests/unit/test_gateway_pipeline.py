@@ -10,9 +10,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
-from services.genproto.infermesh.features.v1 import features_pb2
-from services.genproto.infermesh.ranking.v1 import ranking_pb2
 
 from gateway.experiments import Experiments, parse
 from gateway.fallback import (
@@ -26,11 +23,14 @@ from gateway.fallback import (
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline, PipelineConfig, Stubs
 from gateway.shadow import ShadowRunner, compare
+from infermesh.workload.catalog import affinity, generate_catalog, model_input, ndcg_at_k
+from services.features.layout import FEATURE_DIM
+from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
+from services.genproto.infermesh.features.v1 import features_pb2
+from services.genproto.infermesh.ranking.v1 import ranking_pb2
+from services.ranking.rank import RankInput, top_k
 from services.runtime.errors import InvalidArgument, NotFound, OutOfRange
 from services.runtime.metrics import Metrics
-from services.features.layout import FEATURE_DIM
-from services.ranking.rank import RankInput, top_k
-from infermesh.workload.catalog import affinity, generate_catalog, model_input, ndcg_at_k
 
 N = 40
 
@@ -142,9 +142,7 @@ def make(
 
 def expected_fallback_ids(k: int, max_per_category: int = 5) -> list[str]:
     scores = fallback_scores(matrix_for(N), N)
-    response = fallback_rank(
-        CANDIDATES, scores, (np.arange(N, dtype="<i4") % 4).tobytes(), b"", k, 0, max_per_category
-    )
+    response = fallback_rank(CANDIDATES, scores, (np.arange(N, dtype="<i4") % 4).tobytes(), b"", k, 0, max_per_category)
     return [i.item_id for i in response.items]
 
 
@@ -163,9 +161,7 @@ def test_fallback_scores_follow_the_user_item_dot_product() -> None:
     assert (fallback_scores(FeatureMatrix(rows, FEATURE_DIM - 4), N) == 0.5).all()
 
 
-def features_reply(
-    rows: np.ndarray, user_columns: int, data: bytes | None = None
-) -> features_pb2.GetFeaturesResponse:
+def features_reply(rows: np.ndarray, user_columns: int, data: bytes | None = None) -> features_pb2.GetFeaturesResponse:
     n, columns = rows.shape
     return features_pb2.GetFeaturesResponse(
         model_input=features_pb2.DenseMatrix(
@@ -359,7 +355,8 @@ async def test_ranking_fallback_uses_the_model_scores_when_scoring_worked() -> N
 
 @pytest.mark.parametrize("stage", ["scoring", "ranking"])
 @pytest.mark.parametrize(
-    ("code", "raised"), [(grpc.StatusCode.INVALID_ARGUMENT, InvalidArgument), (grpc.StatusCode.OUT_OF_RANGE, OutOfRange)]
+    ("code", "raised"),
+    [(grpc.StatusCode.INVALID_ARGUMENT, InvalidArgument), (grpc.StatusCode.OUT_OF_RANGE, OutOfRange)],
 )
 async def test_client_errors_from_a_stage_are_not_masked(
     stage: str, code: grpc.StatusCode, raised: type[Exception]
@@ -514,8 +511,8 @@ async def test_a_shadow_batch_is_split_back_per_request(monkeypatch: pytest.Monk
     requests = [shadow_request(rows, seed) for seed, rows in enumerate((3, 25, 1))]
     expected = [await alone(r) for r in requests]
     # Each request's primary scores: its own scores shifted, so each has its own difference.
-    primaries = [scores + shift for scores, shift in zip(expected, np.array([0.0, 0.5, -0.25], "<f4"))]
-    for request, primary in zip(requests, primaries):
+    primaries = [scores + shift for scores, shift in zip(expected, np.array([0.0, 0.5, -0.25], "<f4"), strict=False)]
+    for request, primary in zip(requests, primaries, strict=False):
         assert runner.submit(shadow, request, primary)
     assert scoring.requests == [] and runner.queued == 3  # queued, nothing sent on the request path
     for _ in range(100):
@@ -526,7 +523,7 @@ async def test_a_shadow_batch_is_split_back_per_request(monkeypatch: pytest.Monk
     assert (sent.model_name, sent.model_version, list(sent.inputs[0].shape)) == ("ranker", "2", [29, 64])
     assert [o.name for o in sent.outputs] == ["score"]
     assert len(compared) == 3
-    for (primary, candidate), own, mine in zip(compared, expected, primaries):
+    for (primary, candidate), own, mine in zip(compared, expected, primaries, strict=False):
         assert primary is mine and np.array_equal(candidate, own)
     diff = metrics.shadow_diff.labels("ranker", "2")
     assert observations(diff) == 3 and diff._sum.get() == pytest.approx(0.75)

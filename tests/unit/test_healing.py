@@ -113,8 +113,13 @@ def test_replicas_are_counted_apart() -> None:
 
 @pytest.mark.parametrize(
     ("returncode", "text"),
-    [(0, "exited with code 0"), (1, "exited with code 1"), (-signal.SIGKILL, "killed by SIGKILL"),
-     (-signal.SIGTERM, "killed by SIGTERM"), (-200, "killed by signal 200")],
+    [
+        (0, "exited with code 0"),
+        (1, "exited with code 1"),
+        (-signal.SIGKILL, "killed by SIGKILL"),
+        (-signal.SIGTERM, "killed by SIGTERM"),
+        (-200, "killed by signal 200"),
+    ],
 )
 def test_an_exit_is_described_by_its_code_or_signal(returncode: int, text: str) -> None:
     assert describe_exit(returncode) == text
@@ -131,21 +136,39 @@ def test_a_policy_that_cannot_work_is_refused(options: dict[str, float]) -> None
 def test_status_shows_restarts_and_last_exit_and_which_processes_are_alive(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_processes(tmp_path, "127.0.0.1:8080", [
-        MeshProcess("gateway-0", "gateway", os.getpid(), True, "127.0.0.1:30100"),
-        MeshProcess("scoring-1", "scoring", DEAD_PID, True, "127.0.0.1:30301", restarts=2, last_exit="killed by SIGKILL"),
-    ], supervisor=os.getpid())
+    write_processes(
+        tmp_path,
+        "127.0.0.1:8080",
+        [
+            MeshProcess("gateway-0", "gateway", os.getpid(), True, "127.0.0.1:30100"),
+            MeshProcess(
+                "scoring-1", "scoring", DEAD_PID, True, "127.0.0.1:30301", restarts=2, last_exit="killed by SIGKILL"
+            ),
+        ],
+        supervisor=os.getpid(),
+    )
     assert status.main(["--data-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "supervisor pid" in lines[0] and "(running)" in lines[0]
     assert lines[1].split() == ["NAME", "ROLE", "PID", "ALIVE", "ADDRESS", "RESTARTS", "LAST", "EXIT"]
     assert lines[2].split() == ["gateway-0", "gateway", str(os.getpid()), "yes", "127.0.0.1:30100", "0", "-"]
-    assert lines[3].split() == ["scoring-1", "scoring", str(DEAD_PID), "no", "127.0.0.1:30301", "2", "killed", "by", "SIGKILL"]
+    assert lines[3].split() == [
+        "scoring-1",
+        "scoring",
+        str(DEAD_PID),
+        "no",
+        "127.0.0.1:30301",
+        "2",
+        "killed",
+        "by",
+        "SIGKILL",
+    ]
 
     assert status.main(["--data-dir", str(tmp_path), "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert [(p["name"], p["alive"], p["restarts"]) for p in document["processes"]] == [
-        ("gateway-0", True, 0), ("scoring-1", False, 2)
+        ("gateway-0", True, 0),
+        ("scoring-1", False, 2),
     ]
     # `infermesh profile` reads the same file and keeps only the live processes.
     assert [p.name for p in read_processes(tmp_path).processes] == ["gateway-0"]

@@ -27,7 +27,14 @@ def test_online_windows_merge_back_to_back() -> None:
 
 def _results(ratio: float, p99: float, exactly_once: bool) -> dict[str, Any]:
     latency = {"latency_ms": {"p99": 10.0}, "rps": 100.0, "concurrency": 8, "errors": {}}
-    job = {"state": "completed", "total": 10, "elapsed_seconds": 1.0, "throughput": 80.0, "failed": 0, "submit_seconds": 0.1}
+    job = {
+        "state": "completed",
+        "total": 10,
+        "elapsed_seconds": 1.0,
+        "throughput": 80.0,
+        "failed": 0,
+        "submit_seconds": 0.1,
+    }
     return {
         "throughput": {
             "capacity": latency, "online_alone": latency, "online_alone_after": latency, "online_rate": 20.0,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from services.genproto.infermesh.gateway.v1 import gateway_pb2
 
+from services.genproto.infermesh.gateway.v1 import gateway_pb2
 from services.jobs.inputs import format_of, read_file, validate
 from services.jobs.store import JobStatus
 from services.runtime.errors import InvalidArgument
@@ -58,7 +58,9 @@ def test_parquet_rows_are_named_by_row(tmp_path: Path) -> None:
     pq.write_table(table, tmp_path / "job.parquet")
     with pytest.raises(InvalidArgument, match="^row 1: user_id is missing or empty"):
         read_file(tmp_path / "job.parquet", max_requests=10)
-    pq.write_table(pa.Table.from_pylist([{**GOOD, "request_id": None}, {**GOOD, "request_id": "x"}]), tmp_path / "ok.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{**GOOD, "request_id": None}, {**GOOD, "request_id": "x"}]), tmp_path / "ok.parquet"
+    )
     assert [r.request_id for r in read_file(tmp_path / "ok.parquet", max_requests=10)] == ["r0", "x"]
 
 

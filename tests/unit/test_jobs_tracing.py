@@ -63,7 +63,9 @@ def test_a_jobs_chunks_are_children_of_its_root_and_its_requests_link_both_ways(
     assert {link.context.span_id for link in chunk_span.links} == {r.context.span_id for r in requests}
 
 
-def test_unsampled_jobs_still_have_a_trace_id_and_no_links_to_unsampled_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unsampled_jobs_still_have_a_trace_id_and_no_links_to_unsampled_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     memory = _install(monkeypatch, ParentBased(ALWAYS_OFF))
     with job_tracing.submit_span("j2", 1) as (trace_id, traceparent):
         pass
@@ -85,8 +87,7 @@ def test_a_job_stored_without_a_trace_starts_none(memory: InMemorySpanExporter) 
 
 
 def test_an_error_while_submitting_ends_the_root_as_an_error(memory: InMemorySpanExporter) -> None:
-    with pytest.raises(RuntimeError):
-        with job_tracing.submit_span("j3", 1):
-            raise RuntimeError("broker down")
+    with pytest.raises(RuntimeError), job_tracing.submit_span("j3", 1):
+        raise RuntimeError("broker down")
     (root,) = memory.get_finished_spans()
     assert root.status.status_code == trace.StatusCode.ERROR and "broker down" in root.status.description

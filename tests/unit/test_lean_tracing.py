@@ -36,8 +36,12 @@ def request_shaped(tracer: trace.Tracer) -> None:
     """A server span continuing a remote parent, children with attributes, a status, an
     exception event, an attribute set later, and a span with a link."""
     parent = propagate.extract(SAMPLED_PARENT)
-    server = tracer.start_span("/pkg.Service/Method", context=parent, kind=SpanKind.SERVER,
-                               attributes={"rpc.system": "grpc", "rpc.method": "Method"})
+    server = tracer.start_span(
+        "/pkg.Service/Method",
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.method": "Method"},
+    )
     token = otel_context.attach(trace.set_span_in_context(server, parent))
     try:
         child = tracer.start_span("infermesh.ranking.top_k", attributes={"infermesh.k": 20, "ok": True, "x": 0.5})

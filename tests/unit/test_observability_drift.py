@@ -95,9 +95,12 @@ def test_unshifted_inputs_stay_below_threshold(reference: DriftReference) -> Non
     assert _gauge(metrics, "scoring_prediction_drift_psi") < THRESHOLD
     assert _gauge(metrics, "scoring_drift_threshold") == THRESHOLD
     assert not log.events
-    assert metrics.registry.get_sample_value(
-        "scoring_drift_alerts_total", {"model": "ranker", "version": "1", "kind": "input"}
-    ) == 0.0
+    assert (
+        metrics.registry.get_sample_value(
+            "scoring_drift_alerts_total", {"model": "ranker", "version": "1", "kind": "input"}
+        )
+        == 0.0
+    )
 
 
 def test_shifted_inputs_raise_psi_above_threshold_and_log(reference: DriftReference) -> None:
@@ -118,9 +121,12 @@ def test_shifted_inputs_raise_psi_above_threshold_and_log(reference: DriftRefere
     assert set(input_alert["features"]) == {"f3", "f5"}
     assert input_alert["psi"] > THRESHOLD and input_alert["model"] == "ranker"
     # One alert per crossing, not one per evaluation.
-    assert metrics.registry.get_sample_value(
-        "scoring_drift_alerts_total", {"model": "ranker", "version": "1", "kind": "input"}
-    ) == 1.0
+    assert (
+        metrics.registry.get_sample_value(
+            "scoring_drift_alerts_total", {"model": "ranker", "version": "1", "kind": "input"}
+        )
+        == 1.0
+    )
 
     # The window slides: back to normal traffic, the PSI falls and the recovery is logged.
     _feed(monitor, rng, 200)

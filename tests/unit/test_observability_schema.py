@@ -104,11 +104,17 @@ def test_registered_metrics_are_the_listed_ones(schema: dict[str, Any]) -> None:
     ours = {name for name in _families(metrics) if name.startswith(("scoring_", "grpc_"))}
     assert ours == _listed(schema, "scoring")
     listed = {m["name"]: m for m in schema["metrics"]}
-    for instrument, name in ((scoring.model_info, "scoring_model_info"), (scoring.evictions, "scoring_model_evictions_total")):
+    for instrument, name in (
+        (scoring.model_info, "scoring_model_info"),
+        (scoring.evictions, "scoring_model_evictions_total"),
+    ):
         assert list(instrument._labelnames) == listed[name]["labels"], name
     rpc = metrics.rpc()
-    for instrument, name in ((rpc.started, "grpc_server_started_total"), (rpc.handled, "grpc_server_handled_total"),
-                             (rpc.handling, "grpc_server_handling_seconds")):
+    for instrument, name in (
+        (rpc.started, "grpc_server_started_total"),
+        (rpc.handled, "grpc_server_handled_total"),
+        (rpc.handling, "grpc_server_handling_seconds"),
+    ):
         assert list(instrument._labelnames) == listed[name]["labels"], name
 
 
@@ -121,7 +127,10 @@ def test_rpc_metrics_match_the_deployment_contract() -> None:
         pytest.fail(f"{DEPLOY_CONTRACT} is missing")
     contract = {m["name"]: m for m in yaml.safe_load(DEPLOY_CONTRACT.read_text())["metrics"]}
     rpc = Metrics("gateway").rpc()
-    for instrument, name in ((rpc.handled, "grpc_server_handled_total"), (rpc.handling, "grpc_server_handling_seconds")):
+    for instrument, name in (
+        (rpc.handled, "grpc_server_handled_total"),
+        (rpc.handling, "grpc_server_handling_seconds"),
+    ):
         assert name in contract, name
         assert sorted(instrument._labelnames) == sorted(contract[name]["labels"]), name
 
@@ -130,5 +139,9 @@ def test_grpc_code_names() -> None:
     from services.runtime.metrics import grpc_code_name
 
     assert [grpc_code_name(c) for c in ("OK", "CANCELLED", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "INTERNAL")] == [
-        "OK", "Canceled", "InvalidArgument", "DeadlineExceeded", "Internal",
+        "OK",
+        "Canceled",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "Internal",
     ]

@@ -19,10 +19,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.runtime.otlp_encoding import FastOTLPSpanExporter
 from infermesh.traces.receiver import OtlpReceiver
 from infermesh.traces.store import TraceStore, spans_from_request
 from infermesh.traces.traceview import TraceView
+from services.runtime.otlp_encoding import FastOTLPSpanExporter
 
 
 @pytest.fixture()
@@ -48,7 +48,9 @@ def _emit_request_trace(receiver: OtlpReceiver, exporter: type[OTLPSpanExporter]
                 remote = features.get_tracer("test")
                 with remote.start_as_current_span("GetFeatures", kind=SpanKind.SERVER):
                     with remote.start_as_current_span(
-                        "MGET", kind=SpanKind.CLIENT, attributes={"db.system.name": "redis", "infermesh.features.keys": 201}
+                        "MGET",
+                        kind=SpanKind.CLIENT,
+                        attributes={"db.system.name": "redis", "infermesh.features.keys": 201},
                     ) as mget:
                         mget.add_event("reply", {"bytes": 27336})
             with tracer.start_as_current_span("infermesh.gateway.ranking") as failed:
@@ -94,7 +96,9 @@ def test_receiver_stores_what_the_sdk_exports(receiver: OtlpReceiver, exporter: 
     assert all(s.end_ns >= s.start_ns for s in trace.spans)
 
 
-def _request(trace_id: bytes, spans: list[tuple[bytes, bytes, str, int, int]], service: str = "svc") -> trace_service_pb2.ExportTraceServiceRequest:
+def _request(
+    trace_id: bytes, spans: list[tuple[bytes, bytes, str, int, int]], service: str = "svc"
+) -> trace_service_pb2.ExportTraceServiceRequest:
     request = trace_service_pb2.ExportTraceServiceRequest()
     resource_spans = request.resource_spans.add(
         resource=resource_pb2.Resource(
@@ -137,9 +141,12 @@ def test_store_orders_and_evicts() -> None:
     base = 1_700_000_000_000_000_000
     for i, duration_ms in enumerate([5, 50, 1, 20]):
         store.add_request(
-            _request(bytes([i + 1]) * 16, [(b"\x01" * 8, b"", f"t{i}", base + i * 1_000_000, base + i * 1_000_000 + duration_ms * 1_000_000)])
+            _request(
+                bytes([i + 1]) * 16,
+                [(b"\x01" * 8, b"", f"t{i}", base + i * 1_000_000, base + i * 1_000_000 + duration_ms * 1_000_000)],
+            )
         )
-    assert store.get(("01" * 16)) is None  # oldest evicted
+    assert store.get("01" * 16) is None  # oldest evicted
     assert [t.title for t in store.recent(10)] == ["svc: t3", "svc: t2", "svc: t1"]
     assert [t.title for t in store.slowest(2)] == ["svc: t1", "svc: t3"]
     assert store.recent(10, service="other") == []
@@ -209,7 +216,9 @@ def test_trace_view_escapes_span_names() -> None:
         assert "<script>alert" not in page
 
 
-def test_exports_are_decoded_when_read_and_the_oldest_dropped_when_too_many_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exports_are_decoded_when_read_and_the_oldest_dropped_when_too_many_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from infermesh.traces import store as store_module
 
     decoded: list[int] = []

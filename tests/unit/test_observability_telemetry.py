@@ -57,7 +57,11 @@ print(json.dumps({"sampler": telemetry.provider.sampler.get_description(), "expo
             "ParentBased{root:TraceIdRatioBased{0.01},",
             True,
         ),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_TRACES_EXPORTER": "none"}, "ParentBased{root:AlwaysOff", False),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_TRACES_EXPORTER": "none"},
+            "ParentBased{root:AlwaysOff",
+            False,
+        ),
     ],
 )
 def test_sampler_and_export_follow_otel_variables(env: dict[str, str], sampler: str, exporting: bool) -> None:
@@ -114,7 +118,11 @@ def test_span_helpers_build_one_tree() -> None:
         assert result["restored"] is True  # each span's context undone after its `with`
         assert trace is not None and len(trace.spans) == 6
         assert sorted(child for _, (_, child) in trace.edges()) == [
-            "MGET", "cancelled", "failing", "infermesh.ranking.top_k", "infermesh.scoring.queue",
+            "MGET",
+            "cancelled",
+            "failing",
+            "infermesh.ranking.top_k",
+            "infermesh.scoring.queue",
         ]
         spans = {s.name: s for s in trace.spans}
         queue = spans["infermesh.scoring.queue"]

@@ -16,9 +16,7 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from infermesh import envoy
-
-from infermesh import openapi
+from infermesh import envoy, openapi
 from services.runtime.topology import local_topology
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -52,17 +52,21 @@ def test_every_value_type_kind_status_event_and_link() -> None:
         "flags": [True, False],
         "unicode": "r\u00e9sum\u00e9 \u2192",
     }
-    remote = propagate.extract({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-                                "tracestate": "vendor=abc,other=1"})
-    with tracer.start_as_current_span("/infermesh.gateway.v1.GatewayService/Recommend", context=remote,
-                                      kind=SpanKind.SERVER, attributes=attributes) as server:
+    remote = propagate.extract(
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "vendor=abc,other=1"}
+    )
+    with tracer.start_as_current_span(
+        "/infermesh.gateway.v1.GatewayService/Recommend", context=remote, kind=SpanKind.SERVER, attributes=attributes
+    ) as server:
         server.add_event("budget", {"infermesh.deadline.remaining_ms": 12.5, "stage": "features"})
         server.add_event("no attributes")
         for kind in (SpanKind.INTERNAL, SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER):
             with tracer.start_as_current_span(f"child {kind.name}", kind=kind):
                 pass
         linked = trace.SpanContext(0x1234, 0x5678, is_remote=True, trace_state=TraceState([("k", "v")]))
-        with tracer.start_as_current_span("linked", links=[Link(linked, {"why": "batch"}), Link(server.get_span_context())]):
+        with tracer.start_as_current_span(
+            "linked", links=[Link(linked, {"why": "batch"}), Link(server.get_span_context())]
+        ):
             pass
         with tracer.start_as_current_span("failed") as failed:
             failed.set_status(Status(StatusCode.ERROR, "ranking: UNAVAILABLE"))
@@ -91,10 +95,22 @@ def test_equal_values_of_different_types_are_not_confused() -> None:
     again = ExportTraceServiceRequest.FromString(encoder.encode(spans))  # from the cache
     assert first == again == encode_spans(spans)
     values = [span.attributes[0].value.WhichOneof("value") for span in first.resource_spans[0].scope_spans[0].spans]
-    assert values == ["bool_value", "int_value", "double_value", "string_value", "bool_value", "int_value", "double_value",
-                      "array_value", "array_value", "array_value"]
-    arrays = [span.attributes[0].value.array_value.values[0].WhichOneof("value")
-              for span in first.resource_spans[0].scope_spans[0].spans[-3:]]
+    assert values == [
+        "bool_value",
+        "int_value",
+        "double_value",
+        "string_value",
+        "bool_value",
+        "int_value",
+        "double_value",
+        "array_value",
+        "array_value",
+        "array_value",
+    ]
+    arrays = [
+        span.attributes[0].value.array_value.values[0].WhichOneof("value")
+        for span in first.resource_spans[0].scope_spans[0].spans[-3:]
+    ]
     assert arrays == ["bool_value", "int_value", "double_value"]
 
 
@@ -102,7 +118,8 @@ def test_dropped_counts_and_two_resources() -> None:
     limits = SpanLimits(max_span_attributes=2, max_events=1, max_links=1, max_event_attributes=1)
     provider, memory = _recorder(limits)
     with provider.get_tracer("t").start_as_current_span(
-        "limited", attributes={"a": 1, "b": 2, "c": 3},
+        "limited",
+        attributes={"a": 1, "b": 2, "c": 3},
         links=[Link(trace.SpanContext(1, 2, False)), Link(trace.SpanContext(3, 4, False))],
     ) as span:
         span.add_event("e1", {"x": 1, "y": 2})
@@ -122,8 +139,12 @@ def test_an_unencodable_attribute_is_dropped_and_logged(caplog: pytest.LogCaptur
     # reference encoder logs it and leaves the attribute out, and so does ours.
     context = trace.SpanContext(0xABC, 0xDEF, is_remote=False)
     span = ReadableSpan(
-        name="odd", context=context, attributes={"good": "yes", "bad": object()},
-        resource=Resource.create({}), start_time=1, end_time=2,
+        name="odd",
+        context=context,
+        attributes={"good": "yes", "bad": object()},
+        resource=Resource.create({}),
+        start_time=1,
+        end_time=2,
     )
     with caplog.at_level(logging.ERROR):
         request = _assert_same_encoding([span])

@@ -38,7 +38,11 @@ def test_flame_graph_is_svg_with_one_frame_per_call_path() -> None:
     stacks = Counter({("main", "f", "g"): 3, ("main", "h"): 1, ("main", "f"): 2})
     svg = flamegraph.render(stacks, "gateway-0 <pid 1>")
     root = ET.fromstring(svg)  # well-formed, names escaped
-    groups = {g.find(f"{SVG}title").text.split(" (")[0]: g.find(f"{SVG}rect") for g in root.iter(f"{SVG}g") if g.find(f"{SVG}title") is not None}
+    groups = {
+        g.find(f"{SVG}title").text.split(" (")[0]: g.find(f"{SVG}rect")
+        for g in root.iter(f"{SVG}g")
+        if g.find(f"{SVG}title") is not None
+    }
     titles = [t.text for t in root.iter(f"{SVG}title")]
     # A callee sits one row above its caller and is no wider than it.
     assert float(groups["g"].get("y")) > float(groups["f"].get("y")) > float(groups["main"].get("y"))
@@ -59,9 +63,14 @@ def test_summary_sums_cpu_per_request_over_processes() -> None:
 
 def test_run_file_round_trip_drops_dead_processes(tmp_path: Path) -> None:
     dead = 2**22 + 12345  # above pid_max's default: never a live process
-    write_processes(tmp_path, "127.0.0.1:8080", [
-        MeshProcess("gateway-0", "gateway", os.getpid(), True), MeshProcess("scoring-0", "scoring", dead, True),
-    ])
+    write_processes(
+        tmp_path,
+        "127.0.0.1:8080",
+        [
+            MeshProcess("gateway-0", "gateway", os.getpid(), True),
+            MeshProcess("scoring-0", "scoring", dead, True),
+        ],
+    )
     run = read_processes(tmp_path)
     assert run.edge == "127.0.0.1:8080" and [p.name for p in run.processes] == ["gateway-0"]
     assert json.loads((tmp_path / "processes.json").read_text())["processes"][1]["pid"] == dead

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from services.runtime.errors import InvalidArgument
 from services.ranking.rank import RankInput, decode, occurrence_within_group, top_k
+from services.runtime.errors import InvalidArgument
 
 
 def ranked(scores, categories, present=None) -> RankInput:

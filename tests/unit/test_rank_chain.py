@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.runtime.errors import InvalidArgument
 from services.ranking.chain import (
     Calibration,
     Candidates,
@@ -20,6 +19,7 @@ from services.ranking.chain import (
     platt,
 )
 from services.ranking.rank import RankInput, top_k
+from services.runtime.errors import InvalidArgument
 
 
 def candidates(scores, categories=None, present=None, embeddings=None, **kwargs) -> Candidates:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import redis
 
-from services.runtime.breaker import CircuitBreaker
 from infermesh.up.supervisor import free_port
 from services.ranking.chain import Candidates, CategoryCap, Chain, SeenFilter
 from services.ranking.layout import seen_key
 from services.ranking.seen import SeenStore, StageSkipped
+from services.runtime.breaker import CircuitBreaker
 from tests.conftest import RedisServer
 
 N = 50
@@ -251,8 +251,10 @@ async def test_a_prefetched_chain_ranks_as_the_chain_that_reads_for_itself(
         batch = [request("u1", explain=True, max_per_category=3), request("u2"), request("")]
         await chain.prefetch(batch)
         assert [c.seen is not None for c in batch] == [True, True, False]
-        for prefetched, user_id in zip(batch, ("u1", "u2", "")):
-            alone = await chain.rank(request(user_id, explain=prefetched.explain, max_per_category=prefetched.max_per_category))
+        for prefetched, user_id in zip(batch, ("u1", "u2", ""), strict=False):
+            alone = await chain.rank(
+                request(user_id, explain=prefetched.explain, max_per_category=prefetched.max_per_category)
+            )
             got = await chain.rank(prefetched)
             assert (got.page.tolist(), got.total, got.skipped) == (alone.page.tolist(), alone.total, alone.skipped)
             assert got.explanations == alone.explanations

@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from services.genproto.infermesh.ranking.v1 import ranking_pb2
 
-from services.runtime.errors import INTERNAL_ERROR_MESSAGE, InfermeshError, InvalidArgument, status_for
-from services.runtime.settings import SettingsError, load_settings
+from services.genproto.infermesh.ranking.v1 import ranking_pb2
 from services.ranking.chain import Calibration, Candidates, CategoryCap, Chain, Mmr, Outcome, Rules, SeenFilter
 from services.ranking.rank import RankInput, top_k
 from services.ranking.service import (
@@ -20,6 +18,8 @@ from services.ranking.service import (
     build_seen_store,
     build_stages,
 )
+from services.runtime.errors import INTERNAL_ERROR_MESSAGE, InfermeshError, InvalidArgument, status_for
+from services.runtime.settings import SettingsError, load_settings
 
 
 def settings(**env: str) -> RankingSettings:
@@ -61,9 +61,18 @@ def test_default_chain_order_and_stage_settings() -> None:
         ({"rules_min_score": "0.9", "rules_max_score": "0.1"}, "RANKING_RULES_MIN_SCORE is above RANKING_RULES_MAX"),
         ({"calibration": "isotonic"}, "RANKING_CALIBRATION='isotonic': Input should be 'none', 'platt' or 'piecewise'"),
         ({"calibration": "platt", "calibration_a": "-1"}, "RANKING_CALIBRATION_A='-1': Input should be greater than 0"),
-        ({"calibration": "platt", "calibration_score": "odds"}, "RANKING_CALIBRATION_SCORE='odds': Input should be 'prob"),
-        ({"calibration": "piecewise", "calibration_points": "0:0,1"}, "RANKING_CALIBRATION_POINTS='0:0,1': expected x:y"),
-        ({"calibration": "piecewise", "calibration_points": "0:1,1:0"}, "RANKING_CALIBRATION_POINTS='0:1,1:0': piecewise"),
+        (
+            {"calibration": "platt", "calibration_score": "odds"},
+            "RANKING_CALIBRATION_SCORE='odds': Input should be 'prob",
+        ),
+        (
+            {"calibration": "piecewise", "calibration_points": "0:0,1"},
+            "RANKING_CALIBRATION_POINTS='0:0,1': expected x:y",
+        ),
+        (
+            {"calibration": "piecewise", "calibration_points": "0:1,1:0"},
+            "RANKING_CALIBRATION_POINTS='0:1,1:0': piecewise",
+        ),
         ({"calibration": "piecewise"}, "RANKING_CALIBRATION_POINTS='': a piecewise-linear map needs at least two"),
         ({"mmr_lambda": "1.5"}, "RANKING_MMR_LAMBDA='1.5': Input should be less than or equal to 1"),
         ({"redis_url": ""}, "RANKING_REDIS_URL is empty but RANKING_CHAIN has seen_filter"),
@@ -183,7 +192,7 @@ async def test_rank_batch_answers_each_request_as_rank_does_alone() -> None:
     requests = batch_cases()
     reply = await servicer.RankBatch(ranking_pb2.RankBatchRequest(requests=requests), Context())
     assert len(reply.results) == len(requests)
-    for request, result in zip(requests, reply.results):
+    for request, result in zip(requests, reply.results, strict=False):
         assert result.SerializeToString() == (await rank_alone(servicer, request)).SerializeToString()
     codes = [result.status.code for result in reply.results]
     assert codes == [0, 0, 0, 3, 3, 3, 0]  # INVALID_ARGUMENT fails the request alone

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from services.genproto.infermesh.gateway.v1 import gateway_pb2
 
 from gateway.limits import RequestLimits, check_recommend
 from gateway.service import GatewaySettings
+from services.features.layout import item_key, user_key
 from services.features.service import FeaturesSettings
+from services.genproto.infermesh.gateway.v1 import gateway_pb2
 from services.ranking.service import RankingServicer, RankingSettings
 from services.runtime.errors import InvalidArgument
 from services.runtime.limits import (
@@ -20,7 +21,6 @@ from services.runtime.limits import (
     check_lengths,
     echo,
 )
-from services.features.layout import item_key, user_key
 from tests.unit.test_features_store import NS, FakeRedis, item_bytes, store, user_bytes
 from tests.unit.test_rank_service import Context, rank_request, settings
 

@@ -38,7 +38,7 @@ class Model:
 
 
 def rows(n: int, start: float) -> np.ndarray:
-    return (np.arange(n * 3, dtype=np.float32).reshape(n, 3) + start)
+    return np.arange(n * 3, dtype=np.float32).reshape(n, 3) + start
 
 
 async def started(policy: BatchingPolicy, model: Model, instances: int = 1) -> tuple[DynamicBatcher, Statistics]:
@@ -169,7 +169,9 @@ async def test_a_cancelled_request_is_not_computed(settle: float) -> None:
 
 
 async def test_higher_priority_requests_go_first() -> None:
-    model, batcher, _, running = await busy(BatchingPolicy(max_batch_size=1, priority_levels=3, default_priority_level=2))
+    model, batcher, _, running = await busy(
+        BatchingPolicy(max_batch_size=1, priority_levels=3, default_priority_level=2)
+    )
     low = asyncio.create_task(batcher.submit({"x": rows(1, 30)}, 1, KEY, priority=3))
     default = asyncio.create_task(batcher.submit({"x": rows(1, 20)}, 1, KEY))
     high = asyncio.create_task(batcher.submit({"x": rows(1, 10)}, 1, KEY, priority=1))

@@ -86,7 +86,10 @@ def test_version_policies(policy: dict, available: list[int], chosen: list[int])
         ({"warmup": [{"batch_size": 4, "data": "ones"}]}, "data must be one of"),
         ({"max_batch_size": 2, "warmup": [{"batch_size": 4}]}, "exceed max_batch_size 2"),
         ({"response_cache": {"enable": "yes"}}, "enable must be true or false"),
-        ({"max_batch_size": 8, "dynamic_batching": {"priority_levels": 2, "default_priority_level": 3}}, "within 1..priority_levels"),
+        (
+            {"max_batch_size": 8, "dynamic_batching": {"priority_levels": 2, "default_priority_level": 3}},
+            "within 1..priority_levels",
+        ),
         ({"instance_group": [{"count": 0}]}, "count must be an integer >= 1"),
     ],
 )
@@ -97,15 +100,21 @@ def test_mistakes_are_rejected_with_the_key_named(doc: dict, message: str) -> No
 
 def test_triton_dims_leave_out_the_batch_dimension() -> None:
     # A config copied from Triton: dims without the batch dimension when max_batch_size > 0.
-    triton = {"max_batch_size": 64, "input": [{"name": "features", "data_type": "TYPE_FP32", "dims": [64]}],
-              "output": [{"name": "score", "data_type": "TYPE_FP32", "dims": [1]}]}
+    triton = {
+        "max_batch_size": 64,
+        "input": [{"name": "features", "data_type": "TYPE_FP32", "dims": [64]}],
+        "output": [{"name": "score", "data_type": "TYPE_FP32", "dims": [1]}],
+    }
     config = parse_config("ranker", triton)
     assert [(s.name, s.datatype, s.shape) for s in (*config.inputs, *config.outputs)] == [
-        ("features", "FP32", (-1, 64)), ("score", "FP32", (-1, 1))]
+        ("features", "FP32", (-1, 64)),
+        ("score", "FP32", (-1, 1)),
+    ]
     unbatched = parse_config("ranker", {**triton, "max_batch_size": 0})
     assert unbatched.inputs[0].shape == (64,)
     # Our own `shape` is the whole shape either way.
-    assert parse_config("ranker", {"max_batch_size": 64, "inputs": [
-        {"name": "features", "datatype": "FP32", "shape": [-1, 64]}]}).inputs[0].shape == (-1, 64)
+    assert parse_config(
+        "ranker", {"max_batch_size": 64, "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 64]}]}
+    ).inputs[0].shape == (-1, 64)
     with pytest.raises(ConfigError, match="both shape and dims"):
         parse_config("ranker", {"inputs": [{"name": "f", "datatype": "FP32", "shape": [-1, 64], "dims": [64]}]})

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
-from services.genproto.inference import model_config_pb2 as mc
 
+from services.genproto.inference import model_config_pb2 as mc
 from services.scoring.config import PROVENANCE_FILE, ConfigError, TensorSpec, parse_config, read_provenance
 from services.scoring.models import ModelVersion
 from services.scoring.providers import CPU, CUDA
@@ -17,7 +17,9 @@ from services.scoring.service import TRITON_DATA_TYPES, triton_model_config
 from services.scoring.tensors import DATATYPES
 
 
-def served(doc: dict[str, Any], inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], provider: str = CPU) -> ModelVersion:
+def served(
+    doc: dict[str, Any], inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], provider: str = CPU
+) -> ModelVersion:
     """A version as the repository serves it, without sessions (ModelConfig never runs one)."""
     return ModelVersion(
         config=parse_config("ranker", doc),
@@ -98,7 +100,10 @@ def test_unbatched_model_dims_are_the_whole_shape() -> None:
     doc = {"max_batch_size": 0, "warmup": [{"batch_size": 2}], "version_policy": {"specific": {"versions": [1, 3]}}}
     config = triton_model_config(served(doc, inputs, outputs))
     assert config.max_batch_size == 0 and config.WhichOneof("scheduling_choice") is None
-    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("a", mc.TYPE_INT64, [-1, 4]), ("text", mc.TYPE_STRING, [1])]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("a", mc.TYPE_INT64, [-1, 4]),
+        ("text", mc.TYPE_STRING, [1]),
+    ]
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("sum", mc.TYPE_INT64, [-1, 4])]
     assert list(config.version_policy.specific.versions) == [1, 3]
     (warmup,) = config.model_warmup
@@ -114,12 +119,19 @@ def test_batching_switched_off_reports_max_batch_size_zero() -> None:
 
 def test_gpu_instance_groups_count_instances_per_gpu() -> None:
     even = triton_model_config(served({"instance_group": [{"count": 4, "gpus": [0, 1]}]}, FEATURES, SCORE, CUDA))
-    assert [(g.kind, g.count, list(g.gpus)) for g in even.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 2, [0, 1])]
+    assert [(g.kind, g.count, list(g.gpus)) for g in even.instance_group] == [
+        (mc.ModelInstanceGroup.KIND_GPU, 2, [0, 1])
+    ]
     uneven = triton_model_config(served({"instance_group": [{"count": 3, "gpus": [0, 1]}]}, FEATURES, SCORE, CUDA))
-    assert [(g.name, g.count, list(g.gpus)) for g in uneven.instance_group] == [("ranker_0", 2, [0]), ("ranker_1", 1, [1])]
+    assert [(g.name, g.count, list(g.gpus)) for g in uneven.instance_group] == [
+        ("ranker_0", 2, [0]),
+        ("ranker_1", 1, [1]),
+    ]
     # Asked for GPUs but running on the CPU (no CUDA here): what runs is what is reported.
     fallback = triton_model_config(served({"instance_group": [{"count": 2, "gpus": [0]}]}, FEATURES, SCORE, CPU))
-    assert [(g.kind, g.count, list(g.gpus)) for g in fallback.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 2, [])]
+    assert [(g.kind, g.count, list(g.gpus)) for g in fallback.instance_group] == [
+        (mc.ModelInstanceGroup.KIND_CPU, 2, [])
+    ]
 
 
 def test_provenance_becomes_parameters(tmp_path: Path) -> None:
@@ -132,12 +144,20 @@ def test_provenance_becomes_parameters(tmp_path: Path) -> None:
 def test_a_version_provenance_file_overrides_the_configs(tmp_path: Path) -> None:
     version = tmp_path / "ranker" / "3"
     version.mkdir(parents=True)
-    (version / PROVENANCE_FILE).write_text(json.dumps({"source_revision": "a1b2", "parity": {"rows": 512}, "epochs": 3}))
+    (version / PROVENANCE_FILE).write_text(
+        json.dumps({"source_revision": "a1b2", "parity": {"rows": 512}, "epochs": 3})
+    )
     config = parse_config("ranker", {"provenance": {"owner": "ranking-team", "source_revision": "old"}})
     assert read_provenance(version, config.provenance) == {
-        "owner": "ranking-team", "source_revision": "a1b2", "parity": '{"rows": 512}', "epochs": "3",
+        "owner": "ranking-team",
+        "source_revision": "a1b2",
+        "parity": '{"rows": 512}',
+        "epochs": "3",
     }
-    assert read_provenance(tmp_path / "ranker" / "4", config.provenance) == {"owner": "ranking-team", "source_revision": "old"}
+    assert read_provenance(tmp_path / "ranker" / "4", config.provenance) == {
+        "owner": "ranking-team",
+        "source_revision": "old",
+    }
     (version / PROVENANCE_FILE).write_text("{not json")
     with pytest.raises(ConfigError, match="provenance.json is not readable JSON"):
         read_provenance(version, config.provenance)

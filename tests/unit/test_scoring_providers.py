@@ -37,7 +37,9 @@ def test_tensorrt_without_its_libraries_is_skipped_with_a_reason() -> None:
 
 
 def test_cpu_only_build() -> None:
-    assert plan_providers(["auto"], CPU_BUILD, False) == ProviderPlan((CPU,), ("no GPU provider in this onnxruntime build",))
+    assert plan_providers(["auto"], CPU_BUILD, False) == ProviderPlan(
+        (CPU,), ("no GPU provider in this onnxruntime build",)
+    )
     assert plan_providers(["cpu"], GPU_BUILD, True) == ProviderPlan((CPU,), ("CPU requested",))
     cuda = plan_providers(["cuda"], CPU_BUILD, False)
     assert cuda.chain == (CPU,) and cuda.notes == ("CUDAExecutionProvider is not in this onnxruntime build",)
@@ -85,7 +87,9 @@ def test_tensorrt_failure_falls_back_to_cuda_and_says_so() -> None:
         choice = create_session(b"model", ProviderPlan((TENSORRT, CUDA, CPU), ()), None, 0, factory)
     assert factory.attempts == [[TENSORRT, CUDA, CPU], [CUDA, CPU]]
     assert choice.provider == CUDA
-    assert choice.reason == "TensorrtExecutionProvider failed: TensorrtExecutionProvider: libnvinfer.so.10: cannot open shared object file"
+    assert choice.reason == (
+        "TensorrtExecutionProvider failed: TensorrtExecutionProvider: libnvinfer.so.10: cannot open shared object file"
+    )
     assert [(e["event"], e["provider"], e["next"]) for e in logs] == [
         ("execution provider failed; falling back", TENSORRT, CUDA)
     ]
@@ -139,7 +143,7 @@ class FakeNvml:
     def nvmlDeviceGetUUID(self, handle: int) -> bytes:
         return b"GPU-1234"
 
-    def nvmlDeviceGetMemoryInfo(self, handle: int) -> "FakeNvml.Memory":
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> FakeNvml.Memory:
         return FakeNvml.Memory()
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from services.genproto.inference import grpc_predict_v2_pb2 as pb
 
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.runtime.errors import InvalidArgument
 from services.scoring.tensors import from_contents, from_raw, to_onnx_input, to_raw
 
@@ -36,7 +36,10 @@ def test_malformed_bytes(raw: bytes, message: str) -> None:
 
 
 def test_typed_contents_for_each_kind() -> None:
-    assert from_contents(pb.InferTensorContents(bytes_contents=[b"x", b"y"]), "BYTES", [2], "t").tolist() == [b"x", b"y"]
+    assert from_contents(pb.InferTensorContents(bytes_contents=[b"x", b"y"]), "BYTES", [2], "t").tolist() == [
+        b"x",
+        b"y",
+    ]
     fp16 = from_contents(pb.InferTensorContents(fp32_contents=[0.5, 2.0]), "FP16", [1, 2], "t")
     assert fp16.dtype == np.float16 and fp16.tolist() == [[0.5, 2.0]]
     flags = from_contents(pb.InferTensorContents(bool_contents=[True, False]), "BOOL", [2], "t")

@@ -107,7 +107,11 @@ def test_the_documented_defaults_hold() -> None:
         (RankingSettings, {"RANKING_MMR_TOP_N": "0"}, "RANKING_MMR_TOP_N='0'"),
         (RankingSettings, {"RANKING_REDIS_FAILURES_TO_SKIP": "0"}, "RANKING_REDIS_FAILURES_TO_SKIP='0'"),
         (GatewaySettings, {"GATEWAY_DEFAULT_K": "0"}, "GATEWAY_DEFAULT_K='0'"),
-        (GatewaySettings, {"GATEWAY_TIMEOUT_SECONDS": "0"}, "GATEWAY_TIMEOUT_SECONDS='0': Input should be greater than 0"),
+        (
+            GatewaySettings,
+            {"GATEWAY_TIMEOUT_SECONDS": "0"},
+            "GATEWAY_TIMEOUT_SECONDS='0': Input should be greater than 0",
+        ),
         (GatewaySettings, {"GATEWAY_SEND_ITEM_EMBEDDINGS": "sometimes"}, "GATEWAY_SEND_ITEM_EMBEDDINGS='sometimes'"),
         (GatewaySettings, {"GATEWAY_SHADOW_MAX_IN_FLIGHT": "0"}, "GATEWAY_SHADOW_MAX_IN_FLIGHT='0'"),
         (GatewaySettings, {"GATEWAY_DEFAULT_K": "50", "GATEWAY_MAX_K": "10"}, "GATEWAY_DEFAULT_K=50 is above"),
@@ -124,7 +128,9 @@ def test_a_bad_value_fails_naming_the_variable(
 def test_good_values_are_converted() -> None:
     features = load_settings(FeaturesSettings, {"FEATURES_CACHE_TTL_SECONDS": "0.1", "FEATURES_PORT": "1234"})
     assert (features.cache_ttl_seconds, features.port) == (0.1, 1234)
-    gateway = load_settings(GatewaySettings, {"GATEWAY_SEND_ITEM_EMBEDDINGS": "false", "GATEWAY_TRACE_ID_METADATA": "none"})
+    gateway = load_settings(
+        GatewaySettings, {"GATEWAY_SEND_ITEM_EMBEDDINGS": "false", "GATEWAY_TRACE_ID_METADATA": "none"}
+    )
     assert (gateway.send_item_embeddings, gateway.trace_id_metadata) == (False, "none")
     ranking = load_settings(RankingSettings, {"RANKING_RULES_MIN_SCORE": "-inf", "RANKING_CALIBRATION": " Platt "})
     assert ranking.rules_min_score == float("-inf") and ranking.calibration == "platt"

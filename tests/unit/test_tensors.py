@@ -2,8 +2,8 @@ import re
 
 import numpy as np
 import pytest
-from services.genproto.inference import grpc_predict_v2_pb2 as pb
 
+from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.runtime.errors import InvalidArgument
 from services.scoring.tensors import from_contents, from_raw
 

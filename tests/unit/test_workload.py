@@ -10,7 +10,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from services.features.layout import FEATURE_DIM, ITEM_RECORD, MODEL_INPUT_DIM, USER_RECORD
 from infermesh.workload import seed as seed_mod
 from infermesh.workload.catalog import Catalog, affinity, generate_catalog, model_input, ndcg_at_k
 from infermesh.workload.model import (
@@ -21,6 +20,7 @@ from infermesh.workload.model import (
     export_onnx,
     train_mlp,
 )
+from services.features.layout import FEATURE_DIM, ITEM_RECORD, MODEL_INPUT_DIM, USER_RECORD
 
 # Small enough to keep the whole module to a few seconds.
 N_USERS, N_ITEMS, N_CATEGORIES = 2_000, 5_000, 20
@@ -78,9 +78,7 @@ def test_catalog_arrays_are_read_only(catalog: Catalog) -> None:
 
 def test_items_carry_category_signal(catalog: Catalog) -> None:
     # Items sit nearer their own category's mean than the nearest other category's mean.
-    means = np.stack(
-        [catalog.item_vecs[catalog.item_category == c].mean(axis=0) for c in range(N_CATEGORIES)]
-    )
+    means = np.stack([catalog.item_vecs[catalog.item_category == c].mean(axis=0) for c in range(N_CATEGORIES)])
     dist = np.linalg.norm(catalog.item_vecs[:, None, :] - means[None, :, :], axis=2)
     assert np.mean(dist.argmin(axis=1) == catalog.item_category) > 0.9
 
@@ -132,7 +130,7 @@ def test_training_is_deterministic(catalog: Catalog) -> None:
     a = train_mlp(catalog, seed=3, steps=5, batch=64)
     b = train_mlp(catalog, seed=3, steps=5, batch=64)
     c = train_mlp(catalog, seed=4, steps=5, batch=64)
-    for pa, pb in zip(a.params(), b.params()):
+    for pa, pb in zip(a.params(), b.params(), strict=False):
         np.testing.assert_array_equal(pa, pb)
     assert not np.array_equal(a.w1, c.w1)
     assert all(p.dtype == np.float32 for p in a.params())
@@ -169,7 +167,10 @@ def test_trained_model_ranks_far_better_than_random(weights: MlpWeights, catalog
     cands = np.stack([rng.choice(N_ITEMS, 200, replace=False) for _ in users])
     gains = affinity(catalog.user_vecs[users][:, None, :], catalog.item_vecs[cands])
     preds = np.stack(
-        [weights.forward(model_input(catalog.user_vecs[u], catalog.item_vecs[c]))[:, 0] for u, c in zip(users, cands)]
+        [
+            weights.forward(model_input(catalog.user_vecs[u], catalog.item_vecs[c]))[:, 0]
+            for u, c in zip(users, cands, strict=False)
+        ]
     )
     model_ndcg = ndcg_at_k(preds, gains, k=20)
     random_ndcgs = [ndcg_at_k(rng.random(gains.shape), gains, k=20) for _ in range(20)]

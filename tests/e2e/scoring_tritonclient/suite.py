@@ -114,7 +114,9 @@ def sync_checks(url: str, repository: Path) -> dict[str, Callable[[], None]]:
 
     def model_config() -> None:
         for model in ("ranker", "add"):
-            check_model_config(repository, model, client.get_model_config(model, as_json=True), client.get_model_config(model, "1"))
+            check_model_config(
+                repository, model, client.get_model_config(model, as_json=True), client.get_model_config(model, "1")
+            )
         ranker = client.get_model_config("ranker").config
         check(ranker.dynamic_batching.max_queue_delay_microseconds == 1000, str(ranker.dynamic_batching))
         check(ranker.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU, str(ranker.instance_group))
@@ -126,7 +128,10 @@ def sync_checks(url: str, repository: Path) -> dict[str, Callable[[], None]]:
 
     def fp32_raw() -> None:
         result = client.infer(
-            "ranker", [tensor("features", ROWS, "FP32")], outputs=[triton.InferRequestedOutput("score")], request_id="r1"
+            "ranker",
+            [tensor("features", ROWS, "FP32")],
+            outputs=[triton.InferRequestedOutput("score")],
+            request_id="r1",
         )
         served = result.as_numpy("score")
         local = reference(repository, "ranker", "1", {"features": ROWS})[0]
@@ -143,14 +148,18 @@ def sync_checks(url: str, repository: Path) -> dict[str, Callable[[], None]]:
         # Typed (non-raw) contents, with tritonclient's own messages and stub.
         stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(url))
         request = service_pb2.ModelInferRequest(model_name="ranker")
-        request.inputs.add(name="features", datatype="FP32", shape=[2, 64]).contents.fp32_contents.extend(ROWS[:2].ravel().tolist())
+        request.inputs.add(name="features", datatype="FP32", shape=[2, 64]).contents.fp32_contents.extend(
+            ROWS[:2].ravel().tolist()
+        )
         served = triton.InferResult(stub.ModelInfer(request)).as_numpy("score")
         local = reference(repository, "ranker", "1", {"features": ROWS[:2]})[0]
         check(np.allclose(served, local, rtol=0, atol=1e-6), "typed fp32 differs")
         request = service_pb2.ModelInferRequest(model_name="add")
         request.inputs.add(name="a", datatype="INT64", shape=[3, 4]).contents.int64_contents.extend(A.ravel().tolist())
         request.inputs.add(name="b", datatype="INT64", shape=[3, 4]).contents.int64_contents.extend(B.ravel().tolist())
-        check(np.array_equal(triton.InferResult(stub.ModelInfer(request)).as_numpy("sum"), A + B), "typed int64 differs")
+        check(
+            np.array_equal(triton.InferResult(stub.ModelInfer(request)).as_numpy("sum"), A + B), "typed int64 differs"
+        )
 
     def other_datatypes() -> None:
         i32 = np.array([[1, -2, 3, 2**30]], np.int32)
@@ -159,10 +168,18 @@ def sync_checks(url: str, repository: Path) -> dict[str, Callable[[], None]]:
         text = np.array([[b"caf\xc3\xa9"]], dtype=np.object_)
         result = client.infer(
             "typed",
-            [tensor("i32", i32, "INT32"), tensor("f16", f16, "FP16"), tensor("flag", flag, "BOOL"), tensor("text", text, "BYTES")],
+            [
+                tensor("i32", i32, "INT32"),
+                tensor("f16", f16, "FP16"),
+                tensor("flag", flag, "BOOL"),
+                tensor("text", text, "BYTES"),
+            ],
         )
         check(np.array_equal(result.as_numpy("i32_out"), i32 + 1), "INT32")
-        check(result.as_numpy("f16_out").dtype == np.float16 and np.array_equal(result.as_numpy("f16_out"), f16 * 2), "FP16")
+        check(
+            result.as_numpy("f16_out").dtype == np.float16 and np.array_equal(result.as_numpy("f16_out"), f16 * 2),
+            "FP16",
+        )
         check(np.array_equal(result.as_numpy("flag_out"), ~flag), "BOOL")
         check(result.as_numpy("text_out").tolist() == [[b"caf\xc3\xa9"]], str(result.as_numpy("text_out")))
 
@@ -189,7 +206,11 @@ def sync_checks(url: str, repository: Path) -> dict[str, Callable[[], None]]:
 
     def unknown_model_and_version() -> None:
         expect_error("NOT_FOUND", "unknown model 'nope'", raises(lambda: client.get_model_metadata("nope")))
-        expect_error("NOT_FOUND", "unknown model 'nope'", raises(lambda: client.infer("nope", [tensor("features", ROWS[:1], "FP32")])))
+        expect_error(
+            "NOT_FOUND",
+            "unknown model 'nope'",
+            raises(lambda: client.infer("nope", [tensor("features", ROWS[:1], "FP32")])),
+        )
         error = raises(lambda: client.infer("ranker", [tensor("features", ROWS[:1], "FP32")], model_version="9"))
         expect_error("NOT_FOUND", "no ready version '9'", error)
         expect_error("NOT_FOUND", "no ready version '9'", raises(lambda: client.get_model_metadata("ranker", "9")))
@@ -201,14 +222,22 @@ def sync_checks(url: str, repository: Path) -> dict[str, Callable[[], None]]:
         client.load_model("spare")
         check(client.is_model_ready("spare"), "spare not ready after load")
         served = client.infer("spare", [tensor("features", ROWS[:3], "FP32")]).as_numpy("score")
-        check(np.allclose(served, reference(repository, "spare", "2", {"features": ROWS[:3]})[0], rtol=0, atol=1e-6), "spare v2")
+        check(
+            np.allclose(served, reference(repository, "spare", "2", {"features": ROWS[:3]})[0], rtol=0, atol=1e-6),
+            "spare v2",
+        )
         client.load_model("spare", config=json.dumps({"version_policy": {"specific": {"versions": [1]}}}))
-        check(client.infer("spare", [tensor("features", ROWS[:1], "FP32")]).get_response().model_version == "1", "override")
+        check(
+            client.infer("spare", [tensor("features", ROWS[:1], "FP32")]).get_response().model_version == "1",
+            "override",
+        )
         client.unload_model("spare")
         check(not client.is_model_ready("spare"), "spare still ready after unload")
         index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
         check(index["spare"]["state"] == "UNAVAILABLE" and index["spare"]["reason"] == "unloaded", str(index["spare"]))
-        expect_error("NOT_FOUND", "unloaded", raises(lambda: client.infer("spare", [tensor("features", ROWS[:1], "FP32")])))
+        expect_error(
+            "NOT_FOUND", "unloaded", raises(lambda: client.infer("spare", [tensor("features", ROWS[:1], "FP32")]))
+        )
         expect_error("NOT_FOUND", "no model 'ghost'", raises(lambda: client.load_model("ghost")))
         expect_error("INVALID_ARGUMENT", "failed to load 'corrupt'", raises(lambda: client.load_model("corrupt")))
 
@@ -227,7 +256,11 @@ def sync_checks(url: str, repository: Path) -> dict[str, Callable[[], None]]:
 
     def async_infer_callback() -> None:
         done: list[Any] = []
-        client.async_infer("ranker", [tensor("features", ROWS[:5], "FP32")], callback=lambda result, error: done.append((result, error)))
+        client.async_infer(
+            "ranker",
+            [tensor("features", ROWS[:5], "FP32")],
+            callback=lambda result, error: done.append((result, error)),
+        )
         for _ in range(200):
             if done:
                 break
@@ -240,11 +273,16 @@ def sync_checks(url: str, repository: Path) -> dict[str, Callable[[], None]]:
         # batcher may merge them), answered by id; failures arrive as errors on the stream,
         # which goes on serving the requests after them.
         answers: dict[str, tuple[Any, Any]] = {}
-        client.start_stream(callback=lambda result, error: answers.setdefault(
-            result.get_response().id if result is not None else f"error-{len(answers)}", (result, error)))
+        client.start_stream(
+            callback=lambda result, error: answers.setdefault(
+                result.get_response().id if result is not None else f"error-{len(answers)}", (result, error)
+            )
+        )
         try:
             for i in range(32):
-                client.async_stream_infer("ranker", [tensor("features", ROWS[i : i + 1], "FP32")], request_id=f"row-{i}")
+                client.async_stream_infer(
+                    "ranker", [tensor("features", ROWS[i : i + 1], "FP32")], request_id=f"row-{i}"
+                )
             client.async_stream_infer("nope", [tensor("features", ROWS[:1], "FP32")], request_id="unknown")
             short = tensor("features", ROWS[:2], "FP32")
             short.set_shape([4, 64])
@@ -260,11 +298,17 @@ def sync_checks(url: str, repository: Path) -> dict[str, Callable[[], None]]:
         local = reference(repository, "ranker", "1", {"features": ROWS[:40]})[0]
         for i in range(32):
             result, error = answers[f"row-{i}"]
-            check(error is None and np.allclose(result.as_numpy("score"), local[i : i + 1], rtol=0, atol=1e-6), f"row {i}")
+            check(
+                error is None and np.allclose(result.as_numpy("score"), local[i : i + 1], rtol=0, atol=1e-6), f"row {i}"
+            )
         result, error = answers["after"]
-        check(error is None and np.allclose(result.as_numpy("score"), local[32:40], rtol=0, atol=1e-6), "after the errors")
+        check(
+            error is None and np.allclose(result.as_numpy("score"), local[32:40], rtol=0, atol=1e-6), "after the errors"
+        )
         messages = sorted(str(error.message()) for key, (result, error) in answers.items() if key.startswith("error-"))
-        check(len(messages) == 2 and "needs 1024" in messages[0] and "unknown model 'nope'" in messages[1], str(messages))
+        check(
+            len(messages) == 2 and "needs 1024" in messages[0] and "unknown model 'nope'" in messages[1], str(messages)
+        )
 
     return {name: fn for name, fn in locals().items() if callable(fn) and name not in ("raises",)}
 
@@ -341,7 +385,11 @@ def aio_checks(url: str, repository: Path) -> dict[str, Callable[[], Awaitable[N
         async def body(client: triton_aio.InferenceServerClient) -> None:
             async def requests() -> Any:
                 for i in range(16):
-                    yield {"model_name": "ranker", "inputs": [tensor("features", ROWS[i : i + 1], "FP32")], "request_id": str(i)}
+                    yield {
+                        "model_name": "ranker",
+                        "inputs": [tensor("features", ROWS[i : i + 1], "FP32")],
+                        "request_id": str(i),
+                    }
                 yield {"model_name": "ranker", "inputs": [tensor("features", ROWS[:1], "FP32")], "model_version": "9"}
 
             served: dict[str, np.ndarray] = {}
@@ -355,7 +403,10 @@ def aio_checks(url: str, repository: Path) -> dict[str, Callable[[], Awaitable[N
                     break
             local = reference(repository, "ranker", "1", {"features": ROWS[:16]})[0]
             check(sorted(served) == sorted(map(str, range(16))), str(sorted(served)))
-            check(all(np.allclose(served[str(i)], local[i : i + 1], rtol=0, atol=1e-6) for i in range(16)), "stream scores")
+            check(
+                all(np.allclose(served[str(i)], local[i : i + 1], rtol=0, atol=1e-6) for i in range(16)),
+                "stream scores",
+            )
             check(len(errors) == 1 and "no ready version '9'" in errors[0], str(errors))
 
         await with_client(body)
