@@ -204,7 +204,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from infermesh.certs import CertPaths
     from infermesh.envoy.cli import edge_policy_from_args
     from infermesh.up.healing import Healer, RestartPolicy, describe_exit
-    from infermesh.up.lanes import bulk_lane
+    from infermesh.up.lanes import PIPELINE, bulk_lane
     from infermesh.up.metrics import serve_supervisor_metrics
     from infermesh.up.supervisor import DESCRIPTOR_SET, Mesh, MeshError, free_port, start_redis
     from infermesh.workload.seed import SeedError, format_summary, model_repository, seed_all
@@ -262,12 +262,6 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise MeshError(str(error)) from None
         if args.workers < 0:  # before anything starts
             raise MeshError(f"--workers must be 0 or more, got {args.workers}")
-        lane = None
-        if args.workers and not args.no_bulk_lane:
-            try:
-                lane = bulk_lane(DESCRIPTOR_SET, free_port, args.bulk_nice)
-            except ValueError as error:
-                raise MeshError(f"--bulk-nice: {error}") from None
         curl_options = ""
         if edge_policy.rate_limit_rps is not None:
             burst = edge_policy.rate_limit_burst or edge_policy.rate_limit_rps
@@ -293,6 +287,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             **_moved_ports(args.port_base),
         )
+        lane = None
+        if args.workers and not args.no_bulk_lane:  # the jobs' own replicas, as many as online
+            try:
+                counts = {service: len(topology.replicas[service]) for service in PIPELINE}
+                lane = bulk_lane(DESCRIPTOR_SET, free_port, args.bulk_nice, counts)
+            except ValueError as error:
+                raise MeshError(f"--bulk-nice: {error}") from None
         redis_url = args.redis_url
         if redis_url is None:
             print(f"starting redis-server on 127.0.0.1:{args.redis_port} (data in {data_dir / 'redis'})", flush=True)

@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir = args.data_dir.resolve()
             print(f"seeding the reference workload into a private Redis ({redis_url})", flush=True)
             seed_all(data_dir, redis_url, progress=sys.stderr.isatty())
-            lane = None if args.no_bulk_lane else bulk_lane(DESCRIPTOR_SET, free_port, args.bulk_nice)
+            lane = None if args.no_bulk_lane else bulk_lane(DESCRIPTOR_SET, free_port, args.bulk_nice, DEFAULT_REPLICAS)
             with running_mesh(data_dir, redis_url, dict(DEFAULT_REPLICAS), bulk=lane) as mesh:
                 edge = f"127.0.0.1:{mesh.topology.edge_port}"
                 # The workers' way in: the bulk lane's edge, or the online one.

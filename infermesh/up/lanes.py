@@ -3,7 +3,7 @@
 A job's workers keep the mesh busy for minutes; through the same replicas, every online
 request would queue behind their calls (measured: online p99 x3-4 with a job running).
 So `infermesh up --workers N` also starts a second set of the pipeline's replicas
-(gateway, features, scoring, ranking, one each) behind an Envoy of their own, and the
+(gateway, features, scoring, ranking, as many of each as online) behind an Envoy of their own, and the
 workers call that Envoy. Every process of the lane, workers included, runs at the lowest
 CPU priority Linux has: the SCHED_IDLE policy (`chrt --idle`: a runnable online process
 takes the core from it at once), and nice 19 where `chrt` is missing. While online
@@ -21,7 +21,7 @@ with different CPU requests (cgroup weights); docs/jobs.md says how.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,13 +48,23 @@ class BulkLane:
         return Endpoint("127.0.0.1", self.topology.edge_port)
 
 
-def bulk_lane(descriptor_set: Path, port: Callable[[], int], nice: int = DEFAULT_BULK_NICE) -> BulkLane:
-    """A lane of one replica per pipeline service, every port from `port()` (free ports:
-    nobody dials the lane but the workers, which are told where it is)."""
+def bulk_lane(
+    descriptor_set: Path,
+    port: Callable[[], int],
+    nice: int = DEFAULT_BULK_NICE,
+    replicas: Mapping[str, int] | None = None,
+) -> BulkLane:
+    """A lane with `replicas` of each pipeline service (default one; `infermesh up` gives it
+    the online mesh's counts, so a job runs as fast as the cores it is left allow), every
+    port from `port()` (free ports: nobody dials the lane but the workers, which are told
+    where it is)."""
     if not 0 <= nice <= 19:
         raise ValueError(f"the bulk lane's nice value must be 0..19, got {nice}")
+    counts = {service: (replicas or {}).get(service, 1) for service in PIPELINE}
     topology = MeshTopology(
-        replicas={service: (Endpoint("127.0.0.1", port()),) for service in PIPELINE},
+        replicas={
+            service: tuple(Endpoint("127.0.0.1", port()) for _ in range(count)) for service, count in counts.items()
+        },
         descriptor_set=descriptor_set,
         edge_port=port(),
         admin_port=port(),

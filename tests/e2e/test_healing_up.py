@@ -206,7 +206,9 @@ def test_killed_replicas_come_back_and_no_request_fails(up: Up) -> None:
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[2:]}
     pipeline = {"envoy", "gateway-0", "features-0", "scoring-0", "scoring-1", "ranking-0"}
-    assert set(rows) == pipeline | {"jobs-0", "jobs-worker-0"}, done.stdout
+    # The jobs' bulk lane (`--workers 1`, the default): the same replicas and an Envoy of its own.
+    lane = {"envoy-bulk", "gateway-bulk-0", "features-bulk-0", "scoring-bulk-0", "scoring-bulk-1", "ranking-bulk-0"}
+    assert set(rows) == pipeline | lane | {"jobs-0", "jobs-worker-0"}, done.stdout
     for victim in victims:
         _, _, pid, is_alive, _, restarts, *last_exit = rows[victim.name]
         assert (pid, is_alive, restarts, " ".join(last_exit)) == (

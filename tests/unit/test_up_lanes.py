@@ -84,3 +84,13 @@ def test_the_lanes_ports_are_checked_with_the_meshs(tmp_path: Path) -> None:
     checked = {port for _, port in built._ports()}
     assert built.bulk.topology.edge_port in checked
     assert {e.port for endpoints in built.bulk.topology.replicas.values() for e in endpoints} <= checked
+
+
+def test_the_lane_can_mirror_the_online_replica_counts() -> None:
+    lane = bulk_lane(DESCRIPTOR, ports().__next__, 19, {"scoring": 2, "jobs": 1})
+    assert {service: len(endpoints) for service, endpoints in lane.topology.replicas.items()} == {
+        "gateway": 1,
+        "features": 1,
+        "scoring": 2,
+        "ranking": 1,
+    }
