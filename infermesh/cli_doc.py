@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infermesh.cli_help import DELEGATE
+from infermesh.docgen import generated_doc_main
 
 DEFAULT_OUT = Path("docs/cli.md")
 REGENERATE = "python -m infermesh.cli_doc"
@@ -153,20 +154,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"{REGENERATE}", description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write (default: %(default)s)")
-    parser.add_argument("--check", action="store_true", help="only report whether --out is up to date")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        current = args.out.read_text() if args.out.is_file() else ""
-        if current != text:
-            print(f"{args.out} is stale: run `{REGENERATE}`", file=sys.stderr)
-            return 1
-        return 0
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
-    return 0
+    return generated_doc_main(REGENERATE, (__doc__ or "").splitlines()[0], DEFAULT_OUT, render, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ file is stale.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
 import typing
@@ -18,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import annotated_types
+from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
 from gateway.service import GatewaySettings
+from infermesh.docgen import generated_doc_main
 from infermesh.settings import ToolSettings
 from services.features.service import FeaturesSettings
 from services.jobs.settings import JobsSettings
@@ -40,7 +41,7 @@ SERVICES: dict[str, type[ServiceSettings]] = {
     GATEWAY: GatewaySettings,
     JOBS: JobsSettings,
 }
-_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", SecretStr: "secret string"}
 _BOUNDS = (
     (annotated_types.Ge, "ge", ">="),
     (annotated_types.Gt, "gt", ">"),
@@ -135,20 +136,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infermesh.settings_doc", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write (default: %(default)s)")
-    parser.add_argument("--check", action="store_true", help="only report whether --out is up to date")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        current = args.out.read_text() if args.out.is_file() else ""
-        if current != text:
-            print(f"{args.out} is stale: run `{REGENERATE}`", file=sys.stderr)
-            return 1
-        return 0
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
-    return 0
+    return generated_doc_main(REGENERATE, (__doc__ or "").splitlines()[0], DEFAULT_OUT, render, argv)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,16 @@ tests assert on. Not a collector: no processing, no forwarding, memory only.
 
 from __future__ import annotations
 
-import threading
 import zlib
 from concurrent import futures
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from infermesh.traces.http_server import BackgroundHttpServer
 from infermesh.traces.store import TraceStore
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
@@ -178,21 +178,19 @@ class _OtlpHttpHandler(BaseHTTPRequestHandler):
         pass  # one line per export would drown the console
 
 
-class OtlpHttpReceiver:
+class OtlpHttpReceiver(BackgroundHttpServer):
     """`OtlpHttpReceiver(store).start()`: OTLP/HTTP (protobuf) on host:port (0: a free
     port; see .port), accepting POSTs at `path` (default /v1/traces), in a daemon thread."""
+
+    what = "OTLP/HTTP"
 
     def __init__(
         self, store: TraceStore, host: str = "127.0.0.1", port: int = 0, path: str = OTLP_HTTP_TRACES_PATH
     ) -> None:
+        super().__init__(host, port)
         self.store = store
-        self.host = host
-        self.requested_port = port
         self.path = path
-        self.port = 0
         self.requests_received = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def endpoint(self) -> str:
@@ -205,27 +203,5 @@ class OtlpHttpReceiver:
         """What OTEL_EXPORTER_OTLP_TRACES_ENDPOINT should say: the full URL."""
         return self.endpoint + self.path
 
-    def start(self) -> OtlpHttpReceiver:
-        handler = type("Handler", (_OtlpHttpHandler,), {"receiver": self})
-        try:
-            server = ThreadingHTTPServer((self.host, self.requested_port), handler)
-        except OSError as error:
-            raise OSError(f"cannot listen for OTLP/HTTP on {self.host}:{self.requested_port}: {error}") from None
-        server.daemon_threads = True
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="otlp-http", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> OtlpHttpReceiver:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return type("Handler", (_OtlpHttpHandler,), {"receiver": self})

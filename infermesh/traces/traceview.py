@@ -17,14 +17,14 @@ from __future__ import annotations
 import html
 import json
 import math
-import threading
 import time
 import zlib
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from infermesh.traces.http_server import BackgroundHttpServer
 from infermesh.traces.store import SpanRecord, Trace, TraceStore
 
 PALETTE = (
@@ -313,16 +313,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.NOT_FOUND, _page("not found", "<h1>not found</h1>"))
 
 
-class TraceView:
+class TraceView(BackgroundHttpServer):
     """The web UI on host:port (0: a free port; see .port) in a daemon thread."""
 
+    what = "the trace view"
+
     def __init__(self, store: TraceStore, host: str = "127.0.0.1", port: int = 16686) -> None:
+        super().__init__(host, port)
         self.store = store
-        self.host = host
-        self._requested_port = port
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
 
     @property
     def url(self) -> str:
@@ -331,24 +329,5 @@ class TraceView:
     def trace_url(self, trace_id: str) -> str:
         return f"{self.url}/trace/{trace_id}"
 
-    def start(self) -> TraceView:
-        handler = type("Handler", (_Handler,), {"store": self.store})
-        server = ThreadingHTTPServer((self.host, self._requested_port), handler)
-        server.daemon_threads = True
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="traceview", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> TraceView:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return type("Handler", (_Handler,), {"store": self.store})
