@@ -65,8 +65,8 @@ async def main():
         carrier = {}
         propagate.inject(carrier)  # streams get no client span: the caller's context goes along
         for name in ("Stream", "StreamMissing"):
-            stream = channel.stream_stream(f"/t.v1.Echo/{name}")
-            call = stream(iter([b"a", b"b"]), metadata=tuple(carrier.items()), timeout=5)
+            open_stream = channel.stream_stream(f"/t.v1.Echo/{name}")
+            call = open_stream(iter([b"a", b"b"]), metadata=tuple(carrier.items()), timeout=5)
             try:
                 codes[name] = [answer async for answer in call] and "OK"
             except grpc.aio.AioRpcError as error:
