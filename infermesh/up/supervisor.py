@@ -423,7 +423,10 @@ class Mesh:
         """Envoy, and the bulk lane's own Envoy (envoy-bulk) when there is a lane."""
         for lane, topology in self._lanes():
             name = f"envoy-{lane}" if lane else "envoy"
-            config = envoy.write(topology, self.data_dir / f"{name}.json", self.tracing(), self.edge, self.tls)
+            # The lane's edge takes only the workers' calls, on loopback, for jobs the online
+            # edge already admitted (its API keys, JWTs and rate limit): none of them again.
+            edge = envoy.EdgePolicy() if lane else self.edge
+            config = envoy.write(topology, self.data_dir / f"{name}.json", self.tracing(), edge, self.tls)
             if lane and self.bulk is not None:
                 self._nice[name] = self.bulk.nice
             self._spawn("envoy", name, envoy.envoy_command(config, log_level="warn"), {})

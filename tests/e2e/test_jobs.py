@@ -339,7 +339,12 @@ def test_up_starts_supervised_workers(redis_server: RedisServer, reference_data:
     data_dir = tmp_path / "data"
     shutil.copytree(reference_data / "models", data_dir / "models")  # skip retraining
     url = redis_server.url  # the reference catalog's
-    process = start_up(data_dir, url, free_port(), "--workers", "1", "--replicas", "scoring=1")
+    # API keys at the edge: the workers send none, and the lane's own edge asks for none.
+    keys = tmp_path / "api-keys"
+    keys.write_text("e2e:a-key-of-the-online-edge\n")
+    process = start_up(
+        data_dir, url, free_port(), "--workers", "1", "--replicas", "scoring=1", "--api-key-file", str(keys)
+    )
     output: list[str] = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBS_")}
     jobs = [sys.executable, "-m", "infermesh.cli", "jobs", "--redis-url", url, "--data-dir", str(data_dir)]
