@@ -52,6 +52,7 @@ from tests.integration.envoy_harness import (
     Backend,
     Envoy,
     admin_get,
+    health_flags,
     http_call,
     running_envoy,
     start_backend,
@@ -295,7 +296,12 @@ async def test_hung_replica_costs_one_hedged_per_try_timeout(tmp_path: Path, stu
         # Round robin sends half of them to the hung replica.
         results = await asyncio.gather(*(timed_call() for _ in range(12)))
         answers = [answer for answer_list, _ in results for answer in answer_list]
-        assert answers == ["replica-1"] * 12, answers
+        if answers != ["replica-1"] * 12:
+            # Seen once in CI, never reproduced: keep what explains it (hedges sent or refused,
+            # which replica Envoy held healthy) in the failure.
+            counters = await stats(envoy, "cluster.scoring.")
+            hedging = {k: v for k, v in counters.items() if "retry" in k or "timeout" in k or "eject" in k}
+            pytest.fail(f"{answers}\nhealth: {await health_flags(envoy)}\n{hedging}\n{envoy.logs()}")
         assert hung.calls["ModelInfer"] >= 5
         # Each cost about one per-try timeout (0.05 s) before its hedge on the other
         # replica answered, not the call's deadline (5 s): generous bounds, loaded machine.
