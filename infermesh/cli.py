@@ -393,6 +393,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "bench": ("infermesh.bench.cli", "load-test the mesh or the monolith baseline and report latency/throughput"),
     "plan": ("infermesh.bench.plan", "replicas and cost for a target rate, from a bench suite result"),
     "models": ("infermesh.models.cli", "model repository tools: bench (gRPC vs raw ONNX Runtime), quantize, import"),
+    "drift": ("infermesh.drift.cli", "drift monitoring: baseline (a model's reference from your own feature data)"),
     "traces": ("infermesh.traces.cli", "receive OTLP traces and show them in a local web UI"),
     "features": ("infermesh.features.cli", "feature views: ingest CSV/Parquet files, list views, benchmark"),
     "profile": (

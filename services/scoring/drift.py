@@ -1,10 +1,13 @@
 """Model monitoring: input drift (PSI per feature) and prediction drift on a sliding window,
 against a reference histogram saved beside the model.
 
-* `ensure_drift_reference(model_file, catalog)` writes `<model dir>/<version>/drift_reference.json`
-  when the model is (re)trained: per-feature decile cut points and the share of reference
-  rows in each bin, the same for the model's predictions, and the model's sha256 (a stale
-  reference is rewritten). Seeding calls it once per model.
+* `write_drift_reference(model_file, inputs, feature_names)` writes
+  `<model dir>/<version>/drift_reference.json` from rows of the model's named inputs:
+  per-feature decile cut points and the share of reference rows in each bin, the same for
+  the model's predictions, which model input each feature comes from, and the model's
+  sha256. `infermesh drift baseline` calls it with the user's own feature file;
+  `ensure_drift_reference(model_file, catalog)` with the demo catalog when seeding (a stale
+  reference is rewritten).
 * `DriftMonitor` (one per loaded model version) takes batches of model inputs and
   predictions, keeps bin counts of the last `window_rows` rows, and every
   `evaluate_every_rows` rows computes the population stability index
@@ -20,10 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -121,6 +125,10 @@ class DriftReference:
     prediction_expected: np.ndarray  # [1, bins] fractions
     rows: int
     model_sha256: str = ""
+    # (model input, values per row) in feature order: how the features map onto a model with
+    # several named inputs. Empty: the features are the model's one input.
+    inputs: tuple[tuple[str, int], ...] = ()
+    source: str = ""  # what the reference rows were (a file name, the demo catalog)
 
     @property
     def bins(self) -> int:
@@ -135,6 +143,8 @@ class DriftReference:
         bins: int = DEFAULT_BINS,
         feature_names: Sequence[str] | None = None,
         model_sha256: str = "",
+        model_inputs: Sequence[tuple[str, int]] = (),
+        source: str = "",
     ) -> DriftReference:
         inputs = np.asarray(inputs, dtype=np.float32)
         predictions = np.asarray(predictions, dtype=np.float32).reshape(-1, 1)
@@ -146,6 +156,8 @@ class DriftReference:
         names = tuple(feature_names) if feature_names else tuple(f"f{i}" for i in range(inputs.shape[1]))
         if len(names) != inputs.shape[1]:
             raise ValueError(f"{len(names)} feature names for {inputs.shape[1]} features")
+        if model_inputs and sum(width for _, width in model_inputs) != inputs.shape[1]:
+            raise ValueError(f"model inputs {list(model_inputs)} do not add up to {inputs.shape[1]} features")
         input_cuts = quantile_cuts(inputs, bins)
         prediction_cuts = quantile_cuts(predictions, bins)
         rows = inputs.shape[0]
@@ -157,10 +169,16 @@ class DriftReference:
             prediction_expected=bin_counts(predictions, prediction_cuts) / rows,
             rows=rows,
             model_sha256=model_sha256,
+            inputs=tuple((name, int(width)) for name, width in model_inputs),
+            source=source,
         )
 
     def to_json(self) -> dict[str, Any]:
+        optional: dict[str, Any] = {"source": self.source} if self.source else {}
+        if self.inputs:
+            optional["model_inputs"] = [{"name": name, "width": width} for name, width in self.inputs]
         return {
+            **optional,
             "format": REFERENCE_FORMAT,
             "model_sha256": self.model_sha256,
             "rows": self.rows,
@@ -188,7 +206,40 @@ class DriftReference:
             prediction_expected=np.asarray([doc["prediction"]["expected"]], dtype=np.float64),
             rows=int(doc["rows"]),
             model_sha256=str(doc.get("model_sha256", "")),
+            inputs=tuple((str(i["name"]), int(i["width"])) for i in doc.get("model_inputs", ())),
+            source=str(doc.get("source", "")),
         )
+
+    def matches(self, model_inputs: Sequence[tuple[str, Sequence[int]]]) -> str:
+        """Why this reference cannot monitor a model of these (input, row shape) pairs; "" if
+        it can (a row shape with a -1 dim matches any width)."""
+        widths = {name: math.prod(shape) if min(shape, default=0) >= 0 else -1 for name, shape in model_inputs}
+        first = next(iter(widths), "")
+        expected = self.inputs or (((first, len(self.feature_names)),) if len(widths) == 1 else ())
+        if not expected:
+            return f"the reference has no model_inputs; the model has {len(widths)} inputs"
+        for name, width in expected:
+            if name not in widths:
+                return f"the reference's input {name!r} is not an input of the model"
+            if 0 <= widths[name] != width:
+                return f"the reference has {width} features for input {name!r}; the model takes {widths[name]}"
+        if len(expected) != len(widths):
+            return f"the reference covers {len(expected)} of the model's {len(widths)} inputs"
+        return ""
+
+    def feature_rows(self, inputs: np.ndarray | Mapping[str, np.ndarray], step: int = 1) -> np.ndarray:
+        """[rows, features]: every `step`-th row, of the one input or of the named inputs
+        side by side in the reference's feature order."""
+        if not isinstance(inputs, Mapping):
+            return np.asarray(inputs)[::step]
+        if not self.inputs:
+            (only,) = inputs.values()
+            return np.asarray(only)[::step]
+        parts = []
+        for name, _ in self.inputs:
+            values = np.asarray(inputs[name])[::step]
+            parts.append(values.reshape(len(values), -1))
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
     def save(self, path: Path) -> Path:
         path = Path(path)
@@ -230,23 +281,51 @@ def sample_model_inputs(
     return np.concatenate([users, items], axis=1).astype(np.float32, copy=False)
 
 
-def _predict(model_file: Path, inputs: np.ndarray) -> np.ndarray:
+def _predict(model_file: Path, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """float32 [rows]: the model's first output (its first column) for every row."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.asarray(session.run(None, {name: inputs})[0], dtype=np.float32).reshape(-1)
+    scores = np.asarray(session.run(None, dict(inputs))[0], dtype=np.float32)
+    return scores.reshape(len(scores), -1)[:, 0]
+
+
+def write_drift_reference(
+    model_file: Path,
+    inputs: Mapping[str, np.ndarray],
+    feature_names: Sequence[str],
+    *,
+    bins: int = DEFAULT_BINS,
+    source: str = "",
+) -> Path:
+    """The reference of `model_file` from rows of each of its named inputs (all of them, in
+    the model's order; `feature_names` names their values in that order), beside the model.
+    Predictions come from the model itself (ONNX Runtime, CPU)."""
+    model_file = Path(model_file)
+    layout = [(name, int(np.prod(np.shape(values)[1:]))) for name, values in inputs.items()]
+    rows = [np.asarray(values).reshape(len(values), -1).astype(np.float32) for values in inputs.values()]
+    reference = DriftReference.build(
+        np.concatenate(rows, axis=1),
+        _predict(model_file, inputs),
+        bins=bins,
+        feature_names=feature_names,
+        model_sha256=hashlib.sha256(model_file.read_bytes()).hexdigest(),
+        model_inputs=layout,
+        source=source,
+    )
+    return reference.save(reference_path(model_file))
 
 
 def ensure_drift_reference(
     model_file: Path, catalog: CatalogLike, *, rows: int = DEFAULT_REFERENCE_ROWS, bins: int = DEFAULT_BINS
 ) -> Path:
-    """Write the model's drift reference unless an up-to-date one is there; returns its path.
+    """Write the demo model's drift reference unless an up-to-date one is there (say, one
+    `infermesh drift baseline` built from other data); returns its path.
 
     Up to date: same model bytes (sha256) and bin count. Inputs are sampled like the
-    training data; predictions come from the exported model itself (ONNX Runtime, CPU).
+    training data.
     """
     model_file = Path(model_file)
     digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
@@ -259,14 +338,21 @@ def ensure_drift_reference(
         except (OSError, ValueError, KeyError):
             pass  # unreadable: rewrite it
     inputs = sample_model_inputs(catalog, rows)
-    reference = DriftReference.build(
-        inputs,
-        _predict(model_file, inputs),
+    return write_drift_reference(
+        model_file,
+        {_first_input_name(model_file): inputs},
+        reference_feature_names(inputs.shape[1]),
         bins=bins,
-        feature_names=reference_feature_names(inputs.shape[1]),
-        model_sha256=digest,
+        source="the demo catalog",
     )
-    return reference.save(path)
+
+
+def _first_input_name(model_file: Path) -> str:
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    return next(value.name for value in graph.input if value.name not in initializers)
 
 
 # --------------------------------------------------------------------------- monitor
@@ -353,19 +439,30 @@ class DriftMonitor:
         self._instruments = _Instruments(metrics, model, version, reference.feature_names) if metrics else None
 
     @classmethod
-    def for_model(cls, model_file: Path, **kwargs: Any) -> DriftMonitor | None:
-        """A monitor from the reference beside `model_file`, or None when it has none."""
+    def for_model(
+        cls, model_file: Path, model_inputs: Sequence[tuple[str, Sequence[int]]] = (), **kwargs: Any
+    ) -> DriftMonitor | None:
+        """A monitor from the reference beside `model_file`, or None when it has none, or
+        (logged) one that does not fit the model's (input, row shape) pairs `model_inputs`."""
         path = reference_path(model_file)
         if not path.is_file():
             return None
-        return cls(DriftReference.load(path), **kwargs)
+        reference = DriftReference.load(path)
+        mismatch = reference.matches(model_inputs) if model_inputs else ""
+        if mismatch:
+            from services.runtime.logs import get_logger
+
+            get_logger(__name__).warning("drift reference ignored", path=str(path), reason=mismatch)
+            return None
+        return cls(reference, **kwargs)
 
     @property
     def rows(self) -> int:
         return self._window.rows
 
-    def observe(self, inputs: np.ndarray, predictions: np.ndarray) -> DriftReport | None:
-        """Add one batch; returns a report when this batch triggered an evaluation.
+    def observe(self, inputs: np.ndarray | Mapping[str, np.ndarray], predictions: np.ndarray) -> DriftReport | None:
+        """Add one batch (one input's [rows, features], or the model's named inputs); returns
+        a report when this batch triggered an evaluation.
 
         Costs ~40 us for a 200-row batch of 64 features (32 rows binned); with
         `sample_every=n` only every n-th call does any work.
@@ -373,19 +470,19 @@ class DriftMonitor:
         self._calls += 1
         if self._calls % self.sample_every:
             return None
-        inputs = np.asarray(inputs)
         predictions = np.asarray(predictions).reshape(-1)
-        n = inputs.shape[0]
+        n = len(next(iter(inputs.values()))) if isinstance(inputs, Mapping) else len(inputs)
         if n == 0:
             return None
-        if inputs.shape[1] != len(self.reference.feature_names) or predictions.shape[0] != n:
+        # At most max_rows_per_batch rows, evenly spaced, before the inputs are put side by side.
+        step = -(-n // self.max_rows_per_batch) if n > self.max_rows_per_batch else 1
+        inputs = self.reference.feature_rows(inputs, step)
+        if inputs.ndim != 2 or inputs.shape[1] != len(self.reference.feature_names) or predictions.shape[0] != n:
             raise ValueError(
                 f"drift monitor of {self.model!r} expects [rows, {len(self.reference.feature_names)}] inputs "
                 f"and one prediction per row; got {inputs.shape} and {predictions.shape}"
             )
-        if n > self.max_rows_per_batch:
-            step = -(-n // self.max_rows_per_batch)
-            inputs, predictions = inputs[::step], predictions[::step]
+        predictions = predictions[::step]
         rows = inputs.shape[0]
         input_counts = self._input_binner.counts(inputs)
         prediction_counts = self._prediction_binner.counts(predictions)

@@ -131,17 +131,15 @@ class ModelVersion:
         self.batcher.start()
         if self.metrics is not None:
             self.metrics.publish_info(self.provider, self.io_binding)
-        # Input/prediction drift against the reference saved with the model (if it has one).
-        self.drift = (
-            DriftMonitor.for_model(
-                self.path,
-                metrics=metrics.registry if metrics is not None else None,
-                model=self.name,
-                version=self.version,
-                sample_every=4,
-            )
-            if len(self.inputs) == 1
-            else None
+        # Input/prediction drift against the reference saved with the model (if it has one
+        # that fits the model's inputs).
+        self.drift = DriftMonitor.for_model(
+            self.path,
+            [(spec.name, spec.shape[1:]) for spec in self.inputs],
+            metrics=metrics.registry if metrics is not None else None,
+            model=self.name,
+            version=self.version,
+            sample_every=4,
         )
         self.last_used = time.monotonic()
         self.state = READY
@@ -234,5 +232,5 @@ class ModelVersion:
         assert self.batcher is not None, "activate() first"
         outputs = await self.batcher.submit(prepared.inputs, prepared.rows, prepared.key, deadline, priority)
         if self.drift is not None:
-            self.drift.observe(next(iter(prepared.inputs.values())), outputs[0])
+            self.drift.observe(prepared.inputs, outputs[0])
         return outputs

@@ -1,0 +1,1 @@
+"""`infermesh drift`: the reference distributions the scoring service's drift monitor compares against."""
