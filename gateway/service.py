@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from gateway.budget import DEFAULT_DEADLINE_SECONDS, BudgetWeight, ReserveShare, StageBudgets
+from gateway.caller import record_caller
 from gateway.experiments import Experiments
 from gateway.limits import RequestLimits, check_recommend
 from gateway.metrics import GatewayMetrics
@@ -172,6 +173,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def Recommend(
         self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RecommendResponse:
+        record_caller(context)  # who the edge says called: on the span and the log lines
         check_recommend(request, self._limits)  # before any work: gateway/limits.py
         result = await self._pipeline.recommend(
             request.user_id,

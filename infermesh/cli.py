@@ -277,6 +277,21 @@ def cmd_up(args: argparse.Namespace) -> int:
                 ("API keys", f"required at the edge (x-api-key or authorization: Bearer); clients: {clients}")
             )
             curl_options += " -H 'x-api-key: <KEY>'"
+        if edge_policy.jwt is not None:
+            jwt = edge_policy.jwt
+            keys = jwt.jwks_file or jwt.jwks_uri
+            extras.append(("JWT", f"issuer {jwt.issuer}, audiences {', '.join(jwt.audiences)}; keys: {keys}"))
+            if edge_policy.accepts == "jwt":
+                curl_options += " -H 'authorization: Bearer <TOKEN>'"
+        if edge_policy.caller_rate_limit_rps is not None:
+            burst = edge_policy.caller_rate_limit_burst or edge_policy.caller_rate_limit_rps
+            extras.append(
+                (
+                    "caller rate limit",
+                    f"{edge_policy.caller_rate_limit_rps} requests/s per caller (burst {burst}), "
+                    "then 429 / RESOURCE_EXHAUSTED for that caller",
+                )
+            )
         if tls is not None:
             extras.append(("TLS", f"edge over TLS, mTLS to every replica (CA: {tls.ca_cert})"))
             curl_options += f" --cacert {tls.ca_cert}"

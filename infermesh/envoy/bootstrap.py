@@ -12,6 +12,7 @@ from infermesh.certs import CertPaths
 from infermesh.envoy.admin import admin, layered_runtime, overload_manager
 from infermesh.envoy.clusters import http_service_cluster, service_cluster
 from infermesh.envoy.common import CONNECT_TIMEOUT, REPO_ROOT, Json, http2_upstream, lb_endpoint
+from infermesh.envoy.edge_auth import jwks_clusters
 from infermesh.envoy.edge_policy import EdgePolicy
 from infermesh.envoy.http_filters import router
 from infermesh.envoy.listeners import edge_listener, http_connection_manager, internal_listener, listener
@@ -44,6 +45,7 @@ def render(
     clusters += [http_service_cluster(topology, name, tls) for name in SERVICES if topology.http_replicas.get(name)]
     if tracing is not None:
         clusters.append(collector_cluster(tracing.otlp_endpoint, tracing.protocol))
+    clusters += jwks_clusters(edge.jwt)  # a remote JWKS's server
     return {
         "admin": admin(topology.admin_port),
         "static_resources": {

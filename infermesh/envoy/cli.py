@@ -3,6 +3,8 @@
 
     python -m infermesh.envoy render --replicas scoring=2,features=1 --out x.json
     python -m infermesh.envoy render --edge-rate-limit 500 --api-key-file keys.txt
+    python -m infermesh.envoy render --jwt-issuer https://idp.example --jwt-audience infermesh \
+        --jwt-jwks-uri https://idp.example/.well-known/jwks.json --edge-caller-rate-limit 50
     python -m infermesh.envoy check     # envoy/local.json is up to date
 """
 
@@ -25,9 +27,17 @@ from infermesh.envoy.bootstrap import (
     write,
 )
 from infermesh.envoy.common import REPO_ROOT
+from infermesh.envoy.edge_auth import (
+    DEFAULT_CLOCK_SKEW_S,
+    DEFAULT_JWKS_CACHE_S,
+    JwtAuth,
+    check_jwks_file,
+    system_ca_bundle,
+)
 from infermesh.envoy.edge_policy import (
     ADMISSION_MIN_CONCURRENCY,
     DEFAULT_ADMISSION_LATENCY_MS,
+    EDGE_AUTH_CHOICES,
     EdgePolicy,
     load_api_keys,
 )
@@ -84,6 +94,30 @@ def add_edge_arguments(parser: argparse.ArgumentParser) -> None:
         help="require an API key at the edge (x-api-key or authorization: Bearer); FILE has one "
         "CLIENT:KEY per line; default: no authentication",
     )
+    add_jwt_arguments(parser)
+    parser.add_argument(
+        "--edge-auth",
+        choices=EDGE_AUTH_CHOICES,
+        default=None,
+        help="what the edge accepts: API keys, JWTs or either; default: what is configured "
+        "(--api-key-file, --jwt-issuer), either when both are",
+    )
+    parser.add_argument(
+        "--edge-caller-rate-limit",
+        type=int,
+        default=None,
+        metavar="RPS",
+        help="admit at most RPS requests/s from each caller (API-key client or JWT subject), in a bucket of "
+        "its own: one caller over its limit gets 429 / RESOURCE_EXHAUSTED, the others do not; needs "
+        "--api-key-file or --jwt-issuer; default: no limit",
+    )
+    parser.add_argument(
+        "--edge-caller-rate-burst",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --edge-caller-rate-limit: requests a caller may send at once after a quiet spell (default: RPS)",
+    )
     parser.add_argument(
         "--tls",
         type=Path,
@@ -94,13 +128,93 @@ def add_edge_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_jwt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--jwt-issuer",
+        default=None,
+        metavar="ISS",
+        help="accept bearer JWTs at the edge from this issuer (their `iss`), signed by a key of "
+        "--jwt-jwks-file or --jwt-jwks-uri, for one of the --jwt-audience; default: no JWT",
+    )
+    parser.add_argument(
+        "--jwt-audience",
+        action="append",
+        default=[],
+        metavar="AUD",
+        help="with --jwt-issuer: an audience (`aud`) a token must name; repeat for more",
+    )
+    parser.add_argument(
+        "--jwt-jwks-file", type=Path, default=None, metavar="FILE", help="the issuer's JSON Web Key Set, a file"
+    )
+    parser.add_argument(
+        "--jwt-jwks-uri",
+        default=None,
+        metavar="URI",
+        help="the issuer's JSON Web Key Set, fetched by Envoy at start and again when its cache expires",
+    )
+    parser.add_argument(
+        "--jwt-jwks-cache",
+        type=int,
+        default=DEFAULT_JWKS_CACHE_S,
+        metavar="S",
+        help="with --jwt-jwks-uri: seconds Envoy keeps the fetched keys (default %(default)s)",
+    )
+    parser.add_argument(
+        "--jwt-jwks-ca",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with an https --jwt-jwks-uri: CA bundle its server's certificate must chain to "
+        "(default: the system's, SSL_CERT_FILE or OpenSSL's default file)",
+    )
+    parser.add_argument(
+        "--jwt-clock-skew",
+        type=int,
+        default=DEFAULT_CLOCK_SKEW_S,
+        metavar="S",
+        help="with --jwt-issuer: seconds a token's exp and nbf may be off (default %(default)s)",
+    )
+
+
 def edge_policy_from_args(args: argparse.Namespace) -> EdgePolicy:
     """EdgePolicy of the add_edge_arguments flags; ValueError names what is wrong."""
     if args.edge_rate_burst is not None and args.edge_rate_limit is None:
         raise ValueError("--edge-rate-burst needs --edge-rate-limit")
+    if args.edge_caller_rate_burst is not None and args.edge_caller_rate_limit is None:
+        raise ValueError("--edge-caller-rate-burst needs --edge-caller-rate-limit")
     keys = load_api_keys(args.api_key_file) if args.api_key_file is not None else ()
     shed_latency = args.edge_shed_latency or None  # 0: off
-    return EdgePolicy(args.edge_rate_limit, args.edge_rate_burst, keys, admission_latency_ms=shed_latency)
+    return EdgePolicy(
+        args.edge_rate_limit,
+        args.edge_rate_burst,
+        keys,
+        admission_latency_ms=shed_latency,
+        jwt=jwt_auth_from_args(args),
+        auth=args.edge_auth,
+        caller_rate_limit_rps=args.edge_caller_rate_limit,
+        caller_rate_limit_burst=args.edge_caller_rate_burst,
+    )
+
+
+def jwt_auth_from_args(args: argparse.Namespace) -> JwtAuth | None:
+    jwks_flags = (args.jwt_jwks_file, args.jwt_jwks_uri, args.jwt_jwks_ca, *args.jwt_audience)
+    if args.jwt_issuer is None:
+        if any(flag is not None for flag in jwks_flags):
+            raise ValueError("the --jwt-* flags need --jwt-issuer")
+        return None
+    jwks_file = check_jwks_file(args.jwt_jwks_file) if args.jwt_jwks_file is not None else None
+    ca_file = args.jwt_jwks_ca.resolve() if args.jwt_jwks_ca is not None else None
+    if ca_file is None and (args.jwt_jwks_uri or "").startswith("https://"):
+        ca_file = system_ca_bundle()
+    return JwtAuth(
+        args.jwt_issuer,
+        tuple(args.jwt_audience),
+        jwks_file=jwks_file,
+        jwks_uri=args.jwt_jwks_uri,
+        jwks_cache_s=args.jwt_jwks_cache,
+        clock_skew_s=args.jwt_clock_skew,
+        jwks_ca_file=ca_file,
+    )
 
 
 def build_parser(prog: str = "infermesh envoy") -> argparse.ArgumentParser:

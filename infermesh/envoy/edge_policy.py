@@ -1,21 +1,38 @@
 """Admission control at the edge (an `EdgePolicy`): load shedding by adaptive concurrency
-(on by default), and opt-in a local rate limit (both 429 for REST, RESOURCE_EXHAUSTED for
-gRPC) and API-key authentication (401 before any upstream call)."""
+(on by default), and opt-in a local rate limit for the whole edge and one per caller (429
+for REST, RESOURCE_EXHAUSTED for gRPC) and authentication by API key, JWT or either (401 /
+UNAUTHENTICATED before any upstream call)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from gateway.caller import CLIENT_ID_HEADER, SUBJECT_HEADER
 from infermesh.envoy.common import EXTENSIONS_TYPE, Json
+from infermesh.envoy.edge_auth import JwtAuth, jwt_filter, skip_when_subject
 
 API_KEY_HEADER = "x-api-key"
-# Set by Envoy on authenticated requests: which client's key it was (the key itself is
-# removed before the request goes upstream). Only to be trusted with API keys on.
-CLIENT_ID_HEADER = "x-infermesh-client"
+# Set by Envoy on authenticated requests, and removed from every incoming one first
+# (edge_auth.strip_identity_headers): which client's key it was (CLIENT_ID_HEADER; the key
+# itself is removed before the request goes upstream) or the verified JWT's subject
+# (SUBJECT_HEADER; the token is removed too). Both names are the gateway's (gateway.caller).
 RATE_LIMIT_STAT_PREFIX = "edge_rate_limit"
+CALLER_RATE_LIMIT_STAT_PREFIX = "edge_caller_rate_limit"
 _RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+# A second local rate limit filter, after authentication: named apart from the first.
+_CALLER_RATE_LIMIT_FILTER = "infermesh.edge_caller_rate_limit"
 _API_KEY_FILTER = "envoy.filters.http.api_key_auth"
+# Rate-limit descriptor keys: API-key clients and JWT subjects never share a bucket.
+_CLIENT_DESCRIPTOR = "api_key_client"
+_SUBJECT_DESCRIPTOR = "jwt_subject"
+# Callers whose buckets Envoy keeps (least recently seen dropped first; one that comes back
+# starts with a full bucket).
+MAX_TRACKED_CALLERS = 10_000
+# What the edge accepts: "api-key", "jwt", or "either".
+EdgeAuth = Literal["api-key", "jwt", "either"]
+EDGE_AUTH_CHOICES: tuple[EdgeAuth, ...] = ("api-key", "jwt", "either")
 # Token refills, finest first: a smooth rate rather than one burst per second.
 _FILL_INTERVALS_MS = (50, 100, 200, 250, 500, 1000)
 ADMISSION_FILTER = "envoy.filters.http.adaptive_concurrency"
@@ -61,6 +78,12 @@ class EdgePolicy:
     api_keys: when non-empty, every request but health checks needs one of these keys,
     in `x-api-key` or `authorization: Bearer <key>`; others get 401 (gRPC UNAUTHENTICATED)
     from Envoy, without reaching a service.
+    jwt: bearer JWTs the edge accepts instead (see JwtAuth); others get 401 likewise.
+    auth: which of the two the edge accepts ("api-key", "jwt", "either"); None: what is
+    configured, either when both are.
+    caller_rate_limit_rps / _burst: requests per second each caller (API-key client or JWT
+    subject) gets, in a bucket of its own, so one caller cannot starve the others; needs
+    authentication. Within the edge's own limit, if any.
     admission_latency_ms: shed load to the gateway once its calls' median latency passes
     this target (beyond ADMISSION_MIN_CONCURRENCY calls in flight): REST gets 429 and gRPC
     RESOURCE_EXHAUSTED at once. None: no load shedding.
@@ -70,12 +93,14 @@ class EdgePolicy:
     rate_limit_burst: int | None = None
     api_keys: tuple[ApiKey, ...] = ()
     admission_latency_ms: int | None = DEFAULT_ADMISSION_LATENCY_MS
+    jwt: JwtAuth | None = None
+    auth: EdgeAuth | None = None
+    caller_rate_limit_rps: int | None = None
+    caller_rate_limit_burst: int | None = None
 
     def __post_init__(self) -> None:
-        if self.rate_limit_rps is not None and self.rate_limit_rps < 1:
-            raise ValueError(f"edge rate limit must be at least 1 request/s, got {self.rate_limit_rps}")
-        if self.rate_limit_burst is not None and self.rate_limit_burst < 1:
-            raise ValueError(f"edge rate-limit burst must be at least 1, got {self.rate_limit_burst}")
+        _check_rate("edge", self.rate_limit_rps, self.rate_limit_burst)
+        _check_rate("per-caller", self.caller_rate_limit_rps, self.caller_rate_limit_burst)
         clients = [k.client for k in self.api_keys]
         if len(set(clients)) != len(clients):
             raise ValueError("API key clients must be unique")
@@ -84,6 +109,41 @@ class EdgePolicy:
                 raise ValueError("API keys need a client name and a non-empty key")
         if self.admission_latency_ms is not None and self.admission_latency_ms < 1:
             raise ValueError(f"the load-shedding latency target must be at least 1 ms, got {self.admission_latency_ms}")
+        self._check_auth()
+
+    def _check_auth(self) -> None:
+        if self.auth is not None and self.auth not in EDGE_AUTH_CHOICES:
+            raise ValueError(f"edge authentication must be one of {', '.join(EDGE_AUTH_CHOICES)}")
+        if self.auth is not None:
+            keys_needed, jwt_needed = self.auth != "jwt", self.auth != "api-key"
+            if keys_needed != bool(self.api_keys):
+                raise ValueError(f"edge authentication {self.auth!r} {'needs' if keys_needed else 'takes no'} API keys")
+            if jwt_needed != (self.jwt is not None):
+                raise ValueError(
+                    f"edge authentication {self.auth!r} {'needs' if jwt_needed else 'takes no'} JWT settings"
+                )
+        if self.caller_rate_limit_rps is not None and self.accepts is None:
+            raise ValueError("a per-caller rate limit needs callers: API keys or JWT at the edge")
+
+    @property
+    def accepts(self) -> EdgeAuth | None:
+        """What the edge accepts, None: no authentication."""
+        if self.auth is not None:
+            return self.auth
+        if self.api_keys and self.jwt is not None:
+            return "either"
+        if self.jwt is not None:
+            return "jwt"
+        return "api-key" if self.api_keys else None
+
+
+def _check_rate(what: str, rps: int | None, burst: int | None) -> None:
+    if rps is not None and rps < 1:
+        raise ValueError(f"{what} rate limit must be at least 1 request/s, got {rps}")
+    if burst is not None and burst < 1:
+        raise ValueError(f"{what} rate-limit burst must be at least 1, got {burst}")
+    if burst is not None and rps is None:
+        raise ValueError(f"a {what} rate-limit burst needs a {what} rate limit")
 
 
 def parse_api_keys(text: str) -> tuple[ApiKey, ...]:
@@ -110,11 +170,19 @@ def load_api_keys(path: Path) -> tuple[ApiKey, ...]:
 
 
 def policy_filters(edge: EdgePolicy) -> list[Json]:
-    """The HTTP filters `edge` adds, cheapest rejection first: over the limit, then no
-    valid key (both before the request body is buffered)."""
-    filters = [_rate_limit(edge)] if edge.rate_limit_rps is not None else []
-    if edge.api_keys:
-        filters.append(_api_key_auth(edge))
+    """The HTTP filters `edge` adds, cheapest rejection first: over the edge's limit, then
+    no valid token or key, then over the caller's own limit (which needs to know the
+    caller); all before the request body is buffered."""
+    filters = [_edge_rate_limit(edge)] if edge.rate_limit_rps is not None else []
+    accepts = edge.accepts
+    if edge.jwt is not None and accepts in ("jwt", "either"):
+        filters.append(jwt_filter(edge.jwt, optional=accepts == "either"))
+    if edge.api_keys and accepts in ("api-key", "either"):
+        # Either: a request whose token was verified needs no key.
+        api_keys = _api_key_auth(edge)
+        filters.append(skip_when_subject(api_keys) if accepts == "either" else api_keys)
+    if edge.caller_rate_limit_rps is not None:
+        filters.append(_caller_rate_limit(edge))
     return filters
 
 
@@ -160,33 +228,58 @@ def admission_filter_names(edge: EdgePolicy) -> list[str]:
     return [f["name"] for f in admission_filters(edge)]
 
 
-def _rate_limit(edge: EdgePolicy) -> Json:
-    rps = edge.rate_limit_rps
-    assert rps is not None
+def _token_bucket(rps: int, burst: int | None) -> Json:
     interval_ms = next(ms for ms in _FILL_INTERVALS_MS if rps * ms % 1000 == 0)
-    always = {"numerator": 100, "denominator": "HUNDRED"}
     return {
-        "name": _RATE_LIMIT_FILTER,
-        "typed_config": {
-            "@type": f"{EXTENSIONS_TYPE}.filters.http.local_ratelimit.v3.LocalRateLimit",
-            "stat_prefix": RATE_LIMIT_STAT_PREFIX,
-            # One bucket for the whole Envoy process (all workers, all connections).
-            "token_bucket": {
-                "max_tokens": edge.rate_limit_burst or rps,
-                "tokens_per_fill": rps * interval_ms // 1000,
-                "fill_interval": f"{interval_ms / 1000:g}s",
-            },
-            # Runtime keys: an operator can switch it off or to shadow mode (enabled but
-            # not enforced) through the admin /runtime_modify endpoint without a restart.
-            "filter_enabled": {"runtime_key": "edge_rate_limit.enabled", "default_value": always},
-            "filter_enforced": {"runtime_key": "edge_rate_limit.enforced", "default_value": always},
-            # 429 for REST; a gRPC caller gets RESOURCE_EXHAUSTED instead of the UNAVAILABLE
-            # that HTTP 429 maps to, so clients do not retry into the limit.
-            "rate_limited_as_resource_exhausted": True,
-            # x-ratelimit-limit / -remaining / -reset on every response.
-            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
-        },
+        "max_tokens": burst or rps,
+        "tokens_per_fill": rps * interval_ms // 1000,
+        "fill_interval": f"{interval_ms / 1000:g}s",
     }
+
+
+def _local_rate_limit(stat_prefix: str, headers: bool) -> Json:
+    always = {"numerator": 100, "denominator": "HUNDRED"}
+    config: Json = {
+        "@type": f"{EXTENSIONS_TYPE}.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": stat_prefix,
+        # Runtime keys: an operator can switch it off or to shadow mode (enabled but
+        # not enforced) through the admin /runtime_modify endpoint without a restart.
+        "filter_enabled": {"runtime_key": f"{stat_prefix}.enabled", "default_value": always},
+        "filter_enforced": {"runtime_key": f"{stat_prefix}.enforced", "default_value": always},
+        # 429 for REST; a gRPC caller gets RESOURCE_EXHAUSTED instead of the UNAVAILABLE
+        # that HTTP 429 maps to, so clients do not retry into the limit.
+        "rate_limited_as_resource_exhausted": True,
+    }
+    if headers:  # x-ratelimit-limit / -remaining / -reset on every response.
+        config["enable_x_ratelimit_headers"] = "DRAFT_VERSION_03"
+    return config
+
+
+def _edge_rate_limit(edge: EdgePolicy) -> Json:
+    assert edge.rate_limit_rps is not None
+    # The caller's limit, if any, is the one a caller meets first: its headers win.
+    config = _local_rate_limit(RATE_LIMIT_STAT_PREFIX, headers=edge.caller_rate_limit_rps is None)
+    # One bucket for the whole Envoy process (all workers, all connections).
+    config["token_bucket"] = _token_bucket(edge.rate_limit_rps, edge.rate_limit_burst)
+    return {"name": _RATE_LIMIT_FILTER, "typed_config": config}
+
+
+def _caller_rate_limit(edge: EdgePolicy) -> Json:
+    """A bucket per API-key client and per JWT subject (Envoy's dynamic descriptors: an
+    empty value matches every value, each with a bucket of its own), no shared one."""
+    assert edge.caller_rate_limit_rps is not None
+    bucket = _token_bucket(edge.caller_rate_limit_rps, edge.caller_rate_limit_burst)
+    keyed = {CLIENT_ID_HEADER: _CLIENT_DESCRIPTOR, SUBJECT_HEADER: _SUBJECT_DESCRIPTOR}
+    config = _local_rate_limit(CALLER_RATE_LIMIT_STAT_PREFIX, headers=True)
+    config["descriptors"] = [{"entries": [{"key": key, "value": ""}], "token_bucket": bucket} for key in keyed.values()]
+    # A request carries one identity header at most (set by authentication): the
+    # descriptor of the other is not made, nor any without one.
+    config["rate_limits"] = [
+        {"actions": [{"request_headers": {"header_name": header, "descriptor_key": key}}]}
+        for header, key in keyed.items()
+    ]
+    config["max_dynamic_descriptors"] = MAX_TRACKED_CALLERS
+    return {"name": _CALLER_RATE_LIMIT_FILTER, "typed_config": config}
 
 
 def _api_key_auth(edge: EdgePolicy) -> Json:

@@ -17,6 +17,7 @@ import grpc
 
 from infermesh.certs import CertPaths
 from infermesh.envoy.common import EXTENSIONS_TYPE, Json, socket_address
+from infermesh.envoy.edge_auth import strip_identity_headers
 from infermesh.envoy.edge_policy import (
     EdgePolicy,
     admission_filter_names,
@@ -68,7 +69,7 @@ TRACED_ACCESS_LOG_FORMAT: Mapping[str, str] = {**ACCESS_LOG_FORMAT, "trace_id": 
 # transcoder. 404 (an unmapped path) is already JSON (routes.not_found_route).
 LOCAL_REPLY_CODES: Mapping[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,  # the body is not JSON, or a field has the wrong type
-    401: grpc.StatusCode.UNAUTHENTICATED,  # no or a wrong API key
+    401: grpc.StatusCode.UNAUTHENTICATED,  # no valid API key or token
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,  # body over the edge's limit
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,  # over the edge's rate limit, or shed (admission control)
     500: grpc.StatusCode.INTERNAL,
@@ -132,7 +133,11 @@ def edge_listener(
     # AUTO: HTTP/1.1 (REST) and prior-knowledge HTTP/2 (gRPC) share the port.
     hcm = http_connection_manager("edge", "AUTO", _edge_routes(topology, edge), filters, tracing, edge=True)
     hcm["typed_config"]["route_config"]["max_direct_response_body_size_bytes"] = MAX_OPENAPI_BYTES
-    hcm["typed_config"]["local_reply_config"] = _json_local_replies(oip_http=bool(topology.http_replicas.get(SCORING)))
+    hcm["typed_config"]["local_reply_config"] = _json_local_replies(
+        oip_http=bool(topology.http_replicas.get(SCORING)), forbidden_as_unauthenticated=edge.jwt is not None
+    )
+    # Identity headers come from the edge's authentication only, never from the caller.
+    hcm["typed_config"]["early_header_mutation_extensions"] = [strip_identity_headers()]
     socket = downstream_tls(tls) if tls is not None else None
     return listener("edge", topology.listen_host, topology.edge_port, hcm, socket)
 
@@ -205,62 +210,80 @@ def _access_log(traced: bool = False) -> list[Json]:
     ]
 
 
-def _json_local_replies(oip_http: bool = False) -> Json:
+def _json_local_replies(oip_http: bool = False, forbidden_as_unauthenticated: bool = False) -> Json:
     """Envoy's own error replies as JSON google.rpc.Status for REST requests; gRPC requests
     keep Envoy's conversion to grpc-status / grpc-message. With `oip_http`, those to the
-    Open Inference Protocol's HTTP paths (/v2...) are the protocol's {"error": "..."}."""
-    # REST: content-type is not gRPC's, or the transcoder has already rewritten the request
-    # to gRPC (it keeps the REST path in x-envoy-original-path) and then refused its body.
-    not_grpc = {
-        "or_filter": {
-            "filters": [
-                {
-                    "header_filter": {
-                        "header": {
-                            "name": "content-type",
-                            "string_match": {"prefix": "application/grpc"},
-                            "invert_match": True,
-                        }
-                    }
-                },
-                {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True}}},
-            ]
-        }
-    }
-    mappers = [_oip_http_local_replies()] if oip_http else []
-    for status, code in LOCAL_REPLY_CODES.items():
-        mappers.append(
-            {
-                "filter": {"and_filter": {"filters": [_is_status(status), not_grpc]}},
-                "body_format_override": {
-                    "json_format": {"code": code.value[0], "message": "%LOCAL_REPLY_BODY%", "details": []},
-                    "content_type": "application/json",
-                },
-            }
-        )
+    Open Inference Protocol's HTTP paths (/v2...) are the protocol's {"error": "..."}.
+    `forbidden_as_unauthenticated`: Envoy's own 403s become 401 / UNAUTHENTICATED (the JWT
+    filter answers 403 to a token for another audience or without a subject: a credential
+    the edge refuses, like any other)."""
+    mappers = []
+    if forbidden_as_unauthenticated:
+        unauthenticated = LOCAL_REPLY_CODES[401]
+        rewrites = [_oip_http_local_replies(403)] if oip_http else []
+        rewrites += [_rest_local_reply(403, unauthenticated), _grpc_local_reply(403, unauthenticated)]
+        mappers += [{**mapper, "status_code": 401} for mapper in rewrites]
+    if oip_http:
+        mappers.append(_oip_http_local_replies())
+    mappers += [_rest_local_reply(status, code) for status, code in LOCAL_REPLY_CODES.items()]
     # The rest are gRPC requests (the first matching mapper wins): a grpc-status of our own
     # wins over the one Envoy derives from the HTTP status.
-    for status, code in GRPC_LOCAL_REPLY_CODES.items():
-        mappers.append(
-            {
-                "filter": _is_status(status),
-                "headers_to_add": [
-                    {
-                        "header": {"key": "grpc-status", "value": str(code.value[0])},
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                    }
-                ],
-            }
-        )
+    mappers += [_grpc_local_reply(status, code) for status, code in GRPC_LOCAL_REPLY_CODES.items()]
     return {"mappers": mappers}
 
 
-def _oip_http_local_replies() -> Json:
-    """Any reply of Envoy's own on /v2 or under /v2/ (413 body too large, 429, 401, 503 no
-    healthy replica, 504...): the status kept, the body the protocol's error object."""
-    oip_path = {"safe_regex": {"regex": f"^{OIP_HTTP_PATH}([/?].*)?$"}}
+# REST: content-type is not gRPC's, or the transcoder has already rewritten the request to
+# gRPC (it keeps the REST path in x-envoy-original-path) and then refused its body.
+_NOT_GRPC = {
+    "or_filter": {
+        "filters": [
+            {
+                "header_filter": {
+                    "header": {
+                        "name": "content-type",
+                        "string_match": {"prefix": "application/grpc"},
+                        "invert_match": True,
+                    }
+                }
+            },
+            {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True}}},
+        ]
+    }
+}
+
+
+def _rest_local_reply(status: int, code: grpc.StatusCode) -> Json:
     return {
-        "filter": {"header_filter": {"header": {"name": ":path", "string_match": oip_path}}},
+        "filter": {"and_filter": {"filters": [_is_status(status), _NOT_GRPC]}},
+        "body_format_override": {
+            "json_format": {"code": code.value[0], "message": "%LOCAL_REPLY_BODY%", "details": []},
+            "content_type": "application/json",
+        },
+    }
+
+
+def _grpc_local_reply(status: int, code: grpc.StatusCode) -> Json:
+    return {
+        "filter": _is_status(status),
+        "headers_to_add": [
+            {
+                "header": {"key": "grpc-status", "value": str(code.value[0])},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+    }
+
+
+def _oip_http_local_replies(status: int | None = None) -> Json:
+    """Any reply of Envoy's own on /v2 or under /v2/ (413 body too large, 429, 401, 503 no
+    healthy replica, 504...; only `status` if given): the status kept, the body the
+    protocol's error object."""
+    oip_path = {"safe_regex": {"regex": f"^{OIP_HTTP_PATH}([/?].*)?$"}}
+    path_filter: Json = {"header_filter": {"header": {"name": ":path", "string_match": oip_path}}}
+    if status is not None:
+        path_filter = {"and_filter": {"filters": [_is_status(status), path_filter]}}
+    return {
+        "filter": path_filter,
         "body_format_override": {
             "json_format": {"error": "%LOCAL_REPLY_BODY%"},
             "content_type": "application/json",
