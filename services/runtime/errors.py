@@ -52,6 +52,10 @@ class FailedPrecondition(InfermeshError):
     pass
 
 
+class PermissionDenied(InfermeshError):
+    """The caller proved who it is (a client certificate), but that identity is not let in."""
+
+
 class Internal(InfermeshError):
     """The service failed in a way no retry or other request fixes (a bug, a broken model)."""
 
@@ -65,6 +69,7 @@ STATUS_FOR_ERROR: dict[type[InfermeshError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Internal: grpc.StatusCode.INTERNAL,
 }
 # A downstream call's status, seen by a caller: which domain error it becomes.
@@ -78,6 +83,7 @@ HTTP_STATUS_FOR_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.INTERNAL: 500,

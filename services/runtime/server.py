@@ -12,7 +12,9 @@ import functools
 import gc
 import os
 import signal
+import ssl
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
@@ -304,8 +306,11 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
 class TlsSettings(ServiceSettings):
     """`<SERVICE>_TLS_CERT` and `_TLS_KEY` (PEM files): serve TLS instead of plaintext; with
     `<SERVICE>_TLS_CLIENT_CA` too, require a client certificate signed by that CA (mTLS:
-    only Envoy, holding the mesh's client certificate, gets through). `infermesh certs`
-    makes them, `infermesh up --tls DIR` sets them."""
+    only Envoy, holding the mesh's client certificate, gets through), and with
+    `<SERVICE>_TLS_CLIENT_NAMES`, one that names one of those clients. The files are re-read
+    when they change (a renewed certificate or a Kubernetes Secret update): new connections
+    get the new certificate, no restart. `infermesh certs` makes them, `infermesh up --tls
+    DIR` sets them; on Kubernetes, docs/security.md."""
 
     # Each service reads these with its own prefix: tls_settings_class(service).
     model_config = SettingsConfigDict(env_prefix="<SERVICE>_")
@@ -315,14 +320,32 @@ class TlsSettings(ServiceSettings):
     tls_client_ca: str = Field(
         "", description="PEM CA bundle: clients must present a certificate it signed (mTLS); empty: none asked."
     )
+    tls_client_names: str = Field(
+        "",
+        description="Comma-separated DNS names: a client certificate must name one of them (SAN), or its calls "
+        "get PERMISSION_DENIED; empty: any certificate the CA signed. Needs the client CA.",
+    )
+    plaintext_health_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="With TLS, also serve grpc.health.v1 alone, in plaintext, on this port, for probes that "
+        "cannot speak TLS (the kubelet's gRPC probes); 0: none.",
+    )
 
     @model_validator(mode="after")
     def _files_go_together(self) -> TlsSettings:
-        cert, key, client_ca = (self.variable(name) for name in ("tls_cert", "tls_key", "tls_client_ca"))
+        cert, key, client_ca, names = (
+            self.variable(name) for name in ("tls_cert", "tls_key", "tls_client_ca", "tls_client_names")
+        )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError(f"{cert} and {key} go together: set both or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError(f"{client_ca} needs {cert} and {key}")
+        if self.client_names and not self.tls_client_ca:
+            raise ValueError(f"{names} needs {client_ca}: names are checked on certificates that CA signed")
+        if self.plaintext_health_port and not self.tls_cert:
+            raise ValueError(f"{self.variable('plaintext_health_port')} is for TLS servers: set {cert} and {key}")
         return self
 
     @property
@@ -330,6 +353,10 @@ class TlsSettings(ServiceSettings):
         if not self.tls_cert:
             return "plaintext"
         return "mtls" if self.tls_client_ca else "tls"
+
+    @property
+    def client_names(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.tls_client_names.split(",") if name.strip())
 
 
 @functools.cache
@@ -343,21 +370,215 @@ def load_tls_settings(service: str, environ: Mapping[str, str] | None = None) ->
     return load_settings(tls_settings_class(service), environ)
 
 
+class CertificateFiles:
+    """The server's certificate, key and client CA as files, re-read when they change.
+
+    grpc asks `fetch` before every TLS handshake (dynamic_ssl_server_credentials): a stat of
+    each file tells whether anything changed; only then are they read, and a new pair is
+    used only once the key matches the certificate, so a rotation caught half-written (or a
+    bad file) keeps the current certificate until the files are whole again."""
+
+    def __init__(self, tls: TlsSettings) -> None:
+        self._paths = tuple(Path(p) for p in (tls.tls_cert, tls.tls_key, tls.tls_client_ca) if p)
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._signature = self._stat()
+        self._refused: tuple[object, ...] | None = None
+        self.current = self._load()
+
+    def _stat(self) -> tuple[object, ...]:
+        signature: list[object] = []
+        for path in self._paths:
+            try:
+                stat = path.stat()  # follows symlinks: a Secret volume swaps its ..data link
+            except OSError as error:
+                signature.append(error.errno)
+            else:
+                signature.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
+        return tuple(signature)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        """The files' configuration; SettingsError if one is unreadable or the key is not the certificate's."""
+        tls = self._tls
+        cert, key = _read(tls.tls_cert), _read(tls.tls_key)
+        client_ca = _read(tls.tls_client_ca) if tls.tls_client_ca else None
+        _check_pair(tls, cert, key, client_ca)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """A new configuration when the files changed and are whole, else None (keep the current)."""
+        signature = self._stat()
+        if signature == self._signature:
+            return None
+        with self._lock:  # handshakes may ask from several grpc threads at once
+            if signature == self._signature or signature == self._refused:
+                return None
+            try:
+                configuration = self._load()
+            except SettingsError as error:
+                self._refused = signature
+                log.warning(
+                    "TLS files changed but cannot be used yet; keeping the current certificate", error=str(error)
+                )
+                return None
+            if self._stat() != signature:  # changed while being read: try again on the next handshake
+                return None
+            self._signature, self.current = signature, configuration
+            log.info("TLS certificate reloaded", certificate=str(self._paths[0]))
+            return configuration
+
+    def credentials(self) -> grpc.ServerCredentials:
+        # grpc's stubs say the fetcher always returns a configuration; None (no change) is documented.
+        fetch: Any = self.fetch
+        return grpc.dynamic_ssl_server_credentials(
+            self.current, fetch, require_client_authentication=bool(self._tls.tls_client_ca)
+        )
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise SettingsError(f"cannot read TLS file {path}: {error.strerror}") from None
+
+
+def _check_pair(tls: TlsSettings, cert: bytes, key: bytes, client_ca: bytes | None) -> None:
+    """SettingsError unless `key` is the private key of `cert` and `client_ca` parses:
+    grpc would only find out at the first handshake, and fail every one after."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # ssl loads key pairs from files only: the ones just read, unchanged (fetch re-checks).
+        context.load_cert_chain(tls.tls_cert, tls.tls_key)
+        if Path(tls.tls_cert).read_bytes() != cert or Path(tls.tls_key).read_bytes() != key:
+            raise SettingsError(f"{tls.tls_cert} or {tls.tls_key} changed while being read")
+        if client_ca is not None:
+            context.load_verify_locations(cadata=client_ca.decode("ascii", errors="replace"))
+    except (ssl.SSLError, OSError, ValueError) as error:
+        cert_var, key_var = tls.variable("tls_cert"), tls.variable("tls_key")
+        raise SettingsError(
+            f"{cert_var}, {key_var} or {tls.variable('tls_client_ca')}: not a PEM certificate with its key "
+            f"and a PEM CA ({type(error).__name__}: {str(error)[:120]})"
+        ) from None
+
+
 def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
-    """None for plaintext; files are read now, so a bad path fails at start."""
+    """None for plaintext; files are read now, so a bad path fails at start, and again
+    whenever they change (CertificateFiles). grpc binds reloading credentials to one
+    server: make them per server."""
     if tls.mode == "plaintext":
         return None
+    return CertificateFiles(tls).credentials()
 
-    def read(path: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError as error:
-            raise SettingsError(f"cannot read TLS file {path}: {error.strerror}") from None
 
-    pair = [(read(tls.tls_key), read(tls.tls_cert))]
-    if tls.tls_client_ca:
-        return grpc.ssl_server_credentials(pair, root_certificates=read(tls.tls_client_ca), require_client_auth=True)
-    return grpc.ssl_server_credentials(pair)
+class ReloadingSslContext:
+    """TLS for a service's HTTP server (ssl, not grpc) that, like the gRPC server's, re-reads
+    its files when they change: each handshake is switched to the context of the current
+    files (`context.sni_callback` runs on every ClientHello, SNI or not)."""
+
+    def __init__(self, tls: TlsSettings) -> None:
+        self._files = CertificateFiles(tls)  # validates the files now, and tracks changes
+        self._tls = tls
+        self.context = self._build()
+        self._current = self.context
+
+    def _build(self) -> ssl.SSLContext:
+        tls = self._tls
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls.tls_cert, tls.tls_key)
+        if tls.tls_client_ca:
+            context.load_verify_locations(cafile=tls.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.sni_callback = self._on_hello
+        return context
+
+    def _on_hello(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        if self._files.fetch() is not None:  # changed, and the new files are whole
+            try:
+                self._current = self._build()
+            except (ssl.SSLError, OSError) as error:
+                log.warning("TLS files changed but cannot be loaded; keeping the current certificate", error=str(error))
+        connection.context = self._current
+
+
+class ClientNameInterceptor(grpc.aio.ServerInterceptor):
+    """mTLS with named clients: a call whose client certificate names none of `names` (a
+    SAN DNS entry) gets PERMISSION_DENIED before any handler runs, probes included; the CA
+    alone would let any workload holding a certificate it signed (another service) in."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self._names = frozenset(name.encode() for name in names)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        names = context.auth_context().get("x509_subject_alternative_name", ())
+        if self._names.isdisjoint(names):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this client's certificate is not allowed here")
+
+    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        admit = self._admit
+        codecs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            unary_unary: Any = handler.unary_unary
+
+            async def checked_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await admit(context)
+                return await unary_unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(checked_unary, **codecs)
+        if handler.stream_unary is not None:
+            stream_unary: Any = handler.stream_unary
+
+            async def checked_stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                await admit(context)
+                return await stream_unary(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(checked_stream_unary, **codecs)
+        streaming: Any = handler.unary_stream or handler.stream_stream
+
+        async def checked_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await admit(context)
+            response = streaming(request, context)
+            if hasattr(response, "__aiter__"):
+                async for item in response:
+                    yield item
+            else:  # a coroutine writing with context.write
+                await response
+
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(checked_stream, **codecs)
+        return grpc.stream_stream_rpc_method_handler(checked_stream, **codecs)
+
+
+async def start_plaintext_health(health_servicer: health.aio.HealthServicer, host: str, port: int) -> grpc.aio.Server:
+    """grpc.health.v1 alone, in plaintext, for probes that cannot speak TLS; health says
+    only SERVING or not, and a NetworkPolicy keeps other pods off the port."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as error:
+        raise SystemExit(f"cannot serve plaintext health on {host}:{port} ({error}); is the port in use?") from None
+    await server.start()
+    return server
 
 
 class HealthPublisher:
@@ -390,22 +611,21 @@ async def _watch_readiness(service: Service, publisher: HealthPublisher, interva
 
 async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event | None = None) -> None:
     """Run `service` until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
-    server = grpc.aio.server(
-        interceptors=[
-            RequestInterceptor(service.metrics.rpc(), trace_id_metadata=settings.trace_id_metadata),
-        ],
-        options=server_options(settings),
-    )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service.register(server)
-    reflection.enable_server_reflection((*service.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{settings.host}:{settings.port}"
     try:
         tls = load_tls_settings(service.name)
         credentials = server_credentials(tls)
     except SettingsError as error:
         raise SystemExit(f"{service.name}: {error}") from None
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if tls.client_names:
+        interceptors.append(ClientNameInterceptor(tls.client_names))
+    interceptors.append(RequestInterceptor(service.metrics.rpc(), trace_id_metadata=settings.trace_id_metadata))
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service.register(server)
+    reflection.enable_server_reflection((*service.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{settings.host}:{settings.port}"
     try:
         if credentials is None:
             server.add_insecure_port(address)
@@ -425,6 +645,12 @@ async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event 
     publisher = HealthPublisher(health_servicer, service.grpc_services)
     await publisher.publish(False, "starting")
     await server.start()
+    health_server = None
+    if tls.plaintext_health_port:
+        try:
+            health_server = await start_plaintext_health(health_servicer, settings.host, tls.plaintext_health_port)
+        except SystemExit as error:
+            raise SystemExit(f"{service.name}: {error}") from None
     loop = asyncio.get_running_loop()
     log.info("listening", address=address, transport=tls.mode, event_loop=type(loop).__module__.split(".")[0])
     await service.start()
@@ -450,6 +676,8 @@ async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event 
         if settings.drain_seconds > 0:
             await asyncio.sleep(settings.drain_seconds)
         await server.stop(settings.grace_seconds)
+        if health_server is not None:
+            await health_server.stop(None)
         # A service whose close() hangs must not keep the process (and a rollout) waiting.
         try:
             await asyncio.wait_for(service.close(), settings.grace_seconds)

@@ -6,7 +6,8 @@ API key required at the edge and a local rate limit. Checked with real clients:
 
 * a request over TLS trusting the generated CA, with a valid key, gets ranked items;
 * without a key (or with a wrong one): 401 / UNAUTHENTICATED, and the gateway never sees it;
-* a replica refuses plaintext clients and TLS clients without a client certificate;
+* a replica refuses plaintext clients, TLS clients without a client certificate, and
+  clients whose certificate names another service than Envoy;
 * beyond the configured rate: 429 / RESOURCE_EXHAUSTED, while admitted requests succeed
   with their usual latency.
 """
@@ -175,6 +176,23 @@ def test_services_refuse_clients_without_the_mesh_client_certificate(secure_mesh
     with grpc.secure_channel(address, certs.client_credentials(secure_mesh.certs)) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("service", [GATEWAY, SCORING])
+def test_services_refuse_a_certificate_that_names_another_service(secure_mesh: SecureMesh, service: str) -> None:
+    """The gateway's certificate: signed by the mesh's CA and fit for client use, but it
+    names the gateway, and replicas let in only Envoy's name (<SERVICE>_TLS_CLIENT_NAMES)."""
+    paths = secure_mesh.certs
+    address = secure_mesh.mesh.topology.replicas[service][0].address
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=paths.ca_cert.read_bytes(),
+        private_key=paths.service_key(GATEWAY).read_bytes(),
+        certificate_chain=paths.service_cert(GATEWAY).read_bytes(),
+    )
+    request = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE_NAMES[service])
+    with grpc.secure_channel(address, credentials) as channel, pytest.raises(grpc.RpcError) as error:
+        health_pb2_grpc.HealthStub(channel).Check(request, timeout=5)
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def _https_get(

@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from gateway import experiments
-from infermesh import envoy, kubernetes
+from infermesh import certs, envoy, kubernetes
+from infermesh.envoy import sds
 from services.runtime.topology import BACKENDS, DEFAULT_EDGE_PORT, HEALTH_SERVICE_NAMES, HTTP_SERVICES, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,11 +137,13 @@ def test_service_objects_share_the_services_name(built: tuple[str, list[Obj]], s
 def test_native_grpc_probes_use_the_health_name(built: tuple[str, list[Obj]], service: str) -> None:
     _, objs = built
     container = _container(objs, service)
+    # With mTLS the kubelet (which cannot speak TLS) asks the plaintext health-only port.
+    health_port = _env(container).get(f"{service.upper()}_PLAINTEXT_HEALTH_PORT")
+    port = int(health_port) if health_port else kubernetes.service_port(service)
+    if health_port:
+        assert {"name": "health", "containerPort": port} in container["ports"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {
-            "port": kubernetes.service_port(service),
-            "service": HEALTH_SERVICE_NAMES[service],
-        }, probe
+        assert container[probe]["grpc"] == {"port": port, "service": HEALTH_SERVICE_NAMES[service]}, probe
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -199,17 +202,26 @@ def test_envoy_configmap_is_a_fresh_rendering(built: tuple[str, list[Obj]]) -> N
     volumes = _get(objs, "Deployment", kubernetes.ENVOY)["spec"]["template"]["spec"]["volumes"]
     (config_volume,) = [v for v in volumes if v["name"] == "config"]
     configmap = _get(objs, "ConfigMap", config_volume["configMap"]["name"])
-    variant = "tls" if overlay == "production" else "plain"
+    variant = "mtls" if overlay == "production" else "plain"
     assert configmap["data"]["envoy.json"] == envoy.to_json(kubernetes.render_config(variant))
+    if variant == "mtls":
+        resources = sds.sds_resources(kubernetes.SDS_FILES)
+        assert {name: configmap["data"][name] for name in resources} == {
+            name: envoy.to_json(resource) for name, resource in resources.items()
+        }
     args = _container(objs, kubernetes.ENVOY)["args"]
     assert args[:2] == ["-c", "/etc/envoy/envoy.json"]
 
 
-def test_tls_mounts_the_certificate_where_the_config_reads_it(production: list[Obj]) -> None:
+def test_tls_mounts_the_certificates_where_the_config_reads_them(production: list[Obj]) -> None:
     spec = _get(production, "Deployment", kubernetes.ENVOY)["spec"]["template"]["spec"]
-    (volume,) = [v for v in spec["volumes"] if v.get("secret")]
-    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
-    assert mount["mountPath"] == str(kubernetes.TLS_DIR) and mount["readOnly"] is True
+    secrets = {v["secret"]["secretName"]: v["name"] for v in spec["volumes"] if v.get("secret")}
+    mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+    wanted = {"edge-tls": kubernetes.TLS_DIR, "envoy-mtls": kubernetes.MTLS_DIR}
+    assert set(secrets) == set(wanted)
+    for secret, directory in wanted.items():
+        mount = mounts[secrets[secret]]
+        assert mount["mountPath"] == str(directory) and mount["readOnly"] is True
 
 
 # ------------------------------------------------------------------- termination
@@ -370,3 +382,183 @@ def test_scoring_mounts_the_model_repository_read_only(built: tuple[str, list[Ob
 
 def test_envoy_kubernetes_configs_pass_envoy_validate() -> None:
     assert kubernetes.validate_configs() == list(kubernetes.CONFIG_FILES)
+
+
+# ------------------------------------------------------------------- mTLS inside the cluster
+
+TLS_TYPES = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+
+
+def _production_envoy_config(production: list[Obj]) -> tuple[Obj, dict[str, str]]:
+    """The production Envoy's bootstrap and its ConfigMap's files."""
+    volumes = _get(production, "Deployment", kubernetes.ENVOY)["spec"]["template"]["spec"]["volumes"]
+    (config_volume,) = [v for v in volumes if v["name"] == "config"]
+    data = _get(production, "ConfigMap", config_volume["configMap"]["name"])["data"]
+    return yaml.safe_load(data["envoy.json"]), data
+
+
+def _san_names(common: Obj) -> list[str]:
+    validation = common["combined_validation_context"]
+    assert validation["validation_context_sds_secret_config"]["name"] == sds.MESH_CA
+    matchers = validation["default_validation_context"]["match_typed_subject_alt_names"]
+    assert all(m["san_type"] == "DNS" for m in matchers)
+    return [m["matcher"]["exact"] for m in matchers]
+
+
+def test_production_envoy_has_mtls_on_every_internal_hop(production: list[Obj]) -> None:
+    config, _ = _production_envoy_config(production)
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    internal = sds.mtls_clusters(config)
+    assert set(SERVICES) <= set(internal) and {f"{s}_http" for s in HTTP_SERVICES} <= set(internal)
+    for name in internal:
+        context = clusters[name]["transport_socket"]["typed_config"]
+        assert context["@type"] == f"{TLS_TYPES}.UpstreamTlsContext", name
+        service = name.removesuffix("_http")
+        # The replica's certificate must name the cluster's service; Envoy presents its own.
+        assert _san_names(context["common_tls_context"]) == [service], name
+        (certificate,) = context["common_tls_context"]["tls_certificate_sds_secret_configs"]
+        assert certificate["name"] == sds.MESH_CERTIFICATE
+    listeners = {x["name"]: x for x in config["static_resources"]["listeners"]}
+    for backend in BACKENDS:
+        (chain,) = listeners[backend]["filter_chains"]
+        context = chain["transport_socket"]["typed_config"]
+        assert context["@type"] == f"{TLS_TYPES}.DownstreamTlsContext"
+        assert context["require_client_certificate"] is True
+        assert _san_names(context["common_tls_context"]) == ["gateway"]
+    for chain in listeners["edge"]["filter_chains"]:
+        assert chain["transport_socket"]["typed_config"]["@type"] == f"{TLS_TYPES}.DownstreamTlsContext"
+
+
+def test_production_envoy_reads_its_certificates_from_watched_secret_mounts(production: list[Obj]) -> None:
+    """Every SDS resource is in the ConfigMap where the config looks for it, and names files
+    of a mounted Secret, whose directory Envoy watches (rotation without a restart)."""
+    config, data = _production_envoy_config(production)
+    spec = _get(production, "Deployment", kubernetes.ENVOY)["spec"]["template"]["spec"]
+    secret_volumes = {v["name"] for v in spec["volumes"] if v.get("secret")}
+    secret_dirs = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"] if m["name"] in secret_volumes}
+    text = envoy.to_json(config)
+    for name, resource_text in data.items():
+        if not name.startswith("sds-"):
+            continue
+        assert str(kubernetes.CONFIG_DIR / name) in text, f"{name} is never read"
+        (secret,) = yaml.safe_load(resource_text)["resources"]
+        body = secret.get("tls_certificate") or secret["validation_context"]
+        assert body["watched_directory"]["path"] in secret_dirs, name
+        files = [v["filename"] for k, v in body.items() if isinstance(v, dict) and "filename" in v]
+        assert files and all(str(Path(f).parent) == body["watched_directory"]["path"] for f in files), name
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_production_service_serves_mtls_from_its_secret(production: list[Obj], service: str) -> None:
+    container = _container(production, service)
+    env = _env(container)
+    prefix = service.upper()
+    files = [Path(env[f"{prefix}_TLS_{name}"]) for name in ("CERT", "KEY", "CLIENT_CA")]
+    spec = _get(production, "Deployment", service)["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == f"{service}-mtls"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    assert {f.parent for f in files} == {Path(mount["mountPath"])}
+    assert [f.name for f in files] == ["tls.crt", "tls.key", "ca.crt"]
+    # Only Envoy's certificate gets in.
+    assert env[f"{prefix}_TLS_CLIENT_NAMES"] == certs.ENVOY_NAME
+    if service == "gateway":
+        # ... and the gateway dials Envoy's backend listeners with its own certificate.
+        assert [Path(env[f"MESH_TLS_{n}"]) for n in ("CERT", "KEY", "CA")] == files
+
+
+def test_cert_manager_issues_every_mtls_secret(production: list[Obj]) -> None:
+    certificates = {c["spec"]["secretName"]: c for c in production if c["kind"] == "Certificate"}
+    issuers = {i["metadata"]["name"] for i in production if i["kind"] == "Issuer"}
+    for name in (*SERVICES, kubernetes.ENVOY):
+        spec = certificates[f"{name}-mtls"]["spec"]
+        assert spec["dnsNames"] == [name]  # the name Envoy (or a service) checks
+        assert spec["issuerRef"]["name"] in issuers
+        assert spec["privateKey"]["rotationPolicy"] == "Always"
+        client = name in (kubernetes.ENVOY, "gateway")
+        assert ("client auth" in spec["usages"]) is client, name
+    for certificate in certificates.values():
+        assert certificate["spec"]["issuerRef"]["name"] in issuers
+
+
+# ------------------------------------------------------------------- NetworkPolicies
+
+
+def _selects(selector: Obj, labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def _pod_labels(production: list[Obj]) -> dict[str, dict[str, str]]:
+    return {
+        o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"] for o in production if o["kind"] in WORKLOADS
+    }
+
+
+def _ingress_sources(production: list[Obj], pod: str, port: str) -> set[str]:
+    """Workloads whose pods the NetworkPolicies let reach `pod`'s port `port` ("*": any)."""
+    labels = _pod_labels(production)
+    sources: set[str] = set()
+    for policy in (o for o in production if o["kind"] == "NetworkPolicy"):
+        if not _selects(policy["spec"]["podSelector"], labels[pod]):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            if "ports" in rule and port not in [p["port"] for p in rule["ports"]]:
+                continue
+            for peer in rule.get("from", [{"namespaceSelector": {}}]):
+                if "namespaceSelector" in peer:
+                    sources.add("*")
+                else:
+                    sources |= {
+                        name for name, pod_labels in labels.items() if _selects(peer["podSelector"], pod_labels)
+                    }
+    return sources
+
+
+def test_production_denies_by_default(production: list[Obj]) -> None:
+    policies = [o for o in production if o["kind"] == "NetworkPolicy"]
+    deny = [
+        p
+        for p in policies
+        if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") and not p["spec"].get("egress")
+    ]
+    assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_only_envoy_reaches_the_services(production: list[Obj], service: str) -> None:
+    for port in ("grpc", "http", "health"):
+        assert _ingress_sources(production, service, port) <= {kubernetes.ENVOY}, port
+    assert _ingress_sources(production, service, "grpc") == {kubernetes.ENVOY}
+
+
+def test_only_the_gateway_reaches_envoys_backend_listeners(production: list[Obj]) -> None:
+    for backend in BACKENDS:
+        assert _ingress_sources(production, kubernetes.ENVOY, backend) == {"gateway"}
+    assert _ingress_sources(production, kubernetes.ENVOY, "edge") == {"*"}
+
+
+def test_only_the_services_that_need_it_reach_redis(production: list[Obj]) -> None:
+    clients = {
+        o["metadata"]["name"]
+        for o in production
+        if o["kind"] in WORKLOADS
+        for c in o["spec"]["template"]["spec"]["containers"]
+        for e in c.get("env", [])
+        if e["name"].endswith("_REDIS_URL") and "redis:6379" in e.get("value", "")
+    }
+    assert {"features", "ranking"} <= clients
+    assert _ingress_sources(production, "redis", "redis") == clients
+
+
+def test_only_the_collector_receives_telemetry(production: list[Obj]) -> None:
+    everyone = set(_pod_labels(production))
+    assert _ingress_sources(production, "otel-collector", "otlp-grpc") == everyone
+    assert _ingress_sources(production, "jaeger", "otlp-grpc") == {"otel-collector"}
+    for pod in everyone - {"otel-collector", "jaeger"}:
+        assert not _ingress_sources(production, pod, "otlp-grpc"), pod

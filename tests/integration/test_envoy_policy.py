@@ -132,9 +132,9 @@ class Stubs:
         return next(s.port for s in self.servers if s.service == service)
 
 
-async def _serve_stubs(credentials: dict[str, grpc.ServerCredentials] | None = None) -> Stubs:
+async def _serve_stubs(credentials: Callable[[str], grpc.ServerCredentials] | None = None) -> Stubs:
     """A gateway, two scoring replicas, features and ranking (health only); plaintext, or
-    TLS with each service's own credentials."""
+    TLS with each service's own credentials (made per server: grpc uses reloading ones once)."""
     gateway = CountingGateway()
     scoring = [SwitchableScoring(0), SwitchableScoring(1)]
     plan: list[tuple[str, Callable[[grpc.aio.Server], None] | None]] = [
@@ -147,7 +147,7 @@ async def _serve_stubs(credentials: dict[str, grpc.ServerCredentials] | None = N
         (RANKING, None),
     ]
     servers = [
-        await start_backend(service, add, None if credentials is None else credentials[service])
+        await start_backend(service, add, None if credentials is None else credentials(service))
         for service, add in plan
     ]
     return Stubs(gateway, scoring, servers)
@@ -537,18 +537,19 @@ async def test_api_keys_401_without_reaching_the_gateway(tmp_path: Path, stubs: 
 @pytest.fixture
 async def tls_stubs(tmp_path: Path) -> AsyncIterator[tuple[Stubs, certs.CertPaths]]:
     paths = certs.generate(tmp_path / "certs")
+
     # Each stub serves its own service's certificate (Envoy checks the service name) and
     # requires a client certificate from the CA, as `infermesh up --tls` runs them.
-    credentials = {
-        service: server_credentials(
-            TlsSettings(
-                tls_cert=str(paths.service_cert(service)),
-                tls_key=str(paths.service_key(service)),
-                tls_client_ca=str(paths.ca_cert),
-            )
+    def credentials(service: str) -> grpc.ServerCredentials:
+        tls = TlsSettings(
+            tls_cert=str(paths.service_cert(service)),
+            tls_key=str(paths.service_key(service)),
+            tls_client_ca=str(paths.ca_cert),
         )
-        for service in (GATEWAY, SCORING, FEATURES, RANKING)
-    }
+        made = server_credentials(tls)
+        assert made is not None
+        return made
+
     stubs = await _serve_stubs(credentials)
     try:
         yield stubs, paths

@@ -232,9 +232,24 @@ def test_tls_variant_only_adds_the_edge_tls_context(k8s: Json) -> None:
     assert certificate["private_key"]["filename"] == str(kubernetes.TLS_DIR / "tls.key")
 
 
+def test_mtls_variant_only_adds_transport_sockets(k8s: Json) -> None:
+    """The mtls variant is the plain one plus TLS on every listener and service cluster
+    (and the node identity SDS needs): nothing else differs."""
+    mtls = copy.deepcopy(kubernetes.render_config("mtls"))
+    assert mtls.pop("node") == {"id": "envoy", "cluster": "infermesh"}
+    resources = mtls["static_resources"]
+    for listener in resources["listeners"]:
+        for chain in listener["filter_chains"]:
+            assert chain.pop("transport_socket")["name"] == "envoy.transport_sockets.tls"
+    for cluster in resources["clusters"]:
+        if cluster["name"] != envoy.COLLECTOR_CLUSTER:
+            assert cluster.pop("transport_socket")["name"] == "envoy.transport_sockets.tls"
+    assert mtls == k8s
+
+
 def test_unknown_variant_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown variant"):
-        kubernetes.render_config("mtls")
+        kubernetes.render_config("spiffe")
 
 
 # ------------------------------------------------------------------- committed files
@@ -253,7 +268,9 @@ def test_committed_files_are_the_canonical_json_of_a_rendering() -> None:
 def test_stale_and_missing_files_are_reported(tmp_path: Path) -> None:
     kubernetes.write_configs(tmp_path)
     assert kubernetes.stale_configs(tmp_path) == []
-    plain, tls = (tmp_path / p for p in kubernetes.CONFIG_FILES.values())
-    plain.write_text(plain.read_text().replace('"STRICT_DNS"', '"STATIC"'))
-    tls.unlink()
-    assert kubernetes.stale_configs(tmp_path) == list(kubernetes.CONFIG_FILES.values())
+    plain, tls = (kubernetes.CONFIG_FILES[variant] for variant in ("plain", "tls"))
+    (tmp_path / plain).write_text((tmp_path / plain).read_text().replace('"STRICT_DNS"', '"STATIC"'))
+    (tmp_path / tls).unlink()
+    (sds_file,) = [p for p in kubernetes.generated_files() if p.name == "sds-mesh-ca.json"]
+    (tmp_path / sds_file).unlink()
+    assert kubernetes.stale_configs(tmp_path) == [plain, tls, sds_file]

@@ -38,7 +38,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.runtime.errors import INTERNAL_ERROR_MESSAGE, InfermeshError, bounded_details, http_status_for
 from services.runtime.logs import get_logger
-from services.runtime.server import TlsSettings
+from services.runtime.server import ReloadingSslContext, TlsSettings
 from services.runtime.telemetry import tracer
 from services.scoring.rest.codec import (
     BINARY_CONTENT_TYPE,
@@ -117,16 +117,12 @@ def envoy_timeout(value: str | None) -> float | None:
 
 
 def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext | None:
-    """The gRPC server's TLS for the HTTP port too: the same certificate, and with a client
-    CA, mTLS (only Envoy, holding the mesh's client certificate, gets through). None: plaintext."""
+    """The gRPC server's TLS for the HTTP port too: the same certificate, re-read when its
+    files change, and with a client CA, mTLS (only a certificate that CA signed gets
+    through). None: plaintext."""
     if tls.mode == "plaintext":
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls.tls_cert, tls.tls_key)
-    if tls.tls_client_ca:
-        context.load_verify_locations(cafile=tls.tls_client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+    return ReloadingSslContext(tls).context
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
