@@ -19,8 +19,16 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from infermesh.up.supervisor import free_port, free_port_block
+from infermesh.up.supervisor import free_port, free_port_block, release_port_block
 from services.runtime.topology import HEALTH_SERVICE_NAMES
+
+# The port block of each mesh start_up started: released once that mesh has exited.
+_PORT_BLOCKS: dict[subprocess.Popen[str], int] = {}
+
+
+def _release_exited_blocks() -> None:
+    for process in [process for process in _PORT_BLOCKS if process.poll() is not None]:
+        release_port_block(_PORT_BLOCKS.pop(process))
 
 
 def start_socket_redis(workdir: Path, *, persist: bool = True) -> subprocess.Popen[bytes]:
@@ -188,7 +196,9 @@ def start_up(
 ) -> subprocess.Popen[str]:
     """`infermesh up` as a user starts it, on free ports (replicas from a free block, metrics
     1000 above), with the tests' Redis; its output on a pipe (wait_until_up reads it)."""
-    return subprocess.Popen(
+    _release_exited_blocks()
+    base = free_port_block(1600)  # replicas from N+100, metrics 1000 above
+    process = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -203,7 +213,7 @@ def start_up(
             "--admin-port",
             str(free_port()),
             "--port-base",
-            str(free_port_block(1600)),  # replicas from N+100, metrics 1000 above
+            str(base),
             *options,
         ],
         stdout=subprocess.PIPE,
@@ -211,6 +221,8 @@ def start_up(
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
+    _PORT_BLOCKS[process] = base
+    return process
 
 
 def read_until(process: subprocess.Popen[str], marker: str, output: list[str], timeout: float) -> bool:

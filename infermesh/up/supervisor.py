@@ -146,8 +146,14 @@ class _PortPicker:
     sessions on one machine rarely pick alike) and never twice.
     """
 
+    # A block stays reserved this long: past a mesh's start-up, by when its children have bound
+    # what they use (and a bound port is never free). Not for ever: blocks are wide, and one
+    # process (a test session) would run out of them after a handful of meshes.
+    BLOCK_RESERVED_SECONDS = 300.0
+
     def __init__(self) -> None:
         self._given: set[int] = set()
+        self._blocks: dict[range, float] = {}  # reserved block -> when the reservation ends
         self._random = random.Random(os.getpid() ^ time.monotonic_ns())
 
     def __call__(self) -> int:
@@ -160,16 +166,27 @@ class _PortPicker:
         raise MeshError(f"no free TCP port found in {first}-{last}")
 
     def block(self, span: int) -> int:
-        """A base N with N..N+span-1 all free (for `--port-base`), never handed out twice."""
+        """A base N with N..N+span-1 all free (for `--port-base`), not handed out again until
+        released or BLOCK_RESERVED_SECONDS have passed."""
         low, _ = _ephemeral_range()
         bases = list(range(_BLOCK_PORTS_START, max(_BLOCK_PORTS_START, low - span), 500))
         self._random.shuffle(bases)
+        now = time.monotonic()
+        self._blocks = {block: until for block, until in self._blocks.items() if until > now}
         for base in bases:
             ports = range(base, base + span)
-            if self._given.isdisjoint(ports) and all(port_is_free(p) for p in ports):
-                self._given.update(ports)
+            if self._is_unreserved(ports) and all(port_is_free(p) for p in ports):
+                self._blocks[ports] = now + self.BLOCK_RESERVED_SECONDS
                 return base
         raise MeshError(f"no block of {span} free TCP ports between {_BLOCK_PORTS_START} and {low}")
+
+    def release_block(self, base: int) -> None:
+        """The mesh on the block from `base` has stopped: its ports may be handed out again."""
+        self._blocks = {block: until for block, until in self._blocks.items() if block.start != base}
+
+    def _is_unreserved(self, ports: range) -> bool:
+        overlaps_block = any(ports.start < block.stop and block.start < ports.stop for block in self._blocks)
+        return not overlaps_block and self._given.isdisjoint(ports)
 
 
 free_port = _PortPicker()
@@ -177,6 +194,10 @@ free_port = _PortPicker()
 
 def free_port_block(span: int) -> int:
     return free_port.block(span)
+
+
+def release_port_block(base: int) -> None:
+    free_port.release_block(base)
 
 
 def free_topology(replicas: Mapping[str, int]) -> MeshTopology:

@@ -4,9 +4,12 @@ SO_REUSEADDR). Loopback sockets only."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
-from infermesh.up.supervisor import free_port, port_is_free
+import pytest
+
+from infermesh.up.supervisor import MeshError, _PortPicker, free_port, port_is_free
 
 
 def _listener(port: int) -> socket.socket:
@@ -32,3 +35,24 @@ def test_a_listening_port_is_taken_one_in_time_wait_is_free() -> None:
     assert lingering, "expected the server's end of the connection in TIME_WAIT"
     assert port_is_free(port)  # a server with SO_REUSEADDR, as Envoy is, can listen here
     _listener(port).close()
+
+
+def test_a_port_block_is_not_handed_out_again_until_released_or_expired(monkeypatch: pytest.MonkeyPatch) -> None:
+    picker = _PortPicker()
+    # A small range: room for a few 1600-port blocks only, as in a long test session.
+    monkeypatch.setattr("infermesh.up.supervisor._ephemeral_range", lambda: (30000, 60999))
+    blocks = []
+    with contextlib.suppress(MeshError):
+        while len(blocks) < 20:
+            blocks.append(picker.block(1600))
+    assert 2 <= len(blocks) < 20  # the range ran out: reserved blocks are not handed out twice
+    spans = [range(base, base + 1600) for base in sorted(blocks)]
+    assert all(a.stop <= b.start for a, b in zip(spans, spans[1:], strict=False)), "blocks overlap"
+    picker.release_block(blocks[0])
+    assert picker.block(1600) >= 20000  # a released block can be handed out again
+    with contextlib.suppress(MeshError):
+        while True:
+            picker.block(1600)
+    expired = _PortPicker()
+    monkeypatch.setattr(expired, "_blocks", {range(b, b + 1600): 0.0 for b in blocks})
+    assert expired.block(1600) >= 20000  # reservations that ended no longer count
