@@ -1,14 +1,16 @@
 """What the gateway serves when a stage fails: scores without the model, ranking without
 the ranking service. Vectorised numpy over the bytes the stages exchange, no per-item Python.
 
-The row layout comes from the feature service's contract: GetFeaturesResponse.user_columns
-says how many leading columns of each model_input row are the user's features, the rest
-being the item's. The gateway knows nothing else of how features are stored.
+The row layout comes from the feature service's contract: GetFeaturesResponse.model_input
+holds rows [user vector, item vector] of the pipeline file's fallback vectors, and
+user_columns says how many leading columns are the user's. The gateway knows nothing else
+of how features are stored.
 
-Fallback scores: with rows of [user_vec, item_vec] of one width, the user-item dot product
-is at hand with no extra lookup; it is the main term of the reference workload's
-ground-truth affinity, which makes it a reasonable stand-in for the model.
-sigmoid(dot / sqrt(dim)) keeps the scores in (0, 1) like the model's.
+Fallback scores follow the pipeline file's `fallback`: `dot_product` takes the user-item
+dot product of those rows, at hand with no extra lookup (in the demo, the main term of the
+reference workload's ground-truth affinity, which makes it a reasonable stand-in for the
+model); sigmoid(dot / sqrt(dim)) keeps the scores in (0, 1) like the model's. `neutral`
+gives every item its neutral_score.
 
 Fallback ranking: top-k by score with the per-category cap and pagination, the gateway's
 own few lines rather than the ranking service's chain (which it stands in for).
@@ -63,11 +65,11 @@ def item_embeddings(matrix: FeatureMatrix | None) -> bytes:
     return np.ascontiguousarray(matrix.items).tobytes()
 
 
-def fallback_scores(matrix: FeatureMatrix | None, rows: int) -> np.ndarray:
-    """float32 [rows]: sigmoid(user . item / sqrt(dim)); neutral for all when the layout is
-    unknown or the user and item halves differ in width (no dot product to take)."""
+def fallback_scores(matrix: FeatureMatrix | None, rows: int, neutral: float = NEUTRAL_SCORE) -> np.ndarray:
+    """float32 [rows]: sigmoid(user . item / sqrt(dim)); `neutral` for all when there are no
+    vectors or the user and item halves differ in width (no dot product to take)."""
     if matrix is None or rows == 0 or matrix.user_columns != matrix.item_columns:
-        return np.full(rows, NEUTRAL_SCORE, dtype="<f4")
+        return np.full(rows, neutral, dtype="<f4")
     user = matrix.rows[0, : matrix.user_columns]  # every row holds the same user vector
     dots = matrix.items @ user / np.float32(np.sqrt(matrix.user_columns))
     return (1.0 / (1.0 + np.exp(-dots.astype(np.float64)))).astype("<f4")

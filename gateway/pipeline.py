@@ -12,7 +12,8 @@ Failure policy (docs/gateway.md has the table):
 * retrieval, features: an error is the request's error (there is nothing to rank); features
   answered from the feature service's cache/defaults: "features_store_unavailable".
 * scoring unavailable, slow, over budget, overloaded, or its version not loaded: fallback
-  scores computed here from the feature rows, "scoring_unavailable".
+  scores computed here as the pipeline file's `fallback` says (the dot product of the
+  fallback vectors features sends, or one neutral score), "scoring_unavailable".
 * ranking failing: top-k by score with the category cap computed here,
   "ranking_unavailable"; a ranking stage it skipped: "ranking_<stage>_skipped".
 * INVALID_ARGUMENT / OUT_OF_RANGE from any stage: the error, never a fallback, which would
@@ -33,6 +34,7 @@ from gateway.budget import Budget, StageBudgets
 from gateway.experiments import Assignment, Experiments
 from gateway.fallback import (
     FALLBACK_MODEL_NAME,
+    NEUTRAL_SCORE,
     FeatureMatrix,
     fallback_rank,
     fallback_scores,
@@ -81,6 +83,10 @@ class PipelineConfig:
     budgets: StageBudgets = field(default_factory=StageBudgets)
     # Send the item half of the feature rows to ranking (its MMR diversity stage).
     send_item_embeddings: bool = True
+    # The pipeline file's fallback: "dot_product" of the fallback vectors, or "neutral".
+    fallback_scores: str = "dot_product"
+    neutral_score: float = NEUTRAL_SCORE
+    fallback_model_name: str = FALLBACK_MODEL_NAME
 
 
 @dataclass
@@ -252,7 +258,7 @@ class Pipeline:
                 return state.result(items=[], model_name=assignment.model, model_version="", unknown_items=0)
         features = await self._features(state, candidates)
         matrix = feature_matrix(features)
-        scored = await self._score(state, features.model_input, matrix, len(candidates))
+        scored = await self._score(state, features, matrix, len(candidates))
         ranked = await self._rank(state, candidates, features, matrix, scored)
         self._shadow(state.assignment, scored)
         return state.result(
@@ -296,11 +302,15 @@ class Pipeline:
         return features
 
     async def _score(
-        self, state: RequestState, rows: features_pb2.DenseMatrix, matrix: FeatureMatrix | None, count: int
+        self,
+        state: RequestState,
+        features: features_pb2.GetFeaturesResponse,
+        matrix: FeatureMatrix | None,
+        count: int,
     ) -> Scores:
         """The model's scores for the rows, or the fallback scores when scoring fails."""
         assignment = state.assignment
-        infer_request = self._infer_request(assignment, rows)
+        infer_request = self._infer_request(assignment, features)
         try:
             scored = await self._fallible(
                 "scoring",
@@ -325,24 +335,33 @@ class Pipeline:
         if (shadow.model, shadow.version) != (assignment.model, assignment.version):
             self.shadow.submit(shadow, scored.request, scored.scores)
 
-    def _infer_request(self, assignment: Assignment, rows: features_pb2.DenseMatrix) -> inference_pb2.ModelInferRequest:
-        """The feature rows as the model's input, forwarded as the bytes they arrived in."""
+    def _infer_request(
+        self, assignment: Assignment, features: features_pb2.GetFeaturesResponse
+    ) -> inference_pb2.ModelInferRequest:
+        """The model's inputs as features built them from the pipeline's mapping (one tensor per
+        named input, each with its datatype), forwarded as the bytes they arrived in."""
         infer = inference_pb2.ModelInferRequest(model_name=assignment.model, model_version=assignment.version)
-        infer.inputs.add(name=self.config.model_input, datatype=rows.datatype, shape=[rows.rows, rows.columns])
+        # No named inputs: the fallback rows are the model's one input (sent once).
+        for tensor in features.inputs or (features.model_input,):
+            name = tensor.name or self.config.model_input  # (a features replica predating names)
+            infer.inputs.add(name=name, datatype=tensor.datatype, shape=[tensor.rows, tensor.columns])
+            infer.raw_input_contents.append(tensor.data)
         infer.outputs.add(name=self.config.model_output)
-        infer.raw_input_contents.append(rows.data)
         return infer
 
-    @staticmethod
-    def _fallback_scores(state: RequestState, matrix: FeatureMatrix | None, count: int, failure: StageFailed) -> Scores:
+    def _fallback_scores(
+        self, state: RequestState, matrix: FeatureMatrix | None, count: int, failure: StageFailed
+    ) -> Scores:
         state.degrade(SCORING_UNAVAILABLE)
         started = time.perf_counter()
+        config = self.config
         with fallback_span("scoring", failure.why):
-            scores = fallback_scores(matrix, count)
+            vectors = matrix if config.fallback_scores == "dot_product" else None
+            scores = fallback_scores(vectors, count, config.neutral_score)
         state.timings["scoring_fallback"] = (time.perf_counter() - started) * 1000.0
         assignment = state.assignment
         log.warning("scoring fell back", reason=failure.why, model=assignment.model, version=assignment.version)
-        return Scores(scores, scores.tobytes(), FALLBACK_MODEL_NAME, "")
+        return Scores(scores, scores.tobytes(), config.fallback_model_name, "")
 
     async def _rank(
         self,

@@ -25,6 +25,7 @@ from services.genproto.infermesh.ranking.v1 import ranking_pb2_grpc
 from services.runtime.channels import open_channel
 from services.runtime.limits import DEFAULT_MAX_ID_LENGTH
 from services.runtime.metrics import Metrics
+from services.runtime.pipeline import ModelSpec, PipelineFile, load_pipeline, pipeline_from_env
 from services.runtime.settings import ServerSettings, TraceIdMetadata, listen_port, load_settings
 from services.runtime.telemetry import current_trace_id
 from services.runtime.topology import FEATURES, GATEWAY, HEALTH_SERVICE_NAMES, RANKING, SCORING
@@ -48,7 +49,14 @@ class GatewaySettings(ServerSettings):
     ranking_target: str = Field(
         "127.0.0.1:9103", min_length=1, description="host:port of the ranking service (its Envoy listener)."
     )
-    model_name: str = Field("ranker", min_length=1, description="Model scored when no experiment arm names another.")
+    model_name: str = Field(
+        "ranker",
+        min_length=1,
+        description=(
+            "Model scored when no experiment arm names another; set, it wins over the pipeline file's "
+            "first model (INFERMESH_PIPELINE), whose name is used otherwise."
+        ),
+    )
     default_k: int = Field(20, ge=1, description="Items returned when a request sets no k.")
     max_k: int = Field(1000, ge=1, description="Largest k a request may ask for.")
     max_candidates: int = Field(
@@ -210,13 +218,15 @@ class GatewayService:
     # so their outage degrades responses but leaves the gateway ready.
     required_backends = (FEATURES,)
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, pipeline: PipelineFile | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics(self.name)
         self.gateway_metrics = GatewayMetrics(self.metrics)
+        pipeline = pipeline or load_pipeline()
+        model, fallback = scored_model(settings, pipeline), pipeline.spec.fallback
         self.experiments = Experiments(
             settings.experiments_file or None,
-            settings.model_name,
+            model.name,
             settings.shadow_max_in_flight,
             on_reload=lambda result: self.gateway_metrics.reloads.labels(result).inc(),
         )
@@ -235,7 +245,9 @@ class GatewayService:
         self.pipeline = Pipeline(
             stubs,
             PipelineConfig(
-                model_name=settings.model_name,
+                model_name=model.name,
+                model_input=model.inputs[0].name,
+                model_output=model.output,
                 default_k=settings.default_k,
                 max_k=settings.max_k,
                 max_candidates=settings.max_candidates,
@@ -243,6 +255,9 @@ class GatewayService:
                 default_timeout=settings.timeout_seconds,
                 budgets=settings.budgets(),
                 send_item_embeddings=settings.send_item_embeddings,
+                fallback_scores=fallback.scores,
+                neutral_score=fallback.neutral_score,
+                fallback_model_name=fallback.model_name,
             ),
             experiments=self.experiments,
             metrics=self.gateway_metrics,
@@ -308,6 +323,15 @@ class GatewayService:
         await asyncio.gather(*(channel.close() for channel in self._channels.values()))
 
 
+def scored_model(settings: GatewaySettings, pipeline: PipelineFile) -> ModelSpec:
+    """The pipeline's first model, named GATEWAY_MODEL_NAME instead where that is set. Its
+    inputs come built from features (one tensor per named input), so any number will do."""
+    model = pipeline.spec.model
+    if "model_name" in settings.model_fields_set:
+        return model.model_copy(update={"name": settings.model_name})
+    return model
+
+
 def build() -> tuple[GatewayService, GatewaySettings]:
     settings = load_settings(GatewaySettings)
-    return GatewayService(settings), settings
+    return GatewayService(settings, pipeline_from_env()), settings

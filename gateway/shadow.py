@@ -31,7 +31,7 @@ import numpy as np
 
 from gateway.experiments import Shadow
 from gateway.metrics import GatewayMetrics
-from gateway.stage_calls import concatenate_rows, request_rows
+from gateway.stage_calls import concatenate_rows, input_layout, request_rows
 from services.genproto.inference import grpc_predict_v2_pb2 as inference_pb2
 from services.genproto.inference import grpc_predict_v2_pb2_grpc as inference_pb2_grpc
 from services.runtime.logs import get_logger
@@ -97,12 +97,11 @@ class ShadowRunner:
         if self._queued >= self._max_queued:
             self._count(shadow, "dropped")
             return False
-        if not primary.inputs or not primary.raw_input_contents:
+        if not primary.inputs or len(primary.raw_input_contents) != len(primary.inputs):
             self._count(shadow, "error")  # nothing to copy as rows (never from the pipeline)
             return False
-        tensor = primary.inputs[0]
         rows = request_rows(primary)
-        key = (shadow, tensor.name, tensor.datatype, tuple(tensor.shape[1:]), tuple(o.name for o in primary.outputs))
+        key = (shadow, input_layout(primary), tuple(o.name for o in primary.outputs))
         batch = self._filling.get(key)
         if batch is not None and (batch.rows + rows > self._max_rows):
             self._close(key)  # this copy would overfill it: it goes as it is

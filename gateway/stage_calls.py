@@ -108,8 +108,7 @@ class CoalescedCalls:
         return await _joined(self._ranking, request, timeout)
 
     async def score(self, request: inference_pb2.ModelInferRequest, timeout: float) -> ScoresReply:
-        tensor = request.inputs[0]
-        key = (request.model_name, request.model_version, tensor.name, tensor.datatype, tuple(tensor.shape[1:]))
+        key = (request.model_name, request.model_version, input_layout(request))
         coalescer = self._scoring.get(key)
         if coalescer is None:
             coalescer = self._scoring[key] = Coalescer(
@@ -151,6 +150,11 @@ def request_rows(request: inference_pb2.ModelInferRequest) -> int:
     return request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 1
 
 
+def input_layout(request: inference_pb2.ModelInferRequest) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """Each input's name, datatype and row shape: requests that agree on it can share a call."""
+    return tuple((t.name, t.datatype, tuple(t.shape[1:])) for t in request.inputs)
+
+
 async def _joined(coalescer: Coalescer, request: object, timeout: float) -> object:
     try:
         return await coalescer.call(request, timeout)
@@ -163,14 +167,15 @@ async def _joined(coalescer: Coalescer, request: object, timeout: float) -> obje
 def concatenate_rows(
     requests: Sequence[inference_pb2.ModelInferRequest],
 ) -> tuple[inference_pb2.ModelInferRequest, list[int]]:
-    """One request whose input rows are every request's rows in order (bytes joined, not decoded)."""
+    """One request whose inputs' rows are every request's rows in order, input by input
+    (bytes joined, not decoded); the requests share one input layout (input_layout)."""
     first = requests[0]
-    tensor = first.inputs[0]
     rows = [request_rows(r) for r in requests]
     combined = inference_pb2.ModelInferRequest(model_name=first.model_name, model_version=first.model_version)
-    combined.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=[sum(rows), *tensor.shape[1:]])
+    for i, tensor in enumerate(first.inputs):
+        combined.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=[sum(rows), *tensor.shape[1:]])
+        combined.raw_input_contents.append(b"".join(r.raw_input_contents[i] for r in requests))
     combined.outputs.extend(first.outputs)
-    combined.raw_input_contents.append(b"".join(r.raw_input_contents[0] for r in requests))
     return combined, rows
 
 

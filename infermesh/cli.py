@@ -12,11 +12,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import SecretStr
+
 from infermesh import __version__
 from infermesh.cli_help import CommandParser, add_delegated, run_delegated
-from infermesh.settings import add_data_dir_argument, tool_settings
+from infermesh.settings import (
+    add_data_dir_argument,
+    local_redis_password,
+    redis_password_file,
+    tool_settings,
+    tools_redis_target,
+)
 from infermesh.up.lanes import DEFAULT_BULK_NICE
+from services.runtime.pipeline import PipelineFile, PipelineSettings
+from services.runtime.redis_connection import RedisTarget
 from services.runtime.redis_keys import LOCAL_REDIS_PORT
+from services.runtime.settings import SettingsError, load_settings
 
 if TYPE_CHECKING:
     from services.runtime.topology import MeshTopology
@@ -130,7 +141,17 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     from infermesh.envoy.cli import add_edge_arguments
 
-    # --edge-rate-limit, --edge-rate-burst, --api-key-file, --tls (all off by default).
+    # --edge-rate-limit, --edge-rate-burst, --api-key-file, --jwt-*, --edge-auth,
+    # --edge-caller-rate-limit, --tls (all off by default).
+    up.add_argument(
+        "--pipeline",
+        type=Path,
+        default=None,
+        help=(
+            "the pipeline file to serve: views, models and their inputs, ranking stages, fallback "
+            "(docs/pipelines.md; checked before anything starts). Default: $INFERMESH_PIPELINE or the demo pipeline"
+        ),
+    )
     add_edge_arguments(up)
 
 
@@ -167,6 +188,13 @@ Ctrl-C stops everything.""",
     )
 
 
+def _local_redis(data_dir: Path, port: int, url: str) -> RedisTarget:
+    """The Redis `up` starts: its generated password (kept in the data dir, mode 0600),
+    which reaches the services through their environment, never a command line."""
+    password = SecretStr(local_redis_password(data_dir, port))
+    return RedisTarget(url, password=password, password_variable=str(redis_password_file(data_dir, port)))
+
+
 def _moved_ports(base: int | None) -> dict[str, dict[str, int]]:
     from services.runtime.topology import BACKENDS, SERVICES
 
@@ -200,14 +228,33 @@ def _telemetry_env(args: argparse.Namespace, otlp_endpoint: str | None) -> dict[
     return env
 
 
+def _checked_pipeline(path: Path | None, repository: Path | None, require_all: bool = False) -> PipelineFile:
+    """The pipeline `up` serves, checked as each service will check it: views, stages, and
+    the models the repository holds (all of them once `require_all`). MeshError if wrong."""
+    from infermesh.pipeline import check_pipeline
+    from infermesh.up.supervisor import MeshError
+
+    try:
+        source = path or load_settings(PipelineSettings).pipeline or None
+        held = repository if repository is not None and repository.is_dir() else None
+        return check_pipeline(source, held, require_all)
+    except SettingsError as error:  # PipelineError, or INFERMESH_PIPELINE unreadable
+        raise MeshError(str(error)) from None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
     from infermesh.certs import CertPaths
     from infermesh.envoy.cli import edge_policy_from_args
+    from infermesh.features.ingest import IngestError
+    from infermesh.pipeline import data_repository, ingest_data
     from infermesh.up.healing import Healer, RestartPolicy, describe_exit
     from infermesh.up.lanes import PIPELINE, bulk_lane
     from infermesh.up.metrics import serve_supervisor_metrics
     from infermesh.up.supervisor import DESCRIPTOR_SET, Mesh, MeshError, free_port, start_redis
     from infermesh.workload.seed import SeedError, format_summary, model_repository, seed_all
+    from services.runtime.redis_keys import DEFAULT_NAMESPACE
     from services.runtime.topology import local_topology
 
     data_dir = args.data_dir.resolve()
@@ -226,6 +273,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     mesh = None
     local_tracing = None
     try:
+        pipeline = _checked_pipeline(args.pipeline, None)  # the file, its views and stages
+        # Its own models (the `data` section), or the demo's that `up` seeds.
+        repository = data_repository(pipeline) or model_repository(data_dir)
+        _checked_pipeline(pipeline.path, repository)  # the models the repository holds already
         otlp_endpoint = args.otlp_endpoint
         extras: list[tuple[str, str]] = []
         if args.trace_view:
@@ -244,6 +295,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             telemetry_env = _telemetry_env(args, otlp_endpoint)
         except ValueError as error:
             raise MeshError(str(error)) from None
+        telemetry_env[PipelineSettings.variable("pipeline")] = str(pipeline.path.resolve())  # every service's
         if not args.trace_view:
             from infermesh.envoy import tracing_from_env
 
@@ -312,22 +364,37 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_url = args.redis_url
         if redis_url is None:
             print(f"starting redis-server on 127.0.0.1:{args.redis_port} (data in {data_dir / 'redis'})", flush=True)
-            redis_process = start_redis(data_dir, args.redis_port, log_dir)
             redis_url = f"redis://127.0.0.1:{args.redis_port}/0"
-        print("checking the demo data (catalog in Redis, ranker model)...", flush=True)
-        summary = seed_all(data_dir, redis_url, progress=sys.stderr.isatty())
-        print(textwrap.indent(format_summary(summary), "  "), flush=True)
+            redis = _local_redis(data_dir, args.redis_port, redis_url)
+            redis_process = start_redis(data_dir, args.redis_port, log_dir, password=redis.password.get_secret_value())
+        else:
+            try:
+                redis = tools_redis_target(redis_url, data_dir)
+            except ValueError as error:  # SettingsError: INFERMESH_REDIS_* do not go together
+                raise MeshError(str(error)) from None
+        if pipeline.spec.data is None:
+            print("checking the demo data (catalog in Redis, ranker model)...", flush=True)
+            summary = format_summary(seed_all(data_dir, redis, progress=sys.stderr.isatty()))
+        else:
+            print(f"loading the pipeline's data ({pipeline.path}: data.ingest)...", flush=True)
+            try:
+                summary = "\n".join(ingest_data(pipeline, redis, DEFAULT_NAMESPACE, progress=sys.stderr.isatty()))
+            except (IngestError, RedisError) as error:
+                raise MeshError(f"loading the pipeline's data: {error}") from None
+        print(textwrap.indent(summary, "  "), flush=True)
+        _checked_pipeline(pipeline.path, repository, require_all=True)  # the models, now all there
         mesh = Mesh(
             topology=topology,
             data_dir=data_dir,
             redis_url=redis_url,
-            model_repository=model_repository(data_dir),
+            model_repository=repository,
             log_dir=log_dir,
             extra_env=telemetry_env,
             metrics_port_offset=args.metrics_port_offset,
             edge=edge_policy,
             tls=tls,
             redis_pid=redis_process.pid if redis_process is not None else None,
+            redis_credentials=redis,
             healer=Healer(restart_policy),
             bulk=lane,
         )
@@ -421,6 +488,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
         "fault scenarios under load against a mesh of its own: failed, degraded, p99, recovery",
     ),
     "jobs": ("infermesh.jobs.cli", "asynchronous bulk inference: submit a job file, status, wait, cancel"),
+    "pipeline": ("infermesh.pipeline", "the pipeline file: check one against its views and model repository"),
 }
 
 

@@ -10,20 +10,26 @@ cannot disagree. Command-line flags override them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import ipaddress
+import os
+import secrets
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from services.runtime.redis_connection import RedisClientSettings, RedisTarget
 from services.runtime.redis_keys import DEFAULT_REDIS_URL
-from services.runtime.settings import ServiceSettings, load_settings
+from services.runtime.settings import load_settings
 
 # The Redis `infermesh up` starts (--redis-port): where the tools, like the services, look
 # by default. One definition for all: services/runtime/redis_keys.py.
 LOCAL_REDIS_URL = DEFAULT_REDIS_URL
 
 
-class ToolSettings(ServiceSettings):
+class ToolSettings(RedisClientSettings):
     """The `infermesh` command and its tools: up, seed, status, profile, bench, chaos, certs,
     features, models."""
 
@@ -56,6 +62,75 @@ def tool_settings() -> ToolSettings:
 
 def tools_redis_url() -> str:
     return tool_settings().redis_url or LOCAL_REDIS_URL
+
+
+# ---- Redis credentials of the tools and of the Redis `infermesh up` starts
+
+
+def redis_password_file(data_dir: Path, port: int) -> Path:
+    """Where `infermesh up` keeps the password it generated for its redis-server on `port`
+    (mode 0600). Per port: a tool pointed at another Redis on this machine is not given it."""
+    return data_dir / f"redis-{port}.password"
+
+
+def local_redis_password(data_dir: Path, port: int) -> str:
+    """The password of the Redis `up` starts on `port` for `data_dir`: the one kept there,
+    else a new one written there first (owner-only from its creation)."""
+    path = redis_password_file(data_dir, port)
+    try:
+        password = path.read_text().strip()
+    except FileNotFoundError:
+        password = ""
+    if password:
+        path.chmod(0o600)
+        return password
+    password = secrets.token_urlsafe(32)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(password + "\n")
+    path.chmod(0o600)  # an older file's mode, whatever the umask left
+    return password
+
+
+def tools_redis_target(url: str, data_dir: Path | None = None) -> RedisTarget:
+    """`url` with INFERMESH_REDIS_USERNAME, _PASSWORD and _TLS_*. Without a password from
+    either, a Redis on this machine gets the one `up` keeps in `data_dir` for its port (if
+    any): tools then work against the mesh's Redis without being told. Raises SettingsError."""
+    settings = tool_settings()
+    target = settings.redis_target(url)
+    if target.password.get_secret_value() or urlsplit(url).password is not None or not _on_this_machine(url):
+        return target
+    port = urlsplit(url).port or 6379
+    path = redis_password_file(data_dir if data_dir is not None else Path(settings.data_dir), port)
+    try:
+        password = path.read_text().strip()
+    except OSError:
+        return target
+    return dataclasses.replace(target, password=SecretStr(password), password_variable=str(path))
+
+
+def _on_this_machine(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def redis_env(prefix: str, target: RedisTarget) -> dict[str, str]:
+    """The {PREFIX}_REDIS_* variables (URL, credentials, TLS files) a service gets for `target`."""
+    values = {
+        "REDIS_URL": target.url,
+        "REDIS_USERNAME": target.username,
+        "REDIS_PASSWORD": target.password.get_secret_value(),
+        "REDIS_TLS_CA_FILE": target.tls_ca_file,
+        "REDIS_TLS_CERT_FILE": target.tls_cert_file,
+        "REDIS_TLS_KEY_FILE": target.tls_key_file,
+    }
+    return {f"{prefix}_{name}": value for name, value in values.items() if value}
 
 
 def model_repository() -> str:

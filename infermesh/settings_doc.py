@@ -27,6 +27,7 @@ from services.features.service import FeaturesSettings
 from services.jobs.settings import JobsSettings
 from services.ranking.service import RankingSettings
 from services.runtime.channels import MeshTlsSettings
+from services.runtime.pipeline import PipelineSettings
 from services.runtime.server import TlsSettings, tls_settings_class
 from services.runtime.settings import ServiceSettings, TelemetrySettings, TracePipelineSettings
 from services.runtime.topology import FEATURES, GATEWAY, JOBS, RANKING, SCORING
@@ -132,6 +133,7 @@ def render() -> str:
     sections = [HEADER]
     sections += [_section(service, cls, tls_settings_class(service)) for service, cls in SERVICES.items()]
     sections.append(_section("mTLS channels a service opens to Envoy", MeshTlsSettings))
+    sections.append(_section("the pipeline file, every service", PipelineSettings))
     sections.append(_section("the `infermesh` command and its tools", ToolSettings))
     sections.append(_section("OpenTelemetry, every service and jobs worker", TelemetrySettings, TracePipelineSettings))
     sections.append(FOOTER)

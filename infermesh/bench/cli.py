@@ -21,8 +21,9 @@ from infermesh.bench.loadgen import Plan, TargetFactory
 from infermesh.bench.runs import measure, ramp
 from infermesh.bench.targets import factory
 from infermesh.cli_help import CommandParser, RawDescriptionDefaultsHelpFormatter
-from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, tools_redis_url
+from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, tools_redis_target, tools_redis_url
 from services.runtime.redis_keys import DEFAULT_NAMESPACE
+from services.runtime.settings import SettingsError
 
 DEFAULT_PLOT = Path("bench-results/ramp.png")
 
@@ -35,9 +36,13 @@ def _target_from_args(args: argparse.Namespace) -> TargetFactory:
     if args.target == "monolith":
         from infermesh.workload.seed import model_path
 
+        # INFERMESH_REDIS_* credentials, or the password `infermesh up` keeps in the data dir;
+        # refused ones stop the run here, in one line, rather than fail every request.
+        redis = tools_redis_target(args.redis_url, args.data_dir)
+        redis.check()
         return factory(
             "monolith",
-            redis_url=args.redis_url,
+            redis=redis,
             model_path=str(model_path(args.data_dir)),
             namespace=args.namespace,
         )
@@ -108,7 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from infermesh.bench.suite import run_suite
 
         return run_suite(args.out_dir, quick=args.quick, progress=progress)
-    target = _target_from_args(args)
+    try:
+        target = _target_from_args(args)
+    except SettingsError as error:
+        print(f"infermesh bench: {error}", file=sys.stderr)
+        return 1
     document: dict[str, Any] = {"machine": report.machine(), "target": args.target, "argv": sys.argv[1:]}
     if args.mode == "ramp":
         rates = [float(r) for r in args.rates.split(",") if r.strip()]

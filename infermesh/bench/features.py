@@ -5,7 +5,9 @@ GetFeatures is measured through a real features server process (gRPC, the servic
 code path) against Redis holding the reference catalog: "cold" runs it with the local cache
 off (every request is one Redis MGET of 1 user + 200 items), "hot" with the cache on and
 warmed (no Redis read at all). It also times the store in-process, without gRPC.
-Without --redis-url it starts a throwaway redis-server and loads the catalog into it.
+Without --redis-url it starts a throwaway redis-server and loads the catalog into it; with
+it, the Redis is opened with INFERMESH_REDIS_USERNAME, _PASSWORD and _TLS_* (or the password
+`infermesh up` keeps in its data dir), and so is the features server it starts.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from typing import Any
 import numpy as np
 
 from infermesh.cli_help import CommandParser, RawDescriptionDefaultsHelpFormatter
+from infermesh.settings import redis_env
 from infermesh.workload.catalog import N_ITEMS, N_USERS, generate_catalog
 from services.features.layout import DEFAULT_NAMESPACE
 from services.runtime.event_loop import event_loop_runner
+from services.runtime.redis_connection import RedisTarget
+from services.runtime.settings import SettingsError
 
 
 @dataclass(frozen=True)
@@ -95,11 +100,13 @@ def summarize(case: str, concurrency: int, latencies: list[float], elapsed: floa
 # ------------------------------------------------------------------------------ GetFeatures
 
 
-def _start_server(redis_url: str, namespace: str, cache_bytes: int, port: int, log: Path) -> subprocess.Popen[bytes]:
+def _start_server(
+    redis: RedisTarget, namespace: str, cache_bytes: int, port: int, log: Path
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        **redis_env("FEATURES", redis),  # in its environment, never on its command line
         "FEATURES_PORT": str(port),
-        "FEATURES_REDIS_URL": redis_url,
         "FEATURES_NAMESPACE": namespace,
         "FEATURES_CACHE_MAX_BYTES": str(cache_bytes),
         "OTEL_TRACES_EXPORTER": "none",
@@ -162,7 +169,7 @@ async def _grpc_case(
 
 
 def bench_grpc(
-    redis_url: str, namespace: str, entities: int, concurrencies: list[int], seconds: float, workdir: Path
+    redis: RedisTarget, namespace: str, entities: int, concurrencies: list[int], seconds: float, workdir: Path
 ) -> list[Result]:
     from infermesh.up.supervisor import free_port
 
@@ -174,7 +181,7 @@ def bench_grpc(
         ("grpc hot (cache warm)", 256 * 1024 * 1024, hot_set, True),
     ):
         port = free_port()
-        server = _start_server(redis_url, namespace, cache_bytes, port, workdir / "features-bench.log")
+        server = _start_server(redis, namespace, cache_bytes, port, workdir / "features-bench.log")
         try:
             _wait_serving(f"127.0.0.1:{port}")
             results += event_loop_runner()(_grpc_case(f"127.0.0.1:{port}", case, reqs, concurrencies, seconds, warm))
@@ -184,16 +191,14 @@ def bench_grpc(
     return results
 
 
-def bench_store(redis_url: str, namespace: str, entities: int, seconds: float) -> list[Result]:
+def bench_store(redis: RedisTarget, namespace: str, entities: int, seconds: float) -> list[Result]:
     """The store alone, in this process: what a request costs before gRPC."""
-    import redis.asyncio as aioredis
-
     from services.features.cache import LocalCache
     from services.features.store import FeatureStore
     from services.runtime.breaker import CircuitBreaker
 
     async def run() -> list[Result]:
-        client = aioredis.Redis.from_url(redis_url)
+        client = redis.async_client()
         out = []
         for case, cache, reqs in (
             ("store cold (cache off)", LocalCache(0, 0.0), requests(2_000, entities, seed=2)),
@@ -269,6 +274,18 @@ def _own_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return process, url
 
 
+def _given_redis(url: str) -> RedisTarget:
+    """--redis-url with the tools' credentials, checked: refused ones end the run in one line."""
+    from infermesh.settings import tools_redis_target
+
+    try:
+        target = tools_redis_target(url)
+        target.check()
+    except SettingsError as error:
+        raise SystemExit(f"infermesh features bench: {error}") from None
+    return target
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="infermesh features bench", description=__doc__, formatter_class=RawDescriptionDefaultsHelpFormatter
@@ -291,15 +308,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="features-bench-") as tmp:
         workdir = Path(tmp)
         redis_process = None
-        url = args.redis_url
         try:
-            if url is None:
+            if args.redis_url is None:
                 redis_process, url = _own_redis(workdir)
-            results = bench_store(url, args.namespace, args.entities, args.seconds)
+                target = RedisTarget(url)
+            else:
+                target = _given_redis(args.redis_url)
+            results = bench_store(target, args.namespace, args.entities, args.seconds)
             for r in results:
                 print(r.line(), flush=True)
             if not args.skip_grpc:
-                for r in bench_grpc(url, args.namespace, args.entities, concurrencies, args.seconds, workdir):
+                for r in bench_grpc(target, args.namespace, args.entities, concurrencies, args.seconds, workdir):
                     print(r.line(), flush=True)
                     results.append(r)
         finally:

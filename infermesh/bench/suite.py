@@ -287,7 +287,7 @@ def run_suite(out_dir: Path, quick: bool = False, progress: bool = True) -> int:
                 ).to_json()
 
             # --- the monolith baseline: same Redis reads, model and ranking code, no RPC
-            mono = factory("monolith", redis_url=redis_url, model_path=model, namespace="infermesh:v1")
+            mono = factory("monolith", redis=redis_url, model_path=model, namespace="infermesh:v1")
             record("monolith c=1", closed(mono, 1, "monolith c=1"))
             before = children_cpu_seconds()
             mono_saturated = closed(mono, 32, "monolith c=32", processes=2)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from infermesh.bench.loadgen import Call, TargetFactory
+from services.runtime.redis_connection import RedisTarget
 
 N_USERS, N_ITEMS = 10_000, 100_000
 
@@ -77,11 +78,13 @@ async def rest_recommend(url: str, timeout: float = 5.0) -> tuple[Call, Callable
     return call, session.close
 
 
-async def monolith(redis_url: str, model_path: str, namespace: str) -> tuple[Call, Callable[[], Awaitable[None]]]:
+async def monolith(
+    redis: str | RedisTarget, model_path: str, namespace: str
+) -> tuple[Call, Callable[[], Awaitable[None]]]:
     """The same pipeline in one process: same Redis reads, same model, same ranking chain
-    (seen-items filter from the same Redis, category cap), no RPC."""
+    (seen-items filter from the same Redis, category cap), no RPC. `redis`: a URL, or one
+    with its credentials and TLS files."""
     import onnxruntime as ort
-    import redis.asyncio as aioredis
 
     from services.features.layout import FEATURE_DIM
     from services.features.store import FeatureStore
@@ -89,9 +92,18 @@ async def monolith(redis_url: str, model_path: str, namespace: str) -> tuple[Cal
     from services.ranking.rank import decode
     from services.ranking.service import RankingSettings, build_seen_store, build_stages
 
-    client = aioredis.Redis.from_url(redis_url)
+    target = redis if isinstance(redis, RedisTarget) else RedisTarget(redis)
+    client = target.async_client()
     store = FeatureStore(client, namespace, max_items=1000)
-    ranking = RankingSettings(redis_url=redis_url, namespace=namespace)
+    ranking = RankingSettings(
+        redis_url=target.url,
+        redis_username=target.username,
+        redis_password=target.password,
+        redis_tls_ca_file=target.tls_ca_file,
+        redis_tls_cert_file=target.tls_cert_file,
+        redis_tls_key_file=target.tls_key_file,
+        namespace=namespace,
+    )
     seen = build_seen_store(ranking)
     chain = Chain(build_stages(ranking, seen))
     options = ort.SessionOptions()

@@ -1,9 +1,12 @@
 """Typed clients over the generated stubs.
 
-Defaults a caller should not have to think about: a deadline on every call, retries on
-UNAVAILABLE (the call never reached a handler, so retrying is safe) through the gRPC
-service config, and round-robin over several edge addresses with failover: a dead edge
-is skipped by the load-balancing policy and a call that hit it is retried on another.
+Defaults a caller should not have to think about: a deadline on every call (each call may
+set its own), retries on UNAVAILABLE (the call never reached a handler, so retrying is
+safe) through the gRPC service config, bounded (at most 5 attempts, gRPC's own cap) with
+exponential back-off, for the idempotent calls only (Recommend, GetJob, CancelJob; never
+SubmitJob), and round-robin over several edge addresses with failover: a dead edge is
+skipped by the load-balancing policy and a call that hit it is retried on another.
+TLS, a client certificate and an API key or bearer token: infermesh/client/security.py.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from infermesh.client.security import Security, security
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.genproto.infermesh.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
 DEFAULT_TIMEOUT_SECONDS = 2.0
+# gRPC caps a retry policy's attempts at 5; more would be silently cut.
+MAX_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -72,26 +78,23 @@ class ClientError(Exception):
 
 
 def service_config(max_attempts: int = 3) -> dict[str, Any]:
-    return {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [
-            {
-                "name": [
-                    {"service": "infermesh.gateway.v1.GatewayService"},
-                    # Reads and a cancel (idempotent); SubmitJob is not retried: it stores a job.
-                    {"service": "infermesh.jobs.v1.JobService", "method": "GetJob"},
-                    {"service": "infermesh.jobs.v1.JobService", "method": "CancelJob"},
-                ],
-                "retryPolicy": {
-                    "maxAttempts": max_attempts,
-                    "initialBackoff": "0.02s",
-                    "maxBackoff": "0.5s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
+    method: dict[str, Any] = {
+        "name": [
+            {"service": "infermesh.gateway.v1.GatewayService"},
+            # Reads and a cancel (idempotent); SubmitJob is not retried: it stores a job.
+            {"service": "infermesh.jobs.v1.JobService", "method": "GetJob"},
+            {"service": "infermesh.jobs.v1.JobService", "method": "CancelJob"},
         ],
     }
+    if max_attempts > 1:  # gRPC rejects a policy of one attempt: no policy is no retry
+        method["retryPolicy"] = {
+            "maxAttempts": max_attempts,
+            "initialBackoff": "0.02s",
+            "maxBackoff": "0.5s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]}
 
 
 def target_for(addresses: Sequence[str]) -> str:
@@ -104,6 +107,8 @@ def target_for(addresses: Sequence[str]) -> str:
 
 
 def channel_options(max_attempts: int) -> list[tuple[str, Any]]:
+    if not 1 <= max_attempts <= MAX_ATTEMPTS:
+        raise ValueError(f"max_attempts must be 1 to {MAX_ATTEMPTS}, got {max_attempts}")
     return [
         ("grpc.service_config", json.dumps(service_config(max_attempts))),
         ("grpc.enable_retries", 1),
@@ -111,6 +116,14 @@ def channel_options(max_attempts: int) -> list[tuple[str, Any]]:
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2_000),
     ]
+
+
+def _channel(module: Any, addresses: Sequence[str], secured: Security, max_attempts: int) -> Any:
+    """A channel of `module` (grpc or grpc.aio): secure when `secured` has credentials."""
+    target, options = target_for(addresses), channel_options(max_attempts)
+    if secured.credentials is None:
+        return module.insecure_channel(target, options=options)
+    return module.secure_channel(target, secured.credentials, options=options)
 
 
 def _request(user_id: str, candidate_ids: Sequence[str], k: int | None) -> gateway_pb2.RecommendRequest:
@@ -168,25 +181,40 @@ class MeshClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         max_attempts: int = 3,
+        tls: bool | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        api_key: str | None = None,
+        token: str | None = None,
     ) -> None:
+        """TLS, certificates, API key and token: the arguments given, else INFERMESH_TLS,
+        INFERMESH_TLS_CA_FILE, INFERMESH_TLS_CERT_FILE, INFERMESH_TLS_KEY_FILE,
+        INFERMESH_API_KEY, INFERMESH_TOKEN. Raises ValueError on a contradiction."""
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target_for(addresses), options=channel_options(max_attempts))
+        secured = security(
+            addresses, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file, api_key=api_key, token=token
+        )
+        self._security = secured  # its repr leaves out the key or token
+        self._channel = _channel(grpc, addresses, secured, max_attempts)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
 
-    def submit_job(self, requests: Sequence[Mapping[str, Any]], *, results_format: str = "jsonl") -> Job:
+    def submit_job(
+        self, requests: Sequence[Mapping[str, Any]], *, results_format: str = "jsonl", timeout: float | None = None
+    ) -> Job:
         """A job of `requests` (dicts: user_id, candidate_ids, k, request_id...); returns at once."""
-        return self._job_call(self._jobs.SubmitJob, _job_requests(requests, results_format))
+        return self._job_call(self._jobs.SubmitJob, _job_requests(requests, results_format), timeout)
 
-    def get_job(self, job_id: str) -> Job:
-        return self._job_call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id))
+    def get_job(self, job_id: str, *, timeout: float | None = None) -> Job:
+        return self._job_call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id), timeout)
 
-    def cancel_job(self, job_id: str) -> Job:
-        return self._job_call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id))
+    def cancel_job(self, job_id: str, *, timeout: float | None = None) -> Job:
+        return self._job_call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id), timeout)
 
-    def _job_call(self, method: Any, request: Any) -> Job:
+    def _job_call(self, method: Any, request: Any, timeout: float | None) -> Job:
         try:
-            return _job(method(request, timeout=self.timeout).job)
+            return _job(method(request, timeout=self._deadline(timeout), metadata=self._security.metadata).job)
         except grpc.RpcError as error:
             raise ClientError(error.code(), error.details() or "") from None
 
@@ -194,10 +222,15 @@ class MeshClient:
         self, user_id: str, candidate_ids: Sequence[str], k: int | None = None, *, timeout: float | None = None
     ) -> Recommendation:
         try:
-            reply = self._stub.Recommend(_request(user_id, candidate_ids, k), timeout=timeout or self.timeout)
+            reply = self._stub.Recommend(
+                _request(user_id, candidate_ids, k), timeout=self._deadline(timeout), metadata=self._security.metadata
+            )
         except grpc.RpcError as error:
             raise ClientError(error.code(), error.details() or "") from None
         return _result(reply)
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
 
     def close(self) -> None:
         self._channel.close()
@@ -218,24 +251,37 @@ class AsyncMeshClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         max_attempts: int = 3,
+        tls: bool | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        api_key: str | None = None,
+        token: str | None = None,
     ) -> None:
+        """As MeshClient's."""
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target_for(addresses), options=channel_options(max_attempts))
+        secured = security(
+            addresses, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file, api_key=api_key, token=token
+        )
+        self._security = secured  # its repr leaves out the key or token
+        self._channel = _channel(grpc.aio, addresses, secured, max_attempts)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
 
-    async def submit_job(self, requests: Sequence[Mapping[str, Any]], *, results_format: str = "jsonl") -> Job:
-        return await self._job_call(self._jobs.SubmitJob, _job_requests(requests, results_format))
+    async def submit_job(
+        self, requests: Sequence[Mapping[str, Any]], *, results_format: str = "jsonl", timeout: float | None = None
+    ) -> Job:
+        return await self._job_call(self._jobs.SubmitJob, _job_requests(requests, results_format), timeout)
 
-    async def get_job(self, job_id: str) -> Job:
-        return await self._job_call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id))
+    async def get_job(self, job_id: str, *, timeout: float | None = None) -> Job:
+        return await self._job_call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id), timeout)
 
-    async def cancel_job(self, job_id: str) -> Job:
-        return await self._job_call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id))
+    async def cancel_job(self, job_id: str, *, timeout: float | None = None) -> Job:
+        return await self._job_call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id), timeout)
 
-    async def _job_call(self, method: Any, request: Any) -> Job:
+    async def _job_call(self, method: Any, request: Any, timeout: float | None) -> Job:
         try:
-            return _job((await method(request, timeout=self.timeout)).job)
+            return _job((await method(request, timeout=self._deadline(timeout), metadata=self._security.metadata)).job)
         except grpc.aio.AioRpcError as error:
             raise ClientError(error.code(), error.details() or "") from None
 
@@ -243,10 +289,15 @@ class AsyncMeshClient:
         self, user_id: str, candidate_ids: Sequence[str], k: int | None = None, *, timeout: float | None = None
     ) -> Recommendation:
         try:
-            reply = await self._stub.Recommend(_request(user_id, candidate_ids, k), timeout=timeout or self.timeout)
+            reply = await self._stub.Recommend(
+                _request(user_id, candidate_ids, k), timeout=self._deadline(timeout), metadata=self._security.metadata
+            )
         except grpc.aio.AioRpcError as error:
             raise ClientError(error.code(), error.details() or "") from None
         return _result(reply)
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
 
     async def close(self) -> None:
         await self._channel.close()

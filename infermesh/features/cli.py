@@ -47,15 +47,21 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     import redis
 
     from infermesh.features.ingest import IngestError, format_report, ingest
-    from infermesh.workload.seed import redact_url
+    from infermesh.settings import tools_redis_target
     from services.features.registry import RegistryError, load_registry
+    from services.runtime.redis_connection import redact_url
+    from services.runtime.settings import SettingsError
 
     try:
         registry = load_registry(args.registry)
-        client = redis.Redis.from_url(args.redis_url, socket_connect_timeout=5, socket_timeout=60)
+        target = tools_redis_target(args.redis_url)
+        client = target.client(socket_connect_timeout=5, socket_timeout=60)
         client.ping()
-    except RegistryError as error:
+    except (RegistryError, SettingsError) as error:
         print(f"infermesh features ingest: {error}", file=sys.stderr)
+        return 2
+    except redis.AuthenticationError as error:  # before ConnectionError, its base
+        print(f"infermesh features ingest: {target.refused(error)}", file=sys.stderr)
         return 2
     except (redis.ConnectionError, redis.TimeoutError, ValueError) as error:
         print(

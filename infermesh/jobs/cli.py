@@ -27,7 +27,7 @@ from pathlib import Path
 import redis
 
 from infermesh.cli_help import CommandParser, add_delegated
-from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, tools_redis_url
+from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, redis_env, tools_redis_target, tools_redis_url
 from services.jobs.settings import JobsSettings
 from services.jobs.store import COMPLETED, FINISHED, JobStatus
 from services.runtime.errors import InfermeshError, status_for
@@ -121,14 +121,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("infermesh-jobs", os.environ.get("LOG_LEVEL", "WARNING"))
 
     try:
+        url = args.redis_url or tools_redis_url()
+        # JOBS_REDIS_* credentials if set, else the tools' (INFERMESH_REDIS_*, or the password
+        # `infermesh up` keeps for its Redis).
+        tools = (
+            {} if os.environ.get("JOBS_REDIS_PASSWORD") else redis_env("JOBS", tools_redis_target(url, args.data_dir))
+        )
         settings = load_settings(
             JobsSettings,
             {
                 **os.environ,
-                "JOBS_REDIS_URL": args.redis_url or tools_redis_url(),
+                **tools,
+                "JOBS_REDIS_URL": url,
                 "JOBS_RESULTS_DIR": os.environ.get("JOBS_RESULTS_DIR") or str(args.data_dir.resolve() / "jobs"),
             },
         )
+        settings.redis().check()
     except SettingsError as error:
         print(f"infermesh jobs: {error}", file=sys.stderr)
         return 2
@@ -165,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"infermesh jobs: {error}", file=sys.stderr)
         return 3
     except redis.RedisError as error:
-        print(f"infermesh jobs: cannot reach the jobs' Redis at {settings.redis_url}: {error}", file=sys.stderr)
+        print(f"infermesh jobs: cannot reach the jobs' Redis at {settings.redis().shown}: {error}", file=sys.stderr)
         return 2
     finally:
         jobs.close()

@@ -43,9 +43,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infermesh import envoy
 from infermesh.certs import CertPaths, client_credentials, service_tls_env
+from infermesh.settings import redis_env
 from infermesh.up.healing import CrashLoop, Healer, describe_exit
 from infermesh.up.lanes import BULK, BulkLane, lowered, replica_name
 from infermesh.up.runfile import MeshProcess, remove_processes, write_processes
+from services.runtime.redis_connection import RedisTarget
 from services.runtime.topology import (
     BACKENDS,
     FEATURES,
@@ -243,6 +245,9 @@ class Mesh:
     tls: CertPaths | None = None
     # A redis-server started for this mesh (`infermesh up`): listed in the run file too.
     redis_pid: int | None = None
+    # Credentials and TLS files of that Redis (its URL: redis_url), given to the services
+    # as their {PREFIX}_REDIS_* variables; None: the URL alone.
+    redis_credentials: RedisTarget | None = None
     # The jobs' own replicas and Envoy, at a lower CPU priority (infermesh.up.lanes); the
     # workers call its edge. None: they call the online edge.
     bulk: BulkLane | None = None
@@ -346,14 +351,11 @@ class Mesh:
             # Envoy's edge already returns x-trace-id as a response header: the gateway
             # need not spend a write on sending it as initial metadata too.
             env[f"{prefix}_TRACE_ID_METADATA"] = "trailing"
-        if service == FEATURES:
-            env["FEATURES_REDIS_URL"] = self.redis_url
-        elif service == RANKING:
-            env["RANKING_REDIS_URL"] = self.redis_url  # the seen-items sets `infermesh seed` writes
-        elif service == SCORING:
+        if service in (FEATURES, RANKING, JOBS):  # ranking: the seen-items sets `infermesh seed` writes
+            env.update(redis_env(prefix, self.redis_credentials or RedisTarget(self.redis_url)))
+        if service == SCORING:
             env["SCORING_MODEL_REPOSITORY"] = str(self.model_repository)
         elif service == JOBS:
-            env["JOBS_REDIS_URL"] = self.redis_url
             env["JOBS_RESULTS_DIR"] = str(self.data_dir / "jobs")
             env["JOBS_GATEWAY_TARGET"] = f"127.0.0.1:{self.topology.edge_port}"
         elif service == GATEWAY:
@@ -627,8 +629,12 @@ class Mesh:
         self.stop()
 
 
-def start_redis(data_dir: Path, port: int, log_dir: Path, persist: bool = True) -> subprocess.Popen[bytes]:
-    """A redis-server of our own; `persist` keeps the seeded catalog across restarts."""
+def start_redis(
+    data_dir: Path, port: int, log_dir: Path, persist: bool = True, password: str | None = None
+) -> subprocess.Popen[bytes]:
+    """A redis-server of our own; `persist` keeps the seeded catalog across restarts;
+    `password` (requirepass of the default user) reaches it in a config file only the owner
+    can read, never on its command line, where `ps` would show it."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise MeshError(
@@ -640,8 +646,10 @@ def start_redis(data_dir: Path, port: int, log_dir: Path, persist: bool = True) 
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        binary,
+    argv = [binary]
+    if password is not None:
+        argv.append(str(_redis_config(redis_dir, password)))
+    argv += [
         "--bind",
         "127.0.0.1",
         "--port",
@@ -669,10 +677,21 @@ def start_redis(data_dir: Path, port: int, log_dir: Path, persist: bool = True) 
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
+                # NOAUTH: up, and asking for the password it was given.
+                if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                     return process
         except OSError:
             pass
         time.sleep(0.05)
     process.kill()
     raise MeshError(f"redis-server did not answer on port {port} within 10s")
+
+
+def _redis_config(redis_dir: Path, password: str) -> Path:
+    """redis.conf with the password, mode 0600 from its creation (rewritten at each start)."""
+    path = redis_dir / "redis.conf"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(f"requirepass {password}\n")
+    path.chmod(0o600)
+    return path

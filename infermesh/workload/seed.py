@@ -17,14 +17,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import redis
 from tqdm import tqdm
 
 from infermesh.cli_help import CommandParser
-from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, tools_redis_url
+from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, tools_redis_target, tools_redis_url
 from infermesh.workload.catalog import (
     DEFAULT_SEED,
     N_CATEGORIES,
@@ -59,7 +58,9 @@ from services.features.layout import (
     user_key,
 )
 from services.ranking.layout import seen_key
+from services.runtime.redis_connection import RedisTarget, redact_url  # noqa: F401 (redact_url: re-exported)
 from services.runtime.redis_keys import LOCAL_REDIS_PORT
+from services.runtime.settings import SettingsError
 from services.scoring.drift import ensure_drift_reference
 
 MSET_CHUNK = 5_000  # keys per MSET: ~0.7 MB per command for items, well under Redis limits
@@ -373,37 +374,29 @@ def is_seeded(
 # ---------------------------------------------------------------------------- orchestration
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, safe to print."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def _connect(redis_url: str) -> redis.Redis:
-    shown = redact_url(redis_url)
+def _connect(target: RedisTarget) -> redis.Redis:
+    shown = target.shown
     try:
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=60)
+        client = target.client(socket_connect_timeout=5, socket_timeout=60)
         client.ping()
     except ValueError as exc:
-        raise SeedError(f"invalid Redis URL {shown!r}: {exc}") from exc
+        raise SeedError(f"invalid Redis URL {shown!r}: {exc}") from None
+    except redis.exceptions.AuthenticationError as exc:  # before ConnectionError, its base
+        raise SeedError(str(target.refused(exc))) from None
+    except redis.exceptions.NoPermissionError as exc:
+        raise SeedError(str(target.forbidden(exc))) from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         raise SeedError(
             f"cannot connect to Redis at {shown}: {exc}\n"
             f"Start a server, e.g. `redis-server --port {LOCAL_REDIS_PORT} --save '' --appendonly no`, "
             "or point --redis-url / REDIS_URL at a running one."
-        ) from exc
+        ) from None
     return client
 
 
 def seed_all(
     data_dir: Path,
-    redis_url: str,
+    redis_url: str | RedisTarget,
     namespace: str = DEFAULT_NAMESPACE,
     seed: int = DEFAULT_SEED,
     force: bool = False,
@@ -423,8 +416,9 @@ def seed_all(
     started = time.perf_counter()
     data_dir = Path(data_dir)
     # Connect first: fail in milliseconds rather than after training the model.
-    client = _connect(redis_url)
-    shown = redact_url(redis_url)
+    target = redis_url if isinstance(redis_url, RedisTarget) else RedisTarget(redis_url)
+    client = _connect(target)
+    shown = target.shown
 
     t0 = time.perf_counter()
     catalog = generate_catalog(seed, n_users, n_items, n_categories)
@@ -526,13 +520,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = seed_all(
             args.data_dir,
-            args.redis_url,
+            tools_redis_target(args.redis_url, args.data_dir),
             namespace=args.namespace,
             seed=args.seed,
             force=args.force,
             progress=not args.no_progress,
         )
-    except SeedError as exc:
+    except (SeedError, SettingsError) as exc:
         print(f"infermesh seed: {exc}", file=sys.stderr)
         return 1
     print(format_summary(summary))

@@ -107,8 +107,10 @@ class ReferenceSpec:
 
     user_view: str
     item_view: str
-    vector_feature: str  # model row = [user.vector, item.vector]
     category_feature: str  # item category, handed to ranking
+    # Without a pipeline file, the model row [user.vector, item.vector]; a pipeline file's
+    # column mapping replaces it (services/features/model_inputs.py), so it may be left out.
+    vector_feature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -244,13 +246,12 @@ def parse_registry(doc: Any) -> Registry:
         reference = ReferenceSpec(
             user_view=_require(r, "user_view", "reference"),
             item_view=_require(r, "item_view", "reference"),
-            vector_feature=_require(r, "vector_feature", "reference"),
             category_feature=_require(r, "category_feature", "reference"),
+            vector_feature=r.get("vector_feature"),
         )
-        _check_view_features(views, reference.user_view, [reference.vector_feature], "reference")
-        _check_view_features(
-            views, reference.item_view, [reference.vector_feature, reference.category_feature], "reference"
-        )
+        vector = [reference.vector_feature] if reference.vector_feature is not None else []
+        _check_view_features(views, reference.user_view, vector, "reference")
+        _check_view_features(views, reference.item_view, [*vector, reference.category_feature], "reference")
     retrieval = None
     if doc.get("retrieval"):
         r = doc["retrieval"]

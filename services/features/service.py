@@ -13,7 +13,6 @@ import contextlib
 from pathlib import Path
 
 import grpc
-import redis.asyncio as aioredis
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from redis.asyncio.retry import Retry
@@ -22,7 +21,9 @@ from redis.exceptions import RedisError
 
 from services.features.cache import LocalCache
 from services.features.layout import DEFAULT_NAMESPACE
-from services.features.registry import load_registry
+from services.features.model_inputs import RequestLayout
+from services.features.pipeline_views import checked_layout
+from services.features.registry import Registry, load_registry
 from services.features.retrieval import CandidateIndex
 from services.features.store import FeatureRows, FeatureStore, StoreMetrics
 from services.genproto.infermesh.features.v1 import features_pb2, features_pb2_grpc
@@ -31,6 +32,8 @@ from services.runtime.errors import FailedPrecondition, InvalidArgument, rpc_sta
 from services.runtime.limits import DEFAULT_MAX_ID_LENGTH
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
+from services.runtime.pipeline import pipeline_from_env
+from services.runtime.redis_connection import RedisClientSettings
 from services.runtime.redis_keys import DEFAULT_REDIS_URL
 from services.runtime.settings import ServerSettings, listen_port, load_settings
 from services.runtime.telemetry import ATTR_BATCH_REQUESTS, set_attributes
@@ -44,7 +47,7 @@ BATCH_REQUESTS_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _GET_FEATURES_BATCH = "/infermesh.features.v1.FeatureService/GetFeaturesBatch"
 
 
-class FeaturesSettings(ServerSettings):
+class FeaturesSettings(ServerSettings, RedisClientSettings):
     """Features: the feature store over Redis, and candidate retrieval."""
 
     model_config = SettingsConfigDict(env_prefix=f"{FEATURES.upper()}_")
@@ -82,7 +85,11 @@ class FeaturesSettings(ServerSettings):
         ),
     )
     registry: str = Field(
-        "", description="YAML file of feature views; empty: the built-in registry of the reference workload."
+        "",
+        description=(
+            "YAML file of feature views; set, it wins over the pipeline file's features.registry "
+            "(INFERMESH_PIPELINE); empty: the pipeline's views (the demo's: the built-in reference registry)."
+        ),
     )
     cache_max_bytes: int = Field(
         64 * 1024 * 1024, ge=0, description="Bytes the in-process cache of Redis values may hold; 0 turns it off."
@@ -181,13 +188,17 @@ _VIEW_FORM_IN_BATCH = InvalidArgument(
 def _reference_response(rows: FeatureRows) -> features_pb2.GetFeaturesResponse:
     return features_pb2.GetFeaturesResponse(
         model_input=features_pb2.DenseMatrix(
-            data=rows.model_input, rows=rows.rows, columns=rows.columns, datatype="FP32"
+            data=rows.model_input, rows=rows.rows, columns=rows.columns, datatype="FP32", name=rows.model_input_name
         ),
         item_categories=rows.item_categories,
         item_present=rows.item_present,
         missing_items=rows.missing_items,
         degraded=rows.degraded,
         user_columns=rows.user_columns,
+        inputs=[
+            features_pb2.DenseMatrix(data=t.data, rows=rows.rows, columns=t.columns, datatype=t.datatype, name=t.name)
+            for t in rows.inputs
+        ],
     )
 
 
@@ -201,14 +212,15 @@ class FeaturesService:
     name = FEATURES
     grpc_services = (HEALTH_SERVICE_NAMES[FEATURES],)
 
-    def __init__(self, settings: FeaturesSettings) -> None:
+    def __init__(
+        self, settings: FeaturesSettings, registry: Registry | None = None, layout: RequestLayout | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = Metrics(self.name)
         self.batch_requests = self.metrics.histogram(
             f"{self.name}_batch_requests", "Requests per GetFeaturesBatch call", buckets=BATCH_REQUESTS_BUCKETS
         )
-        self._redis = aioredis.Redis.from_url(
-            settings.redis_url,
+        self._redis = settings.redis_target(settings.redis_url).async_client(
             socket_timeout=settings.redis_timeout_seconds,
             socket_connect_timeout=settings.redis_timeout_seconds,
             # No client-side retries: the breaker decides when Redis is worth calling again.
@@ -229,12 +241,13 @@ class FeaturesService:
             self._redis,
             settings.namespace,
             settings.max_items,
-            registry=load_registry(settings.registry or None),
+            registry=registry or load_registry(settings.registry or None),
             cache=cache,
             breaker=self.breaker,
             metrics=StoreMetrics.create(self.metrics),
             redis_timeout=settings.redis_timeout_seconds,
             max_id_length=settings.max_id_length,
+            layout=layout,
         )
         self.index: CandidateIndex | None = None
         self._upkeep: asyncio.Task[None] | None = None
@@ -314,4 +327,10 @@ class FeaturesService:
 
 def build() -> tuple[FeaturesService, FeaturesSettings]:
     settings = load_settings(FeaturesSettings)
-    return FeaturesService(settings), settings
+    # The pipeline's views (FEATURES_REGISTRY wins when set), its columns checked against them
+    # and resolved to the model's inputs.
+    registry, layout = checked_layout(pipeline_from_env(), settings.registry)
+    # Refused credentials stop the service here, before its server exists, in one line naming
+    # the variable; an unreachable Redis does not (the service degrades and retries).
+    settings.redis_target(settings.redis_url).check()
+    return FeaturesService(settings, registry, layout), settings

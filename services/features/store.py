@@ -32,6 +32,7 @@ from prometheus_client import Counter
 
 from services.features.cache import LocalCache, Lookup
 from services.features.layout import entity_key_prefix, meta_key, pointer_key
+from services.features.model_inputs import InputLayout, RequestLayout, reference_layout
 from services.features.registry import TIMESTAMP_FIELD, FeatureView, ReferenceSpec, Registry, load_registry
 from services.runtime.breaker import CircuitBreaker
 from services.runtime.errors import FailedPrecondition, InfermeshError, InvalidArgument, NotFound, Unavailable
@@ -139,10 +140,22 @@ class _Read:
 
 
 @dataclass(frozen=True)
+class RowsTensor:
+    """One named model input of a request: rows x columns little-endian values."""
+
+    name: str
+    datatype: str  # OIP: FP32, INT64, ...
+    data: bytes
+    columns: int
+
+
+@dataclass(frozen=True)
 class FeatureRows:
     """Model-ready rows for one request, all as little-endian bytes in request order."""
 
-    model_input: bytes  # rows x (user width + item width) float32
+    # [user vector, item vector] float32 rows (the pipeline's fallback vectors): the model's
+    # one input too when `inputs` is empty (then named model_input_name).
+    model_input: bytes
     rows: int
     item_categories: bytes  # int32 per row
     item_present: bytes  # uint8 per row
@@ -151,6 +164,9 @@ class FeatureRows:
     degraded: bool = False
     # The leading columns of each row that hold the user's features; the rest are the item's.
     user_columns: int = 0
+    model_input_name: str = ""
+    # The model's inputs as the pipeline maps columns to them; empty: model_input is its input.
+    inputs: tuple[RowsTensor, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -268,12 +284,16 @@ class FeatureStore:
         metrics: StoreMetrics | None = None,
         redis_timeout: float = 1.0,
         max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+        layout: RequestLayout | None = None,
     ) -> None:
         self._redis = client
         self.namespace = namespace
         self._max_items = max_items
         self._max_id_length = max_id_length
         self.registry = registry if registry is not None else load_registry()
+        # How reference rows fill the model's inputs: the pipeline file's mapping, else the
+        # registry's reference vectors as one FP32 input (model_inputs.py).
+        self.layout = layout if layout is not None else reference_layout(self.registry)
         self.cache = cache if cache is not None else LocalCache(0, 0.0)  # (an empty cache is falsy)
         self.breaker = breaker
         self.metrics = metrics if metrics is not None else StoreMetrics.create(Metrics("features"))
@@ -328,6 +348,8 @@ class FeatureStore:
             return InvalidArgument(f"item_ids[{item_ids.index('')}] is empty; every item needs an id")
         if self.registry.reference is None:
             return FailedPrecondition("the feature registry declares no `reference` views")
+        if self.layout is None:
+            return FailedPrecondition("no pipeline file maps features to the model's inputs")
         return None
 
     async def _reference_rows(
@@ -336,13 +358,17 @@ class FeatureStore:
         """One read of the requests' users (row r: request r's) and their item ids laid end
         to end (request r's: one slice), then each request's rows. Not deduplicated here: the
         read claims a repeated key once, and the warm path needs no per-id dict."""
-        reference = self.registry.reference
-        assert reference is not None  # _reference_error checked it
+        reference, layout = self.registry.reference, self.layout
+        assert reference is not None and layout is not None  # _reference_error checked them
         users = [user for user, _ in requests]
         items = list(chain.from_iterable(ids for _, ids in requests))
         views = self.registry.views
-        user_rows, item_rows = await self._read(
-            [(views[reference.user_view], users), (views[reference.item_view], items)], timeout
+        read = await self._read(
+            [(views[v], users) for v in layout.user_views] + [(views[v], items) for v in layout.item_views], timeout
+        )
+        parts = _Parts(
+            dict(zip(layout.user_views, read, strict=False)),
+            dict(zip(layout.item_views, read[len(layout.user_views) :], strict=False)),
         )
         built: list[FeatureRows | Exception] = []
         end = 0
@@ -350,7 +376,7 @@ class FeatureStore:
             at = slice(end, end + len(item_ids))
             end = at.stop
             try:
-                built.append(_assemble(reference, user_rows, r, user_id, item_rows, at))
+                built.append(_assemble(reference, layout, parts, r, user_id, at))
             except Exception as error:  # noqa: BLE001 (a bug fails its own request; the caller reports it)
                 built.append(error)
         degraded = sum(isinstance(rows, FeatureRows) and rows.degraded for rows in built)
@@ -708,20 +734,30 @@ def _vectors(rows: ViewRows, feature: str) -> np.ndarray:
     return values.reshape(len(values), math.prod(values.shape[1:]))  # (math: np.prod costs 5 us)
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """A batch's read, by view: the user views' rows (row r: request r's user) and the item
+    views' rows (every request's items laid end to end)."""
+
+    users: dict[str, ViewRows]
+    items: dict[str, ViewRows]
+
+
 def _assemble(
-    reference: ReferenceSpec, users: ViewRows, u: int, user_id: str, items: ViewRows, at: slice
+    reference: ReferenceSpec, layout: RequestLayout, parts: _Parts, u: int, user_id: str, at: slice
 ) -> FeatureRows | NotFound:
-    """One request's model rows [user vector, item vector] out of a shared read: its user is
-    row `u` of `users`, its items the slice `at` of `items` (numpy views, no item loop)."""
+    """One request's tensors out of a shared read: its user is row `u` of the user views,
+    its items the slice `at` of the item views (numpy views, no item loop)."""
+    users, items = parts.users[reference.user_view], parts.items[reference.item_view]
     if not users.present[u] and not users.fell_back[u]:
         return NotFound(f"unknown user {echo(user_id)}")
-    user_vec = users.records[reference.vector_feature][u].reshape(-1)
-    item_vecs = _vectors(items, reference.vector_feature)[at]
-    n = len(item_vecs)
-    rows = np.empty((n, user_vec.size + item_vecs.shape[1]), dtype="<f4")
-    rows[:, : user_vec.size] = user_vec
-    rows[:, user_vec.size :] = item_vecs
+    n = at.stop - at.start
+    vectors = layout.vectors
+    rows = _fill(vectors, parts, u, at, n) if vectors is not None else np.empty((n, 0), dtype="<f4")
     present = items.present[at]
+    degraded = any(p.fell_back[u] for p in parts.users.values()) or any(
+        p.fell_back[at].any() for p in parts.items.values()
+    )
     return FeatureRows(
         model_input=rows.tobytes(),
         rows=n,
@@ -729,6 +765,21 @@ def _assemble(
         item_present=present.astype(np.uint8).tobytes(),
         missing_items=n - int(present.sum()),
         columns=rows.shape[1],
-        degraded=bool(users.fell_back[u] or items.fell_back[at].any()),
-        user_columns=user_vec.size,
+        degraded=bool(degraded),
+        user_columns=layout.user_columns,
+        model_input_name=vectors.name if vectors is not None else "",
+        inputs=tuple(
+            RowsTensor(t.name, t.datatype, _fill(t, parts, u, at, n).tobytes(), t.width) for t in layout.inputs
+        ),
     )
+
+
+def _fill(tensor: InputLayout, parts: _Parts, u: int, at: slice, n: int) -> np.ndarray:
+    """The tensor's rows: per column, the user's value broadcast or the items' values."""
+    out = np.empty((n, tensor.width), dtype=tensor.dtype)
+    for column in tensor.columns:
+        if column.of_user:
+            out[:, column.start : column.stop] = parts.users[column.view].records[column.feature][u].reshape(-1)
+        else:
+            out[:, column.start : column.stop] = _vectors(parts.items[column.view], column.feature)[at]
+    return out

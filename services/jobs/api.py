@@ -23,7 +23,7 @@ log = get_logger(__name__)
 class Jobs:
     def __init__(self, settings: JobsSettings, store: JobStore | None = None, app: Celery | None = None) -> None:
         self.settings = settings
-        self.store = store or JobStore.from_url(settings.redis_url, settings.namespace, settings.retention_seconds)
+        self.store = store or JobStore.from_url(settings.redis(), settings.namespace, settings.retention_seconds)
         self.app = app or celery_app(settings)
 
     def submit_file(self, path: str | Path, results: str = "") -> JobStatus:

@@ -20,7 +20,18 @@ TASK_NAME = "infermesh.jobs.run_chunk"
 
 
 def celery_app(settings: JobsSettings) -> Celery:
-    app = Celery("infermesh-jobs", broker=settings.broker, backend=settings.result_backend, set_as_current=False)
+    redis = settings.redis()  # credentials and TLS of the broker and the result backend too
+    app = Celery(
+        "infermesh-jobs",
+        broker=redis.celery_url(settings.broker),
+        backend=redis.celery_url(settings.result_backend),
+        set_as_current=False,
+    )
+    broker_tls, backend_tls = redis.celery_ssl(settings.broker), redis.celery_ssl(settings.result_backend)
+    if broker_tls is not None:
+        app.conf.update(broker_use_ssl=broker_tls)
+    if backend_tls is not None:
+        app.conf.update(redis_backend_use_ssl=backend_tls)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

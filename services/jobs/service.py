@@ -149,4 +149,7 @@ class JobsService:
 
 def build() -> tuple[JobsService, JobsSettings]:
     settings = load_settings(JobsSettings)
+    # Refused credentials stop the service here, before its server exists, in one line naming
+    # the variable; an unreachable Redis does not (it is not ready until Redis answers).
+    settings.redis().check()
     return JobsService(settings), settings

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.runtime.redis_connection import RedisClientSettings, RedisTarget
 from services.runtime.redis_keys import DEFAULT_REDIS_URL
 from services.runtime.settings import ServerSettings, listen_port
 from services.runtime.topology import DEFAULT_EDGE_PORT
@@ -16,7 +17,7 @@ DEFAULT_NAMESPACE = "infermesh:v1:jobs"
 DEFAULT_QUEUE = "infermesh-jobs"
 
 
-class JobsSettings(ServerSettings):
+class JobsSettings(ServerSettings, RedisClientSettings):
     """Jobs: asynchronous and bulk Recommend requests, run by Celery workers through the edge."""
 
     model_config = SettingsConfigDict(env_prefix="JOBS_")
@@ -26,9 +27,15 @@ class JobsSettings(ServerSettings):
         DEFAULT_REDIS_URL, description="Redis holding the jobs: their requests, results and progress."
     )
     broker_url: str = Field(
-        "", description="Celery broker (a Redis URL); empty: JOBS_REDIS_URL, the same Redis as the jobs."
+        "",
+        description=(
+            "Celery broker (a Redis URL); empty: JOBS_REDIS_URL, the same Redis as the jobs. "
+            "JOBS_REDIS_USERNAME / _PASSWORD / _TLS_* apply to it unless it carries its own user or password."
+        ),
     )
-    result_backend_url: str = Field("", description="Celery result backend (a Redis URL); empty: the broker's URL.")
+    result_backend_url: str = Field(
+        "", description="Celery result backend (a Redis URL); empty: the broker's URL. Credentials as the broker's."
+    )
     namespace: str = Field(DEFAULT_NAMESPACE, min_length=1, description="Key prefix of the jobs in Redis.")
     queue: str = Field(DEFAULT_QUEUE, min_length=1, description="Celery queue of the jobs' chunks.")
     gateway_target: str = Field(
@@ -92,3 +99,7 @@ class JobsSettings(ServerSettings):
     @property
     def result_backend(self) -> str:
         return self.result_backend_url or self.broker
+
+    def redis(self) -> RedisTarget:
+        """The jobs' Redis with JOBS_REDIS_USERNAME, _PASSWORD and _TLS_*; SettingsError when they clash."""
+        return self.redis_target(self.redis_url)

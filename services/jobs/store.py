@@ -25,6 +25,7 @@ import redis
 
 from services.jobs.inputs import JobRequest
 from services.runtime.errors import FailedPrecondition, NotFound
+from services.runtime.redis_connection import RedisTarget
 
 QUEUED, RUNNING, COMPLETED, CANCELLED, FAILED = "queued", "running", "completed", "cancelled", "failed"
 FINISHED = frozenset({COMPLETED, CANCELLED, FAILED})
@@ -130,8 +131,9 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION)
 
     @classmethod
-    def from_url(cls, url: str, namespace: str, retention_seconds: int) -> JobStore:
-        return cls(redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30), namespace, retention_seconds)
+    def from_url(cls, url: str | RedisTarget, namespace: str, retention_seconds: int) -> JobStore:
+        target = url if isinstance(url, RedisTarget) else RedisTarget(url)
+        return cls(target.client(socket_timeout=10, health_check_interval=30), namespace, retention_seconds)
 
     # ---- keys ---------------------------------------------------------------------------
     def job_key(self, job_id: str) -> str:

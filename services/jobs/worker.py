@@ -64,7 +64,7 @@ class ChunkRunner:
 
     def __init__(self, settings: JobsSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.store = JobStore.from_url(settings.redis_url, settings.namespace, settings.retention_seconds)
+        self.store = JobStore.from_url(settings.redis(), settings.namespace, settings.retention_seconds)
         metrics = metrics or Metrics(JOBS)
         # Per worker (this process's /metrics) and per job: what it ran and how it ended.
         self._requests = metrics.counter(
@@ -218,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging("jobs-worker", os.environ.get("LOG_LEVEL", "INFO"))
     try:
         settings = load_settings(JobsSettings)
+        # Refused credentials: one line naming the variable, before Celery retries forever.
+        settings.redis().check()
         telemetry = setup_telemetry(WORKER_SERVICE_NAME)  # OTEL_SERVICE_NAME, if set, wins
     except SettingsError as error:
         raise SystemExit(f"jobs worker: {error}") from None

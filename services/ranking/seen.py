@@ -32,6 +32,7 @@ from redis.backoff import NoBackoff
 from services.ranking.layout import seen_key
 from services.runtime.breaker import CircuitBreaker
 from services.runtime.logs import get_logger
+from services.runtime.redis_connection import RedisTarget
 
 log = get_logger(__name__)
 
@@ -70,15 +71,15 @@ class SeenStore:
     @classmethod
     def from_url(
         cls,
-        url: str,
+        url: str | RedisTarget,
         namespace: str,
         timeout_seconds: float,
         failures_to_skip: int = 3,
         retry_seconds: float = 1.0,
         lookup: str = "members",
     ) -> SeenStore:
-        client = aioredis.Redis.from_url(
-            url,
+        target = url if isinstance(url, RedisTarget) else RedisTarget(url)
+        client = target.async_client(
             socket_timeout=timeout_seconds,
             socket_connect_timeout=timeout_seconds,
             # No client-side retries: a retry would spend the request's budget; the breaker

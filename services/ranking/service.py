@@ -44,6 +44,8 @@ from services.runtime.errors import InvalidArgument, rpc_status
 from services.runtime.limits import DEFAULT_MAX_ID_LENGTH, check_length, check_lengths
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
+from services.runtime.pipeline import CalibrationStage, MmrStage, PipelineFile, RulesStage, pipeline_from_env
+from services.runtime.redis_connection import RedisClientSettings
 from services.runtime.redis_keys import DEFAULT_REDIS_URL
 from services.runtime.settings import ServerSettings, listen_port, load_settings
 from services.runtime.telemetry import (
@@ -64,7 +66,7 @@ BATCH_REQUESTS_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _RANK_BATCH = "/infermesh.ranking.v1.RankingService/RankBatch"
 
 
-class RankingSettings(ServerSettings):
+class RankingSettings(ServerSettings, RedisClientSettings):
     """Ranking: the chain of stages between scores and the page returned."""
 
     model_config = SettingsConfigDict(env_prefix=f"{RANKING.upper()}_")
@@ -86,7 +88,8 @@ class RankingSettings(ServerSettings):
         DEFAULT_CHAIN,
         description=(
             f"The stages, comma-separated, in the order they run; leave one out to turn it off. "
-            f"Known: {', '.join(STAGE_NAMES)}."
+            f"Known: {', '.join(STAGE_NAMES)}. This and every stage setting below, when set, wins over "
+            f"the pipeline file's ranking.stages (INFERMESH_PIPELINE), which gives the rest."
         ),
     )
     redis_url: str = Field(
@@ -262,7 +265,7 @@ def build_seen_store(settings: RankingSettings) -> SeenStore | None:
     if not settings.redis_url or SEEN_FILTER not in _stage_names(settings.chain):
         return None
     return SeenStore.from_url(
-        settings.redis_url,
+        settings.redis_target(settings.redis_url),
         settings.namespace,
         settings.redis_timeout_seconds,
         settings.redis_failures_to_skip,
@@ -421,6 +424,29 @@ class RankingService:
             await self.seen_store.close()
 
 
+def pipeline_settings(settings: RankingSettings, pipeline: PipelineFile) -> RankingSettings:
+    """`settings` with the pipeline's chain and stage parameters wherever the environment
+    set none (a RANKING_CHAIN, RANKING_MMR_LAMBDA, ... that is set wins over the file)."""
+    stages = pipeline.spec.ranking.stages
+    values: dict[str, object] = {"chain": ",".join(stage.stage for stage in stages)}
+    for stage in stages:
+        if isinstance(stage, RulesStage):
+            values["rules_deny_categories"] = ",".join(str(c) for c in stage.deny_categories)
+            values["rules_min_score"], values["rules_max_score"] = stage.min_score, stage.max_score
+        elif isinstance(stage, CalibrationStage):
+            values.update(calibration=stage.method, calibration_a=stage.a, calibration_b=stage.b)
+            values["calibration_score"] = stage.score
+            values["calibration_points"] = ",".join(f"{x!r}:{y!r}" for x, y in stage.points)
+        elif isinstance(stage, MmrStage):
+            values["mmr_lambda"], values["mmr_top_n"] = stage.lambda_, stage.top_n
+    explicit = {name: getattr(settings, name) for name in settings.model_fields_set}
+    return RankingSettings(**{**values, **explicit})
+
+
 def build() -> tuple[RankingService, RankingSettings]:
-    settings = load_settings(RankingSettings)
+    settings = pipeline_settings(load_settings(RankingSettings), pipeline_from_env())
+    if settings.redis_url and SEEN_FILTER in _stage_names(settings.chain):
+        # Refused credentials stop the service here, before its server exists, in one line naming
+        # the variable; an unreachable Redis does not (seen_filter is skipped).
+        settings.redis_target(settings.redis_url).check()
     return RankingService(settings), settings

@@ -5,7 +5,9 @@ Key: model + version + a 128-bit BLAKE2b of every input tensor (name, datatype, 
 contents) and raw input bytes, plus the requested outputs. Value: the serialized response
 (without its id), with a TTL. The cache is an optimisation only: any Redis error (refused,
 timed out, gone) turns it off for `retry_seconds`, logged once, and the request is computed
-as if there were no cache; after that the next request tries Redis again.
+as if there were no cache; after that the next request tries Redis again. Its Redis is
+opened with the scoring service's credentials and TLS (SCORING_REDIS_USERNAME, _PASSWORD,
+_TLS_*: services/runtime/redis_connection.py).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import asyncio
 import hashlib
 import time
 
-import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.runtime.logs import get_logger
+from services.runtime.redis_connection import RedisTarget
 from services.scoring.stats import ScoringMetrics
 
 log = get_logger(__name__)
@@ -47,13 +49,14 @@ def cache_key(model: str, version: str, request: pb.ModelInferRequest) -> str:
 class PredictionCache:
     def __init__(
         self,
-        url: str,
+        redis: str | RedisTarget,
         timeout_seconds: float = 0.1,
         retry_seconds: float = 5.0,
         metrics: ScoringMetrics | None = None,
     ) -> None:
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, retry_on_timeout=False
+        target = redis if isinstance(redis, RedisTarget) else RedisTarget(redis)
+        self._client = target.async_client(
+            socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, retry_on_timeout=False
         )
         self._retry_seconds = retry_seconds
         self._metrics = metrics

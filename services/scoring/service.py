@@ -34,6 +34,8 @@ from services.runtime.errors import (
 )
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
+from services.runtime.pipeline import pipeline_from_env
+from services.runtime.redis_connection import RedisClientSettings
 from services.runtime.server import load_tls_settings
 from services.runtime.settings import ServerSettings, SettingsError, listen_port, load_settings
 from services.runtime.topology import HEALTH_SERVICE_NAMES, SCORING
@@ -42,6 +44,7 @@ from services.scoring.cache import PredictionCache, cache_key
 from services.scoring.config import MODEL_FILE, BatchingPolicy, TensorSpec, VersionPolicy
 from services.scoring.loading import LoadOptions, instance_device
 from services.scoring.models import PLATFORM, ModelVersion
+from services.scoring.pipeline_models import check_models
 from services.scoring.providers import ALIASES
 from services.scoring.repository import CONTROL_MODES, ModelRepository, RepositoryOptions
 from services.scoring.rest.server import InferenceHttpServer, server_ssl_context
@@ -75,7 +78,7 @@ TRITON_DATA_TYPES: Mapping[str, int] = {
 }
 
 
-class ScoringSettings(ServerSettings):
+class ScoringSettings(ServerSettings, RedisClientSettings):
     """Scoring: the Open Inference Protocol server over the ONNX model repository."""
 
     model_config = SettingsConfigDict(env_prefix=f"{SCORING.upper()}_")
@@ -122,7 +125,11 @@ class ScoringSettings(ServerSettings):
         "", description='explicit mode: models loaded at start, comma-separated; "*": all of them.'
     )
     cache_redis_url: str = Field(
-        "", description="Redis for the models that enable response_cache; empty: no response cache anywhere."
+        "",
+        description=(
+            "Redis for the models that enable response_cache, opened with SCORING_REDIS_USERNAME, "
+            "_PASSWORD and _TLS_*; empty: no response cache anywhere."
+        ),
     )
     cache_timeout_seconds: float = Field(
         0.1, gt=0, description="Longest a response-cache read or write waits on Redis."
@@ -544,7 +551,7 @@ class ScoringService:
         )
         self.cache = (
             PredictionCache(
-                settings.cache_redis_url,
+                settings.redis_target(settings.cache_redis_url, "cache_redis_url"),
                 settings.cache_timeout_seconds,
                 settings.cache_retry_seconds,
                 self.scoring_metrics,
@@ -607,4 +614,11 @@ class ScoringService:
 
 def build() -> tuple[ScoringService, ScoringSettings]:
     settings = load_settings(ScoringSettings)
+    # The pipeline's models that this repository holds: their inputs' names and datatypes
+    # checked before the server exists (the widths need the views: `infermesh up` checks them).
+    check_models(pipeline_from_env(), Path(settings.model_repository), require_all=False)
+    if settings.cache_redis_url:
+        # Refused credentials stop the service here, in one line naming the variable; an
+        # unreachable Redis does not (the cache turns itself off and retries).
+        settings.redis_target(settings.cache_redis_url, "cache_redis_url").check()
     return ScoringService(settings), settings

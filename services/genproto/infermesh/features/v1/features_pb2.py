@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$infermesh/features/v1/features.proto\x12\x15infermesh.features.v1\x1a\x17google/rpc/status.proto\"Z\n\x12GetFeaturesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\r\n\x05views\x18\x03 \x03(\t\x12\x12\n\nentity_ids\x18\x04 \x03(\t\"L\n\x0b\x44\x65nseMatrix\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x03 \x01(\r\x12\x10\n\x08\x64\x61tatype\x18\x04 \x01(\t\"\xaf\x02\n\x13GetFeaturesResponse\x12\x37\n\x0bmodel_input\x18\x01 \x01(\x0b\x32\".infermesh.features.v1.DenseMatrix\x12\x17\n\x0fitem_categories\x18\x02 \x01(\x0c\x12\x14\n\x0citem_present\x18\x03 \x01(\x0c\x12\x15\n\rmissing_items\x18\x04 \x01(\r\x12\x34\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0b\x32\".infermesh.features.v1.DenseMatrix\x12\x0f\n\x07\x63olumns\x18\x06 \x03(\t\x12\x0f\n\x07present\x18\x07 \x01(\x0c\x12\x19\n\x11\x66reshness_seconds\x18\x08 \x01(\x0c\x12\x10\n\x08\x64\x65graded\x18\t \x01(\x08\x12\x14\n\x0cuser_columns\x18\n \x01(\r\";\n\x19RetrieveCandidatesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"P\n\x1aRetrieveCandidatesResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x01(\x0c\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\"V\n\x17GetFeaturesBatchRequest\x12;\n\x08requests\x18\x01 \x03(\x0b\x32).infermesh.features.v1.GetFeaturesRequest\"U\n\x18GetFeaturesBatchResponse\x12\x39\n\x07results\x18\x01 \x03(\x0b\x32(.infermesh.features.v1.GetFeaturesResult\"u\n\x11GetFeaturesResult\x12<\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32*.infermesh.features.v1.GetFeaturesResponse\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status2\xe6\x02\n\x0e\x46\x65\x61tureService\x12\x64\n\x0bGetFeatures\x12).infermesh.features.v1.GetFeaturesRequest\x1a*.infermesh.features.v1.GetFeaturesResponse\x12s\n\x10GetFeaturesBatch\x12..infermesh.features.v1.GetFeaturesBatchRequest\x1a/.infermesh.features.v1.GetFeaturesBatchResponse\x12y\n\x12RetrieveCandidates\x12\x30.infermesh.features.v1.RetrieveCandidatesRequest\x1a\x31.infermesh.features.v1.RetrieveCandidatesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$infermesh/features/v1/features.proto\x12\x15infermesh.features.v1\x1a\x17google/rpc/status.proto\"Z\n\x12GetFeaturesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\r\n\x05views\x18\x03 \x03(\t\x12\x12\n\nentity_ids\x18\x04 \x03(\t\"Z\n\x0b\x44\x65nseMatrix\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x03 \x01(\r\x12\x10\n\x08\x64\x61tatype\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\xe3\x02\n\x13GetFeaturesResponse\x12\x37\n\x0bmodel_input\x18\x01 \x01(\x0b\x32\".infermesh.features.v1.DenseMatrix\x12\x17\n\x0fitem_categories\x18\x02 \x01(\x0c\x12\x14\n\x0citem_present\x18\x03 \x01(\x0c\x12\x15\n\rmissing_items\x18\x04 \x01(\r\x12\x34\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0b\x32\".infermesh.features.v1.DenseMatrix\x12\x0f\n\x07\x63olumns\x18\x06 \x03(\t\x12\x0f\n\x07present\x18\x07 \x01(\x0c\x12\x19\n\x11\x66reshness_seconds\x18\x08 \x01(\x0c\x12\x10\n\x08\x64\x65graded\x18\t \x01(\x08\x12\x14\n\x0cuser_columns\x18\n \x01(\r\x12\x32\n\x06inputs\x18\x0b \x03(\x0b\x32\".infermesh.features.v1.DenseMatrix\";\n\x19RetrieveCandidatesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"P\n\x1aRetrieveCandidatesResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x01(\x0c\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\"V\n\x17GetFeaturesBatchRequest\x12;\n\x08requests\x18\x01 \x03(\x0b\x32).infermesh.features.v1.GetFeaturesRequest\"U\n\x18GetFeaturesBatchResponse\x12\x39\n\x07results\x18\x01 \x03(\x0b\x32(.infermesh.features.v1.GetFeaturesResult\"u\n\x11GetFeaturesResult\x12<\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32*.infermesh.features.v1.GetFeaturesResponse\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status2\xe6\x02\n\x0e\x46\x65\x61tureService\x12\x64\n\x0bGetFeatures\x12).infermesh.features.v1.GetFeaturesRequest\x1a*.infermesh.features.v1.GetFeaturesResponse\x12s\n\x10GetFeaturesBatch\x12..infermesh.features.v1.GetFeaturesBatchRequest\x1a/.infermesh.features.v1.GetFeaturesBatchResponse\x12y\n\x12RetrieveCandidates\x12\x30.infermesh.features.v1.RetrieveCandidatesRequest\x1a\x31.infermesh.features.v1.RetrieveCandidatesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETFEATURESREQUEST']._serialized_start=88
   _globals['_GETFEATURESREQUEST']._serialized_end=178
   _globals['_DENSEMATRIX']._serialized_start=180
-  _globals['_DENSEMATRIX']._serialized_end=256
-  _globals['_GETFEATURESRESPONSE']._serialized_start=259
-  _globals['_GETFEATURESRESPONSE']._serialized_end=562
-  _globals['_RETRIEVECANDIDATESREQUEST']._serialized_start=564
-  _globals['_RETRIEVECANDIDATESREQUEST']._serialized_end=623
-  _globals['_RETRIEVECANDIDATESRESPONSE']._serialized_start=625
-  _globals['_RETRIEVECANDIDATESRESPONSE']._serialized_end=705
-  _globals['_GETFEATURESBATCHREQUEST']._serialized_start=707
-  _globals['_GETFEATURESBATCHREQUEST']._serialized_end=793
-  _globals['_GETFEATURESBATCHRESPONSE']._serialized_start=795
-  _globals['_GETFEATURESBATCHRESPONSE']._serialized_end=880
-  _globals['_GETFEATURESRESULT']._serialized_start=882
-  _globals['_GETFEATURESRESULT']._serialized_end=999
-  _globals['_FEATURESERVICE']._serialized_start=1002
-  _globals['_FEATURESERVICE']._serialized_end=1360
+  _globals['_DENSEMATRIX']._serialized_end=270
+  _globals['_GETFEATURESRESPONSE']._serialized_start=273
+  _globals['_GETFEATURESRESPONSE']._serialized_end=628
+  _globals['_RETRIEVECANDIDATESREQUEST']._serialized_start=630
+  _globals['_RETRIEVECANDIDATESREQUEST']._serialized_end=689
+  _globals['_RETRIEVECANDIDATESRESPONSE']._serialized_start=691
+  _globals['_RETRIEVECANDIDATESRESPONSE']._serialized_end=771
+  _globals['_GETFEATURESBATCHREQUEST']._serialized_start=773
+  _globals['_GETFEATURESBATCHREQUEST']._serialized_end=859
+  _globals['_GETFEATURESBATCHRESPONSE']._serialized_start=861
+  _globals['_GETFEATURESBATCHRESPONSE']._serialized_end=946
+  _globals['_GETFEATURESRESULT']._serialized_start=948
+  _globals['_GETFEATURESRESULT']._serialized_end=1065
+  _globals['_FEATURESERVICE']._serialized_start=1068
+  _globals['_FEATURESERVICE']._serialized_end=1426
 # @@protoc_insertion_point(module_scope)

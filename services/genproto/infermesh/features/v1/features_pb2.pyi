@@ -20,19 +20,21 @@ class GetFeaturesRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., views: _Optional[_Iterable[str]] = ..., entity_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DenseMatrix(_message.Message):
-    __slots__ = ("data", "rows", "columns", "datatype")
+    __slots__ = ("data", "rows", "columns", "datatype", "name")
     DATA_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     DATATYPE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     rows: int
     columns: int
     datatype: str
-    def __init__(self, data: _Optional[bytes] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ..., datatype: _Optional[str] = ...) -> None: ...
+    name: str
+    def __init__(self, data: _Optional[bytes] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ..., datatype: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class GetFeaturesResponse(_message.Message):
-    __slots__ = ("model_input", "item_categories", "item_present", "missing_items", "features", "columns", "present", "freshness_seconds", "degraded", "user_columns")
+    __slots__ = ("model_input", "item_categories", "item_present", "missing_items", "features", "columns", "present", "freshness_seconds", "degraded", "user_columns", "inputs")
     MODEL_INPUT_FIELD_NUMBER: _ClassVar[int]
     ITEM_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     ITEM_PRESENT_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +45,7 @@ class GetFeaturesResponse(_message.Message):
     FRESHNESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     USER_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     model_input: DenseMatrix
     item_categories: bytes
     item_present: bytes
@@ -53,7 +56,8 @@ class GetFeaturesResponse(_message.Message):
     freshness_seconds: bytes
     degraded: bool
     user_columns: int
-    def __init__(self, model_input: _Optional[_Union[DenseMatrix, _Mapping]] = ..., item_categories: _Optional[bytes] = ..., item_present: _Optional[bytes] = ..., missing_items: _Optional[int] = ..., features: _Optional[_Union[DenseMatrix, _Mapping]] = ..., columns: _Optional[_Iterable[str]] = ..., present: _Optional[bytes] = ..., freshness_seconds: _Optional[bytes] = ..., degraded: bool = ..., user_columns: _Optional[int] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[DenseMatrix]
+    def __init__(self, model_input: _Optional[_Union[DenseMatrix, _Mapping]] = ..., item_categories: _Optional[bytes] = ..., item_present: _Optional[bytes] = ..., missing_items: _Optional[int] = ..., features: _Optional[_Union[DenseMatrix, _Mapping]] = ..., columns: _Optional[_Iterable[str]] = ..., present: _Optional[bytes] = ..., freshness_seconds: _Optional[bytes] = ..., degraded: bool = ..., user_columns: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[DenseMatrix, _Mapping]]] = ...) -> None: ...
 
 class RetrieveCandidatesRequest(_message.Message):
     __slots__ = ("user_id", "count")
