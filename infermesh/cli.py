@@ -354,6 +354,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             **_moved_ports(args.port_base),
         )
+        # Ports named above are bound only as their processes start: keep them from the free
+        # ports picked meanwhile (the lane's, the metrics ports), or a replica may lose its bind.
+        free_port.reserve(
+            [topology.edge_port, topology.admin_port, *topology.internal_ports.values(), args.redis_port]
+            + [endpoint.port for endpoints in topology.replicas.values() for endpoint in endpoints]
+        )
         lane = None
         if args.workers and not args.no_bulk_lane:  # the jobs' own replicas, as many as online
             try:

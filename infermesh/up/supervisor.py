@@ -33,7 +33,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -181,6 +181,11 @@ class _PortPicker:
                 self._blocks[ports] = now + self.BLOCK_RESERVED_SECONDS
                 return base
         raise MeshError(f"no block of {span} free TCP ports between {_BLOCK_PORTS_START} and {low}")
+
+    def reserve(self, ports: Iterable[int]) -> None:
+        """Ports this process was told to use (command line): never handed out, though they
+        stay free until the child that binds them starts."""
+        self._given.update(ports)
 
     def release_block(self, base: int) -> None:
         """The mesh on the block from `base` has stopped: its ports may be handed out again."""

@@ -56,3 +56,13 @@ def test_a_port_block_is_not_handed_out_again_until_released_or_expired(monkeypa
     expired = _PortPicker()
     monkeypatch.setattr(expired, "_blocks", {range(b, b + 1600): 0.0 for b in blocks})
     assert expired.block(1600) >= 20000  # reservations that ended no longer count
+
+
+def test_a_reserved_port_is_never_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    picker = _PortPicker()
+    first = free_port()
+    monkeypatch.setattr("infermesh.up.supervisor._SINGLE_PORTS", (first, first + 1))
+    picker.reserve([first])  # e.g. the edge port of the command line, not bound yet
+    assert picker() == first + 1
+    with pytest.raises(MeshError):
+        picker()  # both taken now: the reserved one is not handed out
