@@ -143,10 +143,13 @@ def render_config(
     descriptor_set: Path = DESCRIPTOR_SET,
     tls_dir: Path = TLS_DIR,
     sds_files: SdsFiles = SDS_FILES,
+    edge: envoy.EdgePolicy | None = None,
 ) -> Json:
     """The Kubernetes Envoy bootstrap: `plain`, `tls` (TLS on the edge listener) or `mtls`
-    (TLS on the edge, mTLS on every internal hop, certificates by SDS from `sds_files`)."""
-    config = render(kubernetes_topology(descriptor_set), tracing=TRACING)
+    (TLS on the edge, mTLS on every internal hop, certificates by SDS from `sds_files`).
+    `edge`: API keys, JWT and rate limits at the edge (the committed files have none;
+    docs/security.md says how to render and ship one that does)."""
+    config = render(kubernetes_topology(descriptor_set), tracing=TRACING, edge=edge)
     if variant == "tls":
         return with_edge_tls(config, tls_dir)
     if variant == "mtls":

@@ -442,6 +442,8 @@ class Mesh:
             if self.bulk is not None:  # the jobs' traffic through their own lane, at its priority
                 env["JOBS_GATEWAY_TARGET"] = self.bulk.edge.address
                 self._nice[name] = self.bulk.nice
+            if self.tls is not None:  # either edge serves TLS then, with the certificate of the local CA
+                env["JOBS_GATEWAY_TLS_CA_FILE"] = str(self.tls.ca_cert)
             argv = [sys.executable, "-m", WORKER_MODULE]
             self._replicas[name] = (JOBS_WORKER, None, env, argv)
             self._spawn(JOBS_WORKER, name, argv, env)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import grpc
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.runtime.channels import channel_options, tls_credentials
 from services.runtime.redis_connection import RedisClientSettings, RedisTarget
 from services.runtime.redis_keys import DEFAULT_REDIS_URL
 from services.runtime.settings import ServerSettings, listen_port
@@ -42,6 +46,27 @@ class JobsSettings(ServerSettings, RedisClientSettings):
         f"127.0.0.1:{DEFAULT_EDGE_PORT}",
         min_length=1,
         description="Where workers send each job's Recommend calls: the edge (Envoy), host:port.",
+    )
+    gateway_tls: bool = Field(
+        False,
+        description=(
+            "Workers speak TLS to JOBS_GATEWAY_TARGET (an edge that serves TLS); also on when a "
+            "JOBS_GATEWAY_TLS_*_FILE is set."
+        ),
+    )
+    gateway_tls_ca_file: str = Field(
+        "", description="CA certificate(s), PEM, the edge's certificate must chain to; empty: the system's roots."
+    )
+    gateway_tls_cert_file: str = Field(
+        "", description="Client certificate, PEM, the workers present to the edge (with the key file)."
+    )
+    gateway_tls_key_file: str = Field("", description="Private key, PEM, of that client certificate.")
+    gateway_tls_server_name: str = Field(
+        "",
+        description=(
+            "The name the edge's certificate must carry, when it is not JOBS_GATEWAY_TARGET's host "
+            "(on Kubernetes the workers dial `envoy`, the certificate names the edge's public name)."
+        ),
     )
     results_dir: str = Field(
         ".infermesh/jobs",
@@ -91,6 +116,37 @@ class JobsSettings(ServerSettings, RedisClientSettings):
         if self.retry_backoff_max_seconds < self.retry_backoff_seconds:
             raise ValueError("JOBS_RETRY_BACKOFF_MAX_SECONDS must be at least JOBS_RETRY_BACKOFF_SECONDS")
         return self
+
+    @model_validator(mode="after")
+    def _gateway_tls_consistent(self) -> JobsSettings:
+        if bool(self.gateway_tls_cert_file) != bool(self.gateway_tls_key_file):
+            raise ValueError(
+                f"set both {self.variable('gateway_tls_cert_file')} and "
+                f"{self.variable('gateway_tls_key_file')}, or neither"
+            )
+        if self.gateway_tls_server_name and not self.gateway_uses_tls:
+            raise ValueError(
+                f"{self.variable('gateway_tls_server_name')} is set but the workers' channel is plaintext: "
+                f"set {self.variable('gateway_tls')}=true or {self.variable('gateway_tls_ca_file')}"
+            )
+        return self
+
+    @property
+    def gateway_uses_tls(self) -> bool:
+        return self.gateway_tls or bool(self.gateway_tls_ca_file or self.gateway_tls_cert_file)
+
+    def gateway_credentials(self) -> grpc.ChannelCredentials | None:
+        """The workers' channel to the edge: None for plaintext, else TLS from the files (read
+        now: SettingsError naming an unreadable one)."""
+        if not self.gateway_uses_tls:
+            return None
+        return tls_credentials(self.gateway_tls_ca_file, self.gateway_tls_cert_file, self.gateway_tls_key_file)
+
+    def gateway_channel_options(self) -> list[tuple[str, Any]]:
+        options = channel_options()
+        if self.gateway_tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.gateway_tls_server_name))
+        return options
 
     @property
     def broker(self) -> str:

@@ -4,7 +4,8 @@
 
 Each task takes one chunk (JOBS_CHUNK_SIZE requests), skips those that already have a
 result (the chunk ran before, on a worker that died), and sends the rest to the gateway
-over gRPC through Envoy with at most JOBS_CONCURRENCY calls in flight, so a job never
+over gRPC through Envoy's edge (over TLS with JOBS_GATEWAY_TLS_*, as an edge that serves
+TLS needs) with at most JOBS_CONCURRENCY calls in flight, so a job never
 takes more of the mesh than that per worker. UNAVAILABLE and RESOURCE_EXHAUSTED are
 retried with exponential back-off up to JOBS_MAX_ATTEMPTS tries; any other error, or the
 last try's, is the request's result (its status and message), never retried further.
@@ -42,7 +43,6 @@ from services.jobs.queue import TASK_NAME, celery_app
 from services.jobs.results import result_record, write_results
 from services.jobs.settings import JobsSettings
 from services.jobs.store import COMPLETED, FAILED, RUNNING, JobStore
-from services.runtime.channels import channel_options
 from services.runtime.logs import configure_logging, get_logger
 from services.runtime.metrics import Metrics
 from services.runtime.settings import SettingsError, load_settings
@@ -75,7 +75,7 @@ class ChunkRunner:
         self._chunks = metrics.counter(
             "jobs_worker_chunks", "Chunks (tasks) this worker ran, by outcome (done, skipped)", ["outcome"]
         )
-        self._channel = grpc.insecure_channel(settings.gateway_target, options=channel_options())
+        self._channel = gateway_channel(settings)
         # The stored payloads are RecommendRequests serialized at submit, after validation:
         # sent as they are, not parsed and serialized again per request and per try.
         self._recommend = self._channel.unary_unary(
@@ -196,6 +196,15 @@ class ChunkRunner:
                      succeeded=status.succeeded, failed=status.failed)  # fmt: skip
 
 
+def gateway_channel(settings: JobsSettings) -> grpc.Channel:
+    """The channel to the edge: TLS when JOBS_GATEWAY_TLS* say so (an edge that serves TLS,
+    as in production), else plaintext. The files are read once: a new CA needs a restart."""
+    credentials = settings.gateway_credentials()
+    if credentials is None:
+        return grpc.insecure_channel(settings.gateway_target, options=settings.gateway_channel_options())
+    return grpc.secure_channel(settings.gateway_target, credentials, options=settings.gateway_channel_options())
+
+
 def _json(record: dict[str, Any]) -> str:
     return json.dumps(record, separators=(",", ":"))
 
@@ -220,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = load_settings(JobsSettings)
         # Refused credentials: one line naming the variable, before Celery retries forever.
         settings.redis().check()
+        settings.gateway_credentials()  # an unreadable TLS file: one line now, not a failure per chunk
         telemetry = setup_telemetry(WORKER_SERVICE_NAME)  # OTEL_SERVICE_NAME, if set, wins
     except SettingsError as error:
         raise SystemExit(f"jobs worker: {error}") from None

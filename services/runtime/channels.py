@@ -75,18 +75,23 @@ class MeshTlsSettings(ServiceSettings):
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         """None for plaintext; files are read now, so a bad path fails at start."""
-        if not self.ca:
+        return tls_credentials(self.ca, self.cert, self.key) if self.ca else None
+
+
+def tls_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.ChannelCredentials:
+    """A TLS client's credentials from PEM files: the CA the server's certificate must chain
+    to (empty: the system's roots) and, with `cert` and `key`, a client certificate. The
+    files are read now, so a bad path fails at start (SettingsError naming it)."""
+
+    def read(path: str) -> bytes | None:
+        if not path:
             return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise SettingsError(f"cannot read TLS file {path}: {error.strerror}") from None
 
-        def read(path: str) -> bytes:
-            try:
-                return Path(path).read_bytes()
-            except OSError as error:
-                raise SettingsError(f"cannot read TLS file {path}: {error.strerror}") from None
-
-        return grpc.ssl_channel_credentials(
-            root_certificates=read(self.ca), private_key=read(self.key), certificate_chain=read(self.cert)
-        )
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
 
 
 def load_mesh_tls(environ: Mapping[str, str] | None = None) -> MeshTlsSettings:

@@ -24,6 +24,8 @@ import yaml
 from gateway import experiments
 from infermesh import certs, envoy, kubernetes
 from infermesh.envoy import sds
+from services.jobs.settings import JobsSettings
+from services.runtime.settings import load_settings
 from services.runtime.topology import BACKENDS, DEFAULT_EDGE_PORT, HEALTH_SERVICE_NAMES, HTTP_SERVICES, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -348,6 +350,32 @@ def test_production_scales_jobs_workers_on_the_queue_length(production: list[Obj
     env = _env(worker)
     assert env["JOBS_GATEWAY_TARGET"] == f"{kubernetes.ENVOY}:{DEFAULT_EDGE_PORT}"
     assert env["JOBS_RESULTS_DIR"] == _env(_container(production, "jobs"))["JOBS_RESULTS_DIR"]
+
+
+def test_jobs_workers_speak_tls_exactly_when_the_edge_does(built: tuple[str, list[Obj]]) -> None:
+    """The workers are clients of the edge: over TLS where it serves only TLS (production),
+    in plaintext where it is plaintext, as their settings read the manifest's environment."""
+    _, objs = built
+    config, _ = _production_envoy_config(objs)
+    (edge,) = [x for x in config["static_resources"]["listeners"] if x["name"] == "edge"]
+    edge_tls = all("transport_socket" in chain for chain in edge["filter_chains"])
+    settings = load_settings(JobsSettings, _env(_container(objs, "jobs-worker")))
+    assert settings.gateway_uses_tls is edge_tls
+
+
+def test_production_jobs_workers_check_the_edge_against_its_ca(production: list[Obj]) -> None:
+    worker = _container(production, "jobs-worker")
+    env = _env(worker)
+    ca = Path(env["JOBS_GATEWAY_TLS_CA_FILE"])
+    spec = _get(production, "Deployment", "jobs-worker")["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == "edge-tls"]
+    # The CA alone: the edge's private key stays in Envoy's pod.
+    assert volume["secret"]["items"] == [{"key": "ca.crt", "path": ca.name}]
+    (mount,) = [m for m in worker["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True and Path(mount["mountPath"]) == ca.parent
+    # They dial the Service `envoy`, which the edge's certificate does not name: its own name does.
+    assert env["JOBS_GATEWAY_TARGET"].partition(":")[0] == kubernetes.ENVOY
+    assert env["JOBS_GATEWAY_TLS_SERVER_NAME"] not in ("", kubernetes.ENVOY)
 
 
 def test_production_scales_scoring_on_queue_depth(production: list[Obj]) -> None:
