@@ -25,6 +25,7 @@ MeshError, which stops the mesh. The run file is rewritten on every exit and res
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -636,6 +637,9 @@ class Mesh:
         self.stop()
 
 
+REDIS_START_TIMEOUT_SECONDS = 60.0
+
+
 def start_redis(
     data_dir: Path, port: int, log_dir: Path, persist: bool = True, password: str | None = None
 ) -> subprocess.Popen[bytes]:
@@ -677,21 +681,36 @@ def start_redis(
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 10
+    # Ready once it answers PING: while it loads its saved data it answers -LOADING, and
+    # seeding would fail. A large dataset takes a while to load.
+    deadline = time.monotonic() + REDIS_START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise MeshError(f"redis-server exited with {process.returncode}; see {log_dir / 'redis.log'}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                # NOAUTH: up, and asking for the password it was given.
-                if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):
-                    return process
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            if _redis_pong(port, password):
+                return process
         time.sleep(0.05)
     process.kill()
-    raise MeshError(f"redis-server did not answer on port {port} within 10s")
+    raise MeshError(f"redis-server did not answer on port {port} within {REDIS_START_TIMEOUT_SECONDS:g}s")
+
+
+def _redis_pong(port: int, password: str | None) -> bool:
+    """PING (after AUTH with `password`) answered +PONG, not -LOADING or an error."""
+    request = b"PING\r\n"
+    if password is not None:
+        secret = password.encode()
+        request = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret) + request
+    expected = 1 if password is None else 2  # one line per reply: +OK / +PONG / -ERROR ...
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        sock.sendall(request)
+        replies = b""
+        while replies.count(b"\r\n") < expected:
+            chunk = sock.recv(256)
+            if not chunk:
+                return False
+            replies += chunk
+    return replies.split(b"\r\n")[expected - 1].startswith(b"+PONG")
 
 
 def _redis_config(redis_dir: Path, password: str) -> Path:
