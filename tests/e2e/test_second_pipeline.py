@@ -112,9 +112,10 @@ def retail(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Retail]:
         },
     )
     output: list[str] = []
+    retail = Retail(root, edge, redis_process, receiver, output)
     try:
         wait_until_up(up, output, timeout=180)
-        yield Retail(root, edge, redis_process, receiver, output)
+        yield retail
     finally:
         if up.poll() is None:
             up.terminate()
@@ -124,7 +125,7 @@ def retail(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Retail]:
                 up.kill()
                 up.wait()
         receiver.stop()
-        stop(redis_process)
+        stop(retail.redis)  # the one running now: a test restarts it
 
 
 @pytest.fixture(scope="module")
