@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # Actions whose default is implied by their kind: a flag is off unless given.
@@ -85,3 +85,21 @@ def run_delegated(args: argparse.Namespace, rest: Sequence[str]) -> int | None:
     if module is None:
         return None
     return int(importlib.import_module(module).main(list(rest)) or 0)
+
+
+def group_parser(prog: str, description: str, commands: Mapping[str, tuple[str, str]]) -> argparse.ArgumentParser:
+    """A command group (`infermesh models`, `infermesh drift`): every subcommand delegated to
+    a module, `commands` mapping its name to (module, one-line summary)."""
+    parser = CommandParser(prog=prog, description=description)
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    for name, (module, summary) in commands.items():
+        add_delegated(subcommands, name, module, summary)
+    return parser
+
+
+def run_group(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse `argv` with a group_parser and run the subcommand it names."""
+    args, rest = parser.parse_known_args(argv)
+    delegated = run_delegated(args, rest)
+    assert delegated is not None  # every subcommand of a group is delegated
+    return delegated

@@ -21,8 +21,7 @@ import numpy as np
 
 from infermesh.cli_help import CommandParser
 from infermesh.models.inputs import FeatureDataError, input_specs, parse_column_map, read_rows
-from infermesh.models.quantize import newest_version
-from infermesh.settings import model_repository
+from infermesh.models.quantize import add_model_arguments, newest_version
 from services.scoring.config import MODEL_FILE
 from services.scoring.drift import DEFAULT_BINS, DEFAULT_REFERENCE_ROWS, DriftReference, write_drift_reference
 
@@ -38,14 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the feature rows, a Parquet (.parquet, .pq) or CSV file",
     )
-    p.add_argument(
-        "--repository",
-        type=Path,
-        default=Path(model_repository()),
-        help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)",
-    )
-    p.add_argument("--model", default="ranker", help="the model the reference is for")
-    p.add_argument("--version", type=int, help="its version (default: the newest)")
+    add_model_arguments(p, "the model the reference is for", "its version (default: the newest)")
     p.add_argument(
         "--columns",
         action="append",

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from infermesh.cli_help import CommandParser, add_delegated, run_delegated
+from infermesh.cli_help import group_parser, run_group
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("infermesh.bench.scoring", "scoring throughput through gRPC vs raw ONNX Runtime"),
@@ -21,19 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="infermesh models", description=(__doc__ or "").splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, (module, summary) in COMMANDS.items():
-        add_delegated(commands, name, module, summary)
-    return parser
+    return group_parser("infermesh models", (__doc__ or "").splitlines()[0], COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    delegated = run_delegated(args, rest)
-    assert delegated is not None  # every subcommand is delegated
-    return delegated
+    return run_group(build_parser(), argv)
 
 
 if __name__ == "__main__":

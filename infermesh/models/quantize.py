@@ -206,16 +206,21 @@ def newest_version(directory: Path, prog: str = "infermesh models quantize") -> 
     return max(versions)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = CommandParser(prog="infermesh models quantize", description=__doc__.split("\n\n")[0])
+def add_model_arguments(p: argparse.ArgumentParser, model_help: str, version_help: str) -> None:
+    """--repository, --model and --version: which model version of which repository."""
     p.add_argument(
         "--repository",
         type=Path,
         default=Path(model_repository()),
         help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)",
     )
-    p.add_argument("--model", default="ranker", help="the model to quantize")
-    p.add_argument("--version", type=int, help="float version to quantize (default: the newest)")
+    p.add_argument("--model", default="ranker", help=model_help)
+    p.add_argument("--version", type=int, help=version_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandParser(prog="infermesh models quantize", description=__doc__.split("\n\n")[0])
+    add_model_arguments(p, "the model to quantize", "float version to quantize (default: the newest)")
     p.add_argument("--method", choices=sorted(METHODS), default="dynamic", help="how to quantize")
     p.add_argument(
         "--data",
