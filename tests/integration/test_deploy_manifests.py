@@ -14,16 +14,19 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 
 from gateway import experiments
 from infermesh import certs, envoy, kubernetes
 from infermesh.envoy import sds
+from infermesh.up.supervisor import free_port
 from services.jobs.settings import JobsSettings
 from services.runtime.settings import load_settings
 from services.runtime.topology import BACKENDS, DEFAULT_EDGE_PORT, HEALTH_SERVICE_NAMES, HTTP_SERVICES, SERVICES
@@ -175,6 +178,108 @@ def test_features_reads_the_in_cluster_redis(built: tuple[str, list[Obj]]) -> No
     host, port = re.fullmatch(r"redis://([^:/]+):(\d+)/\d+", url).groups()  # type: ignore[union-attr]
     svc = _get(objs, "Service", host)
     assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+
+
+REDIS_SECRET_KEY = "password"
+
+
+def _secret_ref(container: Obj, variable: str) -> Obj | None:
+    """The secretKeyRef `variable` is read from in `container`, None if not from a Secret."""
+    for entry in container.get("env", []):
+        if entry["name"] == variable:
+            return entry.get("valueFrom", {}).get("secretKeyRef")
+    return None
+
+
+def _containers(objs: list[Obj]) -> Iterator[tuple[str, Obj]]:
+    for where, spec in _pod_specs(objs):
+        for container in spec["containers"] + spec.get("initContainers", []):
+            yield f"{where}/{container['name']}", container
+
+
+def _redis_password_ref(objs: list[Obj]) -> Obj:
+    """Where the in-cluster Redis reads the password it requires."""
+    redis = _get(objs, "StatefulSet", "redis")["spec"]["template"]["spec"]
+    (container,) = redis["containers"]
+    ref = _secret_ref(container, "REDIS_PASSWORD")
+    assert ref is not None and ref["key"] == REDIS_SECRET_KEY and ref["name"].startswith("redis-credentials")
+    return ref
+
+
+def test_redis_requires_the_password_from_its_secret(built: tuple[str, list[Obj]]) -> None:
+    overlay, objs = built
+    ref = _redis_password_ref(objs)
+    (container,) = _get(objs, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    # Protected mode stays on: an empty password shuts Redis to other pods rather than opening it.
+    assert "--protected-mode" not in args
+    # The readiness probe's redis-cli authenticates with the same password.
+    assert "redis-cli" in " ".join(container["readinessProbe"]["exec"]["command"])
+    assert _secret_ref(container, "REDISCLI_AUTH") == ref
+    secrets = [o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == ref["name"]]
+    if overlay == "production":
+        # The production password is the operator's (docs/deploy.md): none ships in the build.
+        assert not secrets
+    else:
+        (secret,) = secrets
+        assert REDIS_SECRET_KEY in secret["data"]
+
+
+def test_every_redis_client_reads_the_password_from_the_secret(built: tuple[str, list[Obj]]) -> None:
+    """Each container given a Redis URL (a service's, Celery's, the seed tool's) gets its
+    prefix's REDIS_PASSWORD from Redis's Secret: e.g. JOBS_BROKER_URL -> JOBS_REDIS_PASSWORD."""
+    _, objs = built
+    ref = _redis_password_ref(objs)
+    clients = set()
+    for where, container in _containers(objs):
+        # A URL on the command line would escape this check: URLs are settings.
+        assert "--redis-url" not in container.get("command", []) + container.get("args", []), where
+        for entry in container.get("env", []):
+            if not re.match(r"rediss?://", entry.get("value", "")):
+                continue
+            prefix = entry["name"].split("_")[0]
+            assert _secret_ref(container, f"{prefix}_REDIS_PASSWORD") == ref, (where, entry["name"])
+            clients.add(where.split("/")[1])
+    seeds = {o["metadata"]["name"] for o in objs if o["kind"] == "Job"}
+    assert {"features", "ranking", "jobs", "jobs-worker"} | seeds <= clients
+
+
+def test_redis_with_the_manifests_arguments_refuses_clients_without_the_password(
+    production: list[Obj], tmp_path: Path
+) -> None:
+    """A real redis-server, started as the StatefulSet starts it (the kubelet's expansion of
+    $(REDIS_PASSWORD) done here), answers only a client that authenticates."""
+    (container,) = _get(production, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    password = "test-password"
+    args = [arg.replace("$(REDIS_PASSWORD)", password) for arg in container["args"]]
+    args[args.index("--dir") + 1] = str(tmp_path)
+    port = free_port()
+    process = subprocess.Popen(
+        [*container["command"], *args, "--port", str(port), "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with redis.Redis(port=port, password=password) as client:
+            _wait_for_ping(client)
+        with redis.Redis(port=port) as anonymous, pytest.raises(redis.exceptions.AuthenticationError):
+            anonymous.ping()
+        with redis.Redis(port=port, password="wrong") as wrong, pytest.raises(redis.exceptions.AuthenticationError):
+            wrong.ping()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _wait_for_ping(client: redis.Redis, attempts: int = 100) -> None:
+    for _ in range(attempts):
+        try:
+            assert client.ping()
+            return
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.05)
+    raise AssertionError("redis-server never answered")
 
 
 def test_services_export_traces_to_the_collector(built: tuple[str, list[Obj]]) -> None:
