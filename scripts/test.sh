@@ -19,7 +19,7 @@ step "ruff check (lint)"
 .venv/bin/ruff check .
 step "ruff format --check"
 .venv/bin/ruff format --check .
-step "mypy (infermesh.client strict; services.runtime, gateway)"
+step "mypy (infermesh.client strict; services.runtime, features, scoring, ranking, jobs; gateway)"
 .venv/bin/mypy
 step "envoy/local.json is fresh"
 .venv/bin/python -m infermesh.envoy check && echo "envoy/local.json is up to date"

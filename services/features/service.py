@@ -210,7 +210,7 @@ def _result(outcome: FeatureRows | Exception) -> features_pb2.GetFeaturesResult:
 
 class FeaturesService:
     name = FEATURES
-    grpc_services = (HEALTH_SERVICE_NAMES[FEATURES],)
+    grpc_services: tuple[str, ...] = (HEALTH_SERVICE_NAMES[FEATURES],)
 
     def __init__(
         self, settings: FeaturesSettings, registry: Registry | None = None, layout: RequestLayout | None = None

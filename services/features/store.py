@@ -19,11 +19,12 @@ import json
 import math
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum, auto
 from itertools import chain, compress, repeat
-from typing import Any
+from typing import Any, Final, cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -62,9 +63,18 @@ from services.runtime.telemetry import (
     record_span,
 )
 
-# Results a key's in-flight future can carry besides the value itself.
-_RETRY = object()  # the reader saw the view re-materialized (or was cancelled): read again
-_FAILED = object()  # the reader could not reach Redis: fall back
+
+class _Signal(Enum):
+    """Results a key's in-flight future can carry besides the value itself."""
+
+    RETRY = auto()  # the reader saw the view re-materialized (or was cancelled): read again
+    FAILED = auto()  # the reader could not reach Redis: fall back
+
+
+_RETRY: Final = _Signal.RETRY
+_FAILED: Final = _Signal.FAILED
+# What a key's in-flight read answers: its value (None: no such key) or a signal.
+_Fetched = bytes | None | _Signal
 # A read re-starts at most this many times when views switch materialization under it.
 _MAX_ATTEMPTS = 3
 # Background reads (pointer refresh, probes) never wait longer than this.
@@ -81,7 +91,7 @@ class _Restart(Exception):
 
 
 # (part, row, key, the key's in-flight Redis read): one row a read still has to fill.
-_Claim = tuple[int, int, str, asyncio.Future[Any]]
+_Claim = tuple[int, int, str, asyncio.Future[_Fetched]]
 
 
 @dataclass(eq=False)
@@ -135,7 +145,7 @@ class _Read:
     owned: list[_Claim] = field(default_factory=list)  # this read fetches them, for every waiter
     owned_ends: list[int] = field(default_factory=list)  # per part: its claims end here in owned
     waiting: list[_Claim] = field(default_factory=list)  # another request (or an earlier row) fetches them
-    mine: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # the keys owned, by key
+    mine: dict[str, asyncio.Future[_Fetched]] = field(default_factory=dict)  # the keys owned, by key
     repeats: int = 0  # waiting rows whose key this read fetches itself (a key asked twice)
 
 
@@ -299,7 +309,7 @@ class FeatureStore:
         self.metrics = metrics if metrics is not None else StoreMetrics.create(Metrics("features"))
         self.versions = Versions(namespace, list(self.registry.views))
         self._redis_timeout = redis_timeout
-        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._inflight: dict[str, asyncio.Future[_Fetched]] = {}
         self.catalog_seen = False
 
     # ------------------------------------------------------------------ public reads
@@ -317,10 +327,10 @@ class FeatureStore:
         """get() for many (user_id, item_ids) requests at once, each answered (or failed) as
         get() would answer it alone, in request order. One read for all, each key read from
         Redis once, so at most one Redis round trip."""
-        outcomes: list[FeatureRows | Exception | None] = [self._reference_error(u, ids) for u, ids in requests]
-        valid = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        if valid:
-            batch = [requests[i] for i in valid]
+        rejections = [self._reference_error(u, ids) for u, ids in requests]
+        batch = [request for request, rejection in zip(requests, rejections, strict=True) if rejection is None]
+        built: list[FeatureRows | Exception] = []
+        if batch:
             try:
                 built = await self._reference_rows(batch, timeout)
             except FailedPrecondition as error:
@@ -329,9 +339,8 @@ class FeatureStore:
                 built = [error] if len(batch) == 1 else [(await self.get_many([r], timeout))[0] for r in batch]
             except InfermeshError as error:  # the store unreachable or re-materializing: for all
                 built = [error] * len(batch)
-            for i, outcome in zip(valid, built, strict=False):
-                outcomes[i] = outcome
-        return outcomes  # type: ignore[return-value]  (every None was replaced)
+        answers = iter(built)  # one per request of the batch, in its order
+        return [rejection if rejection is not None else next(answers) for rejection in rejections]
 
     def _reference_error(self, user_id: str, item_ids: Sequence[str]) -> InfermeshError | None:
         """What is wrong with a reference-form request on its own, before any read."""
@@ -519,7 +528,9 @@ class FeatureStore:
             raise _RedisDown(f"{type(error).__name__}: {error}") from error
         if self.breaker is not None:
             self.breaker.record_success()
-        return reply
+        # The client decodes nothing (no decode_responses): a value is bytes, whatever the
+        # library's return type (bytes | str) allows.
+        return cast("list[bytes | None]", reply)
 
     def _follow(self, view: FeatureView, serving: str) -> None:
         """Serve materialization `serving` of the view from now on; the cached entries of the
@@ -716,16 +727,22 @@ def _pack(view: FeatureView, values: list[bytes | None]) -> tuple[np.ndarray, np
     False for a value of another size than the view's record (its row is left unset)."""
     n, dtype = len(values), view.record_dtype
     present = np.fromiter(map(operator.is_not, values, repeat(None)), dtype=bool, count=n)
-    sizes = np.fromiter(map(len, compress(values, present)), dtype=np.intp, count=int(present.sum()))
+    sizes = np.fromiter(map(len, _values_at(values, present)), dtype=np.intp, count=int(present.sum()))
     ok = ~present
     ok[present] = sizes == dtype.itemsize
     good = present & ok
     if good.all():
-        return np.frombuffer(b"".join(values), dtype=dtype), present, ok
+        # Every value present: all bytes.
+        return np.frombuffer(b"".join(cast("list[bytes]", values)), dtype=dtype), present, ok
     records = np.empty(n, dtype=dtype)
     records[~present] = np.frombuffer(view.default_record, dtype=dtype)[0]
-    np.put(records, np.flatnonzero(good), np.frombuffer(b"".join(compress(values, good)), dtype=dtype))
+    np.put(records, np.flatnonzero(good), np.frombuffer(b"".join(_values_at(values, good)), dtype=dtype))
     return records, present, ok
+
+
+def _values_at(values: list[bytes | None], mask: np.ndarray) -> Iterator[bytes]:
+    """The values where `mask` is set: bytes, as `mask` is never set at a None (a `present` mask)."""
+    return cast("Iterator[bytes]", compress(values, mask))
 
 
 def _vectors(rows: ViewRows, feature: str) -> np.ndarray:

@@ -122,7 +122,7 @@ class JobsCollector:
 
 class JobsService:
     name = JOBS
-    grpc_services = (HEALTH_SERVICE_NAMES[JOBS],)
+    grpc_services: tuple[str, ...] = (HEALTH_SERVICE_NAMES[JOBS],)
 
     def __init__(self, settings: JobsSettings) -> None:
         self.settings = settings

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import redis
 
@@ -120,7 +121,11 @@ def new_job_id() -> str:
 
 
 class JobStore:
-    """Synchronous (workers are threads and Celery tasks; the gRPC servicer calls it in a thread)."""
+    """Synchronous (workers are threads and Celery tasks; the gRPC servicer calls it in a thread).
+
+    The client decodes nothing (no decode_responses): replies are bytes, which the reads
+    say with cast() where the library's return types allow str as well.
+    """
 
     def __init__(self, client: redis.Redis, namespace: str, retention_seconds: int) -> None:
         self.redis = client
@@ -190,7 +195,7 @@ class JobStore:
 
     # ---- reading ------------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
-        record = self.redis.hgetall(self.job_key(job_id)) if _JOB_ID.match(job_id) else {}
+        record = cast("dict[bytes, bytes]", self.redis.hgetall(self.job_key(job_id))) if _JOB_ID.match(job_id) else {}
         if not record:
             raise NotFound(f"no job with id {job_id[:64]!r}")
         get = {key.decode(): value.decode() for key, value in record.items()}.get
@@ -213,7 +218,7 @@ class JobStore:
     def active(self, limit: int = 1000) -> list[JobStatus]:
         """The unfinished jobs, oldest first (at most `limit`); ids whose record expired are dropped."""
         statuses = []
-        for raw in self.redis.zrange(self.active_key(), 0, limit - 1):
+        for raw in cast("list[bytes]", self.redis.zrange(self.active_key(), 0, limit - 1)):
             job_id = raw.decode()
             try:
                 statuses.append(self.status(job_id))
@@ -222,16 +227,18 @@ class JobStore:
         return statuses
 
     def chunk(self, job_id: str, chunk: int) -> list[tuple[str, bytes]]:
-        flat = self.redis.lrange(self.chunk_key(job_id, chunk), 0, -1)
+        flat = cast("list[bytes]", self.redis.lrange(self.chunk_key(job_id, chunk), 0, -1))
         return [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
     def chunk_info(self, job_id: str) -> tuple[int, str]:
         """(chunk size, the job's W3C traceparent or "") in one round trip."""
-        size, parent = self.redis.hmget(self.job_key(job_id), ["chunk_size", "trace_parent"])
+        size, parent = cast(
+            "list[bytes | None]", self.redis.hmget(self.job_key(job_id), ["chunk_size", "trace_parent"])
+        )
         return int(size or 1), parent.decode() if parent else ""
 
     def trace_parent(self, job_id: str) -> str:
-        parent = self.redis.hget(self.job_key(job_id), "trace_parent")
+        parent = cast("bytes | None", self.redis.hget(self.job_key(job_id), "trace_parent"))
         return parent.decode() if parent else ""
 
     def missing(self, job_id: str, request_ids: Sequence[str]) -> list[bool]:
@@ -251,7 +258,7 @@ class JobStore:
         return state.decode() if state else ""
 
     def state(self, job_id: str) -> str:
-        state = self.redis.hget(self.job_key(job_id), "state")
+        state = cast("bytes | None", self.redis.hget(self.job_key(job_id), "state"))
         return state.decode() if state else ""
 
     def write_results(self, job_id: str, results: Sequence[tuple[str, str, bool]]) -> tuple[int, int, int]:

@@ -98,7 +98,7 @@ def chunk_span(traceparent: str, job_id: str, chunk: int) -> Iterator[Span]:
         if not traceparent:
             yield trace.INVALID_SPAN
             return
-        attributes = {ATTR_JOB_ID: job_id, ATTR_JOB_CHUNK: chunk}
+        attributes: dict[str, str | int] = {ATTR_JOB_ID: job_id, ATTR_JOB_CHUNK: chunk}
         with span(SPAN_JOBS_CHUNK, attributes, kind=SpanKind.CONSUMER) as current:
             yield current
 
@@ -114,7 +114,7 @@ def record_cancel(traceparent: str, job_id: str) -> None:
             pass
 
 
-def request_span(job: SpanContext, job_id: str, request_id: str) -> tuple[Span, list[tuple[str, str]]]:
+def request_span(job: SpanContext, job_id: str, request_id: str) -> tuple[Span, tuple[tuple[str, str], ...]]:
     """A request's own trace: the worker's CLIENT span (not current: nothing else runs in it
     here), linked to its chunk's span; and the metadata that carries its context."""
     attributes = {**rpc_attributes(RECOMMEND), ATTR_JOB_ID: job_id, ATTR_JOB_REQUEST_ID: request_id}
@@ -123,7 +123,7 @@ def request_span(job: SpanContext, job_id: str, request_id: str) -> tuple[Span, 
     )
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(call))
-    return call, list(carrier.items())
+    return call, tuple(carrier.items())
 
 
 def end_request_span(call: Span, code: int, details: str = "") -> None:

@@ -78,7 +78,7 @@ class ChunkRunner:
         self._channel = gateway_channel(settings)
         # The stored payloads are RecommendRequests serialized at submit, after validation:
         # sent as they are, not parsed and serialized again per request and per try.
-        self._recommend = self._channel.unary_unary(
+        self._recommend: grpc.UnaryUnaryMultiCallable[bytes, gateway_pb2.RecommendResponse] = self._channel.unary_unary(
             job_tracing.RECOMMEND,
             request_serializer=None,
             response_deserializer=gateway_pb2.RecommendResponse.FromString,
@@ -153,7 +153,7 @@ class ChunkRunner:
             job_tracing.end_request_span(call, code.value[0], details)
 
     def _try(
-        self, index: int, request_id: str, payload: bytes, metadata: list[tuple[str, str]]
+        self, index: int, request_id: str, payload: bytes, metadata: tuple[tuple[str, str], ...]
     ) -> tuple[Result, grpc.StatusCode, str]:
         delay = self.settings.retry_backoff_seconds
         for attempt in range(1, self.settings.max_attempts + 1):

@@ -20,8 +20,8 @@ requests no timeouts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -37,7 +37,8 @@ from services.runtime.redis_connection import RedisTarget
 log = get_logger(__name__)
 
 _REDIS_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
-LOOKUPS = ("members", "ismember")
+SeenLookup = Literal["members", "ismember"]
+LOOKUPS: tuple[SeenLookup, ...] = get_args(SeenLookup)
 
 
 class StageSkipped(Exception):
@@ -96,6 +97,7 @@ class SeenStore:
             raise StageSkipped("redis unreachable (circuit open)", warn=False)
         try:
             key = seen_key(self._namespace, user_id)
+            reply: Collection[object]  # the set's members, or a 0/1 flag per item
             async with asyncio.timeout(self._budget(time_remaining)):
                 if self._by_members:
                     reply = await self._client.smembers(key)

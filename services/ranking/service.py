@@ -39,7 +39,7 @@ from services.ranking.chain import (
 )
 from services.ranking.layout import DEFAULT_NAMESPACE
 from services.ranking.rank import decode, decode_embeddings
-from services.ranking.seen import LOOKUPS, SeenStore, StageSkipped
+from services.ranking.seen import SeenLookup, SeenStore, StageSkipped
 from services.runtime.errors import InvalidArgument, rpc_status
 from services.runtime.limits import DEFAULT_MAX_ID_LENGTH, check_length, check_lengths
 from services.runtime.logs import get_logger
@@ -112,7 +112,7 @@ class RankingSettings(ServerSettings, RedisClientSettings):
     redis_retry_seconds: float = Field(
         1.0, gt=0, description="While seen_filter is skipped, one request tries Redis again this often."
     )
-    seen_lookup: Literal[LOOKUPS] = Field(
+    seen_lookup: SeenLookup = Field(
         "members",
         description=(
             "members (SMEMBERS: cheapest while seen sets are small) or ismember (SMISMEMBER: a reply "
@@ -382,7 +382,7 @@ def _result(outcome: ranking_pb2.RankResponse | Exception) -> ranking_pb2.RankRe
 
 class RankingService:
     name = RANKING
-    grpc_services = (HEALTH_SERVICE_NAMES[RANKING],)
+    grpc_services: tuple[str, ...] = (HEALTH_SERVICE_NAMES[RANKING],)
 
     def __init__(self, settings: RankingSettings) -> None:
         self.settings = settings

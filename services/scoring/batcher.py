@@ -209,7 +209,7 @@ class DynamicBatcher:
         self._waiters.append(waiter)
         timer = None
         if timeout is not None:
-            timer = loop.call_later(timeout, lambda: waiter.done() or waiter.set_result(None))
+            timer = loop.call_later(timeout, _release, waiter)
         try:
             await waiter
         finally:
@@ -398,3 +398,9 @@ def _split(batch: list[Pending], outputs: list[np.ndarray], rows: int) -> None:
         if not pending.future.done():
             pending.future.set_result([o[start:end] for o in outputs])
         start = end
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    """A waiter's timeout: it wakes unless already woken."""
+    if not waiter.done():
+        waiter.set_result(None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from typing import cast
 
 from redis.exceptions import RedisError
 
@@ -29,7 +30,7 @@ KEY_PREFIX = "scoring:cache:"
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
-def _update(digest: hashlib._Hash, data: bytes) -> None:
+def _update(digest: hashlib.blake2b, data: bytes) -> None:
     # Length-prefixed, so no two different field sequences hash the same bytes.
     digest.update(len(data).to_bytes(8, "little"))
     digest.update(data)
@@ -86,7 +87,9 @@ class PredictionCache:
         if not self.available:
             return None
         try:
-            data = await self._client.get(key)
+            # The client decodes nothing (no decode_responses): a value is bytes, whatever
+            # the library's return type (bytes | str) allows.
+            data = cast("bytes | None", await self._client.get(key))
         except _FAILURES as error:
             self._trip(error)
             return None

@@ -184,10 +184,10 @@ class ModelVersion:
                 f"model {self.name!r} expects {len(self.inputs)} inputs {[s.name for s in self.inputs]}, "
                 f"got {len(tensors)} {[t.name for t in tensors]}"
             )
-        arrays: list[np.ndarray | None] = [None] * len(self.inputs)
+        arrays: dict[int, np.ndarray] = {}  # by input index
         for position, tensor in enumerate(tensors):
             index, spec = self._input_spec(tensor.name)
-            if arrays[index] is not None:
+            if index in arrays:
                 raise InvalidArgument(f"input {tensor.name!r} is given twice")
             shape = self._checked_shape(spec, tensor)
             if raw:
@@ -195,13 +195,14 @@ class ModelVersion:
             else:
                 array = from_contents(tensor.contents, spec.datatype, shape, spec.name)
             arrays[index] = to_onnx_input(array, spec.datatype)
-        inputs = {spec.name: array for spec, array in zip(self.inputs, arrays, strict=True)}
+        # As many tensors as inputs and none twice: every input is given. In the model's order.
+        inputs = {spec.name: arrays[index] for index, spec in enumerate(self.inputs)}
         if not self.batching:
             return Prepared(inputs, 1, ())
-        rows = {a.shape[0] for a in inputs.values()}  # type: ignore[union-attr]
+        rows = {a.shape[0] for a in inputs.values()}
         if len(rows) != 1:
             raise InvalidArgument(f"inputs disagree on the batch size (first dimension): {sorted(rows)}")
-        return Prepared(inputs, rows.pop(), tuple(a.shape[1:] for a in inputs.values()))  # type: ignore[union-attr]
+        return Prepared(inputs, rows.pop(), tuple(a.shape[1:] for a in inputs.values()))
 
     def _input_spec(self, name: str) -> tuple[int, TensorSpec]:
         """The model input a request tensor names: its position and spec."""

@@ -13,7 +13,7 @@ import ctypes.util
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -26,6 +26,8 @@ TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 FALLBACK_ORDER: tuple[str, ...] = (TENSORRT, CUDA, CPU)
+# The names ALIASES expands, as a type (for settings); a unit test holds the two equal.
+ProviderAlias = Literal["auto", "tensorrt", "cuda", "cpu"]
 ALIASES: dict[str, tuple[str, ...]] = {
     "auto": FALLBACK_ORDER,
     "tensorrt": (TENSORRT, CUDA, CPU),

@@ -34,6 +34,7 @@ import asyncio
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.runtime.limits import echo
@@ -55,6 +56,7 @@ from services.scoring.stats import ScoringMetrics
 __all__ = [
     "BUDGET_VARIABLE",
     "CONTROL_MODES",
+    "ControlMode",
     "EVICTED",
     "Candidate",
     "IndexEntry",
@@ -66,7 +68,8 @@ __all__ = [
 log = get_logger(__name__)
 
 POLL, EXPLICIT, NONE = "poll", "explicit", "none"
-CONTROL_MODES = (POLL, EXPLICIT, NONE)
+ControlMode = Literal["poll", "explicit", "none"]
+CONTROL_MODES: tuple[ControlMode, ...] = get_args(ControlMode)
 
 
 @dataclass(frozen=True)

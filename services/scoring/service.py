@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import cast
 
 import grpc
 import numpy as np
@@ -45,8 +45,8 @@ from services.scoring.config import MODEL_FILE, BatchingPolicy, TensorSpec, Vers
 from services.scoring.loading import LoadOptions, instance_device
 from services.scoring.models import PLATFORM, ModelVersion
 from services.scoring.pipeline_models import check_models
-from services.scoring.providers import ALIASES
-from services.scoring.repository import CONTROL_MODES, ModelRepository, RepositoryOptions
+from services.scoring.providers import ProviderAlias
+from services.scoring.repository import ControlMode, ModelRepository, RepositoryOptions
 from services.scoring.rest.server import InferenceHttpServer, server_ssl_context
 from services.scoring.stats import ScoringMetrics, register_gpu_memory
 from services.scoring.tensors import BYTES, DTYPES, to_raw
@@ -71,9 +71,10 @@ PROVIDER_KEY = "infermesh-execution-provider"
 PROVIDER_REASON_KEY = "infermesh-execution-provider-reason"
 # ModelConfig: Triton's backend name for ONNX Runtime models (the platform is PLATFORM).
 BACKEND = "onnxruntime"
-# OIP datatype -> Triton's DataType enum; Triton calls BYTES TYPE_STRING.
-TRITON_DATA_TYPES: Mapping[str, int] = {
-    **{datatype: mc.DataType.Value(f"TYPE_{datatype}") for datatype in DTYPES},
+# OIP datatype -> Triton's DataType enum; Triton calls BYTES TYPE_STRING. (The stubs type
+# Value() as a plain int, the enum's members as DataType: the same ints at run time.)
+TRITON_DATA_TYPES: Mapping[str, mc.DataType] = {
+    **{datatype: cast("mc.DataType", mc.DataType.Value(f"TYPE_{datatype}")) for datatype in DTYPES},
     BYTES: mc.TYPE_STRING,
 }
 
@@ -98,7 +99,7 @@ class ScoringSettings(ServerSettings, RedisClientSettings):
         min_length=1,
         description="The model repository: `<model>/config.json` and `<model>/<version>/model.onnx`.",
     )
-    providers: Literal[tuple(ALIASES)] = Field(
+    providers: ProviderAlias = Field(
         "auto",
         description=(
             "Execution providers: auto (TensorRT, then CUDA, then CPU, as far as this host has them), "
@@ -113,7 +114,7 @@ class ScoringSettings(ServerSettings, RedisClientSettings):
             "0: ONNX Runtime's default."
         ),
     )
-    model_control_mode: Literal[CONTROL_MODES] = Field(
+    model_control_mode: ControlMode = Field(
         "poll",
         description=(
             "poll: load everything at start, then pick up new or changed versions in the background; "
@@ -454,7 +455,7 @@ def triton_model_config(model: ModelVersion) -> mc.ModelConfig:
     )
 
 
-def _data_type(spec: TensorSpec) -> int:
+def _data_type(spec: TensorSpec) -> mc.DataType:
     return TRITON_DATA_TYPES.get(spec.datatype, mc.TYPE_INVALID)
 
 
@@ -509,13 +510,17 @@ def _warmups(model: ModelVersion) -> list[mc.ModelWarmup]:
     Triton's batch_size is 1 and the dims are the whole shape."""
     warmups = []
     for number, spec in enumerate(model.config.warmup):
-        data = {"random_data": True} if spec.data == "random" else {"zero_data": True}
         inputs = {}
         for tensor in model.inputs:
             shape = warmup_shape(tensor, spec.batch_size)
-            inputs[tensor.name] = mc.ModelWarmup.Input(
-                data_type=_data_type(tensor), dims=_dims(shape, model.batching), **data
+            inputs[tensor.name] = warmup_input = mc.ModelWarmup.Input(
+                data_type=_data_type(tensor), dims=_dims(shape, model.batching)
             )
+            # One field of the input_data_type oneof, set as the constructor would.
+            if spec.data == "random":
+                warmup_input.random_data = True
+            else:
+                warmup_input.zero_data = True
         batch_size = spec.batch_size if model.batching else 1
         warmups.append(mc.ModelWarmup(name=f"warmup_{number}", batch_size=batch_size, inputs=inputs))
     return warmups
@@ -531,7 +536,7 @@ def _memory_usage(model: ModelVersion) -> list[pb.MemoryUsage]:
 
 class ScoringService:
     name = SCORING
-    grpc_services = (HEALTH_SERVICE_NAMES[SCORING],)
+    grpc_services: tuple[str, ...] = (HEALTH_SERVICE_NAMES[SCORING],)
 
     def __init__(self, settings: ScoringSettings) -> None:
         self.settings = settings

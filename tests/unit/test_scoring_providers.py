@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -10,10 +12,12 @@ from structlog.testing import capture_logs
 
 from infermesh.workload import modelgen
 from services.scoring.providers import (
+    ALIASES,
     CPU,
     CUDA,
     TENSORRT,
     IoBindingRunner,
+    ProviderAlias,
     ProviderPlan,
     SessionRunner,
     create_session,
@@ -24,6 +28,11 @@ from services.scoring.stats import GpuMemoryCollector
 
 GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 CPU_BUILD = ["AzureExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_every_provider_setting_value_has_a_chain() -> None:
+    # SCORING_PROVIDERS validates against ProviderAlias; plan_providers expands through ALIASES.
+    assert get_args(ProviderAlias) == tuple(ALIASES)
 
 
 def test_auto_on_a_full_gpu_host_prefers_tensorrt() -> None:
