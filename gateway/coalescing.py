@@ -5,9 +5,8 @@ calls it at once, alone, on the single-request RPC: concurrency 1 pays nothing a
 on no timer. While the stage is busy, requests queue; when a call returns (or the queue
 reaches `max_batch`, or no call was sent for `max_wait` seconds: a stage stuck on a slow
 call, e.g. a hung Redis, must not hold everyone behind it), the queue goes out as one batched
-call, and each request gets its
-own result back, or its own error (a per-request status in the batch reply, or the whole
-call's error). Each request keeps its own deadline: it stops waiting when its budget for
+call, and each request gets its own result back, or its own error (a per-request status in
+the batch reply, or the whole call's error). Each request keeps its own deadline: it stops waiting when its budget for
 the stage is spent, and a request whose deadline passed in the queue is never sent.
 
 Traces: a request that waited gets a span `infermesh.gateway.coalesced` (attributes: the

@@ -24,11 +24,14 @@ import numpy as np
 
 from services.genproto.infermesh.features.v1 import features_pb2
 from services.genproto.infermesh.ranking.v1 import ranking_pb2
+from services.runtime.pipeline import FallbackSpec
 
+# The pipeline file's defaults, for a pipeline that leaves `fallback` out.
+_DEFAULT_FALLBACK = FallbackSpec()
 # model_name of a response whose scores came from fallback_scores, not from a model.
-FALLBACK_MODEL_NAME = "fallback-dot-product"
+FALLBACK_MODEL_NAME = _DEFAULT_FALLBACK.model_name
 # What every item scores when the rows give nothing to compute from.
-NEUTRAL_SCORE = 0.5
+NEUTRAL_SCORE = _DEFAULT_FALLBACK.neutral_score
 
 
 @dataclass(frozen=True)

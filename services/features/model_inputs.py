@@ -68,11 +68,6 @@ class RequestLayout:
     user_views: tuple[str, ...]  # read with the request's user id (the reference user view first)
     item_views: tuple[str, ...]  # read with its item ids (the reference item view first)
 
-    @property
-    def tensors(self) -> tuple[InputLayout, ...]:
-        """Every tensor a response is built with (the vectors first, when there are any)."""
-        return ((self.vectors,) if self.vectors is not None else ()) + self.inputs
-
 
 def reference_layout(registry: Registry) -> RequestLayout | None:
     """The layout without a pipeline file: one FP32 input `features` of [user vector, item
