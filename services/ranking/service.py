@@ -45,7 +45,7 @@ from services.runtime.limits import DEFAULT_MAX_ID_LENGTH, check_length, check_l
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
 from services.runtime.pipeline import CalibrationStage, MmrStage, PipelineFile, RulesStage, pipeline_from_env
-from services.runtime.redis_connection import RedisClientSettings
+from services.runtime.redis_connection import RedisClientSettings, RedisTarget
 from services.runtime.redis_keys import DEFAULT_REDIS_URL
 from services.runtime.settings import ServerSettings, listen_port, load_settings
 from services.runtime.telemetry import (
@@ -200,6 +200,12 @@ class RankingSettings(ServerSettings, RedisClientSettings):
                 raise ValueError(f"{variable('calibration_points')}={self.calibration_points!r}: {error}") from None
         return self
 
+    def seen_redis(self) -> RedisTarget | None:
+        """The Redis of seen_filter, when the chain has it; SettingsError when the credentials clash."""
+        if not self.redis_url or SEEN_FILTER not in _stage_names(self.chain):
+            return None
+        return self.redis_target(self.redis_url)
+
 
 def _stage_names(spec: str) -> list[str]:
     names = [part.strip() for part in spec.split(",") if part.strip()]
@@ -262,10 +268,11 @@ def build_stages(settings: RankingSettings, store: SeenStore | None) -> list[Sta
 
 
 def build_seen_store(settings: RankingSettings) -> SeenStore | None:
-    if not settings.redis_url or SEEN_FILTER not in _stage_names(settings.chain):
+    seen_redis = settings.seen_redis()
+    if seen_redis is None:
         return None
     return SeenStore.from_url(
-        settings.redis_target(settings.redis_url),
+        seen_redis,
         settings.namespace,
         settings.redis_timeout_seconds,
         settings.redis_failures_to_skip,
@@ -445,8 +452,9 @@ def pipeline_settings(settings: RankingSettings, pipeline: PipelineFile) -> Rank
 
 def build() -> tuple[RankingService, RankingSettings]:
     settings = pipeline_settings(load_settings(RankingSettings), pipeline_from_env())
-    if settings.redis_url and SEEN_FILTER in _stage_names(settings.chain):
+    seen_redis = settings.seen_redis()
+    if seen_redis is not None:
         # Refused credentials stop the service here, before its server exists, in one line naming
         # the variable; an unreachable Redis does not (seen_filter is skipped).
-        settings.redis_target(settings.redis_url).check()
+        seen_redis.check()
     return RankingService(settings), settings

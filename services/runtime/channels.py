@@ -11,7 +11,6 @@ import json
 import ssl
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,6 +20,7 @@ from pydantic_settings import SettingsConfigDict
 from services.runtime.logs import get_logger
 from services.runtime.rpc_tracing import TracedChannel
 from services.runtime.settings import ServiceSettings, SettingsError, load_settings
+from services.runtime.tls_files import file_signature, read_tls_file
 
 log = get_logger(__name__)
 
@@ -84,12 +84,7 @@ def tls_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.Channel
     files are read now, so a bad path fails at start (SettingsError naming it)."""
 
     def read(path: str) -> bytes | None:
-        if not path:
-            return None
-        try:
-            return Path(path).read_bytes()
-        except OSError as error:
-            raise SettingsError(f"cannot read TLS file {path}: {error.strerror}") from None
+        return read_tls_file(path) if path else None
 
     return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
 
@@ -119,15 +114,7 @@ class ReloadingChannel:
         self._retiring: set[asyncio.Task[None]] = set()
 
     def _stat(self) -> tuple[object, ...]:
-        signature: list[object] = []
-        for path in (self._tls.ca, self._tls.cert, self._tls.key):
-            try:
-                stat = Path(path).stat()
-            except OSError as error:
-                signature.append(error.errno)
-            else:
-                signature.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
-        return tuple(signature)
+        return file_signature((self._tls.ca, self._tls.cert, self._tls.key))
 
     def _open(self) -> grpc.aio.Channel:
         credentials = self._tls.credentials()

@@ -34,6 +34,7 @@ from services.runtime.metrics import Metrics, RpcMetrics, grpc_code_name
 from services.runtime.rpc_tracing import end_server_span, start_server_span
 from services.runtime.settings import ServerSettings, ServiceSettings, SettingsError, load_settings
 from services.runtime.telemetry import TRACE_ID_HEADER, setup_telemetry
+from services.runtime.tls_files import file_signature, read_tls_file
 
 log = get_logger(__name__)
 
@@ -387,21 +388,13 @@ class CertificateFiles:
         self.current = self._load()
 
     def _stat(self) -> tuple[object, ...]:
-        signature: list[object] = []
-        for path in self._paths:
-            try:
-                stat = path.stat()  # follows symlinks: a Secret volume swaps its ..data link
-            except OSError as error:
-                signature.append(error.errno)
-            else:
-                signature.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
-        return tuple(signature)
+        return file_signature(self._paths)
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         """The files' configuration; SettingsError if one is unreadable or the key is not the certificate's."""
         tls = self._tls
-        cert, key = _read(tls.tls_cert), _read(tls.tls_key)
-        client_ca = _read(tls.tls_client_ca) if tls.tls_client_ca else None
+        cert, key = read_tls_file(tls.tls_cert), read_tls_file(tls.tls_key)
+        client_ca = read_tls_file(tls.tls_client_ca) if tls.tls_client_ca else None
         _check_pair(tls, cert, key, client_ca)
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
 
@@ -433,13 +426,6 @@ class CertificateFiles:
         return grpc.dynamic_ssl_server_credentials(
             self.current, fetch, require_client_authentication=bool(self._tls.tls_client_ca)
         )
-
-
-def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        raise SettingsError(f"cannot read TLS file {path}: {error.strerror}") from None
 
 
 def _check_pair(tls: TlsSettings, cert: bytes, key: bytes, client_ca: bytes | None) -> None:

@@ -35,15 +35,15 @@ from services.runtime.errors import (
 from services.runtime.logs import get_logger
 from services.runtime.metrics import Metrics
 from services.runtime.pipeline import pipeline_from_env
-from services.runtime.redis_connection import RedisClientSettings
+from services.runtime.redis_connection import RedisClientSettings, RedisTarget
 from services.runtime.server import load_tls_settings
 from services.runtime.settings import ServerSettings, SettingsError, listen_port, load_settings
 from services.runtime.topology import HEALTH_SERVICE_NAMES, SCORING
 from services.scoring.batcher import InferenceFailed
 from services.scoring.cache import PredictionCache, cache_key
-from services.scoring.config import MODEL_FILE, BatchingPolicy, TensorSpec, VersionPolicy
+from services.scoring.config import BACKEND, MODEL_FILE, PLATFORM, BatchingPolicy, TensorSpec, VersionPolicy
 from services.scoring.loading import LoadOptions, instance_device
-from services.scoring.models import PLATFORM, ModelVersion
+from services.scoring.models import ModelVersion
 from services.scoring.pipeline_models import check_models
 from services.scoring.providers import ProviderAlias
 from services.scoring.repository import ControlMode, ModelRepository, RepositoryOptions
@@ -69,8 +69,6 @@ STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 # Trailing metadata on ModelMetadata: the execution provider a version runs on, and why.
 PROVIDER_KEY = "infermesh-execution-provider"
 PROVIDER_REASON_KEY = "infermesh-execution-provider-reason"
-# ModelConfig: Triton's backend name for ONNX Runtime models (the platform is PLATFORM).
-BACKEND = "onnxruntime"
 # OIP datatype -> Triton's DataType enum; Triton calls BYTES TYPE_STRING. (The stubs type
 # Value() as a plain int, the enum's members as DataType: the same ints at run time.)
 TRITON_DATA_TYPES: Mapping[str, mc.DataType] = {
@@ -146,6 +144,10 @@ class ScoringSettings(ServerSettings, RedisClientSettings):
             "recently used other models are unloaded to make room. 0: no budget."
         ),
     )
+
+    def cache_redis(self) -> RedisTarget | None:
+        """The response cache's Redis, None without one; SettingsError when the credentials clash."""
+        return self.redis_target(self.cache_redis_url, "cache_redis_url") if self.cache_redis_url else None
 
 
 def _parameter(parameter: pb.InferParameter) -> object:
@@ -554,14 +556,12 @@ class ScoringService:
             ),
             self.scoring_metrics,
         )
+        cache_redis = settings.cache_redis()
         self.cache = (
             PredictionCache(
-                settings.redis_target(settings.cache_redis_url, "cache_redis_url"),
-                settings.cache_timeout_seconds,
-                settings.cache_retry_seconds,
-                self.scoring_metrics,
+                cache_redis, settings.cache_timeout_seconds, settings.cache_retry_seconds, self.scoring_metrics
             )
-            if settings.cache_redis_url
+            if cache_redis is not None
             else None
         )
         # Set once the models of the initial load are ready (or failed): for embedders and tests.
@@ -622,8 +622,9 @@ def build() -> tuple[ScoringService, ScoringSettings]:
     # The pipeline's models that this repository holds: their inputs' names and datatypes
     # checked before the server exists (the widths need the views: `infermesh up` checks them).
     check_models(pipeline_from_env(), Path(settings.model_repository), require_all=False)
-    if settings.cache_redis_url:
+    cache_redis = settings.cache_redis()
+    if cache_redis is not None:
         # Refused credentials stop the service here, in one line naming the variable; an
         # unreachable Redis does not (the cache turns itself off and retries).
-        settings.redis_target(settings.cache_redis_url, "cache_redis_url").check()
+        cache_redis.check()
     return ScoringService(settings), settings
