@@ -252,7 +252,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from infermesh.up.healing import Healer, RestartPolicy, describe_exit
     from infermesh.up.lanes import PIPELINE, bulk_lane
     from infermesh.up.metrics import serve_supervisor_metrics
-    from infermesh.up.supervisor import DESCRIPTOR_SET, Mesh, MeshError, free_port, start_redis
+    from infermesh.up.supervisor import DESCRIPTOR_SET, Mesh, MeshError, free_port, start_redis, topology_ports
     from infermesh.workload.seed import SeedError, format_summary, model_repository, seed_all
     from services.runtime.redis_keys import DEFAULT_NAMESPACE
     from services.runtime.topology import local_topology
@@ -281,7 +281,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         extras: list[tuple[str, str]] = []
         if args.trace_view:
             from infermesh.traces.cli import LocalTracing
-            from infermesh.up.supervisor import free_port
 
             try:
                 local_tracing = LocalTracing.start(
@@ -356,10 +355,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         # Ports named above are bound only as their processes start: keep them from the free
         # ports picked meanwhile (the lane's, the metrics ports), or a replica may lose its bind.
-        free_port.reserve(
-            [topology.edge_port, topology.admin_port, *topology.internal_ports.values(), args.redis_port]
-            + [endpoint.port for endpoints in topology.replicas.values() for endpoint in endpoints]
-        )
+        free_port.reserve([port for _, port in topology_ports(topology, args.metrics_port_offset)] + [args.redis_port])
         lane = None
         if args.workers and not args.no_bulk_lane:  # the jobs' own replicas, as many as online
             try:

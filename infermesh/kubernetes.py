@@ -41,6 +41,7 @@ from pathlib import Path
 from infermesh import envoy
 from infermesh.envoy import REPO_ROOT, Json, Tracing, render, to_json
 from infermesh.envoy.sds import SdsFiles, sds_resources, with_mesh_mtls
+from infermesh.envoy.tls import edge_tls_socket
 from services.runtime.topology import (
     BACKENDS,
     DEFAULT_REPLICA_BASE_PORTS,
@@ -108,22 +109,7 @@ def with_edge_tls(config: Json, cert_dir: Path = TLS_DIR) -> Json:
     config = copy.deepcopy(config)
     (edge,) = [x for x in config["static_resources"]["listeners"] if x["name"] == "edge"]
     for chain in edge["filter_chains"]:
-        chain["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                "common_tls_context": {
-                    "alpn_protocols": ["h2", "http/1.1"],
-                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
-                    "tls_certificates": [
-                        {
-                            "certificate_chain": {"filename": str(cert_dir / "tls.crt")},
-                            "private_key": {"filename": str(cert_dir / "tls.key")},
-                        }
-                    ],
-                },
-            },
-        }
+        chain["transport_socket"] = edge_tls_socket(cert_dir / "tls.crt", cert_dir / "tls.key")
     return config
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from infermesh.loopback import is_loopback_host
 from services.runtime.redis_connection import RedisClientSettings, RedisTarget
 from services.runtime.redis_keys import DEFAULT_REDIS_URL
 from services.runtime.settings import load_settings
@@ -111,13 +111,7 @@ def tools_redis_target(url: str, data_dir: Path | None = None) -> RedisTarget:
 
 
 def _on_this_machine(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urlsplit(url).hostname or "")
 
 
 def redis_env(prefix: str, target: RedisTarget) -> dict[str, str]:

@@ -10,7 +10,6 @@ another machine, and neither appears in a repr or an error.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import grpc
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from infermesh.loopback import is_loopback_host
 from services.runtime.settings import ServiceSettings, load_settings
 
 
@@ -108,10 +108,4 @@ def _credentials(settings: ClientSettings) -> grpc.ChannelCredentials:
 
 def _on_this_machine(address: str) -> bool:
     """host:port (or [v6]:port) names a loopback address."""
-    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(address.rsplit(":", 1)[0].strip("[]") if ":" in address else address)

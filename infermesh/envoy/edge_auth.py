@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from gateway.caller import CLIENT_ID_HEADER, SUBJECT_HEADER
 from infermesh.envoy.common import CONNECT_TIMEOUT, EXTENSIONS_TYPE, Json, socket_address
+from infermesh.envoy.tls import san_matchers, tls_params, tls_socket
 
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 JWT_PROVIDER = "issuer"
@@ -196,21 +197,9 @@ def _remote_jwks(jwt: JwtAuth) -> Json:
 
 def _jwks_tls(host: str, ca_file: Path | None) -> Json:
     assert ca_file is not None
-    validation = {
-        "trusted_ca": {"filename": str(ca_file)},
-        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}],
-    }
-    return {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": f"{EXTENSIONS_TYPE}.transport_sockets.tls.v3.UpstreamTlsContext",
-            "sni": host,
-            "common_tls_context": {
-                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
-                "validation_context": validation,
-            },
-        },
-    }
+    validation = {"trusted_ca": {"filename": str(ca_file)}, "match_typed_subject_alt_names": san_matchers([host])}
+    common = {"tls_params": tls_params(), "validation_context": validation}
+    return tls_socket("UpstreamTlsContext", {"sni": host, "common_tls_context": common})
 
 
 def _jwks_address(uri: str) -> tuple[bool, str, int]:

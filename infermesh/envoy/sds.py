@@ -29,11 +29,10 @@ from pathlib import Path
 
 from infermesh.certs import ENVOY_NAME
 from infermesh.envoy.common import EXTENSIONS_TYPE, Json
+from infermesh.envoy.tls import san_matchers, tls_params, tls_socket
 from services.runtime.topology import BACKENDS, GATEWAY, SERVICES, http_cluster
 
-_TLS = "envoy.transport_sockets.tls"
-_TLS_TYPES = f"{EXTENSIONS_TYPE}.transport_sockets.tls.v3"
-SECRET_TYPE = f"{_TLS_TYPES}.Secret"
+SECRET_TYPE = f"{EXTENSIONS_TYPE}.transport_sockets.tls.v3.Secret"
 
 EDGE_CERTIFICATE = "edge_certificate"
 MESH_CERTIFICATE = "mesh_certificate"
@@ -98,16 +97,12 @@ def _sds(files: SdsFiles, name: str) -> Json:
 def _common(files: SdsFiles, certificate: str, alpn: tuple[str, ...], peer_names: tuple[str, ...] = ()) -> Json:
     common: Json = {
         "alpn_protocols": list(alpn),
-        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "tls_params": tls_params(),
         "tls_certificate_sds_secret_configs": [_sds(files, certificate)],
     }
     if peer_names:
         common["combined_validation_context"] = {
-            "default_validation_context": {
-                "match_typed_subject_alt_names": [
-                    {"san_type": "DNS", "matcher": {"exact": name}} for name in peer_names
-                ]
-            },
+            "default_validation_context": {"match_typed_subject_alt_names": san_matchers(peer_names)},
             "validation_context_sds_secret_config": _sds(files, MESH_CA),
         }
     return common
@@ -115,37 +110,21 @@ def _common(files: SdsFiles, certificate: str, alpn: tuple[str, ...], peer_names
 
 def upstream_mtls(files: SdsFiles, service: str, alpn: tuple[str, ...] = ("h2",)) -> Json:
     """Envoy -> `service`'s replicas: Envoy's certificate; theirs must name `service`."""
-    return {
-        "name": _TLS,
-        "typed_config": {
-            "@type": f"{_TLS_TYPES}.UpstreamTlsContext",
-            "sni": service,
-            "common_tls_context": _common(files, MESH_CERTIFICATE, alpn, (service,)),
-        },
-    }
+    common = _common(files, MESH_CERTIFICATE, alpn, (service,))
+    return tls_socket("UpstreamTlsContext", {"sni": service, "common_tls_context": common})
 
 
 def backend_listener_mtls(files: SdsFiles) -> Json:
     """The backends' listeners: Envoy's certificate; the caller must present the gateway's."""
-    return {
-        "name": _TLS,
-        "typed_config": {
-            "@type": f"{_TLS_TYPES}.DownstreamTlsContext",
-            "require_client_certificate": True,
-            "common_tls_context": _common(files, MESH_CERTIFICATE, ("h2",), BACKEND_CLIENTS),
-        },
-    }
+    common = _common(files, MESH_CERTIFICATE, ("h2",), BACKEND_CLIENTS)
+    return tls_socket("DownstreamTlsContext", {"require_client_certificate": True, "common_tls_context": common})
 
 
 def edge_tls(files: SdsFiles) -> Json:
     """The edge: the edge certificate; h2 and http/1.1, so gRPC and REST share the port."""
-    return {
-        "name": _TLS,
-        "typed_config": {
-            "@type": f"{_TLS_TYPES}.DownstreamTlsContext",
-            "common_tls_context": _common(files, EDGE_CERTIFICATE, ("h2", "http/1.1")),
-        },
-    }
+    return tls_socket(
+        "DownstreamTlsContext", {"common_tls_context": _common(files, EDGE_CERTIFICATE, ("h2", "http/1.1"))}
+    )
 
 
 def with_mesh_mtls(config: Json, files: SdsFiles) -> Json:

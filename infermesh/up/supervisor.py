@@ -208,6 +208,22 @@ def release_port_block(base: int) -> None:
     free_port.release_block(base)
 
 
+def topology_ports(
+    topology: MeshTopology, metrics_port_offset: int | None = None, label: str = ""
+) -> list[tuple[str, int]]:
+    """(what, port) of every port `topology`'s processes bind (with `metrics_port_offset`,
+    the replicas' metrics ports too), each what starting with `label`."""
+    ports = [(f"{label}edge", topology.edge_port), (f"{label}envoy admin", topology.admin_port)]
+    ports += [(f"{label}envoy {name}", port) for name, port in topology.internal_ports.items()]
+    for name, endpoints in topology.replicas.items():
+        ports += [(f"{label}{name}", e.port) for e in endpoints]
+        if metrics_port_offset is not None:
+            ports += [(f"{label}{name} metrics", e.port + metrics_port_offset) for e in endpoints]
+    for name, endpoints in topology.http_replicas.items():
+        ports += [(f"{label}{name} HTTP", e.port) for e in endpoints]
+    return ports
+
+
 def free_topology(replicas: Mapping[str, int]) -> MeshTopology:
     """A topology on free ports (edge, admin, internal listeners, every replica): for meshes
     started beside another, e.g. by the tests and by `infermesh bench --suite`."""
@@ -284,19 +300,9 @@ class Mesh:
             )
 
     def _ports(self) -> list[tuple[str, int]]:
-        ports = [("edge", self.topology.edge_port), ("envoy admin", self.topology.admin_port)]
-        ports += [(f"envoy {name}", port) for name, port in self.topology.internal_ports.items()]
-        for name, endpoints in self.topology.replicas.items():
-            ports += [(name, e.port) for e in endpoints]
-            if self.metrics_port_offset is not None:
-                ports += [(f"{name} metrics", e.port + self.metrics_port_offset) for e in endpoints]
-        for name, endpoints in self.topology.http_replicas.items():
-            ports += [(f"{name} HTTP", e.port) for e in endpoints]
-        if self.bulk is not None:
-            lane = self.bulk.topology
-            ports += [("bulk lane edge", lane.edge_port), ("bulk lane envoy admin", lane.admin_port)]
-            ports += [(f"bulk lane envoy {name}", port) for name, port in lane.internal_ports.items()]
-            ports += [(f"bulk lane {name}", e.port) for name, endpoints in lane.replicas.items() for e in endpoints]
+        ports = topology_ports(self.topology, self.metrics_port_offset)
+        if self.bulk is not None:  # the offset is the online replicas' plan: the lane's metrics ports are free ones
+            ports += topology_ports(self.bulk.topology, label=f"{BULK} lane ")
         return ports
 
     # ---- telemetry ------------------------------------------------------------------
