@@ -28,6 +28,20 @@ CATALOG = yaml.safe_load((PROMETHEUS / "metrics.yaml").read_text())
 METRICS: dict[str, dict[str, Any]] = {m["name"]: m for m in CATALOG["metrics"]}
 TARGET_LABELS = frozenset(CATALOG["target_labels"])
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# The Triton families issue 22 names: scoring exposes every one, the model dashboard reads them.
+TRITON_REQUIRED = frozenset(
+    {
+        "nv_inference_request_success",
+        "nv_inference_request_failure",
+        "nv_inference_count",
+        "nv_inference_exec_count",
+        "nv_inference_request_duration_us",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_input_duration_us",
+        "nv_inference_compute_infer_duration_us",
+        "nv_inference_compute_output_duration_us",
+    }
+)
 
 # Grafana's interval variables stand for a range; any duration parses the same.
 GRAFANA_INTERVALS = ("__rate_interval", "__interval", "__range")

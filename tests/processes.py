@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,12 +58,12 @@ def start_socket_redis(workdir: Path, *, persist: bool = True) -> subprocess.Pop
     raise AssertionError("redis-server on a unix socket did not start")
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+def stop(process: subprocess.Popen[Any], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -78,6 +79,18 @@ def start_service(module: str, env: Mapping[str, str], log_path: Path) -> subpro
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+
+
+def stop_reading(process: subprocess.Popen[str], timeout: float) -> str:
+    """SIGTERM (SIGKILL after `timeout` seconds), then the rest of the output on its pipe."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        rest, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        rest, _ = process.communicate()
+    return rest or ""
 
 
 def wait_until(done: Callable[[], bool], timeout: float, what: str | Callable[[], str], interval: float = 0.05) -> None:
@@ -135,6 +148,7 @@ class ServiceProcess:
     """A service's `python -m` process on free ports, with a channel, health and metrics."""
 
     process: subprocess.Popen[bytes]
+    address: str
     channel: grpc.Channel
     health_name: str
     metrics_port: int
@@ -181,8 +195,9 @@ def running_service(service: str, env: Mapping[str, str], log_path: Path) -> Ite
         },
         log_path,
     )
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    running = ServiceProcess(process, channel, HEALTH_SERVICE_NAMES[service], metrics_port, log_path)
+    address = f"127.0.0.1:{port}"
+    channel = grpc.insecure_channel(address)
+    running = ServiceProcess(process, address, channel, HEALTH_SERVICE_NAMES[service], metrics_port, log_path)
     try:
         wait_until_serving(process, running.serving, log_path)
         yield running

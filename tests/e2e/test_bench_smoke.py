@@ -10,31 +10,22 @@ from pathlib import Path
 from infermesh.up.supervisor import Mesh
 
 
-def test_bench_two_seconds_writes_json(mesh: Mesh, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "infermesh.cli",
-            "bench",
-            "--target",
-            "grpc",
-            "--address",
-            f"127.0.0.1:{mesh.topology.edge_port}",
-            "--concurrency",
-            "2",
-            "--duration",
-            "2",
-            "--warmup",
-            "0.2",
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
+def run_bench(out: Path, *options: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`infermesh bench` as a user runs it, after a 0.2 s warm-up, its results written to `out`."""
+    return subprocess.run(
+        [sys.executable, "-m", "infermesh.cli", "bench", *options,
+         "--warmup", "0.2", "--out", str(out), "--no-progress"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def test_bench_two_seconds_writes_json(mesh: Mesh, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    address = f"127.0.0.1:{mesh.topology.edge_port}"
+    completed = run_bench(
+        out, "--target", "grpc", "--address", address, "--concurrency", "2", "--duration", "2", timeout=60
     )
     assert completed.returncode == 0, completed.stderr
     document = json.loads(out.read_text())
@@ -48,31 +39,9 @@ def test_a_rest_ramp_writes_its_results_then_its_plot(mesh: Mesh, tmp_path: Path
     """The Quick start's `infermesh bench --target rest --plot`, short: the bench extra's
     aiohttp drives the REST edge, matplotlib draws the ramp, after the results are on disk."""
     out, plot = tmp_path / "ramp.json", tmp_path / "ramp.png"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "infermesh.cli",
-            "bench",
-            "--target",
-            "rest",
-            "--url",
-            f"http://127.0.0.1:{mesh.topology.edge_port}/v1/recommend",
-            "--plot",
-            str(plot),
-            "--rates",
-            "20,40",
-            "--duration",
-            "1",
-            "--warmup",
-            "0.2",
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    url = f"http://127.0.0.1:{mesh.topology.edge_port}/v1/recommend"
+    completed = run_bench(
+        out, "--target", "rest", "--url", url, "--plot", str(plot), "--rates", "20,40", "--duration", "1", timeout=120
     )
     assert completed.returncode == 0, completed.stderr
     steps = json.loads(out.read_text())["ramp"]["steps"]

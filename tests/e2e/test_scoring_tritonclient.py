@@ -8,22 +8,17 @@ tritonclient's `inference.*` protobuf descriptors clash with ours in one process
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from infermesh.up.supervisor import free_port
 from infermesh.workload import modelgen
+from tests.processes import running_service
 
 SUITE = Path(__file__).with_name("scoring_tritonclient") / "suite.py"
-ROOT = Path(__file__).resolve().parents[2]
 
 SYNC_CHECKS = {
     "health",
@@ -87,49 +82,19 @@ def build_repository(root: Path) -> Path:
     return root
 
 
-def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(600):
-            if process.poll() is not None:
-                raise AssertionError(f"scoring exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"scoring never became SERVING:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def scoring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     workdir = tmp_path_factory.mktemp("scoring")
     repository = build_repository(workdir / "models")
-    port = free_port()
     env = {
-        **os.environ,
-        "SCORING_PORT": str(port),
         "SCORING_MODEL_REPOSITORY": str(repository),
         "SCORING_MODEL_CONTROL_MODE": "explicit",
         "SCORING_LOAD_MODELS": "ranker,add,typed",
         "SCORING_PROVIDERS": "cpu",
-        "OTEL_TRACES_EXPORTER": "none",
         "LOG_LEVEL": "WARNING",
     }
-    log = workdir / "scoring.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.scoring"], cwd=ROOT, env=env, stdout=sink, stderr=sink
-        )
-    address = f"127.0.0.1:{port}"
-    try:
-        wait_serving(address, process, log)
-        yield address, repository
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with running_service("scoring", env, workdir / "scoring.log") as service:
+        yield service.address, repository
 
 
 def run_suite(mode: str, address: str, repository: Path) -> dict[str, str | None]:

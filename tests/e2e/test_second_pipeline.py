@@ -117,13 +117,7 @@ def retail(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Retail]:
         wait_until_up(up, output, timeout=180)
         yield retail
     finally:
-        if up.poll() is None:
-            up.terminate()
-            try:
-                up.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                up.kill()
-                up.wait()
+        stop(up, timeout=60)
         receiver.stop()
         stop(retail.redis)  # the one running now: a test restarts it
 

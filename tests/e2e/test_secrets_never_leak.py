@@ -30,7 +30,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -53,7 +52,7 @@ from infermesh.traces.receiver import OtlpReceiver
 from infermesh.traces.store import TraceStore
 from infermesh.up.supervisor import free_port, free_port_block
 from services.genproto.infermesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.processes import descendants, read_until
+from tests.processes import descendants, read_until, stop_reading
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -253,17 +252,6 @@ def _wait_for_spans(store: RawTraceStore, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def _stop(process: subprocess.Popen[str]) -> str:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        rest, _ = process.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        rest, _ = process.communicate()
-    return rest or ""
-
-
 @pytest.fixture(scope="module")
 def surfaces(tmp_path_factory: pytest.TempPathFactory, reference_data: Path) -> Iterator[Surfaces]:
     work = tmp_path_factory.mktemp("secrets-never-leak")
@@ -295,7 +283,7 @@ def surfaces(tmp_path_factory: pytest.TempPathFactory, reference_data: Path) -> 
                     surfaces.cmdlines[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
             _wait_for_spans(store, 30)
         finally:
-            output.append(_stop(up))
+            output.append(stop_reading(up, 90))
         surfaces.up_output = "".join(output)
         time.sleep(1.0)  # the last exports, flushed as the services stop
     surfaces.spans = list(store.raw)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 from infermesh.cli import main as infermesh_main
 from infermesh.up.supervisor import free_port, free_port_block
 from tests.conftest import RedisServer
-from tests.processes import read_until
+from tests.processes import read_until, stop_reading
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -43,17 +42,6 @@ def _read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> 
     return "".join(lines)
 
 
-def _stop(process: subprocess.Popen[str]) -> str:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        rest, _ = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        rest, _ = process.communicate()
-    return rest or ""
-
-
 def _get_json(url: str) -> tuple[int, object]:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -71,7 +59,7 @@ def trace_view() -> Iterator[tuple[subprocess.Popen[str], int, int]]:
         assert f"http://127.0.0.1:{http}" in text and f"http://127.0.0.1:{otlp}" in text, text
         yield process, otlp, http
     finally:
-        rest = _stop(process)
+        rest = stop_reading(process, 60)
         assert process.returncode == 0, rest
 
 
@@ -136,7 +124,7 @@ def test_up_exports_to_the_trace_view(
         with urllib.request.urlopen(f"http://127.0.0.1:{base + 100 + 1000}/metrics", timeout=5) as metrics:
             assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="Recommend"' in metrics.read().decode()
     finally:
-        rest = _stop(up)
+        rest = stop_reading(up, 60)
     assert up.returncode == 0, rest
     assert "stopped." in rest
 

@@ -13,7 +13,7 @@ import io
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -53,9 +53,9 @@ from tests.integration.test_envoy_policy import (
     _edge_health,
     _infer,
     _recommend_grpc,
-    _serve_stubs,
     running,
     stats,
+    stubs_fixture,  # noqa: F401 (the `stubs` fixture)
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -132,16 +132,6 @@ def jwks_file(tmp_path: Path) -> Path:
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps(jwks()))
     return path
-
-
-@pytest.fixture
-async def stubs() -> AsyncIterator[Stubs]:
-    served = await _serve_stubs()
-    try:
-        yield served
-    finally:
-        for stub in served.servers:
-            await stub.server.stop(None)
 
 
 async def _rest(address: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:

@@ -167,8 +167,8 @@ async def running(
         yield envoy
 
 
-@pytest.fixture
-async def stubs() -> AsyncIterator[Stubs]:
+@pytest.fixture(name="stubs")  # named apart from its function, so test_edge_jwt can import it
+async def stubs_fixture() -> AsyncIterator[Stubs]:
     served = await _serve_stubs()
     try:
         yield served

@@ -15,23 +15,17 @@ from infermesh.workload import modelgen
 from services.scoring.providers import CUDA
 
 
+def bench_args(repository: Path, batch_sizes: str, *options: str) -> list[str]:
+    """`infermesh models bench` on `repository` for 0.2 s at concurrency 2."""
+    return [
+        "models", "bench", "--repository", str(repository), "--seconds", "0.2",
+        "--batch-sizes", batch_sizes, "--concurrency", "2", *options,
+    ]  # fmt: skip
+
+
 def test_models_bench_reports_grpc_and_raw_throughput(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     modelgen.write_version(tmp_path, "ranker", 1, modelgen.mlp_model(0))
-    code = infermesh(
-        [
-            "models",
-            "bench",
-            "--repository",
-            str(tmp_path),
-            "--seconds",
-            "0.2",
-            "--batch-sizes",
-            "1,16",
-            "--concurrency",
-            "2",
-            "--json",
-        ]
-    )
+    code = infermesh(bench_args(tmp_path, "1,16", "--json"))
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and "onnxruntime" in report["machine"] and report["provider"] == "CPUExecutionProvider"
     assert [row["batch"] for row in report["rows"]] == [1, 16]
@@ -42,21 +36,7 @@ def test_models_bench_reports_grpc_and_raw_throughput(tmp_path: Path, capsys: py
 
 def test_models_bench_overhead_serves_the_linear_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # No model in the repository: --overhead does not need one.
-    args = [
-        "models",
-        "bench",
-        "--repository",
-        str(tmp_path),
-        "--seconds",
-        "0.2",
-        "--batch-sizes",
-        "16",
-        "--concurrency",
-        "2",
-        "--streaming",
-        "--overhead",
-        "--json",
-    ]
+    args = bench_args(tmp_path, "16", "--streaming", "--overhead", "--json")
     assert infermesh(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"].startswith("64 -> 1 linear model") and report["streaming"] is True
@@ -81,21 +61,7 @@ def test_models_bench_on_cuda_runs_there_or_says_what_is_missing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     modelgen.write_version(tmp_path, "ranker", 1, modelgen.mlp_model(0))
-    args = [
-        "models",
-        "bench",
-        "--repository",
-        str(tmp_path),
-        "--seconds",
-        "0.2",
-        "--batch-sizes",
-        "16",
-        "--concurrency",
-        "2",
-        "--provider",
-        "cuda",
-        "--json",
-    ]
+    args = bench_args(tmp_path, "16", "--provider", "cuda", "--json")
     if CUDA not in ort.get_available_providers():  # a CPU-only host: a clear refusal, no CPU figures
         with pytest.raises(SystemExit, match="needs onnxruntime-gpu"):
             infermesh(args)

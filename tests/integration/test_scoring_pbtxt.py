@@ -8,10 +8,8 @@ the file, line and field."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,15 +17,13 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from infermesh.up.supervisor import free_port
 from infermesh.workload import modelgen
 from services.genproto.inference import grpc_predict_v2_pb2 as pb
 from services.genproto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.processes import running_service
 
 CLIENT = Path(__file__).with_name("tritonclient_pbtxt.py")
-ROOT = Path(__file__).resolve().parents[2]
 ROWS = np.random.default_rng(7).standard_normal((5, 64)).astype(np.float32)
 
 # As Triton's documentation writes them; line 10 (preserve_ordering) and the execution_mode
@@ -90,50 +86,21 @@ def build_repository(root: Path) -> Path:
     return root
 
 
-def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(600):
-            if process.poll() is not None:
-                raise AssertionError(f"scoring exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"scoring never became SERVING:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def scoring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
     workdir = tmp_path_factory.mktemp("pbtxt")
     repository = build_repository(workdir / "models")
-    port = free_port()
     env = {
-        **os.environ,
-        "SCORING_PORT": str(port),
         "SCORING_MODEL_REPOSITORY": str(repository),
         # The broken models load only when asked (their errors are the load requests' answers).
         "SCORING_MODEL_CONTROL_MODE": "explicit",
         "SCORING_LOAD_MODELS": "ranker,add,both",
         "SCORING_PROVIDERS": "cpu",
-        "OTEL_TRACES_EXPORTER": "none",
         "LOG_LEVEL": "WARNING",
     }
     log = workdir / "scoring.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.scoring"], cwd=ROOT, env=env, stdout=sink, stderr=sink
-        )
-    address = f"127.0.0.1:{port}"
-    try:
-        wait_serving(address, process, log)
-        yield address, repository, log
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with running_service("scoring", env, log) as service:
+        yield service.address, repository, log
 
 
 @pytest.fixture(scope="module")

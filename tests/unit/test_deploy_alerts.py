@@ -18,12 +18,11 @@ import pytest
 import yaml
 
 from services.runtime.topology import HEALTH_SERVICE_NAMES, SERVICES
+from tests.metrics_contract import CATALOG, METRICS, documented
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "base" / "prometheus"
 RULES = yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())
-CATALOG = yaml.safe_load((PROMETHEUS / "metrics.yaml").read_text())
-METRICS: dict[str, dict[str, Any]] = {m["name"]: m for m in CATALOG["metrics"]}
 TARGET_LABELS = set(CATALOG["target_labels"])
 ALERTS: list[dict[str, Any]] = [rule for group in RULES["groups"] for rule in group["rules"]]
 DOCS = (ROOT / "docs" / "deploy.md").read_text()
@@ -127,7 +126,6 @@ FUNCTIONS = AGGREGATIONS | {
 GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
 KEYWORDS = GROUPING | {"and", "or", "unless", "bool", "offset"}
 COMPARISONS = {"==", "!=", ">", "<", ">=", "<="}
-HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 TOKEN = re.compile(
     r"""
@@ -273,16 +271,6 @@ def check_promql(expr: str) -> Usage:
     if not top_level_comparison:
         raise PromQLError("an alert expression needs a comparison at the top level")
     return usage
-
-
-def documented(metric: str) -> dict[str, Any] | None:
-    if metric in METRICS:
-        return METRICS[metric]
-    for suffix in HISTOGRAM_SUFFIXES:
-        base = metric.removesuffix(suffix)
-        if base != metric and METRICS.get(base, {}).get("type") == "histogram":
-            return METRICS[base]
-    return None
 
 
 def metric_labels(metric: str) -> set[str]:

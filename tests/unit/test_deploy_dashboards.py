@@ -14,6 +14,7 @@ from tests.metrics_contract import (
     GRAFANA,
     METRICS,
     TARGET_LABELS,
+    TRITON_REQUIRED,
     alert_expressions,
     as_promql,
     dashboard_expressions,
@@ -115,17 +116,7 @@ def test_the_overview_covers_the_mesh() -> None:
 
 def test_the_model_page_reads_tritons_families() -> None:
     used = _metrics_used("infermesh-model.json")
-    assert {
-        "nv_inference_request_success",
-        "nv_inference_request_failure",
-        "nv_inference_count",
-        "nv_inference_exec_count",
-        "nv_inference_request_duration_us",
-        "nv_inference_queue_duration_us",
-        "nv_inference_compute_input_duration_us",
-        "nv_inference_compute_infer_duration_us",
-        "nv_inference_compute_output_duration_us",
-    } <= used
+    assert used >= TRITON_REQUIRED
 
 
 def _metrics_used(name: str) -> set[str]:

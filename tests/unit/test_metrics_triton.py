@@ -23,7 +23,7 @@ from services.runtime.metrics import Metrics, exposition, serve_exposition
 from services.scoring.batcher import InferenceFailed
 from services.scoring.service import _failure_reason
 from services.scoring.stats import FAILURE_REASONS, ScoringMetrics
-from tests.metrics_contract import Exposition, parse_exposition
+from tests.metrics_contract import TRITON_REQUIRED, Exposition, parse_exposition
 
 MODEL_LABELS = frozenset({"model", "version"})
 TRITON: dict[str, tuple[str, frozenset[str]]] = {
@@ -50,18 +50,6 @@ TRITON: dict[str, tuple[str, frozenset[str]]] = {
 }
 # Triton's failure reasons (label `reason` of nv_inference_request_failure).
 TRITON_FAILURE_REASONS = {"REJECTED", "CANCELED", "BACKEND", "OTHER"}
-# The families issue 22 names: every one of them must be exposed.
-REQUIRED = {
-    "nv_inference_request_success",
-    "nv_inference_request_failure",
-    "nv_inference_count",
-    "nv_inference_exec_count",
-    "nv_inference_request_duration_us",
-    "nv_inference_queue_duration_us",
-    "nv_inference_compute_input_duration_us",
-    "nv_inference_compute_infer_duration_us",
-    "nv_inference_compute_output_duration_us",
-}
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
@@ -98,7 +86,7 @@ def triton_families(parsed: Exposition) -> dict[str, str]:
 
 def check_triton_exposition(parsed: Exposition) -> None:
     exposed = triton_families(parsed)
-    assert set(exposed) >= REQUIRED, sorted(REQUIRED - set(exposed))
+    assert set(exposed) >= TRITON_REQUIRED, sorted(TRITON_REQUIRED - set(exposed))
     assert set(exposed) <= set(TRITON), f"not a family Triton documents: {sorted(set(exposed) - set(TRITON))}"
     for name, kind in exposed.items():
         assert kind == TRITON[name][0], (name, kind)
