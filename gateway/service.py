@@ -147,10 +147,12 @@ class GatewaySettings(ServerSettings):
         ),
     )
     trace_id_metadata: TraceIdMetadata = Field(
-        "initial",
+        "rest",
         description=(
-            "How each response returns its trace id (x-trace-id): initial metadata, which Envoy's "
-            "transcoder passes to REST clients as a header, trailing metadata, or none."
+            "How each response returns its trace id (x-trace-id): rest sends it as initial "
+            "metadata to REST calls (Envoy's transcoder passes it to the client as a header) and "
+            "as trailing metadata to gRPC calls, which spares them one write; initial (every "
+            "call), trailing, or none."
         ),
     )
 

@@ -69,6 +69,9 @@ def _observed(method: str) -> bool:
 
 _UNOBSERVED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # Status codes that mean the server failed (as opposed to the caller's request).
+# Envoy's gRPC-JSON transcoder keeps a REST request's path in this header (also matched by
+# the edge's routes, infermesh/envoy/listeners.py).
+ORIGINAL_PATH_HEADER = "x-envoy-original-path"
 _SERVER_FAULTS = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS", "UNIMPLEMENTED"})
 
 
@@ -86,14 +89,15 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
       duration_ms and (added by the log processor) trace_id/span_id; errors add the status
       message, unhandled exceptions a stack trace; never request payloads;
     * the trace id returned to the caller as `x-trace-id` response metadata (trailing
-      metadata: free, sent with the status; `initial` also sends it as initial metadata,
+      metadata: free, sent with the status; `initial` sends it as initial metadata instead,
       which Envoy turns into an HTTP response header for REST clients, at the cost of one
-      more write per call, so only the edge-facing gateway turns that on).
+      more write per call; `rest` does that only for calls Envoy transcoded from REST, the
+      edge-facing gateway's default).
     """
 
     def __init__(self, rpc: RpcMetrics | None = None, *, trace_id_metadata: str = "trailing") -> None:
-        if trace_id_metadata not in ("none", "trailing", "initial"):
-            raise ValueError(f"trace_id_metadata must be none, trailing or initial, not {trace_id_metadata!r}")
+        if trace_id_metadata not in ("none", "trailing", "initial", "rest"):
+            raise ValueError(f"trace_id_metadata must be none, trailing, initial or rest, not {trace_id_metadata!r}")
         self._rpc = rpc
         self._trace_id_metadata = trace_id_metadata
         # method -> (handler it wrapped, wrapper): handlers are looked up per call, wrapped once.
@@ -211,7 +215,8 @@ class _ObservedCall:
         call = cls()
         call._method, call._rpc = method, interceptor._rpc
         call._started = time.perf_counter()
-        call._span, call._token = start_server_span(method, context.invocation_metadata())
+        received = context.invocation_metadata()
+        call._span, call._token = start_server_span(method, received)
         call._ids = None
         try:
             if call._rpc is not None:
@@ -219,6 +224,8 @@ class _ObservedCall:
             call._ids = current_ids()
             header = interceptor._trace_id_metadata
             if call._ids is not None and header != "none":
+                if header == "rest":
+                    header = "initial" if _transcoded(received) else "trailing"
                 metadata = ((TRACE_ID_HEADER, call._ids[0]),)
                 if header == "initial":
                     await context.send_initial_metadata(metadata)
@@ -239,6 +246,13 @@ class _ObservedCall:
             details = context.details() if code != "OK" else None
             span = self._span
             end_server_span(span, self._token, code, details, context.peer() if span.is_recording() else None)
+
+
+def _transcoded(metadata: Any) -> bool:
+    """Whether Envoy's transcoder made this call from a REST request (it keeps the REST path
+    in x-envoy-original-path): only a REST client needs the trace id in initial metadata,
+    which reaches it as a response header."""
+    return any(key == ORIGINAL_PATH_HEADER for key, _ in metadata or ())
 
 
 def current_ids() -> tuple[str, str, bool] | None:

@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 T = TypeVar("T", bound="ServiceSettings")
 
 # How each response returns its trace id (x-trace-id); see RequestInterceptor in server.py.
-TraceIdMetadata = Literal["none", "trailing", "initial"]
+TraceIdMetadata = Literal["none", "trailing", "initial", "rest"]
 
 
 class SettingsError(ValueError):
@@ -149,7 +149,8 @@ class ServerSettings(ServiceSettings):
         description=(
             "How each response returns its trace id (x-trace-id): trailing metadata (free), "
             "initial metadata (also an HTTP header for REST clients behind Envoy; one more "
-            "write per call) or none."
+            "write per call), rest (initial metadata for REST calls transcoded by Envoy, "
+            "trailing for gRPC calls) or none."
         ),
     )
 

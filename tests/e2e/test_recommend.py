@@ -94,6 +94,25 @@ def test_grpc_recommend_returns_the_same_ranking(
     assert reply.model_version == "1" and len(reply.trace_id) == 32
 
 
+def test_trace_id_reaches_rest_as_a_header_and_grpc_as_a_trailer(
+    mesh: Mesh, gateway_stub: gateway_pb2_grpc.GatewayServiceStub
+) -> None:
+    # No Envoy tracer in this mesh: the gateway returns the trace id itself, as initial
+    # metadata (a response header) only to REST calls, as trailing metadata to gRPC ones.
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{mesh.topology.edge_port}/v1/recommend",
+        data=json.dumps({"user_id": "u42", "candidate_ids": CANDIDATES[:10], "k": 3}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["x-trace-id"] == json.loads(response.read())["trace_id"]
+    reply, call = gateway_stub.Recommend.with_call(
+        gateway_pb2.RecommendRequest(user_id="u42", candidate_ids=CANDIDATES[:10], k=3), timeout=10
+    )
+    assert dict(call.trailing_metadata())["x-trace-id"] == reply.trace_id
+    assert "x-trace-id" not in dict(call.initial_metadata())
+
+
 def test_unknown_items_are_reported_not_ranked(gateway_stub: gateway_pb2_grpc.GatewayServiceStub) -> None:
     reply = gateway_stub.Recommend(
         gateway_pb2.RecommendRequest(user_id="u1", candidate_ids=["i1", "nope", "i2", "i3"], k=10), timeout=10

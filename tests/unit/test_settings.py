@@ -85,7 +85,7 @@ def test_the_documented_defaults_hold() -> None:
         30400,
         30100,
     )
-    assert GatewaySettings().trace_id_metadata == "initial" and RankingSettings().trace_id_metadata == "trailing"
+    assert GatewaySettings().trace_id_metadata == "rest" and RankingSettings().trace_id_metadata == "trailing"
     assert ScoringSettings().model_repository == ".infermesh/models" and ScoringSettings().providers == "auto"
     assert FeaturesSettings().cache_max_bytes == 64 * 1024 * 1024
 
