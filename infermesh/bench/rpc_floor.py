@@ -79,7 +79,9 @@ class Result:
     envoy_us_per_call: float | None
 
 
-async def _calls(target: str, payload: bytes, concurrency: int, seconds: float, latencies: list[float] | None) -> int:
+async def _calls(
+    target: str, payload: bytes, concurrency: int, seconds: float, latencies: list[float] | None, idle: float = 0.0
+) -> int:
     async with grpc.aio.insecure_channel(target) as channel:
         call = channel.unary_unary(METHOD, request_serializer=_same, response_deserializer=_same)
         stop_at = time.perf_counter() + seconds
@@ -87,6 +89,8 @@ async def _calls(target: str, payload: bytes, concurrency: int, seconds: float, 
         async def caller() -> int:
             done = 0
             while time.perf_counter() < stop_at:
+                if idle:  # each call after a quiet spell, as at a low request rate
+                    await asyncio.sleep(idle)
                 began = time.perf_counter()
                 await call(payload, timeout=10)
                 if latencies is not None:
@@ -122,6 +126,7 @@ def measure(
     server_pid: int,
     envoy_pid: int | None,
     log: Path,
+    idle: float = 0.0,
 ) -> Result:
     run = event_loop_runner()
     run(_ready(target, log))
@@ -129,7 +134,7 @@ def measure(
     latencies: list[float] = []
     before = (time.process_time(), _cpu_seconds(server_pid), _cpu_seconds(envoy_pid) if envoy_pid else None)
     started = time.perf_counter()
-    calls = run(_calls(target, payload, concurrency, seconds, latencies))
+    calls = run(_calls(target, payload, concurrency, seconds, latencies, idle))
     elapsed = time.perf_counter() - started
     after = (time.process_time(), _cpu_seconds(server_pid), _cpu_seconds(envoy_pid) if envoy_pid else None)
 
@@ -139,6 +144,8 @@ def measure(
         return (after[index] - before[index]) / calls * 1e6  # type: ignore[operator]
 
     p50, p99 = np.percentile(np.array(latencies) * 1000.0, [50, 99]) if latencies else (0.0, 0.0)
+    if idle:
+        path = f"{path}, {idle * 1000:g} ms idle before each call"
     return Result(
         path, concurrency, calls / elapsed, float(p50), float(p99), per_call(0) or 0.0, per_call(1), per_call(2)
     )
@@ -200,6 +207,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,16", help="calls in flight, comma-separated (default %(default)s)")
     p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per row (default %(default)s)")
     p.add_argument("--no-envoy", action="store_true", help="direct calls only")
+    p.add_argument(
+        "--idle-ms",
+        type=float,
+        default=0.0,
+        help="also measure each path at c=1 with this many ms of quiet before each call: what a "
+        "call costs at a low request rate, when every process it crosses was asleep (default: off)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the server subprocess
     return p
@@ -219,8 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     except ValueError:
         raise SystemExit(f"--concurrency takes integers, e.g. 1,16 (got {args.concurrency!r})") from None
-    if not levels or min(levels) < 1 or args.seconds <= 0 or args.payload_bytes < 0:
-        raise SystemExit("--concurrency needs values >= 1, --seconds > 0 and --payload-bytes >= 0")
+    if not levels or min(levels) < 1 or args.seconds <= 0 or args.payload_bytes < 0 or args.idle_ms < 0:
+        raise SystemExit("--concurrency needs values >= 1, --seconds > 0, --payload-bytes and --idle-ms >= 0")
+    idle = args.idle_ms / 1000.0
     payload = os.urandom(args.payload_bytes)
     workdir = Path(tempfile.mkdtemp(prefix="rpc-floor-"))
     server_port = free_port()
@@ -244,6 +259,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     workdir / "server.log",
                 )
             )
+        if idle:
+            results.append(
+                measure(
+                    "direct",
+                    f"127.0.0.1:{server_port}",
+                    payload,
+                    1,
+                    args.seconds,
+                    server.pid,
+                    None,
+                    workdir / "server.log",
+                    idle,
+                )
+            )
         if not args.no_envoy:
             envoy_port = free_port()
             config = workdir / "envoy.json"
@@ -261,6 +290,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         server.pid,
                         envoy.pid,
                         workdir / "envoy.log",
+                    )
+                )
+            if idle:
+                results.append(
+                    measure(
+                        "envoy",
+                        f"127.0.0.1:{envoy_port}",
+                        payload,
+                        1,
+                        args.seconds,
+                        server.pid,
+                        envoy.pid,
+                        workdir / "envoy.log",
+                        idle,
                     )
                 )
     finally:

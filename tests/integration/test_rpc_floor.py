@@ -34,11 +34,33 @@ def test_rpc_floor_measures_direct_and_envoy_calls(capsys: pytest.CaptureFixture
     assert floor["cpu_ms_per_request"] == pytest.approx(4 * per_call / 1000)
 
 
+def test_idle_rows_measure_each_path_after_a_quiet_spell_and_leave_the_floor_alone(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--seconds", "0.3", "--concurrency", "2", "--payload-bytes", "64", "--idle-ms", "20", "--json"]
+    assert rpc_floor.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = [(row["path"], row["concurrency"]) for row in report["rows"]]
+    assert rows == [
+        ("direct", 2),
+        ("direct, 20 ms idle before each call", 1),
+        ("envoy", 2),
+        ("envoy, 20 ms idle before each call", 1),
+    ]
+    idle = report["rows"][3]
+    # 0.3 s of calls each after 20 ms asleep: at most 15 calls, and each was measured
+    assert 0 < idle["calls_per_s"] <= 1 / 0.02 and 0 < idle["p50_ms"] <= idle["p99_ms"]
+    # the floor still comes from the back-to-back Envoy row alone
+    assert report["recommend_floor"]["p50_ms_at_c1"] == pytest.approx(4 * report["rows"][2]["p50_ms"])
+
+
 def test_rpc_floor_rejects_bad_arguments() -> None:
     with pytest.raises(SystemExit, match="integers"):
         rpc_floor.main(["--concurrency", "one"])
     with pytest.raises(SystemExit, match=">= 1"):
         rpc_floor.main(["--concurrency", "0"])
+    with pytest.raises(SystemExit, match="idle-ms"):
+        rpc_floor.main(["--idle-ms", "-1"])
 
 
 def test_a_target_that_never_answers_stops_with_its_log(tmp_path) -> None:
