@@ -246,66 +246,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             [sys.executable, "-m", "infermesh.bench.rpc_floor", "--serve", str(server_port)], workdir / "server.log"
         )
         children.append(server)
-        for level in levels:
-            results.append(
-                measure(
-                    "direct",
-                    f"127.0.0.1:{server_port}",
-                    payload,
-                    level,
-                    args.seconds,
-                    server.pid,
-                    None,
-                    workdir / "server.log",
-                )
-            )
-        if idle:
-            results.append(
-                measure(
-                    "direct",
-                    f"127.0.0.1:{server_port}",
-                    payload,
-                    1,
-                    args.seconds,
-                    server.pid,
-                    None,
-                    workdir / "server.log",
-                    idle,
-                )
-            )
+
+        def measure_path(path: str, port: int, envoy_pid: int | None, log: Path) -> None:
+            # (concurrency, quiet before each call): the levels back to back, then c=1 after quiet
+            loads = [(level, 0.0) for level in levels] + ([(1, idle)] if idle else [])
+            for level, quiet in loads:
+                target = f"127.0.0.1:{port}"
+                results.append(measure(path, target, payload, level, args.seconds, server.pid, envoy_pid, log, quiet))
+
+        measure_path("direct", server_port, None, workdir / "server.log")
         if not args.no_envoy:
             envoy_port = free_port()
             config = workdir / "envoy.json"
             config.write_text(json.dumps(plain_proxy(envoy_port, server_port)))
             envoy = _start(envoy_command(config, log_level="warn"), workdir / "envoy.log")
             children.append(envoy)
-            for level in levels:
-                results.append(
-                    measure(
-                        "envoy",
-                        f"127.0.0.1:{envoy_port}",
-                        payload,
-                        level,
-                        args.seconds,
-                        server.pid,
-                        envoy.pid,
-                        workdir / "envoy.log",
-                    )
-                )
-            if idle:
-                results.append(
-                    measure(
-                        "envoy",
-                        f"127.0.0.1:{envoy_port}",
-                        payload,
-                        1,
-                        args.seconds,
-                        server.pid,
-                        envoy.pid,
-                        workdir / "envoy.log",
-                        idle,
-                    )
-                )
+            measure_path("envoy", envoy_port, envoy.pid, workdir / "envoy.log")
     finally:
         for child in reversed(children):
             child.terminate()

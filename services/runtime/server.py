@@ -68,10 +68,10 @@ def _observed(method: str) -> bool:
 
 
 _UNOBSERVED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-# Status codes that mean the server failed (as opposed to the caller's request).
 # Envoy's gRPC-JSON transcoder keeps a REST request's path in this header (also matched by
 # the edge's routes, infermesh/envoy/listeners.py).
 ORIGINAL_PATH_HEADER = "x-envoy-original-path"
+# Status codes that mean the server failed (as opposed to the caller's request).
 _SERVER_FAULTS = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS", "UNIMPLEMENTED"})
 
 
