@@ -47,6 +47,7 @@ from infermesh.certs import CertPaths, client_credentials, service_tls_env
 from infermesh.settings import redis_env
 from infermesh.up.healing import CrashLoop, Healer, describe_exit
 from infermesh.up.lanes import BULK, BulkLane, lowered, replica_name
+from infermesh.up.port_claims import PortClaims
 from infermesh.up.runfile import MeshProcess, remove_processes, write_processes
 from services.runtime.redis_connection import RedisTarget
 from services.runtime.topology import (
@@ -145,8 +146,9 @@ class _PortPicker:
     Asking the kernel for port 0 returns an *ephemeral* port: in the time between our
     probe and the child's bind, any outgoing connection on the machine may take it as
     its local port (this broke CI: "scoring: cannot serve metrics ... Address already in
-    use"). So ports come from below the ephemeral range, chosen at random (two test
-    sessions on one machine rarely pick alike) and never twice.
+    use"). So ports come from below the ephemeral range, chosen at random, never twice, and
+    claimed for the machine (infermesh/up/port_claims.py) so that no other process of ours
+    hands them out meanwhile.
     """
 
     # A block stays reserved this long: past a mesh's start-up, by when its children have bound
@@ -158,13 +160,16 @@ class _PortPicker:
         self._given: set[int] = set()
         self._blocks: dict[range, float] = {}  # reserved block -> when the reservation ends
         self._random = random.Random(os.getpid() ^ time.monotonic_ns())
+        self._claims = PortClaims()
 
     def __call__(self) -> int:
         first, last = _SINGLE_PORTS
         for _ in range(2000):
             port = self._random.randint(first, last)
-            if port not in self._given and port_is_free(port):
-                self._given.add(port)
+            if port in self._given or not port_is_free(port):
+                continue
+            self._given.add(port)  # claimed or not: a port another process holds is not tried again
+            if self._claims.claim(range(port, port + 1), self.BLOCK_RESERVED_SECONDS):
                 return port
         raise MeshError(f"no free TCP port found in {first}-{last}")
 
@@ -178,7 +183,9 @@ class _PortPicker:
         self._blocks = {block: until for block, until in self._blocks.items() if until > now}
         for base in bases:
             ports = range(base, base + span)
-            if self._is_unreserved(ports) and all(port_is_free(p) for p in ports):
+            if not (self._is_unreserved(ports) and all(port_is_free(p) for p in ports)):
+                continue
+            if self._claims.claim(ports, self.BLOCK_RESERVED_SECONDS):
                 self._blocks[ports] = now + self.BLOCK_RESERVED_SECONDS
                 return base
         raise MeshError(f"no block of {span} free TCP ports between {_BLOCK_PORTS_START} and {low}")
@@ -186,10 +193,15 @@ class _PortPicker:
     def reserve(self, ports: Iterable[int]) -> None:
         """Ports this process was told to use (command line): never handed out, though they
         stay free until the child that binds them starts."""
+        ports = list(ports)
         self._given.update(ports)
+        for port in ports:  # best effort: the user chose them, taken or not
+            self._claims.claim(range(port, port + 1), self.BLOCK_RESERVED_SECONDS)
 
     def release_block(self, base: int) -> None:
         """The mesh on the block from `base` has stopped: its ports may be handed out again."""
+        for block in [block for block in self._blocks if block.start == base]:
+            self._claims.release(block)
         self._blocks = {block: until for block, until in self._blocks.items() if block.start != base}
 
     def _is_unreserved(self, ports: range) -> bool:
