@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from infermesh.up.runfile import alive
+
 # [start, stop, pid, until (time.time())]
 Claim = list[float]
 
@@ -65,7 +67,7 @@ class PortClaims:
             except ValueError:
                 stored = []  # a file cut short (a process killed mid-write): start over
             now = time.time()
-            claims = [c for c in stored if _valid(c) and c[3] > now and _alive(int(c[2]))]
+            claims = [c for c in stored if _valid(c) and c[3] > now and alive(int(c[2]))]
             yield claims
             file.seek(0)
             file.truncate()
@@ -74,13 +76,3 @@ class PortClaims:
 
 def _valid(claim: object) -> bool:
     return isinstance(claim, list) and len(claim) == 4 and all(isinstance(v, int | float) for v in claim)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process, alive
-    return True
