@@ -117,14 +117,10 @@ def _on_this_machine(url: str) -> bool:
 def redis_env(prefix: str, target: RedisTarget) -> dict[str, str]:
     """The {PREFIX}_REDIS_* variables (URL, credentials, TLS files) a service gets for `target`."""
     values = {
-        "REDIS_URL": target.url,
-        "REDIS_USERNAME": target.username,
-        "REDIS_PASSWORD": target.password.get_secret_value(),
-        "REDIS_TLS_CA_FILE": target.tls_ca_file,
-        "REDIS_TLS_CERT_FILE": target.tls_cert_file,
-        "REDIS_TLS_KEY_FILE": target.tls_key_file,
+        name: value.get_secret_value() if isinstance(value, SecretStr) else value
+        for name, value in target.settings_values().items()
     }
-    return {f"{prefix}_{name}": value for name, value in values.items() if value}
+    return {f"{prefix}_{name.upper()}": value for name, value in values.items() if value}
 
 
 def model_repository() -> str:

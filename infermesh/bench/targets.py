@@ -92,18 +92,10 @@ async def monolith(
     from services.ranking.rank import decode
     from services.ranking.service import RankingSettings, build_seen_store, build_stages
 
-    target = redis if isinstance(redis, RedisTarget) else RedisTarget(redis)
+    target = RedisTarget.of(redis)
     client = target.async_client()
     store = FeatureStore(client, namespace, max_items=1000)
-    ranking = RankingSettings(
-        redis_url=target.url,
-        redis_username=target.username,
-        redis_password=target.password,
-        redis_tls_ca_file=target.tls_ca_file,
-        redis_tls_cert_file=target.tls_cert_file,
-        redis_tls_key_file=target.tls_key_file,
-        namespace=namespace,
-    )
+    ranking = RankingSettings(**target.settings_values(), namespace=namespace)
     seen = build_seen_store(ranking)
     chain = Chain(build_stages(ranking, seen))
     options = ort.SessionOptions()

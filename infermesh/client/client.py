@@ -172,8 +172,10 @@ def _job(reply: jobs_pb2.Job) -> Job:
     )
 
 
-class MeshClient:
-    """Blocking client; one channel for the client's lifetime."""
+class _Client:
+    """What both clients share: one channel for the client's lifetime, with its security."""
+
+    _grpc: Any  # grpc or grpc.aio: the module the channel comes from
 
     def __init__(
         self,
@@ -196,9 +198,18 @@ class MeshClient:
             addresses, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file, api_key=api_key, token=token
         )
         self._security = secured  # its repr leaves out the key or token
-        self._channel = _channel(grpc, addresses, secured, max_attempts)
+        self._channel = _channel(self._grpc, addresses, secured, max_attempts)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+
+class MeshClient(_Client):
+    """Blocking client; one channel for the client's lifetime."""
+
+    _grpc = grpc
 
     def submit_job(
         self, requests: Sequence[Mapping[str, Any]], *, results_format: str = "jsonl", timeout: float | None = None
@@ -229,9 +240,6 @@ class MeshClient:
             raise ClientError(error.code(), error.details() or "") from None
         return _result(reply)
 
-    def _deadline(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else timeout
-
     def close(self) -> None:
         self._channel.close()
 
@@ -242,31 +250,10 @@ class MeshClient:
         self.close()
 
 
-class AsyncMeshClient:
+class AsyncMeshClient(_Client):
     """asyncio client; create it inside the running event loop."""
 
-    def __init__(
-        self,
-        addresses: Sequence[str] = ("127.0.0.1:8080",),
-        *,
-        timeout: float = DEFAULT_TIMEOUT_SECONDS,
-        max_attempts: int = 3,
-        tls: bool | None = None,
-        ca_file: str | None = None,
-        cert_file: str | None = None,
-        key_file: str | None = None,
-        api_key: str | None = None,
-        token: str | None = None,
-    ) -> None:
-        """As MeshClient's."""
-        self.timeout = timeout
-        secured = security(
-            addresses, tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file, api_key=api_key, token=token
-        )
-        self._security = secured  # its repr leaves out the key or token
-        self._channel = _channel(grpc.aio, addresses, secured, max_attempts)
-        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
-        self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+    _grpc = grpc.aio
 
     async def submit_job(
         self, requests: Sequence[Mapping[str, Any]], *, results_format: str = "jsonl", timeout: float | None = None
@@ -295,9 +282,6 @@ class AsyncMeshClient:
         except grpc.aio.AioRpcError as error:
             raise ClientError(error.code(), error.details() or "") from None
         return _result(reply)
-
-    def _deadline(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else timeout
 
     async def close(self) -> None:
         await self._channel.close()

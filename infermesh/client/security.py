@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from pydantic import Field, SecretStr, model_validator
@@ -20,6 +19,7 @@ from pydantic_settings import SettingsConfigDict
 
 from infermesh.loopback import is_loopback_host
 from services.runtime.settings import ServiceSettings, load_settings
+from services.runtime.tls_files import read_tls_file
 
 
 class ClientSettings(ServiceSettings):
@@ -36,8 +36,7 @@ class ClientSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> ClientSettings:
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("set both INFERMESH_TLS_CERT_FILE and INFERMESH_TLS_KEY_FILE, or neither")
+        self.check_paired("tls_cert_file", "tls_key_file")
         if self.api_key.get_secret_value() and self.token.get_secret_value():
             raise ValueError("set INFERMESH_API_KEY or INFERMESH_TOKEN, not both")
         return self
@@ -90,17 +89,11 @@ def _metadata(settings: ClientSettings) -> tuple[tuple[str, str], ...]:
 
 
 def _credentials(settings: ClientSettings) -> grpc.ChannelCredentials:
-    def read(path: str, what: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError as error:
-            raise ValueError(f"cannot read the {what} {path}: {error.strerror}") from None
+    def read(path: str, what: str) -> bytes | None:
+        return read_tls_file(path, f"the {what}") if path else None
 
-    root = read(settings.tls_ca_file, "CA file") if settings.tls_ca_file else None
-    if not settings.tls_cert_file:
-        return grpc.ssl_channel_credentials(root_certificates=root)
     return grpc.ssl_channel_credentials(
-        root_certificates=root,
+        root_certificates=read(settings.tls_ca_file, "CA file"),
         private_key=read(settings.tls_key_file, "key file"),
         certificate_chain=read(settings.tls_cert_file, "certificate file"),
     )

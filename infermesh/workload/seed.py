@@ -416,7 +416,7 @@ def seed_all(
     started = time.perf_counter()
     data_dir = Path(data_dir)
     # Connect first: fail in milliseconds rather than after training the model.
-    target = redis_url if isinstance(redis_url, RedisTarget) else RedisTarget(redis_url)
+    target = RedisTarget.of(redis_url)
     client = _connect(target)
     shown = target.shown
 

@@ -119,11 +119,7 @@ class JobsSettings(ServerSettings, RedisClientSettings):
 
     @model_validator(mode="after")
     def _gateway_tls_consistent(self) -> JobsSettings:
-        if bool(self.gateway_tls_cert_file) != bool(self.gateway_tls_key_file):
-            raise ValueError(
-                f"set both {self.variable('gateway_tls_cert_file')} and "
-                f"{self.variable('gateway_tls_key_file')}, or neither"
-            )
+        self.check_paired("gateway_tls_cert_file", "gateway_tls_key_file")
         if self.gateway_tls_server_name and not self.gateway_uses_tls:
             raise ValueError(
                 f"{self.variable('gateway_tls_server_name')} is set but the workers' channel is plaintext: "

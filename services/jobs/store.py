@@ -137,7 +137,7 @@ class JobStore:
 
     @classmethod
     def from_url(cls, url: str | RedisTarget, namespace: str, retention_seconds: int) -> JobStore:
-        target = url if isinstance(url, RedisTarget) else RedisTarget(url)
+        target = RedisTarget.of(url)
         return cls(target.client(socket_timeout=10, health_check_interval=30), namespace, retention_seconds)
 
     # ---- keys ---------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class SeenStore:
         retry_seconds: float = 1.0,
         lookup: str = "members",
     ) -> SeenStore:
-        target = url if isinstance(url, RedisTarget) else RedisTarget(url)
+        target = RedisTarget.of(url)
         client = target.async_client(
             socket_timeout=timeout_seconds,
             socket_connect_timeout=timeout_seconds,

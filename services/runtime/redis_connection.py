@@ -67,10 +67,7 @@ class RedisClientSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _cert_with_key(self) -> RedisClientSettings:
-        if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
-            raise ValueError(
-                f"set both {self.variable('redis_tls_cert_file')} and {self.variable('redis_tls_key_file')}, or neither"
-            )
+        self.check_paired("redis_tls_cert_file", "redis_tls_key_file")
         return self
 
     def redis_target(self, url: str, url_field: str = "redis_url") -> RedisTarget:
@@ -130,6 +127,23 @@ class RedisTarget:
     url_variable: str = "REDIS_URL"
     username_variable: str = "REDIS_USERNAME"
     password_variable: str = "REDIS_PASSWORD"
+
+    @classmethod
+    def of(cls, redis: str | RedisTarget) -> RedisTarget:
+        """`redis` itself, or a URL with no credentials or TLS files of its own."""
+        return redis if isinstance(redis, RedisTarget) else cls(redis)
+
+    def settings_values(self) -> dict[str, Any]:
+        """The RedisClientSettings fields (and redis_url) that name this target: for a
+        settings class, or with their variables' prefix for a process's environment."""
+        return {
+            "redis_url": self.url,
+            "redis_username": self.username,
+            "redis_password": self.password,
+            "redis_tls_ca_file": self.tls_ca_file,
+            "redis_tls_cert_file": self.tls_cert_file,
+            "redis_tls_key_file": self.tls_key_file,
+        }
 
     @property
     def tls(self) -> bool:

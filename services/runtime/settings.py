@@ -87,6 +87,12 @@ class ServiceSettings(BaseSettings):
         """The environment variable of `field`: FEATURES_ + PORT."""
         return f"{cls.model_config.get('env_prefix', '')}{field.upper()}"
 
+    def check_paired(self, first: str, second: str) -> None:
+        """ValueError naming both variables unless fields `first` and `second` are both set
+        or both empty (a certificate and its key)."""
+        if bool(getattr(self, first)) != bool(getattr(self, second)):
+            raise ValueError(f"set both {self.variable(first)} and {self.variable(second)}, or neither")
+
 
 class _MappingEnvSource(EnvSettingsSource):
     """pydantic-settings' environment source over a given mapping instead of os.environ."""

@@ -9,12 +9,12 @@ from pathlib import Path
 from services.runtime.settings import SettingsError
 
 
-def read_tls_file(path: str) -> bytes:
-    """The file's bytes; SettingsError naming it when it cannot be read."""
+def read_tls_file(path: str, what: str = "TLS file") -> bytes:
+    """The file's bytes; SettingsError naming it (as `what`) when it cannot be read."""
     try:
         return Path(path).read_bytes()
     except OSError as error:
-        raise SettingsError(f"cannot read TLS file {path}: {error.strerror}") from None
+        raise SettingsError(f"cannot read {what} {path}: {error.strerror}") from None
 
 
 def file_signature(paths: Iterable[str | Path]) -> tuple[object, ...]:

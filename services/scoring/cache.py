@@ -55,7 +55,7 @@ class PredictionCache:
         retry_seconds: float = 5.0,
         metrics: ScoringMetrics | None = None,
     ) -> None:
-        target = redis if isinstance(redis, RedisTarget) else RedisTarget(redis)
+        target = RedisTarget.of(redis)
         self._client = target.async_client(
             socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, retry_on_timeout=False
         )

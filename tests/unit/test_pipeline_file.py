@@ -162,34 +162,46 @@ def test_a_missing_views_file_is_named(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- each mistake
 
 
-def test_missing_view(tmp_path: Path) -> None:
-    path = demo_with(tmp_path, "columns: [user.vec, item.vec]", "columns: [user.vec, items.vec]")
-    assert failure(path) == (
-        f"{path}: models[0].inputs[0].columns[1]: no view 'items' is declared; expected one of the views item, user"
-    )
-
-
-def test_missing_feature(tmp_path: Path) -> None:
-    path = demo_with(tmp_path, "columns: [user.vec, item.vec]", "columns: [user.vec, item.vector]")
-    assert failure(path) == (
-        f"{path}: models[0].inputs[0].columns[1]: view 'item' has no feature 'vector'; "
-        "expected one of its features vec, category, price"
-    )
-
-
-def test_column_dtype_unlike_its_input(tmp_path: Path) -> None:
-    path = demo_with(tmp_path, "columns: [user.vec, item.vec]", "columns: [user.vec, item.category]")
-    assert failure(path) == (
-        f"{path}: models[0].inputs[0].columns[1]: item.category is int32; expected float32, as input 'features' is FP32"
-    )
-
-
-def test_unknown_stage(tmp_path: Path) -> None:
-    path = demo_with(tmp_path, "- stage: category_cap", "- stage: category_limit")
-    assert failure(path) == (
-        f"{path}: ranking.stages[3].stage: unknown stage 'category_limit'; "
-        "expected one of seen_filter, rules, calibration, category_cap, mmr"
-    )
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        pytest.param(
+            "columns: [user.vec, item.vec]",
+            "columns: [user.vec, items.vec]",
+            "models[0].inputs[0].columns[1]: no view 'items' is declared; expected one of the views item, user",
+            id="missing view",
+        ),
+        pytest.param(
+            "columns: [user.vec, item.vec]",
+            "columns: [user.vec, item.vector]",
+            "models[0].inputs[0].columns[1]: view 'item' has no feature 'vector'; "
+            "expected one of its features vec, category, price",
+            id="missing feature",
+        ),
+        pytest.param(
+            "columns: [user.vec, item.vec]",
+            "columns: [user.vec, item.category]",
+            "models[0].inputs[0].columns[1]: item.category is int32; expected float32, as input 'features' is FP32",
+            id="column dtype unlike its input",
+        ),
+        pytest.param(
+            "- stage: category_cap",
+            "- stage: category_limit",
+            "ranking.stages[3].stage: unknown stage 'category_limit'; "
+            "expected one of seen_filter, rules, calibration, category_cap, mmr",
+            id="unknown stage",
+        ),
+        pytest.param(
+            "dtype: FP32",
+            "dtype: float",
+            "models[0].inputs[0].dtype: got 'float'; expected 'FP32', 'FP64', 'INT32' or 'INT64'",
+            id="input dtype not a tensor type",
+        ),
+    ],
+)
+def test_a_mistake_is_named_with_its_field(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    path = demo_with(tmp_path, old, new)
+    assert failure(path) == f"{path}: {expected}"
 
 
 def test_width_unlike_the_models(tmp_path: Path, repository: Path) -> None:
@@ -228,13 +240,6 @@ def test_model_missing_from_the_repository(tmp_path: Path, repository: Path) -> 
         f"{path}: models[0].name: no model 'ranker-v2' in the model repository {repository}"
     )
     check_models(load_pipeline(path), repository, require_all=False)  # a service checks what it holds
-
-
-def test_input_dtype_not_a_tensor_type(tmp_path: Path) -> None:
-    path = demo_with(tmp_path, "dtype: FP32", "dtype: float")
-    assert failure(path) == (
-        f"{path}: models[0].inputs[0].dtype: got 'float'; expected 'FP32', 'FP64', 'INT32' or 'INT64'"
-    )
 
 
 def test_stage_parameters_out_of_range(tmp_path: Path) -> None:
