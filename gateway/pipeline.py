@@ -206,6 +206,9 @@ class Pipeline:
         self.experiments = experiments or Experiments(None, config.model_name)
         self._metrics = metrics
         self.shadow = shadow or ShadowRunner(stubs.scoring, metrics)
+        # Ranking says in each answer whether its chain reads item embeddings (only an MMR
+        # stage with lambda < 1 does): ~25 KB a request of 200 items, sent only while it does.
+        self._ranking_reads_embeddings = True
 
     async def recommend(
         self,
@@ -382,6 +385,7 @@ class Pipeline:
             )
         except StageFailed as failure:
             return self._fallback_rank(state, candidates, features, scored.scores, failure)
+        self._ranking_reads_embeddings = not ranked.item_embeddings_unused
         for stage in ranked.skipped_stages:
             state.reasons.append(skipped_reason(stage))
         return ranked
@@ -405,7 +409,7 @@ class Pipeline:
             offset=state.offset,
             explain=state.explain,
         )
-        if self.config.send_item_embeddings and matrix is not None:
+        if self.config.send_item_embeddings and self._ranking_reads_embeddings and matrix is not None:
             rank_request.item_embeddings = item_embeddings(matrix)
             rank_request.embedding_dim = matrix.item_columns
         return rank_request

@@ -94,7 +94,11 @@ class GatewaySettings(ServerSettings):
         description="Share of the whole deadline kept back for the fallbacks and writing the response.",
     )
     send_item_embeddings: bool = Field(
-        True, description="Send the item half of the feature rows to ranking, for its diversity (MMR) stage."
+        True,
+        description=(
+            "Send the item half of the feature rows to ranking, for its diversity (MMR) stage, while ranking says "
+            "its chain reads them (RankResponse.item_embeddings_unused); false: never."
+        ),
     )
     experiments_file: str = Field(
         "", description="YAML/JSON file of A/B arms, canary and shadow (docs/gateway.md); empty: no experiments."

@@ -79,6 +79,9 @@ class Outcome:
 
 class Stage:
     name: str = ""
+    # Whether the stage can read Candidates.embeddings: when no stage of the chain does,
+    # ranking tells its callers they need not send them (RankResponse.item_embeddings_unused).
+    reads_embeddings: bool = False
 
     def applies(self, c: Candidates, order: np.ndarray) -> bool:
         return True
@@ -392,6 +395,7 @@ class Mmr(Stage):
             raise ValueError(f"MMR top_n must be >= 1, got {top_n}")
         self.lam = float(lam)
         self.top_n = int(top_n)
+        self.reads_embeddings = self.lam < 1.0  # lambda 1: the stage never runs
 
     def applies(self, c: Candidates, order: np.ndarray) -> bool:
         return self.lam < 1.0 and c.embeddings is not None and len(order) > 1
@@ -457,6 +461,11 @@ class Chain:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(stage.name for stage in self.stages)
+
+    @property
+    def reads_embeddings(self) -> bool:
+        """Whether any stage can read the requests' item embeddings."""
+        return any(stage.reads_embeddings for stage in self.stages)
 
     async def prefetch(self, batch: Sequence[Candidates]) -> None:
         """Before a batch's requests are ranked one by one: each stage's reads for all at once."""

@@ -356,10 +356,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         # The whole chain and the page cut: the stages' spans are its children.
         with stage_span(SPAN_RANKING_PREFIX, "top_k", {ATTR_K: request.k}):
             result = await self._chain.rank(candidates)
-        return _response(request.item_ids, candidates.categories, result)
+        return _response(request.item_ids, candidates.categories, result, not self._chain.reads_embeddings)
 
 
-def _response(ids: Sequence[str], categories: np.ndarray, result: Ranked) -> ranking_pb2.RankResponse:
+def _response(
+    ids: Sequence[str], categories: np.ndarray, result: Ranked, embeddings_unused: bool
+) -> ranking_pb2.RankResponse:
     page = result.page.tolist()
     scores = result.scores[result.page].tolist()
     response = ranking_pb2.RankResponse(
@@ -369,6 +371,7 @@ def _response(ids: Sequence[str], categories: np.ndarray, result: Ranked) -> ran
         ],
         total_items=result.total,
         skipped_stages=result.skipped,
+        item_embeddings_unused=embeddings_unused,
     )
     if result.explanations is not None:
         response.explanations.extend(

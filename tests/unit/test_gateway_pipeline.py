@@ -110,6 +110,7 @@ class FakeRanking:
         self.error = error
         self.skipped = skipped
         self.requests: list[ranking_pb2.RankRequest] = []
+        self.embeddings_unused = False  # what its answers say of its chain
 
     async def Rank(self, request: ranking_pb2.RankRequest, timeout: float):
         self.requests.append(request)
@@ -122,6 +123,7 @@ class FakeRanking:
             explanations=[ranking_pb2.ItemExplanation(item_id=request.item_ids[0])] if request.explain else [],
             total_items=len(scores),
             skipped_stages=list(self.skipped),
+            item_embeddings_unused=self.embeddings_unused,
         )
 
 
@@ -249,6 +251,22 @@ async def test_embeddings_can_be_left_out() -> None:
     ranking = FakeRanking()
     await make(ranking=ranking, send_item_embeddings=False).recommend("u1", CANDIDATES, 5, 1.0)
     assert ranking.requests[0].item_embeddings == b"" and ranking.requests[0].embedding_dim == 0
+
+
+async def test_embeddings_are_sent_only_while_ranking_reads_them() -> None:
+    ranking = FakeRanking()
+    pipeline = make(ranking=ranking)
+    ranking.embeddings_unused = True  # a chain without MMR: its first answer says so
+    for _ in range(3):
+        await pipeline.recommend("u1", CANDIDATES, 5, 1.0)
+    ranking.embeddings_unused = False  # e.g. a replica with MMR on took over
+    for _ in range(2):
+        await pipeline.recommend("u1", CANDIDATES, 5, 1.0)
+    # The first request sends them (nothing is known yet); each later one follows the
+    # answer before it, so the first after the change still goes without.
+    sent = [len(r.item_embeddings) > 0 and r.embedding_dim == 32 for r in ranking.requests]
+    assert sent == [True, False, False, False, True]
+    assert ranking.requests[4].item_embeddings == item_embeddings(matrix_for(N))
 
 
 async def test_a_features_reply_without_a_row_layout_degrades_to_neutral_scores_and_no_embeddings() -> None:

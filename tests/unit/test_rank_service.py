@@ -161,6 +161,20 @@ async def test_servicer_runs_mmr_on_embeddings_when_lambda_is_below_one() -> Non
     diverse = await RankingServicer(settings(chain="mmr", redis_url="", mmr_lambda="0.5")).Rank(request, Context())
     assert [i.item_id for i in relevance.items] == ["i0", "i1"]
     assert [i.item_id for i in diverse.items] == ["i0", "i15"]
+    # Each answer tells the caller whether the chain reads embeddings at all.
+    assert relevance.item_embeddings_unused and not diverse.item_embeddings_unused
+
+
+@pytest.mark.parametrize(
+    ("chain", "mmr_lambda", "unused"),
+    [("rules,category_cap", "0.5", True), ("category_cap,mmr", "1.0", True), ("category_cap,mmr", "0.7", False)],
+)
+async def test_answers_say_whether_the_chain_reads_embeddings(chain: str, mmr_lambda: str, unused: bool) -> None:
+    servicer = RankingServicer(settings(chain=chain, redis_url="", mmr_lambda=mmr_lambda))
+    request = rank_request(k=3)
+    alone = await servicer.Rank(request, Context())
+    batch = await servicer.RankBatch(ranking_pb2.RankBatchRequest(requests=[request, request]), Context())
+    assert [alone.item_embeddings_unused] + [r.response.item_embeddings_unused for r in batch.results] == [unused] * 3
 
 
 async def rank_alone(servicer: RankingServicer, request: ranking_pb2.RankRequest) -> ranking_pb2.RankResult:

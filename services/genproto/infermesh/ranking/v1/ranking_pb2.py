@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"infermesh/ranking/v1/ranking.proto\x12\x14infermesh.ranking.v1\x1a\x17google/rpc/status.proto\"\xe5\x01\n\x0bRankRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x01(\x0c\x12\x17\n\x0fitem_categories\x18\x03 \x01(\x0c\x12\x14\n\x0citem_present\x18\x04 \x01(\x0c\x12\t\n\x01k\x18\x05 \x01(\r\x12\x18\n\x10max_per_category\x18\x06 \x01(\r\x12\x0f\n\x07user_id\x18\x07 \x01(\t\x12\x17\n\x0fitem_embeddings\x18\x08 \x01(\x0c\x12\x15\n\rembedding_dim\x18\t \x01(\r\x12\x0e\n\x06offset\x18\n \x01(\r\x12\x0f\n\x07\x65xplain\x18\x0b \x01(\x08\">\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\r\"e\n\x0bStageEffect\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06\x65\x66\x66\x65\x63t\x18\x02 \x01(\t\x12\x13\n\x0brank_before\x18\x03 \x01(\x05\x12\x12\n\nrank_after\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"V\n\x0fItemExplanation\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x32\n\x07\x65\x66\x66\x65\x63ts\x18\x02 \x03(\x0b\x32!.infermesh.ranking.v1.StageEffect\"\xa9\x01\n\x0cRankResponse\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .infermesh.ranking.v1.RankedItem\x12;\n\x0c\x65xplanations\x18\x02 \x03(\x0b\x32%.infermesh.ranking.v1.ItemExplanation\x12\x13\n\x0btotal_items\x18\x03 \x01(\r\x12\x16\n\x0eskipped_stages\x18\x04 \x03(\t\"G\n\x10RankBatchRequest\x12\x33\n\x08requests\x18\x01 \x03(\x0b\x32!.infermesh.ranking.v1.RankRequest\"F\n\x11RankBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .infermesh.ranking.v1.RankResult\"f\n\nRankResult\x12\x34\n\x08response\x18\x01 \x01(\x0b\x32\".infermesh.ranking.v1.RankResponse\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status2\xbd\x01\n\x0eRankingService\x12M\n\x04Rank\x12!.infermesh.ranking.v1.RankRequest\x1a\".infermesh.ranking.v1.RankResponse\x12\\\n\tRankBatch\x12&.infermesh.ranking.v1.RankBatchRequest\x1a\'.infermesh.ranking.v1.RankBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"infermesh/ranking/v1/ranking.proto\x12\x14infermesh.ranking.v1\x1a\x17google/rpc/status.proto\"\xe5\x01\n\x0bRankRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x01(\x0c\x12\x17\n\x0fitem_categories\x18\x03 \x01(\x0c\x12\x14\n\x0citem_present\x18\x04 \x01(\x0c\x12\t\n\x01k\x18\x05 \x01(\r\x12\x18\n\x10max_per_category\x18\x06 \x01(\r\x12\x0f\n\x07user_id\x18\x07 \x01(\t\x12\x17\n\x0fitem_embeddings\x18\x08 \x01(\x0c\x12\x15\n\rembedding_dim\x18\t \x01(\r\x12\x0e\n\x06offset\x18\n \x01(\r\x12\x0f\n\x07\x65xplain\x18\x0b \x01(\x08\">\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\r\"e\n\x0bStageEffect\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06\x65\x66\x66\x65\x63t\x18\x02 \x01(\t\x12\x13\n\x0brank_before\x18\x03 \x01(\x05\x12\x12\n\nrank_after\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"V\n\x0fItemExplanation\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x32\n\x07\x65\x66\x66\x65\x63ts\x18\x02 \x03(\x0b\x32!.infermesh.ranking.v1.StageEffect\"\xc9\x01\n\x0cRankResponse\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .infermesh.ranking.v1.RankedItem\x12;\n\x0c\x65xplanations\x18\x02 \x03(\x0b\x32%.infermesh.ranking.v1.ItemExplanation\x12\x13\n\x0btotal_items\x18\x03 \x01(\r\x12\x16\n\x0eskipped_stages\x18\x04 \x03(\t\x12\x1e\n\x16item_embeddings_unused\x18\x05 \x01(\x08\"G\n\x10RankBatchRequest\x12\x33\n\x08requests\x18\x01 \x03(\x0b\x32!.infermesh.ranking.v1.RankRequest\"F\n\x11RankBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .infermesh.ranking.v1.RankResult\"f\n\nRankResult\x12\x34\n\x08response\x18\x01 \x01(\x0b\x32\".infermesh.ranking.v1.RankResponse\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status2\xbd\x01\n\x0eRankingService\x12M\n\x04Rank\x12!.infermesh.ranking.v1.RankRequest\x1a\".infermesh.ranking.v1.RankResponse\x12\\\n\tRankBatch\x12&.infermesh.ranking.v1.RankBatchRequest\x1a\'.infermesh.ranking.v1.RankBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,13 +41,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ITEMEXPLANATION']._serialized_start=484
   _globals['_ITEMEXPLANATION']._serialized_end=570
   _globals['_RANKRESPONSE']._serialized_start=573
-  _globals['_RANKRESPONSE']._serialized_end=742
-  _globals['_RANKBATCHREQUEST']._serialized_start=744
-  _globals['_RANKBATCHREQUEST']._serialized_end=815
-  _globals['_RANKBATCHRESPONSE']._serialized_start=817
-  _globals['_RANKBATCHRESPONSE']._serialized_end=887
-  _globals['_RANKRESULT']._serialized_start=889
-  _globals['_RANKRESULT']._serialized_end=991
-  _globals['_RANKINGSERVICE']._serialized_start=994
-  _globals['_RANKINGSERVICE']._serialized_end=1183
+  _globals['_RANKRESPONSE']._serialized_end=774
+  _globals['_RANKBATCHREQUEST']._serialized_start=776
+  _globals['_RANKBATCHREQUEST']._serialized_end=847
+  _globals['_RANKBATCHRESPONSE']._serialized_start=849
+  _globals['_RANKBATCHRESPONSE']._serialized_end=919
+  _globals['_RANKRESULT']._serialized_start=921
+  _globals['_RANKRESULT']._serialized_end=1023
+  _globals['_RANKINGSERVICE']._serialized_start=1026
+  _globals['_RANKINGSERVICE']._serialized_end=1215
 # @@protoc_insertion_point(module_scope)

@@ -66,16 +66,18 @@ class ItemExplanation(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., effects: _Optional[_Iterable[_Union[StageEffect, _Mapping]]] = ...) -> None: ...
 
 class RankResponse(_message.Message):
-    __slots__ = ("items", "explanations", "total_items", "skipped_stages")
+    __slots__ = ("items", "explanations", "total_items", "skipped_stages", "item_embeddings_unused")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ITEMS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_STAGES_FIELD_NUMBER: _ClassVar[int]
+    ITEM_EMBEDDINGS_UNUSED_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[RankedItem]
     explanations: _containers.RepeatedCompositeFieldContainer[ItemExplanation]
     total_items: int
     skipped_stages: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[ItemExplanation, _Mapping]]] = ..., total_items: _Optional[int] = ..., skipped_stages: _Optional[_Iterable[str]] = ...) -> None: ...
+    item_embeddings_unused: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[ItemExplanation, _Mapping]]] = ..., total_items: _Optional[int] = ..., skipped_stages: _Optional[_Iterable[str]] = ..., item_embeddings_unused: bool = ...) -> None: ...
 
 class RankBatchRequest(_message.Message):
     __slots__ = ("requests",)
