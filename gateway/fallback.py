@@ -55,9 +55,12 @@ def feature_matrix(features: features_pb2.GetFeaturesResponse) -> FeatureMatrix 
     """The response's model input with its layout, or None when the response does not state
     a layout of user then item columns (or its bytes do not fill the matrix)."""
     matrix = features.model_input
-    if not 0 < features.user_columns < matrix.columns or len(matrix.data) != matrix.rows * matrix.columns * 4:
+    if not 0 < features.user_columns < matrix.columns:
         return None
-    rows = np.frombuffer(matrix.data, dtype="<f4").reshape(matrix.rows, matrix.columns)
+    data = matrix.data  # a copy of the field's bytes on every read: read once
+    if len(data) != matrix.rows * matrix.columns * 4:
+        return None
+    rows = np.frombuffer(data, dtype="<f4").reshape(matrix.rows, matrix.columns)
     return FeatureMatrix(rows, features.user_columns)
 
 

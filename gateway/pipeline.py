@@ -35,7 +35,6 @@ from gateway.experiments import Assignment, Experiments
 from gateway.fallback import (
     FALLBACK_MODEL_NAME,
     NEUTRAL_SCORE,
-    FeatureMatrix,
     fallback_rank,
     fallback_scores,
     feature_matrix,
@@ -260,9 +259,10 @@ class Pipeline:
             if not candidates:
                 return state.result(items=[], model_name=assignment.model, model_version="", unknown_items=0)
         features = await self._features(state, candidates)
-        matrix = feature_matrix(features)
-        scored = await self._score(state, features, matrix, len(candidates))
-        ranked = await self._rank(state, candidates, features, matrix, scored)
+        # The rows as a matrix (feature_matrix) only where the gateway computes with them (a
+        # fallback, the item embeddings): each view copies the ~50 KB of a 200-item request.
+        scored = await self._score(state, features, len(candidates))
+        ranked = await self._rank(state, candidates, features, scored)
         self._shadow(state.assignment, scored)
         return state.result(
             items=list(ranked.items),
@@ -308,7 +308,6 @@ class Pipeline:
         self,
         state: RequestState,
         features: features_pb2.GetFeaturesResponse,
-        matrix: FeatureMatrix | None,
         count: int,
     ) -> Scores:
         """The model's scores for the rows, or the fallback scores when scoring fails."""
@@ -325,7 +324,7 @@ class Pipeline:
             if len(raw_scores) != 4 * count:
                 raise StageFailed("scoring", f"{len(raw_scores)} bytes of scores for {count} items")
         except StageFailed as failure:
-            return self._fallback_scores(state, matrix, count, failure)
+            return self._fallback_scores(state, features, count, failure)
         scores = np.frombuffer(raw_scores, dtype="<f4")
         return Scores(scores, raw_scores, scored.model_name, scored.model_version, infer_request)
 
@@ -353,13 +352,13 @@ class Pipeline:
         return infer
 
     def _fallback_scores(
-        self, state: RequestState, matrix: FeatureMatrix | None, count: int, failure: StageFailed
+        self, state: RequestState, features: features_pb2.GetFeaturesResponse, count: int, failure: StageFailed
     ) -> Scores:
         state.degrade(SCORING_UNAVAILABLE)
         started = time.perf_counter()
         config = self.config
         with fallback_span("scoring", failure.why):
-            vectors = matrix if config.fallback_scores == "dot_product" else None
+            vectors = feature_matrix(features) if config.fallback_scores == "dot_product" else None
             scores = fallback_scores(vectors, count, config.neutral_score)
         state.timings["scoring_fallback"] = (time.perf_counter() - started) * 1000.0
         assignment = state.assignment
@@ -371,11 +370,10 @@ class Pipeline:
         state: RequestState,
         candidates: list[str],
         features: features_pb2.GetFeaturesResponse,
-        matrix: FeatureMatrix | None,
         scored: Scores,
     ) -> ranking_pb2.RankResponse:
         """Ranking's list, or top-k by score in the gateway when ranking fails."""
-        rank_request = self._rank_request(state, candidates, features, matrix, scored.raw)
+        rank_request = self._rank_request(state, candidates, features, scored.raw)
         try:
             ranked = await self._fallible(
                 "ranking",
@@ -395,7 +393,6 @@ class Pipeline:
         state: RequestState,
         candidates: list[str],
         features: features_pb2.GetFeaturesResponse,
-        matrix: FeatureMatrix | None,
         raw_scores: bytes,
     ) -> ranking_pb2.RankRequest:
         rank_request = ranking_pb2.RankRequest(
@@ -409,9 +406,11 @@ class Pipeline:
             offset=state.offset,
             explain=state.explain,
         )
-        if self.config.send_item_embeddings and self._ranking_reads_embeddings and matrix is not None:
-            rank_request.item_embeddings = item_embeddings(matrix)
-            rank_request.embedding_dim = matrix.item_columns
+        if self.config.send_item_embeddings and self._ranking_reads_embeddings:
+            matrix = feature_matrix(features)
+            if matrix is not None:
+                rank_request.item_embeddings = item_embeddings(matrix)
+                rank_request.embedding_dim = matrix.item_columns
         return rank_request
 
     def _fallback_rank(

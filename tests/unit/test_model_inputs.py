@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gateway.fallback import FeatureMatrix, fallback_scores, feature_matrix
+from gateway.fallback import FeatureMatrix, fallback_scores
 from gateway.pipeline import Pipeline, PipelineConfig, RequestState, Stubs
 from gateway.stage_calls import concatenate_rows, input_layout, split_scores
 from services.features.cache import LocalCache
@@ -214,15 +214,11 @@ async def test_the_fallback_follows_the_pipeline(scores: str) -> None:
     reply = retail_reply(6)
     stage = Stage(reply, scoring_down=True)
     pipeline = pipeline_over(stage, fallback_scores=scores, neutral_score=0.25, fallback_model_name="fallback-taste")
-    state_scores = await pipeline._score(_state(pipeline), reply, _matrix(reply), 6)
+    state_scores = await pipeline._score(_state(pipeline), reply, 6)
     assert state_scores.model_name == "fallback-taste" and len(stage.infer[0].inputs) == 2
     vectors = np.frombuffer(reply.model_input.data, "<f4").reshape(6, 16)
     expected = fallback_scores(FeatureMatrix(vectors, 8), 6) if scores == "dot_product" else np.full(6, 0.25)
     assert np.allclose(state_scores.scores, expected)
-
-
-def _matrix(reply: features_pb2.GetFeaturesResponse) -> FeatureMatrix | None:
-    return feature_matrix(reply)
 
 
 def _state(pipeline: Pipeline) -> RequestState:
