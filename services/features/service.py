@@ -214,9 +214,9 @@ def _add_result(response: features_pb2.GetFeaturesBatchResponse, outcome: Featur
     result = response.results.add()
     if isinstance(outcome, Exception):
         result.status.CopyFrom(rpc_status(outcome, _GET_FEATURES_BATCH))
-        return
-    _fill_reference(result.features, outcome)
-    result.status.SetInParent()  # OK, present as every result's status is
+    else:
+        _fill_reference(result.features, outcome)
+        result.status.CopyFrom(rpc_status(None))
 
 
 class FeaturesService:

@@ -398,7 +398,7 @@ class Mmr(Stage):
         self.reads_embeddings = self.lam < 1.0  # lambda 1: the stage never runs
 
     def applies(self, c: Candidates, order: np.ndarray) -> bool:
-        return self.lam < 1.0 and c.embeddings is not None and len(order) > 1
+        return self.reads_embeddings and c.embeddings is not None and len(order) > 1
 
     async def run(self, c: Candidates, order: np.ndarray) -> Outcome:
         assert c.embeddings is not None
@@ -457,15 +457,12 @@ class Chain:
             raise ValueError(f"a stage appears twice in the chain: {names}")
         self.stages = tuple(stages)
         self._on_skip = on_skip
+        # Whether any stage can read the requests' item embeddings: fixed with the stages.
+        self.reads_embeddings = any(stage.reads_embeddings for stage in self.stages)
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(stage.name for stage in self.stages)
-
-    @property
-    def reads_embeddings(self) -> bool:
-        """Whether any stage can read the requests' item embeddings."""
-        return any(stage.reads_embeddings for stage in self.stages)
 
     async def prefetch(self, batch: Sequence[Candidates]) -> None:
         """Before a batch's requests are ranked one by one: each stage's reads for all at once."""
