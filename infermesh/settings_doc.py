@@ -76,6 +76,12 @@ FOOTER = f"""## TLS (every service)
 (`OTEL_EXPORTER_OTLP_HEADERS`, `_CERTIFICATE`, `_TIMEOUT`, `_COMPRESSION`, their `_TRACES_`
 forms, `OTEL_BSP_*`, `OTEL_PROPAGATORS`), read by those packages as they document them
 (docs/observability.md).
+
+glibc's malloc: each service fixes its mmap threshold at 4 MiB and its trim threshold at
+32 MiB, so tensors of a few hundred KiB stay in the heap instead of being returned to the
+kernel and faulted back in on every batch (services/runtime/allocator.py). Setting any of
+glibc's own `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_` or a
+`glibc.malloc.*` entry of `GLIBC_TUNABLES` leaves the allocator as you set it.
 """
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.runtime.allocator import tune_allocator
 from services.runtime.event_loop import event_loop_runner
 
 # One request: raises on failure; the exception's `status_name` (or its type) is the error label.
@@ -202,6 +203,8 @@ class Plan:
 
 
 async def run_plan(factory: TargetFactory, plan: Plan, tick: Callable[[float], None] | None = None) -> RunResult:
+    # As every service sets it: the monolith runs in this process, and compares fairly only so.
+    tune_allocator()
     call, close = await factory()
     try:
         if plan.warmup > 0:

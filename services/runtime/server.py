@@ -27,6 +27,7 @@ from opentelemetry import trace
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.runtime.allocator import MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES, tune_allocator
 from services.runtime.errors import INTERNAL_ERROR_MESSAGE, InfermeshError, bounded_details, status_for
 from services.runtime.event_loop import event_loop_runner
 from services.runtime.logs import configure_logging, get_logger, request_log
@@ -691,6 +692,12 @@ async def serve(service: Service, settings: ServerSettings, stop: asyncio.Event 
 def run(name: str, build: Callable[[], tuple[Service, ServerSettings]]) -> None:
     """Entry point of every service's __main__: logs, telemetry, serve, flush."""
     configure_logging(name, os.environ.get("LOG_LEVEL", "INFO"))
+    if tune_allocator():
+        log.debug(
+            "malloc thresholds set",
+            mmap_threshold_bytes=MMAP_THRESHOLD_BYTES,
+            trim_threshold_bytes=TRIM_THRESHOLD_BYTES,
+        )
     try:
         telemetry = setup_telemetry(name)
     except SettingsError as error:  # a bad OTEL_* variable, named in the message
