@@ -55,7 +55,7 @@ def test_tuned_thresholds_keep_large_buffers_in_the_heap() -> None:
     tuned = churn("tune")
     if not tuned["tuned"]:
         pytest.skip("not glibc: its malloc thresholds do not apply")
-    default = churn("default")
-    assert isinstance(tuned["faults"], float) and isinstance(default["faults"], float)
-    # Measured 2.5 against 175 faults per round; a tenth leaves room for other glibc builds.
-    assert tuned["faults"] < default["faults"] / 10, (tuned, default)
+    assert isinstance(tuned["faults"], float)
+    # Measured 2.5 faults per round tuned, 175 with glibc's defaults (the default run is only
+    # context for a failure: with transparent huge pages always on, it faults far less).
+    assert tuned["faults"] < 10, (tuned, churn("default"))
