@@ -6,8 +6,8 @@ next: 13-17 page faults per Recommend at c=32. With fixed thresholds: 0.3-1.4, a
 scoring replicas' CPU per Recommend 5-12% lower against the gateway's in the same round
 (docs/benchmarks.md, "Round 2, fifth pass").
 
-glibc's own variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES with
-glibc.malloc.*) win: where one is set, nothing is changed. Other C libraries: nothing to do.
+glibc's own variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_,
+GLIBC_TUNABLES with glibc.malloc.*) win: where one is set, nothing is changed. Other C libraries: nothing to do.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 # Requests up to this size come from the heap instead of a fresh mmap each time.
 MMAP_THRESHOLD_BYTES = 4 << 20
@@ -39,16 +39,14 @@ def tune_allocator(environ: Mapping[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
     if user_tuned(environ):
         return False
-    libc = _glibc()
-    if libc is None:
-        return False
+    mallopt = _glibc_mallopt()
     # mallopt returns 1 on success.
-    return bool(
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    return mallopt is not None and bool(
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     )
 
 
-def _glibc() -> ctypes.CDLL | None:
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -60,4 +58,4 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return libc
+    return mallopt

@@ -318,6 +318,16 @@ async def test_scoring_failure_ranks_by_the_fallback_score_and_flags_it(code: gr
     assert metrics.degraded.labels("scoring_unavailable")._value.get() == 1
 
 
+async def test_after_a_scoring_fallback_ranking_gets_the_same_item_embeddings() -> None:
+    # The fallback's matrix of the rows is reused for them: the same bytes as when scoring works.
+    ranking = FakeRanking()
+    await make(scoring=FakeScoring(error=rpc_error(grpc.StatusCode.UNAVAILABLE)), ranking=ranking).recommend(
+        "u1", CANDIDATES, 5, 1.0
+    )
+    sent = ranking.requests[0]
+    assert sent.item_embeddings == item_embeddings(matrix_for(N)) and sent.embedding_dim == 32
+
+
 async def test_slow_scoring_is_cut_at_its_budget_and_the_request_answers_in_time() -> None:
     scoring = FakeScoring(delay=5.0)
     started = time.monotonic()
