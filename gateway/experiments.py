@@ -24,6 +24,8 @@ version), which lets a file configure shadow traffic alone.
 The file is re-read when it changes (checked every GATEWAY_EXPERIMENTS_RELOAD_SECONDS, and
 on SIGHUP). A file that does not parse or validate is logged and counted, and the previous
 configuration keeps serving.
+An empty file is taken for one caught between truncation and write and is not applied:
+`{}` turns experiments off.
 """
 
 from __future__ import annotations
@@ -275,6 +277,13 @@ class Experiments:
             return False
         signature = _signature(self.path)
         if not force and signature == self._signature:
+            return False
+        if signature is not None and signature[1] == 0:
+            # An editor or `echo >` that truncates and then writes shows an empty file for a
+            # moment: not a configuration. Not remembered, so the written file is read next
+            # check; `{}` is how a file turns experiments off.
+            if force:
+                log.warning("experiments file is empty; the previous configuration keeps serving (`{}` clears it)")
             return False
         # Remembered even when the file is broken: it is reported once, not on every check.
         self._signature = signature

@@ -163,6 +163,23 @@ def test_reload_keeps_the_previous_config_when_the_new_file_is_broken(tmp_path: 
     assert results[-1] == "ok"
 
 
+def test_an_empty_file_is_a_write_in_progress_not_a_config(tmp_path: Path) -> None:
+    path = tmp_path / "experiments.yaml"
+    write(path, "name: e1\narms: [{name: control, version: 1, percent: 100}]\n")
+    results: list[str] = []
+    experiments = Experiments(path, "ranker", on_reload=results.append)
+    # What Path.write_text shows a reader between its truncation and its write.
+    path.write_text("")
+    assert not experiments.check() and not experiments.check(force=True)
+    assert experiments.assign("u1").arm == "control" and results == []
+    # The write lands (a broken file here): it is read, though an empty file came first.
+    path.write_text("name: e1\narms: [{name: control, percent: 60}]\n")
+    assert not experiments.check() and results == ["error"]
+    assert experiments.assign("u1").arm == "control"
+    write(path, "{}\n")
+    assert experiments.check() and experiments.assign("u1").arm == ""
+
+
 def test_a_broken_file_at_start_fails_loudly(tmp_path: Path) -> None:
     path = tmp_path / "experiments.yaml"
     path.write_text("arms: 3\n")
