@@ -75,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight")
     p.add_argument("--rate", type=float, default=200.0, help="open loop: requests/s")
     p.add_argument("--rates", default="100,200,400,600,800,1000,1200", help="ramp: comma-separated rates")
-    p.add_argument("--slo-p99-ms", type=float, default=25.0, help="ramp: the p99 a sustainable rate keeps under")
+    p.add_argument(
+        "--slo-p99-ms",
+        type=float,
+        default=25.0,
+        help="ramp: the p99 a sustainable rate keeps under (the first step to miss is measured again)",
+    )
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds (warm-up excluded)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     p.add_argument("--processes", type=int, default=1, help="client processes (when one cannot keep up)")
@@ -125,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         document["ramp"] = outcome
         print(report.TABLE_HEAD)
         for step in outcome["steps"]:
+            if "first_try" in step:
+                print(report.latency_row(f"{args.target} (missed; measured again)", step["first_try"]))
             print(report.latency_row(args.target, step))
         print(
             f"max sustainable open-loop rate with p99 <= {args.slo_p99_ms:g} ms: "

@@ -48,23 +48,47 @@ def ramp(
     """Open loop at each rate in turn. The max sustainable rate is the highest rate at which
     this and every lower step met the SLO; the ramp goes on past the first miss (the plot
     shows how latency grows) and stops once a step is far gone: errors, dropped arrivals,
-    or p99 over OVERLOAD_FACTOR x the SLO."""
+    or p99 over OVERLOAD_FACTOR x the SLO.
+
+    A step that misses while every lower one held is measured once more, and the second
+    run decides: one stall of a few hundred ms (a GC pause, a noisy neighbour) fills a short
+    step's top percent and would otherwise set the figure for the whole ramp, though every
+    higher step holds. The first run stays in the step (`first_try`)."""
     steps: list[dict[str, Any]] = []
     sustainable = 0.0
     missed = False
     for rate in rates:
-        result = measure(target, Plan("open", seconds, warmup, rate=rate), processes, f"{label} {rate:.0f}/s", progress)
-        step = result.to_json()
-        p99 = step["latency_ms"].get("p99", float("inf"))
-        failed = sum(step["errors"].values()) + step["dropped"]
-        # Sustained: p99 within the SLO and no errors. Latency counts from each request's
-        # intended send time, so a server that falls behind the offered rate shows it in p99
-        # (comparing completions with rate x seconds would fail on Poisson noise alone).
-        step["sustained"] = p99 <= slo_p99_ms and failed == 0
+        step = _ramp_step(target, rate, slo_p99_ms, seconds, warmup, processes, progress, label)
+        if not step["sustained"] and not missed:
+            first = step
+            step = _ramp_step(target, rate, slo_p99_ms, seconds, warmup, processes, progress, f"{label} (again)")
+            step["first_try"] = first
         steps.append(step)
         if step["sustained"] and not missed:
             sustainable = rate
         missed = missed or not step["sustained"]
-        if failed or p99 > OVERLOAD_FACTOR * slo_p99_ms:
+        if step["far_gone"]:
             break
     return {"slo_p99_ms": slo_p99_ms, "max_sustainable_rps": sustainable, "steps": steps}
+
+
+def _ramp_step(
+    target: TargetFactory,
+    rate: float,
+    slo_p99_ms: float,
+    seconds: float,
+    warmup: float,
+    processes: int,
+    progress: bool,
+    label: str,
+) -> dict[str, Any]:
+    result = measure(target, Plan("open", seconds, warmup, rate=rate), processes, f"{label} {rate:.0f}/s", progress)
+    step = result.to_json()
+    p99 = step["latency_ms"].get("p99", float("inf"))
+    failed = sum(step["errors"].values()) + step["dropped"]
+    # Sustained: p99 within the SLO and no errors. Latency counts from each request's
+    # intended send time, so a server that falls behind the offered rate shows it in p99
+    # (comparing completions with rate x seconds would fail on Poisson noise alone).
+    step["sustained"] = p99 <= slo_p99_ms and failed == 0
+    step["far_gone"] = bool(failed) or p99 > OVERLOAD_FACTOR * slo_p99_ms
+    return step
