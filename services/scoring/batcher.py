@@ -59,6 +59,15 @@ Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 # meanwhile waits for both.
 BATCHES_IN_FLIGHT = 2
 
+# A batch this small, whose model last ran this fast per row, runs on the event loop's own
+# thread when its instance is idle: handing it to the instance's thread and back costs two
+# thread wake-ups, more than it blocks the loop. At c=1 (200 rows, reference ranker, `infermesh
+# models bench --concurrency 1`) the server's CPU per call fell 16% and p50 by 0.17 ms; larger
+# batches (coalesced ones, ~1,000 rows at c=32) stay in the thread, where running inline cost
+# the mesh throughput (docs/benchmarks.md, "sixth pass").
+INLINE_MAX_ROWS = 256
+INLINE_MAX_NS = 250_000
+
 
 class InferenceFailed(Internal):
     """The model raised while executing: INTERNAL, through the status table's Internal."""
@@ -73,6 +82,15 @@ class Instance:
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
     )
+    in_thread: int = 0  # batches handed to the thread and not yet back
+    ns_per_row: float = math.inf  # recent execution time per row; unknown until a batch ran
+
+    def runs_inline(self, rows: int) -> bool:
+        return self.in_thread == 0 and rows <= INLINE_MAX_ROWS and rows * self.ns_per_row <= INLINE_MAX_NS
+
+    def learn(self, rows: int, nanoseconds: int) -> None:
+        latest = nanoseconds / rows
+        self.ns_per_row = latest if math.isinf(self.ns_per_row) else 0.8 * self.ns_per_row + 0.2 * latest
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -313,9 +331,16 @@ class DynamicBatcher:
         # Deadlines are in loop time; the instance's thread reads the same clock through this.
         offset = loop.time() - time.monotonic()
         try:
-            ran, ready, outputs = await loop.run_in_executor(
-                instance.executor, _run_live, instance, live, inputs, offset
-            )
+            if instance.runs_inline(sum(p.rows for p in live)):
+                ran, ready, outputs = _run_live(instance, live, inputs, offset)
+            else:
+                instance.in_thread += 1
+                try:
+                    ran, ready, outputs = await loop.run_in_executor(
+                        instance.executor, _run_live, instance, live, inputs, offset
+                    )
+                finally:
+                    instance.in_thread -= 1
         except Exception as error:
             self._fail(instance, live, error)
             return
@@ -363,7 +388,8 @@ class DynamicBatcher:
 def _run_live(
     instance: Instance, live: list[Pending], inputs: dict[str, np.ndarray], loop_offset: float
 ) -> tuple[int, list[Pending], list[np.ndarray]]:
-    """(when it ran, the requests it ran, their outputs), in the instance's thread.
+    """(when it ran, the requests it ran, their outputs), in the instance's thread (or the
+    event loop's, for a small quick batch: Instance.runs_inline).
 
     There the batch may have waited for the one before it: requests that expired or were
     cancelled meanwhile are left out here, not computed. `loop_offset` turns time.monotonic()
@@ -372,11 +398,13 @@ def _run_live(
     ran = time.perf_counter_ns()
     now = time.monotonic() + loop_offset
     ready = [p for p in live if not p.future.done() and p.deadline > now]
-    if len(ready) == len(live):
-        return ran, live, instance.runner(inputs)
     if not ready:
         return ran, ready, []
-    return ran, ready, instance.runner(ready[0].inputs if len(ready) == 1 else _concatenate(ready))
+    if len(ready) < len(live):
+        inputs = ready[0].inputs if len(ready) == 1 else _concatenate(ready)
+    outputs = instance.runner(inputs)
+    instance.learn(sum(p.rows for p in ready), time.perf_counter_ns() - ran)
+    return ran, ready, outputs
 
 
 def _concatenate(batch: list[Pending]) -> dict[str, np.ndarray]:

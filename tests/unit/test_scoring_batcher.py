@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from services.runtime.errors import DeadlineExceeded, InvalidArgument, Overloaded
-from services.scoring.batcher import DynamicBatcher, InferenceFailed, Instance
+from services.scoring.batcher import INLINE_MAX_NS, INLINE_MAX_ROWS, DynamicBatcher, InferenceFailed, Instance
 from services.scoring.config import BatchingPolicy
 from services.scoring.stats import Statistics
 
@@ -256,3 +256,41 @@ async def test_every_instance_takes_work() -> None:
     model.gate.set()
     await asyncio.gather(*tasks)
     await batcher.close()
+
+
+class Threads(Model):
+    """Records which thread ran each call; `pause` seconds per call."""
+
+    def __init__(self, pause: float = 0.0) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+        self.pause = pause
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.pause)
+        return super().__call__(inputs)
+
+
+async def test_small_quick_batches_run_on_the_loops_thread_and_the_rest_in_the_instances() -> None:
+    model = Threads()
+    batcher, _ = await started(BatchingPolicy(max_batch_size=1024), model)
+    loop_thread = threading.current_thread().name
+    first = await batcher.submit({"x": rows(2, 0)}, 2, KEY)  # no timing yet: the instance's thread
+    small = await batcher.submit({"x": rows(2, 5)}, 2, KEY)
+    large = await batcher.submit({"x": rows(INLINE_MAX_ROWS + 1, 0)}, INLINE_MAX_ROWS + 1, KEY)
+    await batcher.close()
+    assert model.threads[0].startswith("ort") and model.threads[1] == loop_thread
+    assert model.threads[2].startswith("ort")  # too many rows to block the loop with
+    # Same answers whichever thread computed them.
+    assert np.array_equal(first[0], rows(2, 0) * 2) and np.array_equal(small[0], rows(2, 5) * 2)
+    assert np.array_equal(large[0], rows(INLINE_MAX_ROWS + 1, 0) * 2)
+
+
+async def test_a_slow_model_never_runs_on_the_loops_thread() -> None:
+    model = Threads(pause=2 * INLINE_MAX_NS / 1e9)  # one row takes twice the inline budget
+    batcher, _ = await started(BatchingPolicy(max_batch_size=8), model)
+    for n in range(3):
+        await batcher.submit({"x": rows(1, n)}, 1, KEY)
+    await batcher.close()
+    assert all(name.startswith("ort") for name in model.threads) and len(model.threads) == 3
