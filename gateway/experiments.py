@@ -38,7 +38,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -226,12 +226,20 @@ def load(path: Path, default_model: str, default_max_in_flight: int = 8) -> Expe
 # --------------------------------------------------------------------------- live config
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
+class _Stamp(NamedTuple):
+    """What tells that the file changed."""
+
+    mtime_ns: int
+    size: int
+    inode: int
+
+
+def _signature(path: Path) -> _Stamp | None:
     try:
         stat = os.stat(path)
     except OSError:
         return None
-    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+    return _Stamp(stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 class Experiments:
@@ -250,7 +258,7 @@ class Experiments:
         # on_reload(result): "ok" or "error", for the reload counter.
         self._on_reload = on_reload
         self.config = NO_EXPERIMENT
-        self._signature: tuple[int, int, int] | None = None
+        self._signature: _Stamp | None = None
         if self.path is not None:
             # A broken file at start is a configuration error: fail loudly, like settings do.
             self._signature = _signature(self.path)
@@ -278,7 +286,7 @@ class Experiments:
         signature = _signature(self.path)
         if not force and signature == self._signature:
             return False
-        if signature is not None and signature[1] == 0:
+        if signature is not None and signature.size == 0:
             # An editor or `echo >` that truncates and then writes shows an empty file for a
             # moment: not a configuration. Not remembered, so the written file is read next
             # check; `{}` is how a file turns experiments off.

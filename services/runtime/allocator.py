@@ -13,7 +13,6 @@ GLIBC_TUNABLES with glibc.malloc.*) win: where one is set, nothing is changed. O
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Callable, Mapping
 
@@ -47,11 +46,10 @@ def tune_allocator(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def _glibc_mallopt() -> Callable[[int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        libc = ctypes.CDLL(name)
+        # The process's own symbols, libc's among them: no library search (find_library runs
+        # ldconfig in a subprocess, ~3.5 ms, and the load generator calls this for every run).
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl and others have no such symbol)
         mallopt = libc.mallopt
     except (OSError, AttributeError):

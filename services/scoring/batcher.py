@@ -62,7 +62,7 @@ BATCHES_IN_FLIGHT = 2
 # A batch this small, whose model last ran this fast per row, runs on the event loop's own
 # thread when its instance is idle: handing it to the instance's thread and back costs two
 # thread wake-ups, more than it blocks the loop. At c=1 (200 rows, reference ranker, `infermesh
-# models bench --concurrency 1`) the server's CPU per call fell 16% and p50 by 0.17 ms; larger
+# models bench --concurrency 1`) the server's CPU per call fell 6-22% and p50 0.02-0.23 ms; larger
 # batches (coalesced ones, ~1,000 rows at c=32) stay in the thread, where running inline cost
 # the mesh throughput (docs/benchmarks.md, "sixth pass").
 INLINE_MAX_ROWS = 256
