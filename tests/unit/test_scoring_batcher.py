@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from services.runtime.errors import DeadlineExceeded, InvalidArgument, Overloaded
+from services.scoring import batcher as batcher_module
 from services.scoring.batcher import INLINE_MAX_NS, INLINE_MAX_ROWS, DynamicBatcher, InferenceFailed, Instance
 from services.scoring.config import BatchingPolicy
 from services.scoring.stats import Statistics
@@ -272,7 +273,11 @@ class Threads(Model):
         return super().__call__(inputs)
 
 
-async def test_small_quick_batches_run_on_the_loops_thread_and_the_rest_in_the_instances() -> None:
+async def test_small_quick_batches_run_on_the_loops_thread_and_the_rest_in_the_instances(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A budget no first run misses, however busy the machine: the rule is under test, not its timing.
+    monkeypatch.setattr(batcher_module, "INLINE_MAX_NS", 10**9)
     model = Threads()
     batcher, _ = await started(BatchingPolicy(max_batch_size=1024), model)
     loop_thread = threading.current_thread().name
