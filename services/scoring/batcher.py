@@ -64,7 +64,9 @@ BATCHES_IN_FLIGHT = 2
 # thread wake-ups, more than it blocks the loop. At c=1 (200 rows, reference ranker, `infermesh
 # models bench --concurrency 1`) the server's CPU per call fell 6-22% and p50 0.02-0.23 ms; larger
 # batches (coalesced ones, ~1,000 rows at c=32) stay in the thread, where running inline cost
-# the mesh throughput (docs/benchmarks.md, "sixth pass").
+# the mesh throughput (docs/benchmarks.md, "sixth pass"). The price: a model that hangs on such
+# a batch hangs the replica's loop, health checks included, so SCORING_INLINE_BATCH_ROWS=0
+# turns it off for models that can (Envoy then ejects the replica; before, only its thread hung).
 INLINE_MAX_ROWS = 256
 INLINE_MAX_NS = 250_000
 
@@ -82,11 +84,12 @@ class Instance:
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
     )
+    inline_max_rows: int = INLINE_MAX_ROWS  # 0: every batch goes to the thread
     in_thread: int = 0  # batches handed to the thread and not yet back
     ns_per_row: float = math.inf  # recent execution time per row; unknown until a batch ran
 
     def runs_inline(self, rows: int) -> bool:
-        return self.in_thread == 0 and rows <= INLINE_MAX_ROWS and rows * self.ns_per_row <= INLINE_MAX_NS
+        return self.in_thread == 0 and rows <= self.inline_max_rows and rows * self.ns_per_row <= INLINE_MAX_NS
 
     def learn(self, rows: int, nanoseconds: int) -> None:
         latest = nanoseconds / rows

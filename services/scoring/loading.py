@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from services.runtime.limits import echo
 from services.runtime.logs import get_logger
-from services.scoring.batcher import Instance
+from services.scoring.batcher import INLINE_MAX_ROWS, Instance
 from services.scoring.config import MODEL_FILE, ConfigError, ModelConfig, TensorSpec, read_provenance
 from services.scoring.models import ModelLoadError, ModelVersion, memory_estimate
 from services.scoring.providers import (
@@ -36,6 +36,7 @@ log = get_logger(__name__)
 class LoadOptions:
     providers: str = "auto"
     intra_op_threads: int = 1
+    inline_batch_rows: int = INLINE_MAX_ROWS
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -128,7 +129,7 @@ def _open_instances(
         except Exception as error:
             raise ModelLoadError(f"{path}: onnxruntime cannot load it: {error}") from None
         choices.append((choice, device_id))
-        instances.append(Instance(f"{index}", runner_for(choice, device_id)))
+        instances.append(Instance(f"{index}", runner_for(choice, device_id), inline_max_rows=options.inline_batch_rows))
     return choices
 
 

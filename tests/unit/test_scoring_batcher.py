@@ -292,6 +292,18 @@ async def test_small_quick_batches_run_on_the_loops_thread_and_the_rest_in_the_i
     assert np.array_equal(large[0], rows(INLINE_MAX_ROWS + 1, 0) * 2)
 
 
+async def test_inline_batches_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batcher_module, "INLINE_MAX_NS", 10**9)
+    model = Threads()
+    stats = Statistics()
+    batcher = DynamicBatcher("m v1", BatchingPolicy(max_batch_size=8), [Instance("0", model, inline_max_rows=0)], stats)
+    batcher.start()
+    for n in range(3):
+        await batcher.submit({"x": rows(1, n)}, 1, KEY)
+    await batcher.close()
+    assert all(name.startswith("ort") for name in model.threads) and len(model.threads) == 3
+
+
 async def test_a_slow_model_never_runs_on_the_loops_thread() -> None:
     model = Threads(pause=2 * INLINE_MAX_NS / 1e9)  # one row takes twice the inline budget
     batcher, _ = await started(BatchingPolicy(max_batch_size=8), model)
