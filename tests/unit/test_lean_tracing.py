@@ -118,13 +118,13 @@ def test_an_ended_lean_span_is_exported_once_and_cannot_change() -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["root", "unsampled parent", "list attribute", "none attribute", "too many attributes"],
+    ["root", "list attribute", "none attribute", "too many attributes"],
 )
 def test_everything_else_takes_the_sdks_own_path(case: str) -> None:
     limits = SpanLimits(max_span_attributes=2) if case == "too many attributes" else None
     built, exporter = provider(limits=limits)
     tracer = lean(built.get_tracer("infermesh"))
-    context = propagate.extract(UNSAMPLED_PARENT if case == "unsampled parent" else SAMPLED_PARENT)
+    context = propagate.extract(SAMPLED_PARENT)
     attributes: dict = {
         "list attribute": {"ids": ["a", "b"]},
         "none attribute": {"gone": None},
@@ -133,9 +133,6 @@ def test_everything_else_takes_the_sdks_own_path(case: str) -> None:
     span = tracer.start_span("s", context=None if case == "root" else context, attributes=attributes)
     span.end()
     assert not isinstance(span, LeanSpan)
-    if case == "unsampled parent":
-        assert exporter.get_finished_spans() == ()
-        return
     (finished,) = exporter.get_finished_spans()
     if case == "list attribute":
         assert finished.attributes["ids"] == ("a", "b")  # the SDK's validation, as ever
@@ -159,3 +156,49 @@ def test_only_a_parent_following_sampler_and_the_sdks_tracer_get_the_fast_path()
     built, _ = provider(limits=SpanLimits(max_span_attribute_length=8))  # strings get cut: the SDK's path
     span = lean(built.get_tracer("infermesh")).start_span("s", context=propagate.extract(SAMPLED_PARENT))
     assert not isinstance(span, LeanSpan)
+
+
+class CountingSampler(ParentBased):
+    def __init__(self) -> None:
+        super().__init__(TraceIdRatioBased(1.0))
+        self.asked = 0
+
+    def should_sample(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+        self.asked += 1
+        return super().should_sample(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_child_of_an_unsampled_parent_is_what_the_sdk_answers_without_asking_the_sampler() -> None:
+    carrier = {**UNSAMPLED_PARENT, "tracestate": "vendor=abc"}
+    sampler = CountingSampler()
+    built, exporter = provider(sampler)
+    sdk = built.get_tracer("infermesh")
+    tracer = lean(sdk)
+    for kind, context in ((SpanKind.SERVER, propagate.extract(carrier)), (SpanKind.INTERNAL, None)):
+        if context is None:  # a local unsampled parent: the server span made current
+            context = trace.set_span_in_context(tracer.start_span("server", context=propagate.extract(carrier)))
+        asked = sampler.asked
+        ours = tracer.start_span("s", context=context, kind=kind, attributes={"a": 1})
+        assert sampler.asked == asked  # the fast path
+        theirs = sdk.start_span("s", context=context, kind=kind, attributes={"a": 1})
+        assert sampler.asked == asked + 1
+        assert type(ours) is type(theirs) is trace.NonRecordingSpan and not ours.is_recording()
+        parent = trace.get_current_span(context).get_span_context()
+        got, want = ours.get_span_context(), theirs.get_span_context()
+        assert (got.trace_id, got.trace_flags, got.trace_state, got.is_remote) == (
+            want.trace_id,
+            want.trace_flags,
+            want.trace_state,
+            want.is_remote,
+        )
+        assert got.trace_id == parent.trace_id and got.span_id not in (parent.span_id, want.span_id)
+        assert got.trace_state.get("vendor") == "abc" and not got.is_remote
+        ours.end()
+    assert exporter.get_finished_spans() == ()
+
+
+def test_a_sampler_that_samples_children_of_unsampled_parents_is_asked() -> None:
+    built, exporter = provider(ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON))
+    span = lean(built.get_tracer("infermesh")).start_span("s", context=propagate.extract(UNSAMPLED_PARENT))
+    span.end()
+    assert len(exporter.get_finished_spans()) == 1
