@@ -10,7 +10,9 @@ request) and reports the CPU per span of:
 * the same through services.runtime.lean_tracing's tracer (what the services use),
 
 with the BatchSpanProcessor's own thread counted (process CPU time). No network: the
-encoded bytes are what the OTLP exporter would send. A benchmark, not a test.
+encoded bytes are what the OTLP exporter would send. `--unsampled`: the same requests under
+a parent that was not sampled (tracing off, or a request sampled out at 1%), nothing
+recorded, through the SDK's tracer and through lean_tracing's. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from services.runtime.otlp_encoding import SpanEncoder
 
 SPANS_PER_REQUEST = 6
 _PARENT = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+_UNSAMPLED_PARENT = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
 _RPC = {"rpc.system": "grpc", "rpc.service": "infermesh.ranking.v1.RankingService", "rpc.method": "Rank"}
 
 
@@ -47,9 +50,12 @@ class _Encoding(SpanExporter):
 
 
 LEAN = "lean record + otlp_encoding"
+LEAN_UNSAMPLED = "unsampled, lean tracer"
 
 
-def _variants() -> dict[str, SpanExporter]:
+def _variants(unsampled: bool) -> dict[str, SpanExporter]:
+    if unsampled:
+        return {"unsampled, SDK tracer": _Encoding(lambda spans: None), LEAN_UNSAMPLED: _Encoding(lambda spans: None)}
     ours, lean_ours = SpanEncoder(), SpanEncoder()
     return {
         "record only": _Encoding(lambda spans: None),
@@ -59,7 +65,9 @@ def _variants() -> dict[str, SpanExporter]:
     }
 
 
-def _cpu_us_per_span(exporter: SpanExporter, requests: int, lean_tracer: bool = False) -> float:
+def _cpu_us_per_span(
+    exporter: SpanExporter, requests: int, lean_tracer: bool = False, caller: dict[str, str] = _PARENT
+) -> float:
     # The services' default sampler (parentbased_always_on), the request's parent sampled.
     provider = TracerProvider(sampler=ParentBased(ALWAYS_ON), resource=Resource.create({"service.name": "ranking"}))
     # A queue that holds every span of the run: none dropped, all encoded.
@@ -71,7 +79,7 @@ def _cpu_us_per_span(exporter: SpanExporter, requests: int, lean_tracer: bool = 
         tracer = lean(tracer)
 
     def one_request() -> None:
-        parent = propagate.extract(_PARENT)
+        parent = propagate.extract(caller)
         server = tracer.start_span(
             "/infermesh.ranking.v1.RankingService/Rank", context=parent, kind=trace.SpanKind.SERVER, attributes=_RPC
         )
@@ -100,13 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infermesh.bench.span_cost", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3, help="each variant this many times, in turns; median reported")
+    parser.add_argument("--unsampled", action="store_true", help="the caller's trace not sampled: nothing recorded")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.rounds < 1:
         parser.error("--requests and --rounds must be at least 1")
-    rounds: dict[str, list[float]] = {name: [] for name in _variants()}
+    caller = _UNSAMPLED_PARENT if args.unsampled else _PARENT
+    rounds: dict[str, list[float]] = {name: [] for name in _variants(args.unsampled)}
     for _ in range(args.rounds):
-        for name, exporter in _variants().items():
-            rounds[name].append(_cpu_us_per_span(exporter, args.requests, lean_tracer=name == LEAN))
+        for name, exporter in _variants(args.unsampled).items():
+            lean_tracer = name in (LEAN, LEAN_UNSAMPLED)
+            rounds[name].append(_cpu_us_per_span(exporter, args.requests, lean_tracer, caller))
     result = {
         name: {
             "median_us_per_span": round(sorted(values)[len(values) // 2], 1),
