@@ -68,7 +68,8 @@ def _variants(unsampled: bool) -> dict[str, SpanExporter]:
 def _cpu_us_per_span(
     exporter: SpanExporter, requests: int, lean_tracer: bool = False, caller: dict[str, str] = _PARENT
 ) -> float:
-    # The services' default sampler (parentbased_always_on), the request's parent sampled.
+    # The services' default sampler (parentbased_always_on); the caller's trace sampled, unless
+    # `caller` says it was not (--unsampled).
     provider = TracerProvider(sampler=ParentBased(ALWAYS_ON), resource=Resource.create({"service.name": "ranking"}))
     # A queue that holds every span of the run: none dropped, all encoded.
     provider.add_span_processor(

@@ -65,8 +65,8 @@ BATCHES_IN_FLIGHT = 2
 # models bench --concurrency 1`) the server's CPU per call fell 6-22% and p50 0.02-0.23 ms; larger
 # batches (coalesced ones, ~1,000 rows at c=32) stay in the thread, where running inline cost
 # the mesh throughput (docs/benchmarks.md, "sixth pass"). The price: a model that hangs on such
-# a batch hangs the replica's loop, health checks included, so SCORING_INLINE_BATCH_ROWS=0
-# turns it off for models that can (Envoy then ejects the replica; before, only its thread hung).
+# a batch hangs the replica's event loop, health checks included (Envoy's health checking then
+# ejects the replica), not only its instance's thread; SCORING_INLINE_BATCH_ROWS=0 turns it off.
 INLINE_MAX_ROWS = 256
 INLINE_MAX_NS = 250_000
 
