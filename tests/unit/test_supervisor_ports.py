@@ -47,8 +47,16 @@ def test_a_listening_port_is_taken_one_in_time_wait_is_free() -> None:
     _listener(port).close()
 
 
-def test_a_port_block_is_not_handed_out_again_until_released_or_expired(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_port_block_is_not_handed_out_again_until_released_or_expired(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The bookkeeping is under test, not the machine: every port counts as free and claims go
+    # to a file of this test's own, so a mesh running beside the tests (its ports in this
+    # range) changes nothing.
+    monkeypatch.setattr("infermesh.up.supervisor.port_is_free", lambda port: True)
+    claims = PortClaims(tmp_path / "claims.json")
     picker = _PortPicker()
+    picker._claims = claims
     # A small range: room for a few 1600-port blocks only, as in a long test session.
     monkeypatch.setattr("infermesh.up.supervisor._ephemeral_range", lambda: (30000, 60999))
     blocks = []
@@ -64,6 +72,7 @@ def test_a_port_block_is_not_handed_out_again_until_released_or_expired(monkeypa
         while True:
             picker.block(1600)
     expired = _PortPicker()
+    expired._claims = claims
     monkeypatch.setattr(expired, "_blocks", {range(b, b + 1600): 0.0 for b in blocks})
     assert expired.block(1600) >= 20000  # reservations that ended no longer count
 
