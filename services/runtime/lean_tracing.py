@@ -69,26 +69,20 @@ class LeanSpan(SdkSpan):
         processor.on_end(self)
 
 
-def drops_unsampled_parent(sampler: object) -> bool:
-    """True for a ParentBased sampler that drops every child of a parent that was not sampled."""
+def follows_parent(sampler: object, parent_sampled: bool) -> bool:
+    """True for a ParentBased sampler whose delegates for a remote and a local parent that
+    was (`parent_sampled`) or was not sampled do what that parent did: sample every child
+    (ALWAYS_ON), or drop every child (ALWAYS_OFF). The SDK's default delegates do both."""
+    which, expected = ("sampled", ALWAYS_ON) if parent_sampled else ("not_sampled", ALWAYS_OFF)
     return (
         isinstance(sampler, ParentBased)
-        and getattr(sampler, "_remote_parent_not_sampled", None) is ALWAYS_OFF
-        and getattr(sampler, "_local_parent_not_sampled", None) is ALWAYS_OFF
-    )
-
-
-def follows_sampled_parent(sampler: object) -> bool:
-    """True for a ParentBased sampler that records and samples every child of a sampled parent."""
-    return (
-        isinstance(sampler, ParentBased)
-        and getattr(sampler, "_remote_parent_sampled", None) is ALWAYS_ON
-        and getattr(sampler, "_local_parent_sampled", None) is ALWAYS_ON
+        and getattr(sampler, f"_remote_parent_{which}", None) is expected
+        and getattr(sampler, f"_local_parent_{which}", None) is expected
     )
 
 
 class LeanTracer(SdkTracer):
-    """An SDK Tracer with the fast path above; build it with lean(sdk_tracer)."""
+    """An SDK Tracer with the fast paths above; build it with lean(sdk_tracer)."""
 
     _lean_ok: bool
     _drops_unsampled: bool
@@ -181,7 +175,7 @@ def lean(tracer: trace_api.Tracer) -> trace_api.Tracer:
     fast.__dict__.update(tracer.__dict__)
     limits = tracer._span_limits
     # A length limit truncates string values: the SDK's path applies it.
-    fast._lean_ok = follows_sampled_parent(tracer.sampler) and limits.max_span_attribute_length is None
-    fast._drops_unsampled = drops_unsampled_parent(tracer.sampler)
+    fast._lean_ok = follows_parent(tracer.sampler, parent_sampled=True) and limits.max_span_attribute_length is None
+    fast._drops_unsampled = follows_parent(tracer.sampler, parent_sampled=False)
     fast._max_attributes = limits.max_span_attributes
     return fast

@@ -42,9 +42,13 @@ def rows(n: int, start: float) -> np.ndarray:
     return np.arange(n * 3, dtype=np.float32).reshape(n, 3) + start
 
 
-async def started(policy: BatchingPolicy, model: Model, instances: int = 1) -> tuple[DynamicBatcher, Statistics]:
+async def started(
+    policy: BatchingPolicy, model: Model, instances: int = 1, inline_max_rows: int = INLINE_MAX_ROWS
+) -> tuple[DynamicBatcher, Statistics]:
     stats = Statistics()
-    batcher = DynamicBatcher("m v1", policy, [Instance(str(i), model) for i in range(instances)], stats)
+    batcher = DynamicBatcher(
+        "m v1", policy, [Instance(str(i), model, inline_max_rows=inline_max_rows) for i in range(instances)], stats
+    )
     batcher.start()
     return batcher, stats
 
@@ -295,9 +299,7 @@ async def test_small_quick_batches_run_on_the_loops_thread_and_the_rest_in_the_i
 async def test_inline_batches_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batcher_module, "INLINE_MAX_NS", 10**9)
     model = Threads()
-    stats = Statistics()
-    batcher = DynamicBatcher("m v1", BatchingPolicy(max_batch_size=8), [Instance("0", model, inline_max_rows=0)], stats)
-    batcher.start()
+    batcher, _ = await started(BatchingPolicy(max_batch_size=8), model, inline_max_rows=0)
     for n in range(3):
         await batcher.submit({"x": rows(1, n)}, 1, KEY)
     await batcher.close()
