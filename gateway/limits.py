@@ -24,16 +24,20 @@ class RequestLimits:
     max_k: int = 1000
 
 
-def check_recommend(request: gateway_pb2.RecommendRequest, limits: RequestLimits) -> None:
-    """Raise InvalidArgument for the first field of `request` past its limit."""
+def check_recommend(request: gateway_pb2.RecommendRequest, limits: RequestLimits) -> list[str]:
+    """Raise InvalidArgument for the first field of `request` past its limit; else return
+    the candidate ids as a list, read from the message once (each read of a repeated string
+    field builds every str again: ~14 us for 200 ids, as much as the check itself)."""
     check_length("user_id", request.user_id, limits.max_id_length)
     count = len(request.candidate_ids)
     if count > limits.max_candidates:
         raise InvalidArgument(f"candidate_ids has {count} items; at most {limits.max_candidates}")
-    check_lengths("candidate_ids", request.candidate_ids, limits.max_id_length)
+    candidate_ids = list(request.candidate_ids)
+    check_lengths("candidate_ids", candidate_ids, limits.max_id_length)
     if request.HasField("k") and not 1 <= request.k <= limits.max_k:
         raise InvalidArgument(f"k must be between 1 and {limits.max_k}, got {request.k}")
     if request.retrieve_candidates > limits.max_candidates:
         raise InvalidArgument(f"retrieve_candidates is {request.retrieve_candidates}; at most {limits.max_candidates}")
     if request.offset > limits.max_candidates:
         raise InvalidArgument(f"offset is {request.offset}; at most {limits.max_candidates}")
+    return candidate_ids

@@ -188,10 +188,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RecommendResponse:
         record_caller(context)  # who the edge says called: on the span and the log lines
-        check_recommend(request, self._limits)  # before any work: gateway/limits.py
+        candidate_ids = check_recommend(request, self._limits)  # before any work: gateway/limits.py
         result = await self._pipeline.recommend(
             request.user_id,
-            list(request.candidate_ids),
+            candidate_ids,
             request.k if request.HasField("k") else None,
             context.time_remaining(),
             retrieve=request.retrieve_candidates,

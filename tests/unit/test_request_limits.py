@@ -67,7 +67,8 @@ def test_each_field_past_its_limit_names_the_field_and_the_limit(fields: dict[st
     ],
 )
 def test_requests_within_the_limits_pass(fields: dict[str, Any]) -> None:
-    check_recommend(recommend(**fields), LIMITS)
+    request = recommend(**fields)
+    assert check_recommend(request, LIMITS) == list(request.candidate_ids)
 
 
 def test_limits_are_settings_with_the_shared_default() -> None:
