@@ -116,7 +116,7 @@ class ScoringSettings(ServerSettings, RedisClientSettings):
         INLINE_MAX_ROWS,
         ge=0,
         description=(
-            "A batch of at most this many rows, that its model's recent speed puts under 250 us, runs on the "
+            "A batch of at most this many rows, that its model's recent speed puts under 1 ms, runs on the "
             "event loop's thread instead of its instance's (two thread wake-ups fewer per call); 0: never. "
             "Set 0 for a model that may hang: inline, it would hang the replica's health checks too."
         ),
