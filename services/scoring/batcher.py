@@ -67,8 +67,8 @@ BATCHES_IN_FLIGHT = 2
 # the mesh throughput (docs/benchmarks.md, "sixth pass"). The price: a model that hangs on such
 # a batch hangs the replica's event loop, health checks included (Envoy's health checking then
 # ejects the replica), not only its instance's thread; SCORING_INLINE_BATCH_ROWS=0 turns it off.
-# The time bound was 250 us until a slower VM ran the reference 200 rows in ~500 us at c=1:
-# every call went to the thread. At 1 ms, on that VM, c=1 (docs/benchmarks.md, "eighth pass"):
+# The time bound was 250 us until a VM where the reference 200 rows take ~500 us at c=1 sent
+# every call to the thread. At 1 ms, on that VM, c=1 (docs/benchmarks.md, "eighth pass"):
 # scoring's CPU per request -7% and the mesh's p50 -5%, lower in 6 of 6 rounds; c=32 unchanged.
 INLINE_MAX_ROWS = 256
 INLINE_MAX_NS = 1_000_000
