@@ -14,6 +14,12 @@ Every Python replica the local mesh runs (`infermesh up` lists them in its run f
                       one core, and the functions with the most samples of their own
 * summary.json        the same, for scripts
 
+A sample whose innermost Python frame is a wait point (the event loop's run, a selector, a
+thread whose target is C code such as grpc's poller, an idle executor worker) is set apart in
+the summary, not ranked among the top frames: on many hosts py-spy counts a thread blocked in C
+as busy, so these frames hold the idle time (and C code py-spy cannot see into, such as grpc's
+Cython layer). /proc's CPU figures are the ones to trust for how busy a process is.
+
 CPU per request comes from /proc (user + system time over the window) divided by the
 requests the load generator completed in it; with --no-load only the CPU share is shown.
 """
@@ -54,8 +60,9 @@ class ProcessProfile:
     cpu_share: float  # of one core, over the window
     cpu_ms_per_request: float | None
     samples: int
-    top_frames: list[tuple[str, float]]  # (frame, share of the process's samples)
+    top_frames: list[tuple[str, float]]  # (frame, share of the process's samples), wait points left out
     flamegraph: str | None
+    waiting_share: float = 0.0  # of the samples: leaf at a wait point (idle, or C code below it)
 
 
 def py_spy_binary() -> str:
@@ -96,13 +103,45 @@ def read_stacks(raw: Path) -> Counter[tuple[str, ...]]:
     return stacks
 
 
+# Innermost Python frames that mean "waiting" (or running C code below them): (function, file).
+WAIT_FRAMES = frozenset(
+    {
+        ("Runner.run", "asyncio/runners.py"),
+        ("run", "uvloop/__init__.py"),
+        ("BaseEventLoop.run_forever", "asyncio/base_events.py"),
+        ("Thread.run", "threading.py"),
+        ("_worker", "concurrent/futures/thread.py"),
+        ("Condition.wait", "threading.py"),
+        ("Event.wait", "threading.py"),
+    }
+)
+
+
+def is_wait_frame(frame: str) -> bool:
+    """py-spy's `function (file:line)` is a wait point: WAIT_FRAMES, or any selector's select."""
+    function, _, where = frame.partition(" (")
+    path = where.rpartition(":")[0]
+    if path == "selectors.py" or path.endswith("/selectors.py"):
+        return True
+    return any(function == name and (path == file or path.endswith("/" + file)) for name, file in WAIT_FRAMES)
+
+
 def top_frames(stacks: Counter[tuple[str, ...]], limit: int) -> list[tuple[str, float]]:
-    """The leaf frames with the most samples: where the process itself spends its time."""
+    """The leaf frames with the most samples, wait points left out (waiting_share counts
+    them): where the process itself spends its time. Shares are of all samples."""
     total = sum(stacks.values())
     leaves: Counter[str] = Counter()
     for stack, count in stacks.items():
-        leaves[stack[-1]] += count
+        if not is_wait_frame(stack[-1]):
+            leaves[stack[-1]] += count
     return [(frame, count / total) for frame, count in leaves.most_common(limit)] if total else []
+
+
+def waiting_share(stacks: Counter[tuple[str, ...]]) -> float:
+    """The share of samples whose leaf is a wait point (see the module's docstring)."""
+    total = sum(stacks.values())
+    waiting = sum(count for stack, count in stacks.items() if is_wait_frame(stack[-1]))
+    return waiting / total if total else 0.0
 
 
 def generate_load(address: str, seconds: float, concurrency: int, rate: float) -> RunResult:
@@ -154,6 +193,7 @@ def profile(
                 sum(stacks.values()),
                 top_frames(stacks, top),
                 svg,
+                round(waiting_share(stacks), 3),
             )
         )
     for name, why in failures.items():
@@ -196,7 +236,10 @@ def summary_markdown(profiles: Sequence[ProcessProfile], load: RunResult | None,
     ]
     for p in profiles:
         per_request = f"{p.cpu_ms_per_request:.3f}" if p.cpu_ms_per_request is not None else "-"
-        frames = "<br>".join(f"{share:.0%} {frame}" for frame, share in p.top_frames) or "-"
+        ranked = [f"{share:.0%} {frame}" for frame, share in p.top_frames]
+        if p.waiting_share:
+            ranked.append(f"({p.waiting_share:.0%} at wait points: idle, or C code below them)")
+        frames = "<br>".join(ranked) or "-"
         lines.append(f"| {p.name} | {p.pid} | {per_request} | {p.cpu_share:.2f} | {p.samples} | {frames} |")
     known = [p.cpu_ms_per_request for p in profiles if p.cpu_ms_per_request is not None]
     if known:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from infermesh import flamegraph
-from infermesh.profile import ProcessProfile, read_stacks, summary_markdown, top_frames
+from infermesh.profile import ProcessProfile, is_wait_frame, read_stacks, summary_markdown, top_frames, waiting_share
 from infermesh.up.runfile import MeshProcess, read_processes, remove_processes, write_processes
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -32,6 +32,34 @@ def test_reads_collapsed_stacks_and_ranks_leaf_frames(tmp_path: Path) -> None:
     assert top == [("recommend (gateway/pipeline.py:120)", 0.6), ("log (services/runtime/logs.py:9)", 0.3)]
     assert read_stacks(tmp_path / "absent.txt") == Counter()
     assert top_frames(Counter(), 5) == []
+
+
+def test_wait_points_are_set_apart_from_the_top_frames() -> None:
+    # py-spy counts a thread blocked in C as busy on many hosts: the event loop's run, grpc's
+    # poller thread (Thread.run over C), an idle executor worker hold that idle time.
+    stacks = Counter(
+        {
+            (
+                "<module> (gateway/__main__.py:6)",
+                "run (uvloop/__init__.py:92)",
+                "Runner.run (asyncio/runners.py:118)",
+            ): 50,
+            ("Thread._bootstrap (threading.py:1002)", "Thread.run (threading.py:982)"): 20,
+            ("Thread.run (/usr/lib/python3.11/threading.py:982)", "_worker (concurrent/futures/thread.py:81)"): 5,
+            ("<module> (gateway/__main__.py:6)", "EpollSelector.select (selectors.py:468)"): 5,
+            ("<module> (gateway/__main__.py:6)", "run (services/runtime/server.py:712)"): 12,
+            ("<module> (gateway/__main__.py:6)", "Recommend (gateway/service.py:192)"): 8,
+        }
+    )
+    assert top_frames(stacks, 5) == [
+        ("run (services/runtime/server.py:712)", 0.12),
+        ("Recommend (gateway/service.py:192)", 0.08),
+    ]
+    assert waiting_share(stacks) == 0.8
+    assert waiting_share(Counter()) == 0.0
+    # A function named like a wait point elsewhere is work.
+    assert not is_wait_frame("run (services/runtime/server.py:712)")
+    assert is_wait_frame("Thread.run (/usr/lib/python3.11/threading.py:982)")
 
 
 def test_flame_graph_is_svg_with_one_frame_per_call_path() -> None:
@@ -58,6 +86,10 @@ def test_summary_sums_cpu_per_request_over_processes() -> None:
     ]
     table = summary_markdown(profiles, None, 2.0)
     assert "| gateway-0 | 10 | 1.250 | 0.50 | 100 | 60% recommend (p.py:1) |" in table
+    profiles[0].waiting_share = 0.3
+    assert "60% recommend (p.py:1)<br>(30% at wait points: idle, or C code below them) |" in summary_markdown(
+        profiles, None, 2.0
+    )
     assert "| **all** | | **1.750** | 0.70 | | |" in table
 
 
