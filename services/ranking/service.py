@@ -336,10 +336,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         if n > self._settings.max_items:
             raise InvalidArgument(f"at most {self._settings.max_items} items per request, got {n}")
         check_length("user_id", request.user_id, self._settings.max_id_length)
-        check_lengths("item_ids", request.item_ids, self._settings.max_id_length)
+        # Read once: each read of the repeated field builds every str again, and the length
+        # check, the seen filter and the response each read the ids.
+        item_ids = list(request.item_ids)
+        check_lengths("item_ids", item_ids, self._settings.max_id_length)
         ranked = decode(n, request.scores, request.item_categories, request.item_present)
         return Candidates(
-            item_ids=request.item_ids,
+            item_ids=item_ids,
             scores=ranked.scores,
             categories=ranked.categories,
             present=ranked.present,
@@ -356,7 +359,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         # The whole chain and the page cut: the stages' spans are its children.
         with stage_span(SPAN_RANKING_PREFIX, "top_k", {ATTR_K: request.k}):
             result = await self._chain.rank(candidates)
-        return _response(request.item_ids, candidates.categories, result, not self._chain.reads_embeddings)
+        return _response(candidates.item_ids, candidates.categories, result, not self._chain.reads_embeddings)
 
 
 def _response(
