@@ -26,14 +26,12 @@ class RequestLimits:
 
 def check_recommend(request: gateway_pb2.RecommendRequest, limits: RequestLimits) -> list[str]:
     """Raise InvalidArgument for the first field of `request` past its limit; else return
-    the candidate ids as a list, read from the message once (each read of a repeated string
-    field builds every str again: ~14 us for 200 ids, as much as the check itself)."""
+    the candidate ids as a list, read from the message once (check_lengths)."""
     check_length("user_id", request.user_id, limits.max_id_length)
     count = len(request.candidate_ids)
     if count > limits.max_candidates:
         raise InvalidArgument(f"candidate_ids has {count} items; at most {limits.max_candidates}")
-    candidate_ids = list(request.candidate_ids)
-    check_lengths("candidate_ids", candidate_ids, limits.max_id_length)
+    candidate_ids = check_lengths("candidate_ids", request.candidate_ids, limits.max_id_length)
     if request.HasField("k") and not 1 <= request.k <= limits.max_k:
         raise InvalidArgument(f"k must be between 1 and {limits.max_k}, got {request.k}")
     if request.retrieve_candidates > limits.max_candidates:

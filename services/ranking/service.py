@@ -336,10 +336,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         if n > self._settings.max_items:
             raise InvalidArgument(f"at most {self._settings.max_items} items per request, got {n}")
         check_length("user_id", request.user_id, self._settings.max_id_length)
-        # Read once: each read of the repeated field builds every str again, and the length
-        # check, the seen filter and the response each read the ids.
-        item_ids = list(request.item_ids)
-        check_lengths("item_ids", item_ids, self._settings.max_id_length)
+        # The checked list, not the message's field: the seen filter and the response read it again.
+        item_ids = check_lengths("item_ids", request.item_ids, self._settings.max_id_length)
         ranked = decode(n, request.scores, request.item_categories, request.item_present)
         return Candidates(
             item_ids=item_ids,

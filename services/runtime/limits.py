@@ -51,7 +51,12 @@ def check_length(field: str, value: str, limit: int) -> None:
         raise error
 
 
-def check_lengths(field: str, values: Sequence[str], limit: int) -> None:
-    error = lengths_error(field, values, limit)
+def check_lengths(field: str, values: Sequence[str], limit: int) -> list[str]:
+    """Raise lengths_error's error; else return `values` as a list. Callers use that list from
+    then on: each read of a protobuf repeated string field builds every str again (~14 us for
+    200 ids), so a field checked here and read again later was decoded twice."""
+    ids = values if isinstance(values, list) else list(values)
+    error = lengths_error(field, ids, limit)
     if error is not None:
         raise error
+    return ids
