@@ -133,10 +133,9 @@ def _check(request: gateway_pb2.RecommendRequest, where: str) -> None:
         raise InvalidArgument(f"{where}: candidate_ids is missing or empty (and retrieve_candidates is not set)")
     if count > MAX_CANDIDATES:
         raise InvalidArgument(f"{where}: candidate_ids has {count} items; at most {MAX_CANDIDATES}")
-    # One pass in C over the ids: the common case has no empty or overlong one.
-    if count and (
-        min(map(len, request.candidate_ids)) == 0 or max(map(len, request.candidate_ids)) > DEFAULT_MAX_ID_LENGTH
-    ):
+    # The field read once (each read builds every str again), then one C pass per bound.
+    lengths = list(map(len, request.candidate_ids))
+    if count and (min(lengths) == 0 or max(lengths) > DEFAULT_MAX_ID_LENGTH):
         raise InvalidArgument(
             f"{where}: candidate_ids holds an empty id or one longer than {DEFAULT_MAX_ID_LENGTH} characters"
         )
