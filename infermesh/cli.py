@@ -168,7 +168,8 @@ def _print_ready(
     counts = ", ".join(f"{name} x{len(eps)}" for name, eps in replicas.items())
     more = "".join(f"\n  {label:<18} {value}" for label, value in extras)
     host = "localhost" if scheme == "https" else "127.0.0.1"  # the edge certificate's name
-    body = '{\\"user_id\\":\\"u42\\",\\"k\\":20,\\"candidate_ids\\":[$(seq -s, -f \'\\"i%g\\"\' 0 199)]}'
+    # The README's command: inside $(...) bash reads the quotes afresh, so '"i%g"' is unescaped.
+    body = '{\\"user_id\\":\\"u42\\",\\"k\\":20,\\"candidate_ids\\":[$(seq -s, -f \'"i%g"\' 0 199)]}'
     print(
         f"""
 infermesh is up ({counts}).
