@@ -106,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sustainable_line(outcome: dict[str, Any], slo_p99_ms: float) -> str:
+    """The ramp's verdict; when even its lowest rate missed, "0 req/s" alone would read as
+    "nothing works": say which rate missed by how much and what to try."""
+    line = f"max sustainable open-loop rate with p99 <= {slo_p99_ms:g} ms: {outcome['max_sustainable_rps']:.0f} req/s"
+    steps = outcome["steps"]
+    if outcome["max_sustainable_rps"] or not steps:
+        return line
+    lowest = steps[0]
+    rate = lowest["offered_rps"]
+    return (
+        f"{line}: the lowest rate tried, {rate:g} req/s, had p99 {lowest['latency_ms']['p99']:.1f} ms; "
+        f"lower rates were not tried (e.g. --rates {rate / 4:g},{rate / 2:g},{rate:g})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -133,10 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "first_try" in step:
                 print(report.latency_row(f"{args.target} (missed; measured again)", step["first_try"]))
             print(report.latency_row(args.target, step))
-        print(
-            f"max sustainable open-loop rate with p99 <= {args.slo_p99_ms:g} ms: "
-            f"{outcome['max_sustainable_rps']:.0f} req/s"
-        )
+        print(_sustainable_line(outcome, args.slo_p99_ms))
     else:
         plan = Plan(args.mode, args.duration, args.warmup, concurrency=args.concurrency, rate=args.rate)
         result = measure(target, plan, args.processes, args.target, progress).to_json()

@@ -76,3 +76,28 @@ def test_a_plot_of_a_closed_loop_is_refused(capsys: pytest.CaptureFixture[str]) 
         bench_cli.main(["--mode", "closed", "--plot"])
     assert exited.value.code == 2
     assert "--plot draws a ramp: use --mode ramp" in capsys.readouterr().err
+
+
+def test_a_ramp_whose_lowest_rate_missed_says_so_and_what_to_try(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missed = {
+        "steps": [
+            {"offered_rps": 100.0, "rps": 98.0, "latency_ms": {"p50": 15.6, "p99": 31.0}, "errors": {}},
+            {"offered_rps": 200.0, "rps": 198.0, "latency_ms": {"p50": 25.9, "p99": 55.7}, "errors": {}},
+        ],
+        "max_sustainable_rps": 0.0,
+    }
+    monkeypatch.setattr(bench_cli, "_target_from_args", lambda args: None)
+    monkeypatch.setattr(bench_cli, "ramp", lambda *args: missed)
+    assert bench_cli.main(["--mode", "ramp", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "max sustainable open-loop rate with p99 <= 25 ms: 0 req/s: the lowest rate tried, 100 req/s" in out
+    assert "had p99 31.0 ms" in out and "--rates 25,50,100" in out
+
+
+@pytest.mark.usefixtures("canned_ramp")
+def test_a_ramp_that_held_somewhere_prints_the_plain_verdict(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_cli.main(["--mode", "ramp", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "max sustainable open-loop rate with p99 <= 25 ms: 100 req/s"
