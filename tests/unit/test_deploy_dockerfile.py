@@ -8,6 +8,7 @@ pinned base images, and a build context that holds what the COPY lines need.
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,3 +155,17 @@ def test_build_context_allows_every_copied_path() -> None:
                     top = source.rstrip("/").split("/")[0]
                     assert top in allowed, f"{source} is not in Dockerfile.dockerignore's allow-list"
                     assert (ROOT / source).exists(), source
+
+
+@pytest.mark.parametrize("stage", ["build", "gpu-build"])
+def test_build_stages_copy_every_package_the_project_installs(stage: str) -> None:
+    # The project's console script `infermesh` is installed in every image; the seed Job
+    # (deploy/components/demo-data) runs it, so its package must be in the build too.
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {pattern.rstrip("*") for pattern in find["include"]}
+    copied = {
+        rest.split()[0].rstrip("/")
+        for keyword, rest in STAGES[stage].instructions
+        if keyword == "COPY" and not rest.startswith("--from")
+    }
+    assert packages <= copied, f"{stage} does not copy {sorted(packages - copied)}"
