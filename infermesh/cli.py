@@ -124,9 +124,9 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--bulk-nice",
         type=int,
         default=DEFAULT_BULK_NICE,
-        help="with --workers: the jobs run through a lane of their own (one replica of each pipeline service "
-        "and an Envoy) at this nice value, 0..19, so online requests keep the CPU they need "
-        "(default %(default)s)",
+        help="with --workers: the jobs run through a lane of their own (as many replicas of each pipeline "
+        "service as the online mesh has, and an Envoy) at this nice value, 0..19, so online requests keep "
+        "the CPU they need (default %(default)s)",
     )
     up.add_argument(
         "--no-bulk-lane",

@@ -42,6 +42,7 @@ from infermesh.bench.runs import measure
 from infermesh.bench.suite import DEFAULT_REPLICAS, running_mesh
 from infermesh.bench.targets import factory, reference_requests
 from infermesh.cli_help import CommandParser
+from infermesh.envoy.edge_policy import ADMISSION_MIN_CONCURRENCY
 from infermesh.settings import add_data_dir_argument
 from infermesh.up.lanes import DEFAULT_BULK_NICE, bulk_lane, lowered
 from infermesh.up.supervisor import DESCRIPTOR_SET, WORKER_MODULE, free_port, start_redis
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--capacity-concurrency", type=int, default=8,
-        help="clients of the capacity run (default %(default)s: under the edge's 12 always-admitted calls, so its "
+        help=f"clients of the capacity run (default %(default)s: under the edge's {ADMISSION_MIN_CONCURRENCY} "
+        "always-admitted calls, so its "
         "throughput is of answers, not of load shedding's fast rejections)",
     )  # fmt: skip
     parser.add_argument("--chunk-size", type=int, default=50, help="JOBS_CHUNK_SIZE (default %(default)s)")
