@@ -6,7 +6,9 @@ at each concurrency, with four clients sending the same reference requests:
 
 * `infermesh bench --target rest` and wrk (C, HTTP/1.1 keep-alive, the REST route),
 * `infermesh bench --target grpc` and h2load (C, nghttp2's HTTP/2 client, the gRPC route:
-  one connection with `concurrency` streams, as the project's client uses one channel).
+  one connection with `concurrency` streams, as the project's client uses one channel),
+* with --monolith-data-dir, the in-process monolith beside them (`infermesh bench --target
+  monolith --processes 2`, as the suite's baseline), for ratios read in one run.
 
 wrk cycles through the same 1,000 reference requests as `infermesh bench`; h2load sends
 one of them again and again (it takes one body). h2load cannot read gRPC trailers, so a
@@ -39,6 +41,7 @@ from infermesh.bench import report
 from infermesh.bench.targets import reference_requests
 
 RECOMMEND_PATH = "/infermesh.gateway.v1.GatewayService/Recommend"
+ROUTES = {"grpc": "gRPC", "rest": "REST", "monolith": "monolith, 2 processes"}
 
 
 @dataclass
@@ -168,10 +171,9 @@ def run_h2load(
     return parse_h2load(output, log.read_text() if log.exists() else "", concurrency, answer)
 
 
-def run_own(target: str, address: str, concurrency: int, seconds: float, warmup: float, folder: Path) -> Row:
-    """`infermesh bench` as a user runs it, in its own process."""
+def run_own(target: str, where: list[str], concurrency: int, seconds: float, warmup: float, folder: Path) -> Row:
+    """`infermesh bench --target <target> <where...>` as a user runs it, in its own process."""
     out = folder / "own.json"
-    where = ["--address", address] if target == "grpc" else ["--url", f"http://{address}/v1/recommend"]
     _run(
         [
             sys.executable, "-m", "infermesh.cli", "bench", "--target", target, *where, "--mode", "closed",
@@ -183,7 +185,7 @@ def run_own(target: str, address: str, concurrency: int, seconds: float, warmup:
     result = json.loads(out.read_text())["result"]
     return Row(
         client="infermesh bench",
-        route="gRPC" if target == "grpc" else "REST",
+        route=ROUTES[target],
         concurrency=concurrency,
         rps=result["rps"],
         p50_ms=result["latency_ms"].get("p50"),
@@ -216,6 +218,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row (default %(default)s)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each row (default %(default)s)")
     p.add_argument("--rounds", type=int, default=1, help="times to run the four clients in turns (default %(default)s)")
+    p.add_argument(
+        "--monolith-data-dir",
+        type=Path,
+        help="also load the one-process monolith (2 processes, as the suite does) in the same turns, with the "
+        "reference model of this data dir (e.g. the mesh's, as given to `up`)",
+    )
+    p.add_argument("--monolith-redis-url", help="the monolith's Redis (default: the bench's default)")
     p.add_argument("--out", type=Path, help="also write the rows and the machine as JSON here")
     return p
 
@@ -233,15 +242,21 @@ def main(argv: list[str] | None = None) -> int:
         script, body = write_inputs(folder, reference_requests())
         answer = answer_bytes(args.address, body)
         url = f"http://{args.address}/v1/recommend"
+        monolith = []
+        if args.monolith_data_dir:
+            monolith = ["--data-dir", str(args.monolith_data_dir), "--processes", "2"]
+            monolith += ["--redis-url", args.monolith_redis_url] if args.monolith_redis_url else []
         for concurrency in levels:
             for _ in range(args.rounds):
                 timing = (concurrency, args.seconds, args.warmup)
-                for run in (
-                    partial(run_own, "rest", args.address, *timing, folder),
+                runs = [
+                    partial(run_own, "rest", ["--url", url], *timing, folder),
                     partial(run_wrk, url, script, *timing),
-                    partial(run_own, "grpc", args.address, *timing, folder),
+                    partial(run_own, "grpc", ["--address", args.address], *timing, folder),
                     partial(run_h2load, args.address, body, answer, *timing, folder),
-                ):
+                ]
+                runs += [partial(run_own, "monolith", monolith, *timing, folder)] if monolith else []
+                for run in runs:
                     rows.append(run())
                     print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(table(rows))
