@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +27,9 @@ _IMPLIED_DEFAULT = (
     argparse._VersionAction,
     argparse._SubParsersAction,
 )
+# Raised by a file or directory the user named (missing, a directory, not readable): the
+# message names the path, so it is shown as it is, without a traceback.
+_USER_FILE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
 # Where a subcommand's own parser lives (see add_delegated).
 DELEGATE = "_delegate"
 
@@ -84,7 +89,20 @@ def run_delegated(args: argparse.Namespace, rest: Sequence[str]) -> int | None:
     module = getattr(args, DELEGATE, None)
     if module is None:
         return None
-    return int(importlib.import_module(module).main(list(rest)) or 0)
+    try:
+        return int(importlib.import_module(module).main(list(rest)) or 0)
+    except _USER_FILE_ERRORS as error:  # a path the user gave: their mistake, told in one line
+        print(f"{_prog(module)}: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `infermesh status --json | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
+
+
+def _prog(module: str) -> str:
+    """The command's name as its --help writes it (`infermesh models import`)."""
+    build = getattr(importlib.import_module(module), "build_parser", None)
+    return build().prog if build is not None else "infermesh"
 
 
 def group_parser(prog: str, description: str, commands: Mapping[str, tuple[str, str]]) -> argparse.ArgumentParser:

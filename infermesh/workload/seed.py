@@ -497,6 +497,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
+def _seed(text: str) -> int:
+    """--seed: numpy's generators take whole numbers from 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a seed: a whole number from 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="infermesh seed",
@@ -509,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Redis to load (default: $INFERMESH_REDIS_URL, $REDIS_URL or {LOCAL_REDIS_URL})",
     )
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="key prefix (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="catalog/model seed (default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, help="catalog/model seed (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="retrain and reload even if already current")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -517,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.data_dir.exists() and not args.data_dir.is_dir():  # before minutes of training, not after
+        print(f"infermesh seed: --data-dir {args.data_dir} is a file, not a directory", file=sys.stderr)
+        return 1
     try:
         summary = seed_all(
             args.data_dir,

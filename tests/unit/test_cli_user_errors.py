@@ -1,0 +1,43 @@
+"""Mistakes a user makes on the command line get one clear line and an exit status, never a
+traceback: a bad seed, a file where a directory belongs, a reader that leaves the pipe early."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infermesh.cli import main as infermesh
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_seed_refuses_a_negative_seed_and_a_file_as_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        infermesh(["seed", "--seed", "-1"])
+    assert exited.value.code == 2 and "is not a seed" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    # Refused before any training or Redis work (that port has no Redis).
+    assert infermesh(["seed", "--data-dir", str(tmp_path / "file"), "--redis-url", "redis://127.0.0.1:1"]) == 1
+    assert (
+        capsys.readouterr().err.strip() == f"infermesh seed: --data-dir {tmp_path / 'file'} is a file, not a directory"
+    )
+
+
+def test_a_closed_pipe_ends_a_command_without_a_traceback() -> None:
+    # `infermesh envoy render | head -1`: the reader is gone before the config is written.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "infermesh.cli", "envoy", "render"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err
