@@ -36,6 +36,7 @@ import onnxruntime as ort
 
 from infermesh.bench.report import cpu_name, cpu_seconds
 from infermesh.cli_help import CommandParser
+from infermesh.models.names import model_name
 from infermesh.settings import model_repository
 from infermesh.up.supervisor import free_port
 from infermesh.workload import modelgen
@@ -76,6 +77,17 @@ class Row(Through):
     @property
     def ratio(self) -> float:
         return self.grpc_items_per_s / self.raw_items_per_s if self.raw_items_per_s else 0.0
+
+
+def batch_sizes(text: str) -> list[int]:
+    """--batch-sizes: whole numbers from 1, comma-separated."""
+    try:
+        sizes = [int(size) for size in text.split(",") if size.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: give rows per call as whole numbers from 1, e.g. 1,64,256")
+    return sizes
 
 
 def latest_model(repository: Path, model: str) -> Path | None:
@@ -322,9 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path(model_repository()),
         help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)",
     )
-    p.add_argument("--model", default="ranker", help="model name; its newest version is used (default %(default)s)")
     p.add_argument(
-        "--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), help="comma-separated rows per call"
+        "--model",
+        default="ranker",
+        type=model_name,
+        help="model name; its newest version is used (default %(default)s)",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=batch_sizes,
+        default=",".join(map(str, DEFAULT_BATCH_SIZES)),
+        help="comma-separated rows per call",
     )
     p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per batch size and mode")
     p.add_argument("--concurrency", type=int, default=4, help="gRPC requests in flight")
@@ -354,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sizes = [int(s) for s in args.batch_sizes.split(",") if s]
+    sizes: list[int] = args.batch_sizes
     if args.provider == "cuda" and CUDA not in ort.get_available_providers():
         raise SystemExit(
             f"--provider cuda needs onnxruntime-gpu on a host with an NVIDIA GPU (`pip install -e '.[gpu]'`); "
@@ -363,6 +383,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.overhead and args.target:
         raise SystemExit("--overhead starts its own server with the linear model; leave out --target")
     model_file = None if args.overhead else latest_model(args.repository, args.model)
+    if model_file is None and not args.overhead:
+        raise SystemExit(
+            f"infermesh models bench: no model {args.model!r} with a <version>/model.onnx in {args.repository} "
+            "(`infermesh seed` writes the reference one; --overhead needs none)"
+        )
     workdir = Path(tempfile.mkdtemp(prefix="scoring-bench-"))
     process = None
     try:

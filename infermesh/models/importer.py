@@ -27,9 +27,11 @@ import numpy as np
 import onnxruntime as ort
 
 from infermesh.cli_help import CommandParser
+from infermesh.models.names import model_name
 from infermesh.settings import model_repository
 from infermesh.workload import modelgen
-from services.scoring.config import CONFIG_FILE, MODEL_FILE, PBTXT_FILE
+from services.scoring.config import CONFIG_FILE, MODEL_FILE, PBTXT_FILE, ConfigError
+from services.scoring.discovery import read_model_config
 
 INPUT = "features"
 OPSETS = {"": 17, "ai.onnx.ml": 3}
@@ -154,6 +156,28 @@ def batch_major(onnx_model: bytes, rows: np.ndarray) -> tuple[bytes, bool]:
     return model.SerializeToString(), batched
 
 
+def check_signature(directory: Path, onnx_model: bytes) -> None:
+    """An existing model's config that names its inputs or outputs must name this model's:
+    a version that does not fit them would break every caller of the model once served."""
+    if not directory.is_dir():
+        return
+    try:
+        config, _ = read_model_config(directory, None)
+    except ConfigError as error:
+        raise ImportFailed(f"model {directory.name!r} exists and its config cannot be read: {error}") from None
+    session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
+    for kind, declared, actual in (
+        ("inputs", config.inputs, session.get_inputs()),
+        ("outputs", config.outputs, session.get_outputs()),
+    ):
+        names, ours = sorted(t.name for t in declared), sorted(t.name for t in actual)
+        if declared and names != ours:
+            raise ImportFailed(
+                f"model {directory.name!r} exists with {kind} {names}, this model has {ours}: "
+                "import it under another --model name"
+            )
+
+
 def publish(
     repository: Path, name: str, onnx_model: bytes, batched: bool, provenance: dict[str, Any]
 ) -> tuple[int, Path]:
@@ -172,7 +196,7 @@ def publish(
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="infermesh models import", description=__doc__.split("\n\n")[0])
     p.add_argument("file", type=Path, help="scikit-learn joblib/pickle, or LightGBM model (.txt or pickle)")
-    p.add_argument("--model", required=True, help="model name in the repository")
+    p.add_argument("--model", required=True, type=model_name, help="model name in the repository")
     p.add_argument(
         "--repository",
         type=Path,
@@ -235,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parity": {"rows": len(rows), "output": output, "max_abs_diff": worst, "tolerance": args.tolerance},
     }
     onnx_model, batched = batch_major(converted.onnx, rows[:2] if len(rows) >= 2 else rows)
+    try:
+        check_signature(args.repository / args.model, onnx_model)
+    except ImportFailed as error:
+        print(f"infermesh models import: {error}", file=sys.stderr)
+        return 1
     version, path = publish(args.repository, args.model, onnx_model, batched, provenance)
     print(f"  published  {path} (version {version})")
     return 0

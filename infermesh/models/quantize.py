@@ -38,6 +38,7 @@ from infermesh.models.inputs import (
     read_rows,
     read_table,
 )
+from infermesh.models.names import model_name, model_version
 from infermesh.settings import model_repository
 from infermesh.workload import modelgen
 from infermesh.workload.catalog import DEFAULT_SEED, ndcg_at_k
@@ -50,6 +51,8 @@ GENERATED_ROWS = 10_000
 CALIBRATION_ROWS = 2_000
 _CALIBRATION_BATCH = 64
 _SCORING_BATCH = 1_024
+# Beside every version quantize writes: what it came from and how it measured.
+QUANTIZED_FILE = "quantized.json"
 METHODS = {
     "dynamic": "onnxruntime dynamic int8 (QInt8 weights)",
     "static": "onnxruntime static int8 (QDQ, calibrated activations)",
@@ -206,6 +209,19 @@ def newest_version(directory: Path, prog: str = "infermesh models quantize") -> 
     return max(versions)
 
 
+def newest_float_version(directory: Path) -> int:
+    """The newest version not made by quantize (no quantized.json): what to quantize by default."""
+    floats = [
+        int(p.name)
+        for p in directory.iterdir()
+        if p.name.isdigit() and (p / MODEL_FILE).is_file() and not (p / QUANTIZED_FILE).is_file()
+    ]
+    if not floats:
+        newest_version(directory)  # no version at all: its message
+        raise SystemExit(f"infermesh models quantize: every version under {directory} is already int8")
+    return max(floats)
+
+
 def add_model_arguments(p: argparse.ArgumentParser, model_help: str, version_help: str) -> None:
     """--repository, --model and --version: which model version of which repository."""
     p.add_argument(
@@ -214,8 +230,8 @@ def add_model_arguments(p: argparse.ArgumentParser, model_help: str, version_hel
         default=Path(model_repository()),
         help="the model repository (default $SCORING_MODEL_REPOSITORY or .infermesh/models)",
     )
-    p.add_argument("--model", default="ranker", help=model_help)
-    p.add_argument("--version", type=int, help=version_help)
+    p.add_argument("--model", default="ranker", type=model_name, help=model_help)
+    p.add_argument("--version", type=model_version, help=version_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,10 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     directory = args.repository / args.model
     if not directory.is_dir():
         return _fail(f"no model {args.model!r} in {args.repository}")
-    source_version = args.version or newest_version(directory)
+    source_version = args.version or newest_float_version(directory)
     source = directory / str(source_version) / MODEL_FILE
     if not source.is_file():
         return _fail(f"{source} does not exist")
+    if (source.parent / QUANTIZED_FILE).is_file():
+        return _fail(f"{args.model} v{source_version} is already int8 ({QUANTIZED_FILE}); give a float --version")
     float_model = source.read_bytes()
     try:
         specs = input_specs(float_model)
@@ -333,7 +351,7 @@ def publish(
         "float": asdict(before),
         "int8": asdict(after),
     }
-    (written.parent / "quantized.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    (written.parent / QUANTIZED_FILE).write_text(json.dumps(sidecar, indent=2) + "\n")
     # The int8 version comes from the same data and code as its float source.
     inherited = read_provenance(source.parent, {})
     provenance = {**inherited, "quantized_from": str(source_version), "quantization": sidecar["method"]}

@@ -95,6 +95,23 @@ def test_models_quantize_adds_an_int8_version(tmp_path: Path, capsys: pytest.Cap
     rows = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     reference = ort.InferenceSession(modelgen.mlp_model(0), providers=["CPUExecutionProvider"])
     assert np.allclose(session.run(None, {"features": rows})[0], reference.run(None, {"features": rows})[0], atol=0.05)
+    # Again: the newest float version (1) is quantized, never the int8 one; asked for, it is refused.
+    capsys.readouterr()
+    assert infermesh([*common, "--json", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["from_version"] == 1
+    assert infermesh([*common, "--version", "2"]) == 1
+    assert "v2 is already int8" in capsys.readouterr().err
+
+
+def test_models_commands_refuse_what_names_no_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit, match="no model 'ranker' with a <version>/model.onnx"):
+        infermesh(bench_args(tmp_path / "empty", "16"))  # not the generated MLP in its place
+    for argv in (["models", "quantize", "--version", "0"], ["models", "bench", "--batch-sizes", "abc"]):
+        with pytest.raises(SystemExit) as exited:
+            infermesh(argv)
+        assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not a model version" in err and "whole numbers from 1" in err
 
 
 def test_models_without_a_command_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:

@@ -104,3 +104,55 @@ def test_import_refuses_a_file_that_is_not_a_model(tmp_path: Path, capsys: pytes
     )
     assert "not a joblib/pickle model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_import_refuses_a_model_name_that_is_not_one_directory(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows, labels = data
+    joblib.dump(LogisticRegression().fit(rows, labels), tmp_path / "clf.joblib")
+    repository = tmp_path / "repo"
+    for name in ("../escape", "a/b", "", ".."):
+        with pytest.raises(SystemExit) as exited:  # argparse's usage error, before any work
+            infermesh(
+                ["models", "import", str(tmp_path / "clf.joblib"), "--model", name, "--repository", str(repository)]
+            )
+        assert exited.value.code == 2
+    assert "is not a model name" in capsys.readouterr().err
+    assert not repository.exists() and not (tmp_path / "escape").exists()
+
+
+def test_import_refuses_a_model_that_does_not_fit_the_existing_config(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The reference ranker: config.json declares input `features` and output `score`.
+    from infermesh.workload import modelgen
+
+    repository = tmp_path / "repo"
+    modelgen.write_config(
+        repository,
+        "ranker",
+        {
+            "max_batch_size": 256,
+            "input": [{"name": "features", "data_type": "TYPE_FP32", "dims": [64]}],
+            "output": [{"name": "score", "data_type": "TYPE_FP32", "dims": [1]}],
+        },
+    )
+    modelgen.write_version(repository, "ranker", 1, modelgen.mlp_model(0))
+    rows, labels = data
+    joblib.dump(LogisticRegression().fit(rows, labels), tmp_path / "clf.joblib")
+    code = infermesh(
+        ["models", "import", str(tmp_path / "clf.joblib"), "--model", "ranker", "--repository", str(repository)]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "exists with outputs ['score']" in err and "another --model name" in err
+    assert sorted(p.name for p in (repository / "ranker").iterdir()) == ["1", "config.json"]
+
+
+def test_import_of_a_missing_file_says_so_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for source in (tmp_path / "nope.joblib", tmp_path):  # missing; a directory
+        assert infermesh(["models", "import", str(source), "--model", "x", "--repository", str(tmp_path / "r")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("infermesh models import: [Errno") and str(source) in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
