@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 from infermesh.certs import CertPaths
@@ -22,6 +23,9 @@ from services.runtime.topology import SERVICES, Endpoint, MeshTopology, local_to
 # Repo-relative on purpose: the committed envoy/local.json must not hold a machine's path.
 # Envoy resolves it against its working directory, i.e. run it from the repo root.
 DEFAULT_DESCRIPTOR_SET = Path("services/genproto/infermesh_descriptor.binpb")
+# The same file where this install has it (a checkout's or a wheel's site-packages): what a
+# config rendered for this machine names, so it validates and runs from any directory.
+INSTALLED_DESCRIPTOR_SET = Path(str(resources.files("services.genproto") / DEFAULT_DESCRIPTOR_SET.name))
 LOCAL_CONFIG = Path("envoy/local.json")
 # envoy/local.json is what `infermesh up` runs without --otlp-endpoint: no tracer.
 LOCAL_TRACING: Tracing | None = None

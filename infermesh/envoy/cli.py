@@ -19,7 +19,7 @@ from pathlib import Path
 from infermesh.certs import CertPaths
 from infermesh.cli_help import CommandParser
 from infermesh.envoy.bootstrap import (
-    DEFAULT_DESCRIPTOR_SET,
+    INSTALLED_DESCRIPTOR_SET,
     LOCAL_CONFIG,
     local_config_is_fresh,
     render,
@@ -229,8 +229,9 @@ def build_parser(prog: str = "infermesh envoy") -> argparse.ArgumentParser:
     rend.add_argument(
         "--descriptor-set",
         type=Path,
-        default=DEFAULT_DESCRIPTOR_SET,
-        help="proto descriptor set for the transcoder (relative to Envoy's cwd)",
+        default=INSTALLED_DESCRIPTOR_SET,
+        help="proto descriptor set for the transcoder, with openapi.json beside it (a relative path is "
+        "relative to Envoy's working directory) (default: the installed services/genproto's)",
     )
     rend.add_argument(
         "--otlp-endpoint",

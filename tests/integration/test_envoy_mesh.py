@@ -107,6 +107,15 @@ def test_cli_render_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert json.loads(out.read_text()) == json.loads(_stdout_of([*args, "--validate"], capsys))
 
 
+def test_cli_render_validates_from_any_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As from a wheel install: no checkout around. The default names the installed files.
+    monkeypatch.chdir(tmp_path)
+    config = json.loads(_stdout_of(["render", "--validate"], capsys))
+    assert str(DESCRIPTOR.resolve()) in json.dumps(config)
+
+
 def _stdout_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     capsys.readouterr()
     assert envoy_cli.main(argv) == 0
