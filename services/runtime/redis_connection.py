@@ -20,7 +20,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -180,7 +180,9 @@ class RedisTarget:
 
     # ---- Celery (kombu's broker, Celery's result backend): credentials in the URL, TLS apart
     def celery_url(self, url: str) -> str:
-        """`url` (a broker or backend URL) with these credentials, unless it carries its own."""
+        """`url` (a broker or backend URL) with these credentials, unless it carries its own;
+        a redis-py unix:// URL as Celery's redis+socket:// (Celery has no unix:// transport)."""
+        url = _celery_socket_url(url)
         parts = urlsplit(url)
         secret = self.password.get_secret_value()
         if parts.password is not None or parts.username is not None or not (secret or self.username):
@@ -257,3 +259,14 @@ def _reason(error: Exception) -> str:
     """The server's reason, one line, bounded (it never holds the password)."""
     text = " ".join(str(error).split())
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _celery_socket_url(url: str) -> str:
+    """unix:///path?db=N (redis-py's) -> redis+socket:///path?virtual_host=N (kombu's and
+    Celery's Redis backend's); any other URL as it is."""
+    parts = urlsplit(url)
+    if parts.scheme != "unix":
+        return url
+    db = parse_qs(parts.query).get("db", ["0"])[0]
+    # By hand: urlunsplit drops the '//' of an empty host, and Celery then reads no scheme.
+    return f"redis+socket://{parts.netloc}{parts.path}?{urlencode({'virtual_host': db})}"
