@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 # Actions whose default is implied by their kind: a flag is off unless given.
@@ -121,3 +122,35 @@ def run_group(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> in
     delegated = run_delegated(args, rest)
     assert delegated is not None  # every subcommand of a group is delegated
     return delegated
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `minimum`, else a usage error saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r}: give a whole number from {minimum}")
+        return value
+
+    return parse
+
+
+def number(*, above: float | None = None, at_least: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite number above `above` or from `at_least` (nan and inf refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        low_ok = (above is None or value > above) and (at_least is None or value >= at_least)
+        if not math.isfinite(value) or not low_ok:
+            bound = f"above {above:g}" if above is not None else f"from {at_least:g}"
+            raise argparse.ArgumentTypeError(f"{text[:40]!r}: give a finite number {bound}")
+        return value
+
+    return parse

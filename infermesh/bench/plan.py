@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from infermesh.cli_help import CommandParser
+from infermesh.cli_help import CommandParser, number, whole_number
 
 
 def plan(
@@ -66,12 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"suite.json written by `infermesh bench --suite` (default {OWN_SUITE}, else the published "
         "measurement docs/bench/suite.json of the checkout)",
     )
-    p.add_argument("--target-rps", type=float, default=DEFAULT_TARGET_RPS, help="the rate to plan for, requests/s")
     p.add_argument(
-        "--utilisation", type=float, default=0.6, help="planned CPU utilisation per replica (headroom for p99)"
+        "--target-rps", type=number(above=0), default=DEFAULT_TARGET_RPS, help="the rate to plan for, requests/s"
     )
-    p.add_argument("--cores-per-machine", type=int, default=2, help="cores of one machine")
-    p.add_argument("--price-per-hour", type=float, default=0.10, help="price of one machine-hour")
+    p.add_argument(
+        "--utilisation",
+        type=number(above=0),
+        default=0.6,
+        help="planned CPU utilisation per replica (headroom for p99)",
+    )
+    p.add_argument("--cores-per-machine", type=whole_number(1), default=2, help="cores of one machine")
+    p.add_argument("--price-per-hour", type=number(at_least=0), default=0.10, help="price of one machine-hour")
     return p
 
 
@@ -88,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu = suite.get("cpu_ms_per_request") if isinstance(suite, dict) else None
     if not cpu:
         p.error(f"{source} has no cpu_ms_per_request (not a suite result?)")
-    if not 0 < args.utilisation <= 1 or args.target_rps <= 0 or args.cores_per_machine <= 0:
-        p.error("--utilisation must be in (0, 1], --target-rps and --cores-per-machine positive")
+    if args.utilisation > 1:
+        p.error("--utilisation: give a share of a core, above 0 and at most 1")
     result = plan(cpu, args.target_rps, args.utilisation, args.cores_per_machine, args.price_per_hour)
     machine = suite.get("machine", {})
     published = args.source is None and source != OWN_SUITE

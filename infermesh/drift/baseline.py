@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infermesh.cli_help import CommandParser
+from infermesh.cli_help import CommandParser, whole_number
 from infermesh.models.inputs import FeatureDataError, input_specs, parse_column_map, read_rows
 from infermesh.models.quantize import add_model_arguments, newest_version
 from services.scoring.config import MODEL_FILE
@@ -46,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the file columns of one model input, in order (repeat per input)",
     )
     p.add_argument(
-        "--rows", type=int, default=DEFAULT_REFERENCE_ROWS, help="a random sample of this many rows; 0: all of them"
+        "--rows",
+        type=whole_number(0),
+        default=DEFAULT_REFERENCE_ROWS,
+        help="a random sample of this many rows; 0: all of them",
     )
-    p.add_argument("--bins", type=int, default=DEFAULT_BINS, help="equal-mass bins per feature")
+    p.add_argument("--bins", type=whole_number(2), default=DEFAULT_BINS, help="equal-mass bins per feature")
     return p
 
 

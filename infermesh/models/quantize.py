@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from infermesh.cli_help import CommandParser
+from infermesh.cli_help import CommandParser, number, whole_number
 from infermesh.models.inputs import (
     FeatureDataError,
     InputSpec,
@@ -264,10 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"--method static: calibration rows, same columns as --data (default: the first "
         f"{CALIBRATION_ROWS:,} evaluation rows)",
     )
-    p.add_argument("--queries", type=int, default=300, help="queries for NDCG@20 (default %(default)s)")
-    p.add_argument("--candidates", type=int, default=200, help="rows ranked per query (default %(default)s)")
-    p.add_argument("--seconds", type=float, default=2.0, help="timing per model at batch 256")
-    p.add_argument("--max-ndcg-drop", type=float, default=0.01, help="refuse to publish beyond this NDCG@20 loss")
+    p.add_argument("--queries", type=whole_number(1), default=300, help="queries for NDCG@20 (default %(default)s)")
+    p.add_argument(
+        "--candidates", type=whole_number(K), default=200, help="rows ranked per query (default %(default)s)"
+    )
+    p.add_argument("--seconds", type=number(above=0), default=2.0, help="timing per model at batch 256")
+    p.add_argument(
+        "--max-ndcg-drop", type=number(at_least=0), default=0.01, help="refuse to publish beyond this NDCG@20 loss"
+    )
     p.add_argument("--dry-run", action="store_true", help="report only; write nothing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p

@@ -22,7 +22,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from infermesh.cli_help import CommandParser
+from infermesh.cli_help import CommandParser, whole_number
 from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, tools_redis_target, tools_redis_url
 from infermesh.workload.catalog import (
     DEFAULT_SEED,
@@ -497,17 +497,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
-def _seed(text: str) -> int:
-    """--seed: numpy's generators take whole numbers from 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a seed: a whole number from 0")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="infermesh seed",
@@ -520,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Redis to load (default: $INFERMESH_REDIS_URL, $REDIS_URL or {LOCAL_REDIS_URL})",
     )
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="key prefix (default: %(default)s)")
-    p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, help="catalog/model seed (default: %(default)s)")
+    p.add_argument(
+        "--seed", type=whole_number(0), default=DEFAULT_SEED, help="catalog/model seed (default: %(default)s)"
+    )
     p.add_argument("--force", action="store_true", help="retrain and reload even if already current")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

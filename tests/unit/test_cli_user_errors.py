@@ -3,6 +3,7 @@ traceback: a bad seed, a file where a directory belongs, a reader that leaves th
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from infermesh.cli import main as infermesh
+from infermesh.cli_help import number, whole_number
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,7 +21,7 @@ def test_seed_refuses_a_negative_seed_and_a_file_as_data_dir(
 ) -> None:
     with pytest.raises(SystemExit) as exited:
         infermesh(["seed", "--seed", "-1"])
-    assert exited.value.code == 2 and "is not a seed" in capsys.readouterr().err
+    assert exited.value.code == 2 and "give a whole number from 0" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     # Refused before any training or Redis work (that port has no Redis).
     assert infermesh(["seed", "--data-dir", str(tmp_path / "file"), "--redis-url", "redis://127.0.0.1:1"]) == 1
@@ -41,3 +43,35 @@ def test_a_closed_pipe_ends_a_command_without_a_traceback() -> None:
     err = process.stderr.read().decode()
     assert process.wait(timeout=60) == 1
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_number_types_refuse_what_is_out_of_range_or_not_finite() -> None:
+    assert whole_number(1)("3") == 3 and number(above=0)("0.5") == 0.5 and number(at_least=0)("0") == 0
+    for parse, text in (
+        (whole_number(1), "0"),
+        (whole_number(0), "-1"),
+        (whole_number(0), "1.5"),
+        (number(above=0), "0"),
+        (number(above=0), "nan"),
+        (number(at_least=0), "inf"),
+        (number(at_least=0), "-1"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError, match="give a"):
+            parse(text)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "--target-rps", "nan"],
+        ["plan", "--price-per-hour", "-1"],
+        ["models", "quantize", "--seconds", "0"],
+        ["models", "quantize", "--queries", "0"],
+        ["models", "quantize", "--candidates", "5"],  # NDCG@20 needs 20
+        ["drift", "baseline", "--bins", "1", "--data", "x.parquet"],
+    ],
+)
+def test_out_of_range_numbers_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        infermesh(argv)
+    assert exited.value.code == 2 and "give a" in capsys.readouterr().err

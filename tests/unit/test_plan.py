@@ -68,7 +68,15 @@ def test_an_unusable_file_is_named(
 def test_bad_numbers_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = tmp_path / "suite.json"
     source.write_text(json.dumps(SUITE))
-    for argv in (["--utilisation", "0"], ["--target-rps", "-5"], ["--cores-per-machine", "0"]):
-        with pytest.raises(SystemExit):
+    for argv in (
+        ["--utilisation", "0"],
+        ["--utilisation", "1.5"],
+        ["--target-rps", "-5"],
+        ["--target-rps", "inf"],
+        ["--cores-per-machine", "0"],
+        ["--price-per-hour", "-1"],
+    ):
+        with pytest.raises(SystemExit) as exited:
             plan_mod.main(["--from", str(source), *argv])
-        assert "--utilisation must be in (0, 1]" in capsys.readouterr().err
+        assert exited.value.code == 2
+        assert argv[0] in capsys.readouterr().err  # the flag that was wrong, by name
