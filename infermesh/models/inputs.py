@@ -61,7 +61,12 @@ class InputSpec:
 
 def input_specs(model: bytes) -> list[InputSpec]:
     """The model's graph inputs (initializers excluded), in order, with fixed per-row shapes."""
-    graph = onnx.load_model_from_string(model).graph
+    try:
+        graph = onnx.load_model_from_string(model).graph
+    except Exception as error:  # protobuf's DecodeError and kin: a truncated or foreign file
+        raise FeatureDataError(f"the model file is not an ONNX model ({type(error).__name__}: {error})") from None
+    if not graph.input:
+        raise FeatureDataError("the model file holds no ONNX graph with inputs (empty or not a model)")
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     specs = []
     for value in graph.input:

@@ -306,7 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         calibration = calibration_rows(args, specs, columns, evaluation) if args.method == "static" else None
     except FeatureDataError as error:
         return _fail(str(error))
-    int8_model = quantize_bytes(float_model, args.method, calibration)
+    try:
+        int8_model = quantize_bytes(float_model, args.method, calibration)
+    except Exception as error:  # onnxruntime.quantization raises what it meets, e.g. for ai.onnx.ml ops
+        return _fail(f"ONNX Runtime's quantizer cannot quantize {source}: {error}")
     reference = evaluation.labels if evaluation.labels is not None else scores(float_model, evaluation.rows)
     gains = query_gains(reference, evaluation.queries)
     before = measure(float_model, evaluation, gains, args.seconds)

@@ -156,3 +156,26 @@ def test_import_of_a_missing_file_says_so_in_one_line(tmp_path: Path, capsys: py
         err = capsys.readouterr().err
         assert err.startswith("infermesh models import: [Errno") and str(source) in err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_quantize_refuses_what_it_cannot_quantize_in_one_line(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows, labels = data
+    joblib.dump(LogisticRegression().fit(rows, labels), tmp_path / "clf.joblib")
+    repository = tmp_path / "repo"
+    assert (
+        infermesh(["models", "import", str(tmp_path / "clf.joblib"), "--model", "lr", "--repository", str(repository)])
+        == 0
+    )
+    (repository / "broken" / "1").mkdir(parents=True)
+    (repository / "broken" / "1" / "model.onnx").write_bytes(
+        (repository / "lr" / "1" / "model.onnx").read_bytes()[:300]
+    )
+    capsys.readouterr()
+    quantize = ["models", "quantize", "--repository", str(repository), "--queries", "5", "--seconds", "0.1", "--model"]
+    for model, says in (("lr", "quantizer cannot quantize"), ("broken", "is not an ONNX model")):
+        assert infermesh([*quantize, model]) == 1
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err
+    assert sorted(p.name for p in (repository / "lr").iterdir() if p.is_dir()) == ["1"]  # nothing published
