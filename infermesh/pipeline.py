@@ -29,6 +29,15 @@ def check_pipeline(path: str | Path | None, repository: Path | None, require_all
     against `repository` too when given (those it holds only, unless `require_all`); PipelineError."""
     pipeline = load_pipeline(path)
     registry, _ = checked_layout(pipeline, features_settings()[0])  # columns resolved as features resolves them
+    data = pipeline.spec.data
+    unknown = [(i, entry.view) for i, entry in enumerate(data.ingest)] if data is not None else []
+    problems = [
+        (f"data.ingest[{i}].view", f"no view {view!r}; the views: {', '.join(sorted(registry.views))}")
+        for i, view in unknown
+        if view not in registry.views
+    ]
+    if problems:
+        raise pipeline.error(problems)
     scored_model(GatewaySettings(), pipeline)
     pipeline_settings(RankingSettings(), pipeline)  # the chain as ranking builds it
     if repository is not None:
@@ -92,7 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # --model-repository, else the pipeline's own (its `data` section), else the demo's.
-        repository = args.model_repository or data_repository(load_pipeline(args.file)) or Path(model_repository())
+        loaded = load_pipeline(args.file)
+        own = data_repository(loaded)
+        repository = args.model_repository or own or Path(model_repository())
+        if repository == own and not own.is_dir():  # the file's own claim, not a default
+            raise loaded.error([("data.model_repository", f"no directory {own} (write the models there first)")])
         if not repository.is_dir():
             pipeline = check_pipeline(args.file, None)
             print(f"note: models not checked: no model repository at {repository} (--model-repository)")
@@ -101,8 +114,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as error:
         print(error, file=sys.stderr)
         return 1
+    for note in missing_data_files(pipeline):
+        print(f"note: {note}")
     print(summary(pipeline))
     return 0
+
+
+def missing_data_files(pipeline: PipelineFile) -> list[str]:
+    """data.ingest files not there (yet): `up` refuses to start without them."""
+    data = pipeline.spec.data
+    files = [(i, pipeline.resolve(entry.file)) for i, entry in enumerate(data.ingest)] if data is not None else []
+    return [
+        f"data.ingest[{i}].file: no file {path} yet; `infermesh up` needs it" for i, path in files if not path.is_file()
+    ]
 
 
 if __name__ == "__main__":

@@ -85,9 +85,16 @@ class InputSpec(_Strict):
 
 class ModelSpec(_Strict):
     name: str = Field(min_length=1)
-    version: str = ""  # empty: the latest the repository serves
+    version: str = ""  # a version number; empty: the latest the repository serves
     output: str = Field("score", min_length=1)
     inputs: list[InputSpec] = Field(min_length=1)
+
+    @field_validator("version")
+    @classmethod
+    def _version_number(cls, version: str) -> str:
+        if version and not (version.isdigit() and int(version) >= 1):
+            raise ValueError(f'got {version[:40]!r}; expected a version number such as "3", or none for the latest')
+        return version
 
     @model_validator(mode="after")
     def _unique_inputs(self) -> ModelSpec:

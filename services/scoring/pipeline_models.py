@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from services.runtime.pipeline import FeatureColumn, ModelInput, PipelineFile, check_model
 from services.scoring.config import MODEL_FILE, ConfigError
@@ -32,13 +33,32 @@ def model_inputs(directory: Path, version: str = "") -> tuple[list[ModelInput], 
     return _onnx_inputs(directory / str(chosen) / MODEL_FILE), f"{directory.name}/{chosen}/{MODEL_FILE}"
 
 
-def _onnx_inputs(path: Path) -> list[ModelInput]:
+def model_outputs(directory: Path, version: str = "") -> list[str]:
+    """The output names of the model in `directory`: its config's, else the ONNX file's of
+    the version the pipeline calls; empty when there is no file to read them from."""
+    config, _ = read_model_config(directory, None)
+    if config.outputs:
+        return [spec.name for spec in config.outputs]
+    on_disk = sorted(versions_on_disk(directory))
+    chosen = int(version) if version.isdigit() else (on_disk[-1] if on_disk else None)
+    if chosen not in on_disk:
+        return []
+    return [node.name for node in _onnx_graph(directory / str(chosen) / MODEL_FILE).output]
+
+
+def _onnx_graph(path: Path) -> Any:
     import onnx  # only here: the check reads the graph's declarations, not its weights
 
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
+        return onnx.load(str(path), load_external_data=False).graph
     except Exception as error:  # noqa: BLE001 (whatever the parser raises, the file is at fault)
         raise ConfigError(f"{path.parent.parent.name}/{path.parent.name}/{path.name}: unreadable: {error}") from None
+
+
+def _onnx_inputs(path: Path) -> list[ModelInput]:
+    import onnx
+
+    graph = _onnx_graph(path)
     weights = {w.name for w in graph.initializer}
     inputs = []
     for node in graph.input:
@@ -57,8 +77,9 @@ def check_models(
     views: Mapping[str, Mapping[str, FeatureColumn]] | None = None,
     require_all: bool = True,
 ) -> None:
-    """Every pipeline model's inputs against the repository's (widths too when `views` are
-    given); a model missing from the repository is an error unless `require_all` is false."""
+    """Every pipeline model's inputs and output against the repository's (widths too when
+    `views` are given); a model, or a pinned version, missing from the repository is an error
+    unless `require_all` is false."""
     for index, model in enumerate(pipeline.spec.models):
         directory = repository / model.name
         if not directory.is_dir():
@@ -67,8 +88,17 @@ def check_models(
                     [(f"models[{index}].name", f"no model {model.name!r} in the model repository {repository}")]
                 )
             continue
+        on_disk = sorted(versions_on_disk(directory))
+        if require_all and model.version and int(model.version) not in on_disk:
+            found = ", ".join(map(str, on_disk)) or "none"
+            problem = f"{model.name} has no version {model.version} in {repository} (on disk: {found})"
+            raise pipeline.error([(f"models[{index}].version", problem)])
         try:
             inputs, where = model_inputs(directory, model.version)
+            outputs = model_outputs(directory, model.version)
         except ConfigError as error:
             raise pipeline.error([(f"models[{index}]", f"its inputs cannot be read: {error}")]) from None
         check_model(pipeline, index, inputs, where, views)
+        if outputs and model.output not in outputs:
+            problem = f"{model.name} has no output {model.output!r}; its outputs: {', '.join(outputs)}"
+            raise pipeline.error([(f"models[{index}].output", problem)])

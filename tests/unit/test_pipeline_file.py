@@ -342,3 +342,36 @@ def test_inputs_read_from_the_onnx_file(tmp_path: Path) -> None:
 
 def _columns(pipeline: PipelineFile) -> dict[str, dict[str, FeatureColumn]]:
     return view_columns(checked_registry(pipeline))
+
+
+# ----------------------------------------------------------------- what `check` adds
+
+
+def test_an_output_the_model_does_not_have_is_refused(tmp_path: Path, repository: Path) -> None:
+    bad = demo_with(tmp_path, "    output: score", "    output: nope")
+    assert "models[0].output: ranker has no output 'nope'; its outputs: score" in failure(bad, repository)
+
+
+def test_a_pinned_version_must_be_a_number_on_disk(tmp_path: Path, repository: Path) -> None:
+    (repository / "ranker" / "1").mkdir()
+    (repository / "ranker" / "1" / "model.onnx").write_bytes(b"")
+    pinned = demo_with(tmp_path, "    output: score", '    version: "7"\n    output: score')
+    assert "models[0].version: ranker has no version 7" in failure(pinned, repository)
+    check_models(load_pipeline(pinned), repository, require_all=False)  # a service may see it published later
+    named = demo_with(tmp_path, "    output: score", '    version: "latest"\n    output: score')
+    assert "expected a version number" in failure(named)
+
+
+def test_data_ingest_names_views_and_its_repository_exists(
+    tmp_path: Path, repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = "data:\n  model_repository: models\n  ingest:\n    - {view: user, file: users.csv}\n"
+    good = write(tmp_path, DEMO_TEXT + data)
+    assert pipeline_cli(["check", str(good)]) == 0  # its own repository: tmp_path/models
+    out = capsys.readouterr().out
+    assert "note: data.ingest[0].file: no file" in out and "is valid" in out
+    unknown = write(tmp_path, DEMO_TEXT + data.replace("view: user", "view: usr"), "unknown.yaml")
+    assert "data.ingest[0].view: no view 'usr'" in failure(unknown)
+    elsewhere = write(tmp_path, DEMO_TEXT + data.replace("models", "nowhere"), "elsewhere.yaml")
+    assert pipeline_cli(["check", str(elsewhere)]) == 1
+    assert "data.model_repository: no directory" in capsys.readouterr().err
