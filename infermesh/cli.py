@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pydantic import SecretStr
 
 from infermesh import __version__
-from infermesh.cli_help import CommandParser, add_delegated, run_delegated
+from infermesh.cli_help import CommandParser, add_delegated, port, run_delegated
 from infermesh.settings import (
     add_data_dir_argument,
     local_redis_password,
@@ -53,8 +53,10 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     up.add_argument(
         "--replicas", type=_replicas, default={}, help="e.g. scoring=2,features=2 (default scoring=2, others 1)"
     )
-    up.add_argument("--edge-port", type=int, default=8080, help="REST + gRPC edge port (default %(default)s)")
-    up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port, on 127.0.0.1 (default %(default)s)")
+    up.add_argument("--edge-port", type=port, default=8080, help="REST + gRPC edge port (default %(default)s)")
+    up.add_argument(
+        "--admin-port", type=port, default=9901, help="Envoy admin port, on 127.0.0.1 (default %(default)s)"
+    )
     add_data_dir_argument(up, "models, Redis dump, rendered Envoy config and logs")
     up.add_argument(
         "--redis-url",

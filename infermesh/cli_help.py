@@ -154,3 +154,11 @@ def number(*, above: float | None = None, at_least: float | None = None) -> Call
         return value
 
     return parse
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    value = whole_number(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: give a TCP port, 1..65535")
+    return value

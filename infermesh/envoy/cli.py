@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from infermesh.certs import CertPaths
-from infermesh.cli_help import CommandParser
+from infermesh.cli_help import CommandParser, port
 from infermesh.envoy.bootstrap import (
     INSTALLED_DESCRIPTOR_SET,
     LOCAL_CONFIG,
@@ -224,8 +224,8 @@ def build_parser(prog: str = "infermesh envoy") -> argparse.ArgumentParser:
     rend.add_argument(
         "--replicas", default="", help="e.g. scoring=2,features=1 (default: scoring=2, one of each other service)"
     )
-    rend.add_argument("--edge-port", type=int, default=DEFAULT_EDGE_PORT, help="REST + gRPC edge port")
-    rend.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT, help="Envoy admin port, on 127.0.0.1")
+    rend.add_argument("--edge-port", type=port, default=DEFAULT_EDGE_PORT, help="REST + gRPC edge port")
+    rend.add_argument("--admin-port", type=port, default=DEFAULT_ADMIN_PORT, help="Envoy admin port, on 127.0.0.1")
     rend.add_argument(
         "--descriptor-set",
         type=Path,

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from infermesh.cli_help import CommandParser, add_delegated, run_delegated
+from infermesh.cli_help import CommandParser, add_delegated, run_delegated, whole_number
 from infermesh.settings import LOCAL_REDIS_URL, features_settings, tools_redis_url
 from services.runtime.redis_keys import DEFAULT_NAMESPACE
 
@@ -36,8 +36,12 @@ def _ingest_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
         default=features_settings()[1],
         help=f"root key namespace (default $FEATURES_NAMESPACE or {DEFAULT_NAMESPACE})",
     )
-    p.add_argument("--batch-rows", type=int, default=10_000, help="rows per pipeline round trip (default %(default)s)")
-    p.add_argument("--max-bad-rows", type=int, default=None, help="abort (nothing switched) past this many bad rows")
+    p.add_argument(
+        "--batch-rows", type=whole_number(1), default=10_000, help="rows per pipeline round trip (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-bad-rows", type=whole_number(0), default=None, help="abort (nothing switched) past this many bad rows"
+    )
     p.add_argument("--bad-rows-out", type=Path, help="write every bad row (place<TAB>reason) to this file")
     p.add_argument("--index", type=Path, help="also rebuild the candidate index here (retrieval item view only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import redis
 
-from infermesh.cli_help import CommandParser, add_delegated
+from infermesh.cli_help import CommandParser, add_delegated, number
 from infermesh.settings import LOCAL_REDIS_URL, add_data_dir_argument, redis_env, tools_redis_target, tools_redis_url
 from services.jobs.settings import JobsSettings
 from services.jobs.store import COMPLETED, FINISHED, JobStatus
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the job's status as JSON")
     wait = commands.add_parser("wait", help="follow a job with a progress bar until it finishes")
     wait.add_argument("job_id", help="the id `jobs submit` printed")
-    wait.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 3)")
+    wait.add_argument("--timeout", type=number(above=0), default=None, help="give up after this many seconds (exit 3)")
     wait.add_argument("--interval", type=float, default=0.5, help="seconds between polls (default %(default)s)")
     cancel = commands.add_parser("cancel", help="stop a job: requests not yet run are not run")
     cancel.add_argument("job_id", help="the id `jobs submit` printed")

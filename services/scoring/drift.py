@@ -249,6 +249,9 @@ class DriftReference:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(self.to_json(), handle, indent=1, sort_keys=True)
                 handle.write("\n")
+            # mkstemp makes it 0600; readable like the model files beside it, for a scoring
+            # process that runs as another user (the Kubernetes pods' UID 10001).
+            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

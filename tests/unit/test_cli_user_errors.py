@@ -69,6 +69,10 @@ def test_number_types_refuse_what_is_out_of_range_or_not_finite() -> None:
         ["models", "quantize", "--queries", "0"],
         ["models", "quantize", "--candidates", "5"],  # NDCG@20 needs 20
         ["drift", "baseline", "--bins", "1", "--data", "x.parquet"],
+        ["envoy", "render", "--edge-port", "70000"],
+        ["up", "--admin-port", "0"],
+        ["features", "ingest", "user", "x.csv", "--batch-rows", "0"],
+        ["jobs", "wait", "job-1", "--timeout", "-1"],
     ],
 )
 def test_out_of_range_numbers_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

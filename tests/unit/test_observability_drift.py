@@ -144,7 +144,9 @@ def test_psi_maths() -> None:
 
 
 def test_reference_round_trip(tmp_path: Path, reference: DriftReference) -> None:
-    loaded = DriftReference.load(reference.save(tmp_path / REFERENCE_NAME))
+    saved = reference.save(tmp_path / REFERENCE_NAME)
+    assert saved.stat().st_mode & 0o777 == 0o644  # readable as the model files beside it are
+    loaded = DriftReference.load(saved)
     assert loaded.feature_names == reference.feature_names
     assert np.allclose(loaded.input_cuts, reference.input_cuts)
     assert np.allclose(loaded.input_expected, reference.input_expected)
