@@ -149,6 +149,7 @@ def _check_rate(what: str, rps: int | None, burst: int | None) -> None:
 def parse_api_keys(text: str) -> tuple[ApiKey, ...]:
     """`client:key` per line; blank lines and `#` comments are skipped."""
     keys = []
+    first_line: dict[str, int] = {}  # key -> the line it was first given on
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -156,7 +157,11 @@ def parse_api_keys(text: str) -> tuple[ApiKey, ...]:
         client, sep, key = line.partition(":")
         if not sep or not client.strip() or not key.strip():
             raise ValueError(f"API key file line {number}: expected CLIENT:KEY")
-        keys.append(ApiKey(client.strip(), key.strip()))
+        key = key.strip()
+        if key in first_line:  # one key, two clients: a request could not say which one called
+            raise ValueError(f"API key file line {number}: the key of line {first_line[key]} again; one key per client")
+        first_line[key] = number
+        keys.append(ApiKey(client.strip(), key))
     if not keys:
         raise ValueError("the API key file holds no key")
     return tuple(keys)

@@ -15,7 +15,10 @@ from infermesh.cli_help import group_parser, run_group
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("infermesh.bench.scoring", "scoring throughput through gRPC vs raw ONNX Runtime"),
-    "quantize": ("infermesh.models.quantize", "add an int8 (dynamic quantization) version of a model"),
+    "quantize": (
+        "infermesh.models.quantize",
+        "add an int8 version of a model (dynamic or static quantization), gated on NDCG@20",
+    ),
     "import": ("infermesh.models.importer", "convert a scikit-learn or LightGBM model to ONNX as a new version"),
 }
 

@@ -715,6 +715,10 @@ def test_parse_api_keys() -> None:
     for bad in ("alice", ":k", "alice:", "# only a comment"):
         with pytest.raises(ValueError):
             envoy.parse_api_keys(bad)
+    # One key for two clients: which one called could not be told apart; the key is not echoed.
+    with pytest.raises(ValueError, match="line 3: the key of line 1 again") as refused:
+        envoy.parse_api_keys("a: s3cret\n# b's\nb: s3cret\n")
+    assert "s3cret" not in str(refused.value)
 
 
 def test_config_holding_api_keys_is_private(tmp_path: Path) -> None:
