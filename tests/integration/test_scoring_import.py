@@ -29,6 +29,14 @@ def data() -> tuple[np.ndarray, np.ndarray]:
     return rows, (rows[:, 0] + 0.5 * rows[:, 1] > 0).astype(int)
 
 
+@pytest.fixture
+def logreg(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> Path:
+    """A fitted scikit-learn logistic regression, dumped as `models import` takes it."""
+    rows, labels = data
+    joblib.dump(LogisticRegression().fit(rows, labels), tmp_path / "clf.joblib")
+    return tmp_path / "clf.joblib"
+
+
 def infer_request(model: str, rows: np.ndarray, output: str) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="features", datatype="FP32", shape=list(rows.shape))
@@ -107,23 +115,19 @@ def test_import_refuses_a_file_that_is_not_a_model(tmp_path: Path, capsys: pytes
 
 
 def test_import_refuses_a_model_name_that_is_not_one_directory(
-    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, logreg: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rows, labels = data
-    joblib.dump(LogisticRegression().fit(rows, labels), tmp_path / "clf.joblib")
     repository = tmp_path / "repo"
     for name in ("../escape", "a/b", "", ".."):
         with pytest.raises(SystemExit) as exited:  # argparse's usage error, before any work
-            infermesh(
-                ["models", "import", str(tmp_path / "clf.joblib"), "--model", name, "--repository", str(repository)]
-            )
+            infermesh(["models", "import", str(logreg), "--model", name, "--repository", str(repository)])
         assert exited.value.code == 2
     assert "is not a model name" in capsys.readouterr().err
     assert not repository.exists() and not (tmp_path / "escape").exists()
 
 
 def test_import_refuses_a_model_that_does_not_fit_the_existing_config(
-    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, logreg: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The reference ranker: config.json declares input `features` and output `score`.
     from infermesh.workload import modelgen
@@ -139,11 +143,7 @@ def test_import_refuses_a_model_that_does_not_fit_the_existing_config(
         },
     )
     modelgen.write_version(repository, "ranker", 1, modelgen.mlp_model(0))
-    rows, labels = data
-    joblib.dump(LogisticRegression().fit(rows, labels), tmp_path / "clf.joblib")
-    code = infermesh(
-        ["models", "import", str(tmp_path / "clf.joblib"), "--model", "ranker", "--repository", str(repository)]
-    )
+    code = infermesh(["models", "import", str(logreg), "--model", "ranker", "--repository", str(repository)])
     assert code == 1
     err = capsys.readouterr().err
     assert "exists with outputs ['score']" in err and "another --model name" in err
@@ -159,15 +159,10 @@ def test_import_of_a_missing_file_says_so_in_one_line(tmp_path: Path, capsys: py
 
 
 def test_quantize_refuses_what_it_cannot_quantize_in_one_line(
-    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, logreg: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rows, labels = data
-    joblib.dump(LogisticRegression().fit(rows, labels), tmp_path / "clf.joblib")
     repository = tmp_path / "repo"
-    assert (
-        infermesh(["models", "import", str(tmp_path / "clf.joblib"), "--model", "lr", "--repository", str(repository)])
-        == 0
-    )
+    assert infermesh(["models", "import", str(logreg), "--model", "lr", "--repository", str(repository)]) == 0
     (repository / "broken" / "1").mkdir(parents=True)
     (repository / "broken" / "1" / "model.onnx").write_bytes(
         (repository / "lr" / "1" / "model.onnx").read_bytes()[:300]
