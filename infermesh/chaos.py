@@ -249,6 +249,7 @@ class Answer:
     seconds: float  # from the call's start
     failed: bool
     degraded: bool
+    reasons: tuple[str, ...] = ()  # RecommendResponse.degraded_reasons: which fallback answered
 
 
 class Recorder:
@@ -270,7 +271,7 @@ class Recorder:
             self.error_samples.setdefault(error.code().name, (error.details() or "")[:200])
             raise RequestFailed(error.code().name, error.details() or "") from None
         now = time.perf_counter()
-        self.answers.append(Answer(now, now - started, False, bool(reply.degraded)))
+        self.answers.append(Answer(now, now - started, False, bool(reply.degraded), tuple(reply.degraded_reasons)))
         return reply
 
 
@@ -323,6 +324,7 @@ class Row:
     recovered_s: float | None
     notes: str
     lost: bool  # lost a request it must not (--short fails)
+    degraded_reasons: dict[str, int] = field(default_factory=dict)  # reason -> degraded answers giving it
 
 
 # ------------------------------------------------------------------------------ faults
@@ -579,7 +581,10 @@ def summarize(scenario: Scenario, run: RunResult, recorder: Recorder, fault: Fau
     sent = answered + sum(errors.values()) + dropped
     failed = sum(errors.values()) + dropped
     degraded = sum(a.degraded for a in recorder.answers)
+    reasons = Counter(reason for a in recorder.answers for reason in a.reasons)
     notes = list(fault.notes)
+    if reasons:
+        notes.append("degraded: " + ", ".join(f"{reason} {count}" for reason, count in reasons.most_common()))
     if errors:
         notes.append(
             "errors: "
@@ -607,6 +612,7 @@ def summarize(scenario: Scenario, run: RunResult, recorder: Recorder, fault: Fau
         recovery(fault, recorder, scenario.slow_ms),
         "; ".join(notes),
         lost,
+        dict(reasons),
     )
 
 

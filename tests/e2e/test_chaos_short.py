@@ -48,7 +48,9 @@ def test_chaos_short_loses_no_request(reference_data: Path, tmp_path: Path) -> N
     for name in ("kill-scoring", "kill-ranking"):
         assert rows[name]["recovered_s"] is not None, (name, report)  # the killed replica came back
         assert rows[name]["sent"] >= 200, report  # 60/s for 8 s: load, not a trickle
-    assert rows["kill-scoring"]["degraded"] == 0, report  # the other replica answered
+    # The other replica answered: no answer fell back to the scoring fallback. (A feature read
+    # past its budget while the replica restarts may degrade an answer on a slow VM: not this.)
+    assert "scoring_unavailable" not in rows["kill-scoring"]["degraded_reasons"], report
     # The table, as printed: a header and one row per scenario.
     lines = done.stdout.splitlines()
     assert "| scenario | sent | failed | degraded | p50 ms | p99 ms | recovered in | notes |" in lines
