@@ -29,6 +29,7 @@ import argparse
 import datetime
 import ipaddress
 import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -141,6 +142,23 @@ def client_credentials(paths: CertPaths, *, with_client_cert: bool = True):  # t
 
 
 # --------------------------------------------------------------------------- generation
+
+
+# A DNS name of letters, digits and '-' labels joined by '.' (a leading '*.' for a wildcard).
+_DNS_NAME = re.compile(
+    r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+
+
+def host_name(text: str) -> str:
+    """--host: an IP address or a DNS name a certificate can name; else a usage error."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if len(text) > 253 or not _DNS_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text[:60]!r} is neither an IP address nor a DNS name")
+    return text
 
 
 def _names(hosts: Iterable[str]):  # type: ignore[no-untyped-def]
@@ -321,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host",
         action="append",
+        type=host_name,
         default=[],
         metavar="NAME",
         help="one more DNS name or IP the edge and services are reached by (repeatable); "

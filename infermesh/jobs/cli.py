@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _results_note(state: str) -> str:
+    """What the results path means while the job is not completed."""
+    if state in FINISHED:  # cancelled or failed: no file is coming
+        return f", not written: the job {state}"
+    return ", written when the job completes"
+
+
 def describe(status: JobStatus) -> str:
     eta = status.eta_seconds
     lines = [
@@ -75,7 +82,7 @@ def describe(status: JobStatus) -> str:
         f"  elapsed     {status.elapsed_seconds:.1f} s, {status.throughput:.1f} requests/s"
         + (f", ETA {eta:.0f} s" if eta is not None and status.state not in FINISHED else ""),
         f"  results     {status.results} ({status.results_format})"
-        + ("" if status.state == COMPLETED else ", written when the job completes"),
+        + ("" if status.state == COMPLETED else _results_note(status.state)),
     ]
     if status.trace_id:
         lines.append(f"  trace       {status.trace_id} (its requests' traces link to it)")

@@ -79,3 +79,29 @@ def test_out_of_range_numbers_are_usage_errors(argv: list[str], capsys: pytest.C
     with pytest.raises(SystemExit) as exited:
         infermesh(argv)
     assert exited.value.code == 2 and "give a" in capsys.readouterr().err
+
+
+def test_certs_hosts_are_ip_addresses_or_dns_names() -> None:
+    from infermesh.certs import host_name
+
+    for ok in ("mesh.example.com", "10.0.0.1", "::1", "*.svc.cluster.local", "edge-1"):
+        assert host_name(ok) == ok
+    for bad in ("", "bad host!", "-x.com", "a..b", "x" * 300):
+        with pytest.raises(argparse.ArgumentTypeError, match="neither an IP address nor a DNS name"):
+            host_name(bad)
+
+
+@pytest.mark.parametrize(
+    ("state", "says"),
+    [
+        ("running", "written when the job completes"),
+        ("cancelled", "not written: the job cancelled"),
+        ("failed", "not written: the job failed"),
+    ],
+)
+def test_job_status_says_whether_results_are_coming(state: str, says: str) -> None:
+    from infermesh.jobs.cli import describe
+    from services.jobs.store import JobStatus
+
+    status = JobStatus("job-1", state, 10, 4, 1, 1.0, 2.0, None, "/tmp/r.jsonl", "jsonl", "api", "", "")
+    assert says in describe(status)
