@@ -29,12 +29,11 @@ def check_pipeline(path: str | Path | None, repository: Path | None, require_all
     against `repository` too when given (those it holds only, unless `require_all`); PipelineError."""
     pipeline = load_pipeline(path)
     registry, _ = checked_layout(pipeline, features_settings()[0])  # columns resolved as features resolves them
-    data = pipeline.spec.data
-    unknown = [(i, entry.view) for i, entry in enumerate(data.ingest)] if data is not None else []
+    ingest = pipeline.spec.data.ingest if pipeline.spec.data is not None else []
     problems = [
-        (f"data.ingest[{i}].view", f"no view {view!r}; the views: {', '.join(sorted(registry.views))}")
-        for i, view in unknown
-        if view not in registry.views
+        (f"data.ingest[{i}].view", f"no view {entry.view!r}; the views: {', '.join(sorted(registry.views))}")
+        for i, entry in enumerate(ingest)
+        if entry.view not in registry.views
     ]
     if problems:
         raise pipeline.error(problems)
@@ -122,10 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def missing_data_files(pipeline: PipelineFile) -> list[str]:
     """data.ingest files not there (yet): `up` refuses to start without them."""
-    data = pipeline.spec.data
-    files = [(i, pipeline.resolve(entry.file)) for i, entry in enumerate(data.ingest)] if data is not None else []
+    ingest = pipeline.spec.data.ingest if pipeline.spec.data is not None else []
     return [
-        f"data.ingest[{i}].file: no file {path} yet; `infermesh up` needs it" for i, path in files if not path.is_file()
+        f"data.ingest[{i}].file: no file {pipeline.resolve(entry.file)} yet; `infermesh up` needs it"
+        for i, entry in enumerate(ingest)
+        if not pipeline.resolve(entry.file).is_file()
     ]
 
 

@@ -150,9 +150,9 @@ def _run(command: list[str], timeout: float) -> str:
 
 
 def run_wrk(url: str, script: Path, concurrency: int, seconds: float, warmup: float) -> Row:
-    base = ["wrk", "-t1", f"-c{concurrency}", "--latency", "-s", str(script), url]
-    _run([*base[:-1], f"-d{warmup:g}s", url], warmup + 30)
-    return parse_wrk(_run([*base[:-1], f"-d{seconds:g}s", url], seconds + 30), concurrency)
+    base = ["wrk", "-t1", f"-c{concurrency}", "--latency", "-s", str(script)]
+    _run([*base, f"-d{warmup:g}s", url], warmup + 30)  # the warm-up: its report is dropped
+    return parse_wrk(_run([*base, f"-d{seconds:g}s", url], seconds + 30), concurrency)
 
 
 def run_h2load(

@@ -27,6 +27,8 @@ with live in (and are imported from) its module.
 
 from infermesh.envoy.bootstrap import (
     DEFAULT_DESCRIPTOR_SET,
+    GENPROTO_PACKAGE,
+    INSTALLED_DESCRIPTOR_SET,
     LOCAL_CONFIG,
     LOCAL_TRACING,
     local_config_is_fresh,
@@ -46,6 +48,8 @@ from infermesh.envoy.tracing import COLLECTOR_CLUSTER, Tracing, sampling_percent
 __all__ = [
     "COLLECTOR_CLUSTER",
     "DEFAULT_DESCRIPTOR_SET",
+    "GENPROTO_PACKAGE",
+    "INSTALLED_DESCRIPTOR_SET",
     "LOCAL_CONFIG",
     "LOCAL_TRACING",
     "MAX_REQUEST_BYTES",

@@ -25,7 +25,10 @@ from services.runtime.topology import SERVICES, Endpoint, MeshTopology, local_to
 DEFAULT_DESCRIPTOR_SET = Path("services/genproto/infermesh_descriptor.binpb")
 # The same file where this install has it (a checkout's or a wheel's site-packages): what a
 # config rendered for this machine names, so it validates and runs from any directory.
-INSTALLED_DESCRIPTOR_SET = Path(str(resources.files("services.genproto") / DEFAULT_DESCRIPTOR_SET.name))
+# It ships as package data of services.genproto (pyproject.toml), with the OpenAPI document
+# beside it, so it is found the same way in a wheel's site-packages as in a checkout.
+GENPROTO_PACKAGE = "services.genproto"
+INSTALLED_DESCRIPTOR_SET = Path(str(resources.files(GENPROTO_PACKAGE) / DEFAULT_DESCRIPTOR_SET.name))
 LOCAL_CONFIG = Path("envoy/local.json")
 # envoy/local.json is what `infermesh up` runs without --otlp-endpoint: no tracer.
 LOCAL_TRACING: Tracing | None = None

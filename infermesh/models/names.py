@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import re
 
+from infermesh.cli_help import whole_number
+
 # Letters, digits, '_', '-' and '.', starting with a letter or digit (so never '.' or '..').
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_VERSION = whole_number(1)  # Triton's versions: 1, 2, ...
 
 
 def model_name(text: str) -> str:
@@ -24,9 +27,6 @@ def model_name(text: str) -> str:
 
 def model_version(text: str) -> int:
     try:
-        version = int(text)
-    except ValueError:
-        version = 0
-    if version < 1:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a model version: a whole number from 1")
-    return version
+        return _VERSION(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a model version: a whole number from 1") from None

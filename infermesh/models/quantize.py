@@ -43,6 +43,7 @@ from infermesh.settings import model_repository
 from infermesh.workload import modelgen
 from infermesh.workload.catalog import DEFAULT_SEED, ndcg_at_k
 from services.scoring.config import MODEL_FILE, read_provenance
+from services.scoring.discovery import versions_on_disk
 from services.scoring.loading import session_options
 
 K = 20
@@ -202,24 +203,17 @@ def calibration_rows(
     return {name: values[:CALIBRATION_ROWS] for name, values in evaluation.rows.items()}
 
 
-def newest_version(directory: Path, prog: str = "infermesh models quantize") -> int:
-    versions = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / MODEL_FILE).is_file()]
+def newest_version(directory: Path, prog: str = "infermesh models quantize", *, float_only: bool = False) -> int:
+    """The newest <version>/model.onnx of a model directory (as the repository finds them);
+    `float_only`: the newest not made by quantize (no quantized.json), what it quantizes."""
+    versions = sorted(versions_on_disk(directory))
     if not versions:
         raise SystemExit(f"{prog}: no <version>/{MODEL_FILE} under {directory}")
-    return max(versions)
-
-
-def newest_float_version(directory: Path) -> int:
-    """The newest version not made by quantize (no quantized.json): what to quantize by default."""
-    floats = [
-        int(p.name)
-        for p in directory.iterdir()
-        if p.name.isdigit() and (p / MODEL_FILE).is_file() and not (p / QUANTIZED_FILE).is_file()
-    ]
-    if not floats:
-        newest_version(directory)  # no version at all: its message
-        raise SystemExit(f"infermesh models quantize: every version under {directory} is already int8")
-    return max(floats)
+    if float_only:
+        versions = [v for v in versions if not (directory / str(v) / QUANTIZED_FILE).is_file()]
+        if not versions:
+            raise SystemExit(f"{prog}: every version under {directory} is already int8")
+    return versions[-1]
 
 
 def add_model_arguments(p: argparse.ArgumentParser, model_help: str, version_help: str) -> None:
@@ -292,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     directory = args.repository / args.model
     if not directory.is_dir():
         return _fail(f"no model {args.model!r} in {args.repository}")
-    source_version = args.version or newest_float_version(directory)
+    source_version = args.version or newest_version(directory, float_only=True)
     source = directory / str(source_version) / MODEL_FILE
     if not source.is_file():
         return _fail(f"{source} does not exist")

@@ -36,7 +36,6 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import grpc
@@ -65,12 +64,9 @@ from services.runtime.topology import (
 )
 
 # Envoy's transcoder reads the descriptor set and serves the OpenAPI document beside it
-# (GET /v1/openapi.json). Both ship as package data of services.genproto (pyproject.toml),
-# so they are found the same way in a wheel's site-packages as in a checkout.
-GENPROTO_PACKAGE = "services.genproto"
-DESCRIPTOR_SET_FILE = "infermesh_descriptor.binpb"
+# (GET /v1/openapi.json): both from the installed services.genproto (infermesh/envoy/bootstrap.py).
 OPENAPI_FILE = "openapi.json"
-DESCRIPTOR_SET = Path(str(resources.files(GENPROTO_PACKAGE) / DESCRIPTOR_SET_FILE))
+DESCRIPTOR_SET = envoy.INSTALLED_DESCRIPTOR_SET
 MODULES: Mapping[str, str] = {
     GATEWAY: "gateway",
     FEATURES: "services.features",
@@ -96,7 +92,7 @@ def check_transcoder_files(descriptor_set: Path) -> None:
     for path in (descriptor_set, descriptor_set.parent / OPENAPI_FILE):
         if not path.is_file():
             raise MeshError(
-                f"{path} is missing: Envoy needs it (the {GENPROTO_PACKAGE} package data). "
+                f"{path} is missing: Envoy needs it (the {envoy.GENPROTO_PACKAGE} package data). "
                 "Reinstall infermesh, or in a checkout run scripts/gen_protos.py."
             )
 

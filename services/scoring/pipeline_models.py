@@ -26,10 +26,9 @@ def model_inputs(directory: Path, version: str = "") -> tuple[list[ModelInput], 
     if config.inputs:
         where = config.source.file or directory.name
         return [ModelInput(s.name, s.datatype, tuple(s.shape)) for s in config.inputs], where
-    on_disk = sorted(versions_on_disk(directory))
-    chosen = int(version) if version.isdigit() else (on_disk[-1] if on_disk else None)
-    if chosen not in on_disk:
-        raise ConfigError(f"{directory.name}: no {chosen or '<version>'}/{MODEL_FILE} to read the inputs from")
+    chosen = _chosen_version(directory, version)
+    if chosen is None:
+        raise ConfigError(f"{directory.name}: no {version or '<version>'}/{MODEL_FILE} to read the inputs from")
     return _onnx_inputs(directory / str(chosen) / MODEL_FILE), f"{directory.name}/{chosen}/{MODEL_FILE}"
 
 
@@ -39,11 +38,17 @@ def model_outputs(directory: Path, version: str = "") -> list[str]:
     config, _ = read_model_config(directory, None)
     if config.outputs:
         return [spec.name for spec in config.outputs]
-    on_disk = sorted(versions_on_disk(directory))
-    chosen = int(version) if version.isdigit() else (on_disk[-1] if on_disk else None)
-    if chosen not in on_disk:
+    chosen = _chosen_version(directory, version)
+    if chosen is None:
         return []
     return [node.name for node in _onnx_graph(directory / str(chosen) / MODEL_FILE).output]
+
+
+def _chosen_version(directory: Path, version: str) -> int | None:
+    """The version the pipeline calls (`version`, else the newest on disk) if it is on disk."""
+    on_disk = sorted(versions_on_disk(directory))
+    chosen = int(version) if version.isdigit() else (on_disk[-1] if on_disk else None)
+    return chosen if chosen in on_disk else None
 
 
 def _onnx_graph(path: Path) -> Any:
@@ -88,9 +93,8 @@ def check_models(
                     [(f"models[{index}].name", f"no model {model.name!r} in the model repository {repository}")]
                 )
             continue
-        on_disk = sorted(versions_on_disk(directory))
-        if require_all and model.version and int(model.version) not in on_disk:
-            found = ", ".join(map(str, on_disk)) or "none"
+        if require_all and model.version and _chosen_version(directory, model.version) is None:
+            found = ", ".join(map(str, sorted(versions_on_disk(directory)))) or "none"
             problem = f"{model.name} has no version {model.version} in {repository} (on disk: {found})"
             raise pipeline.error([(f"models[{index}].version", problem)])
         try:
