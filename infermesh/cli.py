@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pydantic import SecretStr
 
 from infermesh import __version__
-from infermesh.cli_help import CommandParser, add_delegated, port, run_delegated
+from infermesh.cli_help import CommandParser, add_delegated, port, run_delegated, whole_number
 from infermesh.settings import (
     add_data_dir_argument,
     local_redis_password,
@@ -114,6 +114,13 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     up.add_argument(
         "--restart-window", type=float, default=60.0, help="seconds, see --max-restarts (default %(default)s)"
+    )
+    up.add_argument(
+        "--envoy-workers",
+        type=whole_number(1),
+        default=1,
+        help="Envoy's worker threads (its --concurrency). On one machine Envoy shares the cores with "
+        "every service, and one worker is far from its limit at what they serve (default %(default)s)",
     )
     up.add_argument(
         "--workers",
@@ -402,6 +409,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             redis_credentials=redis,
             healer=Healer(restart_policy),
             bulk=lane,
+            envoy_workers=args.envoy_workers,
         )
         mesh.check_ports()
         print("starting services and Envoy...", flush=True)

@@ -259,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             envoy_port = free_port()
             config = workdir / "envoy.json"
             config.write_text(json.dumps(plain_proxy(envoy_port, server_port)))
-            envoy = _start(envoy_command(config, log_level="warn"), workdir / "envoy.log")
+            # One worker, as `infermesh up` runs Envoy (its --envoy-workers default).
+            envoy = _start(envoy_command(config, log_level="warn", concurrency=1), workdir / "envoy.log")
             children.append(envoy)
             measure_path("envoy", envoy_port, envoy.pid, workdir / "envoy.log")
     finally:

@@ -273,6 +273,11 @@ class Mesh:
     edge: envoy.EdgePolicy = field(default_factory=envoy.EdgePolicy)
     # Certificates from `infermesh certs`: TLS at the edge, mTLS to every replica.
     tls: CertPaths | None = None
+    # Envoy's worker threads (its --concurrency). One by default: on one machine Envoy shares
+    # the cores with every service, and one worker is far from its limit at what the Python
+    # services serve, with fewer cross-thread wake-ups (docs/benchmarks.md: less CPU, more
+    # req/s at c=32 than Envoy's default of a worker per core). None: Envoy's default.
+    envoy_workers: int | None = 1
     # A redis-server started for this mesh (`infermesh up`): listed in the run file too.
     redis_pid: int | None = None
     # Credentials and TLS files of that Redis (its URL: redis_url), given to the services
@@ -474,7 +479,8 @@ class Mesh:
             config = envoy.write(topology, self.data_dir / f"{name}.json", self.tracing(), edge, self.tls)
             if lane and self.bulk is not None:
                 self._nice[name] = self.bulk.nice
-            self._spawn("envoy", name, envoy.envoy_command(config, log_level="warn"), {})
+            command = envoy.envoy_command(config, log_level="warn", concurrency=self.envoy_workers)
+            self._spawn("envoy", name, command, {})
 
     def start(self, timeout: float = 60.0, progress: bool = False) -> None:
         self.check_ports()
