@@ -68,8 +68,14 @@ def read_run_file(data_dir: Path) -> RunFile:
         ) from None
     except (OSError, ValueError) as error:
         raise SystemExit(f"cannot read {path}: {error}") from None
-    processes = tuple(MeshProcess(**p) for p in document.get("processes", []))
-    return RunFile(document["edge"], processes, document.get("supervisor"))
+    try:
+        processes = tuple(MeshProcess(**p) for p in document.get("processes", []))
+        return RunFile(document["edge"], processes, document.get("supervisor"))
+    except (AttributeError, KeyError, TypeError):  # JSON, but not what `infermesh up` writes
+        raise SystemExit(
+            f"{path} is not a run file of `infermesh up` (edited or from another version): "
+            "stop the mesh if one runs from it, delete the file and start the mesh again"
+        ) from None
 
 
 def read_processes(data_dir: Path) -> RunFile:

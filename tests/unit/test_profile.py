@@ -109,3 +109,13 @@ def test_run_file_round_trip_drops_dead_processes(tmp_path: Path) -> None:
     remove_processes(tmp_path)
     with pytest.raises(SystemExit, match="no mesh is running"):
         read_processes(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{}", "[]", '{"edge": "127.0.0.1:8080", "processes": [{"name": "gateway-0"}]}', '{"edge": 1, "processes": 3}'],
+)
+def test_a_run_file_that_is_json_but_not_ours_is_one_clear_error(tmp_path: Path, text: str) -> None:
+    (tmp_path / "processes.json").write_text(text)
+    with pytest.raises(SystemExit, match="is not a run file of `infermesh up`"):
+        read_processes(tmp_path)
