@@ -28,6 +28,7 @@ from services.runtime.pipeline import PipelineFile, PipelineSettings
 from services.runtime.redis_connection import RedisTarget
 from services.runtime.redis_keys import LOCAL_REDIS_PORT
 from services.runtime.settings import SettingsError, load_settings
+from services.runtime.topology import ONE_MACHINE_ENVOY_WORKERS
 
 if TYPE_CHECKING:
     from services.runtime.topology import MeshTopology
@@ -118,7 +119,7 @@ def _up_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     up.add_argument(
         "--envoy-workers",
         type=whole_number(1),
-        default=1,
+        default=ONE_MACHINE_ENVOY_WORKERS,
         help="Envoy's worker threads (its --concurrency). On one machine Envoy shares the cores with "
         "every service, and one worker is far from its limit at what they serve (default %(default)s)",
     )

@@ -124,41 +124,62 @@ def run_group(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> in
     return delegated
 
 
-def whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number from `minimum`, else a usage error saying so."""
+def whole_number(minimum: int, at_most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `minimum` (to `at_most`), else a usage error saying so."""
+    bound = f"from {minimum}" + (f" to {at_most}" if at_most is not None else "")
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text[:40]!r}: give a whole number from {minimum}")
+        if value < minimum or (at_most is not None and value > at_most):
+            raise argparse.ArgumentTypeError(f"{text[:40]!r}: give a whole number {bound}")
         return value
 
     return parse
 
 
-def number(*, above: float | None = None, at_least: float | None = None) -> Callable[[str], float]:
-    """An argparse type: a finite number above `above` or from `at_least` (nan and inf refused)."""
+def whole_numbers(minimum: int) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated whole numbers from `minimum` (at least one)."""
+    each = whole_number(minimum)
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [each(part) for part in text.split(",") if part.strip()]
+        except argparse.ArgumentTypeError:
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r}: give whole numbers from {minimum}, comma-separated")
+        return values
+
+    return parse
+
+
+def number(
+    *, above: float | None = None, at_least: float | None = None, at_most: float | None = None
+) -> Callable[[str], float]:
+    """An argparse type: a finite number above `above` or from `at_least`, and at most
+    `at_most` when given (nan and inf refused)."""
+    bound = f"above {above:g}" if above is not None else f"from {at_least:g}"
+    bound += f" and at most {at_most:g}" if at_most is not None else ""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        low_ok = (above is None or value > above) and (at_least is None or value >= at_least)
-        if not math.isfinite(value) or not low_ok:
-            bound = f"above {above:g}" if above is not None else f"from {at_least:g}"
+        in_range = (
+            (above is None or value > above)
+            and (at_least is None or value >= at_least)
+            and (at_most is None or value <= at_most)
+        )
+        if not math.isfinite(value) or not in_range:
             raise argparse.ArgumentTypeError(f"{text[:40]!r}: give a finite number {bound}")
         return value
 
     return parse
 
 
-def port(text: str) -> int:
-    """An argparse type: a TCP port, 1..65535."""
-    value = whole_number(1)(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r}: give a TCP port, 1..65535")
-    return value
+# An argparse type: a TCP port.
+port = whole_number(1, at_most=65535)

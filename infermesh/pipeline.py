@@ -19,7 +19,7 @@ from infermesh.cli_help import CommandParser
 from infermesh.settings import features_settings, model_repository
 from services.features.pipeline_views import checked_layout, pipeline_registry, view_columns
 from services.ranking.service import RankingSettings, pipeline_settings
-from services.runtime.pipeline import PipelineError, PipelineFile, load_pipeline
+from services.runtime.pipeline import IngestSpec, PipelineError, PipelineFile, load_pipeline
 from services.runtime.redis_connection import RedisTarget
 from services.scoring.pipeline_models import check_models
 
@@ -27,12 +27,15 @@ from services.scoring.pipeline_models import check_models
 def check_pipeline(path: str | Path | None, repository: Path | None, require_all: bool = True) -> PipelineFile:
     """The pipeline at `path` (None: the demo) checked as every service checks it, its models
     against `repository` too when given (those it holds only, unless `require_all`); PipelineError."""
-    pipeline = load_pipeline(path)
+    return check_loaded(load_pipeline(path), repository, require_all)
+
+
+def check_loaded(pipeline: PipelineFile, repository: Path | None, require_all: bool = True) -> PipelineFile:
+    """check_pipeline for a pipeline file already loaded."""
     registry, _ = checked_layout(pipeline, features_settings()[0])  # columns resolved as features resolves them
-    ingest = pipeline.spec.data.ingest if pipeline.spec.data is not None else []
     problems = [
         (f"data.ingest[{i}].view", f"no view {entry.view!r}; the views: {', '.join(sorted(registry.views))}")
-        for i, entry in enumerate(ingest)
+        for i, entry in enumerate(ingest_entries(pipeline))
         if entry.view not in registry.views
     ]
     if problems:
@@ -42,6 +45,11 @@ def check_pipeline(path: str | Path | None, repository: Path | None, require_all
     if repository is not None:
         check_models(pipeline, repository, view_columns(registry), require_all)
     return pipeline
+
+
+def ingest_entries(pipeline: PipelineFile) -> list[IngestSpec]:
+    """The files the pipeline's `data.ingest` loads into its views; none without `data`."""
+    return pipeline.spec.data.ingest if pipeline.spec.data is not None else []
 
 
 def data_repository(pipeline: PipelineFile) -> Path | None:
@@ -56,12 +64,10 @@ def ingest_data(pipeline: PipelineFile, redis: RedisTarget, namespace: str, prog
     the report of each; IngestError naming the file when one fails."""
     from infermesh.features.ingest import IngestError, format_report, ingest
 
-    data = pipeline.spec.data
-    assert data is not None
     registry = pipeline_registry(pipeline, features_settings()[0])
     reports = []
     with redis.client(socket_connect_timeout=5, socket_timeout=60) as client:
-        for i, entry in enumerate(data.ingest):
+        for i, entry in enumerate(ingest_entries(pipeline)):
             path = pipeline.resolve(entry.file)
             if not path.is_file():
                 raise IngestError(
@@ -106,10 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if repository == own and not own.is_dir():  # the file's own claim, not a default
             raise loaded.error([("data.model_repository", f"no directory {own} (write the models there first)")])
         if not repository.is_dir():
-            pipeline = check_pipeline(args.file, None)
+            pipeline = check_loaded(loaded, None)
             print(f"note: models not checked: no model repository at {repository} (--model-repository)")
         else:
-            pipeline = check_pipeline(args.file, repository)
+            pipeline = check_loaded(loaded, repository)
     except PipelineError as error:
         print(error, file=sys.stderr)
         return 1
@@ -121,10 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def missing_data_files(pipeline: PipelineFile) -> list[str]:
     """data.ingest files not there (yet): `up` refuses to start without them."""
-    ingest = pipeline.spec.data.ingest if pipeline.spec.data is not None else []
     return [
         f"data.ingest[{i}].file: no file {pipeline.resolve(entry.file)} yet; `infermesh up` needs it"
-        for i, entry in enumerate(ingest)
+        for i, entry in enumerate(ingest_entries(pipeline))
         if not pipeline.resolve(entry.file).is_file()
     ]
 

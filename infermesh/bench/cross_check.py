@@ -39,6 +39,7 @@ import numpy as np
 
 from infermesh.bench import report
 from infermesh.bench.targets import reference_requests
+from infermesh.cli_help import CommandParser, number, whole_number, whole_numbers
 
 RECOMMEND_PATH = "/infermesh.gateway.v1.GatewayService/Recommend"
 ROUTES = {"grpc": "gRPC", "rest": "REST", "monolith": "monolith, 2 processes"}
@@ -212,12 +213,23 @@ def table(rows: list[Row]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m infermesh.bench.cross_check", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="python -m infermesh.bench.cross_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--address", default="127.0.0.1:8080", help="the mesh's edge (default %(default)s)")
-    p.add_argument("--concurrency", default="1,32", help="requests in flight, comma-separated (default %(default)s)")
-    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row (default %(default)s)")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each row (default %(default)s)")
-    p.add_argument("--rounds", type=int, default=1, help="times to run the four clients in turns (default %(default)s)")
+    p.add_argument(
+        "--concurrency",
+        type=whole_numbers(1),
+        default="1,32",
+        help="requests in flight, comma-separated (default %(default)s)",
+    )
+    p.add_argument(
+        "--seconds", type=number(above=0), default=10.0, help="measured seconds per row (default %(default)s)"
+    )
+    p.add_argument(
+        "--warmup", type=number(at_least=0), default=2.0, help="seconds of load before each row (default %(default)s)"
+    )
+    p.add_argument(
+        "--rounds", type=whole_number(1), default=1, help="times to run the four clients in turns (default %(default)s)"
+    )
     p.add_argument(
         "--monolith-data-dir",
         type=Path,
@@ -235,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"not on PATH: {', '.join(missing)} (Debian/Ubuntu: apt-get install wrk nghttp2-client)", file=sys.stderr)
         return 2
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels: list[int] = args.concurrency
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="infermesh-cross-check-") as tmp:
         folder = Path(tmp)

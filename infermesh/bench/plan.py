@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--utilisation",
-        type=number(above=0),
+        type=number(above=0, at_most=1),
         default=0.6,
         help="planned CPU utilisation per replica (headroom for p99)",
     )
@@ -93,8 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu = suite.get("cpu_ms_per_request") if isinstance(suite, dict) else None
     if not cpu:
         p.error(f"{source} has no cpu_ms_per_request (not a suite result?)")
-    if args.utilisation > 1:
-        p.error("--utilisation: give a share of a core, above 0 and at most 1")
     result = plan(cpu, args.target_rps, args.utilisation, args.cores_per_machine, args.price_per_hour)
     machine = suite.get("machine", {})
     published = args.source is None and source != OWN_SUITE

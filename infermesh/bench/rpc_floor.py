@@ -35,6 +35,7 @@ from infermesh.bench import report
 from infermesh.envoy import envoy_command, plain_proxy
 from infermesh.up.supervisor import free_port
 from services.runtime.event_loop import event_loop_runner
+from services.runtime.topology import ONE_MACHINE_ENVOY_WORKERS
 
 METHOD = "/infermesh.bench.Echo/Echo"
 # One Recommend = the load generator's call to the edge + the gateway's 3 backend calls.
@@ -259,8 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             envoy_port = free_port()
             config = workdir / "envoy.json"
             config.write_text(json.dumps(plain_proxy(envoy_port, server_port)))
-            # One worker, as `infermesh up` runs Envoy (its --envoy-workers default).
-            envoy = _start(envoy_command(config, log_level="warn", concurrency=1), workdir / "envoy.log")
+            # As `infermesh up` runs Envoy (its --envoy-workers default).
+            command = envoy_command(config, log_level="warn", concurrency=ONE_MACHINE_ENVOY_WORKERS)
+            envoy = _start(command, workdir / "envoy.log")
             children.append(envoy)
             measure_path("envoy", envoy_port, envoy.pid, workdir / "envoy.log")
     finally:

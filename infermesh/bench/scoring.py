@@ -35,7 +35,7 @@ import numpy as np
 import onnxruntime as ort
 
 from infermesh.bench.report import cpu_name, cpu_seconds
-from infermesh.cli_help import CommandParser, whole_number
+from infermesh.cli_help import CommandParser, whole_numbers
 from infermesh.models.names import model_name
 from infermesh.settings import model_repository
 from infermesh.up.supervisor import free_port
@@ -77,20 +77,6 @@ class Row(Through):
     @property
     def ratio(self) -> float:
         return self.grpc_items_per_s / self.raw_items_per_s if self.raw_items_per_s else 0.0
-
-
-_ROWS = whole_number(1)
-
-
-def batch_sizes(text: str) -> list[int]:
-    """--batch-sizes: whole numbers from 1, comma-separated."""
-    try:
-        sizes = [_ROWS(size) for size in text.split(",") if size.strip()]
-    except argparse.ArgumentTypeError:
-        sizes = []
-    if not sizes:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r}: give rows per call as whole numbers from 1, e.g. 1,64,256")
-    return sizes
 
 
 def latest_model(repository: Path, model: str) -> Path | None:
@@ -345,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch-sizes",
-        type=batch_sizes,
+        type=whole_numbers(1),
         default=",".join(map(str, DEFAULT_BATCH_SIZES)),
         help="comma-separated rows per call",
     )

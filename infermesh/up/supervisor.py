@@ -56,6 +56,7 @@ from services.runtime.topology import (
     HEALTH_SERVICE_NAMES,
     HTTP_SERVICES,
     JOBS,
+    ONE_MACHINE_ENVOY_WORKERS,
     RANKING,
     SCORING,
     SERVICES,
@@ -273,11 +274,8 @@ class Mesh:
     edge: envoy.EdgePolicy = field(default_factory=envoy.EdgePolicy)
     # Certificates from `infermesh certs`: TLS at the edge, mTLS to every replica.
     tls: CertPaths | None = None
-    # Envoy's worker threads (its --concurrency). One by default: on one machine Envoy shares
-    # the cores with every service, and one worker is far from its limit at what the Python
-    # services serve, with fewer cross-thread wake-ups (docs/benchmarks.md: less CPU, more
-    # req/s at c=32 than Envoy's default of a worker per core). None: Envoy's default.
-    envoy_workers: int | None = 1
+    # Envoy's worker threads (its --concurrency); None: Envoy's default, one per core.
+    envoy_workers: int | None = ONE_MACHINE_ENVOY_WORKERS
     # A redis-server started for this mesh (`infermesh up`): listed in the run file too.
     redis_pid: int | None = None
     # Credentials and TLS files of that Redis (its URL: redis_url), given to the services

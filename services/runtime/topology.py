@@ -29,6 +29,11 @@ HEALTH_SERVICE_NAMES: Mapping[str, str] = {
 
 DEFAULT_EDGE_PORT = 8080
 DEFAULT_ADMIN_PORT = 9901
+# Envoy's worker threads where it shares one machine with every service (`infermesh up`,
+# the benchmarks' hops): one proxies far more than the Python services serve, with fewer
+# cross-thread wake-ups than Envoy's default of one per core (docs/benchmarks.md, eleventh
+# pass). Kubernetes gives Envoy a pod of its own (deploy/base/envoy.yaml).
+ONE_MACHINE_ENVOY_WORKERS = 1
 # Envoy listener the gateway dials for each backend service.
 DEFAULT_INTERNAL_PORTS: Mapping[str, int] = {FEATURES: 9101, SCORING: 9102, RANKING: 9103}
 # First port of each service's replicas on one machine: replica i listens on base + i, its

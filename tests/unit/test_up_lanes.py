@@ -1,14 +1,17 @@
 """The bulk lane's plan (infermesh.up.lanes): ports, names, priority, and the environment
-the supervisor gives its replicas and workers. Nothing is started here; tests/e2e/test_jobs.py
+the supervisor gives its replicas and workers; the worker threads of the mesh's Envoys
+(`--envoy-workers`). Nothing is started here; tests/e2e/test_jobs.py
 runs `infermesh up --workers 1` and checks the lane serves the job at its priority."""
 
 from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from infermesh.cli import build_parser
 from infermesh.up import lanes
 from infermesh.up.lanes import BULK, PIPELINE, bulk_lane, lowered, replica_name
 from infermesh.up.supervisor import Mesh
@@ -55,7 +58,7 @@ def test_lowered_runs_the_command_below_the_online_ones_from_its_start(monkeypat
     assert lowered(["python"], 19) == ["/usr/bin/nice", "-n", "19", "python"]
 
 
-def mesh(tmp_path: Path) -> Mesh:
+def mesh(tmp_path: Path, **options: Any) -> Mesh:
     topology = local_topology(descriptor_set=DESCRIPTOR)
     return Mesh(
         topology=topology,
@@ -64,6 +67,7 @@ def mesh(tmp_path: Path) -> Mesh:
         model_repository=tmp_path / "models",
         log_dir=tmp_path / "logs",
         bulk=bulk_lane(DESCRIPTOR, ports().__next__, nice=19),
+        **options,
     )
 
 
@@ -94,3 +98,43 @@ def test_the_lane_can_mirror_the_online_replica_counts() -> None:
         "scoring": 2,
         "ranking": 1,
     }
+
+
+# `infermesh up --envoy-workers`: how many worker threads the mesh's Envoys run (their
+# --concurrency). Nothing is started: the command the supervisor would spawn is captured.
+
+
+def envoy_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **options: Any) -> dict[str, list[str]]:
+    """Each Envoy's command line (the online one, and the bulk lane's), by process name."""
+    built = mesh(tmp_path, **options)
+    spawned: dict[str, list[str]] = {}
+    monkeypatch.setattr(built, "_spawn", lambda role, name, argv, env: spawned.setdefault(name, argv))
+    built.start_envoy()
+    return spawned
+
+
+def workers(argv: list[str]) -> str | None:
+    return argv[argv.index("--concurrency") + 1] if "--concurrency" in argv else None
+
+
+def test_envoy_runs_one_worker_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spawned = envoy_commands(tmp_path, monkeypatch)
+    assert set(spawned) == {"envoy", "envoy-bulk"}
+    assert {name: workers(argv) for name, argv in spawned.items()} == {"envoy": "1", "envoy-bulk": "1"}
+
+
+def test_envoy_runs_the_workers_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert workers(envoy_commands(tmp_path, monkeypatch, envoy_workers=3)["envoy"]) == "3"
+    # None: Envoy's own default (a worker per core), no flag given.
+    assert workers(envoy_commands(tmp_path, monkeypatch, envoy_workers=None)["envoy"]) is None
+
+
+def test_up_takes_envoy_workers_from_one(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["up"]).envoy_workers == 1
+    assert parser.parse_args(["up", "--envoy-workers", "4"]).envoy_workers == 4
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["up", "--envoy-workers", bad])
+        assert exit_info.value.code == 2
+        assert "--envoy-workers" in capsys.readouterr().err
